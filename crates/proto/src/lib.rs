@@ -1,0 +1,42 @@
+//! The host↔agent wire protocol, defined once and used by both sides.
+//!
+//! The host (the `node` crate) and the guest agent (PID 1 inside the pod VM)
+//! talk over one virtio-serial port named [`AGENT_PORT_NAME`]. Every message
+//! travels in a [`frame`]: a fixed header carrying a magic number, the
+//! protocol version and the payload length, followed by the payload encoded
+//! with `postcard`. The decoder is sans-IO so the single-threaded agent and
+//! the async host drive it the same way.
+//!
+//! The guest is untrusted: [`frame::FrameDecoder`] rejects a bad magic, a
+//! foreign version, a payload over [`MAX_PAYLOAD`] or an undecodable payload
+//! with a [`ProtoError`] naming the problem, and never allocates more than the
+//! size limit for one frame.
+
+pub mod frame;
+pub mod messages;
+
+pub use frame::{FrameDecoder, ProtoError, encode};
+pub use messages::*;
+
+/// Version of this protocol; carried in every frame header. A peer speaking
+/// another version is rejected, never half-understood.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest payload one frame may carry (1 MiB). Output chunks are far smaller.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Largest chunk of stdout/stderr/stdin data the sender puts in one frame.
+pub const MAX_CHUNK: usize = 32 * 1024;
+
+/// Name of the virtio-serial port the agent listens on; the guest finds it in
+/// `/sys/class/virtio-ports/*/name`.
+pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
+
+/// Prefix of the virtio-blk serial numbers of layer disks (`pvl0`, `pvl1`, …).
+/// virtio-blk serials hold at most 20 bytes, so disks are named by position
+/// and the [`ContainerSpec`] says which serial is which layer.
+pub const LAYER_SERIAL_PREFIX: &str = "pvl";
+
+/// Path inside the initramfs of the module load list: one path per line,
+/// relative to `/lib/modules/<kernel release>/`, in dependency order.
+pub const MODULES_LOAD_LIST: &str = "/etc/podvisor/modules.load";

@@ -1,0 +1,163 @@
+//! The messages: what the host asks of the agent, and what the agent reports.
+//!
+//! New variants go at the end of an enum: postcard encodes variants by index.
+
+use serde::{Deserialize, Serialize};
+
+/// A message from the host to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Mount the container's layers and start its process.
+    StartContainer(ContainerSpec),
+    /// Bytes for the stdin of process `id` (only if it was started with stdin).
+    Stdin { id: String, data: Vec<u8> },
+    /// The host's stdin reached end of file.
+    CloseStdin { id: String },
+    /// The host terminal changed size (only for processes with a terminal).
+    Resize { id: String, size: TerminalSize },
+    /// Deliver a signal (Linux number) to process `id`.
+    Signal { id: String, signal: i32 },
+    /// Stop container `id`: SIGTERM, then SIGKILL after `grace_ms`.
+    Stop { id: String, grace_ms: u64 },
+    /// Stop everything (SIGTERM, then SIGKILL after `grace_ms`) and power off.
+    Shutdown { grace_ms: u64 },
+}
+
+/// A message from the agent to the host. The host treats every field as
+/// untrusted input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// The agent has loaded its modules and is ready for work.
+    Ready(AgentInfo),
+    /// Process `id` is running, as `pid` in the agent's PID namespace.
+    Started { id: String, pid: u32 },
+    /// Process `id` could not be started.
+    StartFailed { id: String, error: StartError },
+    /// Output of process `id`, in the order it was written.
+    Output {
+        id: String,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// Process `id` ended; all of its output has been sent before this.
+    Exited { id: String, status: ExitStatus },
+    /// A request the agent could not act on (unknown id, bad state).
+    Error { message: String },
+}
+
+/// What the agent tells about itself when it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's crate version.
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// Milliseconds from kernel start (CLOCK_BOOTTIME) to the agent being
+    /// ready, for the boot-stage breakdown.
+    pub boottime_ms: u64,
+}
+
+/// Everything the agent needs to start one container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Container id, unique within the pod; also the id of its main process.
+    pub id: String,
+    /// Hostname inside the container's UTS namespace.
+    pub hostname: String,
+    /// virtio-blk serials of the container's layer disks (EROFS), bottom
+    /// layer first. The agent mounts them read-only as overlay lower layers.
+    pub layers: Vec<String>,
+    /// The main process.
+    pub process: ProcessSpec,
+}
+
+/// A process to run inside a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// argv; `args[0]` is looked up in the container's `PATH` when it has no `/`.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory inside the container (absolute); created if missing.
+    pub cwd: String,
+    /// The OCI image `User`: empty, `user`, `uid`, `user:group` or `uid:gid`;
+    /// names are resolved against the container's `/etc/passwd` and `/etc/group`.
+    pub user: String,
+    /// Allocate a pseudo-terminal of this size for the process.
+    pub terminal: Option<TerminalSize>,
+    /// Keep stdin open for [`HostMessage::Stdin`] data.
+    pub stdin: bool,
+}
+
+/// Size of a terminal in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Which output stream a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal (Linux number).
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+impl ExitStatus {
+    /// The exit code a shell (and `docker run`) reports: the code, or
+    /// 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signaled { signal, .. } => 128 + signal,
+        }
+    }
+}
+
+/// Why a process could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartError {
+    pub kind: StartErrorKind,
+    pub message: String,
+}
+
+/// Class of a start failure; decides the exit code the host reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartErrorKind {
+    /// The command was not found in the image (exit code 127).
+    NotFound,
+    /// The command exists but cannot be executed (exit code 126).
+    NotExecutable,
+    /// The spec was invalid: bad user, bad working directory, no args.
+    InvalidSpec,
+    /// A layer disk could not be found or mounted.
+    Mount,
+    /// Anything else inside the guest.
+    Other,
+}
+
+impl StartErrorKind {
+    /// The exit code `docker run` uses for this class of failure.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            StartErrorKind::NotFound => 127,
+            StartErrorKind::NotExecutable => 126,
+            _ => 125,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}

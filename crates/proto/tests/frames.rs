@@ -1,0 +1,144 @@
+use podvisor_proto::frame::{HEADER_LEN, MAGIC};
+use podvisor_proto::*;
+
+fn spec() -> HostMessage {
+    HostMessage::StartContainer(ContainerSpec {
+        id: "c0".into(),
+        hostname: "pod".into(),
+        layers: vec!["pvl0".into(), "pvl1".into()],
+        process: ProcessSpec {
+            args: vec!["echo".into(), "hi".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: "1000:1000".into(),
+            terminal: Some(TerminalSize { rows: 24, cols: 80 }),
+            stdin: true,
+        },
+    })
+}
+
+#[test]
+fn messages_round_trip_through_frames() {
+    let msgs = vec![
+        spec(),
+        HostMessage::Stdin {
+            id: "c0".into(),
+            data: vec![0, 1, 255],
+        },
+        HostMessage::Shutdown { grace_ms: 10 },
+    ];
+    let mut wire = Vec::new();
+    for m in &msgs {
+        wire.extend(encode(m).unwrap());
+    }
+    let mut dec = FrameDecoder::new();
+    let mut got = Vec::new();
+    // Feed one byte at a time: framing must not depend on read boundaries.
+    for b in wire {
+        dec.push(&[b]);
+        while let Some(m) = dec.next_message::<HostMessage>().unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+    assert_eq!(dec.buffered(), 0);
+}
+
+#[test]
+fn garbage_is_rejected_at_once() {
+    let mut dec = FrameDecoder::new();
+    dec.push(b"hello agent");
+    let err = dec.next_message::<GuestMessage>().unwrap_err();
+    assert!(matches!(err, ProtoError::BadMagic(_)), "{err}");
+    assert!(err.to_string().contains("not a podvisor agent"));
+    // Stays failed: the stream has lost its framing.
+    dec.push(
+        &encode(&GuestMessage::Error {
+            message: "x".into(),
+        })
+        .unwrap(),
+    );
+    assert!(dec.next_message::<GuestMessage>().is_err());
+}
+
+#[test]
+fn oversized_frame_is_rejected_from_its_header() {
+    let mut header = Vec::from(MAGIC);
+    header.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    let mut dec = FrameDecoder::new();
+    dec.push(&header);
+    let err = dec.next_message::<GuestMessage>().unwrap_err();
+    assert_eq!(
+        err,
+        ProtoError::Oversized {
+            len: u32::MAX as usize,
+            limit: MAX_PAYLOAD
+        }
+    );
+}
+
+#[test]
+fn foreign_version_is_rejected() {
+    let mut frame = encode(&GuestMessage::Error {
+        message: "x".into(),
+    })
+    .unwrap();
+    frame[2..4].copy_from_slice(&99u16.to_be_bytes());
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+    let err = dec.next_message::<GuestMessage>().unwrap_err();
+    assert_eq!(
+        err,
+        ProtoError::Version {
+            got: 99,
+            want: PROTOCOL_VERSION
+        }
+    );
+}
+
+#[test]
+fn undecodable_payload_is_malformed() {
+    // A well-formed header around a payload that is not a GuestMessage.
+    let payload = [200u8, 1, 2, 3];
+    let mut frame = Vec::from(MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    assert_eq!(frame.len(), HEADER_LEN + payload.len());
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+    let err = dec.next_message::<GuestMessage>().unwrap_err();
+    assert!(matches!(err, ProtoError::Malformed { len: 4, .. }), "{err}");
+}
+
+#[test]
+fn huge_declared_vector_inside_a_small_frame_does_not_allocate_it() {
+    // Output { id: "", stream: Stdout, data: <claims 2^60 bytes> }
+    let mut payload = vec![3u8, 0, 0];
+    payload.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
+    let mut frame = Vec::from(MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+    assert!(matches!(
+        dec.next_message::<GuestMessage>(),
+        Err(ProtoError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn exit_status_maps_to_shell_codes() {
+    assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+    assert_eq!(
+        ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+        .shell_code(),
+        137
+    );
+    assert_eq!(StartErrorKind::NotFound.exit_code(), 127);
+}
