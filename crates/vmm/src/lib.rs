@@ -1,1 +1,171 @@
-//! placeholder
+//! The hypervisor abstraction of podvisor and its QEMU backend.
+//!
+//! Callers describe a pod VM with a backend-neutral [`VmSpec`] and launch it
+//! through the [`Hypervisor`] trait, chosen at run time ([`hypervisor`]).
+//! Nothing QEMU-specific leaks out: the QEMU command line is built from typed
+//! argument groups in [`qemu::cmdline`] and the QMP client lives in
+//! [`qemu::qmp`]. This crate also decides the accelerator ([`accel`]).
+
+pub mod accel;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use accel::{Accel, AccelChoice};
+
+/// Everything needed to start one pod VM, independent of the backend.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Short name, used for the process title and logs.
+    pub name: String,
+    /// Number of virtual CPUs.
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Kernel image (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub kernel_cmdline: String,
+    /// Disks, in the order they are attached.
+    pub disks: Vec<DiskSpec>,
+    /// Directory for this VM's sockets, console log and state; must exist.
+    pub run_dir: PathBuf,
+    /// Accelerator to use.
+    pub accel: Accel,
+    /// Kill the VM if the launching process dies (for `podvisor run`); a host
+    /// daemon leaves it off so its VMs survive a daemon restart.
+    pub die_with_parent: bool,
+}
+
+/// A block device for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Host file backing the disk (raw format).
+    pub path: PathBuf,
+    /// Attach read-only (layer disks always are).
+    pub read_only: bool,
+    /// Serial number the guest sees (at most 20 bytes for virtio-blk).
+    pub serial: String,
+}
+
+/// Files a running VM is reached through; all live in [`VmSpec::run_dir`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// Unix socket of the agent's virtio-serial port (QEMU listens).
+    pub agent_socket: PathBuf,
+    /// Unix socket of the VMM control channel (QMP for QEMU).
+    pub control_socket: PathBuf,
+    /// The guest's serial console, captured to a file.
+    pub console_log: PathBuf,
+}
+
+impl VmPaths {
+    /// The fixed layout of files inside a VM's run directory.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            agent_socket: dir.join("agent.sock"),
+            control_socket: dir.join("control.sock"),
+            console_log: dir.join("console.log"),
+        }
+    }
+}
+
+/// How the VMM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// It exited by itself (guest power-off or QEMU error) with this code.
+    Exited(i32),
+    /// It was killed by this signal.
+    Killed(i32),
+}
+
+/// Errors of launching and controlling VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot start {binary}: {source} (is the qemu-system-x86 package installed?)")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("the VM exited during start-up ({exit:?}); console tail:\n{console_tail}")]
+    EarlyExit { exit: VmExit, console_tail: String },
+    #[error("control channel: {0}")]
+    Control(#[from] qemu::qmp::QmpError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// A hypervisor backend: turns a [`VmSpec`] into a running VM.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Backend name, e.g. `qemu`.
+    fn name(&self) -> &'static str;
+
+    /// Starts a VM. Returns once the VMM process runs and its control channel
+    /// answers; the guest may still be booting.
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Vm: Send {
+    /// Process id of the VMM process.
+    fn pid(&self) -> u32;
+
+    /// The sockets and log of this VM.
+    fn paths(&self) -> &VmPaths;
+
+    /// The last `max_bytes` of the guest console, for error messages.
+    fn console_tail(&self, max_bytes: usize) -> String {
+        console_tail(&self.paths().console_log, max_bytes)
+    }
+
+    /// Waits until the VMM process has exited.
+    async fn wait(&mut self) -> Result<VmExit, VmmError>;
+
+    /// Returns the exit status if the VMM process has already exited.
+    fn try_wait(&mut self) -> Result<Option<VmExit>, VmmError>;
+
+    /// Kills the VMM process at once and reaps it.
+    async fn kill(&mut self) -> Result<VmExit, VmmError>;
+}
+
+/// Picks the backend by name (`qemu` is the only one so far).
+pub fn hypervisor(name: &str) -> Result<Box<dyn Hypervisor>, VmmError> {
+    match name {
+        "qemu" => Ok(Box::new(qemu::Qemu::from_env())),
+        other => Err(VmmError::InvalidSpec(format!(
+            "unknown hypervisor backend {other:?} (known: qemu)"
+        ))),
+    }
+}
+
+/// Reads the last `max_bytes` of a console log, lossily decoded, starting at
+/// a line boundary where possible.
+pub fn console_tail(path: &Path, max_bytes: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return format!("(no console log at {})", path.display());
+    };
+    let start = bytes.len().saturating_sub(max_bytes);
+    let mut tail = &bytes[start..];
+    if start > 0 {
+        if let Some(nl) = tail.iter().position(|&b| b == b'\n') {
+            tail = &tail[nl + 1..];
+        }
+    }
+    String::from_utf8_lossy(tail).trim_end().to_string()
+}
