@@ -162,10 +162,10 @@ pub fn console_tail(path: &Path, max_bytes: usize) -> String {
     };
     let start = bytes.len().saturating_sub(max_bytes);
     let mut tail = &bytes[start..];
-    if start > 0 {
-        if let Some(nl) = tail.iter().position(|&b| b == b'\n') {
-            tail = &tail[nl + 1..];
-        }
+    if start > 0
+        && let Some(nl) = tail.iter().position(|&b| b == b'\n')
+    {
+        tail = &tail[nl + 1..];
     }
     String::from_utf8_lossy(tail).trim_end().to_string()
 }
