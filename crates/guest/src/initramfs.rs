@@ -1,0 +1,157 @@
+//! The pod VM's initramfs: the agent as `/init`, the kernel modules it loads
+//! and the list saying in which order, as a cpio "newc" archive.
+//!
+//! Layout (the contract with the agent, see `docs/ARCHITECTURE.md`):
+//!
+//! - `/init`: the static agent binary, mode 0755;
+//! - `/dev/console`: character device 5:1, so the kernel can open the console
+//!   before anything mounts devtmpfs;
+//! - empty `/dev /proc /sys /run /tmp /etc/podvisor` mount points and dirs;
+//! - `/lib/modules/<release>/<path>` for each module, `<path>` as in
+//!   `modules.dep`;
+//! - [`MODULES_LOAD_LIST`] (`/etc/podvisor/modules.load`): those `<path>`s,
+//!   one per line, in load order (dependencies first).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+
+use podvisor_proto::MODULES_LOAD_LIST;
+
+use crate::GuestError;
+use crate::cpio::{CpioError, CpioWriter};
+use crate::modules::ResolvedModule;
+
+/// Path of the agent inside the archive: the kernel runs `/init`.
+pub const INIT_PATH: &str = "init";
+/// Device number of `/dev/console`.
+pub const CONSOLE_DEVICE: (u32, u32) = (5, 1);
+
+/// Directories every initramfs has, with their permission bits.
+const BASE_DIRECTORIES: [(&str, u32); 6] = [
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+    ("etc/podvisor", 0o755),
+];
+
+/// A kernel module file to put into the initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleFile {
+    /// Path relative to `/lib/modules/<release>/`, as in `modules.dep`.
+    pub relative_path: String,
+    /// The `.ko` file's contents.
+    pub data: Vec<u8>,
+}
+
+/// Everything an initramfs is built from, read into memory so that the bytes
+/// hashed for the cache key are exactly the bytes archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitramfsContents {
+    /// The kernel release the modules belong to.
+    pub kernel_release: String,
+    /// The agent binary.
+    pub agent: Vec<u8>,
+    /// The modules, in load order.
+    pub modules: Vec<ModuleFile>,
+}
+
+impl InitramfsContents {
+    /// Reads the agent binary at `agent` and every module in `modules` (in
+    /// load order) for a kernel of release `kernel_release`.
+    pub fn load(
+        kernel_release: &str,
+        agent: &Path,
+        modules: &[ResolvedModule],
+    ) -> Result<InitramfsContents, GuestError> {
+        let agent = std::fs::read(agent).map_err(|e| GuestError::io("read agent", agent, e))?;
+        let modules = modules
+            .iter()
+            .map(|module| {
+                let data = std::fs::read(&module.path)
+                    .map_err(|e| GuestError::io("read kernel module", &module.path, e))?;
+                Ok(ModuleFile {
+                    relative_path: module.relative_path.clone(),
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>, GuestError>>()?;
+        Ok(InitramfsContents {
+            kernel_release: kernel_release.to_owned(),
+            agent,
+            modules,
+        })
+    }
+
+    /// The text of [`MODULES_LOAD_LIST`]: each module's relative path on a
+    /// line of its own, in load order.
+    pub fn modules_load_list(&self) -> String {
+        self.modules
+            .iter()
+            .map(|module| format!("{}\n", module.relative_path))
+            .collect()
+    }
+
+    /// Path inside the archive (without the leading `/`) of a module.
+    fn module_archive_path(&self, module: &ModuleFile) -> String {
+        format!(
+            "lib/modules/{}/{}",
+            self.kernel_release, module.relative_path
+        )
+    }
+
+    /// Writes the archive to `out`, returning `out` when the trailer is written.
+    pub fn write<W: Write>(&self, out: W) -> Result<W, CpioError> {
+        let load_list_path = MODULES_LOAD_LIST.trim_start_matches('/');
+        let module_paths: Vec<String> = self
+            .modules
+            .iter()
+            .map(|module| self.module_archive_path(module))
+            .collect();
+
+        // Every directory that holds something, parents before children:
+        // "a" sorts before "a/b" in a BTreeSet.
+        let mut directories: BTreeSet<&str> = BTreeSet::new();
+        let release_dir = format!("lib/modules/{}", self.kernel_release);
+        let files = module_paths
+            .iter()
+            .map(String::as_str)
+            .chain([load_list_path, release_dir.as_str()]);
+        for file in files {
+            let mut rest = file;
+            while let Some((parent, _)) = rest.rsplit_once('/') {
+                directories.insert(parent);
+                rest = parent;
+            }
+        }
+        directories.insert(&release_dir);
+        for (dir, _) in BASE_DIRECTORIES {
+            directories.insert(dir);
+        }
+        let mode_of = |dir: &str| {
+            BASE_DIRECTORIES
+                .iter()
+                .find(|(base, _)| *base == dir)
+                .map_or(0o755, |(_, mode)| *mode)
+        };
+
+        let mut cpio = CpioWriter::new(out);
+        for dir in directories {
+            cpio.directory(dir, mode_of(dir))?;
+        }
+        let (major, minor) = CONSOLE_DEVICE;
+        cpio.char_device("dev/console", 0o600, major, minor)?;
+        cpio.file(INIT_PATH, 0o755, &self.agent)?;
+        for (module, path) in self.modules.iter().zip(&module_paths) {
+            cpio.file(path, 0o644, &module.data)?;
+        }
+        cpio.file(load_list_path, 0o644, self.modules_load_list().as_bytes())?;
+        cpio.finish()
+    }
+}
+
+#[cfg(test)]
+#[path = "initramfs_tests.rs"]
+mod tests;
