@@ -1,1 +1,34 @@
-//! placeholder
+//! OCI image import and the layer-disk cache of podvisor.
+//!
+//! This crate owns everything between an image on disk and the read-only
+//! EROFS *layer disks* a pod VM mounts: reading OCI image layouts and
+//! `oci-archive` / `docker save` archives ([`import`]), verifying every blob
+//! against its digest and every uncompressed layer against its DiffID,
+//! unpacking layers safely with whiteouts converted to overlayfs form,
+//! building one EROFS disk per layer with `mkfs.erofs`, and keeping those
+//! disks in a cache directory keyed by ChainID ([`LayerCache`]), so images
+//! sharing a layer prefix share the disks.
+//!
+//! Registry pulls, the cluster-wide catalog and leases build on
+//! [`LayerCache::prepare_layer`] / [`PreparedLayer::commit`], which take any
+//! `Read` of a layer blob.
+
+mod cache;
+mod convert;
+mod digest;
+mod erofs;
+mod error;
+mod import;
+mod layout;
+mod source;
+mod unpack;
+
+pub use cache::{
+    DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerBlob, LayerCache, LayerDisk, META_FILE,
+    PreparedLayer,
+};
+pub use convert::Compression;
+pub use digest::{ChainId, Digest};
+pub use erofs::MKFS_EROFS;
+pub use error::ImageError;
+pub use import::{Image, RuntimeConfig, import};

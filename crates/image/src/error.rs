@@ -1,0 +1,138 @@
+//! The one error type of the crate.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while importing an image or managing the
+/// layer-disk cache. Messages name the layer (by its blob digest) and the
+/// tar entry or file at fault, so a user can tell which input is bad.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// An I/O operation failed; `context` says what was being done to what.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A string that should be a digest is not `sha256:<64 lowercase hex>`.
+    #[error("invalid digest `{value}`: {reason}")]
+    InvalidDigest { value: String, reason: String },
+
+    /// A digest uses an algorithm podvisor does not verify yet.
+    #[error("unsupported digest algorithm `{algorithm}` in `{value}` (only sha256 is supported)")]
+    UnsupportedDigestAlgorithm { algorithm: String, value: String },
+
+    /// The import source is not a layout or archive podvisor understands, or
+    /// is malformed (bad JSON, missing blob, inconsistent manifest...).
+    #[error("{path}: {reason}")]
+    BadSource { path: PathBuf, reason: String },
+
+    /// The import source archive ends early.
+    #[error("{path}: truncated archive: {detail}")]
+    TruncatedArchive { path: PathBuf, detail: String },
+
+    /// `select` matched no image of the source.
+    #[error("no image `{select}` in {path}; it holds: {}", available.join(", "))]
+    ImageNotFound {
+        path: PathBuf,
+        select: String,
+        available: Vec<String>,
+    },
+
+    /// No `select` was given and the source holds several images (or none).
+    #[error("{path} holds {} images, choose one of: {}", available.len(), available.join(", "))]
+    AmbiguousImage {
+        path: PathBuf,
+        available: Vec<String>,
+    },
+
+    /// A blob is shorter than its descriptor says.
+    #[error("{what} is truncated: got {actual} of {expected} bytes")]
+    Truncated {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    /// A blob is longer than its descriptor says.
+    #[error(
+        "{what}: size mismatch: descriptor says {expected} bytes, blob has more ({actual} or more)"
+    )]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    /// A blob's sha256 is not the digest its descriptor names.
+    #[error("{what}: digest mismatch: expected {expected}, content hashes to {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+
+    /// The uncompressed layer does not hash to the DiffID in the image config.
+    #[error(
+        "layer {layer}: DiffID mismatch: config says {expected}, uncompressed layer hashes to {actual}"
+    )]
+    DiffIdMismatch {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
+
+    /// A layer's media type is not one podvisor can decompress.
+    #[error("layer {layer}: unknown layer media type `{media_type}`")]
+    UnknownMediaType { layer: String, media_type: String },
+
+    /// The uncompressed layer is larger than the cache's limit.
+    #[error(
+        "layer {layer}: decompression limit exceeded: uncompressed layer is larger than {limit} bytes"
+    )]
+    DecompressionLimit { layer: String, limit: u64 },
+
+    /// The (decompressed) layer stream cannot be read as a tar archive.
+    #[error("layer {layer}: reading the layer stream: {source}")]
+    LayerStream {
+        layer: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A tar entry would write outside the layer or through a symlink.
+    #[error("layer {layer}: unsafe entry `{entry}`: {reason}")]
+    UnsafeEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+
+    /// A tar entry is malformed or of a kind podvisor does not unpack.
+    #[error("layer {layer}: bad entry `{entry}`: {reason}")]
+    BadEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+
+    /// `mkfs.erofs` failed or could not be run.
+    #[error("mkfs.erofs for layer {layer}: {reason}")]
+    Mkfs { layer: String, reason: String },
+
+    /// A cache entry exists but is unreadable or inconsistent.
+    #[error("layer cache entry {path}: {reason}")]
+    DamagedCacheEntry { path: PathBuf, reason: String },
+}
+
+impl ImageError {
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> ImageError {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,837 @@
+//! OCI images built from scratch for tests, without network: layers from
+//! the host's static busybox and from files the test describes, written as
+//! an OCI image layout, an OCI archive or a `docker save` archive.
+//!
+//! Layer tars are deterministic (fixed mtimes, no user names, gzip header
+//! without time), so two builds of the same layer have the same DiffID and
+//! blob digest. Hostile entries ([`Entry::raw_file`] and friends) and
+//! tampering options ([`ImageBuilder::wrong_layer_digest`], [`truncate_file`]...)
+//! make bad inputs. [`BuiltImage`] exposes every blob, to push to a registry.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+/// mtime of every entry unless set otherwise (2023-11-14T22:13:20Z).
+pub const FIXED_MTIME: u64 = 1_700_000_000;
+/// Where the busybox layer takes busybox from.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
+/// Applets the busybox layer links in `/bin`.
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "ls", "id", "pwd", "env", "sleep", "true", "false", "touch", "rm",
+    "mkdir", "hostname", "head", "dd", "wc", "test", "kill", "printf", "grep", "date", "uname",
+    "stat", "readlink", "seq",
+];
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// How a layer blob is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+    None,
+}
+
+impl Compression {
+    /// The OCI layer media type for this compression.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+
+    fn compress(self, tar: &[u8]) -> Vec<u8> {
+        match self {
+            Compression::None => tar.to_vec(),
+            Compression::Gzip => {
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(tar).expect("gzip to memory");
+                e.finish().expect("gzip to memory")
+            }
+            Compression::Zstd => zstd::encode_all(tar, 3).expect("zstd to memory"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    File(Vec<u8>),
+    HostFile(PathBuf),
+    Dir,
+    Symlink(String),
+    Hardlink(String),
+    Char(u32, u32),
+    Fifo,
+    /// A header written as is (name included), for hostile entries.
+    Raw(Box<tar::Header>, Vec<u8>),
+}
+
+/// One entry of a layer tar.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    path: String,
+    kind: Kind,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Entry {
+    fn new(path: &str, kind: Kind, mode: u32) -> Entry {
+        Entry {
+            path: path.to_string(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: FIXED_MTIME,
+            xattrs: Vec::new(),
+        }
+    }
+
+    /// A regular file.
+    pub fn file(path: &str, bytes: impl Into<Vec<u8>>, mode: u32) -> Entry {
+        Entry::new(path, Kind::File(bytes.into()), mode)
+    }
+
+    /// A regular file whose content is read from the host at build time.
+    pub fn host_file(path: &str, host_path: impl Into<PathBuf>, mode: u32) -> Entry {
+        Entry::new(path, Kind::HostFile(host_path.into()), mode)
+    }
+
+    /// A directory, mode 0755 (see [`Entry::mode`]).
+    pub fn dir(path: &str) -> Entry {
+        Entry::new(path, Kind::Dir, 0o755)
+    }
+
+    /// A symlink `path -> target` (the target is stored as given).
+    pub fn symlink(path: &str, target: &str) -> Entry {
+        Entry::new(path, Kind::Symlink(target.to_string()), 0o777)
+    }
+
+    /// A hardlink `path` to the earlier entry `target`.
+    pub fn hardlink(path: &str, target: &str) -> Entry {
+        Entry::new(path, Kind::Hardlink(target.to_string()), 0o644)
+    }
+
+    /// A character device.
+    pub fn char_device(path: &str, major: u32, minor: u32) -> Entry {
+        Entry::new(path, Kind::Char(major, minor), 0o666)
+    }
+
+    /// A named pipe.
+    pub fn fifo(path: &str) -> Entry {
+        Entry::new(path, Kind::Fifo, 0o644)
+    }
+
+    /// The OCI whiteout deleting `path` from the layers below: an empty
+    /// file `.wh.<name>` beside it.
+    pub fn whiteout(path: &str) -> Entry {
+        let (dir, name) = path
+            .trim_end_matches('/')
+            .rsplit_once('/')
+            .unwrap_or(("", path));
+        let marker = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        Entry::file(&marker, Vec::new(), 0o644)
+    }
+
+    /// The OCI marker making directory `dir` opaque: `dir/.wh..wh..opq`.
+    pub fn opaque(dir: &str) -> Entry {
+        let dir = dir.trim_end_matches('/');
+        Entry::file(&format!("{dir}/.wh..wh..opq"), Vec::new(), 0o644)
+    }
+
+    /// A header written exactly as given, followed by `data`; the caller
+    /// sets name, type, size and checksum. For inputs the tar crate refuses
+    /// to build (`../evil`, absolute names).
+    pub fn raw(header: tar::Header, data: Vec<u8>) -> Entry {
+        Entry::new("", Kind::Raw(Box::new(header), data), 0)
+    }
+
+    /// A regular file whose name is stored verbatim (e.g. `../evil`).
+    pub fn raw_file(name: &str, data: &[u8]) -> Entry {
+        let mut h = raw_header(name, tar::EntryType::Regular, 0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        Entry::raw(h, data.to_vec())
+    }
+
+    /// A symlink whose name is stored verbatim.
+    pub fn raw_symlink(name: &str, target: &str) -> Entry {
+        let mut h = raw_header(name, tar::EntryType::Symlink, 0o777);
+        h.set_link_name_literal(target).expect("short link name");
+        h.set_cksum();
+        Entry::raw(h, Vec::new())
+    }
+
+    /// A hardlink whose name and target are stored verbatim (e.g. target `../../etc/shadow`).
+    pub fn raw_hardlink(name: &str, target: &str) -> Entry {
+        let mut h = raw_header(name, tar::EntryType::Link, 0o644);
+        h.set_link_name_literal(target).expect("short link name");
+        h.set_cksum();
+        Entry::raw(h, Vec::new())
+    }
+
+    /// Sets the permission bits (set-id and sticky bits included).
+    pub fn mode(mut self, mode: u32) -> Entry {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the owner.
+    pub fn owner(mut self, uid: u64, gid: u64) -> Entry {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+
+    /// Sets the modification time.
+    pub fn mtime(mut self, mtime: u64) -> Entry {
+        self.mtime = mtime;
+        self
+    }
+
+    /// Adds an extended attribute (a PAX `SCHILY.xattr.` record).
+    pub fn xattr(mut self, name: &str, value: &[u8]) -> Entry {
+        self.xattrs.push((name.to_string(), value.to_vec()));
+        self
+    }
+
+    fn append(&self, b: &mut tar::Builder<Vec<u8>>) -> io::Result<()> {
+        if let Kind::Raw(header, data) = &self.kind {
+            return b.append(header, &data[..]);
+        }
+        if !self.xattrs.is_empty() {
+            let mut records = Vec::new();
+            for (name, value) in &self.xattrs {
+                records.extend(pax_record(&format!("SCHILY.xattr.{name}"), value));
+            }
+            let mut h = raw_header("PaxHeaders/entry", tar::EntryType::XHeader, 0o644);
+            h.set_size(records.len() as u64);
+            h.set_cksum();
+            b.append(&h, &records[..])?;
+        }
+        let (entry_type, data) = match &self.kind {
+            Kind::File(d) => (tar::EntryType::Regular, d.clone()),
+            Kind::HostFile(p) => (
+                tar::EntryType::Regular,
+                fs::read(p)
+                    .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", p.display())))?,
+            ),
+            Kind::Dir => (tar::EntryType::Directory, Vec::new()),
+            Kind::Symlink(_) => (tar::EntryType::Symlink, Vec::new()),
+            Kind::Hardlink(_) => (tar::EntryType::Link, Vec::new()),
+            Kind::Char(..) => (tar::EntryType::Char, Vec::new()),
+            Kind::Fifo => (tar::EntryType::Fifo, Vec::new()),
+            Kind::Raw(..) => unreachable!(),
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(entry_type);
+        h.set_mode(self.mode);
+        h.set_uid(self.uid);
+        h.set_gid(self.gid);
+        h.set_mtime(self.mtime);
+        h.set_size(data.len() as u64);
+        if let Kind::Char(major, minor) = self.kind {
+            h.set_device_major(major)?;
+            h.set_device_minor(minor)?;
+        }
+        match &self.kind {
+            Kind::Symlink(target) | Kind::Hardlink(target) => {
+                b.append_link(&mut h, &self.path, target)
+            }
+            _ => b.append_data(&mut h, &self.path, &data[..]),
+        }
+    }
+}
+
+fn raw_header(name: &str, entry_type: tar::EntryType, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(entry_type);
+    h.set_mode(mode);
+    h.set_mtime(FIXED_MTIME);
+    h.set_size(0);
+    let slot = &mut h.as_old_mut().name;
+    assert!(name.len() < slot.len(), "raw entry name too long: {name}");
+    slot[..name.len()].copy_from_slice(name.as_bytes());
+    h
+}
+
+/// One PAX record: `"<len> <key>=<value>\n"`, len counting itself.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let rest = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = rest + 1;
+    while len != rest + len.to_string().len() {
+        len = rest + len.to_string().len();
+    }
+    let mut r = format!("{len} {key}=").into_bytes();
+    r.extend_from_slice(value);
+    r.push(b'\n');
+    r
+}
+
+/// The uncompressed tar of `entries`. Names are stored as given, a leading
+/// `/` included.
+pub fn layer_tar(entries: &[Entry]) -> io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    b.preserve_absolute(true);
+    for e in entries {
+        e.append(&mut b)?;
+    }
+    b.into_inner()
+}
+
+/// The entries of the busybox layer (see [`ImageBuilder::busybox_layer`]).
+pub fn busybox_entries() -> Vec<Entry> {
+    let mut entries = vec![
+        Entry::dir("bin"),
+        Entry::host_file("bin/busybox", HOST_BUSYBOX, 0o755),
+    ];
+    for applet in BUSYBOX_APPLETS {
+        entries.push(Entry::symlink(&format!("bin/{applet}"), "/bin/busybox"));
+    }
+    entries.extend([
+        Entry::dir("etc"),
+        Entry::file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+            0o644,
+        ),
+        Entry::file("etc/group", "root:x:0:\nstaff:x:50:app\napp:x:1000:\nnogroup:x:65534:\n", 0o644),
+        Entry::dir("tmp").mode(0o1777),
+        Entry::dir("root").mode(0o700),
+        Entry::dir("home"),
+        Entry::dir("home/app").owner(1000, 1000),
+    ]);
+    entries
+}
+
+#[derive(Clone, Debug)]
+struct LayerSpec {
+    entries: Vec<Entry>,
+    compression: Option<Compression>,
+}
+
+/// Builds an OCI image from scratch. Layers are listed bottom first.
+#[derive(Clone, Debug)]
+pub struct ImageBuilder {
+    layers: Vec<LayerSpec>,
+    compression: Compression,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    tag: Option<String>,
+    wrong_digest: Vec<usize>,
+    wrong_size: Vec<(usize, u64)>,
+    wrong_diff_id: Vec<usize>,
+    media_types: Vec<(usize, String)>,
+}
+
+impl Default for ImageBuilder {
+    fn default() -> Self {
+        ImageBuilder::new()
+    }
+}
+
+/// A blob of a built image.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    /// `sha256:<hex>`, as the manifest names it.
+    pub digest: String,
+    pub media_type: String,
+    pub data: Vec<u8>,
+}
+
+/// What [`ImageBuilder`] made. Digests are `sha256:<hex>` strings, layers
+/// bottom first. With a tampering option they are what the manifest and
+/// config *claim*.
+#[derive(Clone, Debug)]
+pub struct BuiltImage {
+    pub tag: Option<String>,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layer_digests: Vec<String>,
+    pub diff_ids: Vec<String>,
+    pub chain_ids: Vec<String>,
+    /// The manifest JSON blob.
+    pub manifest: Blob,
+    /// The config JSON blob.
+    pub config: Blob,
+    /// Layer blobs (real content, under the digest the manifest claims).
+    pub layers: Vec<Blob>,
+    /// The uncompressed layer tars.
+    pub layer_tars: Vec<Vec<u8>>,
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// ChainIDs of a stack of DiffIDs, bottom first.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        out.push(match out.last() {
+            None => d.clone(),
+            Some(parent) => sha256_digest(format!("{parent} {d}").as_bytes()),
+        });
+    }
+    out
+}
+
+impl ImageBuilder {
+    /// An image with no layers, gzip-compressed, `PATH` set as docker does.
+    pub fn new() -> Self {
+        ImageBuilder {
+            layers: Vec::new(),
+            compression: Compression::Gzip,
+            entrypoint: None,
+            cmd: None,
+            env: vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ],
+            workdir: None,
+            user: None,
+            tag: None,
+            wrong_digest: Vec::new(),
+            wrong_size: Vec::new(),
+            wrong_diff_id: Vec::new(),
+            media_types: Vec::new(),
+        }
+    }
+
+    /// Adds a layer with `/bin/busybox` (from the host's busybox-static),
+    /// `/bin/<applet> -> /bin/busybox` for [`BUSYBOX_APPLETS`], `/etc/passwd`
+    /// (root, app 1000:1000, nobody 65534), `/etc/group` (root, staff 50 with
+    /// app, app 1000, nogroup 65534), `/tmp` 1777, `/root`, `/home/app`.
+    pub fn busybox_layer(self) -> Self {
+        self.layer(busybox_entries())
+    }
+
+    /// Adds a layer made of `entries`, compressed as the image default.
+    pub fn layer(mut self, entries: Vec<Entry>) -> Self {
+        self.layers.push(LayerSpec {
+            entries,
+            compression: None,
+        });
+        self
+    }
+
+    /// Adds a layer with its own compression.
+    pub fn layer_compressed(mut self, entries: Vec<Entry>, compression: Compression) -> Self {
+        self.layers.push(LayerSpec {
+            entries,
+            compression: Some(compression),
+        });
+        self
+    }
+
+    /// Sets the compression of every layer without its own.
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    pub fn entrypoint(mut self, args: &[&str]) -> Self {
+        self.entrypoint = Some(args.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    pub fn cmd(mut self, args: &[&str]) -> Self {
+        self.cmd = Some(args.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// Adds `KEY=value` to the config's Env (after the default `PATH`).
+    pub fn env(mut self, kv: &str) -> Self {
+        self.env.push(kv.to_string());
+        self
+    }
+
+    pub fn workdir(mut self, dir: &str) -> Self {
+        self.workdir = Some(dir.to_string());
+        self
+    }
+
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_string());
+        self
+    }
+
+    /// The name (`name:tag`) the image is stored under in layouts and archives.
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.tag = Some(tag.to_string());
+        self
+    }
+
+    /// The manifest names layer `i` by a digest its content does not have
+    /// (the blob is stored under that wrong name, as a tampered blob would be).
+    pub fn wrong_layer_digest(mut self, i: usize) -> Self {
+        self.wrong_digest.push(i);
+        self
+    }
+
+    /// The manifest declares `size` bytes for layer `i`.
+    pub fn wrong_layer_size(mut self, i: usize, size: u64) -> Self {
+        self.wrong_size.push((i, size));
+        self
+    }
+
+    /// The config gives layer `i` a DiffID its tar does not have.
+    pub fn wrong_diff_id(mut self, i: usize) -> Self {
+        self.wrong_diff_id.push(i);
+        self
+    }
+
+    /// The manifest gives layer `i` this media type.
+    pub fn layer_media_type(mut self, i: usize, media_type: &str) -> Self {
+        self.media_types.push((i, media_type.to_string()));
+        self
+    }
+
+    /// Builds every blob in memory.
+    pub fn build(&self) -> io::Result<BuiltImage> {
+        self.build_with(None)
+    }
+
+    fn build_with(&self, force: Option<Compression>) -> io::Result<BuiltImage> {
+        let mut layer_tars = Vec::new();
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (i, spec) in self.layers.iter().enumerate() {
+            let tar = layer_tar(&spec.entries)?;
+            let compression = force.or(spec.compression).unwrap_or(self.compression);
+            let data = compression.compress(&tar);
+            let mut digest = sha256_digest(&data);
+            if self.wrong_digest.contains(&i) {
+                digest = sha256_digest(format!("not layer {i}").as_bytes());
+            }
+            let mut diff_id = sha256_digest(&tar);
+            if self.wrong_diff_id.contains(&i) {
+                diff_id = sha256_digest(format!("not the diff of layer {i}").as_bytes());
+            }
+            let media_type = self
+                .media_types
+                .iter()
+                .rev()
+                .find(|(j, _)| *j == i)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| compression.media_type().to_string());
+            layers.push(Blob {
+                digest,
+                media_type,
+                data,
+            });
+            diff_ids.push(diff_id);
+            layer_tars.push(tar);
+        }
+        let mut config = json!({
+            "created": "2023-11-14T22:13:20Z",
+            "architecture": arch(),
+            "os": "linux",
+            "config": {"Env": self.env},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": self.layers.iter().map(|_| json!({"created": "2023-11-14T22:13:20Z", "created_by": "podvisor-testbed"})).collect::<Vec<_>>(),
+        });
+        let c = config["config"].as_object_mut().expect("object");
+        if let Some(v) = &self.entrypoint {
+            c.insert("Entrypoint".into(), json!(v));
+        }
+        if let Some(v) = &self.cmd {
+            c.insert("Cmd".into(), json!(v));
+        }
+        if let Some(v) = &self.workdir {
+            c.insert("WorkingDir".into(), json!(v));
+        }
+        if let Some(v) = &self.user {
+            c.insert("User".into(), json!(v));
+        }
+        let config_bytes = serde_json::to_vec(&config)?;
+        let config = Blob {
+            digest: sha256_digest(&config_bytes),
+            media_type: OCI_CONFIG.to_string(),
+            data: config_bytes,
+        };
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(&config, None),
+            "layers": layers.iter().enumerate().map(|(i, l)| {
+                let size = self.wrong_size.iter().rev().find(|(j, _)| *j == i).map(|(_, s)| *s);
+                descriptor(l, size)
+            }).collect::<Vec<_>>(),
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest)?;
+        let manifest = Blob {
+            digest: sha256_digest(&manifest_bytes),
+            media_type: OCI_MANIFEST.to_string(),
+            data: manifest_bytes,
+        };
+        Ok(BuiltImage {
+            tag: self.tag.clone(),
+            manifest_digest: manifest.digest.clone(),
+            config_digest: config.digest.clone(),
+            layer_digests: layers.iter().map(|l| l.digest.clone()).collect(),
+            chain_ids: chain_ids(&diff_ids),
+            diff_ids,
+            manifest,
+            config,
+            layers,
+            layer_tars,
+        })
+    }
+
+    /// Writes (or adds to) an OCI image layout in `dir`: `oci-layout`,
+    /// `blobs/sha256/*`, and `index.json` gaining this image's manifest,
+    /// annotated with the tag as `org.opencontainers.image.ref.name`.
+    pub fn write_layout(&self, dir: &Path) -> io::Result<BuiltImage> {
+        let built = self.build()?;
+        let index_path = dir.join("index.json");
+        let mut index: Value = match fs::read(&index_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)?,
+            Err(_) => json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}),
+        };
+        index["manifests"]
+            .as_array_mut()
+            .expect("manifests array")
+            .push(index_entry(
+                &built,
+                built
+                    .tag
+                    .as_deref()
+                    .map(|t| vec![(REF_NAME, t.to_string())]),
+            ));
+        let mut files = blob_files(&built);
+        files.push((
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ));
+        files.push(("index.json".into(), serde_json::to_vec(&index)?));
+        for (rel, data) in files {
+            let path = dir.join(rel);
+            fs::create_dir_all(path.parent().expect("parent"))?;
+            fs::write(path, data)?;
+        }
+        Ok(built)
+    }
+
+    /// Writes an OCI archive: a tar of the layout (what
+    /// `skopeo copy ... oci-archive:PATH:TAG` makes).
+    pub fn write_oci_archive(&self, path: &Path) -> io::Result<BuiltImage> {
+        let built = self.build()?;
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            index_entry(&built, built.tag.as_deref().map(|t| vec![(REF_NAME, t.to_string())]))
+        ]});
+        let mut files = vec![(
+            "oci-layout".to_string(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        )];
+        files.push(("index.json".into(), serde_json::to_vec(&index)?));
+        files.extend(blob_files(&built));
+        write_tar(path, &files)?;
+        Ok(built)
+    }
+
+    /// Writes a legacy `docker save` archive: `manifest.json`,
+    /// `<config-hex>.json`, `<id>/layer.tar` (uncompressed), `repositories`.
+    /// The returned layer digests are those of the uncompressed tars.
+    pub fn write_docker_archive(&self, path: &Path) -> io::Result<BuiltImage> {
+        let built = self.build_with(Some(Compression::None))?;
+        let config_name = format!("{}.json", hex_of(&built.config_digest));
+        let mut files = vec![(config_name.clone(), built.config.data.clone())];
+        let mut layer_paths = Vec::new();
+        for (i, chain) in built.chain_ids.iter().enumerate() {
+            let id = hex_of(&sha256_digest(format!("layer-id {chain}").as_bytes())).to_string();
+            files.push((format!("{id}/VERSION"), b"1.0".to_vec()));
+            files.push((
+                format!("{id}/json"),
+                serde_json::to_vec(&json!({"id": id}))?,
+            ));
+            files.push((format!("{id}/layer.tar"), built.layers[i].data.clone()));
+            layer_paths.push(format!("{id}/layer.tar"));
+        }
+        let tags: Option<Vec<String>> = built.tag.clone().map(|t| vec![t]);
+        let manifest = json!([{"Config": config_name, "RepoTags": tags, "Layers": layer_paths}]);
+        files.push(("manifest.json".into(), serde_json::to_vec(&manifest)?));
+        write_tar(path, &files)?;
+        Ok(built)
+    }
+
+    /// Writes a `docker save` archive as Docker 25+ does: an OCI layout
+    /// with uncompressed layers plus a `manifest.json` pointing into
+    /// `blobs/`, the legacy `<id>/layer.tar` names being symlinks to blobs.
+    pub fn write_docker_oci_archive(&self, path: &Path) -> io::Result<BuiltImage> {
+        let built = self.build_with(Some(Compression::None))?;
+        let mut annotations = Vec::new();
+        if let Some(tag) = &built.tag {
+            annotations.push((
+                "io.containerd.image.name",
+                format!("docker.io/library/{tag}"),
+            ));
+            annotations.push((
+                REF_NAME,
+                tag.rsplit_once(':')
+                    .map(|(_, t)| t)
+                    .unwrap_or("latest")
+                    .to_string(),
+            ));
+        }
+        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            index_entry(&built, Some(annotations))
+        ]});
+        let mut files = vec![(
+            "oci-layout".to_string(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        )];
+        files.push(("index.json".into(), serde_json::to_vec(&index)?));
+        files.extend(blob_files(&built));
+        let manifest = json!([{
+            "Config": format!("blobs/sha256/{}", hex_of(&built.config_digest)),
+            "RepoTags": built.tag.clone().map(|t| vec![t]),
+            "Layers": built.layer_digests.iter().map(|d| format!("blobs/sha256/{}", hex_of(d))).collect::<Vec<_>>(),
+        }]);
+        files.push(("manifest.json".into(), serde_json::to_vec(&manifest)?));
+        write_tar(path, &files)?;
+        Ok(built)
+    }
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn descriptor(blob: &Blob, size: Option<u64>) -> Value {
+    json!({"mediaType": blob.media_type, "digest": blob.digest, "size": size.unwrap_or(blob.data.len() as u64)})
+}
+
+fn index_entry(built: &BuiltImage, annotations: Option<Vec<(&str, String)>>) -> Value {
+    let mut d = descriptor(&built.manifest, None);
+    if let Some(a) = annotations.filter(|a| !a.is_empty()) {
+        d["annotations"] = a
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v)))
+            .collect();
+    }
+    d
+}
+
+fn blob_files(built: &BuiltImage) -> Vec<(String, Vec<u8>)> {
+    std::iter::once(&built.manifest)
+        .chain(std::iter::once(&built.config))
+        .chain(&built.layers)
+        .map(|b| {
+            (
+                format!("blobs/sha256/{}", hex_of(&b.digest)),
+                b.data.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Writes `files` as a tar (with parent directory entries).
+fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> io::Result<()> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    let mut dirs = std::collections::BTreeSet::new();
+    for (name, data) in files {
+        let mut parent = Path::new(name).parent();
+        let mut chain = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            chain.push(p.to_path_buf());
+            parent = p.parent();
+        }
+        for dir in chain.into_iter().rev() {
+            if dirs.insert(dir.clone()) {
+                Entry::dir(&format!("{}/", dir.display())).append(&mut b)?;
+            }
+        }
+        Entry::file(name, data.clone(), 0o644).append(&mut b)?;
+    }
+    fs::write(path, b.into_inner()?)
+}
+
+/// Where a layout keeps the blob `digest`.
+pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(hex_of(digest))
+}
+
+/// Cuts the file at `path` down to `len` bytes.
+pub fn truncate_file(path: &Path, len: u64) -> io::Result<()> {
+    fs::OpenOptions::new().write(true).open(path)?.set_len(len)
+}
+
+/// Flips every bit of the byte at `offset` of the file at `path`.
+pub fn flip_byte(path: &Path, offset: usize) -> io::Result<()> {
+    let mut data = fs::read(path)?;
+    data[offset] ^= 0xff;
+    fs::write(path, data)
+}
+
+/// gzip-compresses `src` into `dst` (e.g. `docker save | gzip`).
+pub fn gzip_file(src: &Path, dst: &Path) -> io::Result<()> {
+    let mut data = Vec::new();
+    fs::File::open(src)?.read_to_end(&mut data)?;
+    fs::write(dst, Compression::Gzip.compress(&data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        let r = pax_record("SCHILY.xattr.user.a", b"b");
+        let text = String::from_utf8(r.clone()).unwrap();
+        let (len, _) = text.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), r.len());
+    }
+
+    #[test]
+    fn same_layer_built_twice_has_the_same_digests() {
+        let entries = vec![Entry::dir("etc"), Entry::file("etc/hello", "hi\n", 0o644)];
+        let a = ImageBuilder::new().layer(entries.clone()).build().unwrap();
+        let b = ImageBuilder::new()
+            .layer(entries)
+            .cmd(&["x"])
+            .build()
+            .unwrap();
+        assert_eq!(a.diff_ids, b.diff_ids);
+        assert_eq!(a.layer_digests, b.layer_digests);
+        assert_ne!(a.config_digest, b.config_digest);
+    }
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let ids = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
+        assert_eq!(ids[0], "sha256:a");
+        assert_eq!(ids[1], sha256_digest(b"sha256:a sha256:b"));
+    }
+}
