@@ -5,6 +5,11 @@
 //! Two writers racing for the same ChainID both build it; the loser of the
 //! rename discards its copy and uses the winner's. Unpacking happens under
 //! `layers/.staging/`. Names starting with `.` are never entries.
+//!
+//! `layer.json` holds `format` (1), `chain_id`, `diff_id`, `parent` (the
+//! ChainID below, or null), `size` (bytes of `disk.erofs`),
+//! `uncompressed_size` (bytes of the layer tar), `created` (Unix seconds) and
+//! `source` (`media_type`, `digest`, `size` of the blob it was built from).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};

@@ -18,6 +18,7 @@ mod convert;
 mod digest;
 mod erofs;
 mod error;
+mod fsops;
 mod import;
 mod layout;
 mod source;

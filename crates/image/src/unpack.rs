@@ -9,7 +9,7 @@
 //! staging directory belongs to this process alone, so checks made on it stay
 //! true until the entry is written.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -19,6 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use tar::{Archive, EntryType};
 
 use crate::ImageError;
+use crate::fsops::{mknod, set_mtime, set_xattr};
 
 /// Name prefix of an OCI whiteout file.
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -446,115 +447,6 @@ fn apply_meta(path: &Path, meta: &Meta, with_mode: bool) -> io::Result<()> {
     set_mtime(path, meta.mtime)
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-}
-
-/// `lsetxattr(2)`: never follows a symlink.
-fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c_name = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in xattr name"))?;
-    let p = c_path(path)?;
-    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let rc = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            c_name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("set xattr {name}: {e}")))
-    }
-}
-
-/// `mknod(2)` with mode 0 permission bits; ownership and mode come later.
-fn mknod(path: &Path, file_type: libc::mode_t, dev: libc::dev_t) -> io::Result<()> {
-    let p = c_path(path)?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::mknod(p.as_ptr(), file_type, dev) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Sets atime and mtime without following a symlink.
-fn set_mtime(path: &Path, (secs, nanos): (i64, i64)) -> io::Result<()> {
-    let p = c_path(path)?;
-    let t = libc::timespec {
-        tv_sec: secs as libc::time_t,
-        tv_nsec: nanos as _,
-    };
-    let times = [t, t];
-    // SAFETY: valid path and a two-element timespec array.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            p.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalize_drops_root_and_dots_and_refuses_parent() {
-        let n = |s: &str| normalize(s.as_bytes());
-        assert_eq!(n("/etc/passwd").unwrap(), PathBuf::from("etc/passwd"));
-        assert_eq!(n("./bin//sh").unwrap(), PathBuf::from("bin/sh"));
-        assert_eq!(n("usr/./lib/").unwrap(), PathBuf::from("usr/lib"));
-        assert_eq!(n("./").unwrap(), PathBuf::new());
-        assert_eq!(n("/").unwrap(), PathBuf::new());
-        for bad in ["../evil", "a/../../b", "/../etc", "a/.."] {
-            assert!(n(bad).is_err(), "{bad} must be refused");
-        }
-    }
-
-    #[test]
-    fn classify_recognises_whiteouts() {
-        fn c(s: &str) -> Result<Whiteout<'_>, String> {
-            classify(OsStr::new(s))
-        }
-        assert_eq!(c("passwd").unwrap(), Whiteout::None);
-        assert_eq!(c(".whatever").unwrap(), Whiteout::None);
-        assert_eq!(
-            c(".wh.passwd").unwrap(),
-            Whiteout::Delete(OsStr::new("passwd"))
-        );
-        assert_eq!(
-            c(".wh..hidden").unwrap(),
-            Whiteout::Delete(OsStr::new(".hidden"))
-        );
-        assert_eq!(c(".wh..wh..opq").unwrap(), Whiteout::Opaque);
-        assert_eq!(c(".wh..wh.plnk").unwrap(), Whiteout::Ignored);
-        assert!(c(".wh.").is_err());
-        assert!(c(".wh...").is_err());
-    }
-
-    #[test]
-    fn pax_times_parse() {
-        assert_eq!(parse_pax_time("1700000000"), Some((1_700_000_000, 0)));
-        assert_eq!(
-            parse_pax_time("1700000000.5"),
-            Some((1_700_000_000, 500_000_000))
-        );
-        assert_eq!(parse_pax_time("-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(parse_pax_time("x"), None);
-    }
-}
+#[path = "unpack_tests.rs"]
+mod tests;

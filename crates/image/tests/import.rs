@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use common::{Env, Mounted, xattr};
-use podvisor_image::{ChainId, Digest, ImageError, LayerCache, import};
+use podvisor_image::{ChainId, Digest, ImageError, LayerBlob, LayerCache, import};
 use podvisor_testbed::oci::{Compression, Entry, ImageBuilder, blob_path, gzip_file};
 
 /// A layer exercising every kind of entry and attribute.
@@ -439,5 +439,95 @@ fn cache_reopens_with_its_disks_and_ignores_temporary_entries() {
     assert_eq!(
         meta["source"]["media_type"],
         "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+}
+
+#[test]
+fn concurrent_imports_of_one_image_make_one_set_of_disks() {
+    let env = Env::new();
+    let built = app_image()
+        .write_oci_archive(&env.path("image.tar"))
+        .unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = env.cache.clone();
+                let source = env.path("image.tar");
+                s.spawn(move || import(&cache, &source, None))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first = results[0].as_ref().unwrap();
+    for r in &results {
+        assert_eq!(
+            r.as_ref().unwrap(),
+            first,
+            "every importer sees the same disks"
+        );
+    }
+    let mut dirs = env.disk_dirs();
+    dirs.sort();
+    let mut expected: Vec<String> = built
+        .chain_ids
+        .iter()
+        .map(|c| c.trim_start_matches("sha256:").to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(dirs, expected);
+    let leftovers: Vec<String> = env
+        .snapshot()
+        .into_iter()
+        .filter(|p| p.starts_with(".tmp") || (p.starts_with(".staging/")))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn the_loser_of_a_commit_race_discards_its_copy_and_uses_the_winner() {
+    let env = Env::new();
+    let built = ImageBuilder::new()
+        .layer(vec![Entry::file("f", "race", 0o644)])
+        .build()
+        .unwrap();
+    let blob = LayerBlob {
+        media_type: built.layers[0].media_type.clone(),
+        digest: Digest::parse(&built.layer_digests[0]).unwrap(),
+        size: built.layers[0].data.len() as u64,
+    };
+    let diff_id = Digest::parse(&built.diff_ids[0]).unwrap();
+    // Both writers convert before either commits, as two racing processes would.
+    let first = env
+        .cache
+        .prepare_layer(&blob, &diff_id, None, &built.layers[0].data[..])
+        .unwrap();
+    let second = env
+        .cache
+        .prepare_layer(&blob, &diff_id, None, &built.layers[0].data[..])
+        .unwrap();
+    assert_eq!(
+        env.cache.get(first.chain_id()),
+        None,
+        "not visible before commit"
+    );
+    let winner = first.commit().unwrap();
+    let loser = second.commit().unwrap();
+    assert_eq!(loser, winner);
+    assert_eq!(env.disk_dirs(), [winner.chain_id.hex()]);
+    assert!(
+        env.snapshot()
+            .iter()
+            .all(|p| !p.starts_with(".tmp") && !p.starts_with(".staging/"))
+    );
+    // Dropping a prepared layer without committing leaves nothing either.
+    drop(
+        env.cache
+            .prepare_layer(&blob, &diff_id, None, &built.layers[0].data[..])
+            .unwrap(),
+    );
+    assert!(
+        env.snapshot()
+            .iter()
+            .all(|p| !p.starts_with(".tmp") && !p.starts_with(".staging/"))
     );
 }
