@@ -1,0 +1,381 @@
+//! Tests of the state machine with a fake launcher whose "processes" are
+//! plain pipes the test writes to and closes.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use podvisor_proto::{
+    ContainerSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, StartError, StartErrorKind,
+    Stream,
+};
+
+use super::*;
+use crate::process::{Launched, Launcher};
+
+/// The test's ends of a fake process's stdio.
+struct FakeProcess {
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+#[derive(Default)]
+struct FakeLauncher {
+    next_pid: i32,
+    procs: HashMap<String, FakeProcess>,
+    signals: Vec<(i32, i32)>,
+    cleaned: Vec<String>,
+}
+
+fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    (r, w)
+}
+
+impl Launcher for FakeLauncher {
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
+        if spec.process.args[0] == "missing" {
+            return Err(StartError {
+                kind: StartErrorKind::NotFound,
+                message: "executable file not found in $PATH: missing".into(),
+            });
+        }
+        self.next_pid += 100;
+        let (out_r, out_w) = nonblocking_pipe();
+        let (err_r, err_w) = nonblocking_pipe();
+        let (in_r, in_w) = nonblocking_pipe();
+        self.procs.insert(
+            spec.id.clone(),
+            FakeProcess {
+                stdin: Some(in_r),
+                stdout: Some(out_w),
+                stderr: Some(err_w),
+            },
+        );
+        Ok(Launched {
+            pid: self.next_pid,
+            stdin: spec.process.stdin.then_some(in_w),
+            stdout: out_r,
+            stderr: Some(err_r),
+            terminal: false,
+            status: None,
+        })
+    }
+
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno> {
+        self.signals.push((pid, signal));
+        Ok(())
+    }
+
+    fn cleanup(&mut self, id: &str) {
+        self.cleaned.push(id.to_string());
+    }
+}
+
+fn spec(id: &str, args: &[&str], stdin: bool) -> ContainerSpec {
+    ContainerSpec {
+        id: id.into(),
+        hostname: id.into(),
+        layers: vec!["pvl0".into()],
+        process: ProcessSpec {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            terminal: None,
+            stdin,
+        },
+    }
+}
+
+/// Lets the agent read every ready output, as the event loop would.
+fn pump(agent: &mut Agent<FakeLauncher>) {
+    for _ in 0..4 {
+        for (_, _, watch) in agent.watches(true) {
+            agent.ready(&watch);
+        }
+    }
+}
+
+fn outbox(agent: &mut Agent<FakeLauncher>) -> Vec<GuestMessage> {
+    agent.take_outbox().collect()
+}
+
+fn exited(pid: i32, code: i32) -> WaitStatus {
+    WaitStatus::Exited(Pid::from_raw(pid), code)
+}
+
+#[test]
+fn output_then_exit_in_order_and_cleanup() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("c1", &["echo"], false)),
+        now,
+    );
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::Started {
+            id: "c1".into(),
+            pid: 100
+        }]
+    );
+
+    let p = agent.launcher.procs.get_mut("c1").unwrap();
+    nix::unistd::write(p.stdout.as_ref().unwrap(), b"hello\n").unwrap();
+    nix::unistd::write(p.stderr.as_ref().unwrap(), b"oops\n").unwrap();
+    // The process exits before its output has been read.
+    agent.reaped(exited(100, 3));
+    pump(&mut agent);
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::Output {
+                id: "c1".into(),
+                stream: Stream::Stdout,
+                data: b"hello\n".to_vec()
+            },
+            GuestMessage::Output {
+                id: "c1".into(),
+                stream: Stream::Stderr,
+                data: b"oops\n".to_vec()
+            },
+        ]
+    );
+    // Exited only once both pipes are at end of file.
+    let p = agent.launcher.procs.get_mut("c1").unwrap();
+    p.stdout = None;
+    pump(&mut agent);
+    assert!(outbox(&mut agent).is_empty());
+    agent.launcher.procs.get_mut("c1").unwrap().stderr = None;
+    pump(&mut agent);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::Exited {
+            id: "c1".into(),
+            status: ExitStatus::Code(3)
+        }]
+    );
+    assert_eq!(agent.launcher.cleaned, ["c1"]);
+    // The id can be used again.
+    agent.handle(
+        HostMessage::StartContainer(spec("c1", &["echo"], false)),
+        now,
+    );
+    assert!(matches!(
+        outbox(&mut agent)[..],
+        [GuestMessage::Started { .. }]
+    ));
+}
+
+#[test]
+fn start_failures_and_duplicates_are_reported() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("c1", &["missing"], false)),
+        now,
+    );
+    agent.handle(HostMessage::StartContainer(spec("c2", &["sh"], false)), now);
+    agent.handle(HostMessage::StartContainer(spec("c2", &["sh"], false)), now);
+    let out = outbox(&mut agent);
+    assert!(
+        matches!(&out[0], GuestMessage::StartFailed { id, error } if id == "c1" && error.kind == StartErrorKind::NotFound)
+    );
+    assert!(matches!(&out[1], GuestMessage::Started { id, .. } if id == "c2"));
+    assert!(
+        matches!(&out[2], GuestMessage::StartFailed { error, .. } if error.kind == StartErrorKind::InvalidSpec && error.message.contains("already exists"))
+    );
+}
+
+#[test]
+fn stdin_is_written_and_closed_after_flush() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(HostMessage::StartContainer(spec("c1", &["cat"], true)), now);
+    agent.handle(
+        HostMessage::Stdin {
+            id: "c1".into(),
+            data: b"abc".to_vec(),
+        },
+        now,
+    );
+    agent.handle(HostMessage::CloseStdin { id: "c1".into() }, now);
+    let p = agent.launcher.procs.get("c1").unwrap();
+    let mut buf = [0u8; 16];
+    let r = p.stdin.as_ref().unwrap();
+    assert_eq!(nix::unistd::read(r, &mut buf).unwrap(), 3);
+    assert_eq!(&buf[..3], b"abc");
+    assert_eq!(nix::unistd::read(r, &mut buf).unwrap(), 0, "stdin closed");
+    // More stdin after close, and stdin for a process without it, are errors.
+    agent.handle(
+        HostMessage::Stdin {
+            id: "c1".into(),
+            data: b"x".to_vec(),
+        },
+        now,
+    );
+    agent.handle(HostMessage::StartContainer(spec("c2", &["sh"], false)), now);
+    agent.handle(
+        HostMessage::Stdin {
+            id: "c2".into(),
+            data: b"x".to_vec(),
+        },
+        now,
+    );
+    let errors = outbox(&mut agent)
+        .into_iter()
+        .filter(|m| matches!(m, GuestMessage::Error { .. }))
+        .count();
+    assert_eq!(errors, 2);
+}
+
+#[test]
+fn stdin_that_does_not_fit_waits_for_pollout() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(HostMessage::StartContainer(spec("c1", &["cat"], true)), now);
+    let big = vec![b'x'; 200_000];
+    agent.handle(
+        HostMessage::Stdin {
+            id: "c1".into(),
+            data: big,
+        },
+        now,
+    );
+    let watches = agent.watches(false);
+    assert!(matches!(&watches[..], [(_, f, Watch::Stdin { .. })] if *f == PollFlags::POLLOUT));
+    let r = agent
+        .launcher
+        .procs
+        .get("c1")
+        .unwrap()
+        .stdin
+        .as_ref()
+        .unwrap()
+        .as_raw_fd();
+    let mut total = 0;
+    let mut buf = vec![0u8; 65536];
+    while total < 200_000 {
+        match nix::unistd::read(unsafe { std::os::fd::BorrowedFd::borrow_raw(r) }, &mut buf) {
+            Ok(n) => total += n,
+            Err(Errno::EAGAIN) => agent.ready(&Watch::Stdin { id: "c1".into() }),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(agent.watches(false).is_empty());
+}
+
+#[test]
+fn stop_sends_term_then_kill_after_grace() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("c1", &["sleep"], false)),
+        now,
+    );
+    agent.handle(
+        HostMessage::Stop {
+            id: "c1".into(),
+            grace_ms: 1000,
+        },
+        now,
+    );
+    assert_eq!(agent.launcher.signals, [(100, libc::SIGTERM)]);
+    assert_eq!(agent.next_deadline(), Some(now + Duration::from_secs(1)));
+    agent.tick(now + Duration::from_millis(999));
+    assert_eq!(agent.launcher.signals.len(), 1);
+    agent.tick(now + Duration::from_secs(1));
+    assert_eq!(
+        agent.launcher.signals,
+        [(100, libc::SIGTERM), (100, libc::SIGKILL)]
+    );
+    assert_eq!(agent.next_deadline(), None);
+    agent.handle(
+        HostMessage::Signal {
+            id: "c1".into(),
+            signal: 10,
+        },
+        now,
+    );
+    assert_eq!(agent.launcher.signals.last(), Some(&(100, 10)));
+    agent.handle(
+        HostMessage::Stop {
+            id: "nope".into(),
+            grace_ms: 0,
+        },
+        now,
+    );
+    assert!(matches!(
+        outbox(&mut agent).last(),
+        Some(GuestMessage::Error { .. })
+    ));
+}
+
+#[test]
+fn shutdown_stops_everything_and_powers_off_once_reported() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("a", &["sleep"], false)),
+        now,
+    );
+    agent.handle(
+        HostMessage::StartContainer(spec("b", &["sleep"], false)),
+        now,
+    );
+    outbox(&mut agent);
+    assert!(!agent.power_off_due(now, true));
+    agent.handle(HostMessage::Shutdown { grace_ms: 0 }, now);
+    let mut sigs = agent.launcher.signals.clone();
+    sigs.sort();
+    assert_eq!(sigs, [(100, 9), (100, 15), (200, 9), (200, 15)]);
+    assert!(!agent.power_off_due(now, true));
+    agent.handle(
+        HostMessage::StartContainer(spec("c", &["sleep"], false)),
+        now,
+    );
+    agent.launcher.procs.clear(); // all pipes close
+    agent.reaped(WaitStatus::Signaled(
+        Pid::from_raw(100),
+        nix::sys::signal::Signal::SIGKILL,
+        false,
+    ));
+    agent.reaped(exited(200, 0));
+    agent.reaped(exited(4242, 0)); // an orphan: ignored
+    pump(&mut agent);
+    assert!(!agent.power_off_due(now, true), "reports not taken yet");
+    let out = outbox(&mut agent);
+    assert!(matches!(&out[0], GuestMessage::StartFailed { id, .. } if id == "c"));
+    assert!(out.contains(&GuestMessage::Exited {
+        id: "a".into(),
+        status: ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+    }));
+    assert!(!agent.power_off_due(now, false), "reports not sent yet");
+    assert!(agent.power_off_due(now, true));
+}
+
+#[test]
+fn shutdown_gives_up_after_the_slack() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("a", &["sleep"], false)),
+        now,
+    );
+    agent.handle(HostMessage::Shutdown { grace_ms: 100 }, now);
+    let give_up = now + Duration::from_millis(100) + SHUTDOWN_SLACK;
+    assert_eq!(
+        agent.next_deadline(),
+        Some(now + Duration::from_millis(100))
+    );
+    assert!(!agent.power_off_due(give_up - Duration::from_millis(1), true));
+    assert!(agent.power_off_due(give_up, false));
+}

@@ -1,0 +1,202 @@
+//! PID 1 duties at boot and at the end: mount the basic file systems, make
+//! sure stdio is the console, load the kernel modules, move off the
+//! initramfs root, and power the VM off.
+
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
+use nix::sys::stat::Mode;
+use podvisor_proto::{AgentInfo, MODULES_LOAD_LIST};
+
+use crate::modules;
+use crate::mounts::{self, Mount, Op};
+use crate::syscall::Syscall;
+
+/// The new root the agent moves to (a tmpfs) before serving containers.
+pub const SYSROOT: &str = "/sysroot";
+
+/// A boot step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("boot: {what}: {errno}")]
+    Step { what: String, errno: Errno },
+}
+
+fn step(ops: &[Op], (i, errno): (usize, Errno)) -> BootError {
+    BootError::Step {
+        what: ops[i].describe(),
+        errno,
+    }
+}
+
+/// Mounts `/proc`, `/sys`, `/dev`, `/dev/pts`, `/dev/shm` and `/run`.
+/// A file system that is already mounted (`EBUSY`) is fine.
+pub fn mount_basics(sys: &dyn Syscall) -> Result<(), BootError> {
+    let plan = mounts::boot_plan();
+    for (i, op) in plan.iter().enumerate() {
+        match mounts::apply(sys, std::slice::from_ref(op)) {
+            Ok(()) | Err((_, Errno::EBUSY)) => {}
+            Err((_, errno)) => return Err(step(&plan, (i, errno))),
+        }
+    }
+    Ok(())
+}
+
+/// Moves the agent off the initramfs onto a fresh tmpfs, taking the
+/// mounted `/proc`, `/sys`, `/dev` and `/run` along (what `switch_root`
+/// does). The initramfs root cannot be `pivot_root`ed away from, so
+/// without this no container could `pivot_root`.
+pub fn switch_root(sys: &dyn Syscall) -> Result<(), BootError> {
+    let root = Path::new(SYSROOT);
+    let mut plan = vec![
+        Op::Mkdir {
+            path: root.into(),
+            mode: 0o755,
+        },
+        Op::Mount(Mount {
+            source: Some("tmpfs".into()),
+            target: root.into(),
+            fstype: Some("tmpfs".into()),
+            flags: MsFlags::empty(),
+            data: Some("mode=0755".into()),
+        }),
+    ];
+    for dir in ["proc", "sys", "dev", "run"] {
+        plan.push(Op::Mkdir {
+            path: root.join(dir),
+            mode: 0o755,
+        });
+        plan.push(Op::Mount(Mount {
+            source: Some(Path::new("/").join(dir)),
+            target: root.join(dir),
+            fstype: None,
+            flags: MsFlags::MS_MOVE,
+            data: None,
+        }));
+    }
+    mounts::apply(sys, &plan).map_err(|e| step(&plan, e))?;
+    let fail = |what: &str| {
+        let what = what.to_string();
+        move |errno| BootError::Step { what, errno }
+    };
+    sys.chdir(root).map_err(fail("chdir /sysroot"))?;
+    sys.mount(
+        Some(Path::new(".")),
+        Path::new("/"),
+        None,
+        MsFlags::MS_MOVE,
+        None,
+    )
+    .map_err(fail("move /sysroot to /"))?;
+    sys.chroot(Path::new(".")).map_err(fail("chroot"))?;
+    sys.chdir(Path::new("/")).map_err(fail("chdir /"))
+}
+
+/// Makes fds 0, 1 and 2 the console if the kernel could not open it for
+/// us (an initramfs without `/dev/console`).
+pub fn ensure_console() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        match nix::fcntl::open(
+            "/dev/console",
+            OFlag::O_RDWR | OFlag::O_NOCTTY,
+            Mode::empty(),
+        ) {
+            Ok(console) => {
+                if console.as_raw_fd() != fd {
+                    // SAFETY: dup2 onto a closed standard descriptor.
+                    unsafe { libc::dup2(console.as_raw_fd(), fd) };
+                } else {
+                    let _ = console.into_raw_fd();
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Loads the modules listed in [`MODULES_LOAD_LIST`] for kernel `release`;
+/// failures are logged, not fatal.
+pub fn load_modules(sys: &dyn Syscall, release: &str) {
+    let list = match std::fs::read_to_string(MODULES_LOAD_LIST) {
+        Ok(text) => modules::parse_load_list(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            crate::log!("cannot read {MODULES_LOAD_LIST}: {e}");
+            return;
+        }
+    };
+    for e in modules::load_all(sys, &modules::module_dir(release), &list) {
+        crate::log!("{e}");
+    }
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// What the agent reports in `Ready`.
+pub fn agent_info(kernel_release: String) -> AgentInfo {
+    let boottime_ms = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0);
+    AgentInfo {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel_release,
+        boottime_ms,
+    }
+}
+
+/// Syncs and powers the VM off. If that fails, exits: the kernel then
+/// panics on PID 1's death and `panic=-1` resets the VM.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    crate::log!("power off failed: {}", Errno::last());
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscall::RecordingSyscall;
+
+    #[test]
+    fn switch_root_moves_the_mounts_then_the_root() {
+        let sys = RecordingSyscall::new().fail("mkdir /sysroot/dev", Errno::EEXIST);
+        switch_root(&sys).unwrap();
+        let calls = sys.calls();
+        assert_eq!(calls[1], "mount tmpfs /sysroot tmpfs - mode=0755");
+        assert!(calls.contains(&"mount /dev /sysroot/dev - MOVE -".to_string()));
+        assert_eq!(
+            calls[calls.len() - 4..],
+            [
+                "chdir /sysroot",
+                "mount . / - MOVE -",
+                "chroot .",
+                "chdir /"
+            ]
+        );
+    }
+
+    #[test]
+    fn basics_tolerate_already_mounted_file_systems() {
+        let sys = RecordingSyscall::new().fail("mount devtmpfs", Errno::EBUSY);
+        mount_basics(&sys).unwrap();
+        assert_eq!(sys.calls().len(), mounts::boot_plan().len());
+        let sys = RecordingSyscall::new().fail("mount proc", Errno::ENODEV);
+        assert_eq!(
+            mount_basics(&sys).unwrap_err().to_string(),
+            "boot: mount proc on /proc: ENODEV: No such device"
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! The podvisor guest agent: PID 1 inside a pod VM.
+//!
+//! The agent owns the PID-1 duties of the guest: it mounts the basic file
+//! systems, loads the kernel modules listed by the initramfs, moves off the
+//! initramfs root, finds the virtio-serial port to the host and reports
+//! `Ready`. Then a single-threaded event loop serves the host: it mounts
+//! each container's layer disks (EROFS) under an overlay with a tmpfs upper,
+//! starts the container's process in new mount/PID/UTS/IPC namespaces with
+//! `pivot_root`, streams its output, reports its exit, reaps every zombie,
+//! and on `Shutdown` stops what is left and powers the VM off.
+//!
+//! The contract with the host is in `docs/ARCHITECTURE.md` ("Host ↔ guest
+//! contract", "Container inside the guest"); the messages are
+//! [`podvisor_proto`]'s. Plans (mounts, modules, user switch) are data run
+//! through the [`syscall::Syscall`] trait so they are unit-tested without
+//! root or a VM.
+
+pub mod agent;
+pub mod boot;
+pub mod child;
+pub mod disks;
+pub mod event_loop;
+pub mod modules;
+pub mod mounts;
+pub mod path_lookup;
+pub mod port;
+pub mod process;
+pub mod spec;
+pub mod syscall;
+pub mod user;
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+/// Writes one line to stderr (the console), prefixed `podvisor-agent:`.
+/// Never panics, even without a console.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "podvisor-agent: {}", format_args!($($arg)*));
+    }};
+}
+
+/// A fatal error of the agent: logged, then the VM is powered off.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("cannot open the host channel")]
+    Port(#[from] port::PortError),
+    #[error("cannot set up SIGCHLD handling: {0}")]
+    Signal(nix::errno::Errno),
+    #[error("event loop failed")]
+    Loop(#[from] event_loop::LoopError),
+}
+
+/// Everything PID 1 does, from boot until a shutdown is due. The caller
+/// powers off afterwards (also on error).
+pub fn run() -> Result<(), AgentError> {
+    let sys = syscall::LinuxSyscall;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    boot::mount_basics(&sys)?;
+    boot::ensure_console();
+    let release = boot::kernel_release();
+    boot::load_modules(&sys, &release);
+    boot::switch_root(&sys)?;
+    // SAFETY: single-threaded; nothing reads the environment concurrently.
+    unsafe { std::env::set_var("PATH", path_lookup::DEFAULT_PATH) };
+
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block().map_err(AgentError::Signal)?;
+    let sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(AgentError::Signal)?;
+
+    let fd = port::open_agent_port(port::PORT_WAIT)?;
+    let mut port = port::Port::new(fd);
+    let info = boot::agent_info(release);
+    let mut agent = agent::Agent::new(process::LinuxLauncher::default());
+    event_loop::run(&mut port, &sigchld, &mut agent, &info)?;
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! Starting container processes: the [`Launcher`] the agent's state machine
+//! drives, and [`LinuxLauncher`], which mounts the layers and the overlay,
+//! prepares a [`ChildPlan`], `clone`s the container and learns through the
+//! close-on-exec error pipe whether its `execve` succeeded.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag};
+use nix::mount::MntFlags;
+use nix::sched::CloneFlags;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Pid, Uid};
+use podvisor_proto::{ContainerSpec, ExitStatus, StartError, StartErrorKind, TerminalSize};
+
+use crate::child::{self, ChildPlan, ChildPlanParts, FAILURE_LEN, Failure, Stdio, Step};
+use crate::mounts::{self, ContainerDirs, Op};
+use crate::path_lookup::{self, resolve_in_root};
+use crate::syscall::{LinuxSyscall, Syscall};
+use crate::{disks, spec, user};
+
+/// A started container process and the agent's ends of its stdio.
+#[derive(Debug)]
+pub struct Launched {
+    /// The container's init, in the agent's PID namespace.
+    pub pid: i32,
+    /// Where [`HostMessage::Stdin`](podvisor_proto::HostMessage) data goes:
+    /// the stdin pipe, or the pty master. `None`: stdin is `/dev/null`.
+    pub stdin: Option<OwnedFd>,
+    /// stdout pipe, or the pty master (everything comes out there).
+    pub stdout: OwnedFd,
+    /// stderr pipe; `None` with a terminal.
+    pub stderr: Option<OwnedFd>,
+    /// Whether `stdin`/`stdout` are a pty master.
+    pub terminal: bool,
+    /// Read end of the status pipe: the init writes the main process's wait
+    /// status there before exiting.
+    pub status: Option<OwnedFd>,
+}
+
+/// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
+/// a fake in tests.
+pub trait Launcher {
+    /// Mounts the container and starts its process.
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError>;
+    /// Sends `signal` to the container's init (which forwards it).
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno>;
+    /// Unmounts what [`Launcher::start`] mounted for container `id`.
+    fn cleanup(&mut self, id: &str);
+}
+
+fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
+    StartError {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// The real launcher: mounts, `clone`, namespaces.
+#[derive(Debug, Default)]
+pub struct LinuxLauncher {
+    /// Layer serials already mounted (each disk is mounted once).
+    mounted_layers: HashSet<String>,
+}
+
+impl Launcher for LinuxLauncher {
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
+        spec::validate(spec)?;
+        self.mount_layers(&spec.layers)?;
+        let dirs = ContainerDirs::new(&spec.id);
+        let plan = mounts::container_plan(&dirs, &spec.layers);
+        if let Err((i, errno)) = mounts::apply(&LinuxSyscall, &plan) {
+            self.cleanup(&spec.id);
+            return Err(err(
+                StartErrorKind::Mount,
+                format!("{}: {errno}", plan[i].describe()),
+            ));
+        }
+        let result = launch(spec, &dirs);
+        if result.is_err() {
+            self.cleanup(&spec.id);
+        }
+        result
+    }
+
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno> {
+        let signal = nix::sys::signal::Signal::try_from(signal)?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+    }
+
+    fn cleanup(&mut self, id: &str) {
+        let dirs = ContainerDirs::new(id);
+        for path in dirs.teardown() {
+            match LinuxSyscall.umount2(path, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+                Err(e) => crate::log!("unmounting {}: {e}", path.display()),
+            }
+        }
+        let _ = std::fs::remove_dir(&dirs.base);
+    }
+}
+
+impl LinuxLauncher {
+    /// Mounts each layer disk not mounted yet.
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
+        for serial in serials {
+            if self.mounted_layers.contains(serial) {
+                continue;
+            }
+            let dev = disks::wait_for_disk(serial, disks::DISK_WAIT)
+                .map_err(|e| err(StartErrorKind::Mount, e.to_string()))?;
+            let plan = mounts::layer_plan(serial, &dev);
+            mounts::apply(&LinuxSyscall, &plan).map_err(|(i, errno)| {
+                err(
+                    StartErrorKind::Mount,
+                    format!(
+                        "layer {serial} ({}): {}: {errno}",
+                        dev.display(),
+                        plan[i].describe()
+                    ),
+                )
+            })?;
+            self.mounted_layers.insert(serial.clone());
+        }
+        Ok(())
+    }
+}
+
+/// A pipe whose both ends are close-on-exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd), StartError> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| err(StartErrorKind::Other, format!("pipe: {e}")))
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    let _ = nix::fcntl::fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+}
+
+/// Sets the window size of a terminal.
+pub fn set_winsize(fd: RawFd, size: TerminalSize) -> Result<(), Errno> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from valid memory.
+    Errno::result(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }).map(drop)
+}
+
+/// Opens a pty in the container's own devpts instance (so the container
+/// sees its terminal in `/dev/pts`): returns (master, slave).
+fn open_pty(pts: &Path, size: TerminalSize) -> Result<(OwnedFd, OwnedFd), Errno> {
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let master = nix::fcntl::open(&pts.join("ptmx"), flags, Mode::empty())?;
+    let mut unlock: libc::c_int = 0;
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCSPTLCK reads an int, TIOCGPTN writes an unsigned int.
+    unsafe {
+        Errno::result(libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCSPTLCK,
+            &mut unlock,
+        ))?;
+        Errno::result(libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n))?;
+    }
+    let slave = nix::fcntl::open(&pts.join(n.to_string()), flags, Mode::empty())?;
+    set_winsize(master.as_raw_fd(), size)?;
+    Ok((master, slave))
+}
+
+/// Reads a container file (resolved inside its root); empty if missing.
+fn read_in_root(root: &Path, path: &str) -> String {
+    resolve_in_root(root, Path::new(path))
+        .and_then(std::fs::read)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString, StartError> {
+    CString::new(s).map_err(|_| {
+        err(
+            StartErrorKind::InvalidSpec,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+/// Resolves user, program and environment in the mounted root, sets up
+/// stdio and clones the container.
+fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartError> {
+    let p = &spec.process;
+    let root = &dirs.rootfs;
+    let user = user::resolve(
+        &p.user,
+        &read_in_root(root, "/etc/passwd"),
+        &read_in_root(root, "/etc/group"),
+    )
+    .map_err(|e| err(StartErrorKind::InvalidSpec, e.to_string()))?;
+    let env = spec::container_env(&p.env, &user.home, p.terminal.is_some());
+    let exe = path_lookup::find_executable(root, path_lookup::path_from_env(&env), &p.args[0])
+        .map_err(|e| err(StartErrorKind::NotFound, e.to_string()))?;
+    let cwd = spec::cwd(&p.cwd)?;
+
+    // Stdio. `keep` holds the child's ends until the clone has been made.
+    let mut keep: Vec<OwnedFd> = Vec::new();
+    let (stdio, stdin, stdout, stderr) = match p.terminal {
+        Some(size) => {
+            let (master, slave) = open_pty(&dirs.pts, size).map_err(|e| {
+                err(
+                    StartErrorKind::Other,
+                    format!("cannot open a terminal: {e}"),
+                )
+            })?;
+            set_nonblocking(&master);
+            let input = nix::unistd::dup(&master)
+                .map_err(|e| err(StartErrorKind::Other, format!("dup: {e}")))?;
+            let _ = nix::fcntl::fcntl(&input, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let stdio = Stdio::Terminal {
+                slave: slave.as_raw_fd(),
+            };
+            keep.push(slave);
+            (stdio, Some(input), master, None)
+        }
+        None => {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let (in_parent, in_child) = if p.stdin {
+                let (r, w) = pipe()?;
+                set_nonblocking(&w);
+                (Some(w), r)
+            } else {
+                let null =
+                    nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+                        .map_err(|e| err(StartErrorKind::Other, format!("/dev/null: {e}")))?;
+                (None, null)
+            };
+            set_nonblocking(&out_r);
+            set_nonblocking(&err_r);
+            let stdio = Stdio::Pipes {
+                stdin: in_child.as_raw_fd(),
+                stdout: out_w.as_raw_fd(),
+                stderr: err_w.as_raw_fd(),
+            };
+            keep.extend([in_child, out_w, err_w]);
+            (stdio, in_parent, out_r, Some(err_r))
+        }
+    };
+    let (error_r, error_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    set_nonblocking(&status_r);
+
+    let mut argv = Vec::new();
+    for a in &p.args {
+        argv.push(cstring("an argument", a)?);
+    }
+    let mut envp = Vec::new();
+    for e in &env {
+        envp.push(cstring("an environment variable", e)?);
+    }
+    let plan = ChildPlan::new(ChildPlanParts {
+        rootfs_ops: mounts::rootfs_plan(dirs),
+        rootfs: root.clone(),
+        hostname: spec.hostname.clone(),
+        cwd_dirs: spec::ancestors(&cwd),
+        cwd,
+        uid: Uid::from_raw(user.uid),
+        gid: Gid::from_raw(user.gid),
+        groups: user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
+        exe: cstring("the program path", &exe)?,
+        argv,
+        envp,
+        stdio,
+        error_fd: error_w.as_raw_fd(),
+        status_fd: status_w.as_raw_fd(),
+    });
+
+    let mut stack = vec![0u8; 256 * 1024];
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    // SAFETY: the agent is single-threaded, so the child (a copy of it, no
+    // CLONE_VM) cannot inherit a lock held by another thread; it only runs
+    // `child_main` on the prepared plan and never returns.
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(|| child::child_main(&plan)),
+            &mut stack,
+            flags,
+            Some(libc::SIGCHLD),
+        )
+    }
+    .map_err(|e| err(StartErrorKind::Other, format!("clone: {e}")))?;
+    drop(keep);
+    drop(error_w);
+    drop(status_w);
+
+    match read_failure(&error_r) {
+        None => Ok(Launched {
+            pid: pid.as_raw(),
+            stdin,
+            stdout,
+            stderr,
+            terminal: p.terminal.is_some(),
+            status: Some(status_r),
+        }),
+        Some(failure) => {
+            // The child exits right after reporting; reap it here so the
+            // event loop never sees it.
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(describe_failure(&failure, &plan, &exe))
+        }
+    }
+}
+
+/// Blocks until the error pipe reports a failure or closes (exec done).
+fn read_failure(fd: &OwnedFd) -> Option<Failure> {
+    let mut buf = [0u8; FAILURE_LEN];
+    let mut got = 0;
+    while got < FAILURE_LEN {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    Failure::decode(&buf[..got])
+}
+
+/// The [`StartError`] for a failure reported by the child.
+fn describe_failure(f: &Failure, plan: &ChildPlan, exe: &str) -> StartError {
+    use StartErrorKind::*;
+    let e = f.errno;
+    match f.step {
+        Step::Exec => match e {
+            Errno::ENOENT => err(NotFound, format!("no such file: {exe}")),
+            Errno::EACCES | Errno::EPERM => err(NotExecutable, format!("permission denied: {exe}")),
+            Errno::ENOEXEC => err(NotExecutable, format!("exec format error: {exe}")),
+            Errno::EISDIR => err(NotExecutable, format!("is a directory: {exe}")),
+            _ => err(Other, format!("cannot execute {exe}: {e}")),
+        },
+        Step::Rootfs => {
+            let what = plan
+                .rootfs_ops
+                .get(f.index as usize)
+                .map_or_else(|| "?".to_string(), Op::describe);
+            err(Other, format!("setting up the container root: {what}: {e}"))
+        }
+        Step::PivotRoot => err(Other, format!("pivot_root into the container: {e}")),
+        Step::Hostname => err(
+            InvalidSpec,
+            format!("cannot set hostname {:?}: {e}", plan.hostname),
+        ),
+        Step::Cwd => err(
+            InvalidSpec,
+            format!("working directory {}: {e}", plan.cwd.display()),
+        ),
+        Step::Groups | Step::Gid | Step::Uid => {
+            err(Other, format!("switching to the container user: {e}"))
+        }
+        Step::Fork | Step::Terminal | Step::Stdio => {
+            err(Other, format!("starting the process ({:?}): {e}", f.step))
+        }
+        Step::Panic => err(Other, "the container child failed unexpectedly"),
+    }
+}
+
+/// The exit status of a container: what its init reported for the main
+/// process, or, if it reported nothing (killed itself), the init's own.
+pub fn exit_status(init: nix::sys::wait::WaitStatus, status_pipe: Option<&OwnedFd>) -> ExitStatus {
+    use nix::sys::wait::WaitStatus;
+    if let Some(fd) = status_pipe {
+        let mut buf = [0u8; 4];
+        if let Ok(4) = nix::unistd::read(fd, &mut buf) {
+            return decode_wait_status(i32::from_ne_bytes(buf));
+        }
+    }
+    match init {
+        WaitStatus::Exited(_, code) => ExitStatus::Code(code),
+        WaitStatus::Signaled(_, sig, core) => ExitStatus::Signaled {
+            signal: sig as i32,
+            core_dumped: core,
+        },
+        _ => ExitStatus::Code(255),
+    }
+}
+
+/// Decodes a raw `waitpid` status.
+pub fn decode_wait_status(status: i32) -> ExitStatus {
+    if libc::WIFSIGNALED(status) {
+        ExitStatus::Signaled {
+            signal: libc::WTERMSIG(status),
+            core_dumped: libc::WCOREDUMP(status),
+        }
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_statuses_decode() {
+        assert_eq!(decode_wait_status(3 << 8), ExitStatus::Code(3));
+        assert_eq!(
+            decode_wait_status(9),
+            ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false
+            }
+        );
+        assert_eq!(
+            decode_wait_status(11 | 0x80),
+            ExitStatus::Signaled {
+                signal: 11,
+                core_dumped: true
+            }
+        );
+    }
+
+    #[test]
+    fn init_report_wins_over_its_own_status() {
+        use nix::sys::wait::WaitStatus;
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, &(9i32).to_ne_bytes()).unwrap();
+        let init = WaitStatus::Exited(Pid::from_raw(5), 0);
+        assert_eq!(
+            exit_status(init, Some(&r)),
+            ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false
+            }
+        );
+        set_nonblocking(&r);
+        let killed =
+            WaitStatus::Signaled(Pid::from_raw(5), nix::sys::signal::Signal::SIGKILL, false);
+        assert_eq!(
+            exit_status(killed, Some(&r)),
+            ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false
+            }
+        );
+        assert_eq!(
+            exit_status(WaitStatus::Exited(Pid::from_raw(5), 127), None),
+            ExitStatus::Code(127)
+        );
+    }
+}
