@@ -1,1 +1,128 @@
-fn main() {}
+//! `podvisor`: the command-line interface. Parses arguments, formats output
+//! and handles the terminal; the work itself is done by the library crates.
+
+mod run;
+mod terminal;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use podvisor_vmm::{Accel, AccelChoice};
+
+/// Exit code for errors of podvisor itself (as `docker run` uses 125).
+const EXIT_PODVISOR_ERROR: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "podvisor",
+    version,
+    about = "Run containers in lightweight per-pod VMs"
+)]
+struct Cli {
+    #[command(flatten)]
+    host: HostArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options about this host, shared by every subcommand.
+#[derive(clap::Args, Debug, Clone)]
+struct HostArgs {
+    /// Image cache directory (may be a shared filesystem).
+    #[arg(
+        long,
+        global = true,
+        env = "PODVISOR_CACHE_DIR",
+        default_value = "/var/lib/podvisor/cache"
+    )]
+    cache_dir: PathBuf,
+    /// Directory for the runtime files of running pods.
+    #[arg(
+        long,
+        global = true,
+        env = "PODVISOR_RUN_DIR",
+        default_value = "/run/podvisor"
+    )]
+    run_dir: PathBuf,
+    /// Accelerator: kvm or tcg (default: kvm if it really works here, else tcg).
+    #[arg(long, global = true, env = "PODVISOR_ACCEL")]
+    accel: Option<Accel>,
+    /// Guest kernel image (default: newest /boot/vmlinuz-*-cloud-amd64).
+    #[arg(long, global = true, env = "PODVISOR_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Guest agent binary (default: next to podvisor, or /usr/local/lib/podvisor).
+    #[arg(long, global = true, env = "PODVISOR_AGENT")]
+    agent: Option<PathBuf>,
+    /// Seconds a pod VM may take to boot to a ready agent (default: 30 with
+    /// KVM, 120 under emulation).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    boot_timeout: Option<u64>,
+    /// Extra guest kernel argument (repeatable), for debugging guests.
+    #[arg(long = "kernel-arg", global = true, value_name = "ARG")]
+    kernel_args: Vec<String>,
+    /// Log level for podvisor's own diagnostics (error, warn, info, debug).
+    #[arg(long, global = true, env = "PODVISOR_LOG", default_value = "warn")]
+    log: String,
+}
+
+impl HostArgs {
+    /// The node configuration these options describe. Tells the user once
+    /// when podvisor falls back to software emulation.
+    fn node_config(&self) -> podvisor_node::NodeConfig {
+        let choice = AccelChoice::resolve(self.accel);
+        if self.accel.is_none() && choice.accel == Accel::Tcg {
+            eprintln!("podvisor: {}", choice.reason);
+        }
+        let mut cfg = podvisor_node::NodeConfig::with_defaults(choice.accel);
+        cfg.cache_dir = self.cache_dir.clone();
+        cfg.run_dir = self.run_dir.clone();
+        cfg.kernel = self.kernel.clone();
+        cfg.agent = self.agent.clone();
+        if let Some(secs) = self.boot_timeout {
+            cfg.boot_timeout = std::time::Duration::from_secs(secs);
+        }
+        cfg.extra_kernel_args = self.kernel_args.clone();
+        cfg
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a command in a new pod VM from an image.
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.host.log))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("podvisor: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_PODVISOR_ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(&cli.host, args).await,
+        }
+    });
+    // A reader blocked on stdin must not hold the process open.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("podvisor: {e:#}");
+            ExitCode::from(EXIT_PODVISOR_ERROR)
+        }
+    }
+}

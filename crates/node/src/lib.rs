@@ -1,1 +1,55 @@
-//! placeholder
+//! The host side of podvisor: runs a pod as a VM and drives its agent.
+//!
+//! [`pod::run`] takes a pod request (image, resources, overrides), imports
+//! the image into layer disks ([`podvisor_image`]), prepares the guest boot
+//! artifacts ([`podvisor_guest`]), launches the VM through the hypervisor
+//! trait ([`podvisor_vmm`]), and then talks to the agent over
+//! [`agent_link`]: it starts the container, relays stdio, signals and
+//! terminal resizes, and reports how the container ended, with the time of
+//! each stage. Terminal handling and output formatting belong to the CLI.
+
+pub mod agent_link;
+pub mod config;
+pub mod container;
+pub mod pod;
+pub mod timings;
+
+pub use config::NodeConfig;
+pub use container::ContainerOverrides;
+pub use pod::{Control, Outcome, PodIo, PodRequest, RunReport, run};
+pub use timings::Timings;
+
+use std::time::Duration;
+
+/// Errors of running a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Image(#[from] podvisor_image::ImageError),
+    #[error(transparent)]
+    Guest(#[from] podvisor_guest::GuestError),
+    #[error(transparent)]
+    Vmm(#[from] podvisor_vmm::VmmError),
+    #[error(transparent)]
+    Spec(#[from] container::ContainerSpecError),
+    #[error("the pod VM did not become ready within {timeout:?}; console tail:\n{console_tail}")]
+    BootTimeout {
+        timeout: Duration,
+        console_tail: String,
+    },
+    #[error("the pod VM exited unexpectedly ({exit:?}); console tail:\n{console_tail}")]
+    VmDied {
+        exit: podvisor_vmm::VmExit,
+        console_tail: String,
+    },
+    #[error("the guest broke the agent protocol, so its VM was killed: {0}")]
+    HostileGuest(agent_link::AgentLinkError),
+    #[error("agent channel: {0}")]
+    Link(agent_link::AgentLinkError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

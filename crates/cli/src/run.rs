@@ -1,0 +1,178 @@
+//! `podvisor run`: a command in a new pod VM, with docker's feel.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use podvisor_node::{ContainerOverrides, Outcome, PodIo, PodRequest};
+use tokio::sync::mpsc;
+
+use crate::HostArgs;
+use crate::terminal;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Number of virtual CPUs of the pod VM.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory of the pod VM, with a unit: 256M, 1G.
+    #[arg(long, short = 'm', default_value = "256M", value_parser = parse_memory_mib)]
+    memory: u64,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Keep stdin open and forward it to the container.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Give the container a terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Working directory inside the container.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// User inside the container: name, uid, name:group or uid:gid.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Pod name, also the container's hostname.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the time of each stage to stderr when done.
+    #[arg(long)]
+    timings: bool,
+    /// The image: an OCI layout directory or an image archive (docker save,
+    /// oci-archive), optionally followed by `:REF` to pick one of several.
+    image: String,
+    /// Command and arguments, replacing the image's Cmd.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Parses a memory size with a unit (K, M, G; optional trailing B/iB) into MiB.
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, unit) = stripped.split_at(stripped.len().saturating_sub(1));
+    let mib = match unit {
+        "k" => num.parse::<u64>().map(|n| n / 1024),
+        "m" => num.parse::<u64>(),
+        "g" => num.parse::<u64>().map(|n| n * 1024),
+        _ => return Err(format!("memory {t:?} needs a unit, e.g. 256M or 1G")),
+    }
+    .map_err(|_| format!("invalid memory size {t:?}"))?;
+    if mib < 64 {
+        return Err(format!("memory {t:?} is below the minimum of 64M"));
+    }
+    Ok(mib)
+}
+
+/// Splits `IMAGE[:REF]` where IMAGE is a path that exists. A path that
+/// itself contains `:` is taken whole if it exists.
+fn image_source(arg: &str) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let whole = PathBuf::from(arg);
+    if whole.exists() {
+        return Ok((whole, None));
+    }
+    if let Some((path, sel)) = arg.split_once(':') {
+        let p = PathBuf::from(path);
+        if p.exists() {
+            return Ok((p, Some(sel.to_string())));
+        }
+    }
+    bail!(
+        "image {arg:?} not found: give an OCI layout directory or an image archive (registry pulls are not supported yet)"
+    )
+}
+
+pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
+    let (image, image_select) = image_source(&args.image)?;
+    let stdin_is_tty = terminal::is_terminal(std::io::stdin().as_fd());
+    if args.tty && !stdin_is_tty {
+        bail!("the input device is not a TTY: drop -t, or run from a terminal");
+    }
+    let env = args
+        .env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some(_) => e.clone(),
+            None => format!("{e}={}", std::env::var(e).unwrap_or_default()),
+        })
+        .collect();
+    let terminal_size = if args.tty {
+        Some(terminal::size().unwrap_or(podvisor_proto::TerminalSize { rows: 24, cols: 80 }))
+    } else {
+        None
+    };
+    let overrides = ContainerOverrides {
+        entrypoint: args
+            .entrypoint
+            .map(|e| if e.is_empty() { vec![] } else { vec![e] }),
+        cmd: (!args.command.is_empty()).then_some(args.command),
+        env,
+        workdir: args.workdir,
+        user: args.user,
+        terminal: terminal_size,
+        stdin: args.interactive,
+    };
+    let request = PodRequest {
+        name: args.name,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        image,
+        image_select,
+        overrides,
+    };
+    let cfg = host.node_config();
+
+    let (control_tx, control_rx) = mpsc::channel(16);
+    terminal::forward_events(args.tty, control_tx).context("install signal handlers")?;
+    let io = PodIo {
+        stdout: Box::new(tokio::io::stdout()),
+        stderr: Box::new(tokio::io::stderr()),
+        stdin: args
+            .interactive
+            .then(|| Box::new(tokio::io::stdin()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        control: control_rx,
+    };
+    let raw = if args.tty {
+        Some(terminal::RawMode::enable().context("put the terminal in raw mode")?)
+    } else {
+        None
+    };
+    let report = podvisor_node::run(&cfg, request, io).await;
+    drop(raw);
+    let report = report?;
+    if let Outcome::StartFailed(err) = &report.outcome {
+        eprintln!("podvisor: cannot start the container: {err}");
+    }
+    if args.timings {
+        eprint!("{}", report.timings.render());
+    }
+    Ok(report.exit_code().clamp(0, 255) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_mib("256M"), Ok(256));
+        assert_eq!(parse_memory_mib("1g"), Ok(1024));
+        assert_eq!(parse_memory_mib("2GiB"), Ok(2048));
+        assert_eq!(parse_memory_mib("131072k"), Ok(128));
+        assert!(
+            parse_memory_mib("256")
+                .unwrap_err()
+                .contains("needs a unit")
+        );
+        assert!(parse_memory_mib("32M").unwrap_err().contains("minimum"));
+        assert!(parse_memory_mib("xM").unwrap_err().contains("invalid"));
+    }
+}

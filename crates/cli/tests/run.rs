@@ -1,0 +1,385 @@
+//! `podvisor run` end to end: real QEMU VMs (TCG here, KVM where it works),
+//! the real guest kernel and agent, images built by the tests.
+//!
+//! Tests named `vm_*` boot VMs; nextest runs at most two at a time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use podvisor_testbed::cli::{CmdOutput, PodvisorCommand, TestDir};
+use podvisor_testbed::oci::{Entry, ImageBuilder, blob_path, truncate_file};
+
+fn podvisor(t: &TestDir) -> PodvisorCommand {
+    t.podvisor(env!("CARGO_BIN_EXE_podvisor"))
+        .timeout(Duration::from_secs(240))
+}
+
+/// The agent the tests boot (see scripts/test.sh), found as podvisor finds it.
+fn agent() -> PathBuf {
+    podvisor_guest::find_agent().expect("build the static agent first: scripts/test.sh does")
+}
+
+/// The misbehaving agent built from the agent crate's `hostile-agent` example.
+fn hostile_agent() -> PathBuf {
+    let p = agent().parent().unwrap().join("examples/hostile-agent");
+    assert!(
+        p.exists(),
+        "{} missing: build it with scripts/test.sh",
+        p.display()
+    );
+    p
+}
+
+/// A busybox image with a config that sets every runtime field.
+fn configured_image(dir: &Path) -> PathBuf {
+    let path = dir.join("app.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .entrypoint(&["sh", "-c"])
+        .cmd(&["echo \"$GREETING from $(pwd) as $(id -u):$(id -g)\"; echo to-stderr >&2; exit 3"])
+        .env("GREETING=hello")
+        .workdir("/srv/app")
+        .user("app")
+        .write_oci_archive(&path)
+        .unwrap();
+    path
+}
+
+fn busybox_image(dir: &Path) -> PathBuf {
+    let path = dir.join("busybox.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .cmd(&["sh"])
+        .write_oci_archive(&path)
+        .unwrap();
+    path
+}
+
+/// After a run, nothing of the pod may remain: no runtime files, no QEMU.
+fn assert_pod_cleaned_up(t: &TestDir) {
+    let pods = t.run_dir().join("pods");
+    let left: Vec<_> = std::fs::read_dir(&pods)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pod files left behind: {left:?}");
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", &t.run_dir().to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "QEMU processes left behind: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+fn assert_code(out: &CmdOutput, code: i32) {
+    assert_eq!(
+        out.code,
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn vm_image_config_output_and_exit_code() {
+    let t = TestDir::new();
+    let image = configured_image(t.path());
+    let out = podvisor(&t).args(["run"]).arg(&image).output();
+    assert_code(&out, 3);
+    assert_eq!(out.stdout, "hello from /srv/app as 1000:1000\n");
+    assert!(out.stderr.contains("to-stderr\n"), "{}", out.stderr);
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_cli_overrides_env_workdir_user_and_stdin() {
+    let t = TestDir::new();
+    let image = configured_image(t.path());
+    let out = podvisor(&t)
+        .args([
+            "run",
+            "-i",
+            "-e",
+            "GREETING=hi",
+            "-e",
+            "EXTRA=x y",
+            "-w",
+            "/tmp/new",
+            "-u",
+            "0:50",
+        ])
+        .arg(&image)
+        .args([
+            "--",
+            "echo \"$GREETING $EXTRA from $(pwd) as $(id -u):$(id -g)\"; wc -l; exit 0",
+        ])
+        .stdin("one\ntwo\nthree\n")
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "hi x y from /tmp/new as 0:50\n3\n");
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_whiteouts_and_opaque_directories() {
+    let t = TestDir::new();
+    let image = t.path().join("layered.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .layer(vec![
+            Entry::file("data/keep", "k", 0o644),
+            Entry::file("data/gone", "g", 0o644),
+            Entry::file("opq/old", "o", 0o644),
+        ])
+        .layer(vec![
+            Entry::whiteout("data/gone"),
+            Entry::opaque("opq"),
+            Entry::file("opq/new", "n", 0o644),
+        ])
+        .write_oci_archive(&image)
+        .unwrap();
+    let out = podvisor(&t)
+        .arg("run")
+        .arg(&image)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "ls /data; ls /opq; test -e /data/gone || echo gone-is-absent",
+        ])
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "keep\nnew\ngone-is-absent\n");
+    assert_eq!(t.layer_disks().len(), 3, "one disk per layer");
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_signal_death_is_reported() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    let out = podvisor(&t)
+        .arg("run")
+        .arg(&image)
+        .args(["--", "sh", "-c", "echo before; kill -9 $$; echo after"])
+        .output();
+    assert_code(&out, 128 + 9);
+    assert_eq!(out.stdout, "before\n");
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_missing_command_is_a_clear_error() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    let out = podvisor(&t)
+        .arg("run")
+        .arg(&image)
+        .args(["--", "no-such-command", "arg"])
+        .output();
+    assert_code(&out, 127);
+    assert!(
+        out.stderr
+            .contains("executable file not found in $PATH: no-such-command"),
+        "{}",
+        out.stderr
+    );
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_sigterm_to_podvisor_reaches_the_container() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("--cache-dir")
+        .arg(t.cache_dir())
+        .arg("--run-dir")
+        .arg(t.run_dir())
+        .arg("run")
+        .arg(&image)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(7));
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn vm_garbage_from_the_guest_kills_only_that_vm() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    for mode in ["garbage", "oversized", "bogus"] {
+        let out = podvisor(&t)
+            .arg("--agent")
+            .arg(hostile_agent())
+            .arg(format!("--kernel-arg=podvisor.hostile={mode}"))
+            .arg("run")
+            .arg(&image)
+            .args(["--", "true"])
+            .output();
+        assert_code(&out, 125);
+        assert!(
+            out.stderr.contains("the guest broke the agent protocol"),
+            "{mode}: {}",
+            out.stderr
+        );
+        let expected = match mode {
+            "garbage" => "bad frame magic",
+            "oversized" => "exceeds the limit",
+            _ => "expected Ready",
+        };
+        assert!(out.stderr.contains(expected), "{mode}: {}", out.stderr);
+        // Guest text never reaches the terminal raw.
+        assert!(
+            !out.stderr.contains('\x1b'),
+            "{mode}: escape sequence passed through"
+        );
+        assert_pod_cleaned_up(&t);
+    }
+    // The host is fine: the real agent still runs containers.
+    let out = podvisor(&t)
+        .arg("run")
+        .arg(&image)
+        .args(["--", "echo", "ok"])
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "ok\n");
+}
+
+#[test]
+fn vm_boot_timeout_shows_the_console() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    // busybox as /init boots, but never speaks the agent protocol.
+    let out = podvisor(&t)
+        .args([
+            "--agent",
+            "/bin/busybox",
+            "--boot-timeout",
+            "15",
+            "--kernel-arg=loglevel=7",
+        ])
+        .arg("run")
+        .arg(&image)
+        .args(["--", "true"])
+        .output();
+    assert_code(&out, 125);
+    assert!(
+        out.stderr.contains("did not become ready within 15s"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("console tail:"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Run /init as init process"),
+        "console tail should show the kernel starting init: {}",
+        out.stderr
+    );
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn bad_images_give_clear_errors_and_leave_the_cache_empty() {
+    let t = TestDir::new();
+    let base = || ImageBuilder::new().busybox_layer();
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        {
+            let p = t.path().join("digest.tar");
+            base().wrong_layer_digest(0).write_oci_archive(&p).unwrap();
+            ("digest mismatch", p, "digest")
+        },
+        {
+            let p = t.path().join("dotdot.tar");
+            base()
+                .layer(vec![Entry::raw_file("../../evil", b"x")])
+                .write_oci_archive(&p)
+                .unwrap();
+            ("../ entry", p, "../../evil")
+        },
+        {
+            let p = t.path().join("symlink.tar");
+            base()
+                .layer(vec![
+                    Entry::raw_symlink("etc-link", "/etc"),
+                    Entry::raw_file("etc-link/passwd", b"x"),
+                ])
+                .write_oci_archive(&p)
+                .unwrap();
+            ("write through absolute symlink", p, "etc-link")
+        },
+        {
+            let dir = t.path().join("truncated");
+            let built = base().write_layout(&dir).unwrap();
+            let blob = blob_path(&dir, &built.layer_digests[0]);
+            let len = std::fs::metadata(&blob).unwrap().len();
+            truncate_file(&blob, len / 2).unwrap();
+            ("truncated layer", dir, "is truncated")
+        },
+        {
+            let p = t.path().join("cut.tar");
+            base().write_oci_archive(&p).unwrap();
+            let len = std::fs::metadata(&p).unwrap().len();
+            truncate_file(&p, len / 3).unwrap();
+            ("truncated archive", p, "cut.tar")
+        },
+    ];
+    for (what, path, needle) in cases {
+        let out = podvisor(&t)
+            .arg("run")
+            .arg(&path)
+            .args(["--", "true"])
+            .output();
+        assert_code(&out, 125);
+        assert!(
+            out.stderr.contains(needle),
+            "{what}: error should name {needle:?}: {}",
+            out.stderr
+        );
+        assert!(
+            t.layer_disks().is_empty(),
+            "{what}: cache holds {:?}",
+            t.layer_disks()
+        );
+        let hidden: Vec<_> = t
+            .layers_dir_entries()
+            .into_iter()
+            .filter(|n| n.starts_with(".tmp"))
+            .collect();
+        assert!(hidden.is_empty(), "{what}: temp dirs left: {hidden:?}");
+    }
+}
+
+#[test]
+fn missing_image_and_bad_flags_are_named() {
+    let t = TestDir::new();
+    let out = podvisor(&t).args(["run", "/no/such/image.tar"]).output();
+    assert_code(&out, 125);
+    assert!(out.stderr.contains("/no/such/image.tar"), "{}", out.stderr);
+    let out = podvisor(&t).args(["run", "--memory", "256", "x"]).output();
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("needs a unit"), "{}", out.stderr);
+}

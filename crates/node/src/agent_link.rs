@@ -1,0 +1,139 @@
+//! The host end of the agent channel: framed [`podvisor_proto`] messages over
+//! the unix socket QEMU exposes for the agent's virtio-serial port.
+//!
+//! Everything read here comes from the guest, which is untrusted: a frame
+//! that does not decode is an [`AgentLinkError::Protocol`], and the caller
+//! kills the VM.
+
+use std::path::Path;
+
+use podvisor_proto::{FrameDecoder, GuestMessage, HostMessage, ProtoError, encode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Errors on the agent channel.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentLinkError {
+    #[error("cannot connect to the agent socket {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent channel I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the guest sent an invalid message: {0}")]
+    Protocol(#[from] ProtoError),
+    #[error("the agent channel closed")]
+    Closed,
+    #[error("unexpected message from the guest: {0}")]
+    Unexpected(String),
+}
+
+/// Sending half of the agent channel.
+pub struct AgentSender {
+    writer: OwnedWriteHalf,
+}
+
+/// Receiving half of the agent channel.
+pub struct AgentReceiver {
+    reader: OwnedReadHalf,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+/// Connects to the agent socket of a VM.
+pub async fn connect(socket: &Path) -> Result<(AgentSender, AgentReceiver), AgentLinkError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| AgentLinkError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let (r, w) = stream.into_split();
+    Ok((
+        AgentSender { writer: w },
+        AgentReceiver {
+            reader: r,
+            decoder: FrameDecoder::new(),
+            buf: vec![0; 64 * 1024],
+        },
+    ))
+}
+
+impl AgentSender {
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &HostMessage) -> Result<(), AgentLinkError> {
+        let frame = encode(msg)?;
+        self.writer.write_all(&frame).await?;
+        Ok(())
+    }
+}
+
+impl AgentReceiver {
+    /// Receives the next message. Cancel-safe: bytes read stay buffered.
+    pub async fn recv(&mut self) -> Result<GuestMessage, AgentLinkError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message::<GuestMessage>()? {
+                return Ok(msg);
+            }
+            let n = self.reader.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(AgentLinkError::Closed);
+            }
+            self.decoder.push(&self.buf[..n]);
+        }
+    }
+}
+
+/// Makes text from the guest safe to print on the user's terminal: control
+/// characters (escape sequences) are replaced, and length is bounded.
+pub fn sanitize_guest_text(text: &str) -> String {
+    const MAX: usize = 4096;
+    let mut out: String = text
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '�'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if text.chars().count() > MAX {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_from_the_guest_are_neutralised() {
+        assert_eq!(sanitize_guest_text("ok\x1b[2Jx\n"), "ok�[2Jx\n");
+        assert_eq!(sanitize_guest_text(&"a".repeat(5000)).chars().count(), 4097);
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_guest_is_a_protocol_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"\x00\x01garbage garbage").await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        });
+        let (_tx, mut rx) = connect(&path).await.unwrap();
+        let err = rx.recv().await.unwrap_err();
+        assert!(
+            matches!(err, AgentLinkError::Protocol(ProtoError::BadMagic(_))),
+            "{err}"
+        );
+    }
+}

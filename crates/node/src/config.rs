@@ -1,0 +1,62 @@
+//! Host configuration: where caches and runtime files live, how VMs start.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use podvisor_vmm::Accel;
+
+/// Settings of this host, shared by every pod it runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The image cache (layer disks, guest artifacts).
+    pub cache_dir: PathBuf,
+    /// Runtime files of running pods (sockets, console logs).
+    pub run_dir: PathBuf,
+    /// Hypervisor backend name.
+    pub hypervisor: String,
+    /// Accelerator for pod VMs.
+    pub accel: Accel,
+    /// Guest kernel; `None` picks the newest cloud kernel in /boot.
+    pub kernel: Option<PathBuf>,
+    /// Guest agent binary; `None` searches the usual places.
+    pub agent: Option<PathBuf>,
+    /// How long a VM may take from start to a ready agent.
+    pub boot_timeout: Duration,
+    /// Grace period between SIGTERM and SIGKILL when stopping containers.
+    pub stop_grace: Duration,
+    /// Extra guest kernel arguments, appended to podvisor's own.
+    pub extra_kernel_args: Vec<String>,
+}
+
+/// Default cache directory.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/podvisor/cache";
+/// Default runtime directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/podvisor";
+
+impl NodeConfig {
+    /// Defaults for `accel`, with directories from `PODVISOR_CACHE_DIR` and
+    /// `PODVISOR_RUN_DIR` when set.
+    pub fn with_defaults(accel: Accel) -> Self {
+        let env_dir = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        Self {
+            cache_dir: env_dir("PODVISOR_CACHE_DIR", DEFAULT_CACHE_DIR),
+            run_dir: env_dir("PODVISOR_RUN_DIR", DEFAULT_RUN_DIR),
+            hypervisor: "qemu".into(),
+            accel,
+            kernel: None,
+            agent: None,
+            // Emulated boots take seconds and slow down under load; KVM
+            // boots take well under one.
+            boot_timeout: match accel {
+                Accel::Kvm => Duration::from_secs(30),
+                Accel::Tcg => Duration::from_secs(120),
+            },
+            stop_grace: Duration::from_secs(10),
+            extra_kernel_args: vec![],
+        }
+    }
+}
