@@ -12,11 +12,13 @@ pub mod agent_link;
 pub mod config;
 pub mod container;
 pub mod pod;
+pub mod pod_vm;
 pub mod timings;
 
 pub use config::NodeConfig;
 pub use container::ContainerOverrides;
 pub use pod::{Control, Outcome, PodIo, PodRequest, RunReport, run};
+pub use pod_vm::{PodVm, PodVmSpec};
 pub use timings::Timings;
 
 use std::time::Duration;

@@ -142,6 +142,9 @@ pub trait Vm: Send {
 
     /// Kills the VMM process at once and reaps it.
     async fn kill(&mut self) -> Result<VmExit, VmmError>;
+
+    /// Sends the VMM process SIGKILL without waiting (for `Drop` paths).
+    fn start_kill(&mut self);
 }
 
 /// Picks the backend by name (`qemu` is the only one so far).

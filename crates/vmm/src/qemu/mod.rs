@@ -247,4 +247,8 @@ impl Vm for QemuVm {
         let _ = self.child.start_kill();
         self.wait().await
     }
+
+    fn start_kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }

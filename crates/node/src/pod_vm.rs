@@ -1,0 +1,280 @@
+//! A pod VM with a ready agent: the unit that `podvisor run`, VM templates
+//! and the host daemon build on.
+//!
+//! [`PodVm::boot`] launches a VM through the hypervisor trait and waits for
+//! the agent's `Ready`; afterwards callers send [`HostMessage`]s and take
+//! [`GuestMessage`]s from [`PodVm::next_event`], which also notices a VM
+//! that died and a guest that broke the protocol (that VM is killed). The
+//! pod's runtime directory is removed when the `PodVm` is dropped, after the
+//! VM is gone.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podvisor_guest::GuestArtifacts;
+use podvisor_proto::{AgentInfo, GuestMessage, HostMessage};
+use podvisor_vmm::{DiskSpec, Vm, VmExit, VmSpec};
+
+use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, sanitize_guest_text};
+use crate::{NodeConfig, NodeError};
+
+/// Kernel command line of every pod VM. The i8042 options skip probing for
+/// a PS/2 controller the VM does not have (seconds under emulation).
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t \
+    i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests";
+
+/// What a pod VM is made of.
+#[derive(Debug, Clone)]
+pub struct PodVmSpec {
+    /// Pod id: names the runtime directory and the QEMU process.
+    pub id: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Kernel and initramfs.
+    pub guest: GuestArtifacts,
+    /// Disks attached at boot (layer disks, read-only).
+    pub disks: Vec<DiskSpec>,
+    /// Kill the VM when the process that started it dies (`podvisor run`).
+    pub die_with_parent: bool,
+}
+
+/// A booted pod VM whose agent said `Ready`.
+pub struct PodVm {
+    pub id: String,
+    /// What the agent reported when ready.
+    pub agent: AgentInfo,
+    /// When the VMM process was started.
+    pub launched_at: Instant,
+    /// When the agent said `Ready`.
+    pub ready_at: Instant,
+    vm: Box<dyn Vm>,
+    tx: AgentSender,
+    rx: AgentReceiver,
+    // Declared last: dropped after the VM handle.
+    dir: PodDir,
+}
+
+impl PodVm {
+    /// Starts a VM and waits until its agent is ready, or the boot timeout.
+    pub async fn boot(cfg: &NodeConfig, spec: PodVmSpec) -> Result<PodVm, NodeError> {
+        let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
+        let vm_spec = VmSpec {
+            name: format!("podvisor-{}", spec.id),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.guest.kernel.clone(),
+            initramfs: spec.guest.initramfs.clone(),
+            kernel_cmdline: kernel_cmdline(&cfg.extra_kernel_args),
+            disks: spec.disks,
+            run_dir: dir.path.clone(),
+            accel: cfg.accel,
+            die_with_parent: spec.die_with_parent,
+        };
+        let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
+        let launched_at = Instant::now();
+        let mut vm = hypervisor.launch(&vm_spec).await?;
+        let (tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
+            Ok(link) => link,
+            Err(e) => {
+                let _ = vm.kill().await;
+                return Err(NodeError::Link(e));
+            }
+        };
+        let ready = tokio::select! {
+            msg = rx.recv() => match msg {
+                Ok(GuestMessage::Ready(info)) => Ok(info),
+                Ok(other) => Err(hostile(vm.as_mut(), format!("expected Ready, got {other:?}")).await),
+                Err(e) => Err(link_failure(vm.as_mut(), e).await),
+            },
+            exit = vm.wait() => Err(died(vm.as_ref(), exit)),
+            _ = tokio::time::sleep(cfg.boot_timeout) => Err(NodeError::BootTimeout {
+                timeout: cfg.boot_timeout,
+                console_tail: vm.console_tail(3000),
+            }),
+        };
+        let agent = match ready {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = vm.kill().await;
+                return Err(e);
+            }
+        };
+        tracing::debug!(pod = %spec.id, agent = %agent.agent_version, "agent ready");
+        Ok(PodVm {
+            id: spec.id,
+            agent,
+            launched_at,
+            ready_at: Instant::now(),
+            vm,
+            tx,
+            rx,
+            dir,
+        })
+    }
+
+    /// The pod's runtime directory (sockets, console log).
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// Process id of the VMM process.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// The last bytes of the guest console.
+    pub fn console_tail(&self, max_bytes: usize) -> String {
+        self.vm.console_tail(max_bytes)
+    }
+
+    /// Sends a message to the agent.
+    pub async fn send(&mut self, msg: &HostMessage) -> Result<(), NodeError> {
+        match self.tx.send(msg).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(link_failure(self.vm.as_mut(), e).await),
+        }
+    }
+
+    /// The next message from the agent. Cancel-safe, so it can sit in a
+    /// `select!`. A VM that died, or a guest that sent something malformed
+    /// (its VM is then killed), is an error.
+    pub async fn next_event(&mut self) -> Result<GuestMessage, NodeError> {
+        tokio::select! {
+            msg = self.rx.recv() => match msg {
+                Ok(GuestMessage::Ready(_)) => Err(hostile(self.vm.as_mut(), "a second Ready".into()).await),
+                Ok(m) => Ok(m),
+                Err(e) => Err(link_failure(self.vm.as_mut(), e).await),
+            },
+            exit = self.vm.wait() => Err(died(self.vm.as_ref(), exit)),
+        }
+    }
+
+    /// Reports a message that makes no sense in the caller's state as a
+    /// protocol violation, killing the VM.
+    pub async fn reject(&mut self, what: String) -> NodeError {
+        hostile(self.vm.as_mut(), what).await
+    }
+
+    /// Asks the agent to stop everything and power off; kills the VM if it
+    /// has not exited within `grace` plus a few seconds. Removes the pod's
+    /// files.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let msg = HostMessage::Shutdown {
+            grace_ms: grace.as_millis() as u64,
+        };
+        if self.tx.send(&msg).await.is_ok() {
+            let vm = &mut self.vm;
+            let rx = &mut self.rx;
+            let wait = async {
+                loop {
+                    tokio::select! {
+                        _ = vm.wait() => return,
+                        // Keep draining so the agent never blocks on a write.
+                        msg = rx.recv() => if msg.is_err() {
+                            let _ = vm.wait().await;
+                            return;
+                        },
+                    }
+                }
+            };
+            if tokio::time::timeout(grace + Duration::from_secs(10), wait)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tracing::warn!(pod = %self.id, "the VM did not power off in time; killing it");
+        }
+        let _ = self.vm.kill().await;
+    }
+
+    /// Kills the VM at once.
+    pub async fn kill(mut self) {
+        let _ = self.vm.kill().await;
+    }
+}
+
+impl Drop for PodVm {
+    fn drop(&mut self) {
+        // Never leave a VM behind a dropped handle.
+        if !matches!(self.vm.try_wait(), Ok(Some(_))) {
+            self.vm.start_kill();
+        }
+    }
+}
+
+/// podvisor's kernel command line with the user's extra arguments.
+pub fn kernel_cmdline(extra: &[String]) -> String {
+    let mut line = KERNEL_CMDLINE.to_string();
+    for arg in extra {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    line
+}
+
+fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> NodeError {
+    match exit {
+        Ok(exit) => NodeError::VmDied {
+            exit,
+            console_tail: vm.console_tail(3000),
+        },
+        Err(e) => e.into(),
+    }
+}
+
+async fn hostile(vm: &mut dyn Vm, what: String) -> NodeError {
+    let _ = vm.kill().await;
+    NodeError::HostileGuest(AgentLinkError::Unexpected(sanitize_guest_text(&what)))
+}
+
+/// The channel failed: a protocol error is the guest's fault (kill it); a
+/// closed channel usually means the VM died, which is reported as such.
+async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> NodeError {
+    match e {
+        AgentLinkError::Protocol(_) => {
+            let _ = vm.kill().await;
+            NodeError::HostileGuest(e)
+        }
+        other => match tokio::time::timeout(Duration::from_secs(5), vm.wait()).await {
+            Ok(exit) => died(vm, exit),
+            Err(_) => {
+                let _ = vm.kill().await;
+                NodeError::Link(other)
+            }
+        },
+    }
+}
+
+/// A pod's runtime directory, removed with everything in it when dropped.
+struct PodDir {
+    path: PathBuf,
+}
+
+impl PodDir {
+    fn create(path: &Path) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(path).map_err(|source| NodeError::Io {
+            what: format!("create pod directory {}", path.display()),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for PodDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A new random pod id: 12 hex digits, like a short container id.
+pub fn new_pod_id() -> String {
+    let mut bytes = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
