@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd ca-certificates)
+packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates)
 if [ "$want_test" = 1 ]; then
     packages+=(docker-registry etcd-server etcd-client apache2-utils cpio)
 fi
