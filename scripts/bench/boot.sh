@@ -32,7 +32,7 @@ chmod +x "$work/bare/init"
 (cd "$work/bare" && find . | cpio -o -H newc --quiet) >"$work/bare.cpio"
 kernel=$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -n 1)
 # Keep in step with KERNEL_CMDLINE in crates/node/src/pod_vm.rs.
-cmdline="console=ttyS0 quiet panic=-1 reboot=t i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests"
+cmdline="console=ttyS0 quiet panic=-1 reboot=t acpi=noirq i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests"
 
 bare() {
     qemu-system-x86_64 -nodefaults -no-user-config -no-reboot -display none \
@@ -70,7 +70,8 @@ echo "| what | median (min-max) |"
 echo "|---|---|"
 echo "| bare QEMU boot to power-off (baseline) | $(stat "$work/bare.txt") |"
 echo "| \`podvisor run\` total, process start to exit | $(stat "$work/pod.txt") |"
-for s in "prepare (image, guest artifacts)" "QEMU start -> kernel" "kernel -> agent ready" \
+for s in "prepare (image, guest artifacts)" "QEMU start -> kernel" "kernel -> agent started" \
+         "agent: load modules" "agent: modules -> ready" \
          "agent ready -> container started" "container run" "exit -> VM gone"; do
     echo "| stage: $s | $(stage "$s") |"
 done

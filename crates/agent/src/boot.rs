@@ -144,15 +144,21 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// What the agent reports in `Ready`.
-pub fn agent_info(kernel_release: String) -> AgentInfo {
-    let boottime_ms = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+/// Guest uptime (CLOCK_BOOTTIME) in milliseconds.
+pub fn uptime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// What the agent reports in `Ready`; `boot_steps` are the uptimes at the
+/// end of each boot step, for the host's stage breakdown.
+pub fn agent_info(kernel_release: String, boot_steps: Vec<(String, u64)>) -> AgentInfo {
     AgentInfo {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_release,
-        boottime_ms,
+        boottime_ms: uptime_ms(),
+        boot_steps,
     }
 }
 

@@ -59,11 +59,13 @@ pub enum AgentError {
 /// powers off afterwards (also on error).
 pub fn run() -> Result<(), AgentError> {
     let sys = syscall::LinuxSyscall;
+    let mut steps = vec![("init".to_string(), boot::uptime_ms())];
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     boot::mount_basics(&sys)?;
     boot::ensure_console();
     let release = boot::kernel_release();
     boot::load_modules(&sys, &release);
+    steps.push(("modules".to_string(), boot::uptime_ms()));
     boot::switch_root(&sys)?;
     // SAFETY: single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PATH", path_lookup::DEFAULT_PATH) };
@@ -75,8 +77,9 @@ pub fn run() -> Result<(), AgentError> {
         .map_err(AgentError::Signal)?;
 
     let fd = port::open_agent_port(port::PORT_WAIT)?;
+    steps.push(("port".to_string(), boot::uptime_ms()));
     let mut port = port::Port::new(fd);
-    let info = boot::agent_info(release);
+    let info = boot::agent_info(release, steps);
     let mut agent = agent::Agent::new(process::LinuxLauncher::default());
     event_loop::run(&mut port, &sigchld, &mut agent, &info)?;
     Ok(())

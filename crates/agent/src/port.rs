@@ -286,6 +286,7 @@ mod tests {
             agent_version: "1".into(),
             kernel_release: "k".into(),
             boottime_ms: 5,
+            boot_steps: vec![],
         });
         port.send(&msg);
         assert!(port.flush());

@@ -137,7 +137,10 @@ fn vm_interactive_shell_with_resize_and_ctrl_c() {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "podvisor did not exit");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "podvisor did not exit"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(5), "screen:\n{}", screen.text());

@@ -115,10 +115,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     timings.prepare = t0.elapsed();
 
     let mut pod = PodVm::boot(cfg, spec).await?;
-    let since_launch = pod.ready_at - pod.launched_at;
-    let guest_uptime = std::time::Duration::from_millis(pod.agent.boottime_ms);
-    timings.kernel_to_agent = guest_uptime.min(since_launch);
-    timings.vmm_to_kernel = since_launch.saturating_sub(guest_uptime);
+    timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);
 
     let result = attach(cfg, &mut pod, container, io, &mut timings).await;
     let ended_at = Instant::now();

@@ -55,6 +55,9 @@ pub struct AgentInfo {
     /// Milliseconds from kernel start (CLOCK_BOOTTIME) to the agent being
     /// ready, for the boot-stage breakdown.
     pub boottime_ms: u64,
+    /// Guest uptime in milliseconds at the end of each boot step of the
+    /// agent (`init` = the agent started, `modules`, `port`), in order.
+    pub boot_steps: Vec<(String, u64)>,
 }
 
 /// Everything the agent needs to start one container.
