@@ -1,0 +1,512 @@
+//! [`Client`]: the REST client of the podvisor API, used by the CLI and by
+//! host daemons. Plain HTTP or HTTPS (rustls), bearer token.
+
+mod exec;
+mod feed;
+mod watch;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession};
+pub use feed::PodFeedEvent;
+pub use watch::{PodEvent, PodWatch};
+
+use crate::host::{Host, HostList};
+use crate::image::ImageList;
+use crate::pod::{Pod, PodList, PodStatus};
+use crate::status::Status;
+
+/// How long a plain (non-streaming) request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server URL given is not usable.
+    #[error("invalid server URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// The server could not be reached or the connection broke.
+    #[error("{method} {url}: {source}")]
+    Http {
+        method: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error.
+    #[error("{method} {url}: the server said {} {}: {}", .status.code, .status.reason, .status.message)]
+    Api {
+        method: &'static str,
+        url: String,
+        status: Status,
+    },
+    /// The server's answer could not be read.
+    #[error("{url}: unexpected answer from the server: {reason}")]
+    Decode { url: String, reason: String },
+    /// A watch asked for history the server no longer keeps (HTTP 410):
+    /// list again and watch from the listed revision.
+    #[error("{url}: {message}")]
+    Gone { url: String, message: String },
+    /// The WebSocket of an exec failed.
+    #[error("exec {url}: {reason}")]
+    WebSocket { url: String, reason: String },
+}
+
+impl ClientError {
+    /// The HTTP status code the server answered with, if it did.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(status.code),
+            ClientError::Gone { .. } => Some(410),
+            _ => None,
+        }
+    }
+
+    /// True for a 404 answer.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(404)
+    }
+}
+
+/// Which pods a list or watch covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodFilter {
+    /// One namespace, or all of them (`None`).
+    pub namespace: Option<String>,
+    /// Only pods assigned to this host (`fieldSelector=spec.nodeName=H`).
+    pub node_name: Option<String>,
+}
+
+impl PodFilter {
+    /// Pods of every namespace assigned to `host`.
+    pub fn on_host(host: &str) -> PodFilter {
+        PodFilter {
+            namespace: None,
+            node_name: Some(host.to_string()),
+        }
+    }
+
+    /// Every pod.
+    pub fn all() -> PodFilter {
+        PodFilter::default()
+    }
+
+    /// Pods of one namespace.
+    pub fn in_namespace(namespace: &str) -> PodFilter {
+        PodFilter {
+            namespace: Some(namespace.to_string()),
+            node_name: None,
+        }
+    }
+
+    fn path(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("api/v1/namespaces/{ns}/pods"),
+            None => "api/v1/pods".into(),
+        }
+    }
+
+    fn query(&self) -> Vec<(&'static str, String)> {
+        match &self.node_name {
+            Some(node) => vec![("fieldSelector", format!("spec.nodeName={node}"))],
+            None => vec![],
+        }
+    }
+}
+
+/// Options of a log request.
+#[derive(Clone, Debug, Default)]
+pub struct LogOptions {
+    /// The container (needed when the pod has several).
+    pub container: Option<String>,
+    /// Keep streaming new output until the container ends.
+    pub follow: bool,
+    /// Only the last N lines.
+    pub tail_lines: Option<u64>,
+}
+
+/// A stream of log bytes.
+pub type LogStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
+
+/// A client of one podvisor server.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: Url,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the server at `server` (`http://127.0.0.1:7443`), sending
+    /// `token` as `Authorization: Bearer`.
+    pub fn new(server: &str, token: Option<&str>) -> Result<Client, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: server.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut base = Url::parse(server).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+            return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        // reqwest's rustls is built without a default crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| invalid(&format!("cannot build an HTTP client: {e}")))?;
+        Ok(Client {
+            base,
+            token: token.map(str::to_string),
+            http,
+        })
+    }
+
+    /// The server's base URL.
+    pub fn server(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> Url {
+        self.base.join(path).expect("API paths are relative URLs")
+    }
+
+    fn request(&self, method: reqwest::Method, url: &Url) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, url.clone());
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        req
+    }
+
+    /// Sends `req` and returns the response if it is a success, else the
+    /// server's Status as an error.
+    async fn send(
+        &self,
+        method: &'static str,
+        url: &Url,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Http {
+            method,
+            url: url.to_string(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(error_from_response(method, url, resp).await)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&(dyn erased::Body + Sync)>,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let name = method_name(&method);
+        let mut req = self.request(method, &url).timeout(REQUEST_TIMEOUT);
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(body) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_json());
+        }
+        let resp = self.send(name, &url, req).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            method: name,
+            url: url.to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET /healthz`.
+    pub async fn healthz(&self) -> Result<(), ClientError> {
+        let url = self.url("healthz");
+        let req = self
+            .request(reqwest::Method::GET, &url)
+            .timeout(REQUEST_TIMEOUT);
+        self.send("GET", &url, req).await.map(|_| ())
+    }
+
+    /// Lists pods.
+    pub async fn list_pods(&self, filter: &PodFilter) -> Result<PodList, ClientError> {
+        self.call(reqwest::Method::GET, &filter.path(), &filter.query(), None)
+            .await
+    }
+
+    /// One pod.
+    pub async fn get_pod(&self, namespace: &str, name: &str) -> Result<Pod, ClientError> {
+        self.call(reqwest::Method::GET, &pod_path(namespace, name), &[], None)
+            .await
+    }
+
+    /// Creates a pod (409 if it exists). Its namespace is the pod's.
+    pub async fn create_pod(&self, pod: &Pod) -> Result<Pod, ClientError> {
+        let path = format!("api/v1/namespaces/{}/pods", pod.metadata.namespace());
+        self.call(reqwest::Method::POST, &path, &[], Some(pod))
+            .await
+    }
+
+    /// Creates the pod, or updates it if it exists (only labels may change
+    /// once it is scheduled).
+    pub async fn apply_pod(&self, pod: &Pod) -> Result<Pod, ClientError> {
+        let path = pod_path(pod.metadata.namespace(), &pod.metadata.name);
+        self.call(reqwest::Method::PUT, &path, &[], Some(pod)).await
+    }
+
+    /// Asks for a pod's deletion. Returns the pod as it is now: with a
+    /// `deletionTimestamp` while its host stops it, or `None` if it was
+    /// removed at once.
+    pub async fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Pod>, ClientError> {
+        let deleted: DeleteResult = self
+            .call(
+                reqwest::Method::DELETE,
+                &pod_path(namespace, name),
+                &[],
+                None,
+            )
+            .await?;
+        Ok(deleted.into_pod())
+    }
+
+    /// For the host running the pod: the pod is stopped, remove it.
+    pub async fn finalize_pod(&self, namespace: &str, name: &str) -> Result<(), ClientError> {
+        let _: DeleteResult = self
+            .call(
+                reqwest::Method::DELETE,
+                &pod_path(namespace, name),
+                &[("finalize", "true".into())],
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// For the host running the pod: replaces the pod's status.
+    pub async fn update_pod_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &PodStatus,
+    ) -> Result<Pod, ClientError> {
+        let body = StatusBody { status };
+        let path = format!("{}/status", pod_path(namespace, name));
+        self.call(reqwest::Method::PUT, &path, &[], Some(&body))
+            .await
+    }
+
+    /// Registers (or re-registers) a host; the token must be that host's.
+    pub async fn register_host(&self, host: &Host) -> Result<Host, ClientError> {
+        self.call(reqwest::Method::POST, "api/v1/hosts", &[], Some(host))
+            .await
+    }
+
+    /// Keeps the host's lease alive (and marks it ready again if it was not).
+    pub async fn heartbeat(&self, name: &str) -> Result<Host, ClientError> {
+        let path = format!("api/v1/hosts/{name}/heartbeat");
+        self.call(reqwest::Method::PUT, &path, &[], None).await
+    }
+
+    pub async fn list_hosts(&self) -> Result<HostList, ClientError> {
+        self.call(reqwest::Method::GET, "api/v1/hosts", &[], None)
+            .await
+    }
+
+    pub async fn get_host(&self, name: &str) -> Result<Host, ClientError> {
+        let path = format!("api/v1/hosts/{name}");
+        self.call(reqwest::Method::GET, &path, &[], None).await
+    }
+
+    /// The image catalog.
+    pub async fn list_images(&self) -> Result<ImageList, ClientError> {
+        self.call(reqwest::Method::GET, "api/v1/images", &[], None)
+            .await
+    }
+
+    /// A container's output, streamed (until the container ends with
+    /// `follow`).
+    pub async fn logs(
+        &self,
+        namespace: &str,
+        name: &str,
+        options: &LogOptions,
+    ) -> Result<LogStream, ClientError> {
+        let url = self.url(&format!("{}/log", pod_path(namespace, name)));
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(c) = &options.container {
+            query.push(("container", c.clone()));
+        }
+        if options.follow {
+            query.push(("follow", "true".into()));
+        }
+        if let Some(n) = options.tail_lines {
+            query.push(("tailLines", n.to_string()));
+        }
+        let req = self.request(reqwest::Method::GET, &url).query(&query);
+        let resp = self.send("GET", &url, req).await?;
+        let url_text = url.to_string();
+        Ok(Box::pin(resp.bytes_stream().map(move |chunk| {
+            chunk.map_err(|source| ClientError::Http {
+                method: "GET",
+                url: url_text.clone(),
+                source,
+            })
+        })))
+    }
+
+    /// Watches pods from after `resource_version` (or, with `None`, from
+    /// now, starting with an ADDED event per existing pod).
+    pub async fn watch_pods(
+        &self,
+        filter: &PodFilter,
+        resource_version: Option<i64>,
+    ) -> Result<PodWatch, ClientError> {
+        let url = self.url(&filter.path());
+        let mut query = filter.query();
+        query.push(("watch", "true".into()));
+        if let Some(rv) = resource_version {
+            query.push(("resourceVersion", rv.to_string()));
+        }
+        let req = self.request(reqwest::Method::GET, &url).query(&query);
+        let resp = self.send("GET", &url, req).await?;
+        Ok(PodWatch::new(
+            url.to_string(),
+            resp,
+            resource_version.unwrap_or(0),
+        ))
+    }
+
+    /// A feed of the pods matching `filter` that survives disconnects and
+    /// server restarts: first (or after history was lost) the full set,
+    /// then changes, resuming after the last revision seen; see
+    /// [`PodFeedEvent`]. With `from`, starts by resuming after that
+    /// revision instead of listing. Ends when the receiver is dropped.
+    pub fn pod_feed(
+        &self,
+        filter: PodFilter,
+        from: Option<i64>,
+    ) -> tokio::sync::mpsc::Receiver<PodFeedEvent> {
+        feed::start(self.clone(), filter, from)
+    }
+
+    /// Runs a command in a pod's container over a WebSocket.
+    pub async fn exec(
+        &self,
+        namespace: &str,
+        name: &str,
+        options: &ExecOptions,
+    ) -> Result<ExecSession, ClientError> {
+        let url = self.url(&format!("{}/exec", pod_path(namespace, name)));
+        exec::connect(url, self.token.as_deref(), options).await
+    }
+}
+
+/// `api/v1/namespaces/NS/pods/NAME`.
+fn pod_path(namespace: &str, name: &str) -> String {
+    format!("api/v1/namespaces/{namespace}/pods/{name}")
+}
+
+fn method_name(method: &reqwest::Method) -> &'static str {
+    match *method {
+        reqwest::Method::GET => "GET",
+        reqwest::Method::POST => "POST",
+        reqwest::Method::PUT => "PUT",
+        reqwest::Method::DELETE => "DELETE",
+        _ => "request",
+    }
+}
+
+/// The error a non-success response carries: its Status body, or one made
+/// from the HTTP status if the body is not a Status.
+async fn error_from_response(
+    method: &'static str,
+    url: &Url,
+    resp: reqwest::Response,
+) -> ClientError {
+    let code = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    let status = serde_json::from_slice::<Status>(&body).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(&body);
+        let text = text.trim();
+        Status::new(
+            code.as_u16(),
+            code.canonical_reason().unwrap_or("Error"),
+            if text.is_empty() {
+                format!("HTTP {code}")
+            } else {
+                text.chars().take(500).collect()
+            },
+        )
+    });
+    if status.code == 410 {
+        return ClientError::Gone {
+            url: url.to_string(),
+            message: status.message,
+        };
+    }
+    ClientError::Api {
+        method,
+        url: url.to_string(),
+        status,
+    }
+}
+
+/// What DELETE answers: the pod (still there, terminating) or a Status
+/// (removed).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum DeleteResult {
+    Pod(Box<Pod>),
+    Status(#[allow(dead_code)] Status),
+}
+
+impl DeleteResult {
+    fn into_pod(self) -> Option<Pod> {
+        match self {
+            DeleteResult::Pod(p) => Some(*p),
+            DeleteResult::Status(_) => None,
+        }
+    }
+}
+
+/// The body of a status update: `{"status": {...}}`.
+#[derive(Serialize)]
+struct StatusBody<'a> {
+    status: &'a PodStatus,
+}
+
+/// Request bodies without generics in [`Client::call`]'s signature.
+mod erased {
+    pub trait Body {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Body for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).expect("API objects serialize to JSON")
+        }
+    }
+}

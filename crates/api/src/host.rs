@@ -1,0 +1,104 @@
+//! The Host object: a machine whose host daemon runs pod VMs.
+
+use serde::{Deserialize, Serialize};
+
+use chrono::{DateTime, Utc};
+
+use crate::meta::{ListMeta, ObjectMeta};
+
+/// A host, registered by its host daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Host {
+    #[serde(default = "v1")]
+    pub api_version: String,
+    #[serde(default = "host_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: HostSpec,
+    /// Kept by the server: ready while the host's heartbeat lease lives.
+    #[serde(default)]
+    pub status: HostStatus,
+}
+
+fn v1() -> String {
+    "v1".into()
+}
+fn host_kind() -> String {
+    "Host".into()
+}
+
+/// What the host daemon declares about its machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSpec {
+    /// What pods may use in total.
+    pub capacity: HostCapacity,
+    /// The daemon's HTTP endpoint for logs and exec, `http://IP:PORT`.
+    pub address: String,
+}
+
+/// Resources of a host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostCapacity {
+    /// Millicores.
+    pub cpu: u64,
+    /// Bytes.
+    pub memory: u64,
+}
+
+/// Liveness of a host, kept by the server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostStatus {
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<DateTime<Utc>>,
+    /// Why the host is not ready (`HeartbeatLeaseExpired`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A list of hosts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HostList {
+    #[serde(default = "v1")]
+    pub api_version: String,
+    #[serde(default = "host_list_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ListMeta,
+    pub items: Vec<Host>,
+}
+
+fn host_list_kind() -> String {
+    "HostList".into()
+}
+
+impl Host {
+    /// A host named `name` with the given capacity and daemon address.
+    pub fn new(name: &str, capacity: HostCapacity, address: &str) -> Host {
+        Host {
+            api_version: v1(),
+            kind: host_kind(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec: HostSpec {
+                capacity,
+                address: address.to_string(),
+            },
+            status: HostStatus::default(),
+        }
+    }
+}

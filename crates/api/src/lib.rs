@@ -1,0 +1,30 @@
+//! podvisor's cluster API, shared by the server, the host daemons and the
+//! CLI: the object model (pods, hosts, images, with Kubernetes' JSON field
+//! names), Pod YAML/JSON parsing and validation (a field podvisor does not
+//! support is an error naming its path), resource quantities, and the REST
+//! [`Client`]. It depends on no other podvisor crate.
+
+pub mod client;
+mod host;
+mod image;
+mod meta;
+pub mod parse;
+mod pod;
+pub mod quantity;
+mod status;
+pub mod validate;
+
+pub use client::{Client, ClientError, LogOptions, LogStream, PodFilter};
+pub use host::{Host, HostCapacity, HostList, HostSpec, HostStatus};
+pub use image::{Image, ImageList};
+pub use meta::{DEFAULT_NAMESPACE, ListMeta, ObjectMeta, Time};
+pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
+pub use pod::{
+    Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, EnvVar,
+    Pod, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList, ResourceRequirements,
+    Resources, RestartPolicy, labels_text,
+};
+pub use quantity::{Quantity, QuantityError};
+pub use status::{EventType, Status, WatchEvent};
+pub use validate::{FieldError, validate_host, validate_pod};

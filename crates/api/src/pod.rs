@@ -1,0 +1,439 @@
+//! The Pod object: the Kubernetes fields podvisor supports, no others (an
+//! unknown field is an error, see [`crate::parse`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use chrono::{DateTime, Utc};
+
+use crate::meta::{ListMeta, ObjectMeta};
+use crate::quantity::{Quantity, QuantityError};
+
+/// CPU of a pod VM whose containers state no resources: 1 CPU.
+pub const DEFAULT_POD_MILLICORES: u64 = 1000;
+/// Memory of a pod VM whose containers state no resources: 256 MiB.
+pub const DEFAULT_POD_MEMORY: u64 = 256 << 20;
+
+/// A pod: containers that run together in one pod VM on one host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pod {
+    /// `v1`.
+    #[serde(default = "v1")]
+    pub api_version: String,
+    /// `Pod`.
+    #[serde(default = "pod_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    /// Written by the host running the pod (and by the server for pods that
+    /// cannot be scheduled or whose host was lost). Ignored on create.
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+fn v1() -> String {
+    "v1".into()
+}
+fn pod_kind() -> String {
+    "Pod".into()
+}
+
+/// What the user asks for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    pub containers: Vec<Container>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// The host that runs the pod: set by the user to pin it, else by the
+    /// scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// When the host restarts a container that exited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// One container of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Container {
+    pub name: String,
+    pub image: String,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+    #[serde(default, skip_serializing_if = "ResourceRequirements::is_empty")]
+    pub resources: ResourceRequirements,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+}
+
+/// An environment variable with a literal value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+/// A port the container listens on; `hostPort` publishes it on the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Transport protocol of a port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+/// Requests and limits of CPU and memory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceRequirements {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceList>,
+}
+
+impl ResourceRequirements {
+    fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.limits.is_none()
+    }
+}
+
+/// CPU and memory quantities.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceList {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+/// CPU (millicores) and memory (bytes) of a pod VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Resources {
+    /// Millicores.
+    pub cpu: u64,
+    /// Bytes.
+    pub memory: u64,
+}
+
+impl PodSpec {
+    /// The size of the pod's VM, which the scheduler reserves on its host:
+    /// per resource, the sum over containers of the limit (else the
+    /// request); a resource no container states gets the pod default
+    /// (1 CPU, 256 MiB). Quantities are checked by validation; one that
+    /// cannot be read here is an error.
+    pub fn vm_size(&self) -> Result<Resources, QuantityError> {
+        let mut cpu = 0u64;
+        let mut memory = 0u64;
+        for c in &self.containers {
+            let pick = |f: fn(&ResourceList) -> Option<&Quantity>| {
+                c.resources
+                    .limits
+                    .as_ref()
+                    .and_then(f)
+                    .or_else(|| c.resources.requests.as_ref().and_then(f))
+            };
+            if let Some(q) = pick(|r| r.cpu.as_ref()) {
+                cpu = cpu.saturating_add(q.millicores()?);
+            }
+            if let Some(q) = pick(|r| r.memory.as_ref()) {
+                memory = memory.saturating_add(q.bytes()?);
+            }
+        }
+        Ok(Resources {
+            cpu: if cpu == 0 {
+                DEFAULT_POD_MILLICORES
+            } else {
+                cpu
+            },
+            memory: if memory == 0 {
+                DEFAULT_POD_MEMORY
+            } else {
+                memory
+            },
+        })
+    }
+}
+
+/// What the host reports about a pod.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodStatus {
+    #[serde(default)]
+    pub phase: PodPhase,
+    /// A CamelCase word: `Unschedulable`, `NodeLost`, `ErrImagePull`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_statuses: Vec<ContainerStatus>,
+}
+
+/// The lifecycle phase of a pod, as in Kubernetes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum PodPhase {
+    /// Accepted, not running yet (not scheduled, or starting).
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    /// The host running the pod stopped reporting.
+    Unknown,
+}
+
+impl PodPhase {
+    /// Succeeded or Failed: the pod's containers will not run again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+            PodPhase::Unknown => "Unknown",
+        }
+    }
+}
+
+/// The state of one container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerStatus {
+    pub name: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default)]
+    pub restart_count: u32,
+    #[serde(default)]
+    pub state: ContainerState,
+}
+
+/// At most one of the three is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<ContainerStateWaiting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<ContainerStateRunning>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<ContainerStateTerminated>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerStateWaiting {
+    /// `ContainerCreating`, `ErrImagePull`, `CrashLoopBackOff`, ...
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerStateRunning {
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerStateTerminated {
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// `Completed`, `Error`, `OOMKilled`, ...
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// A list of pods and the revision it was read at.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct PodList {
+    #[serde(default = "v1")]
+    pub api_version: String,
+    #[serde(default = "pod_list_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ListMeta,
+    pub items: Vec<Pod>,
+}
+
+fn pod_list_kind() -> String {
+    "PodList".into()
+}
+
+impl Pod {
+    /// A pod with the given name and containers, everything else default
+    /// (namespace `default`, restartPolicy Always).
+    pub fn new(name: &str, containers: Vec<Container>) -> Pod {
+        Pod {
+            api_version: v1(),
+            kind: pod_kind(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec: PodSpec {
+                containers,
+                ..Default::default()
+            },
+            status: PodStatus::default(),
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+
+    /// Containers ready / total, as `get pods` shows it.
+    pub fn ready_count(&self) -> (usize, usize) {
+        let ready = self
+            .status
+            .container_statuses
+            .iter()
+            .filter(|c| c.ready)
+            .count();
+        (ready, self.spec.containers.len())
+    }
+
+    /// Restarts summed over containers.
+    pub fn restart_count(&self) -> u32 {
+        self.status
+            .container_statuses
+            .iter()
+            .map(|c| c.restart_count)
+            .sum()
+    }
+
+    /// The STATUS column of `get pods`, as kubectl shows it: `Terminating`
+    /// while being deleted, else a waiting/terminated container's reason,
+    /// else the pod's reason, else its phase.
+    pub fn display_status(&self) -> String {
+        if self.metadata.deletion_timestamp.is_some() {
+            return "Terminating".into();
+        }
+        for c in &self.status.container_statuses {
+            if let Some(w) = &c.state.waiting
+                && !w.reason.is_empty()
+                && w.reason != "ContainerCreating"
+            {
+                return w.reason.clone();
+            }
+            if let Some(t) = &c.state.terminated
+                && self.status.phase != PodPhase::Succeeded
+                && t.exit_code != 0
+            {
+                return t.reason.clone();
+            }
+        }
+        if let Some(reason) = &self.status.reason {
+            return reason.clone();
+        }
+        if self.status.phase == PodPhase::Succeeded {
+            return "Completed".into();
+        }
+        if self.status.phase == PodPhase::Pending
+            && self.spec.node_name.is_some()
+            && let Some(w) = self
+                .status
+                .container_statuses
+                .iter()
+                .find_map(|c| c.state.waiting.as_ref())
+        {
+            return w.reason.clone();
+        }
+        self.status.phase.as_str().into()
+    }
+
+    /// Labels as `k=v,k2=v2`.
+    pub fn labels_text(&self) -> String {
+        labels_text(&self.metadata.labels)
+    }
+}
+
+/// Labels as `k=v,k2=v2` (`<none>` if empty).
+pub fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "<none>".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,370 @@
+//! Checks of objects beyond their shape: names, quantities, ports, and the
+//! rules podvisor adds. Every error names the field at fault.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::host::Host;
+use crate::pod::Pod;
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The path of the field (`spec.containers[1].name`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A DNS-1123 label: at most 63 lowercase letters, digits and '-', starting
+/// and ending with a letter or digit.
+pub fn dns_label_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.len() > 63 {
+        return Some(format!("{name:?} is longer than 63 characters"));
+    }
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !name.starts_with('-') && !name.ends_with('-');
+    (!ok_chars || !ok_ends).then(|| {
+        format!(
+            "{name:?} is not a valid name: use lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )
+    })
+}
+
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
+pub fn dns_subdomain_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.len() > 253 {
+        return Some(format!("{name:?} is longer than 253 characters"));
+    }
+    name.split('.').find_map(dns_label_problem).map(|_| {
+        format!(
+            "{name:?} is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    })
+}
+
+fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && dns_subdomain_problem(p).is_some()
+    {
+        return Some(format!("label key {key:?} has an invalid prefix {p:?}"));
+    }
+    label_value_problem(name)
+        .or_else(|| name.is_empty().then(|| "must not be empty".to_string()))
+        .map(|_| format!("label key {key:?} is not valid: at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"))
+}
+
+fn label_value_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    let ok = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric();
+    (!ok).then(|| format!("label value {value:?} is not valid: at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"))
+}
+
+/// Checks a pod as a user submits it. All problems are returned.
+pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
+    let mut errors = Errors(Vec::new());
+    if pod.api_version != "v1" {
+        errors.add(
+            "apiVersion",
+            format!(
+                "{:?} is not supported: podvisor serves Pods of apiVersion v1",
+                pod.api_version
+            ),
+        );
+    }
+    if pod.kind != "Pod" {
+        errors.add(
+            "kind",
+            format!("{:?} is not supported by podvisor: only Pod", pod.kind),
+        );
+    }
+    let meta = &pod.metadata;
+    if meta.name.is_empty() {
+        errors.add("metadata.name", "is required");
+    } else if let Some(p) = dns_subdomain_problem(&meta.name) {
+        errors.add("metadata.name", p);
+    }
+    if let Some(ns) = &meta.namespace
+        && let Some(p) = dns_label_problem(ns)
+    {
+        errors.add("metadata.namespace", p);
+    }
+    for (k, v) in &meta.labels {
+        if let Some(p) = label_key_problem(k) {
+            errors.add(format!("metadata.labels.{k}"), p);
+        }
+        if let Some(p) = label_value_problem(v) {
+            errors.add(format!("metadata.labels.{k}"), p);
+        }
+    }
+    if let Some(node) = &pod.spec.node_name
+        && let Some(p) = dns_subdomain_problem(node)
+    {
+        errors.add("spec.nodeName", p);
+    }
+    if pod.spec.containers.is_empty() {
+        errors.add("spec.containers", "a pod needs at least one container");
+    }
+    let mut names = HashSet::new();
+    let mut host_ports = HashSet::new();
+    for (i, c) in pod.spec.containers.iter().enumerate() {
+        let at = |f: &str| format!("spec.containers[{i}].{f}");
+        if let Some(p) = dns_label_problem(&c.name) {
+            errors.add(at("name"), p);
+        } else if !names.insert(c.name.as_str()) {
+            errors.add(
+                at("name"),
+                format!("{:?} is used by another container of this pod", c.name),
+            );
+        }
+        if c.image.trim().is_empty() {
+            errors.add(at("image"), "must not be empty");
+        } else if c.image.chars().any(char::is_whitespace) {
+            errors.add(at("image"), format!("{:?} contains whitespace", c.image));
+        }
+        if c.command.as_ref().is_some_and(|cmd| cmd.is_empty()) {
+            errors.add(
+                at("command"),
+                "must not be an empty list (leave it out to use the image's entrypoint)",
+            );
+        }
+        let mut env_names = HashSet::new();
+        for (j, e) in c.env.iter().enumerate() {
+            if e.name.is_empty() || e.name.contains('=') || e.name.contains('\0') {
+                errors.add(
+                    format!("spec.containers[{i}].env[{j}].name"),
+                    format!("{:?} is not a valid variable name", e.name),
+                );
+            } else if !env_names.insert(e.name.as_str()) {
+                errors.add(
+                    format!("spec.containers[{i}].env[{j}].name"),
+                    format!("{:?} is set twice", e.name),
+                );
+            }
+        }
+        for (j, p) in c.ports.iter().enumerate() {
+            let at = |f: &str| format!("spec.containers[{i}].ports[{j}].{f}");
+            if p.container_port == 0 {
+                errors.add(at("containerPort"), "must be between 1 and 65535");
+            }
+            if let Some(hp) = p.host_port {
+                if hp == 0 {
+                    errors.add(at("hostPort"), "must be between 1 and 65535");
+                } else if !host_ports.insert((hp, p.protocol.unwrap_or_default())) {
+                    errors.add(
+                        at("hostPort"),
+                        format!("{hp} is published twice in this pod"),
+                    );
+                }
+            }
+            if let Some(name) = &p.name
+                && (name.len() > 15 || dns_label_problem(name).is_some())
+            {
+                errors.add(at("name"), format!("{name:?} is not a valid port name (at most 15 lowercase letters, digits and '-')"));
+            }
+        }
+        let mut cpu = [None, None];
+        let mut mem = [None, None];
+        for (k, list) in [
+            ("requests", &c.resources.requests),
+            ("limits", &c.resources.limits),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, l))| ((k, name), l))
+        {
+            let Some(list) = list else { continue };
+            if let Some(q) = &list.cpu {
+                match q.millicores() {
+                    Ok(v) => cpu[k.0] = Some(v),
+                    Err(e) => errors.add(at(&format!("resources.{}.cpu", k.1)), e.to_string()),
+                }
+            }
+            if let Some(q) = &list.memory {
+                match q.bytes() {
+                    Ok(v) => mem[k.0] = Some(v),
+                    Err(e) => errors.add(at(&format!("resources.{}.memory", k.1)), e.to_string()),
+                }
+            }
+        }
+        if let [Some(req), Some(lim)] = cpu
+            && req > lim
+        {
+            errors.add(
+                at("resources.requests.cpu"),
+                "must not be more than the cpu limit",
+            );
+        }
+        if let [Some(req), Some(lim)] = mem
+            && req > lim
+        {
+            errors.add(
+                at("resources.requests.memory"),
+                "must not be more than the memory limit",
+            );
+        }
+        if let Some(lim) = mem[1]
+            && lim < 16 << 20
+        {
+            errors.add(
+                at("resources.limits.memory"),
+                "a pod VM needs at least 16Mi",
+            );
+        }
+    }
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.0)
+    }
+}
+
+/// Checks a host as its daemon registers it.
+pub fn validate_host(host: &Host) -> Result<(), Vec<FieldError>> {
+    let mut errors = Errors(Vec::new());
+    if let Some(p) = dns_subdomain_problem(&host.metadata.name) {
+        errors.add("metadata.name", p);
+    }
+    if host.spec.capacity.cpu == 0 {
+        errors.add("spec.capacity.cpu", "must be more than 0 millicores");
+    }
+    if host.spec.capacity.memory == 0 {
+        errors.add("spec.capacity.memory", "must be more than 0 bytes");
+    }
+    match url::Url::parse(&host.spec.address) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => errors.add(
+            "spec.address",
+            format!("{:?} is not an http:// or https:// URL", host.spec.address),
+        ),
+    }
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::{Container, ResourceList};
+    use crate::quantity::Quantity;
+
+    fn pod() -> Pod {
+        Pod::new(
+            "p",
+            vec![Container {
+                name: "c".into(),
+                image: "busybox".into(),
+                ..Default::default()
+            }],
+        )
+    }
+
+    fn problems(p: &Pod) -> String {
+        validate_pod(p)
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn names_and_containers() {
+        assert!(validate_pod(&pod()).is_ok());
+        let mut p = pod();
+        p.metadata.name = "Bad_Name".into();
+        p.spec.containers.push(p.spec.containers[0].clone());
+        p.spec.containers[1].image = " ".into();
+        let e = problems(&p);
+        assert!(
+            e.contains("metadata.name: \"Bad_Name\" is not a valid name"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.containers[1].name: \"c\" is used by another container"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.containers[1].image: must not be empty"),
+            "{e}"
+        );
+        let mut p = pod();
+        p.kind = "Deployment".into();
+        p.spec.containers.clear();
+        let e = problems(&p);
+        assert!(
+            e.contains("kind: \"Deployment\" is not supported by podvisor"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.containers: a pod needs at least one container"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resources() {
+        let mut p = pod();
+        p.spec.containers[0].resources.requests = Some(ResourceList {
+            cpu: Some(Quantity::new("2")),
+            memory: Some(Quantity::new("12Zi")),
+        });
+        p.spec.containers[0].resources.limits = Some(ResourceList {
+            cpu: Some(Quantity::new("1")),
+            memory: Some(Quantity::new("1Mi")),
+        });
+        let e = problems(&p);
+        assert!(
+            e.contains("spec.containers[0].resources.requests.memory: memory quantity \"12Zi\""),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "spec.containers[0].resources.requests.cpu: must not be more than the cpu limit"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("resources.limits.memory: a pod VM needs at least 16Mi"),
+            "{e}"
+        );
+    }
+}
