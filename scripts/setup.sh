@@ -16,7 +16,10 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates)
+# protobuf-compiler and libprotobuf-dev (its well-known .proto files) build
+# etcd-client, which the podvisor binary links for its etcd state store.
+packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates
+          protobuf-compiler libprotobuf-dev)
 if [ "$want_test" = 1 ]; then
     packages+=(docker-registry etcd-server etcd-client apache2-utils cpio)
 fi

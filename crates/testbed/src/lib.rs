@@ -1,9 +1,13 @@
 //! Test fixtures for podvisor, used only as a dev-dependency: scratch
-//! directories and a `podvisor` command builder ([`cli`]), and OCI images
-//! built from the host's busybox with no network ([`oci`]).
+//! directories and a `podvisor` command builder ([`cli`]), OCI images built
+//! from the host's busybox with no network ([`oci`]), and a real etcd server
+//! on loopback ([`etcd`]).
 
 /// Scratch directories and the `podvisor` command builder.
 pub mod cli;
 
 /// OCI images built from scratch for tests (layers, layouts, archives).
 pub mod oci;
+
+/// A real etcd server (Debian's etcd-server) on 127.0.0.1 for store tests.
+pub mod etcd;

@@ -1,0 +1,574 @@
+//! The SQLite schema and the synchronous operations on it. Every write runs
+//! in one `BEGIN IMMEDIATE` transaction that first purges expired leases,
+//! then makes its change, logs one event per changed key (each with its own
+//! revision) and trims the event log to the configured history.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::{KeyValue, LeaseId, Revision, WatchEvent};
+
+/// `PRAGMA application_id` of a podvisor store file ("podv").
+const APPLICATION_ID: i32 = 0x706f_6476;
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE store_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO store_meta (name, value) VALUES ('schema', 1), ('revision', 0), ('compacted', 0);
+CREATE TABLE kv (
+    key BLOB PRIMARY KEY,
+    value BLOB NOT NULL,
+    create_revision INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    lease INTEGER
+) WITHOUT ROWID;
+CREATE INDEX kv_by_lease ON kv (lease) WHERE lease IS NOT NULL;
+-- kind: 0 put, 1 delete (value, create_revision and lease are NULL)
+CREATE TABLE events (
+    revision INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB,
+    create_revision INTEGER,
+    lease INTEGER
+);
+CREATE TABLE leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ttl_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE INDEX leases_by_expiry ON leases (expires_ms);
+";
+
+/// Failures of the operations below; `super` turns them into `StoreError`s
+/// naming the store.
+#[derive(Debug)]
+pub(super) enum DbError {
+    Sqlite(rusqlite::Error),
+    LeaseNotFound(LeaseId),
+    Compacted { requested: Revision, oldest: Revision },
+    /// The file is not a podvisor store, or holds data it cannot read.
+    Foreign(String),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        DbError::Sqlite(e)
+    }
+}
+
+impl DbError {
+    /// The database was locked by other connections for the whole busy timeout.
+    pub(super) fn is_busy(&self) -> bool {
+        matches!(self, DbError::Sqlite(e) if is_busy(e))
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+/// Wall-clock time in unix milliseconds: lease expiry is compared across
+/// processes, so a monotonic clock of one process would not do.
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens `path` (creating it and the schema if new) in WAL mode.
+pub(super) fn connect(path: &Path, busy_timeout: Duration, durable: bool) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    // Switching to WAL takes an exclusive lock and does not always wait for
+    // the busy handler, so several processes creating the file at once retry.
+    let deadline = Instant::now() + busy_timeout;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => break,
+            Ok(mode) => {
+                return Err(DbError::Foreign(format!(
+                    "SQLite refused WAL mode (journal mode stays {mode:?}); is the file on a filesystem without shared memory, like NFS?"
+                )));
+            }
+            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+    init_schema(&conn)?;
+    Ok(conn)
+}
+
+fn init_schema(conn: &Connection) -> Result<()> {
+    let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    if app_id == APPLICATION_ID {
+        return check_schema_version(conn);
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        if app_id == APPLICATION_ID {
+            return Ok(()); // another process created it meanwhile
+        }
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+            [],
+            |r| r.get(0),
+        )?;
+        if app_id != 0 || tables > 0 {
+            return Err(DbError::Foreign(
+                "the file is an SQLite database of another program, not a podvisor store".into(),
+            ));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    check_schema_version(conn)
+}
+
+fn check_schema_version(conn: &Connection) -> Result<()> {
+    let version = meta(conn, "schema")?;
+    if version != SCHEMA_VERSION {
+        return Err(DbError::Foreign(format!(
+            "the store has schema version {version}; this podvisor reads version {SCHEMA_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+fn meta(conn: &Connection, name: &str) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT value FROM store_meta WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )?)
+}
+
+fn key_string(key: Vec<u8>) -> Result<String> {
+    String::from_utf8(key).map_err(|e| {
+        DbError::Foreign(format!(
+            "a key is not UTF-8: {:?}",
+            String::from_utf8_lossy(e.as_bytes())
+        ))
+    })
+}
+
+/// The smallest key greater than every key starting with `prefix`, or
+/// `None` if there is none (empty prefix).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let i = prefix.iter().rposition(|&b| b < 0xff)?;
+    let mut end = prefix[..=i].to_vec();
+    end[i] += 1;
+    Some(end)
+}
+
+/// `key >= ?1 [AND key < ?2]` for keys under `prefix`, and the parameters.
+fn prefix_clause(prefix: &str) -> (&'static str, Vec<Vec<u8>>) {
+    match prefix_end(prefix.as_bytes()) {
+        Some(end) => ("key >= ?1 AND key < ?2", vec![prefix.as_bytes().to_vec(), end]),
+        None => ("key >= ?1", vec![prefix.as_bytes().to_vec()]),
+    }
+}
+
+const KV_COLUMNS: &str = "key, value, create_revision, mod_revision, lease";
+
+fn kv_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, KeyValue)> {
+    Ok((
+        row.get(0)?,
+        KeyValue {
+            key: String::new(),
+            value: row.get(1)?,
+            create_revision: row.get(2)?,
+            mod_revision: row.get(3)?,
+            lease: row.get(4)?,
+        },
+    ))
+}
+
+fn with_key((key, mut kv): (Vec<u8>, KeyValue)) -> Result<KeyValue> {
+    kv.key = key_string(key)?;
+    Ok(kv)
+}
+
+fn get_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
+    conn.query_row(
+        &format!("SELECT {KV_COLUMNS} FROM kv WHERE key = ?1"),
+        [key.as_bytes()],
+        kv_from_row,
+    )
+    .optional()?
+    .map(with_key)
+    .transpose()
+}
+
+/// Purges leases that have expired, if any, in a write transaction.
+pub(super) fn purge_if_due(conn: &mut Connection, history: i64) -> Result<()> {
+    let due: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM leases WHERE expires_ms <= ?1)",
+        [now_ms()],
+        |r| r.get(0),
+    )?;
+    if due {
+        write(conn, history, |_| Ok(()))?;
+    }
+    Ok(())
+}
+
+pub(super) fn get(conn: &mut Connection, history: i64, key: &str) -> Result<Option<KeyValue>> {
+    purge_if_due(conn, history)?;
+    get_kv(conn, key)
+}
+
+pub(super) fn list(
+    conn: &mut Connection,
+    history: i64,
+    prefix: &str,
+) -> Result<(Vec<KeyValue>, Revision)> {
+    purge_if_due(conn, history)?;
+    let tx = conn.transaction()?; // one snapshot for the keys and the revision
+    let (clause, args) = prefix_clause(prefix);
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {KV_COLUMNS} FROM kv WHERE {clause} ORDER BY key"
+    ))?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), kv_from_row)?;
+    let mut kvs = Vec::new();
+    for row in rows {
+        kvs.push(with_key(row?)?);
+    }
+    drop(stmt);
+    let revision = meta(&tx, "revision")?;
+    tx.commit()?;
+    Ok((kvs, revision))
+}
+
+pub(super) fn current_revision(conn: &mut Connection, history: i64) -> Result<Revision> {
+    purge_if_due(conn, history)?;
+    meta(conn, "revision")
+}
+
+/// One write transaction: its revision counter and the events it logs.
+pub(super) struct Writer<'c> {
+    tx: Transaction<'c>,
+    revision: Revision,
+    changed: bool,
+    now: i64,
+}
+
+/// Runs `f` in an IMMEDIATE transaction after purging expired leases. The
+/// purge is committed even if `f` refuses (e.g. `LeaseNotFound`); a SQLite
+/// failure rolls everything back.
+pub(super) fn write<T>(
+    conn: &mut Connection,
+    history: i64,
+    f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
+) -> Result<T> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let revision = meta(&tx, "revision")?;
+    let mut w = Writer {
+        tx,
+        revision,
+        changed: false,
+        now: now_ms(),
+    };
+    w.purge_expired()?;
+    let result = f(&mut w);
+    if let Err(DbError::Sqlite(_)) = result {
+        return result; // dropping the transaction rolls it back
+    }
+    w.finish(history)?;
+    result
+}
+
+impl Writer<'_> {
+    fn next_revision(&mut self) -> Revision {
+        self.revision += 1;
+        self.changed = true;
+        self.revision
+    }
+
+    fn finish(self, history: i64) -> Result<()> {
+        if self.changed {
+            self.tx.execute(
+                "UPDATE store_meta SET value = ?1 WHERE name = 'revision'",
+                [self.revision],
+            )?;
+            let cutoff = self.revision - history;
+            if cutoff > meta(&self.tx, "compacted")? {
+                self.tx
+                    .execute("DELETE FROM events WHERE revision <= ?1", [cutoff])?;
+                self.tx.execute(
+                    "UPDATE store_meta SET value = ?1 WHERE name = 'compacted'",
+                    [cutoff],
+                )?;
+            }
+        }
+        self.tx.commit()?;
+        Ok(())
+    }
+
+    fn purge_expired(&mut self) -> Result<()> {
+        let expired: Vec<LeaseId> = {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT id FROM leases WHERE expires_ms <= ?1 ORDER BY id")?;
+            stmt.query_map([self.now], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for lease in expired {
+            self.end_lease(lease)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the lease and its keys, one Delete event per key.
+    fn end_lease(&mut self, lease: LeaseId) -> Result<()> {
+        let keys: Vec<Vec<u8>> = {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT key FROM kv WHERE lease = ?1 ORDER BY key")?;
+            stmt.query_map([lease], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for key in keys {
+            self.delete_key(&key)?;
+        }
+        self.tx.execute("DELETE FROM leases WHERE id = ?1", [lease])?;
+        Ok(())
+    }
+
+    fn delete_key(&mut self, key: &[u8]) -> Result<Revision> {
+        let rev = self.next_revision();
+        self.tx.execute("DELETE FROM kv WHERE key = ?1", [key])?;
+        self.tx.execute(
+            "INSERT INTO events (revision, kind, key) VALUES (?1, 1, ?2)",
+            params![rev, key],
+        )?;
+        Ok(rev)
+    }
+
+    fn check_lease(&self, lease: Option<LeaseId>) -> Result<()> {
+        if let Some(lease) = lease {
+            let live: bool = self.tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM leases WHERE id = ?1)",
+                [lease],
+                |r| r.get(0),
+            )?;
+            if !live {
+                return Err(DbError::LeaseNotFound(lease));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `key` with `create_revision` (or the new revision if `None`).
+    fn write_key(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        create_revision: Option<Revision>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision> {
+        let rev = self.next_revision();
+        let create_revision = create_revision.unwrap_or(rev);
+        self.tx.execute(
+            "INSERT INTO kv (key, value, create_revision, mod_revision, lease)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value,
+                 mod_revision = excluded.mod_revision, lease = excluded.lease",
+            params![key.as_bytes(), value, create_revision, rev, lease],
+        )?;
+        self.tx.execute(
+            "INSERT INTO events (revision, kind, key, value, create_revision, lease)
+             VALUES (?1, 0, ?2, ?3, ?4, ?5)",
+            params![rev, key.as_bytes(), value, create_revision, lease],
+        )?;
+        Ok(rev)
+    }
+
+    pub(super) fn put(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<Revision> {
+        self.check_lease(lease)?;
+        let existing = get_kv(&self.tx, key)?.map(|kv| kv.create_revision);
+        self.write_key(key, value, existing, lease)
+    }
+
+    pub(super) fn create(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<std::result::Result<Revision, KeyValue>> {
+        if let Some(existing) = get_kv(&self.tx, key)? {
+            return Ok(Err(existing));
+        }
+        self.check_lease(lease)?;
+        Ok(Ok(self.write_key(key, value, None, lease)?))
+    }
+
+    pub(super) fn update(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        expected: Revision,
+    ) -> Result<std::result::Result<Revision, Option<KeyValue>>> {
+        match get_kv(&self.tx, key)? {
+            Some(cur) if cur.mod_revision == expected => Ok(Ok(self.write_key(
+                key,
+                value,
+                Some(cur.create_revision),
+                cur.lease,
+            )?)),
+            cur => Ok(Err(cur)),
+        }
+    }
+
+    pub(super) fn delete(&mut self, key: &str) -> Result<Option<Revision>> {
+        if get_kv(&self.tx, key)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.delete_key(key.as_bytes())?))
+    }
+
+    pub(super) fn delete_if(&mut self, key: &str, expected: Revision) -> Result<bool> {
+        match get_kv(&self.tx, key)? {
+            Some(cur) if cur.mod_revision == expected => {
+                self.delete_key(key.as_bytes())?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub(super) fn grant_lease(&mut self, ttl_ms: i64) -> Result<LeaseId> {
+        self.tx.execute(
+            "INSERT INTO leases (ttl_ms, expires_ms) VALUES (?1, ?2)",
+            params![ttl_ms, self.now.saturating_add(ttl_ms)],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    pub(super) fn keep_alive(&mut self, lease: LeaseId) -> Result<()> {
+        let updated = self.tx.execute(
+            "UPDATE leases SET expires_ms = ?1 + ttl_ms WHERE id = ?2",
+            params![self.now, lease],
+        )?;
+        if updated == 0 {
+            return Err(DbError::LeaseNotFound(lease));
+        }
+        Ok(())
+    }
+
+    pub(super) fn revoke(&mut self, lease: LeaseId) -> Result<()> {
+        self.check_lease(Some(lease))?;
+        self.end_lease(lease)
+    }
+}
+
+/// The events under `prefix` after revision `after`, at most `limit`, and
+/// the revision the watcher has now seen everything up to (the store's
+/// revision if fewer than `limit` matched, so a watcher of a quiet prefix
+/// keeps up with the log and is not compacted away).
+pub(super) fn poll_events(
+    conn: &mut Connection,
+    history: i64,
+    prefix: &str,
+    after: Revision,
+    limit: usize,
+) -> Result<(Vec<WatchEvent>, Revision)> {
+    purge_if_due(conn, history)?;
+    let tx = conn.transaction()?;
+    let compacted = meta(&tx, "compacted")?;
+    if after < compacted {
+        return Err(DbError::Compacted {
+            requested: after,
+            oldest: compacted + 1,
+        });
+    }
+    let current = meta(&tx, "revision")?;
+    let (clause, mut args) = prefix_clause(prefix);
+    let n = args.len();
+    let sql = format!(
+        "SELECT revision, kind, key, value, create_revision, lease FROM events
+         WHERE {clause} AND revision > ?{} AND revision <= ?{} ORDER BY revision LIMIT ?{}",
+        n + 1,
+        n + 2,
+        n + 3
+    );
+    let mut params: Vec<Box<dyn rusqlite::ToSql>> = args
+        .drain(..)
+        .map(|a| Box::new(a) as Box<dyn rusqlite::ToSql>)
+        .collect();
+    params.push(Box::new(after));
+    params.push(Box::new(current));
+    params.push(Box::new(limit as i64));
+    let mut stmt = tx.prepare_cached(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+        Ok((
+            r.get::<_, Revision>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+            r.get::<_, Option<Vec<u8>>>(3)?,
+            r.get::<_, Option<Revision>>(4)?,
+            r.get::<_, Option<LeaseId>>(5)?,
+        ))
+    })?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (revision, kind, key, value, create_revision, lease) = row?;
+        let key = key_string(key)?;
+        events.push(match kind {
+            0 => WatchEvent::Put(KeyValue {
+                key,
+                value: value.unwrap_or_default(),
+                create_revision: create_revision.unwrap_or(revision),
+                mod_revision: revision,
+                lease,
+            }),
+            _ => WatchEvent::Delete { key, revision },
+        });
+    }
+    drop(stmt);
+    tx.commit()?;
+    let seen = if events.len() == limit {
+        events.last().map_or(current, WatchEvent::revision)
+    } else {
+        current
+    };
+    Ok((events, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key_range() {
+        assert_eq!(prefix_end(b"a/"), Some(b"a0".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b""), None);
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+    }
+}
