@@ -80,10 +80,10 @@ impl Drop for LeaseKeeper {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let (store, id) = (self.store.clone(), self.id);
             handle.spawn(async move {
-                if let Err(e) = store.revoke(id).await {
-                    if !matches!(e, StoreError::LeaseNotFound(_)) {
-                        tracing::warn!(lease = id, error = %e, "could not revoke a dropped lease");
-                    }
+                if let Err(e) = store.revoke(id).await
+                    && !matches!(e, StoreError::LeaseNotFound(_))
+                {
+                    tracing::warn!(lease = id, error = %e, "could not revoke a dropped lease");
                 }
             });
         }
@@ -120,7 +120,10 @@ async fn keep_alive_loop(
             Err(_) => tracing::debug!(lease = id, "keep-alive got no answer in time"),
         }
         if last_ok.elapsed() >= ttl {
-            tracing::warn!(lease = id, "no keep-alive succeeded for a whole TTL: lease lost");
+            tracing::warn!(
+                lease = id,
+                "no keep-alive succeeded for a whole TTL: lease lost"
+            );
             let _ = lost.send(true);
             return;
         }

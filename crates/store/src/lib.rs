@@ -184,7 +184,9 @@ fn check_after(url: &str, prefix: &str, after: Revision) -> Result<(), StoreErro
     if after < 0 {
         return Err(StoreError::InvalidRequest {
             url: url.to_string(),
-            reason: format!("watch of {prefix:?} after revision {after}: revisions are never negative"),
+            reason: format!(
+                "watch of {prefix:?} after revision {after}: revisions are never negative"
+            ),
         });
     }
     Ok(())

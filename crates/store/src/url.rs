@@ -133,10 +133,22 @@ mod tests {
     #[test]
     fn sqlite_urls_and_bare_paths() {
         let sqlite = |p: &str| StoreUrl::Sqlite { path: p.into() };
-        assert_eq!(StoreUrl::parse("sqlite:/var/x.db").unwrap(), sqlite("/var/x.db"));
-        assert_eq!(StoreUrl::parse("sqlite:///var/x.db").unwrap(), sqlite("/var/x.db"));
-        assert_eq!(StoreUrl::parse("sqlite:state.db").unwrap(), sqlite("state.db"));
-        assert_eq!(StoreUrl::parse("/tmp/a b/s.db").unwrap(), sqlite("/tmp/a b/s.db"));
+        assert_eq!(
+            StoreUrl::parse("sqlite:/var/x.db").unwrap(),
+            sqlite("/var/x.db")
+        );
+        assert_eq!(
+            StoreUrl::parse("sqlite:///var/x.db").unwrap(),
+            sqlite("/var/x.db")
+        );
+        assert_eq!(
+            StoreUrl::parse("sqlite:state.db").unwrap(),
+            sqlite("state.db")
+        );
+        assert_eq!(
+            StoreUrl::parse("/tmp/a b/s.db").unwrap(),
+            sqlite("/tmp/a b/s.db")
+        );
         assert_eq!(StoreUrl::parse("rel/s.db").unwrap(), sqlite("rel/s.db"));
     }
 

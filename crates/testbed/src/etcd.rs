@@ -107,7 +107,6 @@ impl EtcdServer {
             );
         }
     }
-
 }
 
 impl Drop for EtcdServer {
@@ -150,7 +149,9 @@ fn spawn(
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("cannot run {binary:?}: {e} (install Debian's etcd-server: scripts/setup.sh --test)")
+            panic!(
+                "cannot run {binary:?}: {e} (install Debian's etcd-server: scripts/setup.sh --test)"
+            )
         });
     (child, log_path)
 }
@@ -167,10 +168,10 @@ fn kill(child: &mut Option<Child>) {
 fn wait_healthy(child: &mut Option<Child>, port: u16) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Some(child) = child.as_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("etcd exited with {status} while starting"));
-            }
+        if let Some(child) = child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(format!("etcd exited with {status} while starting"));
         }
         if health(port) {
             return Ok(());

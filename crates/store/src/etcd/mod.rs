@@ -13,8 +13,7 @@ use etcd_client::{
 };
 
 use crate::{
-    KeyValue, LeaseId, Revision, Store, StoreError, WatchStream, check_after, check_key,
-    check_ttl,
+    KeyValue, LeaseId, Revision, Store, StoreError, WatchStream, check_after, check_key, check_ttl,
 };
 
 /// How long one request may take before the store counts as unavailable.
@@ -48,19 +47,15 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Client::connect(endpoints, Some(options)),
-        )
-        .await
-        {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(unavailable(&url, format!("cannot connect: {e}"))),
-            Err(_) => return Err(unavailable(&url, "no answer to connect".into())),
-        };
-        let kv = client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE);
+        let client =
+            match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(endpoints, Some(options)))
+                .await
+            {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => return Err(unavailable(&url, format!("cannot connect: {e}"))),
+                Err(_) => return Err(unavailable(&url, "no answer to connect".into())),
+            };
+        let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE);
         let store = EtcdStore {
             client,
             kv,
@@ -122,11 +117,16 @@ impl EtcdStore {
         }
     }
 
-    fn revision_of(&self, header: Option<&etcd_client::ResponseHeader>) -> Result<Revision, StoreError> {
-        header.map(|h| h.revision()).ok_or_else(|| StoreError::Backend {
-            url: self.url.clone(),
-            reason: "etcd answered without a response header".into(),
-        })
+    fn revision_of(
+        &self,
+        header: Option<&etcd_client::ResponseHeader>,
+    ) -> Result<Revision, StoreError> {
+        header
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::Backend {
+                url: self.url.clone(),
+                reason: "etcd answered without a response header".into(),
+            })
     }
 
     /// The single key-value a Txn's `or_else` get returned, if any.
@@ -150,29 +150,41 @@ fn unavailable(url: &str, reason: String) -> StoreError {
 /// Maps an etcd client error of request `what` to a [`StoreError`].
 fn map_error(url: &str, what: &str, lease: Option<LeaseId>, e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
-    let message = e.to_string();
-    if let Some(lease) = lease {
-        if message.contains("lease not found") {
-            return StoreError::LeaseNotFound(lease);
-        }
+    let message = describe(&e);
+    if let Some(lease) = lease
+        && message.contains("lease not found")
+    {
+        return StoreError::LeaseNotFound(lease);
     }
-    match &e {
-        E::GRpcStatus(status)
-            if matches!(
+    let connection_lost = match &e {
+        E::GRpcStatus(status) => {
+            matches!(
                 status.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled
-                    | tonic::Code::Aborted
-            ) || message.contains("transport") =>
-        {
-            unavailable(url, format!("{what}: {}", status.message()))
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) || (status.code() == tonic::Code::Unknown
+                && (message.contains("h2 protocol error") || message.contains("transport")))
         }
-        E::TransportError(_) | E::IoError(_) => unavailable(url, format!("{what}: {message}")),
-        _ => StoreError::Backend {
+        E::TransportError(_) | E::IoError(_) => true,
+        _ => false,
+    };
+    if connection_lost {
+        unavailable(url, format!("{what}: {message}"))
+    } else {
+        StoreError::Backend {
             url: url.to_string(),
             reason: format!("{what}: {message}"),
-        },
+        }
+    }
+}
+
+/// The useful part of an etcd client error: a gRPC status's message
+/// rather than its debug dump.
+fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
     }
 }
 
@@ -182,7 +194,11 @@ impl Store for EtcdStore {
         check_key(&self.url, key)?;
         let mut kv = self.kv.clone();
         let resp = self
-            .call(&format!("get {key:?}"), None, kv.get(self.full_key(key), None))
+            .call(
+                &format!("get {key:?}"),
+                None,
+                kv.get(self.full_key(key), None),
+            )
             .await?;
         resp.kvs().first().map(|kv| self.key_value(kv)).transpose()
     }
@@ -289,7 +305,11 @@ impl Store for EtcdStore {
         check_key(&self.url, key)?;
         let mut kv = self.kv.clone();
         let resp = self
-            .call(&format!("delete {key:?}"), None, kv.delete(self.full_key(key), None))
+            .call(
+                &format!("delete {key:?}"),
+                None,
+                kv.delete(self.full_key(key), None),
+            )
             .await?;
         if resp.deleted() == 0 {
             return Ok(None);

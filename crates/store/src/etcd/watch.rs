@@ -29,7 +29,11 @@ pub(super) async fn start(
         .with_prefix()
         .with_start_revision(after + 1);
     let stream = store
-        .call(&what, None, client.watch(store.full_key(prefix), Some(options)))
+        .call(
+            &what,
+            None,
+            client.watch(store.full_key(prefix), Some(options)),
+        )
         .await?;
     let (requests, mut responses) = stream.split();
     // The first answer confirms the watch and carries the current revision.
@@ -40,8 +44,10 @@ pub(super) async fn start(
     let current = created.header().map(|h| h.revision()).unwrap_or(0);
     // etcd reports a compacted start revision asynchronously, as a
     // cancellation after the creation; a read at that revision tells now.
-    if after + 1 <= current && is_compacted(store, after + 1).await? {
-        let oldest = wait_compaction_report(&mut responses).await.unwrap_or(current);
+    if after < current && is_compacted(store, after + 1).await? {
+        let oldest = wait_compaction_report(&mut responses)
+            .await
+            .unwrap_or(current);
         return Err(StoreError::Compacted {
             requested: after,
             oldest,
@@ -61,12 +67,15 @@ pub(super) async fn start(
 /// Whether history at `revision` was compacted away.
 async fn is_compacted(store: &EtcdStore, revision: Revision) -> Result<bool, StoreError> {
     let mut kv = store.kv.clone();
-    let options = GetOptions::new()
-        .with_count_only()
-        .with_revision(revision);
+    let options = GetOptions::new().with_count_only().with_revision(revision);
     match tokio::time::timeout(REQUEST_TIMEOUT, kv.get(vec![0u8], Some(options))).await {
         Ok(Ok(_)) => Ok(false),
-        Ok(Err(e)) if e.to_string().contains("required revision has been compacted") => Ok(true),
+        Ok(Err(e))
+            if e.to_string()
+                .contains("required revision has been compacted") =>
+        {
+            Ok(true)
+        }
         Ok(Err(e)) => Err(map_error(&store.url, "check watch history", None, e)),
         Err(_) => Err(unavailable(
             &store.url,
@@ -162,11 +171,14 @@ impl Relay {
                     return;
                 }
                 Err(e) => {
-                    let what = format!(
-                        "{} (lost after revision {}; watch again from there)",
-                        self.what, self.seen
+                    // Whatever broke the stream, the watch is lost, not the data.
+                    let reason = format!(
+                        "{}: the watch was lost after revision {} ({}); watch again from there",
+                        self.what,
+                        self.seen,
+                        super::describe(&e)
                     );
-                    let _ = tx.send(Err(map_error(&self.url, &what, None, e))).await;
+                    let _ = tx.send(Err(unavailable(&self.url, reason))).await;
                     return;
                 }
             };
@@ -191,7 +203,9 @@ impl Relay {
             url: self.url.clone(),
             reason: format!("{}: {reason}", self.what),
         };
-        let kv = event.kv().ok_or_else(|| bad("an event without a key".into()))?;
+        let kv = event
+            .kv()
+            .ok_or_else(|| bad("an event without a key".into()))?;
         let key = kv
             .key()
             .strip_prefix(self.namespace.as_bytes())

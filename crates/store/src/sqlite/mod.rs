@@ -4,6 +4,7 @@
 //! log. All SQLite calls run on tokio's blocking pool.
 
 mod db;
+mod write;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -68,13 +69,13 @@ impl SqliteStore {
     /// must exist.
     pub async fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let url = format!("sqlite:{}", path.display());
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(StoreError::Backend {
-                    url,
-                    reason: format!("directory {} does not exist", dir.display()),
-                });
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            return Err(StoreError::Backend {
+                url,
+                reason: format!("directory {} does not exist", dir.display()),
+            });
         }
         if options.history == 0 {
             return Err(StoreError::InvalidRequest {
@@ -121,12 +122,12 @@ impl SqliteStore {
         .map_err(|e| join_error(&self.inner.url, e))?
     }
 
-    /// Runs `f` in a write transaction (see [`db::write`]).
+    /// Runs `f` in a write transaction (see [`write::write`]).
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut db::Writer<'_>) -> Result<T, DbError> + Send + 'static,
+        f: impl FnOnce(&mut write::Writer<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.run(move |conn, history| db::write(conn, history, f))
+        self.run(move |conn, history| write::write(conn, history, f))
             .await
     }
 }
@@ -245,8 +246,12 @@ impl Store for SqliteStore {
         // compacted start revision is an error of `watch` itself.
         let (conn, first) = tokio::task::spawn_blocking(move || {
             let history = i64::from(inner.options.history);
-            let mut conn = db::connect(&inner.path, inner.options.busy_timeout, inner.options.durable)
-                .map_err(|e| store_error(&inner.url, &inner.options, e))?;
+            let mut conn = db::connect(
+                &inner.path,
+                inner.options.busy_timeout,
+                inner.options.durable,
+            )
+            .map_err(|e| store_error(&inner.url, &inner.options, e))?;
             let first = db::poll_events(&mut conn, history, &owned_prefix, after, WATCH_BATCH)
                 .map_err(|e| store_error(&inner.url, &inner.options, e))?;
             Ok::<_, StoreError>((conn, first))
@@ -308,7 +313,9 @@ async fn poll_watch(
                 seen = now_seen;
             }
             Ok((_, Err(e))) => {
-                let _ = tx.send(Err(store_error(&inner.url, &inner.options, e))).await;
+                let _ = tx
+                    .send(Err(store_error(&inner.url, &inner.options, e)))
+                    .await;
                 return;
             }
             Err(e) => {

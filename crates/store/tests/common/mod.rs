@@ -53,9 +53,10 @@ impl Backend {
         }
     }
 
-    /// Drops all history up to the current revision: etcd compacts; for
-    /// SQLite, enough writes under `filler/` push it out of the log.
-    pub async fn compact(&self) {
+    /// Drops all history up to the current revision (etcd compacts, then
+    /// writes one more key; for SQLite, enough writes under `filler/` push
+    /// it out of the log). Returns the oldest revision still kept.
+    pub async fn compact(&self) -> i64 {
         match &self.target {
             Target::Etcd(server) => {
                 let mut client = etcd_client::Client::connect([server.endpoint()], None)
@@ -63,9 +64,14 @@ impl Backend {
                     .unwrap();
                 let rev = self.store.current_revision().await.unwrap();
                 client
-                    .compact(rev, Some(etcd_client::CompactionOptions::new().with_physical()))
+                    .compact(
+                        rev,
+                        Some(etcd_client::CompactionOptions::new().with_physical()),
+                    )
                     .await
                     .unwrap();
+                self.store.put("filler/after", b"x", None).await.unwrap();
+                rev
             }
             Target::Sqlite { .. } => {
                 for i in 0..=SQLITE_TEST_HISTORY {
@@ -74,6 +80,7 @@ impl Backend {
                         .await
                         .unwrap();
                 }
+                self.store.current_revision().await.unwrap() - i64::from(SQLITE_TEST_HISTORY) + 1
             }
         }
     }
@@ -117,7 +124,10 @@ pub async fn wait_gone(store: &dyn Store, key: &str, within: Duration) -> Instan
         if store.get(key).await.unwrap().is_none() {
             return Instant::now();
         }
-        assert!(Instant::now() < deadline, "{key} still present after {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{key} still present after {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
