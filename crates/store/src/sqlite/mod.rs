@@ -1,17 +1,20 @@
 //! The embedded SQLite backend: one database file shared by every process
 //! on one host. Writes are `BEGIN IMMEDIATE` transactions, so creates and
 //! compare-and-swaps are atomic across processes; watches poll the event
-//! log. All SQLite calls run on tokio's blocking pool.
+//! log (and are woken at once by writes from their own process). All SQLite
+//! calls run on tokio's blocking pool.
 
 mod db;
+mod fs;
 mod write;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use self::db::DbError;
 use crate::{
@@ -62,19 +65,50 @@ struct Inner {
     path: PathBuf,
     options: SqliteOptions,
     conn: Mutex<Connection>,
+    /// Woken after every write through any store of this process on the
+    /// same file, so watches in this process need not wait for their poll.
+    changed: Arc<Notify>,
+}
+
+/// The [`Inner::changed`] of each store file open in this process.
+fn change_signal(path: &Path) -> Arc<Notify> {
+    static SIGNALS: OnceLock<Mutex<HashMap<PathBuf, Weak<Notify>>>> = OnceLock::new();
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut signals = SIGNALS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    signals.retain(|_, s| s.strong_count() > 0);
+    if let Some(signal) = signals.get(&key).and_then(Weak::upgrade) {
+        return signal;
+    }
+    let signal = Arc::new(Notify::new());
+    signals.insert(key, Arc::downgrade(&signal));
+    signal
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file at `path`. Its directory
-    /// must exist.
+    /// must exist and be on a local filesystem (not NFS or the like).
     pub async fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let url = format!("sqlite:{}", path.display());
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
             return Err(StoreError::Backend {
                 url,
                 reason: format!("directory {} does not exist", dir.display()),
+            });
+        }
+        if let Some(fs) = fs::network_filesystem(dir) {
+            return Err(StoreError::Backend {
+                url,
+                reason: format!(
+                    "{} is on {fs}, a network filesystem: SQLite's locks do not work across hosts there; keep the SQLite store on a local disk, or use etcd:// for a cluster",
+                    dir.display()
+                ),
             });
         }
         if options.history == 0 {
@@ -98,6 +132,7 @@ impl SqliteStore {
                 path: path.to_path_buf(),
                 options,
                 conn: Mutex::new(conn),
+                changed: change_signal(path),
             }),
         })
     }
@@ -127,8 +162,11 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut write::Writer<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.run(move |conn, history| write::write(conn, history, f))
-            .await
+        let result = self
+            .run(move |conn, history| write::write(conn, history, f))
+            .await;
+        self.inner.changed.notify_waiters();
+        result
     }
 }
 
@@ -274,8 +312,9 @@ impl Store for SqliteStore {
     }
 }
 
-/// Delivers `first`, then polls the event log every `poll_interval` until
-/// the receiver is dropped or an error ends the watch.
+/// Delivers `first`, then polls the event log every `poll_interval`, or
+/// at once when this process writes to the file, until the receiver is
+/// dropped or an error ends the watch.
 async fn poll_watch(
     inner: Arc<Inner>,
     conn: Connection,
@@ -284,21 +323,17 @@ async fn poll_watch(
     tx: mpsc::Sender<Result<WatchEvent, StoreError>>,
 ) {
     let history = i64::from(inner.options.history);
+    let changed = inner.changed.clone();
     let mut conn = Some(conn);
-    let (mut batch, mut seen) = first;
+    let (batch, mut seen) = first;
+    if !deliver(&tx, batch).await {
+        return;
+    }
     loop {
-        let full = batch.len() == WATCH_BATCH;
-        for event in batch.drain(..) {
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
-        if !full {
-            tokio::select! {
-                _ = tokio::time::sleep(inner.options.poll_interval) => {}
-                _ = tx.closed() => return,
-            }
-        }
+        // Registered before the poll, so a write during it still wakes us.
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         let Some(mut c) = conn.take() else { return };
         let (p, after) = (prefix.clone(), seen);
         let polled = tokio::task::spawn_blocking(move || {
@@ -306,11 +341,11 @@ async fn poll_watch(
             (c, result)
         })
         .await;
-        match polled {
+        let batch = match polled {
             Ok((c, Ok((events, now_seen)))) => {
                 conn = Some(c);
-                batch = events;
                 seen = now_seen;
+                events
             }
             Ok((_, Err(e))) => {
                 let _ = tx
@@ -322,6 +357,30 @@ async fn poll_watch(
                 let _ = tx.send(Err(join_error(&inner.url, e))).await;
                 return;
             }
+        };
+        let full = batch.len() == WATCH_BATCH;
+        if !deliver(&tx, batch).await {
+            return;
+        }
+        if !full {
+            tokio::select! {
+                _ = tokio::time::sleep(inner.options.poll_interval) => {}
+                _ = &mut notified => {}
+                _ = tx.closed() => return,
+            }
         }
     }
+}
+
+/// Sends `events`; false if the receiver is gone.
+async fn deliver(
+    tx: &mpsc::Sender<Result<WatchEvent, StoreError>>,
+    events: Vec<WatchEvent>,
+) -> bool {
+    for event in events {
+        if tx.send(Ok(event)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
