@@ -3,11 +3,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{next_event, open_etcd};
-use podvisor_store::{SqliteOptions, SqliteStore, Store, StoreError, WatchEvent, open};
+use podvisor_store::{
+    LeaseKeeper, SqliteOptions, SqliteStore, Store, StoreError, WatchEvent, open,
+};
 use podvisor_testbed::etcd::EtcdServer;
+
+const TTL: Duration = Duration::from_secs(2);
 
 #[tokio::test]
 async fn open_picks_the_backend_from_the_url() {
@@ -176,8 +181,11 @@ async fn etcd_watch_reports_a_lost_connection_and_resumes_after_restart() {
         .await
         .unwrap()
         .revision();
+    let shared: Arc<dyn Store> = Arc::new(open_etcd(&server.url()).await);
+    let keeper = LeaseKeeper::start(shared, TTL).await.unwrap();
 
     server.kill();
+    let killed = Instant::now();
     let err = next_event(&mut watch, Duration::from_secs(15))
         .await
         .unwrap_err();
@@ -192,6 +200,12 @@ async fn etcd_watch_reports_a_lost_connection_and_resumes_after_restart() {
     );
     let err = store.get("p/1").await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+    // No keep-alive can succeed: the keeper gives the lease up after a TTL.
+    tokio::time::timeout(TTL + Duration::from_secs(2), keeper.lost())
+        .await
+        .expect("the keeper reports the loss");
+    let after = killed.elapsed();
+    assert!(after >= TTL - TTL / 3, "lost after only {after:?}");
 
     // Same data, same port: the same store handle reconnects, and a watch
     // from the last revision seen gets what happened in between.

@@ -46,6 +46,7 @@ conformance!(
     watch_from_compacted_revision_is_refused,
     lease_keys_vanish_after_ttl,
     kept_alive_lease_keeps_keys_until_dropped,
+    lease_keeper_reports_a_revoked_lease_as_lost,
     revoke_deletes_keys_with_delete_events,
     update_keeps_the_lease_put_replaces_it,
     invalid_requests_are_refused,
@@ -396,6 +397,23 @@ async fn kept_alive_lease_keeps_keys_until_dropped(b: &Backend) {
         "revoked on drop, not expired: {:?}",
         gone - dropped
     );
+}
+
+async fn lease_keeper_reports_a_revoked_lease_as_lost(b: &Backend) {
+    let s = &b.store;
+    let keeper = LeaseKeeper::start(s.clone(), TTL).await.unwrap();
+    s.put("lost/key", b"v", Some(keeper.id())).await.unwrap();
+    assert!(
+        tokio::time::timeout(TTL / 2, keeper.lost()).await.is_err(),
+        "lost while kept alive"
+    );
+    // Someone else ends the lease: the keeper notices at its next keep-alive.
+    s.revoke(keeper.id()).await.unwrap();
+    tokio::time::timeout(TTL, keeper.lost())
+        .await
+        .expect("the keeper reports the loss within a TTL");
+    assert!(keeper.is_lost());
+    assert_eq!(s.get("lost/key").await.unwrap(), None);
 }
 
 async fn revoke_deletes_keys_with_delete_events(b: &Backend) {
