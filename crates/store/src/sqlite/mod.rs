@@ -87,44 +87,53 @@ fn change_signal(path: &Path) -> Arc<Notify> {
     signal
 }
 
+/// Checks where the file is, then opens it (see [`SqliteStore::open`]).
+fn open_file(
+    path: &Path,
+    options: &SqliteOptions,
+    url: &str,
+) -> Result<(Connection, Arc<Notify>), StoreError> {
+    let backend = |reason: String| StoreError::Backend {
+        url: url.to_string(),
+        reason,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(backend(format!(
+            "directory {} does not exist",
+            dir.display()
+        )));
+    }
+    if let Some(fs) = fs::network_filesystem(dir) {
+        return Err(backend(format!(
+            "{} is on {fs}, a network filesystem: SQLite's locks do not work across hosts there; keep the SQLite store on a local disk, or use etcd:// for a cluster",
+            dir.display()
+        )));
+    }
+    let conn = db::connect(path, options.busy_timeout, options.durable)
+        .map_err(|e| store_error(url, options, e))?;
+    Ok((conn, change_signal(path)))
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store file at `path`. Its directory
     /// must exist and be on a local filesystem (not NFS or the like).
     pub async fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let url = format!("sqlite:{}", path.display());
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if !dir.is_dir() {
-            return Err(StoreError::Backend {
-                url,
-                reason: format!("directory {} does not exist", dir.display()),
-            });
-        }
-        if let Some(fs) = fs::network_filesystem(dir) {
-            return Err(StoreError::Backend {
-                url,
-                reason: format!(
-                    "{} is on {fs}, a network filesystem: SQLite's locks do not work across hosts there; keep the SQLite store on a local disk, or use etcd:// for a cluster",
-                    dir.display()
-                ),
-            });
-        }
         if options.history == 0 {
             return Err(StoreError::InvalidRequest {
                 url,
                 reason: "the event history must keep at least one event".into(),
             });
         }
-        let conn = {
+        let (conn, changed) = {
             let (path, options, task_url) = (path.to_path_buf(), options.clone(), url.clone());
-            tokio::task::spawn_blocking(move || {
-                db::connect(&path, options.busy_timeout, options.durable)
-                    .map_err(|e| store_error(&task_url, &options, e))
-            })
-            .await
-            .map_err(|e| join_error(&url, e))??
+            tokio::task::spawn_blocking(move || open_file(&path, &options, &task_url))
+                .await
+                .map_err(|e| join_error(&url, e))??
         };
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -132,7 +141,7 @@ impl SqliteStore {
                 path: path.to_path_buf(),
                 options,
                 conn: Mutex::new(conn),
-                changed: change_signal(path),
+                changed,
             }),
         })
     }
