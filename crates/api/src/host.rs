@@ -64,6 +64,10 @@ pub struct HostStatus {
     /// Why the host is not ready (`HeartbeatLeaseExpired`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The TTL of the host's heartbeat lease, set by the server: heartbeat
+    /// at least every third of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_duration_seconds: Option<u64>,
 }
 
 /// A list of hosts.

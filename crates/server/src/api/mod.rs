@@ -1,0 +1,155 @@
+//! The HTTP API: the route table (from which both the axum router and the
+//! list checked against the OpenAPI document are built), the shared state,
+//! and the OpenAPI document.
+
+mod hosts;
+mod pods;
+mod proxy;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Method, StatusCode, Uri};
+use axum::routing::MethodRouter;
+use podvisor_store::Store;
+use utoipa::OpenApi;
+
+use crate::error::ApiError;
+use crate::pod_cache::PodCache;
+use crate::tokens::TokenCheck;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub pods: PodCache,
+    pub tokens: TokenCheck,
+    /// For proxying logs to host daemons.
+    pub http: reqwest::Client,
+    /// TTL of a host's heartbeat lease.
+    pub host_ttl: Duration,
+}
+
+/// One route: method, path (axum syntax, `{param}`), handler.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn route(method: Method, path: &'static str, handler: MethodRouter<AppState>) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+    }
+}
+
+/// Every route the server serves. The router is built from this list, and
+/// a test checks it against the OpenAPI document both ways.
+pub fn routes() -> Vec<Route> {
+    use axum::routing::{delete, get, post, put};
+    vec![
+        route(Method::GET, "/healthz", get(healthz)),
+        route(Method::GET, "/openapi.json", get(openapi_json)),
+        route(Method::GET, "/api/v1/pods", get(pods::list_all)),
+        route(Method::GET, "/api/v1/namespaces/{namespace}/pods", get(pods::list_namespaced)),
+        route(Method::POST, "/api/v1/namespaces/{namespace}/pods", post(pods::create)),
+        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}", get(pods::get_one)),
+        route(Method::PUT, "/api/v1/namespaces/{namespace}/pods/{name}", put(pods::apply)),
+        route(Method::DELETE, "/api/v1/namespaces/{namespace}/pods/{name}", delete(pods::delete)),
+        route(Method::PUT, "/api/v1/namespaces/{namespace}/pods/{name}/status", put(pods::update_status)),
+        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}/log", get(proxy::log)),
+        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}/exec", get(proxy::exec)),
+        route(Method::GET, "/api/v1/hosts", get(hosts::list)),
+        route(Method::POST, "/api/v1/hosts", post(hosts::register)),
+        route(Method::GET, "/api/v1/hosts/{name}", get(hosts::get_one)),
+        route(Method::PUT, "/api/v1/hosts/{name}/heartbeat", put(hosts::heartbeat)),
+        route(Method::GET, "/api/v1/images", get(hosts::images)),
+    ]
+}
+
+/// The router of [`routes`], with JSON answers for unknown paths and
+/// methods.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        // Routes of one path merge into one method router.
+        router = router.route(r.path, r.handler);
+    }
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no API path {}: see /openapi.json for the paths this server serves",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Liveness of the server itself.
+#[utoipa::path(get, path = "/healthz", tag = "server",
+    responses((status = 200, description = "The server is up", body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "server",
+    responses((status = 200, description = "The OpenAPI document of this API", content_type = "application/json")))]
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document, from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "podvisor", description = "podvisor's management API: pods, hosts and images, Kubernetes-style."),
+    paths(
+        healthz,
+        openapi_json,
+        pods::list_all,
+        pods::list_namespaced,
+        pods::create,
+        pods::get_one,
+        pods::apply,
+        pods::delete,
+        pods::update_status,
+        proxy::log,
+        proxy::exec,
+        hosts::list,
+        hosts::register,
+        hosts::get_one,
+        hosts::heartbeat,
+        hosts::images,
+    ),
+    components(schemas(podvisor_api::Status, podvisor_api::WatchEvent, podvisor_api::EventType)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! Where objects live in the store. Every key is under `/registry/`.
+
+/// Prefix of all pods: `/registry/pods/NAMESPACE/NAME`.
+pub const PODS: &str = "/registry/pods/";
+/// Prefix of all hosts: `/registry/hosts/NAME`.
+pub const HOSTS: &str = "/registry/hosts/";
+/// Prefix of the hosts' heartbeat leases: `/registry/host-leases/NAME`
+/// (the value is the lease id; the key ends with the lease).
+pub const HOST_LEASES: &str = "/registry/host-leases/";
+/// Prefix of API tokens: `/registry/tokens/SHA256-HEX`.
+pub const TOKENS: &str = "/registry/tokens/";
+/// The key whose holder runs the scheduler and the liveness checks.
+pub const LEADER: &str = "/registry/leader/controllers";
+
+pub fn pod(namespace: &str, name: &str) -> String {
+    format!("{PODS}{namespace}/{name}")
+}
+
+pub fn pods_in(namespace: &str) -> String {
+    format!("{PODS}{namespace}/")
+}
+
+pub fn host(name: &str) -> String {
+    format!("{HOSTS}{name}")
+}
+
+pub fn host_lease(name: &str) -> String {
+    format!("{HOST_LEASES}{name}")
+}
+
+pub fn token(hash: &str) -> String {
+    format!("{TOKENS}{hash}")
+}

@@ -1,0 +1,273 @@
+//! podvisor's management server: the HTTP API (axum) over the state store
+//! (`podvisor-store`: SQLite by default, etcd for several replicas), bearer
+//! tokens, the pod watch cache, the scheduler and host liveness checks (run
+//! by the elected leader replica), the OpenAPI document, and the proxy of
+//! logs and exec to host daemons. Replicas keep no state of their own
+//! beyond caches derived from the store, so any replica serves any request.
+
+pub mod api;
+mod error;
+mod keys;
+mod leader;
+mod liveness;
+mod objects;
+mod pod_cache;
+mod scheduler;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{ApiError, ServerError};
+pub use tokens::Role;
+
+use podvisor_store::Store;
+
+/// Name of the admin token file in the state directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// How a server runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to listen on (`127.0.0.1:7443`; port 0 picks a free one).
+    pub listen: String,
+    /// Directory of the admin token and (by default) the SQLite store.
+    pub state_dir: PathBuf,
+    /// The store: `sqlite:/path` or `etcd://host:port[,...]`; `None` is
+    /// `sqlite:STATE_DIR/state.db`.
+    pub store_url: Option<String>,
+    /// TTL of a host's heartbeat lease: a host silent this long is NotReady.
+    pub host_ttl: Duration,
+    /// TTL of the leader lease: how soon another replica takes over the
+    /// scheduler when the leader dies.
+    pub leader_ttl: Duration,
+    /// Pod changes kept for watches that resume.
+    pub watch_history: usize,
+}
+
+impl ServerConfig {
+    /// Defaults: SQLite in `state_dir`, 15 s host leases, 5 s leader lease.
+    pub fn new(listen: &str, state_dir: &Path) -> ServerConfig {
+        ServerConfig {
+            listen: listen.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            store_url: None,
+            host_ttl: Duration::from_secs(15),
+            leader_ttl: Duration::from_secs(5),
+            watch_history: 20_000,
+        }
+    }
+
+    /// The store URL in use.
+    pub fn store_url(&self) -> String {
+        store_url(&self.state_dir, self.store_url.as_deref())
+    }
+}
+
+fn store_url(state_dir: &Path, url: Option<&str>) -> String {
+    match url {
+        Some(url) => url.to_string(),
+        None => format!("sqlite:{}", state_dir.join("state.db").display()),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates the state directory (mode 0700).
+fn make_state_dir(state_dir: &Path) -> Result<(), ServerError> {
+    std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(state_dir))
+}
+
+/// What [`init`] did.
+#[derive(Debug)]
+pub struct InitOutcome {
+    /// `STATE_DIR/admin.token`.
+    pub admin_token_path: PathBuf,
+    /// The new admin token, or `None` if the state directory already had one.
+    pub new_token: Option<String>,
+}
+
+/// Prepares a state directory: opens (creating) the store and, unless the
+/// directory has one, makes an admin token, stores its hash and writes it
+/// to `STATE_DIR/admin.token` (mode 0600).
+pub async fn init(state_dir: &Path, store_url: Option<&str>) -> Result<InitOutcome, ServerError> {
+    make_state_dir(state_dir)?;
+    let store = podvisor_store::open(&self::store_url(state_dir, store_url)).await?;
+    init_with(store.as_ref(), state_dir).await
+}
+
+async fn init_with(store: &dyn Store, state_dir: &Path) -> Result<InitOutcome, ServerError> {
+    let path = state_dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        return Ok(InitOutcome {
+            admin_token_path: path,
+            new_token: None,
+        });
+    }
+    let token = tokens::create(store, Role::Admin, "admin").await?;
+    let tmp = state_dir.join(format!(".{ADMIN_TOKEN_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        writeln!(file, "{token}").map_err(io_err(&tmp))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(InitOutcome {
+        admin_token_path: path,
+        new_token: Some(token),
+    })
+}
+
+/// Makes a token for a user or a host (`role`, `name`) in the store of
+/// `state_dir` (or `store_url`) and returns it.
+pub async fn create_token(
+    state_dir: &Path,
+    store_url: Option<&str>,
+    role: Role,
+    name: &str,
+) -> Result<String, ServerError> {
+    if let Some(problem) = podvisor_api::validate::dns_subdomain_problem(name) {
+        return Err(ServerError::Config(format!("token name: {problem}")));
+    }
+    if store_url.is_none() && !state_dir.join("state.db").exists() {
+        return Err(ServerError::Config(format!(
+            "{} has no store: run `podvisor server init --state-dir {}` first (or pass --store)",
+            state_dir.display(),
+            state_dir.display()
+        )));
+    }
+    let store = podvisor_store::open(&self::store_url(state_dir, store_url)).await?;
+    Ok(tokens::create(store.as_ref(), role, name).await?)
+}
+
+/// A running server; dropping it (or [`RunningServer::shutdown`]) stops it.
+pub struct RunningServer {
+    addr: SocketAddr,
+    admin_token_path: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Where the admin token is.
+    pub fn admin_token_path(&self) -> &Path {
+        &self.admin_token_path
+    }
+
+    /// Serves until the HTTP server fails (it does not end otherwise).
+    pub async fn wait(mut self) {
+        if let Some(http) = self.tasks.first_mut() {
+            let _ = http.await;
+        }
+    }
+
+    /// Stops serving and the background tasks (giving up the leader lease).
+    pub fn shutdown(self) {}
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a server: opens the store, initializes the state directory if
+/// needed, starts the pod cache, the API and leader election.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    rustls_provider();
+    make_state_dir(&config.state_dir)?;
+    let store: Arc<dyn Store> = podvisor_store::open(&config.store_url()).await?;
+    let admin = init_with(store.as_ref(), &config.state_dir).await?;
+    let cache = pod_cache::PodCache::start(store.clone(), config.watch_history).await?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| ServerError::Config(format!("cannot build the HTTP client: {e}")))?;
+    let state = api::AppState {
+        store: store.clone(),
+        pods: cache.clone(),
+        tokens: tokens::TokenCheck::default(),
+        http,
+        host_ttl: config.host_ttl,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Listen {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let app = api::router(state);
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the HTTP server stopped");
+        }
+    });
+    let identity = format!(
+        "{}/{}/{addr}",
+        nix_hostname(),
+        std::process::id()
+    );
+    let leader_ttl = config.leader_ttl;
+    let elected_store = store.clone();
+    let leader_task = tokio::spawn(async move {
+        leader::run_elected(elected_store.clone(), leader_ttl, identity, move || {
+            let (store, cache) = (elected_store.clone(), cache.clone());
+            async move {
+                tokio::join!(
+                    scheduler::run(store.clone(), cache.clone()),
+                    liveness::run(store, cache)
+                );
+            }
+        })
+        .await
+    });
+    tracing::info!(%addr, store = config.store_url(), "podvisor server listening");
+    Ok(RunningServer {
+        addr,
+        admin_token_path: admin.admin_token_path,
+        tasks: vec![http_task, leader_task],
+    })
+}
+
+/// rustls (used by reqwest for https host addresses) is built without a
+/// default crypto provider: install ring's.
+fn rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "server".into())
+}

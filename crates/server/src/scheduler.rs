@@ -1,0 +1,206 @@
+//! The scheduler (run by the leader only): assigns each pending pod to a
+//! ready host with room for its VM (CPU millicores and memory: the host's
+//! capacity minus the VM sizes of the pods already assigned to it that have
+//! not ended), preferring the least allocated host. The assignment is a
+//! compare-and-swap on the pod, so no pod is ever assigned twice. A pod that
+//! fits nowhere stays Pending with reason `Unschedulable` and a message
+//! saying why for each host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use podvisor_api::quantity::format_bytes;
+use podvisor_api::{Host, Pod, PodPhase, PodStatus, Quantity, Resources};
+use podvisor_store::Store;
+
+use crate::error::ApiError;
+use crate::keys;
+use crate::objects;
+use crate::pod_cache::PodCache;
+
+/// Reason of a pod that fits on no host.
+pub const UNSCHEDULABLE: &str = "Unschedulable";
+/// A pass also runs this often without any change (hosts may have changed).
+const IDLE_PASS: Duration = Duration::from_secs(1);
+
+/// Schedules forever.
+pub async fn run(store: Arc<dyn Store>, cache: PodCache) {
+    let mut updates = cache.subscribe();
+    loop {
+        updates.borrow_and_update();
+        match pass(store.as_ref(), &cache).await {
+            // The next pass must see this pass's assignments in the cache,
+            // or it would count their hosts' room twice.
+            Ok(written) => {
+                while cache.revision() < written {
+                    if updates.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "scheduling pass failed; retrying"),
+        }
+        tokio::select! {
+            changed = updates.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(IDLE_PASS) => {}
+        }
+    }
+}
+
+/// Room on one host.
+struct Room {
+    host: Host,
+    used: Resources,
+}
+
+impl Room {
+    fn free(&self) -> Resources {
+        Resources {
+            cpu: self.host.spec.capacity.cpu.saturating_sub(self.used.cpu),
+            memory: self.host.spec.capacity.memory.saturating_sub(self.used.memory),
+        }
+    }
+
+    fn fits(&self, size: Resources) -> bool {
+        let free = self.free();
+        free.cpu >= size.cpu && free.memory >= size.memory
+    }
+
+    /// Higher is better: the share of the host left after placing `size`.
+    fn score(&self, size: Resources) -> f64 {
+        let free = self.free();
+        let cap = self.host.spec.capacity;
+        (free.cpu - size.cpu) as f64 / cap.cpu.max(1) as f64
+            + (free.memory - size.memory) as f64 / cap.memory.max(1) as f64
+    }
+
+    /// Why `size` does not fit here.
+    fn why_not(&self, size: Resources) -> String {
+        let name = &self.host.metadata.name;
+        if !self.host.status.ready {
+            return format!("{name}: NotReady");
+        }
+        let free = self.free();
+        let cap = self.host.spec.capacity;
+        let mut lacks = Vec::new();
+        if free.cpu < size.cpu {
+            lacks.push(format!(
+                "not enough cpu (needs {}, {} free of {})",
+                Quantity::from_millicores(size.cpu),
+                Quantity::from_millicores(free.cpu),
+                Quantity::from_millicores(cap.cpu)
+            ));
+        }
+        if free.memory < size.memory {
+            lacks.push(format!(
+                "not enough memory (needs {}, {} free of {})",
+                format_bytes(size.memory),
+                format_bytes(free.memory),
+                format_bytes(cap.memory)
+            ));
+        }
+        format!("{name}: {}", lacks.join(", "))
+    }
+}
+
+/// One scheduling pass over the pending pods. Returns the revision of its
+/// last write (0 if none).
+pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> {
+    let mut written = 0;
+    let (hosts, _) = objects::list::<Host>(store, keys::HOSTS).await?;
+    let (pods, _) = cache.snapshot();
+    let mut rooms: HashMap<String, Room> = hosts
+        .into_iter()
+        .map(|h| {
+            (
+                h.metadata.name.clone(),
+                Room {
+                    host: h,
+                    used: Resources::default(),
+                },
+            )
+        })
+        .collect();
+    let mut pending = Vec::new();
+    for pod in &pods {
+        match &pod.spec.node_name {
+            Some(host) if !pod.status.phase.is_terminal() => {
+                if let (Some(room), Ok(size)) = (rooms.get_mut(host), pod.spec.vm_size()) {
+                    room.used.cpu += size.cpu;
+                    room.used.memory += size.memory;
+                }
+            }
+            Some(_) => {}
+            None if pod.metadata.deletion_timestamp.is_none() => pending.push(pod.clone()),
+            None => {}
+        }
+    }
+    if pending.is_empty() {
+        return Ok(written);
+    }
+    pending.sort_by(|a, b| {
+        (a.metadata.creation_timestamp, a.key()).cmp(&(b.metadata.creation_timestamp, b.key()))
+    });
+    let mut names: Vec<String> = rooms.keys().cloned().collect();
+    names.sort();
+    for pod in pending {
+        let key = keys::pod(pod.metadata.namespace(), &pod.metadata.name);
+        let size = match pod.spec.vm_size() {
+            Ok(size) => size,
+            Err(e) => {
+                mark_unschedulable(store, &key, &pod, e.to_string()).await?;
+                continue;
+            }
+        };
+        let best = names
+            .iter()
+            .filter_map(|n| rooms.get(n))
+            .filter(|r| r.host.status.ready && r.fits(size))
+            .max_by(|a, b| a.score(size).total_cmp(&b.score(size)))
+            .map(|r| r.host.metadata.name.clone());
+        match best {
+            Some(host) => {
+                let mut bound = (*pod).clone();
+                bound.spec.node_name = Some(host.clone());
+                if bound.status.reason.as_deref() == Some(UNSCHEDULABLE) {
+                    bound.status = PodStatus::default();
+                }
+                if let Some(done) = objects::update_if(store, &key, &bound, pod.metadata.revision()).await? {
+                    written = written.max(done.metadata.revision());
+                    tracing::debug!(pod = key, host, "scheduled");
+                    let room = rooms.get_mut(&host).expect("chosen host is known");
+                    room.used.cpu += size.cpu;
+                    room.used.memory += size.memory;
+                }
+            }
+            None => {
+                let reasons: Vec<String> = names.iter().filter_map(|n| rooms.get(n)).map(|r| r.why_not(size)).collect();
+                let message = if reasons.is_empty() {
+                    "0/0 hosts have room: no host is registered".to_string()
+                } else {
+                    format!("0/{} hosts have room: {}", reasons.len(), reasons.join("; "))
+                };
+                mark_unschedulable(store, &key, &pod, message).await?;
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// Sets the pod's status to Pending/Unschedulable with `message`, unless it
+/// says that already.
+async fn mark_unschedulable(store: &dyn Store, key: &str, pod: &Pod, message: String) -> Result<(), ApiError> {
+    if pod.status.reason.as_deref() == Some(UNSCHEDULABLE) && pod.status.message.as_deref() == Some(&message) {
+        return Ok(());
+    }
+    let mut marked = pod.clone();
+    marked.status = PodStatus {
+        phase: PodPhase::Pending,
+        reason: Some(UNSCHEDULABLE.into()),
+        message: Some(message),
+        ..Default::default()
+    };
+    objects::update_if(store, key, &marked, pod.metadata.revision()).await?;
+    Ok(())
+}

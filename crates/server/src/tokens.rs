@@ -1,0 +1,179 @@
+//! API tokens: made at init (admin) or by `server token create` (users,
+//! hosts), stored as SHA-256 hashes in the store, and checked on every
+//! request ([`Caller`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::AppState;
+use crate::error::ApiError;
+use crate::keys;
+use podvisor_store::{Store, StoreError};
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Pods, hosts and images: read, create, delete, logs, exec.
+    User,
+    /// One host's daemon: register and heartbeat that host, read pods,
+    /// report status of and finalize the pods assigned to it.
+    Host,
+}
+
+/// A token as stored (under the hash of the token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub role: Role,
+    /// The user's or host's name (`admin` for the admin token).
+    pub name: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+/// Who is calling, from their token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    pub name: String,
+}
+
+impl Caller {
+    /// Fails unless the caller is an admin or a user.
+    pub fn require_user(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin | Role::User => Ok(()),
+            Role::Host => Err(ApiError::forbidden(format!(
+                "the token of host {:?} may only register and heartbeat that host, read pods, and report status of or finalize its own pods",
+                self.name
+            ))),
+        }
+    }
+
+    /// Fails unless the caller is the host `host` (or an admin).
+    pub fn require_host(&self, host: &str, what: &str) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::Host if self.name == host => Ok(()),
+            Role::Host => Err(ApiError::forbidden(format!(
+                "{what}: only host {host:?} may do this, the token is host {:?}'s",
+                self.name
+            ))),
+            Role::User => Err(ApiError::forbidden(format!(
+                "{what}: only host {host:?} may do this (with its host token), not user {:?}",
+                self.name
+            ))),
+        }
+    }
+}
+
+/// A new random token: `pv_` and 64 hex digits.
+pub fn generate() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    format!("pv_{}", hex::encode(bytes))
+}
+
+/// The hex SHA-256 of a token, its key in the store.
+pub fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Stores a new token for `role`/`name` and returns it (the only time it
+/// is seen in clear).
+pub async fn create(store: &dyn Store, role: Role, name: &str) -> Result<String, StoreError> {
+    let token = generate();
+    let record = TokenRecord {
+        role,
+        name: name.to_string(),
+        created: chrono::Utc::now(),
+    };
+    let value = serde_json::to_vec(&record).expect("token records serialize");
+    store.put(&keys::token(&hash(&token)), &value, None).await?;
+    Ok(token)
+}
+
+/// How long a token found in the store is trusted without looking again.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Token lookups, with a short-lived cache of tokens found.
+#[derive(Clone, Default)]
+pub struct TokenCheck {
+    found: Arc<Mutex<HashMap<String, (Caller, Instant)>>>,
+}
+
+impl TokenCheck {
+    /// The caller a bearer token belongs to.
+    pub async fn caller(&self, store: &dyn Store, token: &str) -> Result<Caller, ApiError> {
+        let hash = hash(token);
+        if let Some((caller, at)) = self.found.lock().unwrap().get(&hash) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(caller.clone());
+            }
+        }
+        let kv = store.get(&keys::token(&hash)).await?.ok_or_else(|| {
+            ApiError::unauthorized(
+                "the bearer token is not valid on this server (unknown token); make one with `podvisor server token create` or use the admin token from `podvisor server init`",
+            )
+        })?;
+        let record: TokenRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+            ApiError::internal(format!("the stored record of this token is unreadable: {e}"))
+        })?;
+        let caller = Caller {
+            role: record.role,
+            name: record.name,
+        };
+        self.found
+            .lock()
+            .unwrap()
+            .insert(hash, (caller.clone(), Instant::now()));
+        Ok(caller)
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "no Authorization header: send `Authorization: Bearer TOKEN` (podvisor: --token or PODVISOR_TOKEN)",
+                )
+            })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header is not `Bearer TOKEN`")
+            })?;
+        state.tokens.caller(state.store.as_ref(), token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let (a, b) = (generate(), generate());
+        assert_ne!(a, b);
+        assert!(a.starts_with("pv_") && a.len() == 67);
+        assert_eq!(hash(&a), hash(&a));
+        assert_ne!(hash(&a), hash(&b));
+        assert!(!hash(&a).contains(&a[3..]));
+    }
+}
