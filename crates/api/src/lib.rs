@@ -14,7 +14,7 @@ pub mod quantity;
 mod status;
 pub mod validate;
 
-pub use client::{Client, ClientError, LogOptions, LogStream, PodFilter};
+pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
 pub use host::{Host, HostCapacity, HostList, HostSpec, HostStatus};
 pub use image::{Image, ImageList};
 pub use meta::{DEFAULT_NAMESPACE, ListMeta, ObjectMeta, Time};

@@ -1,7 +1,10 @@
 //! `podvisor`: the command-line interface. Parses arguments, formats output
 //! and handles the terminal; the work itself is done by the library crates.
 
+mod kube;
 mod run;
+mod server_cmd;
+mod server_config;
 mod terminal;
 
 use std::path::PathBuf;
@@ -91,6 +94,20 @@ impl HostArgs {
 enum Command {
     /// Run a command in a new pod VM from an image.
     Run(run::RunArgs),
+    /// Run the management server (or: server init, server token create).
+    Server(server_cmd::ServerArgs),
+    /// Create or update pods from YAML/JSON files.
+    Apply(kube::ApplyArgs),
+    /// List pods, hosts or images (a table, or -o json|yaml).
+    Get(kube::GetArgs),
+    /// Show a pod (or host) in detail.
+    Describe(kube::DescribeArgs),
+    /// Delete a pod.
+    Delete(kube::DeleteArgs),
+    /// Print a container's output.
+    Logs(kube::LogsArgs),
+    /// Run a command in a pod's container.
+    Exec(kube::ExecArgs),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +131,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&cli.host, args).await,
+            Command::Server(args) => server_cmd::run(args).await,
+            Command::Apply(args) => kube::apply(args).await,
+            Command::Get(args) => kube::get(args).await,
+            Command::Describe(args) => kube::describe(args).await,
+            Command::Delete(args) => kube::delete(args).await,
+            Command::Logs(args) => kube::logs(args).await,
+            Command::Exec(args) => kube::exec(args).await,
         }
     });
     // A reader blocked on stdin must not hold the process open.

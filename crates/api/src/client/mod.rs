@@ -1,10 +1,12 @@
 //! [`Client`]: the REST client of the podvisor API, used by the CLI and by
 //! host daemons. Plain HTTP or HTTPS (rustls), bearer token.
 
-mod exec;
+pub mod exec;
 mod feed;
 mod watch;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
-pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession};
+pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession, ExecStatus};
 pub use feed::PodFeedEvent;
 pub use watch::{PodEvent, PodWatch};
 
@@ -132,32 +134,56 @@ pub struct LogOptions {
     pub tail_lines: Option<u64>,
 }
 
+/// What an apply did.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The pod as stored.
+    pub pod: Pod,
+    /// `created`, `configured` or `unchanged`.
+    pub outcome: String,
+}
+
 /// A stream of log bytes.
 pub type LogStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 
-/// A client of one podvisor server.
+/// A client of a podvisor server, or of several replicas of one: requests
+/// go to the first that answers, and stay with it until it cannot be
+/// reached.
 #[derive(Clone, Debug)]
 pub struct Client {
-    base: Url,
+    bases: Arc<Vec<Url>>,
+    /// Index of the replica in use.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl Client {
-    /// A client of the server at `server` (`http://127.0.0.1:7443`), sending
-    /// `token` as `Authorization: Bearer`.
+    /// A client of the server at `server` (`http://127.0.0.1:7443`, or
+    /// several replicas separated by commas), sending `token` as
+    /// `Authorization: Bearer`.
     pub fn new(server: &str, token: Option<&str>) -> Result<Client, ClientError> {
-        let invalid = |reason: &str| ClientError::InvalidUrl {
-            url: server.to_string(),
-            reason: reason.to_string(),
-        };
-        let mut base = Url::parse(server).map_err(|e| invalid(&e.to_string()))?;
-        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
-            return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
+        let mut bases = Vec::new();
+        for one in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let invalid = |reason: &str| ClientError::InvalidUrl {
+                url: one.to_string(),
+                reason: reason.to_string(),
+            };
+            let mut base = Url::parse(one).map_err(|e| invalid(&e.to_string()))?;
+            if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+                return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
+            }
+            if !base.path().ends_with('/') {
+                let path = format!("{}/", base.path());
+                base.set_path(&path);
+            }
+            bases.push(base);
         }
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
+        if bases.is_empty() {
+            return Err(ClientError::InvalidUrl {
+                url: server.to_string(),
+                reason: "no server URL".into(),
+            });
         }
         // reqwest's rustls is built without a default crypto provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -165,21 +191,21 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| invalid(&format!("cannot build an HTTP client: {e}")))?;
+            .map_err(|e| ClientError::InvalidUrl {
+                url: server.to_string(),
+                reason: format!("cannot build an HTTP client: {e}"),
+            })?;
         Ok(Client {
-            base,
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             token: token.map(str::to_string),
             http,
         })
     }
 
-    /// The server's base URL.
+    /// The base URL of the replica in use.
     pub fn server(&self) -> &Url {
-        &self.base
-    }
-
-    fn url(&self, path: &str) -> Url {
-        self.base.join(path).expect("API paths are relative URLs")
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
     fn request(&self, method: reqwest::Method, url: &Url) -> reqwest::RequestBuilder {
@@ -190,23 +216,49 @@ impl Client {
         req
     }
 
-    /// Sends `req` and returns the response if it is a success, else the
-    /// server's Status as an error.
-    async fn send(
+    /// Sends a request for `path` (built by `build`) to the replica in use,
+    /// moving on to the next replicas if it cannot be reached. Returns the
+    /// URL used and the response if it is a success, else the server's
+    /// Status as an error.
+    async fn execute(
         &self,
-        method: &'static str,
-        url: &Url,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|source| ClientError::Http {
-            method,
-            url: url.to_string(),
-            source,
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
+        method: reqwest::Method,
+        path: &str,
+        build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<(Url, reqwest::Response), ClientError> {
+        let name = method_name(&method);
+        let count = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..count {
+            let index = (start + i) % count;
+            let url = self.bases[index].join(path).expect("API paths are relative URLs");
+            let req = build(self.request(method.clone(), &url));
+            match req.send().await {
+                Ok(resp) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    if resp.status().is_success() {
+                        return Ok((url, resp));
+                    }
+                    return Err(error_from_response(name, &url, resp).await);
+                }
+                Err(source) => {
+                    // Only a connection that was never made is safe to try
+                    // elsewhere (the request did not reach the server).
+                    let retry = source.is_connect();
+                    let err = ClientError::Http {
+                        method: name,
+                        url: url.to_string(),
+                        source,
+                    };
+                    if !retry {
+                        return Err(err);
+                    }
+                    last = Some(err);
+                }
+            }
         }
-        Err(error_from_response(method, url, resp).await)
+        Err(last.expect("at least one server"))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -216,18 +268,22 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&(dyn erased::Body + Sync)>,
     ) -> Result<T, ClientError> {
-        let url = self.url(path);
         let name = method_name(&method);
-        let mut req = self.request(method, &url).timeout(REQUEST_TIMEOUT);
-        if !query.is_empty() {
-            req = req.query(query);
-        }
-        if let Some(body) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_json());
-        }
-        let resp = self.send(name, &url, req).await?;
+        let body = body.map(|b| b.to_json());
+        let (url, resp) = self
+            .execute(method, path, |mut req| {
+                req = req.timeout(REQUEST_TIMEOUT);
+                if !query.is_empty() {
+                    req = req.query(query);
+                }
+                if let Some(body) = &body {
+                    req = req
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone());
+                }
+                req
+            })
+            .await?;
         let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
             method: name,
             url: url.to_string(),
@@ -241,11 +297,9 @@ impl Client {
 
     /// `GET /healthz`.
     pub async fn healthz(&self) -> Result<(), ClientError> {
-        let url = self.url("healthz");
-        let req = self
-            .request(reqwest::Method::GET, &url)
-            .timeout(REQUEST_TIMEOUT);
-        self.send("GET", &url, req).await.map(|_| ())
+        self.execute(reqwest::Method::GET, "healthz", |r| r.timeout(REQUEST_TIMEOUT))
+            .await
+            .map(|_| ())
     }
 
     /// Lists pods.
@@ -270,8 +324,31 @@ impl Client {
     /// Creates the pod, or updates it if it exists (only labels may change
     /// once it is scheduled).
     pub async fn apply_pod(&self, pod: &Pod) -> Result<Pod, ClientError> {
+        Ok(self.apply(pod).await?.pod)
+    }
+
+    /// [`Client::apply_pod`], also saying what happened.
+    pub async fn apply(&self, pod: &Pod) -> Result<Applied, ClientError> {
         let path = pod_path(pod.metadata.namespace(), &pod.metadata.name);
-        self.call(reqwest::Method::PUT, &path, &[], Some(pod)).await
+        let body = serde_json::to_vec(pod).expect("pods serialize");
+        let (url, resp) = self
+            .execute(reqwest::Method::PUT, &path, |r| {
+                r.timeout(REQUEST_TIMEOUT)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
+            .await?;
+        let outcome = resp
+            .headers()
+            .get("x-podvisor-apply")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("configured")
+            .to_string();
+        let pod = resp.json().await.map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Applied { pod, outcome })
     }
 
     /// Asks for a pod's deletion. Returns the pod as it is now: with a
@@ -355,7 +432,7 @@ impl Client {
         name: &str,
         options: &LogOptions,
     ) -> Result<LogStream, ClientError> {
-        let url = self.url(&format!("{}/log", pod_path(namespace, name)));
+        let path = format!("{}/log", pod_path(namespace, name));
         let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(c) = &options.container {
             query.push(("container", c.clone()));
@@ -366,8 +443,9 @@ impl Client {
         if let Some(n) = options.tail_lines {
             query.push(("tailLines", n.to_string()));
         }
-        let req = self.request(reqwest::Method::GET, &url).query(&query);
-        let resp = self.send("GET", &url, req).await?;
+        let (url, resp) = self
+            .execute(reqwest::Method::GET, &path, |r| r.query(&query))
+            .await?;
         let url_text = url.to_string();
         Ok(Box::pin(resp.bytes_stream().map(move |chunk| {
             chunk.map_err(|source| ClientError::Http {
@@ -385,14 +463,14 @@ impl Client {
         filter: &PodFilter,
         resource_version: Option<i64>,
     ) -> Result<PodWatch, ClientError> {
-        let url = self.url(&filter.path());
         let mut query = filter.query();
         query.push(("watch", "true".into()));
         if let Some(rv) = resource_version {
             query.push(("resourceVersion", rv.to_string()));
         }
-        let req = self.request(reqwest::Method::GET, &url).query(&query);
-        let resp = self.send("GET", &url, req).await?;
+        let (url, resp) = self
+            .execute(reqwest::Method::GET, &filter.path(), |r| r.query(&query))
+            .await?;
         Ok(PodWatch::new(
             url.to_string(),
             resp,
@@ -420,8 +498,22 @@ impl Client {
         name: &str,
         options: &ExecOptions,
     ) -> Result<ExecSession, ClientError> {
-        let url = self.url(&format!("{}/exec", pod_path(namespace, name)));
-        exec::connect(url, self.token.as_deref(), options).await
+        let path = format!("{}/exec", pod_path(namespace, name));
+        let count = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..count {
+            let index = (start + i) % count;
+            let url = self.bases[index].join(&path).expect("API paths are relative URLs");
+            match exec::connect(url, self.token.as_deref(), options).await {
+                Err(e @ ClientError::WebSocket { .. }) if i + 1 < count => last = Some(e),
+                other => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.expect("at least one server"))
     }
 }
 

@@ -29,8 +29,13 @@ async fn host_url(
         .await?
         .ok_or_else(|| super::pods::not_found(namespace, name))?;
     let host_name = pod.spec.node_name.ok_or_else(|| {
+        let nothing = if what == "log" {
+            "it has no logs yet"
+        } else {
+            "there is nothing to exec into yet"
+        };
         ApiError::bad_request(format!(
-            "pod {namespace}/{name} is not assigned to a host yet ({}): no {what} to show",
+            "pod {namespace}/{name} is not assigned to a host yet ({}): {nothing}",
             pod.status.reason.as_deref().unwrap_or("Pending")
         ))
     })?;

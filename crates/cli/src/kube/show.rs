@@ -1,0 +1,278 @@
+//! How objects are shown: kubectl-like tables, `describe` text, JSON, YAML.
+
+use std::fmt::Write;
+
+use podvisor_api::quantity::format_bytes;
+use podvisor_api::{Host, Image, Pod, Quantity, ResourceList, Time, labels_text};
+
+pub fn json<T: serde::Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string_pretty(value).expect("API objects serialize");
+    s.push('\n');
+    s
+}
+
+pub fn yaml<T: serde::Serialize>(value: &T) -> String {
+    yaml_serde::to_string(value).expect("API objects serialize")
+}
+
+/// A time as `2025-01-02T03:04:05Z`.
+fn stamp(t: Time) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// `5s`, `3m`, `2h`, `4d` since `t`, as kubectl shows ages.
+pub fn age(t: Option<Time>) -> String {
+    let Some(t) = t else { return "<unknown>".into() };
+    let secs = (chrono::Utc::now() - t).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// Columns padded to their widest cell, separated by three spaces.
+fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}   ", width = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
+    let mut header: Vec<String> = Vec::new();
+    if namespaces {
+        header.push("NAMESPACE".into());
+    }
+    header.extend(["NAME", "READY", "STATUS", "RESTARTS", "AGE", "NODE"].map(String::from));
+    if wide {
+        header.extend(["IP", "LABELS"].map(String::from));
+    }
+    let mut rows = vec![header];
+    let mut pods: Vec<&Pod> = pods.iter().collect();
+    pods.sort_by_key(|p| p.key());
+    for pod in pods {
+        let (ready, total) = pod.ready_count();
+        let mut row = Vec::new();
+        if namespaces {
+            row.push(pod.metadata.namespace().to_string());
+        }
+        row.extend([
+            pod.metadata.name.clone(),
+            format!("{ready}/{total}"),
+            pod.display_status(),
+            pod.restart_count().to_string(),
+            age(pod.metadata.creation_timestamp),
+            pod.spec.node_name.clone().unwrap_or_else(|| "<none>".into()),
+        ]);
+        if wide {
+            row.push(pod.status.host_ip.clone().unwrap_or_else(|| "<none>".into()));
+            row.push(pod.labels_text());
+        }
+        rows.push(row);
+    }
+    table(rows)
+}
+
+pub fn hosts_table(hosts: &[Host]) -> String {
+    let mut rows = vec![["NAME", "STATUS", "CPU", "MEMORY", "AGE", "ADDRESS"].map(String::from).to_vec()];
+    for h in hosts {
+        rows.push(vec![
+            h.metadata.name.clone(),
+            if h.status.ready { "Ready".into() } else { "NotReady".into() },
+            Quantity::from_millicores(h.spec.capacity.cpu).to_string(),
+            format_bytes(h.spec.capacity.memory),
+            age(h.metadata.creation_timestamp),
+            h.spec.address.clone(),
+        ]);
+    }
+    table(rows)
+}
+
+pub fn images_table(images: &[Image]) -> String {
+    let mut rows = vec![["NAME", "DIGEST", "LAYERS", "SIZE"].map(String::from).to_vec()];
+    for i in images {
+        let digest: String = i.digest.chars().take(19).collect();
+        rows.push(vec![i.name.clone(), digest, i.layers.to_string(), format_bytes(i.size)]);
+    }
+    table(rows)
+}
+
+fn resources_text(list: &Option<ResourceList>) -> Option<String> {
+    let list = list.as_ref()?;
+    let mut parts = Vec::new();
+    if let Some(cpu) = &list.cpu {
+        parts.push(format!("cpu {cpu}"));
+    }
+    if let Some(mem) = &list.memory {
+        parts.push(format!("memory {mem}"));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+pub fn describe_pod(pod: &Pod) -> String {
+    let mut s = String::new();
+    let m = &pod.metadata;
+    let line = |s: &mut String, k: &str, v: &str| {
+        let _ = writeln!(s, "{:<16}{v}", format!("{k}:"));
+    };
+    line(&mut s, "Name", &m.name);
+    line(&mut s, "Namespace", m.namespace());
+    line(&mut s, "Node", pod.spec.node_name.as_deref().unwrap_or("<none>"));
+    line(&mut s, "Labels", &pod.labels_text());
+    if let Some(t) = m.creation_timestamp {
+        line(&mut s, "Created", &format!("{} ({} ago)", stamp(t), age(Some(t))));
+    }
+    if let Some(t) = m.deletion_timestamp {
+        line(&mut s, "Deleting since", &stamp(t));
+    }
+    line(&mut s, "Status", &pod.display_status());
+    line(&mut s, "Phase", pod.status.phase.as_str());
+    if let Some(r) = &pod.status.reason {
+        line(&mut s, "Reason", r);
+    }
+    if let Some(msg) = &pod.status.message {
+        line(&mut s, "Message", msg);
+    }
+    if let Some(ip) = &pod.status.host_ip {
+        line(&mut s, "Host IP", ip);
+    }
+    if let Some(t) = pod.status.start_time {
+        line(&mut s, "Started", &stamp(t));
+    }
+    line(&mut s, "Restart Policy", &format!("{:?}", pod.spec.restart_policy));
+    if let Ok(size) = pod.spec.vm_size() {
+        line(
+            &mut s,
+            "VM size",
+            &format!("cpu {}, memory {}", Quantity::from_millicores(size.cpu), format_bytes(size.memory)),
+        );
+    }
+    if let Some(uid) = &m.uid {
+        line(&mut s, "UID", uid);
+    }
+    s.push_str("Containers:\n");
+    for c in &pod.spec.containers {
+        let _ = writeln!(s, "  {}:", c.name);
+        let field = |s: &mut String, k: &str, v: &str| {
+            let _ = writeln!(s, "    {:<14}{v}", format!("{k}:"));
+        };
+        field(&mut s, "Image", &c.image);
+        if let Some(cmd) = &c.command {
+            field(&mut s, "Command", &cmd.join(" "));
+        }
+        if let Some(args) = &c.args {
+            field(&mut s, "Args", &args.join(" "));
+        }
+        let status = pod.status.container_statuses.iter().find(|cs| cs.name == c.name);
+        if let Some(cs) = status {
+            let state = if let Some(r) = &cs.state.running {
+                format!("Running (since {})", r.started_astamp(t))
+            } else if let Some(t) = &cs.state.terminated {
+                let mut text = format!("Terminated: {} (exit code {}", t.reason, t.exit_code);
+                if let Some(sig) = t.signal {
+                    let _ = write!(text, ", signal {sig}");
+                }
+                text.push(')');
+                if let Some(msg) = &t.message {
+                    let _ = write!(text, ": {msg}");
+                }
+                text
+            } else if let Some(w) = &cs.state.waiting {
+                match &w.message {
+                    Some(msg) => format!("Waiting: {}: {msg}", w.reason),
+                    None => format!("Waiting: {}", w.reason),
+                }
+            } else {
+                "<unknown>".into()
+            };
+            field(&mut s, "State", &state);
+            field(&mut s, "Ready", &cs.ready.to_string());
+            field(&mut s, "Restarts", &cs.restart_count.to_string());
+        }
+        if let Some(r) = resources_text(&c.resources.limits) {
+            field(&mut s, "Limits", &r);
+        }
+        if let Some(r) = resources_text(&c.resources.requests) {
+            field(&mut s, "Requests", &r);
+        }
+        for p in &c.ports {
+            let proto = match p.protocol.unwrap_or_default() {
+                podvisor_api::Protocol::Tcp => "TCP",
+                podvisor_api::Protocol::Udp => "UDP",
+            };
+            let text = match p.host_port {
+                Some(hp) => format!("{}/{proto} (host port {hp})", p.container_port),
+                None => format!("{}/{proto}", p.container_port),
+            };
+            field(&mut s, "Port", &text);
+        }
+        for e in &c.env {
+            field(&mut s, "Env", &format!("{}={}", e.name, e.value));
+        }
+        if let Some(wd) = &c.working_dir {
+            field(&mut s, "Working dir", wd);
+        }
+        if c.tty || c.stdin {
+            field(&mut s, "Terminal", &format!("tty={} stdin={}", c.tty, c.stdin));
+        }
+    }
+    s
+}
+
+pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
+    let mut s = String::new();
+    let line = |s: &mut String, k: &str, v: &str| {
+        let _ = writeln!(s, "{:<16}{v}", format!("{k}:"));
+    };
+    line(&mut s, "Name", &host.metadata.name);
+    line(&mut s, "Labels", &labels_text(&host.metadata.labels));
+    line(&mut s, "Address", &host.spec.address);
+    line(&mut s, "Ready", &host.status.ready.to_string());
+    if let Some(r) = &host.status.reason {
+        line(&mut s, "Reason", r);
+    }
+    if let Some(t) = host.status.last_heartbeat_time {
+        line(&mut s, "Last heartbeat", &format!("{} ({} ago)", stamp(t), age(Some(t))));
+    }
+    let cap = host.spec.capacity;
+    let (mut cpu, mut mem) = (0, 0);
+    for p in pods.iter().filter(|p| !p.status.phase.is_terminal()) {
+        if let Ok(size) = p.spec.vm_size() {
+            cpu += size.cpu;
+            mem += size.memory;
+        }
+    }
+    line(
+        &mut s,
+        "Capacity",
+        &format!("cpu {}, memory {}", Quantity::from_millicores(cap.cpu), format_bytes(cap.memory)),
+    );
+    line(
+        &mut s,
+        "Allocated",
+        &format!("cpu {}, memory {}", Quantity::from_millicores(cpu), format_bytes(mem)),
+    );
+    let _ = writeln!(s, "Pods ({}):", pods.len());
+    let mut pods: Vec<&Pod> = pods.iter().collect();
+    pods.sort_by_key(|p| p.key());
+    for p in pods {
+        let _ = writeln!(s, "  {}   {}", p.key(), p.display_status());
+    }
+    s
+}

@@ -1,0 +1,143 @@
+//! `podvisor server`: run the management server, initialize its state
+//! directory, make tokens.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use podvisor_server::{Role, ServerConfig};
+
+/// The default state directory of the server.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor/server";
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ServerCommand {
+    /// Create the state directory and the admin token (printed once, and
+    /// written to STATE_DIR/admin.token).
+    Init(StateArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Serve the API (the default).
+    Run(RunArgs),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token for a user or a host daemon and print it.
+    Create(TokenCreateArgs),
+}
+
+/// Where the server keeps its state.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StateArgs {
+    /// State directory: the admin token and the SQLite store.
+    #[arg(long, env = "PODVISOR_SERVER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The store: sqlite:PATH, or etcd://HOST:PORT[,HOST:PORT...] for
+    /// several replicas (default: sqlite:STATE_DIR/state.db).
+    #[arg(long, env = "PODVISOR_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Seconds without a heartbeat after which a host is NotReady.
+    #[arg(long, default_value_t = 15, value_name = "SECONDS")]
+    host_ttl: u64,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false, id = "who")]
+struct TokenCreateArgs {
+    /// A token for the user NAME (pods, hosts, images; logs and exec).
+    #[arg(long, value_name = "NAME", group = "who")]
+    user: Option<String>,
+    /// A token for the host daemon of host NAME (only that host's things).
+    #[arg(long, value_name = "NAME", group = "who")]
+    host: Option<String>,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
+    match args.command {
+        None => serve(args.run).await,
+        Some(ServerCommand::Run(run)) => serve(run).await,
+        Some(ServerCommand::Init(state)) => {
+            let outcome = podvisor_server::init(&state.state_dir, state.store.as_deref())
+                .await
+                .context("initialize the server state")?;
+            match outcome.new_token {
+                Some(token) => {
+                    println!("{token}");
+                    eprintln!(
+                        "podvisor: admin token created (shown once); it is also in {}",
+                        outcome.admin_token_path.display()
+                    );
+                }
+                None => eprintln!(
+                    "podvisor: {} is already initialized; the admin token is in {}",
+                    state.state_dir.display(),
+                    outcome.admin_token_path.display()
+                ),
+            }
+            Ok(0)
+        }
+        Some(ServerCommand::Token(TokenCommand::Create(args))) => {
+            let (role, name) = match (&args.user, &args.host) {
+                (Some(user), _) => (Role::User, user.as_str()),
+                (_, Some(host)) => (Role::Host, host.as_str()),
+                _ => unreachable!("clap requires --user or --host"),
+            };
+            let token = podvisor_server::create_token(
+                &args.state.state_dir,
+                args.state.store.as_deref(),
+                role,
+                name,
+            )
+            .await
+            .context("create a token")?;
+            println!("{token}");
+            Ok(0)
+        }
+    }
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<u8> {
+    let mut config = ServerConfig::new(&args.listen, &args.state.state_dir);
+    config.store_url = args.state.store.clone();
+    config.host_ttl = Duration::from_secs(args.host_ttl.max(1));
+    let server = podvisor_server::start(config)
+        .await
+        .context("start the server")?;
+    eprintln!(
+        "podvisor: server listening on {} (admin token in {})",
+        server.url(),
+        server.admin_token_path().display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install a SIGTERM handler")?;
+    // Dropping the server (when a signal arrives) stops it and gives up
+    // its leader lease.
+    tokio::select! {
+        _ = server.wait() => anyhow::bail!("the HTTP server stopped"),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(0)
+}
