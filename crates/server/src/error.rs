@@ -52,7 +52,11 @@ impl ApiError {
         ApiError::new(StatusCode::GONE, "Gone", message)
     }
     pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", message)
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        )
     }
     pub fn bad_gateway(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, "BadGateway", message)

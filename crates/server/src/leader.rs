@@ -43,11 +43,17 @@ where
             .await
         {
             Ok(Ok(_)) => {
-                tracing::info!(replica = identity, "this replica now runs the scheduler and host liveness checks");
+                tracing::info!(
+                    replica = identity,
+                    "this replica now runs the scheduler and host liveness checks"
+                );
                 let task = tokio::spawn(work());
                 keeper.lost().await;
                 task.abort();
-                tracing::warn!(replica = identity, "lost the leader lease; scheduler and liveness checks stopped here");
+                tracing::warn!(
+                    replica = identity,
+                    "lost the leader lease; scheduler and liveness checks stopped here"
+                );
             }
             Ok(Err(_)) => {
                 let _ = keeper.revoke().await;

@@ -84,7 +84,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 /// Creates the state directory (mode 0700).
 fn make_state_dir(state_dir: &Path) -> Result<(), ServerError> {
     std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
-    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(state_dir))
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(state_dir))
 }
 
 /// What [`init`] did.
@@ -223,21 +224,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             addr: config.listen.clone(),
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Listen {
-        addr: config.listen.clone(),
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
     let app = api::router(state);
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the HTTP server stopped");
         }
     });
-    let identity = format!(
-        "{}/{}/{addr}",
-        nix_hostname(),
-        std::process::id()
-    );
+    let identity = format!("{}/{}/{addr}", nix_hostname(), std::process::id());
     let leader_ttl = config.leader_ttl;
     let elected_store = store.clone();
     let leader_task = tokio::spawn(async move {

@@ -49,7 +49,9 @@ async fn check(store: &dyn Store, cache: &PodCache) -> Result<(), ApiError> {
         let key = keys::host(&name);
         let mut lease_back = false;
         loop {
-            let Some(kv) = store.get(&key).await? else { break };
+            let Some(kv) = store.get(&key).await? else {
+                break;
+            };
             let mut host: Host = objects::decode(&kv)?;
             if !host.status.ready {
                 break;
@@ -60,7 +62,10 @@ async fn check(store: &dyn Store, cache: &PodCache) -> Result<(), ApiError> {
             }
             host.status.ready = false;
             host.status.reason = Some(LEASE_EXPIRED.into());
-            if objects::update_if(store, &key, &host, kv.mod_revision).await?.is_some() {
+            if objects::update_if(store, &key, &host, kv.mod_revision)
+                .await?
+                .is_some()
+            {
                 tracing::warn!(host = name, "host lease expired: host is NotReady");
                 break;
             }
@@ -74,7 +79,9 @@ async fn check(store: &dyn Store, cache: &PodCache) -> Result<(), ApiError> {
     }
     let (pods, _) = cache.snapshot();
     for pod in pods {
-        let Some(host) = pod.spec.node_name.as_deref() else { continue };
+        let Some(host) = pod.spec.node_name.as_deref() else {
+            continue;
+        };
         if !not_ready.contains(host) {
             continue;
         }
@@ -84,7 +91,8 @@ async fn check(store: &dyn Store, cache: &PodCache) -> Result<(), ApiError> {
             continue;
         }
         if pod.status.phase.is_terminal()
-            || (pod.status.phase == PodPhase::Unknown && pod.status.reason.as_deref() == Some(NODE_LOST))
+            || (pod.status.phase == PodPhase::Unknown
+                && pod.status.reason.as_deref() == Some(NODE_LOST))
         {
             continue;
         }

@@ -61,7 +61,10 @@ pub async fn get<T: Object>(store: &dyn Store, key: &str) -> Result<Option<T>, A
 }
 
 /// All objects under `prefix` and the revision of the listing.
-pub async fn list<T: Object>(store: &dyn Store, prefix: &str) -> Result<(Vec<T>, Revision), ApiError> {
+pub async fn list<T: Object>(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<(Vec<T>, Revision), ApiError> {
     let (kvs, rev) = store.list(prefix).await?;
     let objects = kvs.iter().map(decode).collect::<Result<Vec<T>, _>>()?;
     Ok((objects, rev))

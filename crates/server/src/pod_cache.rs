@@ -101,7 +101,13 @@ impl PodCache {
             };
         }
         let start = state.changes.partition_point(|c| c.revision <= after);
-        let out: Vec<_> = state.changes.iter().skip(start).take(limit).cloned().collect();
+        let out: Vec<_> = state
+            .changes
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect();
         let upto = out.last().map_or(state.revision.max(after), |c| c.revision);
         Changes::Some(out, upto)
     }

@@ -58,7 +58,12 @@ impl Room {
     fn free(&self) -> Resources {
         Resources {
             cpu: self.host.spec.capacity.cpu.saturating_sub(self.used.cpu),
-            memory: self.host.spec.capacity.memory.saturating_sub(self.used.memory),
+            memory: self
+                .host
+                .spec
+                .capacity
+                .memory
+                .saturating_sub(self.used.memory),
         }
     }
 
@@ -166,7 +171,9 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 if bound.status.reason.as_deref() == Some(UNSCHEDULABLE) {
                     bound.status = PodStatus::default();
                 }
-                if let Some(done) = objects::update_if(store, &key, &bound, pod.metadata.revision()).await? {
+                if let Some(done) =
+                    objects::update_if(store, &key, &bound, pod.metadata.revision()).await?
+                {
                     written = written.max(done.metadata.revision());
                     tracing::debug!(pod = key, host, "scheduled");
                     let room = rooms.get_mut(&host).expect("chosen host is known");
@@ -175,11 +182,19 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 }
             }
             None => {
-                let reasons: Vec<String> = names.iter().filter_map(|n| rooms.get(n)).map(|r| r.why_not(size)).collect();
+                let reasons: Vec<String> = names
+                    .iter()
+                    .filter_map(|n| rooms.get(n))
+                    .map(|r| r.why_not(size))
+                    .collect();
                 let message = if reasons.is_empty() {
                     "0/0 hosts have room: no host is registered".to_string()
                 } else {
-                    format!("0/{} hosts have room: {}", reasons.len(), reasons.join("; "))
+                    format!(
+                        "0/{} hosts have room: {}",
+                        reasons.len(),
+                        reasons.join("; ")
+                    )
                 };
                 mark_unschedulable(store, &key, &pod, message).await?;
             }
@@ -190,8 +205,15 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
 
 /// Sets the pod's status to Pending/Unschedulable with `message`, unless it
 /// says that already.
-async fn mark_unschedulable(store: &dyn Store, key: &str, pod: &Pod, message: String) -> Result<(), ApiError> {
-    if pod.status.reason.as_deref() == Some(UNSCHEDULABLE) && pod.status.message.as_deref() == Some(&message) {
+async fn mark_unschedulable(
+    store: &dyn Store,
+    key: &str,
+    pod: &Pod,
+    message: String,
+) -> Result<(), ApiError> {
+    if pod.status.reason.as_deref() == Some(UNSCHEDULABLE)
+        && pod.status.message.as_deref() == Some(&message)
+    {
         return Ok(());
     }
     let mut marked = pod.clone();

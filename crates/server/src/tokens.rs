@@ -113,10 +113,10 @@ impl TokenCheck {
     /// The caller a bearer token belongs to.
     pub async fn caller(&self, store: &dyn Store, token: &str) -> Result<Caller, ApiError> {
         let hash = hash(token);
-        if let Some((caller, at)) = self.found.lock().unwrap().get(&hash) {
-            if at.elapsed() < CACHE_TTL {
-                return Ok(caller.clone());
-            }
+        if let Some((caller, at)) = self.found.lock().unwrap().get(&hash)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(caller.clone());
         }
         let kv = store.get(&keys::token(&hash)).await?.ok_or_else(|| {
             ApiError::unauthorized(
@@ -124,7 +124,9 @@ impl TokenCheck {
             )
         })?;
         let record: TokenRecord = serde_json::from_slice(&kv.value).map_err(|e| {
-            ApiError::internal(format!("the stored record of this token is unreadable: {e}"))
+            ApiError::internal(format!(
+                "the stored record of this token is unreadable: {e}"
+            ))
         })?;
         let caller = Caller {
             role: record.role,

@@ -34,9 +34,15 @@ async fn pods_on_hosts(ts: &TestServer) {
     // A host registers (and heartbeats): the pod is assigned to it.
     let h1 = ts.host("h1", 2000, GI).await;
     let h1_beats = heartbeat(&h1, "h1");
-    let first = pod_where(&user, "first", "first to be scheduled", |p| p.spec.node_name.is_some()).await;
+    let first = pod_where(&user, "first", "first to be scheduled", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
     assert_eq!(first.spec.node_name.as_deref(), Some("h1"));
-    assert_eq!(first.status.reason, None, "the Unschedulable reason is cleared");
+    assert_eq!(
+        first.status.reason, None,
+        "the Unschedulable reason is cleared"
+    );
 
     // A pod bigger than what is left stays Pending with the reason per host.
     user.create_pod(&pod("big", "2", "128Mi")).await.unwrap();
@@ -52,9 +58,16 @@ async fn pods_on_hosts(ts: &TestServer) {
 
     // Host tokens may only do host things; other hosts may not report
     // for h1's pods.
-    let err = h1.create_pod(&pod("sneaky", "1", "64Mi")).await.unwrap_err();
+    let err = h1
+        .create_pod(&pod("sneaky", "1", "64Mi"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(403), "{err}");
-    assert!(err.to_string().contains("the token of host \"h1\" may only"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the token of host \"h1\" may only"),
+        "{err}"
+    );
     let h2 = ts.host("h2", 2000, GI).await;
     let _h2_beats = heartbeat(&h2, "h2");
     let running = PodStatus {
@@ -67,16 +80,27 @@ async fn pods_on_hosts(ts: &TestServer) {
         }],
         ..Default::default()
     };
-    let err = h2.update_pod_status("default", "first", &running).await.unwrap_err();
+    let err = h2
+        .update_pod_status("default", "first", &running)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(403), "{err}");
-    assert!(err.to_string().contains("only host \"h1\" may do this"), "{err}");
+    assert!(
+        err.to_string().contains("only host \"h1\" may do this"),
+        "{err}"
+    );
 
     // h2 has room for big.
-    let big = pod_where(&user, "big", "big to be scheduled on h2", |p| p.spec.node_name.is_some()).await;
+    let big = pod_where(&user, "big", "big to be scheduled on h2", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
     assert_eq!(big.spec.node_name.as_deref(), Some("h2"));
 
     // h1 reports its pod running.
-    h1.update_pod_status("default", "first", &running).await.unwrap();
+    h1.update_pod_status("default", "first", &running)
+        .await
+        .unwrap();
     let first = user.get_pod("default", "first").await.unwrap();
     assert_eq!(first.status.phase, PodPhase::Running);
     assert_eq!(first.ready_count(), (1, 1));
@@ -86,7 +110,9 @@ async fn pods_on_hosts(ts: &TestServer) {
         .watch_pods(&PodFilter::on_host("h1"), Some(first.metadata.revision()))
         .await
         .unwrap();
-    user.create_pod(&pod("second", "500m", "64Mi")).await.unwrap();
+    user.create_pod(&pod("second", "500m", "64Mi"))
+        .await
+        .unwrap();
     let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
         .expect("an event for the new pod")
@@ -115,21 +141,36 @@ async fn pods_on_hosts(ts: &TestServer) {
         }],
         ..Default::default()
     };
-    h1.update_pod_status("default", "second", &pull_error).await.unwrap();
+    h1.update_pod_status("default", "second", &pull_error)
+        .await
+        .unwrap();
     let second = user.get_pod("default", "second").await.unwrap();
     assert_eq!(second.display_status(), "ErrImagePull");
-    let waiting = second.status.container_statuses[0].state.waiting.as_ref().unwrap();
-    assert_eq!(waiting.message.as_deref(), Some("manifest unknown: registry.local/nope:1"));
+    let waiting = second.status.container_statuses[0]
+        .state
+        .waiting
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("manifest unknown: registry.local/nope:1")
+    );
 
     // Deleting a pod on a live host: marked, the host stops it and
     // finalizes, then it is gone.
-    let marked = user.delete_pod("default", "first").await.unwrap().expect("still there");
+    let marked = user
+        .delete_pod("default", "first")
+        .await
+        .unwrap()
+        .expect("still there");
     assert!(marked.metadata.deletion_timestamp.is_some());
     assert_eq!(marked.display_status(), "Terminating");
     let err = user.finalize_pod("default", "first").await.unwrap_err();
     assert_eq!(err.code(), Some(403), "only the host finalizes: {err}");
     let mut saw_marked = false;
-    while let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_secs(10), watch.next()).await
+    {
         if let PodEvent::Modified(p) = &event
             && p.metadata.name == "first"
             && p.metadata.deletion_timestamp.is_some()
@@ -140,7 +181,12 @@ async fn pods_on_hosts(ts: &TestServer) {
     }
     assert!(saw_marked, "h1's watch sees the deletion mark");
     h1.finalize_pod("default", "first").await.unwrap();
-    assert!(user.get_pod("default", "first").await.unwrap_err().is_not_found());
+    assert!(
+        user.get_pod("default", "first")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
     let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
         .unwrap()
@@ -157,18 +203,30 @@ async fn pods_on_hosts(ts: &TestServer) {
     // h1 stops heartbeating (h2 goes on): h1 becomes NotReady and its pods
     // Unknown/NodeLost.
     h1_beats.abort();
-    let lost = pod_where(&user, "second", "second to be NodeLost", |p| p.status.phase == PodPhase::Unknown).await;
+    let lost = pod_where(&user, "second", "second to be NodeLost", |p| {
+        p.status.phase == PodPhase::Unknown
+    })
+    .await;
     assert_eq!(lost.status.reason.as_deref(), Some("NodeLost"));
     let host = user.get_host("h1").await.unwrap();
     assert!(!host.status.ready);
     assert_eq!(host.status.reason.as_deref(), Some("HeartbeatLeaseExpired"));
     let big = user.get_pod("default", "big").await.unwrap();
-    assert_ne!(big.status.phase, PodPhase::Unknown, "h2's pods are not affected");
+    assert_ne!(
+        big.status.phase,
+        PodPhase::Unknown,
+        "h2's pods are not affected"
+    );
     assert!(user.get_host("h2").await.unwrap().status.ready);
 
     // A pod on a NotReady host is removed at once.
     assert_eq!(user.delete_pod("default", "second").await.unwrap(), None);
-    assert!(user.get_pod("default", "second").await.unwrap_err().is_not_found());
+    assert!(
+        user.get_pod("default", "second")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
 
     // h1 comes back.
     let back = h1.heartbeat("h1").await.unwrap();
@@ -210,7 +268,9 @@ async fn pods_on_hosts_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_hosts_etcd() {
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start).await.unwrap();
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap();
     let ts = TestServer::start(Some(etcd.url()), |_| {}).await;
     pods_on_hosts(&ts).await;
 }
@@ -243,15 +303,27 @@ async fn bad_requests_get_clear_errors() {
     let (code, msg) = status(send("{}", "application/json", None).await.unwrap()).await;
     assert_eq!(code, 401);
     assert!(msg.contains("no Authorization header"), "{msg}");
-    let (code, msg) = status(send("{}", "application/json", Some("pv_nope".into())).await.unwrap()).await;
+    let (code, msg) = status(
+        send("{}", "application/json", Some("pv_nope".into()))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(code, 401);
-    assert!(msg.contains("the bearer token is not valid on this server"), "{msg}");
+    assert!(
+        msg.contains("the bearer token is not valid on this server"),
+        "{msg}"
+    );
 
     // Invalid YAML: the line is named.
     let (code, msg) = status(
-        send("metadata:\n  name: x\nspec: [\n", "application/yaml", admin.clone())
-            .await
-            .unwrap(),
+        send(
+            "metadata:\n  name: x\nspec: [\n",
+            "application/yaml",
+            admin.clone(),
+        )
+        .await
+        .unwrap(),
     )
     .await;
     assert_eq!(code, 400);
@@ -270,20 +342,43 @@ async fn bad_requests_get_clear_errors() {
     let yaml = "metadata:\n  name: Web\nspec:\n  containers:\n  - name: web\n    image: ''\n    resources:\n      limits: {memory: 12Zi}\n";
     let (code, msg) = status(send(yaml, "application/yaml", admin.clone()).await.unwrap()).await;
     assert_eq!(code, 422);
-    assert!(msg.contains("metadata.name: \"Web\" is not a valid name"), "{msg}");
-    assert!(msg.contains("spec.containers[0].image: must not be empty"), "{msg}");
-    assert!(msg.contains("spec.containers[0].resources.limits.memory: memory quantity \"12Zi\""), "{msg}");
+    assert!(
+        msg.contains("metadata.name: \"Web\" is not a valid name"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("spec.containers[0].image: must not be empty"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("spec.containers[0].resources.limits.memory: memory quantity \"12Zi\""),
+        "{msg}"
+    );
 
     // A valid YAML pod is accepted; the same name again is a conflict.
     let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  containers:\n  - name: web\n    image: busybox\n";
-    let (code, _) = (send(yaml, "application/yaml", admin.clone()).await.unwrap().status().as_u16(), ());
+    let (code, _) = (
+        send(yaml, "application/yaml", admin.clone())
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        (),
+    );
     assert_eq!(code, 201);
     let (code, msg) = status(send(yaml, "application/yaml", admin.clone()).await.unwrap()).await;
     assert_eq!(code, 409);
-    assert!(msg.contains("pod \"web\" already exists in namespace \"default\""), "{msg}");
+    assert!(
+        msg.contains("pod \"web\" already exists in namespace \"default\""),
+        "{msg}"
+    );
 
     // Unknown paths and selectors.
-    let resp = http.get(format!("{}/api/v2/pods", ts.url())).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/api/v2/pods", ts.url()))
+        .send()
+        .await
+        .unwrap();
     let (code, msg) = status(resp).await;
     assert_eq!(code, 404);
     assert!(msg.contains("no API path /api/v2/pods"), "{msg}");
@@ -295,14 +390,20 @@ async fn bad_requests_get_clear_errors() {
         .and(Ok(()));
     assert!(err.is_ok());
     let resp = http
-        .get(format!("{}/api/v1/pods?fieldSelector=status.phase=Running", ts.url()))
+        .get(format!(
+            "{}/api/v1/pods?fieldSelector=status.phase=Running",
+            ts.url()
+        ))
         .bearer_auth(&ts.admin_token)
         .send()
         .await
         .unwrap();
     let (code, msg) = status(resp).await;
     assert_eq!(code, 400);
-    assert!(msg.contains("fieldSelector \"status.phase=Running\" is not supported"), "{msg}");
+    assert!(
+        msg.contains("fieldSelector \"status.phase=Running\" is not supported"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,17 +417,24 @@ async fn apply_creates_updates_labels_and_refuses_spec_changes() {
     };
     let http = reqwest::Client::new();
     let put = |pod: &podvisor_api::Pod| {
-        http.put(format!("{}/api/v1/namespaces/default/pods/{}", ts.url(), pod.metadata.name))
-            .bearer_auth(&ts.admin_token)
-            .json(pod)
-            .send()
+        http.put(format!(
+            "{}/api/v1/namespaces/default/pods/{}",
+            ts.url(),
+            pod.metadata.name
+        ))
+        .bearer_auth(&ts.admin_token)
+        .json(pod)
+        .send()
     };
     let mut p = pod("web", "1", "128Mi");
     let resp = put(&p).await.unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     assert_eq!(outcome(&resp).as_deref(), Some("created"));
     let resp = put(&p).await.unwrap();
-    assert_eq!((resp.status().as_u16(), outcome(&resp).as_deref()), (200, Some("unchanged")));
+    assert_eq!(
+        (resp.status().as_u16(), outcome(&resp).as_deref()),
+        (200, Some("unchanged"))
+    );
 
     // Unscheduled: the spec may still change.
     p.spec.containers[0].image = "registry.local/busybox:2".into();
@@ -335,20 +443,31 @@ async fn apply_creates_updates_labels_and_refuses_spec_changes() {
 
     let _h = ts.host("h1", 4000, 4 * GI).await;
     let _beats = heartbeat(&_h, "h1");
-    pod_where(&user, "web", "web to be scheduled", |p| p.spec.node_name.is_some()).await;
+    pod_where(&user, "web", "web to be scheduled", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
     p.metadata.labels.insert("tier".into(), "front".into());
     let resp = put(&p).await.unwrap();
     assert_eq!(outcome(&resp).as_deref(), Some("configured"));
     let got = user.get_pod("default", "web").await.unwrap();
-    assert_eq!(got.metadata.labels.get("tier").map(String::as_str), Some("front"));
-    assert_eq!(got.spec.node_name.as_deref(), Some("h1"), "apply keeps the assignment");
+    assert_eq!(
+        got.metadata.labels.get("tier").map(String::as_str),
+        Some("front")
+    );
+    assert_eq!(
+        got.spec.node_name.as_deref(),
+        Some("h1"),
+        "apply keeps the assignment"
+    );
 
     p.spec.containers[0].image = "registry.local/busybox:3".into();
     let resp = put(&p).await.unwrap();
     assert_eq!(resp.status().as_u16(), 422);
     let status: podvisor_api::Status = resp.json().await.unwrap();
     assert!(
-        status.message.contains("pod spec is immutable") && status.message.contains("spec.containers[0].image"),
+        status.message.contains("pod spec is immutable")
+            && status.message.contains("spec.containers[0].image"),
         "{}",
         status.message
     );
@@ -366,15 +485,29 @@ async fn watches_resume_and_too_old_revisions_relist() {
     // Keep only 5 changes so that an old revision is really gone.
     let ts = TestServer::start(None, |c| c.watch_history = 5).await;
     let user = ts.client(Role::User, "carol").await;
-    let start = user.list_pods(&PodFilter::all()).await.unwrap().metadata.revision();
+    let start = user
+        .list_pods(&PodFilter::all())
+        .await
+        .unwrap()
+        .metadata
+        .revision();
     for i in 0..3 {
-        user.create_pod(&pod(&format!("p{i}"), "1", "64Mi")).await.unwrap();
+        user.create_pod(&pod(&format!("p{i}"), "1", "64Mi"))
+            .await
+            .unwrap();
     }
     // Resuming from a kept revision yields exactly what came after.
-    let mut watch = user.watch_pods(&PodFilter::all(), Some(start)).await.unwrap();
+    let mut watch = user
+        .watch_pods(&PodFilter::all(), Some(start))
+        .await
+        .unwrap();
     let mut names = Vec::new();
     while names.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let PodEvent::Added(p) = event {
             names.push(p.metadata.name.clone());
         }
@@ -384,10 +517,16 @@ async fn watches_resume_and_too_old_revisions_relist() {
     // More changes than kept: a watch from the start is Gone (410), and the
     // feed lists again.
     for i in 3..12 {
-        user.create_pod(&pod(&format!("p{i}"), "1", "64Mi")).await.unwrap();
+        user.create_pod(&pod(&format!("p{i}"), "1", "64Mi"))
+            .await
+            .unwrap();
     }
     let err = match user.watch_pods(&PodFilter::all(), Some(start)).await {
-        Ok(mut w) => tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap().unwrap_err(),
+        Ok(mut w) => tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err(),
         Err(e) => e,
     };
     assert_eq!(err.code(), Some(410), "{err}");

@@ -12,7 +12,11 @@ use common::TestServer;
 async fn openapi_document_matches_the_router() {
     let ts = TestServer::sqlite().await;
     let http = reqwest::Client::new();
-    let resp = http.get(format!("{}/openapi.json", ts.url())).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/openapi.json", ts.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200, "served without a token");
     let doc: serde_json::Value = resp.json().await.unwrap();
 
@@ -30,8 +34,14 @@ async fn openapi_document_matches_the_router() {
         .collect();
     let undocumented: Vec<_> = routed.difference(&documented).collect();
     let unrouted: Vec<_> = documented.difference(&routed).collect();
-    assert!(undocumented.is_empty(), "routes missing from /openapi.json: {undocumented:?}");
-    assert!(unrouted.is_empty(), "documented paths the router lacks: {unrouted:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from /openapi.json: {undocumented:?}"
+    );
+    assert!(
+        unrouted.is_empty(),
+        "documented paths the router lacks: {unrouted:?}"
+    );
     assert!(documented.len() >= 16, "{documented:?}");
 
     // The router really serves each of them: a request reaches a handler
@@ -40,7 +50,8 @@ async fn openapi_document_matches_the_router() {
         let url = format!(
             "{}{}",
             ts.url(),
-            path.replace("{namespace}", "default").replace("{name}", "probe")
+            path.replace("{namespace}", "default")
+                .replace("{name}", "probe")
         );
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = http
@@ -54,21 +65,46 @@ async fn openapi_document_matches_the_router() {
         let code = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
         assert_ne!(code, 405, "{method} {path}: {body}");
-        assert!(!body.contains("no API path"), "{method} {path} is not routed: {body}");
+        assert!(
+            !body.contains("no API path"),
+            "{method} {path} is not routed: {body}"
+        );
     }
-    let resp = http.get(format!("{}/api/v1/nodes", ts.url())).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/api/v1/nodes", ts.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
-    assert!(resp.text().await.unwrap().contains("no API path /api/v1/nodes"));
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("no API path /api/v1/nodes")
+    );
 
     // Every schema referred to is defined.
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
     let mut refs = BTreeSet::new();
     collect_refs(&doc, &mut refs);
     for r in &refs {
-        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected $ref {r}"));
-        assert!(schemas.contains_key(name), "schema {name} is referred to but not defined");
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected $ref {r}"));
+        assert!(
+            schemas.contains_key(name),
+            "schema {name} is referred to but not defined"
+        );
     }
-    for needed in ["Pod", "PodList", "Host", "HostList", "Status", "ImageList", "WatchEvent"] {
+    for needed in [
+        "Pod",
+        "PodList",
+        "Host",
+        "HostList",
+        "Status",
+        "ImageList",
+        "WatchEvent",
+    ] {
         assert!(schemas.contains_key(needed), "schema {needed} is missing");
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());

@@ -1,22 +1,27 @@
 //! [`Client`]: the REST client of the podvisor API, used by the CLI and by
 //! host daemons. Plain HTTP or HTTPS (rustls), bearer token.
 
+mod error;
 pub mod exec;
 mod feed;
+mod options;
 mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use error::error_from_response;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+pub use error::ClientError;
 pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession, ExecStatus};
 pub use feed::PodFeedEvent;
+pub use options::{Applied, LogOptions, LogStream, PodFilter};
 pub use watch::{PodEvent, PodWatch};
 
 use crate::host::{Host, HostList};
@@ -27,124 +32,6 @@ use crate::status::Status;
 /// How long a plain (non-streaming) request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What went wrong talking to the server.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The server URL given is not usable.
-    #[error("invalid server URL {url:?}: {reason}")]
-    InvalidUrl { url: String, reason: String },
-    /// The server could not be reached or the connection broke.
-    #[error("{method} {url}: {source}")]
-    Http {
-        method: &'static str,
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The server answered with an error.
-    #[error("{method} {url}: the server said {} {}: {}", .status.code, .status.reason, .status.message)]
-    Api {
-        method: &'static str,
-        url: String,
-        status: Status,
-    },
-    /// The server's answer could not be read.
-    #[error("{url}: unexpected answer from the server: {reason}")]
-    Decode { url: String, reason: String },
-    /// A watch asked for history the server no longer keeps (HTTP 410):
-    /// list again and watch from the listed revision.
-    #[error("{url}: {message}")]
-    Gone { url: String, message: String },
-    /// The WebSocket of an exec failed.
-    #[error("exec {url}: {reason}")]
-    WebSocket { url: String, reason: String },
-}
-
-impl ClientError {
-    /// The HTTP status code the server answered with, if it did.
-    pub fn code(&self) -> Option<u16> {
-        match self {
-            ClientError::Api { status, .. } => Some(status.code),
-            ClientError::Gone { .. } => Some(410),
-            _ => None,
-        }
-    }
-
-    /// True for a 404 answer.
-    pub fn is_not_found(&self) -> bool {
-        self.code() == Some(404)
-    }
-}
-
-/// Which pods a list or watch covers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodFilter {
-    /// One namespace, or all of them (`None`).
-    pub namespace: Option<String>,
-    /// Only pods assigned to this host (`fieldSelector=spec.nodeName=H`).
-    pub node_name: Option<String>,
-}
-
-impl PodFilter {
-    /// Pods of every namespace assigned to `host`.
-    pub fn on_host(host: &str) -> PodFilter {
-        PodFilter {
-            namespace: None,
-            node_name: Some(host.to_string()),
-        }
-    }
-
-    /// Every pod.
-    pub fn all() -> PodFilter {
-        PodFilter::default()
-    }
-
-    /// Pods of one namespace.
-    pub fn in_namespace(namespace: &str) -> PodFilter {
-        PodFilter {
-            namespace: Some(namespace.to_string()),
-            node_name: None,
-        }
-    }
-
-    fn path(&self) -> String {
-        match &self.namespace {
-            Some(ns) => format!("api/v1/namespaces/{ns}/pods"),
-            None => "api/v1/pods".into(),
-        }
-    }
-
-    fn query(&self) -> Vec<(&'static str, String)> {
-        match &self.node_name {
-            Some(node) => vec![("fieldSelector", format!("spec.nodeName={node}"))],
-            None => vec![],
-        }
-    }
-}
-
-/// Options of a log request.
-#[derive(Clone, Debug, Default)]
-pub struct LogOptions {
-    /// The container (needed when the pod has several).
-    pub container: Option<String>,
-    /// Keep streaming new output until the container ends.
-    pub follow: bool,
-    /// Only the last N lines.
-    pub tail_lines: Option<u64>,
-}
-
-/// What an apply did.
-#[derive(Clone, Debug)]
-pub struct Applied {
-    /// The pod as stored.
-    pub pod: Pod,
-    /// `created`, `configured` or `unchanged`.
-    pub outcome: String,
-}
-
-/// A stream of log bytes.
-pub type LogStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 
 /// A client of a podvisor server, or of several replicas of one: requests
 /// go to the first that answers, and stay with it until it cannot be
@@ -232,7 +119,9 @@ impl Client {
         let mut last = None;
         for i in 0..count {
             let index = (start + i) % count;
-            let url = self.bases[index].join(path).expect("API paths are relative URLs");
+            let url = self.bases[index]
+                .join(path)
+                .expect("API paths are relative URLs");
             let req = build(self.request(method.clone(), &url));
             match req.send().await {
                 Ok(resp) => {
@@ -297,9 +186,11 @@ impl Client {
 
     /// `GET /healthz`.
     pub async fn healthz(&self) -> Result<(), ClientError> {
-        self.execute(reqwest::Method::GET, "healthz", |r| r.timeout(REQUEST_TIMEOUT))
-            .await
-            .map(|_| ())
+        self.execute(reqwest::Method::GET, "healthz", |r| {
+            r.timeout(REQUEST_TIMEOUT)
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Lists pods.
@@ -504,7 +395,9 @@ impl Client {
         let mut last = None;
         for i in 0..count {
             let index = (start + i) % count;
-            let url = self.bases[index].join(&path).expect("API paths are relative URLs");
+            let url = self.bases[index]
+                .join(&path)
+                .expect("API paths are relative URLs");
             match exec::connect(url, self.token.as_deref(), options).await {
                 Err(e @ ClientError::WebSocket { .. }) if i + 1 < count => last = Some(e),
                 other => {
@@ -529,41 +422,6 @@ fn method_name(method: &reqwest::Method) -> &'static str {
         reqwest::Method::PUT => "PUT",
         reqwest::Method::DELETE => "DELETE",
         _ => "request",
-    }
-}
-
-/// The error a non-success response carries: its Status body, or one made
-/// from the HTTP status if the body is not a Status.
-async fn error_from_response(
-    method: &'static str,
-    url: &Url,
-    resp: reqwest::Response,
-) -> ClientError {
-    let code = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
-    let status = serde_json::from_slice::<Status>(&body).unwrap_or_else(|_| {
-        let text = String::from_utf8_lossy(&body);
-        let text = text.trim();
-        Status::new(
-            code.as_u16(),
-            code.canonical_reason().unwrap_or("Error"),
-            if text.is_empty() {
-                format!("HTTP {code}")
-            } else {
-                text.chars().take(500).collect()
-            },
-        )
-    });
-    if status.code == 410 {
-        return ClientError::Gone {
-            url: url.to_string(),
-            message: status.message,
-        };
-    }
-    ClientError::Api {
-        method,
-        url: url.to_string(),
-        status,
     }
 }
 

@@ -58,7 +58,8 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<u8> {
         if let Some(size) = terminal::size() {
             let _ = input_tx.send(Input::Resize(size.cols, size.rows)).await;
         }
-        let mut winch = signal(SignalKind::window_change()).context("install a SIGWINCH handler")?;
+        let mut winch =
+            signal(SignalKind::window_change()).context("install a SIGWINCH handler")?;
         let tx = input_tx.clone();
         tokio::spawn(async move {
             while winch.recv().await.is_some() {

@@ -176,7 +176,14 @@ pub async fn get(args: GetArgs) -> anyhow::Result<u8> {
                 Some(Output::Json) => show::json(&list),
                 Some(Output::Yaml) => show::yaml(&list),
                 _ if list.items.is_empty() => {
-                    eprintln!("No pods found{}.", if args.all_namespaces { String::new() } else { format!(" in namespace {}", args.ns.namespace) });
+                    eprintln!(
+                        "No pods found{}.",
+                        if args.all_namespaces {
+                            String::new()
+                        } else {
+                            format!(" in namespace {}", args.ns.namespace)
+                        }
+                    );
                     String::new()
                 }
                 _ => show::pods_table(&list.items, args.all_namespaces, out == Some(Output::Wide)),
@@ -267,7 +274,10 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<u8> {
                     Err(e) if e.is_not_found() => break,
                     Err(e) => return Err(e.into()),
                     Ok(_) if Instant::now() > deadline => {
-                        bail!("pod {ns}/{name} is still terminating after {} s", args.timeout)
+                        bail!(
+                            "pod {ns}/{name} is still terminating after {} s",
+                            args.timeout
+                        )
                     }
                     Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }

@@ -22,7 +22,9 @@ fn stamp(t: Time) -> String {
 
 /// `5s`, `3m`, `2h`, `4d` since `t`, as kubectl shows ages.
 pub fn age(t: Option<Time>) -> String {
-    let Some(t) = t else { return "<unknown>".into() };
+    let Some(t) = t else {
+        return "<unknown>".into();
+    };
     let secs = (chrono::Utc::now() - t).num_seconds().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
@@ -36,7 +38,12 @@ pub fn age(t: Option<Time>) -> String {
 fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -78,10 +85,18 @@ pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
             pod.display_status(),
             pod.restart_count().to_string(),
             age(pod.metadata.creation_timestamp),
-            pod.spec.node_name.clone().unwrap_or_else(|| "<none>".into()),
+            pod.spec
+                .node_name
+                .clone()
+                .unwrap_or_else(|| "<none>".into()),
         ]);
         if wide {
-            row.push(pod.status.host_ip.clone().unwrap_or_else(|| "<none>".into()));
+            row.push(
+                pod.status
+                    .host_ip
+                    .clone()
+                    .unwrap_or_else(|| "<none>".into()),
+            );
             row.push(pod.labels_text());
         }
         rows.push(row);
@@ -90,11 +105,19 @@ pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
 }
 
 pub fn hosts_table(hosts: &[Host]) -> String {
-    let mut rows = vec![["NAME", "STATUS", "CPU", "MEMORY", "AGE", "ADDRESS"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NAME", "STATUS", "CPU", "MEMORY", "AGE", "ADDRESS"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for h in hosts {
         rows.push(vec![
             h.metadata.name.clone(),
-            if h.status.ready { "Ready".into() } else { "NotReady".into() },
+            if h.status.ready {
+                "Ready".into()
+            } else {
+                "NotReady".into()
+            },
             Quantity::from_millicores(h.spec.capacity.cpu).to_string(),
             format_bytes(h.spec.capacity.memory),
             age(h.metadata.creation_timestamp),
@@ -105,10 +128,19 @@ pub fn hosts_table(hosts: &[Host]) -> String {
 }
 
 pub fn images_table(images: &[Image]) -> String {
-    let mut rows = vec![["NAME", "DIGEST", "LAYERS", "SIZE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NAME", "DIGEST", "LAYERS", "SIZE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for i in images {
         let digest: String = i.digest.chars().take(19).collect();
-        rows.push(vec![i.name.clone(), digest, i.layers.to_string(), format_bytes(i.size)]);
+        rows.push(vec![
+            i.name.clone(),
+            digest,
+            i.layers.to_string(),
+            format_bytes(i.size),
+        ]);
     }
     table(rows)
 }
@@ -133,10 +165,18 @@ pub fn describe_pod(pod: &Pod) -> String {
     };
     line(&mut s, "Name", &m.name);
     line(&mut s, "Namespace", m.namespace());
-    line(&mut s, "Node", pod.spec.node_name.as_deref().unwrap_or("<none>"));
+    line(
+        &mut s,
+        "Node",
+        pod.spec.node_name.as_deref().unwrap_or("<none>"),
+    );
     line(&mut s, "Labels", &pod.labels_text());
     if let Some(t) = m.creation_timestamp {
-        line(&mut s, "Created", &format!("{} ({} ago)", stamp(t), age(Some(t))));
+        line(
+            &mut s,
+            "Created",
+            &format!("{} ({} ago)", stamp(t), age(Some(t))),
+        );
     }
     if let Some(t) = m.deletion_timestamp {
         line(&mut s, "Deleting since", &stamp(t));
@@ -155,12 +195,20 @@ pub fn describe_pod(pod: &Pod) -> String {
     if let Some(t) = pod.status.start_time {
         line(&mut s, "Started", &stamp(t));
     }
-    line(&mut s, "Restart Policy", &format!("{:?}", pod.spec.restart_policy));
+    line(
+        &mut s,
+        "Restart Policy",
+        &format!("{:?}", pod.spec.restart_policy),
+    );
     if let Ok(size) = pod.spec.vm_size() {
         line(
             &mut s,
             "VM size",
-            &format!("cpu {}, memory {}", Quantity::from_millicores(size.cpu), format_bytes(size.memory)),
+            &format!(
+                "cpu {}, memory {}",
+                Quantity::from_millicores(size.cpu),
+                format_bytes(size.memory)
+            ),
         );
     }
     if let Some(uid) = &m.uid {
@@ -179,10 +227,14 @@ pub fn describe_pod(pod: &Pod) -> String {
         if let Some(args) = &c.args {
             field(&mut s, "Args", &args.join(" "));
         }
-        let status = pod.status.container_statuses.iter().find(|cs| cs.name == c.name);
+        let status = pod
+            .status
+            .container_statuses
+            .iter()
+            .find(|cs| cs.name == c.name);
         if let Some(cs) = status {
             let state = if let Some(r) = &cs.state.running {
-                format!("Running (since {})", r.started_astamp(t))
+                format!("Running (since {})", stamp(r.started_at))
             } else if let Some(t) = &cs.state.terminated {
                 let mut text = format!("Terminated: {} (exit code {}", t.reason, t.exit_code);
                 if let Some(sig) = t.signal {
@@ -229,7 +281,11 @@ pub fn describe_pod(pod: &Pod) -> String {
             field(&mut s, "Working dir", wd);
         }
         if c.tty || c.stdin {
-            field(&mut s, "Terminal", &format!("tty={} stdin={}", c.tty, c.stdin));
+            field(
+                &mut s,
+                "Terminal",
+                &format!("tty={} stdin={}", c.tty, c.stdin),
+            );
         }
     }
     s
@@ -248,7 +304,11 @@ pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
         line(&mut s, "Reason", r);
     }
     if let Some(t) = host.status.last_heartbeat_time {
-        line(&mut s, "Last heartbeat", &format!("{} ({} ago)", stamp(t), age(Some(t))));
+        line(
+            &mut s,
+            "Last heartbeat",
+            &format!("{} ({} ago)", stamp(t), age(Some(t))),
+        );
     }
     let cap = host.spec.capacity;
     let (mut cpu, mut mem) = (0, 0);
@@ -261,12 +321,20 @@ pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
     line(
         &mut s,
         "Capacity",
-        &format!("cpu {}, memory {}", Quantity::from_millicores(cap.cpu), format_bytes(cap.memory)),
+        &format!(
+            "cpu {}, memory {}",
+            Quantity::from_millicores(cap.cpu),
+            format_bytes(cap.memory)
+        ),
     );
     line(
         &mut s,
         "Allocated",
-        &format!("cpu {}, memory {}", Quantity::from_millicores(cpu), format_bytes(mem)),
+        &format!(
+            "cpu {}, memory {}",
+            Quantity::from_millicores(cpu),
+            format_bytes(mem)
+        ),
     );
     let _ = writeln!(s, "Pods ({}):", pods.len());
     let mut pods: Vec<&Pod> = pods.iter().collect();

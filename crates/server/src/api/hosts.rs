@@ -19,7 +19,10 @@ use crate::tokens::Caller;
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
     security(("bearer" = [])),
     responses((status = 200, body = HostList), (status = 401, body = Status)))]
-pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<HostList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<HostList>, ApiError> {
     let (items, revision) = objects::list::<Host>(state.store.as_ref(), keys::HOSTS).await?;
     Ok(Json(HostList {
         metadata: podvisor_api::ListMeta {
@@ -115,7 +118,11 @@ pub async fn register(
 }
 
 /// Keeps the host's lease alive, or starts a new one if it had expired.
-async fn ensure_lease(store: &dyn Store, name: &str, ttl: std::time::Duration) -> Result<(), ApiError> {
+async fn ensure_lease(
+    store: &dyn Store,
+    name: &str,
+    ttl: std::time::Duration,
+) -> Result<(), ApiError> {
     let key = keys::host_lease(name);
     if let Some(kv) = store.get(&key).await?
         && let Some(lease) = kv.lease
@@ -127,7 +134,10 @@ async fn ensure_lease(store: &dyn Store, name: &str, ttl: std::time::Duration) -
         }
     }
     let lease = store.grant_lease(ttl).await?;
-    match store.put(&key, lease.to_string().as_bytes(), Some(lease)).await {
+    match store
+        .put(&key, lease.to_string().as_bytes(), Some(lease))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -175,7 +185,10 @@ pub async fn heartbeat(
     responses(
         (status = 200, body = ImageList),
         (status = 501, description = "This server has no image catalog", body = Status)))]
-pub async fn images(State(_state): State<AppState>, _caller: Caller) -> Result<Json<ImageList>, ApiError> {
+pub async fn images(
+    State(_state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<ImageList>, ApiError> {
     Err(ApiError::new(
         StatusCode::NOT_IMPLEMENTED,
         "NotImplemented",

@@ -55,18 +55,54 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/healthz", get(healthz)),
         route(Method::GET, "/openapi.json", get(openapi_json)),
         route(Method::GET, "/api/v1/pods", get(pods::list_all)),
-        route(Method::GET, "/api/v1/namespaces/{namespace}/pods", get(pods::list_namespaced)),
-        route(Method::POST, "/api/v1/namespaces/{namespace}/pods", post(pods::create)),
-        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}", get(pods::get_one)),
-        route(Method::PUT, "/api/v1/namespaces/{namespace}/pods/{name}", put(pods::apply)),
-        route(Method::DELETE, "/api/v1/namespaces/{namespace}/pods/{name}", delete(pods::delete)),
-        route(Method::PUT, "/api/v1/namespaces/{namespace}/pods/{name}/status", put(pods::update_status)),
-        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}/log", get(proxy::log)),
-        route(Method::GET, "/api/v1/namespaces/{namespace}/pods/{name}/exec", get(proxy::exec)),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/pods",
+            get(pods::list_namespaced),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/pods",
+            post(pods::create),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/pods/{name}",
+            get(pods::get_one),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/namespaces/{namespace}/pods/{name}",
+            put(pods::apply),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/namespaces/{namespace}/pods/{name}",
+            delete(pods::delete),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/namespaces/{namespace}/pods/{name}/status",
+            put(pods::update_status),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/pods/{name}/log",
+            get(proxy::log),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/pods/{name}/exec",
+            get(proxy::exec),
+        ),
         route(Method::GET, "/api/v1/hosts", get(hosts::list)),
         route(Method::POST, "/api/v1/hosts", post(hosts::register)),
         route(Method::GET, "/api/v1/hosts/{name}", get(hosts::get_one)),
-        route(Method::PUT, "/api/v1/hosts/{name}/heartbeat", put(hosts::heartbeat)),
+        route(
+            Method::PUT,
+            "/api/v1/hosts/{name}/heartbeat",
+            put(hosts::heartbeat),
+        ),
         route(Method::GET, "/api/v1/images", get(hosts::images)),
     ]
 }

@@ -64,7 +64,11 @@ pub async fn list_namespaced(
     list(state, Some(namespace), params).await
 }
 
-async fn list(state: AppState, namespace: Option<String>, params: ListParams) -> Result<Response, ApiError> {
+async fn list(
+    state: AppState,
+    namespace: Option<String>,
+    params: ListParams,
+) -> Result<Response, ApiError> {
     let selector = PodSelector::parse(namespace, &params)?;
     if params.watch.unwrap_or(false) {
         let from = match params.resource_version.as_deref() {
@@ -94,7 +98,9 @@ async fn list(state: AppState, namespace: Option<String>, params: ListParams) ->
 /// Reads a Pod from a request body (JSON, or YAML with
 /// `Content-Type: application/yaml`) for namespace `namespace`.
 fn pod_from_body(headers: &HeaderMap, body: &[u8], namespace: &str) -> Result<Pod, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let format = Format::from_content_type(content_type);
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
@@ -145,7 +151,11 @@ pub async fn create(
     caller.require_user()?;
     let pod = new_pod(pod_from_body(&headers, &body, &namespace)?, &namespace);
     let key = keys::pod(&namespace, &pod.metadata.name);
-    match state.store.create(&key, &objects::encode(&pod), None).await? {
+    match state
+        .store
+        .create(&key, &objects::encode(&pod), None)
+        .await?
+    {
         Ok(rev) => Ok(created(pod, rev)),
         Err(_) => Err(ApiError::already_exists(format!(
             "pod {:?} already exists in namespace {namespace:?}",
@@ -265,7 +275,9 @@ pub async fn apply(
             return Ok(applied(StatusCode::OK, updated, "configured"));
         }
     }
-    Err(ApiError::conflict(format!("pod {name:?}: too many concurrent changes, try again")))
+    Err(ApiError::conflict(format!(
+        "pod {name:?}: too many concurrent changes, try again"
+    )))
 }
 
 /// Paths of the fields that differ between two values (`spec.containers[0].image`).
@@ -278,7 +290,10 @@ fn changed_paths(a: &podvisor_api::PodSpec, b: &podvisor_api::PodSpec) -> Vec<St
                 keys.sort();
                 keys.dedup();
                 for k in keys {
-                    let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+                    let (va, vb) = (
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                    );
                     walk(va, vb, format!("{path}.{k}"), out);
                 }
             }
@@ -329,7 +344,10 @@ pub async fn delete(
         caller.require_user()?;
     }
     for _ in 0..64 {
-        let kv = store.get(&key).await?.ok_or_else(|| not_found(&namespace, &name))?;
+        let kv = store
+            .get(&key)
+            .await?
+            .ok_or_else(|| not_found(&namespace, &name))?;
         let pod: Pod = objects::decode(&kv)?;
         let remove_now = if finalize {
             if let Some(host) = &pod.spec.node_name {
@@ -362,7 +380,9 @@ pub async fn delete(
             return Ok((StatusCode::ACCEPTED, Json(updated)).into_response());
         }
     }
-    Err(ApiError::conflict(format!("pod {name:?}: too many concurrent changes, try again")))
+    Err(ApiError::conflict(format!(
+        "pod {name:?}: too many concurrent changes, try again"
+    )))
 }
 
 /// Whether `host` is registered and ready.
@@ -394,10 +414,8 @@ pub async fn update_status(
         .get("status")
         .cloned()
         .ok_or_else(|| ApiError::bad_request("the body has no \"status\" field"))?;
-    let status: PodStatus =
-        podvisor_api::parse_object(&status_value.to_string(), Format::Json).map_err(|e| {
-            ApiError::bad_request(format!("status: {e}"))
-        })?;
+    let status: PodStatus = podvisor_api::parse_object(&status_value.to_string(), Format::Json)
+        .map_err(|e| ApiError::bad_request(format!("status: {e}")))?;
     let key = keys::pod(&namespace, &name);
     let what = format!("updating the status of pod {namespace}/{name}");
     let mut denied = None;
@@ -425,5 +443,7 @@ pub async fn update_status(
     if let Some(e) = denied {
         return Err(e);
     }
-    updated.map(Json).ok_or_else(|| not_found(&namespace, &name))
+    updated
+        .map(Json)
+        .ok_or_else(|| not_found(&namespace, &name))
 }

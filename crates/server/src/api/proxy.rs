@@ -53,9 +53,12 @@ async fn host_url(
         )));
     }
     let base = host.spec.address.trim_end_matches('/');
-    let mut url = url::Url::parse(&format!("{base}/pods/{namespace}/{name}/{what}")).map_err(|e| {
-        ApiError::internal(format!("host {host_name:?} has an unusable address {base:?}: {e}"))
-    })?;
+    let mut url =
+        url::Url::parse(&format!("{base}/pods/{namespace}/{name}/{what}")).map_err(|e| {
+            ApiError::internal(format!(
+                "host {host_name:?} has an unusable address {base:?}: {e}"
+            ))
+        })?;
     url.set_query(query.filter(|q| !q.is_empty()));
     Ok((host_name, url))
 }
@@ -82,9 +85,10 @@ pub async fn log(
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
     let (host, url) = host_url(&state, &namespace, &name, "log", query.as_deref()).await?;
-    let resp = state.http.get(url.clone()).send().await.map_err(|e| {
-        ApiError::bad_gateway(format!("cannot reach host {host:?} at {url}: {e}"))
-    })?;
+    let resp =
+        state.http.get(url.clone()).send().await.map_err(|e| {
+            ApiError::bad_gateway(format!("cannot reach host {host:?} at {url}: {e}"))
+        })?;
     let code = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = resp
         .headers()
@@ -93,7 +97,12 @@ pub async fn log(
         .unwrap_or("text/plain; charset=utf-8")
         .to_string();
     let body = Body::from_stream(resp.bytes_stream());
-    Ok((code, [(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
+    Ok((
+        code,
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        body,
+    )
+        .into_response())
 }
 
 /// Runs a command in a container: a WebSocket proxied to the pod's host.
@@ -134,7 +143,8 @@ pub async fn exec(
     let upstream = match tokio_tungstenite::connect_async(url.as_str()).await {
         Ok((ws, _)) => ws,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let code = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let code =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let body = resp.body().clone().unwrap_or_default();
             let status = serde_json::from_slice::<Status>(&body).unwrap_or_else(|_| {
                 Status::new(
@@ -154,7 +164,8 @@ pub async fn exec(
     Ok(upgrade.on_upgrade(move |client| pump(client, upstream)))
 }
 
-type Upstream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Upstream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Copies frames both ways until either side closes.
 async fn pump(client: WebSocket, upstream: Upstream) {

@@ -59,7 +59,9 @@ impl PodSelector {
                             "labelSelector {ls:?} is not supported: podvisor supports key=value[,key=value...]"
                         ))
                     })?;
-                selector.labels.push((k.trim().to_string(), v.trim().to_string()));
+                selector
+                    .labels
+                    .push((k.trim().to_string(), v.trim().to_string()));
             }
         }
         Ok(selector)
@@ -94,9 +96,14 @@ pub fn serve_watch(cache: PodCache, selector: PodSelector, from: Option<i64>) ->
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(stream_events(cache, selector, from, tx));
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|o| o.map(Ok::<_, std::convert::Infallible>))
+        rx.poll_recv(cx)
+            .map(|o| o.map(Ok::<_, std::convert::Infallible>))
     }));
-    ([(header::CONTENT_TYPE, "application/json;stream=watch")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json;stream=watch")],
+        body,
+    )
+        .into_response()
 }
 
 fn line(kind: EventType, object: serde_json::Value) -> Bytes {
@@ -127,7 +134,12 @@ fn event_for(selector: &PodSelector, change: &PodChange) -> Option<Bytes> {
     }
 }
 
-async fn stream_events(cache: PodCache, selector: PodSelector, from: Option<i64>, tx: mpsc::Sender<Bytes>) {
+async fn stream_events(
+    cache: PodCache,
+    selector: PodSelector,
+    from: Option<i64>,
+    tx: mpsc::Sender<Bytes>,
+) {
     let mut updates = cache.subscribe();
     updates.borrow_and_update();
     let mut pos = match from {
@@ -135,9 +147,13 @@ async fn stream_events(cache: PodCache, selector: PodSelector, from: Option<i64>
         None => {
             let (mut pods, rev) = cache.snapshot();
             pods.retain(|p| selector.matches(p));
-            pods.sort_by(|a, b| a.key().cmp(&b.key()));
+            pods.sort_by_key(|a| a.key());
             for pod in pods {
-                if tx.send(line(EventType::Added, pod_value(&pod))).await.is_err() {
+                if tx
+                    .send(line(EventType::Added, pod_value(&pod)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -157,7 +173,10 @@ async fn stream_events(cache: PodCache, selector: PodSelector, from: Option<i64>
                     ),
                 );
                 let _ = tx
-                    .send(line(EventType::Error, serde_json::to_value(status).expect("status")))
+                    .send(line(
+                        EventType::Error,
+                        serde_json::to_value(status).expect("status"),
+                    ))
                     .await;
                 return;
             }

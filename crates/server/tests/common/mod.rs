@@ -23,7 +23,10 @@ impl TestServer {
     }
 
     /// A server with `store_url` (None: SQLite), config changed by `tune`.
-    pub async fn start(store_url: Option<String>, tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    pub async fn start(
+        store_url: Option<String>,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new("127.0.0.1:0", &dir.path().join("state"));
         config.store_url = store_url.clone();
@@ -55,9 +58,10 @@ impl TestServer {
 
     /// A client with a new token of `role`/`name`.
     pub async fn client(&self, role: Role, name: &str) -> Client {
-        let token = podvisor_server::create_token(&self.state_dir(), self.store_url.as_deref(), role, name)
-            .await
-            .unwrap();
+        let token =
+            podvisor_server::create_token(&self.state_dir(), self.store_url.as_deref(), role, name)
+                .await
+                .unwrap();
         Client::new(&self.url(), Some(&token)).unwrap()
     }
 
@@ -102,7 +106,12 @@ where
 }
 
 /// Waits until pod `default/name` satisfies `check` and returns it.
-pub async fn pod_where(client: &Client, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+pub async fn pod_where(
+    client: &Client,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Pod) -> bool,
+) -> Pod {
     eventually(20, what, || async {
         let pod = client.get_pod("default", name).await.ok()?;
         check(&pod).then_some(pod)
