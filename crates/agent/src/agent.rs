@@ -11,11 +11,11 @@ use nix::errno::Errno;
 use nix::poll::PollFlags;
 use nix::sys::wait::WaitStatus;
 use podvisor_proto::{
-    ContainerSpec, ExitStatus, GuestMessage, HostMessage, MAX_CHUNK, StartError, StartErrorKind,
-    Stream,
+    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, MAX_CHUNK, StartError,
+    StartErrorKind, Stream,
 };
 
-use crate::process::{self, Launcher};
+use crate::process::{self, Launched, Launcher};
 
 /// How long after the grace period of a shutdown the agent powers off even
 /// if exits could not be reported (host gone, process stuck).
@@ -56,6 +56,9 @@ struct Container {
     exit: Option<ExitStatus>,
     /// When to send SIGKILL (after `Stop` or `Shutdown`).
     kill_at: Option<Instant>,
+    /// For an exec process: the container it runs in. Only containers are
+    /// unmounted when they end.
+    exec_in: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +158,7 @@ impl<L: Launcher> Agent<L> {
                     self.error(format!("no container {id:?}"));
                 }
             }
+            HostMessage::Exec(spec) => self.exec(spec),
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {
@@ -209,36 +213,84 @@ impl<L: Launcher> Agent<L> {
             return;
         }
         match self.launcher.start(&spec) {
+            Ok(l) => self.track(&id, l, None),
+            Err(error) => self
+                .outbox
+                .push_back(GuestMessage::StartFailed { id, error }),
+        }
+    }
+
+    /// Starts an exec process in a running container.
+    fn exec(&mut self, spec: ExecSpec) {
+        let id = spec.id.clone();
+        let refuse = |kind, message: String| GuestMessage::StartFailed {
+            id: id.clone(),
+            error: StartError { kind, message },
+        };
+        let init = self
+            .containers
+            .get(&spec.container)
+            .filter(|c| c.exec_in.is_none())
+            .and_then(|_| self.running_pid(&spec.container));
+        let refusal = if self.shutdown.is_some() {
+            Some(refuse(
+                StartErrorKind::Other,
+                "the agent is shutting down".into(),
+            ))
+        } else if self.containers.contains_key(&id) {
+            Some(refuse(
+                StartErrorKind::InvalidSpec,
+                format!("a process with id {id:?} already exists"),
+            ))
+        } else if init.is_none() {
+            Some(refuse(
+                StartErrorKind::InvalidSpec,
+                format!("no running container {:?}", spec.container),
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = refusal {
+            self.outbox.push_back(msg);
+            return;
+        }
+        match self.launcher.exec(&spec, init.unwrap_or_default()) {
             Ok(l) => {
-                let mut outputs = vec![(Stream::Stdout, l.stdout)];
-                outputs.extend(l.stderr.map(|fd| (Stream::Stderr, fd)));
-                let stdin = l.stdin.map(|fd| StdinSink {
-                    fd,
-                    pending: Vec::new(),
-                    close_when_flushed: false,
-                    last: None,
-                });
-                self.containers.insert(
-                    id.clone(),
-                    Container {
-                        pid: l.pid,
-                        terminal: l.terminal,
-                        stdin,
-                        outputs,
-                        status_pipe: l.status,
-                        exit: None,
-                        kill_at: None,
-                    },
-                );
-                self.outbox.push_back(GuestMessage::Started {
-                    id,
-                    pid: l.pid as u32,
-                });
+                self.track(&id, l, Some(spec.container));
             }
             Err(error) => self
                 .outbox
                 .push_back(GuestMessage::StartFailed { id, error }),
         }
+    }
+
+    /// Records a started process and reports `Started`.
+    fn track(&mut self, id: &str, l: Launched, exec_in: Option<String>) {
+        let mut outputs = vec![(Stream::Stdout, l.stdout)];
+        outputs.extend(l.stderr.map(|fd| (Stream::Stderr, fd)));
+        let stdin = l.stdin.map(|fd| StdinSink {
+            fd,
+            pending: Vec::new(),
+            close_when_flushed: false,
+            last: None,
+        });
+        self.containers.insert(
+            id.to_string(),
+            Container {
+                pid: l.pid,
+                terminal: l.terminal,
+                stdin,
+                outputs,
+                status_pipe: l.status,
+                exit: None,
+                kill_at: None,
+                exec_in,
+            },
+        );
+        self.outbox.push_back(GuestMessage::Started {
+            id: id.to_string(),
+            pid: l.pid as u32,
+        });
     }
 
     /// Writes pending stdin data without blocking; closes the pipe when asked.
@@ -369,7 +421,9 @@ impl<L: Launcher> Agent<L> {
                 id: id.to_string(),
                 status: c.exit.unwrap_or(ExitStatus::Code(255)),
             });
-            self.launcher.cleanup(id);
+            if c.exec_in.is_none() {
+                self.launcher.cleanup(id);
+            }
         }
     }
 

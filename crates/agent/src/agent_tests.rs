@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use podvisor_proto::{
-    ContainerSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, StartError, StartErrorKind,
-    Stream,
+    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, StartError,
+    StartErrorKind, Stream,
 };
 
 use super::*;
@@ -28,6 +28,8 @@ struct FakeLauncher {
     procs: HashMap<String, FakeProcess>,
     signals: Vec<(i32, i32)>,
     cleaned: Vec<String>,
+    /// (exec id, init pid of the container it entered).
+    execs: Vec<(String, i32)>,
 }
 
 fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
@@ -36,9 +38,9 @@ fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
     (r, w)
 }
 
-impl Launcher for FakeLauncher {
-    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
-        if spec.process.args[0] == "missing" {
+impl FakeLauncher {
+    fn launch(&mut self, id: &str, process: &ProcessSpec) -> Result<Launched, StartError> {
+        if process.args[0] == "missing" {
             return Err(StartError {
                 kind: StartErrorKind::NotFound,
                 message: "executable file not found in $PATH: missing".into(),
@@ -49,7 +51,7 @@ impl Launcher for FakeLauncher {
         let (err_r, err_w) = nonblocking_pipe();
         let (in_r, in_w) = nonblocking_pipe();
         self.procs.insert(
-            spec.id.clone(),
+            id.to_string(),
             FakeProcess {
                 stdin: Some(in_r),
                 stdout: Some(out_w),
@@ -58,12 +60,23 @@ impl Launcher for FakeLauncher {
         );
         Ok(Launched {
             pid: self.next_pid,
-            stdin: spec.process.stdin.then_some(in_w),
+            stdin: process.stdin.then_some(in_w),
             stdout: out_r,
             stderr: Some(err_r),
             terminal: false,
             status: None,
         })
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
+        self.launch(&spec.id, &spec.process)
+    }
+
+    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
+        self.execs.push((spec.id.clone(), init_pid));
+        self.launch(&spec.id, &spec.process)
     }
 
     fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno> {
@@ -378,4 +391,145 @@ fn shutdown_gives_up_after_the_slack() {
     );
     assert!(!agent.power_off_due(give_up - Duration::from_millis(1), true));
     assert!(agent.power_off_due(give_up, false));
+}
+
+fn exec(id: &str, container: &str, args: &[&str]) -> HostMessage {
+    HostMessage::Exec(ExecSpec {
+        id: id.into(),
+        container: container.into(),
+        process: spec(id, args, true).process,
+    })
+}
+
+#[test]
+fn exec_runs_in_the_container_and_ends_without_unmounting_it() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("web", &["sleep"], false)),
+        now,
+    );
+    agent.handle(exec("exec.1", "web", &["sh"]), now);
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::Started {
+                id: "web".into(),
+                pid: 100
+            },
+            GuestMessage::Started {
+                id: "exec.1".into(),
+                pid: 200
+            },
+        ]
+    );
+    assert_eq!(agent.launcher.execs, [("exec.1".to_string(), 100)]);
+    // Stdin, signals and output address the exec by its own id.
+    agent.handle(
+        HostMessage::Stdin {
+            id: "exec.1".into(),
+            data: b"id\n".to_vec(),
+        },
+        now,
+    );
+    agent.handle(
+        HostMessage::Signal {
+            id: "exec.1".into(),
+            signal: libc::SIGINT,
+        },
+        now,
+    );
+    assert_eq!(agent.launcher.signals, [(200, libc::SIGINT)]);
+    let p = agent.launcher.procs.get_mut("exec.1").unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        nix::unistd::read(p.stdin.as_ref().unwrap(), &mut buf).unwrap(),
+        3
+    );
+    nix::unistd::write(p.stdout.as_ref().unwrap(), b"uid=0\n").unwrap();
+    p.stdout = None;
+    p.stderr = None;
+    agent.reaped(exited(200, 0));
+    pump(&mut agent);
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::Output {
+                id: "exec.1".into(),
+                stream: Stream::Stdout,
+                data: b"uid=0\n".to_vec()
+            },
+            GuestMessage::Exited {
+                id: "exec.1".into(),
+                status: ExitStatus::Code(0)
+            },
+        ]
+    );
+    assert!(
+        agent.launcher.cleaned.is_empty(),
+        "the container stays mounted"
+    );
+    // The container still runs: another exec with the same id is fine now.
+    agent.handle(exec("exec.1", "web", &["sh"]), now);
+    assert!(matches!(
+        &outbox(&mut agent)[..],
+        [GuestMessage::Started { id, .. }] if id == "exec.1"
+    ));
+}
+
+#[test]
+fn exec_is_refused_without_a_running_container_or_with_a_taken_id() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(exec("exec.1", "nope", &["sh"]), now);
+    agent.handle(
+        HostMessage::StartContainer(spec("web", &["sleep"], false)),
+        now,
+    );
+    agent.handle(exec("web", "web", &["sh"]), now);
+    agent.handle(exec("exec.2", "web", &["missing"]), now);
+    agent.handle(exec("exec.3", "web", &["sh"]), now);
+    // An exec is not a container to exec into.
+    agent.handle(exec("exec.4", "exec.3", &["sh"]), now);
+    let out = outbox(&mut agent);
+    let failure = |i: usize| match &out[i] {
+        GuestMessage::StartFailed { id, error } => (id.clone(), error.message.clone()),
+        other => panic!("expected StartFailed, got {other:?}"),
+    };
+    assert_eq!(
+        failure(0),
+        ("exec.1".into(), "no running container \"nope\"".into())
+    );
+    assert!(matches!(&out[1], GuestMessage::Started { id, .. } if id == "web"));
+    assert_eq!(
+        failure(2),
+        (
+            "web".into(),
+            "a process with id \"web\" already exists".into()
+        )
+    );
+    assert_eq!(failure(3).0, "exec.2");
+    assert!(matches!(&out[4], GuestMessage::Started { id, .. } if id == "exec.3"));
+    assert_eq!(
+        failure(5),
+        ("exec.4".into(), "no running container \"exec.3\"".into())
+    );
+    // Once the container has exited, exec into it is refused.
+    let p = agent.launcher.procs.get_mut("web").unwrap();
+    p.stdout = None;
+    p.stderr = None;
+    agent.reaped(exited(100, 0));
+    pump(&mut agent);
+    outbox(&mut agent);
+    agent.handle(exec("exec.5", "web", &["sh"]), now);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::StartFailed {
+            id: "exec.5".into(),
+            error: StartError {
+                kind: StartErrorKind::InvalidSpec,
+                message: "no running container \"web\"".into()
+            }
+        }]
+    );
 }

@@ -48,6 +48,8 @@ pub enum Step {
     Exec = 11,
     /// The child panicked (a bug).
     Panic = 12,
+    /// An exec could not enter the container's namespaces.
+    Setns = 13,
 }
 
 impl Step {
@@ -55,6 +57,7 @@ impl Step {
         use Step::*;
         [
             Rootfs, PivotRoot, Hostname, Cwd, Fork, Terminal, Stdio, Groups, Gid, Uid, Exec, Panic,
+            Setns,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -74,7 +77,7 @@ pub struct Failure {
 pub const FAILURE_LEN: usize = 12;
 
 impl Failure {
-    fn new(step: Step, errno: Errno) -> Self {
+    pub(crate) fn new(step: Step, errno: Errno) -> Self {
         Failure {
             step,
             index: 0,
@@ -237,7 +240,7 @@ pub fn drop_privileges(sys: &dyn Syscall, plan: &ChildPlan) -> Result<(), Failur
 }
 
 /// Writes a failure to the error pipe and exits with 127.
-fn fail(fd: RawFd, failure: Failure) -> ! {
+pub(crate) fn fail(fd: RawFd, failure: Failure) -> ! {
     let record = failure.encode();
     // SAFETY: plain write and _exit on valid memory.
     unsafe {
@@ -390,8 +393,9 @@ unsafe fn install(fd: RawFd, target: RawFd) -> Result<(), Errno> {
     Errno::result(r).map(drop)
 }
 
-/// The main process: stdio, terminal, user, exec.
-unsafe fn exec_main(plan: &ChildPlan) -> ! {
+/// The main process: stdio, terminal, user, exec. Also the last part of
+/// an exec's child ([`crate::exec`]).
+pub(crate) unsafe fn exec_main(plan: &ChildPlan) -> ! {
     // SAFETY: see run_init.
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();

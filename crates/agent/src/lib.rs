@@ -20,6 +20,7 @@ pub mod boot;
 pub mod child;
 pub mod disks;
 pub mod event_loop;
+pub mod exec;
 pub mod modules;
 pub mod mounts;
 pub mod path_lookup;

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag};
@@ -14,7 +14,9 @@ use nix::mount::MntFlags;
 use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid, Uid};
-use podvisor_proto::{ContainerSpec, ExitStatus, StartError, StartErrorKind, TerminalSize};
+use podvisor_proto::{
+    ContainerSpec, ExecSpec, ExitStatus, ProcessSpec, StartError, StartErrorKind, TerminalSize,
+};
 
 use crate::child::{self, ChildPlan, ChildPlanParts, FAILURE_LEN, Failure, Stdio, Step};
 use crate::mounts::{self, ContainerDirs, Op};
@@ -50,9 +52,12 @@ pub trait Launcher {
     fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno>;
     /// Unmounts what [`Launcher::start`] mounted for container `id`.
     fn cleanup(&mut self, id: &str);
+    /// Starts an exec process in the namespaces of the running container
+    /// whose init is `init_pid`.
+    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
 }
 
-fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
+pub(crate) fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
     StartError {
         kind,
         message: message.into(),
@@ -101,6 +106,10 @@ impl Launcher for LinuxLauncher {
         }
         let _ = std::fs::remove_dir(&dirs.base);
     }
+
+    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
+        crate::exec::launch(spec, init_pid, &ContainerDirs::new(&spec.container))
+    }
 }
 
 impl LinuxLauncher {
@@ -130,7 +139,7 @@ impl LinuxLauncher {
 }
 
 /// A pipe whose both ends are close-on-exec.
-fn pipe() -> Result<(OwnedFd, OwnedFd), StartError> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), StartError> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(|e| err(StartErrorKind::Other, format!("pipe: {e}")))
 }
@@ -180,7 +189,7 @@ fn read_in_root(root: &Path, path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn cstring(what: &str, s: &str) -> Result<CString, StartError> {
+pub(crate) fn cstring(what: &str, s: &str) -> Result<CString, StartError> {
     CString::new(s).map_err(|_| {
         err(
             StartErrorKind::InvalidSpec,
@@ -189,11 +198,20 @@ fn cstring(what: &str, s: &str) -> Result<CString, StartError> {
     })
 }
 
-/// Resolves user, program and environment in the mounted root, sets up
-/// stdio and clones the container.
-fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartError> {
-    let p = &spec.process;
-    let root = &dirs.rootfs;
+/// A process's user, environment, program and working directory, resolved
+/// in the container's root.
+pub(crate) struct ResolvedProcess {
+    pub user: user::ExecUser,
+    pub exe: String,
+    pub cwd: PathBuf,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+}
+
+/// Resolves user (in the container's `/etc/passwd` and `/etc/group`),
+/// environment defaults, the program (in the container's `PATH`) and the
+/// working directory of `p` in the container root `root`.
+pub(crate) fn resolve_process(p: &ProcessSpec, root: &Path) -> Result<ResolvedProcess, StartError> {
     let user = user::resolve(
         &p.user,
         &read_in_root(root, "/etc/passwd"),
@@ -204,12 +222,40 @@ fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartE
     let exe = path_lookup::find_executable(root, path_lookup::path_from_env(&env), &p.args[0])
         .map_err(|e| err(StartErrorKind::NotFound, e.to_string()))?;
     let cwd = spec::cwd(&p.cwd)?;
+    let mut argv = Vec::new();
+    for a in &p.args {
+        argv.push(cstring("an argument", a)?);
+    }
+    let mut envp = Vec::new();
+    for e in &env {
+        envp.push(cstring("an environment variable", e)?);
+    }
+    Ok(ResolvedProcess {
+        user,
+        exe,
+        cwd,
+        argv,
+        envp,
+    })
+}
 
-    // Stdio. `keep` holds the child's ends until the clone has been made.
-    let mut keep: Vec<OwnedFd> = Vec::new();
-    let (stdio, stdin, stdout, stderr) = match p.terminal {
+/// The stdio of a process about to be cloned: what the child installs, the
+/// child's ends the agent keeps open until the clone is made, and the
+/// agent's own ends.
+pub(crate) struct ProcessStdio {
+    pub stdio: Stdio,
+    pub child_ends: Vec<OwnedFd>,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: OwnedFd,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Pipes (stdin from `/dev/null` unless `p.stdin`), or with a terminal a
+/// pty from the container's devpts instance at `pts`.
+pub(crate) fn process_stdio(p: &ProcessSpec, pts: &Path) -> Result<ProcessStdio, StartError> {
+    match p.terminal {
         Some(size) => {
-            let (master, slave) = open_pty(&dirs.pts, size).map_err(|e| {
+            let (master, slave) = open_pty(pts, size).map_err(|e| {
                 err(
                     StartErrorKind::Other,
                     format!("cannot open a terminal: {e}"),
@@ -219,11 +265,15 @@ fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartE
             let input = nix::unistd::dup(&master)
                 .map_err(|e| err(StartErrorKind::Other, format!("dup: {e}")))?;
             let _ = nix::fcntl::fcntl(&input, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-            let stdio = Stdio::Terminal {
-                slave: slave.as_raw_fd(),
-            };
-            keep.push(slave);
-            (stdio, Some(input), master, None)
+            Ok(ProcessStdio {
+                stdio: Stdio::Terminal {
+                    slave: slave.as_raw_fd(),
+                },
+                child_ends: vec![slave],
+                stdin: Some(input),
+                stdout: master,
+                stderr: None,
+            })
         }
         None => {
             let (out_r, out_w) = pipe()?;
@@ -240,40 +290,46 @@ fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartE
             };
             set_nonblocking(&out_r);
             set_nonblocking(&err_r);
-            let stdio = Stdio::Pipes {
-                stdin: in_child.as_raw_fd(),
-                stdout: out_w.as_raw_fd(),
-                stderr: err_w.as_raw_fd(),
-            };
-            keep.extend([in_child, out_w, err_w]);
-            (stdio, in_parent, out_r, Some(err_r))
+            Ok(ProcessStdio {
+                stdio: Stdio::Pipes {
+                    stdin: in_child.as_raw_fd(),
+                    stdout: out_w.as_raw_fd(),
+                    stderr: err_w.as_raw_fd(),
+                },
+                child_ends: vec![in_child, out_w, err_w],
+                stdin: in_parent,
+                stdout: out_r,
+                stderr: Some(err_r),
+            })
         }
-    };
+    }
+}
+
+/// Resolves user, program and environment in the mounted root, sets up
+/// stdio and clones the container.
+fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartError> {
+    let p = &spec.process;
+    let root = &dirs.rootfs;
+    let r = resolve_process(p, root)?;
+    let io = process_stdio(p, &dirs.pts)?;
     let (error_r, error_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     set_nonblocking(&status_r);
 
-    let mut argv = Vec::new();
-    for a in &p.args {
-        argv.push(cstring("an argument", a)?);
-    }
-    let mut envp = Vec::new();
-    for e in &env {
-        envp.push(cstring("an environment variable", e)?);
-    }
+    let exe = r.exe.clone();
     let plan = ChildPlan::new(ChildPlanParts {
         rootfs_ops: mounts::rootfs_plan(dirs),
         rootfs: root.clone(),
         hostname: spec.hostname.clone(),
-        cwd_dirs: spec::ancestors(&cwd),
-        cwd,
-        uid: Uid::from_raw(user.uid),
-        gid: Gid::from_raw(user.gid),
-        groups: user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
-        exe: cstring("the program path", &exe)?,
-        argv,
-        envp,
-        stdio,
+        cwd_dirs: spec::ancestors(&r.cwd),
+        cwd: r.cwd,
+        uid: Uid::from_raw(r.user.uid),
+        gid: Gid::from_raw(r.user.gid),
+        groups: r.user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
+        exe: cstring("the program path", &r.exe)?,
+        argv: r.argv,
+        envp: r.envp,
+        stdio: io.stdio,
         error_fd: error_w.as_raw_fd(),
         status_fd: status_w.as_raw_fd(),
     });
@@ -295,16 +351,16 @@ fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartE
         )
     }
     .map_err(|e| err(StartErrorKind::Other, format!("clone: {e}")))?;
-    drop(keep);
+    drop(io.child_ends);
     drop(error_w);
     drop(status_w);
 
     match read_failure(&error_r) {
         None => Ok(Launched {
             pid: pid.as_raw(),
-            stdin,
-            stdout,
-            stderr,
+            stdin: io.stdin,
+            stdout: io.stdout,
+            stderr: io.stderr,
             terminal: p.terminal.is_some(),
             status: Some(status_r),
         }),
@@ -318,7 +374,7 @@ fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartE
 }
 
 /// Blocks until the error pipe reports a failure or closes (exec done).
-fn read_failure(fd: &OwnedFd) -> Option<Failure> {
+pub(crate) fn read_failure(fd: &OwnedFd) -> Option<Failure> {
     let mut buf = [0u8; FAILURE_LEN];
     let mut got = 0;
     while got < FAILURE_LEN {
@@ -333,7 +389,7 @@ fn read_failure(fd: &OwnedFd) -> Option<Failure> {
 }
 
 /// The [`StartError`] for a failure reported by the child.
-fn describe_failure(f: &Failure, plan: &ChildPlan, exe: &str) -> StartError {
+pub(crate) fn describe_failure(f: &Failure, plan: &ChildPlan, exe: &str) -> StartError {
     use StartErrorKind::*;
     let e = f.errno;
     match f.step {
@@ -367,6 +423,7 @@ fn describe_failure(f: &Failure, plan: &ChildPlan, exe: &str) -> StartError {
             err(Other, format!("starting the process ({:?}): {e}", f.step))
         }
         Step::Panic => err(Other, "the container child failed unexpectedly"),
+        Step::Setns => err(Other, format!("entering the container's namespaces: {e}")),
     }
 }
 

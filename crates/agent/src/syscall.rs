@@ -7,10 +7,12 @@
 //! stack buffer and errors are plain [`Errno`] values.
 
 use std::ffi::CStr;
+use std::os::fd::RawFd;
 use std::path::Path;
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
 use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{Gid, Uid};
 
@@ -50,6 +52,8 @@ pub trait Syscall {
     fn setresgid(&self, gid: Gid) -> Result<(), Errno>;
     /// `setresuid(2)` with all three ids equal.
     fn setresuid(&self, uid: Uid) -> Result<(), Errno>;
+    /// `setns(2)`: joins the namespace `fd` refers to, of kind `nstype`.
+    fn setns(&self, fd: RawFd, nstype: CloneFlags) -> Result<(), Errno>;
 }
 
 /// The real system calls, through nix.
@@ -114,6 +118,11 @@ impl Syscall for LinuxSyscall {
 
     fn setresuid(&self, uid: Uid) -> Result<(), Errno> {
         nix::unistd::setresuid(uid, uid, uid)
+    }
+
+    fn setns(&self, fd: RawFd, nstype: CloneFlags) -> Result<(), Errno> {
+        // SAFETY: a plain system call on a descriptor number; no memory.
+        Errno::result(unsafe { libc::setns(fd, nstype.bits()) }).map(drop)
     }
 }
 
@@ -256,5 +265,13 @@ impl Syscall for RecordingSyscall {
 
     fn setresuid(&self, uid: Uid) -> Result<(), Errno> {
         self.record(format!("setresuid {uid}"))
+    }
+
+    fn setns(&self, fd: RawFd, nstype: CloneFlags) -> Result<(), Errno> {
+        let kinds: Vec<_> = nstype
+            .iter_names()
+            .map(|(n, _)| n.trim_start_matches("CLONE_"))
+            .collect();
+        self.record(format!("setns {fd} {}", kinds.join("|")))
     }
 }

@@ -21,6 +21,10 @@ pub enum HostMessage {
     Stop { id: String, grace_ms: u64 },
     /// Stop everything (SIGTERM, then SIGKILL after `grace_ms`) and power off.
     Shutdown { grace_ms: u64 },
+    /// Start another process inside a running container's namespaces (as
+    /// `kubectl exec` does). Answered like a container start: `Started` or
+    /// `StartFailed`, `Output`, then `Exited`, all with the exec's own id.
+    Exec(ExecSpec),
 }
 
 /// A message from the agent to the host. The host treats every field as
@@ -71,6 +75,21 @@ pub struct ContainerSpec {
     /// layer first. The agent mounts them read-only as overlay lower layers.
     pub layers: Vec<String>,
     /// The main process.
+    pub process: ProcessSpec,
+}
+
+/// A process to start inside a running container: it joins the container's
+/// mount, PID, UTS and IPC namespaces and runs with the container's root.
+/// `Stdin`, `Resize`, `Signal` and `Stop` address it by `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Id of the new process; unique among the pod's containers and execs
+    /// while it runs.
+    pub id: String,
+    /// Id of the running container to enter.
+    pub container: String,
+    /// The process; user, environment and working directory follow the
+    /// same rules as a container's.
     pub process: ProcessSpec,
 }
 

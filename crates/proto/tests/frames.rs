@@ -26,6 +26,18 @@ fn messages_round_trip_through_frames() {
             data: vec![0, 1, 255],
         },
         HostMessage::Shutdown { grace_ms: 10 },
+        HostMessage::Exec(ExecSpec {
+            id: "exec.1".into(),
+            container: "c0".into(),
+            process: ProcessSpec {
+                args: vec!["sh".into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: String::new(),
+                terminal: Some(TerminalSize { rows: 24, cols: 80 }),
+                stdin: true,
+            },
+        }),
     ];
     let mut wire = Vec::new();
     for m in &msgs {

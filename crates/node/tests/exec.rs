@@ -1,0 +1,249 @@
+//! Exec and container restarts inside one real pod VM (QEMU, the real guest
+//! kernel and agent): an exec joins the running container (its files, PID
+//! namespace, hostname, user and working directory), works with a terminal
+//! and stdin, dies with the container, and a container started again under
+//! the same id gets a fresh writable layer.
+
+use std::time::Duration;
+
+use podvisor_image::LayerCache;
+use podvisor_node::pod::layer_disks;
+use podvisor_node::{NodeConfig, PodVm, PodVmSpec};
+use podvisor_proto::{
+    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, TerminalSize,
+};
+use podvisor_testbed::oci::ImageBuilder;
+
+/// Everything one process reported until it ended.
+#[derive(Debug, Default)]
+struct Ended {
+    stdout: String,
+    stderr: String,
+    status: Option<ExitStatus>,
+}
+
+/// Collects messages until process `id` has exited; other processes'
+/// messages are kept in `others`.
+async fn until_exit(pod: &mut PodVm, id: &str, others: &mut Vec<GuestMessage>) -> Ended {
+    let mut ended = Ended::default();
+    let deadline = Duration::from_secs(60);
+    tokio::time::timeout(deadline, async {
+        loop {
+            match pod.next_event().await.expect("pod event") {
+                GuestMessage::Output {
+                    id: i,
+                    stream,
+                    data,
+                } if i == id => {
+                    let s = String::from_utf8_lossy(&data).into_owned();
+                    match stream {
+                        podvisor_proto::Stream::Stdout => ended.stdout.push_str(&s),
+                        podvisor_proto::Stream::Stderr => ended.stderr.push_str(&s),
+                    }
+                }
+                GuestMessage::Exited { id: i, status } if i == id => {
+                    ended.status = Some(status);
+                    return;
+                }
+                GuestMessage::StartFailed { id: i, error } if i == id => {
+                    panic!("{id} failed to start: {error:?}")
+                }
+                other => others.push(other),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} did not exit within {deadline:?}"));
+    ended
+}
+
+async fn until_started(pod: &mut PodVm, id: &str) {
+    loop {
+        match pod.next_event().await.expect("pod event") {
+            GuestMessage::Started { id: i, .. } if i == id => return,
+            GuestMessage::StartFailed { id: i, error } if i == id => {
+                panic!("{id} failed to start: {error:?}")
+            }
+            _ => {}
+        }
+    }
+}
+
+fn process(args: &[&str]) -> ProcessSpec {
+    ProcessSpec {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec!["MODE=test".into()],
+        cwd: "/srv/app".into(),
+        user: "app".into(),
+        terminal: None,
+        stdin: false,
+    }
+}
+
+fn exec(id: &str, args: &[&str]) -> HostMessage {
+    HostMessage::Exec(ExecSpec {
+        id: id.into(),
+        container: "web".into(),
+        process: process(args),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_exec_joins_the_container_and_a_restart_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.run_dir = dir.path().join("run");
+    let archive = dir.path().join("img.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .user("app")
+        .write_oci_archive(&archive)
+        .unwrap();
+    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
+    let image = podvisor_image::import(&cache, &archive, None).unwrap();
+    let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
+        kernel: None,
+        agent: None,
+        extra_modules: vec![],
+        cache_dir: cfg.cache_dir.clone(),
+    })
+    .unwrap();
+    let mut pod = PodVm::boot(
+        &cfg,
+        PodVmSpec {
+            id: "exectest".into(),
+            cpus: 1,
+            memory_mib: 192,
+            guest,
+            disks: layer_disks(&image),
+            die_with_parent: true,
+        },
+    )
+    .await
+    .unwrap();
+    let container = ContainerSpec {
+        id: "web".into(),
+        hostname: "mypod".into(),
+        layers: vec!["pvl0".into()],
+        process: process(&[
+            "sh",
+            "-c",
+            "if [ -e /tmp/marker ]; then echo stale; else echo fresh; fi; \
+             echo data > /tmp/marker; exec sleep 1000",
+        ]),
+    };
+    let mut others = Vec::new();
+    pod.send(&HostMessage::StartContainer(container.clone()))
+        .await
+        .unwrap();
+    until_started(&mut pod, "web").await;
+
+    // The exec sees the container's files, its main process as PID 2 of the
+    // container's PID namespace, its hostname, user, working directory and
+    // environment. (Retried until the container has written its marker.)
+    let mut seen = String::new();
+    for attempt in 0..20 {
+        let id = format!("exec.{attempt}");
+        pod.send(&exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /tmp/marker && cat /proc/2/comm && hostname && id -u && pwd && echo $MODE",
+            ],
+        ))
+        .await
+        .unwrap();
+        let out = until_exit(&mut pod, &id, &mut others).await;
+        seen = out.stdout;
+        if out.status == Some(ExitStatus::Code(0)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen, "data\nsleep\nmypod\n1000\n/srv/app\ntest\n");
+
+    // With a terminal and stdin: an interactive shell.
+    let mut tty = process(&["sh"]);
+    tty.terminal = Some(TerminalSize {
+        rows: 30,
+        cols: 100,
+    });
+    tty.stdin = true;
+    pod.send(&HostMessage::Exec(ExecSpec {
+        id: "exec.tty".into(),
+        container: "web".into(),
+        process: tty,
+    }))
+    .await
+    .unwrap();
+    pod.send(&HostMessage::Stdin {
+        id: "exec.tty".into(),
+        data: b"tty; stty size; exit 7\n".to_vec(),
+    })
+    .await
+    .unwrap();
+    let out = until_exit(&mut pod, "exec.tty", &mut others).await;
+    assert_eq!(out.status, Some(ExitStatus::Code(7)), "{out:?}");
+    assert!(out.stdout.contains("/dev/pts/"), "{out:?}");
+    assert!(out.stdout.contains("30 100"), "{out:?}");
+
+    // A missing program is a start failure, as for containers.
+    pod.send(&exec("exec.missing", &["no-such-program"]))
+        .await
+        .unwrap();
+    loop {
+        match pod.next_event().await.unwrap() {
+            GuestMessage::StartFailed { id, error } if id == "exec.missing" => {
+                assert_eq!(error.kind, podvisor_proto::StartErrorKind::NotFound);
+                break;
+            }
+            other => others.push(other),
+        }
+    }
+
+    // An exec still running when the container stops ends with it.
+    pod.send(&exec("exec.long", &["sleep", "1000"]))
+        .await
+        .unwrap();
+    until_started(&mut pod, "exec.long").await;
+    pod.send(&HostMessage::Stop {
+        id: "web".into(),
+        grace_ms: 1000,
+    })
+    .await
+    .unwrap();
+    let long = until_exit(&mut pod, "exec.long", &mut others).await;
+    assert!(
+        matches!(long.status, Some(ExitStatus::Signaled { signal: 9, .. })),
+        "{long:?}"
+    );
+    let first = until_exit(&mut pod, "web", &mut Vec::new()).await;
+    let earlier: String = others
+        .iter()
+        .filter_map(|m| match m {
+            GuestMessage::Output { id, data, .. } if id == "web" => {
+                Some(String::from_utf8_lossy(data).into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(earlier + &first.stdout, "fresh\n");
+
+    // The same container id starts again on a fresh writable layer.
+    pod.send(&HostMessage::StartContainer(container))
+        .await
+        .unwrap();
+    until_started(&mut pod, "web").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pod.send(&HostMessage::Stop {
+        id: "web".into(),
+        grace_ms: 0,
+    })
+    .await
+    .unwrap();
+    let second = until_exit(&mut pod, "web", &mut Vec::new()).await;
+    assert_eq!(second.stdout, "fresh\n");
+    pod.shutdown(Duration::ZERO).await;
+}
