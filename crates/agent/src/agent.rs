@@ -11,8 +11,8 @@ use nix::errno::Errno;
 use nix::poll::PollFlags;
 use nix::sys::wait::WaitStatus;
 use podvisor_proto::{
-    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, MAX_CHUNK, StartError,
-    StartErrorKind, Stream,
+    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, MAX_CHUNK, ProcessInfo,
+    StartError, StartErrorKind, Stream,
 };
 
 use crate::process::{self, Launched, Launcher};
@@ -159,6 +159,17 @@ impl<L: Launcher> Agent<L> {
                 }
             }
             HostMessage::Exec(spec) => self.exec(spec),
+            HostMessage::ListProcesses => {
+                let processes = self
+                    .containers
+                    .iter()
+                    .map(|(id, c)| ProcessInfo {
+                        id: id.clone(),
+                        exec_in: c.exec_in.clone(),
+                    })
+                    .collect();
+                self.outbox.push_back(GuestMessage::Processes { processes });
+            }
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {

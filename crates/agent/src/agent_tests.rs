@@ -469,6 +469,16 @@ fn exec_runs_in_the_container_and_ends_without_unmounting_it() {
         agent.launcher.cleaned.is_empty(),
         "the container stays mounted"
     );
+    agent.handle(HostMessage::ListProcesses, now);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::Processes {
+            processes: vec![podvisor_proto::ProcessInfo {
+                id: "web".into(),
+                exec_in: None
+            }]
+        }]
+    );
     // The container still runs: another exec with the same id is fine now.
     agent.handle(exec("exec.1", "web", &["sh"]), now);
     assert!(matches!(

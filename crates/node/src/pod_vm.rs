@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
 use podvisor_proto::{AgentInfo, GuestMessage, HostMessage};
-use podvisor_vmm::{DiskSpec, Vm, VmExit, VmSpec};
+use podvisor_vmm::{DiskSpec, Vm, VmExit, VmSpec, VmmProcess};
 
 use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, sanitize_guest_text};
 use crate::{NodeConfig, NodeError};
@@ -53,6 +53,8 @@ pub struct PodVm {
     vm: Box<dyn Vm>,
     tx: AgentSender,
     rx: AgentReceiver,
+    /// Set by [`PodVm::detach`]: leave the VM running when dropped.
+    detached: bool,
     // Declared last: dropped after the VM handle.
     dir: PodDir,
 }
@@ -111,6 +113,7 @@ impl PodVm {
             vm,
             tx,
             rx,
+            detached: false,
             dir,
         })
     }
@@ -195,12 +198,76 @@ impl PodVm {
     pub async fn kill(mut self) {
         let _ = self.vm.kill().await;
     }
+
+    /// What [`PodVm::adopt`] needs to find this VM again (for a host
+    /// daemon's records; the VM must have been booted with
+    /// `die_with_parent: false` to outlive its launcher).
+    pub fn vmm_process(&self) -> Result<VmmProcess, NodeError> {
+        Ok(self.vm.vmm_process()?)
+    }
+
+    /// Lets go of the VM without stopping it: it keeps running, its runtime
+    /// directory stays, and [`PodVm::adopt`] can take it over again.
+    pub fn detach(mut self) {
+        self.detached = true;
+        self.dir.keep = true;
+    }
+
+    /// Takes over a running pod VM that another `PodVm` (usually in a host
+    /// daemon that has since died) booted: adopts the VMM process, connects
+    /// the agent channel and waits for the agent's `Ready`, which the agent
+    /// sends to every host that connects. Messages the agent queued while no
+    /// host was connected follow.
+    pub async fn adopt(
+        cfg: &NodeConfig,
+        id: &str,
+        record: &VmmProcess,
+    ) -> Result<PodVm, NodeError> {
+        let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
+        let launched_at = Instant::now();
+        let mut vm = hypervisor.adopt(record).await?;
+        let (tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
+            Ok(link) => link,
+            Err(e) => return Err(NodeError::Link(e)),
+        };
+        let ready = tokio::select! {
+            msg = rx.recv() => match msg {
+                Ok(GuestMessage::Ready(info)) => Ok(info),
+                Ok(other) => Err(hostile(vm.as_mut(), format!("expected Ready, got {other:?}")).await),
+                Err(e) => Err(link_failure(vm.as_mut(), e).await),
+            },
+            exit = vm.wait() => Err(died(vm.as_ref(), exit)),
+            _ = tokio::time::sleep(ADOPT_READY_TIMEOUT) => Err(NodeError::BootTimeout {
+                timeout: ADOPT_READY_TIMEOUT,
+                console_tail: vm.console_tail(3000),
+            }),
+        };
+        let agent = ready?;
+        Ok(PodVm {
+            id: id.to_string(),
+            agent,
+            launched_at,
+            ready_at: Instant::now(),
+            vm,
+            tx,
+            rx,
+            detached: false,
+            dir: PodDir {
+                path: record.run_dir.clone(),
+                keep: false,
+            },
+        })
+    }
 }
+
+/// How long an adopted VM's agent may take to say `Ready` on the new
+/// connection (it probes for a host every 100 ms).
+const ADOPT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Drop for PodVm {
     fn drop(&mut self) {
-        // Never leave a VM behind a dropped handle.
-        if !matches!(self.vm.try_wait(), Ok(Some(_))) {
+        // Never leave a VM behind a dropped handle, unless detached.
+        if !self.detached && !matches!(self.vm.try_wait(), Ok(Some(_))) {
             self.vm.start_kill();
         }
     }
@@ -249,9 +316,11 @@ async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> NodeError {
     }
 }
 
-/// A pod's runtime directory, removed with everything in it when dropped.
+/// A pod's runtime directory, removed with everything in it when dropped
+/// (unless kept for a detached VM).
 struct PodDir {
     path: PathBuf,
+    keep: bool,
 }
 
 impl PodDir {
@@ -262,12 +331,16 @@ impl PodDir {
         })?;
         Ok(Self {
             path: path.to_path_buf(),
+            keep: false,
         })
     }
 }
 
 impl Drop for PodDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

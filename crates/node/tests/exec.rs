@@ -2,7 +2,8 @@
 //! kernel and agent): an exec joins the running container (its files, PID
 //! namespace, hostname, user and working directory), works with a terminal
 //! and stdin, dies with the container, and a container started again under
-//! the same id gets a fresh writable layer.
+//! the same id gets a fresh writable layer. In between, the VM is detached
+//! and adopted by a new handle, as a restarted host daemon adopts it.
 
 use std::time::Duration;
 
@@ -89,7 +90,7 @@ fn exec(id: &str, args: &[&str]) -> HostMessage {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_exec_joins_the_container_and_a_restart_starts_fresh() {
+async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
     cfg.cache_dir = dir.path().join("cache");
@@ -117,7 +118,7 @@ async fn vm_exec_joins_the_container_and_a_restart_starts_fresh() {
             memory_mib: 192,
             guest,
             disks: layer_disks(&image),
-            die_with_parent: true,
+            die_with_parent: false,
         },
     )
     .await
@@ -202,6 +203,32 @@ async fn vm_exec_joins_the_container_and_a_restart_starts_fresh() {
             other => others.push(other),
         }
     }
+
+    // Another PodVm takes the VM over, as a restarted host daemon does: the
+    // container is still running and listed.
+    let record = pod.vmm_process().unwrap();
+    let pid = pod.vmm_pid();
+    pod.detach();
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM survives its handle"
+    );
+    let mut pod = PodVm::adopt(&cfg, "exectest", &record).await.unwrap();
+    assert_eq!(pod.vmm_pid(), pid);
+    pod.send(&HostMessage::ListProcesses).await.unwrap();
+    let listed = loop {
+        match pod.next_event().await.unwrap() {
+            GuestMessage::Processes { processes } => break processes,
+            other => others.push(other),
+        }
+    };
+    assert_eq!(
+        listed,
+        [podvisor_proto::ProcessInfo {
+            id: "web".into(),
+            exec_in: None
+        }]
+    );
 
     // An exec still running when the container stops ends with it.
     pod.send(&exec("exec.long", &["sleep", "1000"]))

@@ -25,6 +25,11 @@ pub enum HostMessage {
     /// `kubectl exec` does). Answered like a container start: `Started` or
     /// `StartFailed`, `Output`, then `Exited`, all with the exec's own id.
     Exec(ExecSpec),
+    /// Which processes run now? Answered by [`GuestMessage::Processes`],
+    /// after everything already queued for the host: a host that
+    /// reconnects (a restarted host daemon) learns what ended meanwhile
+    /// from the queued `Exited`s and what still runs from the answer.
+    ListProcesses,
 }
 
 /// A message from the agent to the host. The host treats every field as
@@ -47,6 +52,17 @@ pub enum GuestMessage {
     Exited { id: String, status: ExitStatus },
     /// A request the agent could not act on (unknown id, bad state).
     Error { message: String },
+    /// The answer to [`HostMessage::ListProcesses`]: every container and
+    /// exec process that has not been reported `Exited` yet.
+    Processes { processes: Vec<ProcessInfo> },
+}
+
+/// A process the agent runs, as listed in [`GuestMessage::Processes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub id: String,
+    /// For an exec process, the container it runs in; `None` for a container.
+    pub exec_in: Option<String>,
 }
 
 /// What the agent tells about itself when it is ready.

@@ -38,6 +38,7 @@ fn messages_round_trip_through_frames() {
                 stdin: true,
             },
         }),
+        HostMessage::ListProcesses,
     ];
     let mut wire = Vec::new();
     for m in &msgs {

@@ -7,6 +7,7 @@
 //! [`qemu::qmp`]. This crate also decides the accelerator ([`accel`]).
 
 pub mod accel;
+pub mod process;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use accel::{Accel, AccelChoice};
+pub use process::VmmProcess;
 
 /// Everything needed to start one pod VM, independent of the backend.
 #[derive(Debug, Clone)]
@@ -82,6 +84,9 @@ pub enum VmExit {
     Exited(i32),
     /// It was killed by this signal.
     Killed(i32),
+    /// It is gone, but was not our child (an adopted VM), so how it ended
+    /// is not known.
+    Unknown,
 }
 
 /// Errors of launching and controlling VMs.
@@ -107,6 +112,8 @@ pub enum VmmError {
     },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error("cannot adopt the VM of process {pid}: {reason}")]
+    NotAdoptable { pid: u32, reason: String },
 }
 
 /// A hypervisor backend: turns a [`VmSpec`] into a running VM.
@@ -118,6 +125,13 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a VM. Returns once the VMM process runs and its control channel
     /// answers; the guest may still be booting.
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Re-attaches to a VM launched earlier, possibly by another process
+    /// that has since died (a host daemon restarting), from the record
+    /// [`Vm::vmm_process`] gave: checks that the recorded process is still
+    /// that VM's VMM (never a process that reused its pid) and reconnects
+    /// its control channel. The agent channel is the caller's to reconnect.
+    async fn adopt(&self, record: &VmmProcess) -> Result<Box<dyn Vm>, VmmError>;
 }
 
 /// A running VM.
@@ -145,6 +159,16 @@ pub trait Vm: Send {
 
     /// Sends the VMM process SIGKILL without waiting (for `Drop` paths).
     fn start_kill(&mut self);
+
+    /// What [`Hypervisor::adopt`] needs to find this VM again.
+    fn vmm_process(&self) -> Result<VmmProcess, VmmError> {
+        let run_dir = self
+            .paths()
+            .control_socket
+            .parent()
+            .unwrap_or(std::path::Path::new("/"));
+        VmmProcess::of(self.pid(), run_dir)
+    }
 }
 
 /// Picks the backend by name (`qemu` is the only one so far).

@@ -1,6 +1,7 @@
 //! The QEMU backend: builds the command line from a [`VmSpec`], starts
 //! `qemu-system-x86_64`, and connects its QMP socket.
 
+pub mod adopt;
 pub mod cmdline;
 pub mod qmp;
 
@@ -116,15 +117,28 @@ impl Hypervisor for Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
-            // Own process group: a Ctrl-C at the user's terminal goes to
-            // podvisor, which stops the container, never straight to QEMU.
-            .process_group(0)
             .kill_on_drop(false);
         if spec.die_with_parent {
+            // Own process group: a Ctrl-C at the user's terminal goes to
+            // podvisor, which stops the container, never straight to QEMU.
+            cmd.process_group(0);
             // SAFETY: prctl is async-signal-safe and touches no memory of ours.
             unsafe {
                 cmd.pre_exec(|| {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        } else {
+            // A VM that outlives its launcher (a host daemon) gets its own
+            // session: no signal or hang-up of the launcher's terminal or
+            // process group reaches it.
+            // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -180,6 +194,10 @@ impl Hypervisor for Qemu {
             qmp: Some(qmp),
             accel: spec.accel,
         }))
+    }
+
+    async fn adopt(&self, record: &crate::VmmProcess) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(adopt::adopt(record).await?))
     }
 }
 
