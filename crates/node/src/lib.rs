@@ -11,6 +11,7 @@
 pub mod agent_link;
 pub mod config;
 pub mod container;
+pub mod host;
 pub mod pod;
 pub mod pod_vm;
 pub mod timings;

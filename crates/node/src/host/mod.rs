@@ -1,0 +1,66 @@
+//! The host runtime: runs pods detached from any terminal, as the host
+//! daemon (`podvisor host`) asks.
+//!
+//! Each pod is one VM with all its containers, supervised by its own task
+//! ([`pod_task`]): images come from the global cache ([`images`]), container
+//! output goes to size-bounded, rotated log files that can be followed
+//! ([`logs`]), containers are restarted as their pod's restart policy says,
+//! with Kubernetes' crash-loop back-off ([`status`]), and exec sessions run
+//! processes inside running containers. Deleting a pod stops its containers
+//! with a grace period, powers the VM off and removes its files.
+//!
+//! VMs outlive the daemon: each is launched in its own session and recorded
+//! in the state directory ([`records`]); a restarted daemon adopts the VMs
+//! it finds recorded ([`PodRuntime::open`]) instead of starting duplicates,
+//! and stops VMs nothing records. [`PodRuntime`] is the daemon's handle on
+//! all of it.
+
+pub mod images;
+pub mod logs;
+pub mod plan;
+mod pod_events;
+mod pod_state;
+pub mod pod_task;
+pub mod records;
+pub mod runtime;
+pub mod status;
+
+pub use plan::{ContainerPlan, PodPlan, RestartPolicy};
+pub use records::{HostRecord, PodRecord, StateDir};
+pub use runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, PodRuntime, RuntimeError};
+pub use status::{Backoff, ContainerState, ContainerStatus, PodPhase, PodState};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::NodeConfig;
+
+/// Settings of the host runtime.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Cache, kernel, agent, accelerator, boot timeout.
+    pub node: NodeConfig,
+    /// Records, logs and VM run directories.
+    pub state_dir: PathBuf,
+    /// Size limit of one container log file.
+    pub log_max_bytes: u64,
+    /// Crash-loop back-off of container restarts (and of retried pulls and
+    /// boots).
+    pub backoff: Backoff,
+    /// Grace period between SIGTERM and SIGKILL when a pod is deleted
+    /// (Kubernetes' default is 30 s).
+    pub delete_grace: Duration,
+}
+
+impl HostConfig {
+    /// Defaults for everything but the node settings and the state directory.
+    pub fn new(node: NodeConfig, state_dir: PathBuf) -> Self {
+        Self {
+            node,
+            state_dir,
+            log_max_bytes: logs::DEFAULT_MAX_BYTES,
+            backoff: Backoff::default(),
+            delete_grace: Duration::from_secs(30),
+        }
+    }
+}

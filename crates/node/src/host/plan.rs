@@ -1,0 +1,128 @@
+//! What the host daemon is asked to run: a pod as this crate sees it,
+//! independent of the REST object model it came from.
+
+use serde::{Deserialize, Serialize};
+
+/// One pod to run in one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodPlan {
+    /// The pod object's uid: names the pod's records on this host.
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub containers: Vec<ContainerPlan>,
+    pub restart_policy: RestartPolicy,
+    /// vCPUs of the pod VM.
+    pub cpus: u32,
+    /// RAM of the pod VM.
+    pub memory_mib: u64,
+}
+
+/// One container of a pod, with Kubernetes' meaning of each field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerPlan {
+    pub name: String,
+    /// Image reference, or the path of an OCI layout or archive.
+    pub image: String,
+    /// Replaces the image's entrypoint (and then drops its cmd, unless
+    /// `args` is given too).
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    pub args: Option<Vec<String>>,
+    /// `(name, value)` pairs added to or replacing the image's environment.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    /// Give the container a terminal.
+    pub tty: bool,
+    /// Keep the container's stdin open.
+    pub stdin: bool,
+}
+
+/// When a container that exited is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a container that ended with `exit_code` is started again.
+    pub fn restarts(self, exit_code: i32) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => exit_code != 0,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+/// Smallest pod VM podvisor boots: the guest kernel and agent need about
+/// this much before any container runs.
+pub const MIN_VM_MEMORY_MIB: u64 = 128;
+
+/// The pod VM's size from the pod's resources (millicores, bytes): whole
+/// vCPUs rounded up, memory in MiB rounded up, at least
+/// [`MIN_VM_MEMORY_MIB`].
+pub fn vm_size(millicores: u64, memory_bytes: u64) -> (u32, u64) {
+    let cpus = millicores.div_ceil(1000).clamp(1, 64) as u32;
+    let mib = memory_bytes.div_ceil(1 << 20).max(MIN_VM_MEMORY_MIB);
+    (cpus, mib)
+}
+
+impl PodPlan {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A short id for the pod VM, its run directory and its QEMU process
+    /// name: up to 16 letters and digits of the uid (unix socket paths under
+    /// it must stay short).
+    pub fn vm_id(&self) -> String {
+        let id: String = self
+            .uid
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(16)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if id.is_empty() { "pod".into() } else { id }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policies() {
+        assert!(RestartPolicy::Always.restarts(0));
+        assert!(RestartPolicy::OnFailure.restarts(1));
+        assert!(!RestartPolicy::OnFailure.restarts(0));
+        assert!(!RestartPolicy::Never.restarts(137));
+    }
+
+    #[test]
+    fn vm_size_rounds_up_and_has_a_floor() {
+        assert_eq!(vm_size(500, 64 << 20), (1, 128));
+        assert_eq!(vm_size(1500, (192 << 20) + 1), (2, 193));
+        assert_eq!(vm_size(0, 0), (1, 128));
+    }
+
+    #[test]
+    fn vm_id_is_short_and_safe() {
+        let plan = PodPlan {
+            uid: "6F1c0e3a-1b2c-4d5e-8f90-123456789abc".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            containers: vec![],
+            restart_policy: RestartPolicy::Always,
+            cpus: 1,
+            memory_mib: 128,
+        };
+        assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
+        assert_eq!(plan.key(), "default/web");
+    }
+}

@@ -1,0 +1,221 @@
+//! What a running pod VM tells its pod's task, and exec sessions: output
+//! to the logs, starts and exits to the containers' tracks (restart
+//! decisions), the process list after an adoption, exec input and output.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use podvisor_proto::{ExecSpec, GuestMessage, HostMessage, MAX_CHUNK, ProcessInfo, StartError};
+use tokio::sync::mpsc;
+
+use super::pod_task::{DEFAULT_TERMINAL, PodTask};
+use super::runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, RuntimeError};
+use super::status::{ContainerState, Ended};
+use crate::NodeError;
+use crate::agent_link::sanitize_guest_text;
+use crate::pod_vm::PodVm;
+
+impl PodTask {
+    pub(super) fn container_index(&self, id: &str) -> Option<usize> {
+        self.record
+            .plan
+            .containers
+            .iter()
+            .position(|c| c.name == id)
+    }
+
+    pub(super) async fn on_message(
+        &mut self,
+        vm: &mut PodVm,
+        msg: GuestMessage,
+    ) -> Result<(), NodeError> {
+        let policy = self.record.plan.restart_policy;
+        let backoff = self.shared.cfg.backoff;
+        let now = Instant::now();
+        match msg {
+            GuestMessage::Started { id, .. } => {
+                if let Some(i) = self.container_index(&id) {
+                    self.tracks[i].started(now);
+                    self.logs[i].set_running(true);
+                }
+            }
+            GuestMessage::StartFailed { id, error } => {
+                let error = StartError {
+                    kind: error.kind,
+                    message: sanitize_guest_text(&error.message),
+                };
+                if let Some(i) = self.container_index(&id) {
+                    self.tracks[i].ended(Ended::StartFailed(error), policy, &backoff, now);
+                    self.logs[i].set_running(false);
+                } else if let Some(tx) = self.sessions.remove(&id) {
+                    let _ = tx.send(ExecEvent::Failed(error.message)).await;
+                }
+            }
+            GuestMessage::Output { id, data, .. } => {
+                if let Some(i) = self.container_index(&id) {
+                    if let Err(e) = self.logs[i].append(&data) {
+                        tracing::warn!(pod = %self.key(), container = %id, "log write failed: {e}");
+                    }
+                } else if let Some(tx) = self.sessions.get(&id)
+                    && tx.send(ExecEvent::Output(data)).await.is_err()
+                {
+                    self.sessions.remove(&id);
+                    vm.send(&HostMessage::Signal {
+                        id,
+                        signal: libc::SIGKILL,
+                    })
+                    .await?;
+                }
+            }
+            GuestMessage::Exited { id, status } => {
+                if let Some(i) = self.container_index(&id) {
+                    self.tracks[i].ended(Ended::Exited(status), policy, &backoff, now);
+                    self.logs[i].set_running(false);
+                } else if let Some(tx) = self.sessions.remove(&id) {
+                    let _ = tx.send(ExecEvent::Exited(status.shell_code())).await;
+                }
+            }
+            GuestMessage::Processes { processes } => self.reconcile_adopted(vm, processes).await?,
+            GuestMessage::Error { message } => {
+                tracing::debug!(pod = %self.key(), "agent: {}", sanitize_guest_text(&message));
+            }
+            other => {
+                return Err(vm.reject(format!("unexpected message {other:?}")).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// After an adoption: containers recorded as running that the agent
+    /// does not list ended unseen; exec processes nobody listens to any
+    /// more are killed.
+    async fn reconcile_adopted(
+        &mut self,
+        vm: &mut PodVm,
+        processes: Vec<ProcessInfo>,
+    ) -> Result<(), NodeError> {
+        let listed: HashSet<&str> = processes.iter().map(|p| p.id.as_str()).collect();
+        let (policy, backoff, now) = (
+            self.record.plan.restart_policy,
+            self.shared.cfg.backoff,
+            Instant::now(),
+        );
+        for (i, t) in self.tracks.iter_mut().enumerate() {
+            let running = matches!(t.status.state, ContainerState::Running { .. });
+            if running && !listed.contains(t.status.name.as_str()) {
+                let why = "the container ended while no host daemon was connected; its exit status was lost";
+                t.ended(Ended::Lost(why.into()), policy, &backoff, now);
+                self.logs[i].set_running(false);
+            } else if running {
+                self.logs[i].set_running(true);
+            }
+        }
+        for p in processes {
+            if p.exec_in.is_some() && !self.sessions.contains_key(&p.id) {
+                vm.send(&HostMessage::Signal {
+                    id: p.id,
+                    signal: libc::SIGKILL,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn start_exec(
+        &mut self,
+        vm: &mut PodVm,
+        request: ExecRequest,
+    ) -> Result<ExecSession, RuntimeError> {
+        let plan = &self.record.plan;
+        let name = match request.container.clone() {
+            Some(n) => n,
+            None => plan
+                .containers
+                .first()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+        };
+        let Some(i) = self.container_index(&name) else {
+            return Err(RuntimeError::NotFound(format!(
+                "container {name} is not in pod {}",
+                plan.key()
+            )));
+        };
+        let spec = match (&self.tracks[i].status.state, &self.specs[i]) {
+            (ContainerState::Running { .. }, Some(spec)) => spec,
+            _ => {
+                return Err(RuntimeError::Conflict(format!(
+                    "container {name} of pod {} is not running",
+                    plan.key()
+                )));
+            }
+        };
+        if request.command.is_empty() {
+            return Err(RuntimeError::BadRequest("exec needs a command".into()));
+        }
+        let mut process = spec.process.clone();
+        process.args = request.command.clone();
+        process.terminal = request
+            .tty
+            .then_some(request.size.unwrap_or(DEFAULT_TERMINAL));
+        process.stdin = request.stdin;
+        let id = format!("exec.{}", crate::pod_vm::new_pod_id());
+        vm.send(&HostMessage::Exec(ExecSpec {
+            id: id.clone(),
+            container: name,
+            process,
+        }))
+        .await
+        .map_err(RuntimeError::Node)?;
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let (input_tx, mut input_rx) = mpsc::channel::<ExecInput>(64);
+        self.sessions.insert(id.clone(), events_tx);
+        let forward = self.exec_tx.clone();
+        tokio::spawn(async move {
+            while let Some(input) = input_rx.recv().await {
+                if forward.send((id.clone(), input)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = forward.send((id, ExecInput::Hangup)).await;
+        });
+        Ok(ExecSession {
+            events: events_rx,
+            input: input_tx,
+        })
+    }
+
+    pub(super) async fn on_exec_input(
+        &mut self,
+        vm: &mut PodVm,
+        id: String,
+        input: ExecInput,
+    ) -> Result<(), NodeError> {
+        if !self.sessions.contains_key(&id) {
+            return Ok(());
+        }
+        match input {
+            ExecInput::Stdin(data) => {
+                for chunk in data.chunks(MAX_CHUNK) {
+                    vm.send(&HostMessage::Stdin {
+                        id: id.clone(),
+                        data: chunk.to_vec(),
+                    })
+                    .await?;
+                }
+            }
+            ExecInput::CloseStdin => vm.send(&HostMessage::CloseStdin { id }).await?,
+            ExecInput::Resize(size) => vm.send(&HostMessage::Resize { id, size }).await?,
+            ExecInput::Hangup => {
+                self.sessions.remove(&id);
+                vm.send(&HostMessage::Signal {
+                    id,
+                    signal: libc::SIGKILL,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}

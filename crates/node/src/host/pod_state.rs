@@ -1,0 +1,63 @@
+//! A pod task's state: what it publishes (to the runtime's watchers and
+//! the daemon's change feed) and persists in the pod's record.
+
+use super::pod_task::{PodTask, Stage};
+use super::status::{PodPhase, PodState, running_phase};
+
+impl PodTask {
+    /// The pod's state now, for `stage`.
+    fn state(&self, phase: PodPhase) -> PodState {
+        let (reason, message) = match &self.vm_problem {
+            Some((r, m)) => (Some(r.clone()), Some(m.clone())),
+            None => (None, None),
+        };
+        PodState {
+            phase,
+            reason,
+            message,
+            started_at: self.record.state.started_at,
+            containers: self.tracks.iter().map(|t| t.status.clone()).collect(),
+        }
+    }
+
+    pub(super) fn publish(&mut self, stage: &Stage) {
+        let phase = match stage {
+            Stage::NeedVm(_) => PodPhase::Pending,
+            Stage::Up(_) => running_phase(&self.tracks),
+            Stage::Finished => match running_phase(&self.tracks) {
+                PodPhase::Running => PodPhase::Failed,
+                p => p,
+            },
+        };
+        self.set_state(self.state(phase));
+    }
+
+    pub(super) fn publish_up(&mut self) {
+        self.set_state(self.state(running_phase(&self.tracks)));
+    }
+
+    fn set_state(&mut self, state: PodState) {
+        if *self.state_tx.borrow() == state && self.record.state == state {
+            return;
+        }
+        self.record.state = state.clone();
+        self.state_tx.send_replace(state.clone());
+        let _ = self
+            .shared
+            .changes
+            .send((self.record.plan.uid.clone(), state));
+        self.save();
+    }
+
+    pub(super) fn save(&self) {
+        if let Err(e) = self.shared.state.save(&self.record) {
+            tracing::error!(pod = %self.key(), "cannot save the pod record: {e}");
+        }
+    }
+
+    pub(super) fn remove_files(&self) {
+        if let Err(e) = self.shared.state.remove(&self.record.plan.uid) {
+            tracing::warn!(pod = %self.key(), "{e}");
+        }
+    }
+}

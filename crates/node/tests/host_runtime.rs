@@ -1,0 +1,286 @@
+//! The host runtime with real pod VMs: containers of one pod in one VM,
+//! restart policies with back-off, logs, exec, adoption by a new runtime
+//! (as after a daemon restart) without a second VM, delete; and a pod whose
+//! image does not exist.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podvisor_node::NodeConfig;
+use podvisor_node::host::runtime::processes_mentioning;
+use podvisor_node::host::{
+    Backoff, ContainerPlan, ContainerState, ExecEvent, ExecInput, ExecRequest, HostConfig,
+    PodPhase, PodPlan, PodRuntime, PodState, RestartPolicy,
+};
+use podvisor_testbed::oci::ImageBuilder;
+
+fn config(dir: &Path) -> HostConfig {
+    let mut node = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
+    node.cache_dir = dir.join("cache");
+    let mut cfg = HostConfig::new(node, dir.join("state"));
+    // Short back-off so that restarts show within the test.
+    cfg.backoff = Backoff {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(2),
+        reset: Duration::from_secs(600),
+    };
+    cfg.delete_grace = Duration::from_secs(2);
+    cfg
+}
+
+fn container(name: &str, image: &Path, script: &str) -> ContainerPlan {
+    ContainerPlan {
+        name: name.into(),
+        image: image.display().to_string(),
+        command: Some(vec!["sh".into(), "-c".into(), script.into()]),
+        args: None,
+        env: vec![("GREETING".into(), "hi".into())],
+        working_dir: None,
+        tty: false,
+        stdin: false,
+    }
+}
+
+fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerPlan>) -> PodPlan {
+    PodPlan {
+        uid: uid.into(),
+        namespace: "default".into(),
+        name: name.into(),
+        containers,
+        restart_policy: policy,
+        cpus: 1,
+        memory_mib: 160,
+    }
+}
+
+/// Waits until the state of `uid` satisfies `ok`.
+async fn wait_for(
+    rt: &PodRuntime,
+    uid: &str,
+    what: &str,
+    ok: impl Fn(&PodState) -> bool,
+) -> PodState {
+    let start = Instant::now();
+    loop {
+        let state = rt
+            .pods()
+            .into_iter()
+            .find(|(p, _)| p.uid == uid)
+            .map(|(_, s)| s);
+        if let Some(s) = &state
+            && ok(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}; state: {state:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn read_log(rt: &PodRuntime, name: &str, container: &str, tail: Option<usize>) -> String {
+    let mut r = rt
+        .logs("default", name, Some(container), tail, false)
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(chunk) = r.next_chunk().await.unwrap() {
+        out.extend(chunk);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn vm_processes(state_dir: &Path) -> Vec<u32> {
+    processes_mentioning(&state_dir.join("run/pods").display().to_string())
+}
+
+fn running(s: &PodState, i: usize) -> bool {
+    matches!(s.containers[i].state, ContainerState::Running { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let image: PathBuf = dir.path().join("busybox.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .write_oci_archive(&image)
+        .unwrap();
+    let cfg = config(dir.path());
+    let state_dir = cfg.state_dir.clone();
+    let (rt, _feed) = PodRuntime::open(cfg.clone()).unwrap();
+
+    // Two containers in one VM: one serves, one fails and is restarted.
+    let web = plan(
+        "uid-web",
+        "web",
+        RestartPolicy::OnFailure,
+        vec![
+            container(
+                "server",
+                &image,
+                "echo \"$GREETING from $(hostname)\"; exec sleep 1000",
+            ),
+            container("job", &image, "echo run; exit 3"),
+        ],
+    );
+    // One that completes and is not restarted.
+    let once = plan(
+        "uid-once",
+        "once",
+        RestartPolicy::Never,
+        vec![container("main", &image, "echo done")],
+    );
+    assert!(rt.run(web.clone()).unwrap());
+    assert!(
+        !rt.run(web.clone()).unwrap(),
+        "a known pod is not started twice"
+    );
+    rt.run(once).unwrap();
+
+    let s = wait_for(&rt, "uid-web", "server running, job restarted twice", |s| {
+        running(s, 0) && s.containers[1].restart_count >= 2
+    })
+    .await;
+    assert_eq!(s.phase, PodPhase::Running);
+    assert_eq!(s.containers[0].restart_count, 0);
+    let done = wait_for(&rt, "uid-once", "once succeeded", |s| {
+        s.phase == PodPhase::Succeeded
+    })
+    .await;
+    assert!(matches!(
+        done.containers[0].state,
+        ContainerState::Terminated { exit_code: 0, ref reason, .. } if reason == "Completed"
+    ));
+    assert_eq!(read_log(&rt, "once", "main", None).await, "done\n");
+    assert_eq!(read_log(&rt, "web", "server", None).await, "hi from web\n");
+    let job_log = read_log(&rt, "web", "job", None).await;
+    assert!(job_log.starts_with("run\nrun\n"), "{job_log:?}");
+    assert_eq!(read_log(&rt, "web", "job", Some(1)).await, "run\n");
+    assert!(
+        rt.logs("default", "web", None, None, false).is_err(),
+        "two containers: the container must be named"
+    );
+    // The completed pod's VM is off: only the web pod's QEMU runs.
+    let qemus = vm_processes(&state_dir);
+    assert_eq!(qemus.len(), 1, "{qemus:?}");
+
+    // Exec into the server container.
+    let mut session = rt
+        .exec(
+            "default",
+            "web",
+            ExecRequest {
+                container: Some("server".into()),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "cat /proc/2/comm; read x; echo got $x; exit 4".into(),
+                ],
+                tty: false,
+                stdin: true,
+                size: None,
+            },
+        )
+        .await
+        .unwrap();
+    session
+        .input
+        .send(ExecInput::Stdin(b"abc\n".to_vec()))
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    let code = loop {
+        match session.events.recv().await.unwrap() {
+            ExecEvent::Output(d) => output.extend(d),
+            ExecEvent::Exited(code) => break code,
+            ExecEvent::Failed(m) => panic!("exec failed: {m}"),
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&output), "sleep\ngot abc\n");
+    assert_eq!(code, 4);
+    let refused = rt
+        .exec(
+            "default",
+            "once",
+            ExecRequest {
+                container: None,
+                command: vec!["true".into()],
+                tty: false,
+                stdin: false,
+                size: None,
+            },
+        )
+        .await;
+    assert!(refused.is_err());
+
+    // A new runtime on the same state directory adopts the running VM: no
+    // second QEMU, the server container still runs, counts are kept.
+    let restarts_before =
+        wait_for(&rt, "uid-web", "state", |_| true).await.containers[1].restart_count;
+    rt.detach_all().await;
+    drop(rt);
+    assert_eq!(
+        vm_processes(&state_dir),
+        qemus,
+        "the VM outlives the runtime"
+    );
+    let (rt, _feed) = PodRuntime::open(cfg.clone()).unwrap();
+    let s = wait_for(&rt, "uid-web", "adopted, job restarted again", |s| {
+        running(s, 0) && s.containers[1].restart_count > restarts_before
+    })
+    .await;
+    assert_eq!(s.containers[0].restart_count, 0);
+    assert_eq!(
+        vm_processes(&state_dir),
+        qemus,
+        "adopted, not started again"
+    );
+    assert_eq!(read_log(&rt, "web", "server", None).await, "hi from web\n");
+
+    // Delete: the VM stops and every file of the pod goes.
+    assert!(rt.delete("uid-web", None).await);
+    assert!(vm_processes(&state_dir).is_empty());
+    assert!(!state_dir.join("pods/uid-web").exists());
+    assert!(rt.delete("uid-once", None).await);
+    assert!(
+        std::fs::read_dir(state_dir.join("pods"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(
+        std::fs::read_dir(state_dir.join("run/pods"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_is_reported_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, _feed) = PodRuntime::open(config(dir.path())).unwrap();
+    let missing = dir.path().join("no-such-image.tar");
+    rt.run(plan(
+        "uid-bad",
+        "bad",
+        RestartPolicy::Always,
+        vec![container("main", &missing, "true")],
+    ))
+    .unwrap();
+    let s = wait_for(&rt, "uid-bad", "ErrImagePull", |s| {
+        matches!(&s.containers[0].state, ContainerState::Waiting { reason, .. } if reason == "ErrImagePull")
+    })
+    .await;
+    assert_eq!(s.phase, PodPhase::Pending);
+    let ContainerState::Waiting {
+        message: Some(m), ..
+    } = &s.containers[0].state
+    else {
+        unreachable!()
+    };
+    assert!(m.contains("no-such-image.tar"), "{m}");
+    assert!(rt.delete("uid-bad", None).await);
+}
