@@ -11,6 +11,7 @@
 pub mod agent_link;
 pub mod config;
 pub mod container;
+pub mod daemon;
 pub mod host;
 pub mod pod;
 pub mod pod_vm;

@@ -193,9 +193,9 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
     let mut output = Vec::new();
     let code = loop {
         match session.events.recv().await.unwrap() {
-            ExecEvent::Output(d) => output.extend(d),
+            ExecEvent::Output(_, d) => output.extend(d),
             ExecEvent::Exited(code) => break code,
-            ExecEvent::Failed(m) => panic!("exec failed: {m}"),
+            ExecEvent::Failed { message, .. } => panic!("exec failed: {message}"),
         }
     };
     assert_eq!(String::from_utf8_lossy(&output), "sleep\ngot abc\n");

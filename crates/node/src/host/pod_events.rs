@@ -48,16 +48,20 @@ impl PodTask {
                     self.tracks[i].ended(Ended::StartFailed(error), policy, &backoff, now);
                     self.logs[i].set_running(false);
                 } else if let Some(tx) = self.sessions.remove(&id) {
-                    let _ = tx.send(ExecEvent::Failed(error.message)).await;
+                    let failed = ExecEvent::Failed {
+                        exit_code: error.kind.exit_code(),
+                        message: error.message,
+                    };
+                    let _ = tx.send(failed).await;
                 }
             }
-            GuestMessage::Output { id, data, .. } => {
+            GuestMessage::Output { id, stream, data } => {
                 if let Some(i) = self.container_index(&id) {
                     if let Err(e) = self.logs[i].append(&data) {
                         tracing::warn!(pod = %self.key(), container = %id, "log write failed: {e}");
                     }
                 } else if let Some(tx) = self.sessions.get(&id)
-                    && tx.send(ExecEvent::Output(data)).await.is_err()
+                    && tx.send(ExecEvent::Output(stream, data)).await.is_err()
                 {
                     self.sessions.remove(&id);
                     vm.send(&HostMessage::Signal {

@@ -249,7 +249,10 @@ impl PodTask {
             }
         }
         for (_, tx) in self.sessions.drain() {
-            let _ = tx.try_send(ExecEvent::Failed(why.clone()));
+            let _ = tx.try_send(ExecEvent::Failed {
+                exit_code: 255,
+                message: why.clone(),
+            });
         }
     }
 

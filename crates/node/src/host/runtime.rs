@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use podvisor_proto::TerminalSize;
+use podvisor_proto::{Stream, TerminalSize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::logs::{LogReader, LogSignal};
@@ -54,12 +54,13 @@ pub struct ExecRequest {
 /// What an exec session reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
-    /// Output (stdout and stderr alike; with a terminal there is only one).
-    Output(Vec<u8>),
+    /// Output (with a terminal all of it comes as stdout).
+    Output(Stream, Vec<u8>),
     /// The process ended with this exit code (128 + signal if killed).
     Exited(i32),
-    /// It could not be started, or its VM went away.
-    Failed(String),
+    /// It could not be started (the exit code a shell would report, 127
+    /// for a command not found), or its VM went away.
+    Failed { exit_code: i32, message: String },
 }
 
 /// Input to an exec session.

@@ -1,0 +1,297 @@
+//! Between the REST object model ([`podvisor_api`]) and the host runtime:
+//! a Pod object becomes a [`PodPlan`], a [`PodState`] becomes a PodStatus.
+
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use podvisor_api as api;
+
+use crate::host::plan::vm_size;
+use crate::host::{ContainerPlan, ContainerState, PodPhase, PodPlan, PodState, RestartPolicy};
+
+/// Why a pod cannot run on this host; reported as the pod's status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Unrunnable {
+    /// A CamelCase word for the pod's status.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn unrunnable(reason: &'static str, message: String) -> Unrunnable {
+    Unrunnable { reason, message }
+}
+
+/// The plan for running `pod` here.
+pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
+    let uid = pod
+        .metadata
+        .uid
+        .clone()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| unrunnable("InvalidPod", format!("pod {} has no uid", pod.key())))?;
+    for (i, c) in pod.spec.containers.iter().enumerate() {
+        if let Some(j) = c.ports.iter().position(|p| p.host_port.is_some()) {
+            return Err(unrunnable(
+                "Unsupported",
+                format!(
+                    "spec.containers[{i}].ports[{j}].hostPort: publishing ports on the host \
+                     is not supported by podvisor's host daemon yet"
+                ),
+            ));
+        }
+    }
+    let size = pod
+        .spec
+        .vm_size()
+        .map_err(|e| unrunnable("InvalidPod", format!("pod {}: {e}", pod.key())))?;
+    let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
+    Ok(PodPlan {
+        uid,
+        namespace: pod.metadata.namespace().to_string(),
+        name: pod.metadata.name.clone(),
+        containers: pod
+            .spec
+            .containers
+            .iter()
+            .map(|c| ContainerPlan {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                command: c.command.clone(),
+                args: c.args.clone(),
+                env: c
+                    .env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone()))
+                    .collect(),
+                working_dir: c.working_dir.clone(),
+                tty: c.tty,
+                stdin: c.stdin,
+            })
+            .collect(),
+        restart_policy: match pod.spec.restart_policy {
+            api::RestartPolicy::Always => RestartPolicy::Always,
+            api::RestartPolicy::OnFailure => RestartPolicy::OnFailure,
+            api::RestartPolicy::Never => RestartPolicy::Never,
+        },
+        cpus,
+        memory_mib,
+    })
+}
+
+fn time(t: SystemTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from(t)
+}
+
+/// The pod status to report for `state`.
+pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodStatus {
+    api::PodStatus {
+        phase: match state.phase {
+            PodPhase::Pending => api::PodPhase::Pending,
+            PodPhase::Running => api::PodPhase::Running,
+            PodPhase::Succeeded => api::PodPhase::Succeeded,
+            PodPhase::Failed => api::PodPhase::Failed,
+        },
+        reason: state.reason.clone(),
+        message: state.message.clone(),
+        host_ip: host_ip.map(str::to_string),
+        start_time: state.started_at.map(time),
+        container_statuses: state
+            .containers
+            .iter()
+            .map(|c| api::ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                ready: c.ready(),
+                restart_count: c.restart_count,
+                state: container_state(&c.state),
+            })
+            .collect(),
+    }
+}
+
+fn container_state(s: &ContainerState) -> api::ContainerState {
+    let mut out = api::ContainerState::default();
+    match s {
+        ContainerState::Waiting { reason, message } => {
+            out.waiting = Some(api::ContainerStateWaiting {
+                reason: reason.clone(),
+                message: message.clone(),
+            });
+        }
+        ContainerState::Running { started_at } => {
+            out.running = Some(api::ContainerStateRunning {
+                started_at: time(*started_at),
+            });
+        }
+        ContainerState::Terminated {
+            exit_code,
+            signal,
+            reason,
+            message,
+            started_at,
+            finished_at,
+        } => {
+            out.terminated = Some(api::ContainerStateTerminated {
+                exit_code: *exit_code,
+                signal: *signal,
+                reason: reason.clone(),
+                message: message.clone(),
+                started_at: started_at.map(time),
+                finished_at: time(*finished_at),
+            });
+        }
+    }
+    out
+}
+
+/// The status of a pod that cannot run here.
+pub fn unrunnable_status(problem: &Unrunnable, host_ip: Option<&str>) -> api::PodStatus {
+    api::PodStatus {
+        phase: api::PodPhase::Failed,
+        reason: Some(problem.reason.to_string()),
+        message: Some(problem.message.clone()),
+        host_ip: host_ip.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// What `--runtime ack-without-vm` reports: every container running since
+/// `since`, without anything having been started.
+pub fn acknowledged_status(
+    pod: &api::Pod,
+    since: SystemTime,
+    host_ip: Option<&str>,
+) -> api::PodStatus {
+    api::PodStatus {
+        phase: api::PodPhase::Running,
+        host_ip: host_ip.map(str::to_string),
+        start_time: Some(time(since)),
+        container_statuses: pod
+            .spec
+            .containers
+            .iter()
+            .map(|c| api::ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                ready: true,
+                restart_count: 0,
+                state: api::ContainerState {
+                    running: Some(api::ContainerStateRunning {
+                        started_at: time(since),
+                    }),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::ContainerStatus;
+
+    fn pod(yaml: &str) -> api::Pod {
+        let mut pod = api::parse_pod(yaml, api::Format::Yaml).unwrap();
+        pod.metadata.uid = Some("u-1".into());
+        pod
+    }
+
+    #[test]
+    fn a_pod_becomes_a_plan_with_its_vm_size() {
+        let p = pod("
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: app
+    image: busybox
+    command: [sh, -c]
+    args: [echo hi]
+    env: [{name: A, value: '1'}]
+    workingDir: /srv
+    resources: {limits: {cpu: 500m, memory: 96Mi}}
+  - name: side
+    image: busybox
+    resources: {requests: {cpu: '1', memory: 64Mi}}
+");
+        let plan = plan_from_pod(&p).unwrap();
+        assert_eq!(plan.key(), "shop/web");
+        assert_eq!(plan.uid, "u-1");
+        assert_eq!(plan.restart_policy, RestartPolicy::OnFailure);
+        assert_eq!((plan.cpus, plan.memory_mib), (2, 160));
+        let app = &plan.containers[0];
+        assert_eq!(
+            app.command.as_deref(),
+            Some(&["sh".to_string(), "-c".into()][..])
+        );
+        assert_eq!(app.args.as_deref(), Some(&["echo hi".to_string()][..]));
+        assert_eq!(app.env, [("A".to_string(), "1".to_string())]);
+        assert_eq!(app.working_dir.as_deref(), Some("/srv"));
+    }
+
+    #[test]
+    fn host_ports_are_refused_by_name() {
+        let p = pod("
+metadata: {name: web}
+spec:
+  containers:
+  - name: app
+    image: busybox
+    ports: [{containerPort: 80, hostPort: 8080}]
+");
+        let e = plan_from_pod(&p).unwrap_err();
+        assert_eq!(e.reason, "Unsupported");
+        assert!(
+            e.message
+                .starts_with("spec.containers[0].ports[0].hostPort:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn states_become_statuses() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut waiting = ContainerStatus::new("a", "busybox");
+        waiting.restart_count = 2;
+        let state = PodState {
+            phase: PodPhase::Running,
+            reason: None,
+            message: None,
+            started_at: Some(t),
+            containers: vec![
+                waiting,
+                ContainerStatus {
+                    name: "b".into(),
+                    image: "busybox".into(),
+                    restart_count: 0,
+                    state: ContainerState::Running { started_at: t },
+                },
+            ],
+        };
+        let s = status_from_state(&state, Some("127.0.0.1"));
+        assert_eq!(s.phase, api::PodPhase::Running);
+        assert_eq!(s.host_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(s.container_statuses[0].restart_count, 2);
+        assert!(!s.container_statuses[0].ready);
+        assert_eq!(
+            s.container_statuses[0]
+                .state
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason,
+            "ContainerCreating"
+        );
+        assert!(s.container_statuses[1].ready);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json["containerStatuses"][1]["state"]["running"]["startedAt"],
+            "2023-11-14T22:13:20Z"
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The host daemon's HTTP endpoint, which the server proxies to:
+//! `GET /pods/{ns}/{name}/log` (a container's log, streamed, optionally
+//! followed) and `GET /pods/{ns}/{name}/exec` (a WebSocket with Kubernetes'
+//! `channel.k8s.io` framing: 0 stdin, 1 stdout, 2 stderr, 3 status JSON
+//! `{"exitCode": N}` then close, 4 resize JSON `{"Width", "Height"}`,
+//! `[255, 0]` closes stdin). Errors are Status JSON bodies.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use podvisor_api::Status;
+use podvisor_proto::{Stream, TerminalSize};
+
+use crate::host::{ExecEvent, ExecInput, ExecRequest, ExecSession, PodRuntime, RuntimeError};
+
+/// What the endpoint serves from.
+#[derive(Clone)]
+pub enum Backend {
+    /// Pods run in VMs by this runtime.
+    Vm(Arc<PodRuntime>),
+    /// `ack-without-vm`: nothing runs, so there are no logs or execs.
+    AckWithoutVm,
+}
+
+/// The router of the daemon's endpoint.
+pub fn router(backend: Backend) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/pods/{ns}/{name}/log", get(log))
+        .route("/pods/{ns}/{name}/exec", get(exec))
+        .with_state(backend)
+}
+
+/// An error answer with a Status body.
+fn error(code: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    let status = Status::new(code.as_u16(), reason, message);
+    (code, axum::Json(status)).into_response()
+}
+
+fn runtime_error(e: RuntimeError) -> Response {
+    let (code, reason) = match &e {
+        RuntimeError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+        RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+        RuntimeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+    };
+    error(code, reason, e.to_string())
+}
+
+fn runtime(backend: &Backend) -> Result<&Arc<PodRuntime>, Box<Response>> {
+    match backend {
+        Backend::Vm(rt) => Ok(rt),
+        Backend::AckWithoutVm => Err(Box::new(error(
+            StatusCode::NOT_IMPLEMENTED,
+            "NotImplemented",
+            "this host runs with --runtime ack-without-vm: its pods run nothing, \
+             so there are no logs and no exec",
+        ))),
+    }
+}
+
+/// The query's pairs, repeated keys kept (`command=sh&command=-c`).
+fn pairs(query: Option<String>) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn flag(pairs: &[(String, String)], key: &str) -> bool {
+    pairs
+        .iter()
+        .any(|(k, v)| k == key && matches!(v.as_str(), "true" | "1"))
+}
+
+fn value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+async fn log(
+    State(backend): State<Backend>,
+    Path((ns, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let rt = match runtime(&backend) {
+        Ok(rt) => rt,
+        Err(resp) => return *resp,
+    };
+    let q = pairs(query);
+    let tail = match value(&q, "tailLines").map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "tailLines must be a non-negative number",
+            );
+        }
+    };
+    let reader = match rt.logs(&ns, &name, value(&q, "container"), tail, flag(&q, "follow")) {
+        Ok(r) => r,
+        Err(e) => return runtime_error(e),
+    };
+    let stream = futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), Some(reader))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
+}
+
+async fn exec(
+    State(backend): State<Backend>,
+    Path((ns, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let rt = match runtime(&backend) {
+        Ok(rt) => rt,
+        Err(resp) => return *resp,
+    };
+    let q = pairs(query);
+    let command: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if command.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "exec needs a command (command=...)",
+        );
+    }
+    let request = ExecRequest {
+        container: value(&q, "container").map(str::to_string),
+        command,
+        tty: flag(&q, "tty"),
+        stdin: flag(&q, "stdin"),
+        size: None,
+    };
+    // Start it before upgrading, so that a refusal is a plain HTTP error.
+    let session = match rt.exec(&ns, &name, request).await {
+        Ok(s) => s,
+        Err(e) => return runtime_error(e),
+    };
+    ws.protocols(["v4.channel.k8s.io", "channel.k8s.io"])
+        .on_upgrade(move |socket| relay(socket, session))
+}
+
+fn frame(channel: u8, data: &[u8]) -> Message {
+    let mut out = Vec::with_capacity(data.len() + 1);
+    out.push(channel);
+    out.extend_from_slice(data);
+    Message::Binary(out.into())
+}
+
+/// Relays an exec session over the WebSocket until the process ends or
+/// the client goes away (which kills the process).
+async fn relay(socket: WebSocket, session: ExecSession) {
+    let ExecSession { mut events, input } = session;
+    let (mut sink, mut incoming) = socket.split();
+    let reader = async {
+        while let Some(Ok(msg)) = incoming.next().await {
+            let data = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let Some((&channel, payload)) = data.split_first() else {
+                continue;
+            };
+            let to_process = match channel {
+                0 => ExecInput::Stdin(payload.to_vec()),
+                4 => match serde_json::from_slice::<ResizeJson>(payload) {
+                    Ok(size) => ExecInput::Resize(TerminalSize {
+                        rows: size.height,
+                        cols: size.width,
+                    }),
+                    Err(_) => continue,
+                },
+                255 if payload == [0] => ExecInput::CloseStdin,
+                _ => continue,
+            };
+            if input.send(to_process).await.is_err() {
+                break;
+            }
+        }
+        // The client is gone: dropping `input` kills the process.
+    };
+    let writer = async {
+        while let Some(event) = events.recv().await {
+            let (msg, last) = match event {
+                ExecEvent::Output(Stream::Stdout, d) => (frame(1, &d), false),
+                ExecEvent::Output(Stream::Stderr, d) => (frame(2, &d), false),
+                ExecEvent::Exited(code) => (frame(3, &status_json(code, None)), true),
+                ExecEvent::Failed { exit_code, message } => {
+                    (frame(3, &status_json(exit_code, Some(message))), true)
+                }
+            };
+            if sink.send(msg).await.is_err() {
+                return;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+}
+
+/// Channel 4: a terminal size.
+#[derive(serde::Deserialize)]
+struct ResizeJson {
+    #[serde(rename = "Width")]
+    width: u16,
+    #[serde(rename = "Height")]
+    height: u16,
+}
+
+/// Channel 3: how the process ended.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusJson {
+    exit_code: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+fn status_json(exit_code: i32, message: Option<String>) -> Vec<u8> {
+    serde_json::to_vec(&StatusJson { exit_code, message }).expect("status serializes")
+}

@@ -1,0 +1,257 @@
+//! The host daemon (`podvisor host`): registers this machine with the
+//! management server and keeps its lease alive, watches the pods assigned to
+//! it (resuming after the last revision seen when the connection drops, and
+//! re-listing when the server no longer has that history), makes them real
+//! through the host runtime ([`crate::host`]), reports their status, and
+//! serves their logs and exec sessions on its own HTTP endpoint ([`http`]),
+//! to which the server proxies.
+//!
+//! The daemon's death does not stop pods: VMs outlive it, and a new daemon
+//! adopts them ([`crate::host::PodRuntime::open`]). It exits the same way on
+//! SIGTERM: VMs keep running.
+//!
+//! `ack-without-vm` ([`RuntimeMode::AckWithoutVm`]) is for measuring the
+//! control plane alone: pods are reported Running at once and nothing is
+//! started. It is never the default.
+
+pub mod convert;
+pub mod http;
+mod reconcile;
+mod reporter;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use podvisor_api as api;
+use podvisor_api::client::PodFeedEvent;
+use podvisor_api::{Client, ClientError, PodFilter};
+use tokio::sync::oneshot;
+
+use crate::host::{HostConfig, PodRuntime, RuntimeError};
+use reconcile::Reconciler;
+
+/// How the daemon runs pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeMode {
+    /// Each pod in its own VM (the default).
+    Vm,
+    /// For control-plane benchmarks only: acknowledge pods as Running
+    /// without booting anything.
+    AckWithoutVm,
+}
+
+/// Settings of the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The host's name (its token must be this host's).
+    pub name: String,
+    /// The server's URL.
+    pub server: String,
+    pub token: String,
+    /// Where the logs/exec endpoint listens (`127.0.0.1:0`: any free port).
+    pub listen: SocketAddr,
+    /// The endpoint's URL as the server should use it; default
+    /// `http://<listen address>`.
+    pub advertise: Option<String>,
+    /// What pods may use on this host.
+    pub capacity: api::HostCapacity,
+    pub runtime: RuntimeMode,
+    pub host: HostConfig,
+    /// How often the heartbeat renews the host's lease.
+    pub heartbeat: Duration,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--listen {0} is not an address the server can reach this host at: give --advertise http://HOST:PORT"
+    )]
+    NoAddress(SocketAddr),
+    #[error("registering host {name} with the server failed")]
+    Register {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// What the caller learns once the daemon is registered.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The endpoint's address (the port chosen for `:0`).
+    pub listening: SocketAddr,
+}
+
+/// The capacity of this machine: all its CPUs and its memory.
+pub fn machine_capacity() -> api::HostCapacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(1 << 30, |kib| kib * 1024);
+    api::HostCapacity {
+        cpu: cpus * 1000,
+        memory,
+    }
+}
+
+/// Runs the daemon until `shutdown` completes. VMs are left running.
+pub async fn run(
+    cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    started: Option<oneshot::Sender<Started>>,
+) -> Result<(), DaemonError> {
+    let client =
+        Client::new(&cfg.server, Some(&cfg.token)).map_err(|source| DaemonError::Register {
+            name: cfg.name.clone(),
+            source,
+        })?;
+    let (runtime, changes) = match cfg.runtime {
+        RuntimeMode::Vm => {
+            let (rt, changes) = PodRuntime::open(cfg.host.clone())?;
+            (Some(Arc::new(rt)), Some(changes))
+        }
+        RuntimeMode::AckWithoutVm => (None, None),
+    };
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let address = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None if local.ip().is_unspecified() => return Err(DaemonError::NoAddress(local)),
+        None => format!("http://{local}"),
+    };
+    let backend = match &runtime {
+        Some(rt) => http::Backend::Vm(rt.clone()),
+        None => http::Backend::AckWithoutVm,
+    };
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let app = http::router(backend);
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await;
+    });
+
+    let host = api::Host::new(&cfg.name, cfg.capacity, &address);
+    register(&client, &host).await?;
+    tracing::info!(host = %cfg.name, %address, "registered");
+    if let Some(tx) = started {
+        let _ = tx.send(Started { listening: local });
+    }
+    let heartbeat = tokio::spawn(heartbeat(client.clone(), host.clone(), cfg.heartbeat));
+    let host_ip = (!local.ip().is_unspecified()).then(|| local.ip().to_string());
+    let reports = reporter::start(client.clone());
+    let mut reconciler = Reconciler::new(client.clone(), runtime.clone(), host_ip, reports);
+    let mut feed = client.pod_feed(PodFilter::on_host(&cfg.name), None);
+    let mut changes = changes;
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = feed.recv() => match event {
+                Some(PodFeedEvent::Synced { pods, revision }) => {
+                    tracing::debug!(revision, pods = pods.len(), "pods listed");
+                    reconciler.synced(pods);
+                }
+                Some(PodFeedEvent::Changed(event)) => reconciler.changed(event),
+                Some(PodFeedEvent::Disconnected { error }) => {
+                    tracing::warn!("watching pods: {error}; retrying");
+                }
+                None => break,
+            },
+            Some((uid, state)) = recv_change(&mut changes) => reconciler.state_changed(&uid, &state),
+        }
+    }
+    heartbeat.abort();
+    let _ = stop_http.send(());
+    let _ = server.await;
+    if let Some(rt) = runtime {
+        rt.detach_all().await;
+    }
+    Ok(())
+}
+
+async fn recv_change(
+    changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::host::PodState)>>,
+) -> Option<(String, crate::host::PodState)> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether an error from the server will not go away by retrying (a bad
+/// token, a refused host).
+fn is_permanent(e: &ClientError) -> bool {
+    matches!(e.code(), Some(400 | 401 | 403 | 409 | 422))
+}
+
+/// Registers `host`, retrying while the server cannot be reached.
+async fn register(client: &Client, host: &api::Host) -> Result<(), DaemonError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match client.register_host(host).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_permanent(&e) => {
+                return Err(DaemonError::Register {
+                    name: host.metadata.name.clone(),
+                    source: e,
+                });
+            }
+            Err(e) => {
+                tracing::warn!("registering with the server: {e}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Renews the host's lease every `every`; registers again if the server no
+/// longer knows the host.
+async fn heartbeat(client: Client, host: api::Host, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match client.heartbeat(&host.metadata.name).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                if let Err(e) = client.register_host(&host).await {
+                    tracing::warn!("registering again: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("heartbeat: {e}"),
+        }
+    }
+}
