@@ -1,6 +1,7 @@
 //! `podvisor`: the command-line interface. Parses arguments, formats output
 //! and handles the terminal; the work itself is done by the library crates.
 
+mod host;
 mod kube;
 mod run;
 mod server_cmd;
@@ -108,6 +109,9 @@ enum Command {
     Logs(kube::LogsArgs),
     /// Run a command in a pod's container.
     Exec(kube::ExecArgs),
+    /// Run the host daemon: the pods the management server assigns to
+    /// this machine, each in its own VM.
+    Host(host::HostDaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
             Command::Delete(args) => kube::delete(args).await,
             Command::Logs(args) => kube::logs(args).await,
             Command::Exec(args) => kube::exec(args).await,
+            Command::Host(args) => host::run(&cli.host, args).await,
         }
     });
     // A reader blocked on stdin must not hold the process open.

@@ -1,0 +1,152 @@
+//! `podvisor host`: the host daemon, which runs the pods the management
+//! server assigns to this machine (see `podvisor_node::daemon`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use podvisor_api::Quantity;
+use podvisor_node::daemon::{self, DaemonConfig, RuntimeMode};
+use podvisor_node::host::HostConfig;
+
+use crate::HostArgs;
+
+/// Default state directory of the host daemon.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor/host";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HostDaemonArgs {
+    /// The management server's URL.
+    #[arg(long, env = "PODVISOR_SERVER")]
+    pub server: String,
+    /// This host's token (made with `podvisor server token create --host NAME`).
+    #[arg(long, env = "PODVISOR_TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// Read the token from this file.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// The host's name (default: this machine's hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the daemon keeps its pod records, container logs and VM
+    /// sockets (its VMs are adopted from here after a restart).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Address of the daemon's logs/exec endpoint (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The endpoint's URL as the server reaches it (default: http://LISTEN).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// How pods run. `vm` (the default): each pod in its own VM.
+    /// `ack-without-vm`: for control-plane benchmarks only: pods are
+    /// reported Running at once and NOTHING is started.
+    #[arg(long, value_enum, default_value = "vm")]
+    pub runtime: RuntimeArg,
+    /// CPU pods may use here, e.g. `4` or `3500m` (default: all CPUs).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory pods may use here, e.g. `8Gi` (default: all memory).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat: u64,
+    /// Seconds between SIGTERM and SIGKILL when a deleted pod's
+    /// containers are stopped.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+}
+
+/// `--runtime`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeArg {
+    /// Each pod in its own VM.
+    Vm,
+    /// Benchmarks only: acknowledge pods as Running without booting VMs.
+    AckWithoutVm,
+}
+
+/// The daemon's configuration from the command line.
+pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("read the token file {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            anyhow::bail!("give the host's token with --token, PODVISOR_TOKEN or --token-file")
+        }
+    };
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("read this machine's hostname (or give --name)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let mut capacity = daemon::machine_capacity();
+    if let Some(cpu) = &args.cpu {
+        capacity.cpu = Quantity::new(cpu.as_str()).millicores().context("--cpu")?;
+    }
+    if let Some(memory) = &args.memory {
+        capacity.memory = Quantity::new(memory.as_str()).bytes().context("--memory")?;
+    }
+    let runtime = match args.runtime {
+        RuntimeArg::Vm => RuntimeMode::Vm,
+        RuntimeArg::AckWithoutVm => {
+            eprintln!(
+                "podvisor host: --runtime ack-without-vm: pods are reported Running but nothing runs (benchmarks only)"
+            );
+            RuntimeMode::AckWithoutVm
+        }
+    };
+    let node = match runtime {
+        RuntimeMode::Vm => host.node_config(),
+        RuntimeMode::AckWithoutVm => {
+            podvisor_node::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg)
+        }
+    };
+    let mut host_cfg = HostConfig::new(node, args.state_dir.clone());
+    host_cfg.delete_grace = Duration::from_secs(args.grace);
+    Ok(DaemonConfig {
+        name,
+        server: args.server.clone(),
+        token,
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        capacity,
+        runtime,
+        host: host_cfg,
+        heartbeat: Duration::from_secs(args.heartbeat.max(1)),
+    })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; its VMs keep running.
+pub async fn run(host: &HostArgs, args: HostDaemonArgs) -> anyhow::Result<u8> {
+    let cfg = daemon_config(host, &args)?;
+    let name = cfg.name.clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<daemon::Started>();
+    tokio::spawn(async move {
+        if let Ok(s) = started_rx.await {
+            eprintln!(
+                "podvisor host: {name} registered; logs/exec endpoint on {}",
+                s.listening
+            );
+        }
+    });
+    daemon::run(cfg, shutdown_signal(), Some(started_tx)).await?;
+    Ok(0)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
