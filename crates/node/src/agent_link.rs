@@ -72,6 +72,13 @@ impl AgentSender {
 }
 
 impl AgentReceiver {
+    /// Skips what does not decode until the first frame that does (see
+    /// [`FrameDecoder::resynchronize`]): for a connection that may join the
+    /// agent's stream mid-frame.
+    pub fn resynchronize(&mut self) {
+        self.decoder.resynchronize();
+    }
+
     /// Receives the next message. Cancel-safe: bytes read stay buffered.
     pub async fn recv(&mut self) -> Result<GuestMessage, AgentLinkError> {
         loop {

@@ -8,6 +8,7 @@
 //! pod's runtime directory is removed when the `PodVm` is dropped, after the
 //! VM is gone.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,12 @@ pub struct PodVm {
     vm: Box<dyn Vm>,
     tx: AgentSender,
     rx: AgentReceiver,
+    /// Messages received before [`PodVm::next_event`] was first called
+    /// (during an adoption).
+    pending: VecDeque<GuestMessage>,
+    /// Adopted: the agent may say `Ready` again (it noticed the new host
+    /// late), which is not an error then.
+    adopted: bool,
     /// Set by [`PodVm::detach`]: leave the VM running when dropped.
     detached: bool,
     // Declared last: dropped after the VM handle.
@@ -113,6 +120,8 @@ impl PodVm {
             vm,
             tx,
             rx,
+            pending: VecDeque::new(),
+            adopted: false,
             detached: false,
             dir,
         })
@@ -145,13 +154,19 @@ impl PodVm {
     /// `select!`. A VM that died, or a guest that sent something malformed
     /// (its VM is then killed), is an error.
     pub async fn next_event(&mut self) -> Result<GuestMessage, NodeError> {
-        tokio::select! {
-            msg = self.rx.recv() => match msg {
-                Ok(GuestMessage::Ready(_)) => Err(hostile(self.vm.as_mut(), "a second Ready".into()).await),
-                Ok(m) => Ok(m),
-                Err(e) => Err(link_failure(self.vm.as_mut(), e).await),
-            },
-            exit = self.vm.wait() => Err(died(self.vm.as_ref(), exit)),
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(m);
+        }
+        loop {
+            return tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Ok(GuestMessage::Ready(_)) if self.adopted => continue,
+                    Ok(GuestMessage::Ready(_)) => Err(hostile(self.vm.as_mut(), "a second Ready".into()).await),
+                    Ok(m) => Ok(m),
+                    Err(e) => Err(link_failure(self.vm.as_mut(), e).await),
+                },
+                exit = self.vm.wait() => Err(died(self.vm.as_ref(), exit)),
+            };
         }
     }
 
@@ -214,10 +229,13 @@ impl PodVm {
     }
 
     /// Takes over a running pod VM that another `PodVm` (usually in a host
-    /// daemon that has since died) booted: adopts the VMM process, connects
-    /// the agent channel and waits for the agent's `Ready`, which the agent
-    /// sends to every host that connects. Messages the agent queued while no
-    /// host was connected follow.
+    /// daemon that has since died) booted: adopts the VMM process and
+    /// connects the agent channel. The previous host may have died in the
+    /// middle of a frame, and the agent may not have noticed the new
+    /// connection, so the channel is resynchronized and the agent asked
+    /// for its processes ([`HostMessage::ListProcesses`], repeated if the
+    /// request was lost); [`PodVm::next_event`] then yields what the agent
+    /// had queued, ending with the [`GuestMessage::Processes`] answer.
     pub async fn adopt(
         cfg: &NodeConfig,
         id: &str,
@@ -226,31 +244,59 @@ impl PodVm {
         let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
         let mut vm = hypervisor.adopt(record).await?;
-        let (tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
-            Ok(link) => link,
-            Err(e) => return Err(NodeError::Link(e)),
-        };
-        let ready = tokio::select! {
-            msg = rx.recv() => match msg {
-                Ok(GuestMessage::Ready(info)) => Ok(info),
-                Ok(other) => Err(hostile(vm.as_mut(), format!("expected Ready, got {other:?}")).await),
-                Err(e) => Err(link_failure(vm.as_mut(), e).await),
-            },
-            exit = vm.wait() => Err(died(vm.as_ref(), exit)),
-            _ = tokio::time::sleep(ADOPT_READY_TIMEOUT) => Err(NodeError::BootTimeout {
+        let (mut tx, mut rx) = agent_link::connect(&vm.paths().agent_socket)
+            .await
+            .map_err(NodeError::Link)?;
+        rx.resynchronize();
+        let mut agent = None;
+        let mut pending = VecDeque::new();
+        let started = Instant::now();
+        'ask: while started.elapsed() < ADOPT_READY_TIMEOUT {
+            if let Err(e) = tx.send(&HostMessage::ListProcesses).await {
+                return Err(link_failure(vm.as_mut(), e).await);
+            }
+            let deadline = tokio::time::Instant::now() + ADOPT_ASK_AGAIN;
+            loop {
+                let msg = tokio::select! {
+                    msg = rx.recv() => msg,
+                    exit = vm.wait() => return Err(died(vm.as_ref(), exit)),
+                    _ = tokio::time::sleep_until(deadline) => continue 'ask,
+                };
+                match msg {
+                    Ok(GuestMessage::Ready(info)) => agent = Some(info),
+                    Ok(m @ GuestMessage::Processes { .. }) => {
+                        pending.push_back(m);
+                        break 'ask;
+                    }
+                    // Our request may have been mixed into a frame the
+                    // previous host left unfinished: ask again.
+                    Ok(GuestMessage::Error { .. }) => continue 'ask,
+                    Ok(m) => pending.push_back(m),
+                    Err(e) => return Err(link_failure(vm.as_mut(), e).await),
+                }
+            }
+        }
+        if !matches!(pending.back(), Some(GuestMessage::Processes { .. })) {
+            return Err(NodeError::BootTimeout {
                 timeout: ADOPT_READY_TIMEOUT,
                 console_tail: vm.console_tail(3000),
-            }),
-        };
-        let agent = ready?;
+            });
+        }
         Ok(PodVm {
             id: id.to_string(),
-            agent,
+            agent: agent.unwrap_or_else(|| AgentInfo {
+                agent_version: "unknown (adopted)".into(),
+                kernel_release: String::new(),
+                boottime_ms: 0,
+                boot_steps: vec![],
+            }),
             launched_at,
             ready_at: Instant::now(),
             vm,
             tx,
             rx,
+            pending,
+            adopted: true,
             detached: false,
             dir: PodDir {
                 path: record.run_dir.clone(),
@@ -260,9 +306,10 @@ impl PodVm {
     }
 }
 
-/// How long an adopted VM's agent may take to say `Ready` on the new
-/// connection (it probes for a host every 100 ms).
+/// How long an adopted VM's agent may take to answer on the new connection.
 const ADOPT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// When to repeat an unanswered `ListProcesses` during an adoption.
+const ADOPT_ASK_AGAIN: Duration = Duration::from_secs(2);
 
 impl Drop for PodVm {
     fn drop(&mut self) {

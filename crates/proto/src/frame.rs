@@ -52,11 +52,15 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
 /// Incremental decoder: feed it bytes as they arrive, take messages out.
 ///
 /// After an error the stream has lost its framing; the decoder keeps
-/// returning that error, and the caller should drop the connection.
+/// returning that error, and the caller should drop the connection. A
+/// reader that joins a stream that may be mid-frame calls
+/// [`FrameDecoder::resynchronize`] first.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     failed: Option<ProtoError>,
+    /// Skip what does not decode until the first frame that does.
+    resyncing: bool,
 }
 
 impl FrameDecoder {
@@ -76,19 +80,51 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// Until the next frame that decodes, skips bytes that do not (the
+    /// tail of a frame whose start went to an earlier reader, as when a
+    /// host adopts a VM whose previous host died mid-frame): each is
+    /// dropped up to the next place a frame header of this protocol could
+    /// start. Errors after that frame are errors again.
+    pub fn resynchronize(&mut self) {
+        self.failed = None;
+        self.resyncing = true;
+    }
+
     /// Decodes the next complete message, `Ok(None)` if more bytes are needed.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        match self.try_next() {
-            Err(err) => {
-                self.buf = Vec::new();
-                self.failed = Some(err.clone());
-                Err(err)
+        loop {
+            match self.try_next() {
+                Err(_) if self.resyncing => self.skip_to_next_header(),
+                Err(err) => {
+                    self.buf = Vec::new();
+                    self.failed = Some(err.clone());
+                    return Err(err);
+                }
+                Ok(Some(msg)) => {
+                    self.resyncing = false;
+                    return Ok(Some(msg));
+                }
+                Ok(None) => return Ok(None),
             }
-            ok => ok,
         }
+    }
+
+    /// Drops the first byte and everything up to the next possible header
+    /// (magic and version; a partial one at the end is kept).
+    fn skip_to_next_header(&mut self) {
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        let start = (1..self.buf.len())
+            .find(|&i| {
+                let rest = &self.buf[i..];
+                let n = rest.len().min(header.len());
+                rest[..n] == header[..n]
+            })
+            .unwrap_or(self.buf.len());
+        self.buf.drain(..start);
     }
 
     fn try_next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {

@@ -155,3 +155,42 @@ fn exit_status_maps_to_shell_codes() {
     );
     assert_eq!(StartErrorKind::NotFound.exit_code(), 127);
 }
+
+/// A host that adopts a VM may join the agent's stream in the middle of a
+/// frame: after `resynchronize` the decoder skips to the first frame that
+/// decodes, then is strict again.
+#[test]
+fn resynchronize_skips_the_tail_of_a_frame_then_is_strict_again() {
+    let out = GuestMessage::Output {
+        id: "c".into(),
+        stream: Stream::Stdout,
+        // Output that itself looks like the start of a frame header.
+        data: [&MAGIC[..], &[0, 1, 0, 0, 0, 3], b"tail of a frame"].concat(),
+    };
+    let list = GuestMessage::Processes { processes: vec![] };
+    let frame = encode(&out).unwrap();
+    let mut wire = frame[5..].to_vec();
+    wire.extend(encode(&list).unwrap());
+    wire.extend(encode(&out).unwrap());
+
+    let mut strict = FrameDecoder::new();
+    strict.push(&wire);
+    assert!(strict.next_message::<GuestMessage>().is_err());
+
+    let mut dec = FrameDecoder::new();
+    dec.resynchronize();
+    // Byte by byte, as a slow stream would deliver it.
+    let mut got = Vec::new();
+    for b in &wire {
+        dec.push(std::slice::from_ref(b));
+        while let Some(m) = dec.next_message::<GuestMessage>().unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, [list, out]);
+    dec.push(b"garbage!");
+    assert!(matches!(
+        dec.next_message::<GuestMessage>(),
+        Err(ProtoError::BadMagic(_))
+    ));
+}

@@ -193,12 +193,9 @@ impl PodTask {
             };
         };
         match PodVm::adopt(&self.shared.cfg.node, &rec.vm_id, &rec.process).await {
-            Ok(mut vm) => {
+            Ok(vm) => {
                 tracing::info!(pod = %self.key(), pid = rec.process.pid, "adopted the pod VM");
-                if vm.send(&HostMessage::ListProcesses).await.is_ok() {
-                    return Stage::Up(Box::new(vm));
-                }
-                self.vm_lost("the pod VM stopped while it was adopted".into(), Some(&rec));
+                return Stage::Up(Box::new(vm));
             }
             Err(e) => {
                 tracing::warn!(pod = %self.key(), "cannot adopt the pod VM: {e}");
