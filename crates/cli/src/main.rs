@@ -7,6 +7,7 @@ mod run;
 mod server_cmd;
 mod server_config;
 mod terminal;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -112,6 +113,9 @@ enum Command {
     /// Run the host daemon: the pods the management server assigns to
     /// this machine, each in its own VM.
     Host(host::HostDaemonArgs),
+    /// Run a management server (SQLite) and a host daemon on this machine,
+    /// in this process, and point the CLI config at it.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
             Command::Logs(args) => kube::logs(args).await,
             Command::Exec(args) => kube::exec(args).await,
             Command::Host(args) => host::run(&cli.host, args).await,
+            Command::Up(args) => up::run(&cli.host, args).await,
         }
     });
     // A reader blocked on stdin must not hold the process open.

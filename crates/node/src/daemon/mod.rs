@@ -164,12 +164,17 @@ pub async fn run(
     });
 
     let host = api::Host::new(&cfg.name, cfg.capacity, &address);
-    register(&client, &host).await?;
+    let registered = register(&client, &host).await?;
     tracing::info!(host = %cfg.name, %address, "registered");
+    // Renew the lease at least three times per TTL, as the server asks.
+    let every = match registered.status.lease_duration_seconds {
+        Some(ttl) => cfg.heartbeat.min(Duration::from_millis(ttl * 1000 / 3)),
+        None => cfg.heartbeat,
+    };
     if let Some(tx) = started {
         let _ = tx.send(Started { listening: local });
     }
-    let heartbeat = tokio::spawn(heartbeat(client.clone(), host.clone(), cfg.heartbeat));
+    let heartbeat = tokio::spawn(heartbeat(client.clone(), host.clone(), every));
     let host_ip = (!local.ip().is_unspecified()).then(|| local.ip().to_string());
     let reports = reporter::start(client.clone());
     let mut reconciler = Reconciler::new(client.clone(), runtime.clone(), host_ip, reports);
@@ -219,11 +224,11 @@ fn is_permanent(e: &ClientError) -> bool {
 }
 
 /// Registers `host`, retrying while the server cannot be reached.
-async fn register(client: &Client, host: &api::Host) -> Result<(), DaemonError> {
+async fn register(client: &Client, host: &api::Host) -> Result<api::Host, DaemonError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match client.register_host(host).await {
-            Ok(_) => return Ok(()),
+            Ok(h) => return Ok(h),
             Err(e) if is_permanent(&e) => {
                 return Err(DaemonError::Register {
                     name: host.metadata.name.clone(),
