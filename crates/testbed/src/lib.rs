@@ -6,6 +6,9 @@
 /// Scratch directories and the `podvisor` command builder.
 pub mod cli;
 
+/// Background processes (servers, host daemons), free ports.
+pub mod daemon;
+
 /// OCI images built from scratch for tests (layers, layouts, archives).
 pub mod oci;
 

@@ -1,0 +1,149 @@
+//! One machine through `podvisor up`: apply, get, logs, exec, delete, with
+//! nothing but the CLI config `up` writes.
+
+use std::time::Duration;
+
+use podvisor_api::PodPhase;
+use podvisor_testbed::daemon::{free_port, pids_mentioning};
+
+use crate::fixture::*;
+
+#[test]
+fn vm_up_runs_a_pod_applied_from_yaml() {
+    let s = Scratch::new();
+    let image = s.busybox();
+    let config = s.config();
+    let state = s.path().join("state");
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut up = s.spawn(
+        "up",
+        &[
+            "up",
+            "--state-dir",
+            &state.display().to_string(),
+            "--listen",
+            &listen,
+            "--name",
+            "node-1",
+            "--cpu",
+            "2",
+            "--memory",
+            "1Gi",
+        ],
+    );
+    // Only the config file `up` wrote tells the CLI where the server is.
+    let cli = || s.podvisor();
+    wait_for("the host to be Ready", Duration::from_secs(60), || {
+        let out = cli().args(["get", "hosts"]).output();
+        if out.code == Some(0) && out.stdout.contains("node-1") && out.stdout.contains(" Ready ") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}\nup log:\n{}",
+                out.stdout,
+                out.stderr,
+                up.log()
+            ))
+        }
+    });
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        written.contains(&format!("url = \"http://{listen}\"")),
+        "{written}"
+    );
+    assert!(written.contains("admin.token"), "{written}");
+
+    let yaml = sleeper_yaml("web", &image, "500m", "160Mi");
+    let out = cli().args(["apply", "-f", "-"]).stdin(yaml).output();
+    assert_code(&out, 0);
+    assert!(out.stdout.contains("pod/web created"), "{}", out.stdout);
+    let names = vec!["web".to_string()];
+    wait_for("the pod to run", POD_TIMEOUT, || {
+        let pods = pods(cli())?;
+        if all_running(&pods, &names) {
+            Ok(())
+        } else {
+            Err(summary(&pods))
+        }
+    });
+    let table = cli().args(["get", "pods"]).success().stdout;
+    let row = table.lines().find(|l| l.starts_with("web ")).unwrap();
+    for col in ["1/1", "Running", "node-1"] {
+        assert!(row.contains(col), "{table}");
+    }
+    let pod = pods(cli()).unwrap().remove(0);
+    assert_eq!(pod.status.phase, PodPhase::Running);
+    assert_eq!(pod.status.host_ip.as_deref(), Some("127.0.0.1"));
+    assert!(pod.status.container_statuses[0].state.running.is_some());
+
+    // The output it wrote, from the host's log file through the server.
+    let logs = wait_for("the greeting in the log", Duration::from_secs(30), || {
+        let out = cli().args(["logs", "web"]).output();
+        if out.stdout.contains("hello") {
+            Ok(out.stdout)
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    });
+    assert_eq!(logs, "hello from web\n");
+
+    // Exec: in the container's PID namespace, with its exit code; and with
+    // stdin.
+    let out = cli()
+        .args([
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/2/comm; echo $GREETING; exit 3",
+        ])
+        .output();
+    assert_code(&out, 3);
+    assert_eq!(out.stdout, "sleep\nhello\n");
+    let out = cli()
+        .args([
+            "exec",
+            "-i",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo \"got $x\"; cat",
+        ])
+        .stdin("over stdin\nand more\n")
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "got over stdin\nand more\n");
+    // A command the image does not have: exit code 127, as a shell says.
+    let out = cli()
+        .args(["exec", "web", "--", "no-such-command"])
+        .output();
+    assert_code(&out, 127);
+    assert!(out.stderr.contains("no-such-command"), "{}", out.stderr);
+
+    // Delete: the VM stops, the pod and its files go.
+    let vms = state.join("host/run/pods").display().to_string();
+    assert_eq!(pids_mentioning(&vms).len(), 1, "one QEMU for the pod");
+    cli().args(["delete", "pod", "web", "--wait"]).success();
+    let out = cli().args(["get", "pods"]).success();
+    assert!(
+        out.stdout.contains("No pods") || out.stderr.contains("No pods"),
+        "{out:?}"
+    );
+    assert!(pids_mentioning(&vms).is_empty(), "the VM is gone");
+    assert!(
+        std::fs::read_dir(state.join("host/pods"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the pod's records and logs are gone"
+    );
+    assert_eq!(
+        up.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        up.log()
+    );
+}
