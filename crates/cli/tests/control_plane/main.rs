@@ -2,6 +2,7 @@
 //! and a cluster of etcd, two server replicas and three host daemons on
 //! loopback, all running real pod VMs (QEMU; TCG here).
 
+mod ack;
 mod cluster;
 mod fixture;
 mod up;

@@ -123,6 +123,78 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     assert_code(&out, 127);
     assert!(out.stderr.contains("no-such-command"), "{}", out.stderr);
 
+    // Restart policies, exit codes and restart counts: a pod that completes
+    // is not restarted and its VM stops; a failing one is restarted after
+    // the back-off (10 s, as Kubernetes).
+    let jobs = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: once}}
+spec:
+  restartPolicy: Never
+  containers:
+  - {{name: main, image: {image}, command: [sh, -c, 'echo done; exit 0'],
+      resources: {{limits: {{memory: 128Mi, cpu: 500m}}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: crasher}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - {{name: main, image: {image}, command: [sh, -c, 'echo failing; exit 2'],
+      resources: {{limits: {{memory: 128Mi, cpu: 500m}}}}}}
+",
+        image = image.display()
+    );
+    cli().args(["apply", "-f", "-"]).stdin(jobs).success();
+    let done = wait_for(
+        "once to complete, crasher to restart",
+        Duration::from_secs(120),
+        || {
+            let pods = pods(cli())?;
+            let once = find(&pods, "once").filter(|p| p.status.phase == PodPhase::Succeeded);
+            let crasher = find(&pods, "crasher").filter(|p| {
+                let status = p.status.container_statuses.first();
+                let waiting = status.and_then(|s| s.state.waiting.as_ref());
+                p.restart_count() >= 1 && waiting.is_some_and(|w| w.reason == "CrashLoopBackOff")
+            });
+            match (once, crasher) {
+                (Some(o), Some(c)) => Ok((o.clone(), c.clone())),
+                _ => Err(summary(&pods)),
+            }
+        },
+    );
+    let exit = done.0.status.container_statuses[0]
+        .state
+        .terminated
+        .clone()
+        .unwrap();
+    assert_eq!((exit.exit_code, exit.reason.as_str()), (0, "Completed"));
+    let waiting = done.1.status.container_statuses[0]
+        .state
+        .waiting
+        .clone()
+        .unwrap();
+    let message = waiting.message.unwrap_or_default();
+    assert!(message.contains("exited with code 2"), "{message}");
+    assert_eq!(done.1.status.phase, PodPhase::Running);
+    let table = cli().args(["get", "pods"]).success().stdout;
+    let row = table.lines().find(|l| l.starts_with("once ")).unwrap();
+    assert!(row.contains("Completed"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("crasher ")).unwrap();
+    assert!(row.contains("CrashLoopBackOff"), "{table}");
+    assert_eq!(cli().args(["logs", "once"]).success().stdout, "done\n");
+    assert!(
+        cli()
+            .args(["logs", "crasher"])
+            .success()
+            .stdout
+            .starts_with("failing\nfailing\n")
+    );
+    cli().args(["delete", "pod", "once", "--wait"]).success();
+    cli().args(["delete", "pod", "crasher", "--wait"]).success();
+
     // Delete: the VM stops, the pod and its files go.
     let vms = state.join("host/run/pods").display().to_string();
     assert_eq!(pids_mentioning(&vms).len(), 1, "one QEMU for the pod");
