@@ -87,17 +87,8 @@ fn ack_without_vm_acknowledges_pods_and_starts_nothing() {
         }
     });
     assert!(pods.iter().all(|p| p.status.phase == PodPhase::Running));
-    assert!(
-        pids_mentioning(&host_state)
-            .iter()
-            .all(|p| *p == host_pid(&mut host)),
-        "nothing but the daemon runs"
-    );
-    assert!(
-        pids_mentioning("qemu-system")
-            .iter()
-            .all(|p| !cmdline(*p).contains(&host_state))
-    );
+    // Only the daemon itself mentions its state directory: no VM.
+    assert_eq!(pids_mentioning(&host_state), [host.pid()]);
     let out = cli().args(["logs", "p0"]).output();
     assert_ne!(out.code, Some(0));
     assert!(out.stderr.contains("ack-without-vm"), "{}", out.stderr);
@@ -112,14 +103,4 @@ fn ack_without_vm_acknowledges_pods_and_starts_nothing() {
         host.log()
     );
     assert_eq!(host.terminate(Duration::from_secs(10)), Some(0));
-}
-
-fn host_pid(d: &mut podvisor_testbed::daemon::Daemon) -> u32 {
-    d.pid()
-}
-
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default()
 }
