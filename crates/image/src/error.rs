@@ -122,6 +122,42 @@ pub enum ImageError {
     #[error("mkfs.erofs for layer {layer}: {reason}")]
     Mkfs { layer: String, reason: String },
 
+    /// A string that should be an image reference is not one.
+    #[error("invalid image reference `{value}`: {reason}")]
+    InvalidReference { value: String, reason: String },
+
+    /// A string that should be a platform is not `os/arch[/variant]`.
+    #[error("invalid platform `{value}`: expected os/arch or os/arch/variant, e.g. linux/amd64")]
+    InvalidPlatform { value: String },
+
+    /// An image index has no manifest for the requested platform.
+    #[error("{reference} has no image for {platform}; it has: {}", available.join(", "))]
+    PlatformNotFound {
+        reference: String,
+        platform: String,
+        available: Vec<String>,
+    },
+
+    /// The docker config file with registry credentials is malformed.
+    #[error("registry credentials in {path}: {reason}")]
+    BadCredentials { path: PathBuf, reason: String },
+
+    /// The registry refused access.
+    #[error("registry {registry}: unauthorized: {reason}")]
+    Unauthorized { registry: String, reason: String },
+
+    /// The registry has no such repository, tag or manifest.
+    #[error("image {reference} not found in its registry")]
+    NotFound { reference: String },
+
+    /// The registry could not be reached or answered with an error.
+    #[error("registry {registry}: {reason}")]
+    Registry { registry: String, reason: String },
+
+    /// A manifest, index or config from a registry is malformed or unsupported.
+    #[error("image {reference}: {reason}")]
+    BadRemoteImage { reference: String, reason: String },
+
     /// A cache entry exists but is unreadable or inconsistent.
     #[error("layer cache entry {path}: {reason}")]
     DamagedCacheEntry { path: PathBuf, reason: String },

@@ -99,14 +99,36 @@ pub fn import(
 }
 
 fn runtime_config(resolved: &ResolvedImage) -> RuntimeConfig {
-    let Some(c) = resolved.config.config() else {
-        return RuntimeConfig::default();
-    };
-    RuntimeConfig {
-        entrypoint: c.entrypoint().clone().unwrap_or_default(),
-        cmd: c.cmd().clone().unwrap_or_default(),
-        env: c.env().clone().unwrap_or_default(),
-        working_dir: c.working_dir().clone().unwrap_or_default(),
-        user: c.user().clone().unwrap_or_default(),
+    RuntimeConfig::from_config(&resolved.config)
+}
+
+impl RuntimeConfig {
+    /// The runtime part of an image config.
+    pub fn from_config(config: &oci_spec::image::ImageConfiguration) -> RuntimeConfig {
+        let Some(c) = config.config() else {
+            return RuntimeConfig::default();
+        };
+        RuntimeConfig {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            working_dir: c.working_dir().clone().unwrap_or_default(),
+            user: c.user().clone().unwrap_or_default(),
+        }
     }
+}
+
+/// The DiffIDs of an image config, bottom first; the reason if unusable.
+pub(crate) fn diff_ids_of(
+    config: &oci_spec::image::ImageConfiguration,
+) -> Result<Vec<Digest>, String> {
+    let rootfs = config.rootfs();
+    if rootfs.typ() != "layers" {
+        return Err(format!("unsupported rootfs type `{}`", rootfs.typ()));
+    }
+    rootfs
+        .diff_ids()
+        .iter()
+        .map(|d| Digest::parse(d).map_err(|e| e.to_string()))
+        .collect()
 }

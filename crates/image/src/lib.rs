@@ -15,12 +15,16 @@
 
 mod cache;
 mod convert;
+pub mod credentials;
 mod digest;
 mod erofs;
 mod error;
 mod fsops;
 mod import;
 mod layout;
+mod platform;
+mod reference;
+mod registry;
 mod source;
 mod unpack;
 
@@ -33,3 +37,6 @@ pub use digest::{ChainId, Digest};
 pub use erofs::MKFS_EROFS;
 pub use error::ImageError;
 pub use import::{Image, RuntimeConfig, import};
+pub use platform::Platform;
+pub use reference::{ImageRef, is_loopback_host};
+pub use registry::{Registry, RegistryOptions, RemoteImage};

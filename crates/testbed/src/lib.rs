@@ -1,7 +1,8 @@
 //! Test fixtures for podvisor, used only as a dev-dependency: scratch
 //! directories and a `podvisor` command builder ([`cli`]), OCI images built
-//! from the host's busybox with no network ([`oci`]), and a real etcd server
-//! on loopback ([`etcd`]).
+//! from the host's busybox with no network ([`oci`]), a real etcd server
+//! on loopback ([`etcd`]), a real registry to push images to ([`registry`])
+//! and a slow proxy in front of it ([`throttle`]).
 
 /// Scratch directories and the `podvisor` command builder.
 pub mod cli;
@@ -14,3 +15,9 @@ pub mod oci;
 
 /// A real etcd server (Debian's etcd-server) on 127.0.0.1 for store tests.
 pub mod etcd;
+
+/// A real registry (Debian's docker-registry) on loopback, with its access log.
+pub mod registry;
+
+/// A rate-limiting TCP proxy, to slow a pull down.
+pub mod throttle;

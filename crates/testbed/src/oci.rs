@@ -77,6 +77,7 @@ pub struct ImageBuilder {
     wrong_size: Vec<(usize, u64)>,
     wrong_diff_id: Vec<usize>,
     media_types: Vec<(usize, String)>,
+    architecture: Option<String>,
 }
 
 impl Default for ImageBuilder {
@@ -150,7 +151,14 @@ impl ImageBuilder {
             wrong_size: Vec::new(),
             wrong_diff_id: Vec::new(),
             media_types: Vec::new(),
+            architecture: None,
         }
+    }
+
+    /// The architecture the config declares (default: the host's).
+    pub fn architecture(mut self, arch: &str) -> Self {
+        self.architecture = Some(arch.to_string());
+        self
     }
 
     /// Adds a layer with `/bin/busybox` (from the host's busybox-static),
@@ -280,7 +288,7 @@ impl ImageBuilder {
         }
         let mut config = json!({
             "created": "2023-11-14T22:13:20Z",
-            "architecture": arch(),
+            "architecture": self.architecture.as_deref().unwrap_or(arch()),
             "os": "linux",
             "config": {"Env": self.env},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -509,6 +517,22 @@ fn write_tar(path: &Path, files: &[(String, Vec<u8>)]) -> io::Result<()> {
         Entry::file(name, data.clone(), 0o644).append(&mut b)?;
     }
     fs::write(path, b.into_inner()?)
+}
+
+/// `len` bytes that no compressor shrinks, the same for the same `seed`
+/// (sha256 in counter mode), for layers that must be big on the wire.
+pub fn incompressible(len: usize, seed: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut counter = 0u64;
+    while out.len() < len {
+        let mut h = Sha256::new();
+        h.update(seed.as_bytes());
+        h.update(counter.to_le_bytes());
+        out.extend_from_slice(&h.finalize());
+        counter += 1;
+    }
+    out.truncate(len);
+    out
 }
 
 /// Where a layout keeps the blob `digest`.
