@@ -76,6 +76,10 @@ pub(crate) struct LayerMeta {
 pub struct LayerCache {
     root: PathBuf,
     uncompressed_limit: u64,
+    /// Token of the catalog owner writing through this handle; it names the
+    /// temporary entries and staging directories (`.tmp-o<token>-*`,
+    /// `.staging/o<token>-*`) so leftovers of a dead owner can be found.
+    owner: Option<String>,
 }
 
 impl LayerCache {
@@ -84,6 +88,7 @@ impl LayerCache {
         let cache = LayerCache {
             root: cache_dir.to_path_buf(),
             uncompressed_limit: DEFAULT_UNCOMPRESSED_LIMIT,
+            owner: None,
         };
         let staging = cache.staging_dir();
         fs::create_dir_all(&staging).map_err(|e| {
@@ -97,6 +102,29 @@ impl LayerCache {
     pub fn with_uncompressed_limit(mut self, bytes: u64) -> LayerCache {
         self.uncompressed_limit = bytes;
         self
+    }
+
+    /// Names this handle's temporary files after `token` (see
+    /// [`crate::cleanup`]).
+    pub fn with_owner(mut self, token: &str) -> LayerCache {
+        self.owner = Some(token.to_string());
+        self
+    }
+
+    /// The prefix of a temporary name of kind `kind` (`.tmp-`, `archive-`,
+    /// a ChainID prefix...) written through this handle.
+    pub(crate) fn temp_prefix(&self, kind: &str) -> String {
+        match &self.owner {
+            Some(token) if kind.starts_with('.') => format!("{kind}o{token}-"),
+            Some(token) => format!("o{token}-{kind}-"),
+            None if kind.starts_with('.') => kind.to_string(),
+            None => format!("{kind}-"),
+        }
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The largest uncompressed layer accepted, in bytes.
@@ -172,7 +200,7 @@ impl LayerCache {
         let converted = convert::convert(self, source, diff_id, &chain_id, blob)?;
         let layers = self.layers_dir();
         let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&self.temp_prefix(".tmp-"))
             .tempdir_in(&layers)
             .map_err(|e| {
                 ImageError::io(format!("create temporary entry in {}", layers.display()), e)

@@ -113,7 +113,7 @@ pub(crate) fn convert(
     })?;
     let staging_dir = cache.staging_dir();
     let staging = tempfile::Builder::new()
-        .prefix(&format!("{}-", &chain_id.hex()[..12]))
+        .prefix(&cache.temp_prefix(&chain_id.hex()[..12]))
         .tempdir_in(&staging_dir)
         .map_err(|e| {
             ImageError::io(

@@ -158,12 +158,75 @@ pub enum ImageError {
     #[error("image {reference}: {reason}")]
     BadRemoteImage { reference: String, reason: String },
 
+    /// The catalog's store failed.
+    #[error("image catalog {url}: {source}")]
+    Catalog {
+        url: String,
+        #[source]
+        source: podvisor_store::StoreError,
+    },
+
+    /// A catalog value cannot be read.
+    #[error("image catalog {url}: entry {key} is unreadable: {reason}")]
+    CatalogEntry {
+        url: String,
+        key: String,
+        reason: String,
+    },
+
+    /// `image rm` of a name the catalog does not have.
+    #[error("no image `{name}` in the catalog")]
+    NotInCatalog { name: String },
+
+    /// A pull kept losing its layers to concurrent GC.
+    #[error(
+        "{what}: layers were removed by garbage collection {attempts} times while being pulled; try again"
+    )]
+    Contention { what: String, attempts: usize },
+
+    /// The filesystem of the cache is full.
+    #[error(
+        "no space left on the filesystem of the cache {cache}: {cause}; free some space (e.g. `podvisor image gc`) and pull again"
+    )]
+    NoSpace { cache: PathBuf, cause: String },
+
     /// A cache entry exists but is unreadable or inconsistent.
     #[error("layer cache entry {path}: {reason}")]
     DamagedCacheEntry { path: PathBuf, reason: String },
 }
 
 impl ImageError {
+    /// Whether the error comes from a full filesystem (ENOSPC), however it
+    /// was reported (a write, a tar entry, mkfs.erofs' message).
+    pub fn is_no_space(&self) -> bool {
+        const TEXT: &str = "No space left on device";
+        let io_full =
+            |e: &io::Error| e.raw_os_error() == Some(libc::ENOSPC) || e.to_string().contains(TEXT);
+        match self {
+            ImageError::Io { source, .. } | ImageError::LayerStream { source, .. } => {
+                io_full(source)
+            }
+            ImageError::Mkfs { reason, .. } | ImageError::BadEntry { reason, .. } => {
+                reason.contains(TEXT)
+            }
+            ImageError::NoSpace { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Turns an out-of-space error into [`ImageError::NoSpace`] naming the
+    /// cache; other errors pass unchanged.
+    pub fn with_no_space_hint(self, cache: &std::path::Path) -> ImageError {
+        if self.is_no_space() && !matches!(self, ImageError::NoSpace { .. }) {
+            ImageError::NoSpace {
+                cache: cache.to_path_buf(),
+                cause: self.to_string(),
+            }
+        } else {
+            self
+        }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> ImageError {
         ImageError::Io {

@@ -56,7 +56,7 @@ pub fn import(
     source: &Path,
     select: Option<&str>,
 ) -> Result<Image, ImageError> {
-    let source = Source::open(source, &cache.staging_dir())?;
+    let source = Source::open(source, &cache.staging_dir(), &cache.temp_prefix("archive"))?;
     let resolved = resolve(&source, select)?;
     let config = runtime_config(&resolved);
 

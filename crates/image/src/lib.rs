@@ -9,20 +9,31 @@
 //! disks in a cache directory keyed by ChainID ([`LayerCache`]), so images
 //! sharing a layer prefix share the disks.
 //!
-//! Registry pulls, the cluster-wide catalog and leases build on
-//! [`LayerCache::prepare_layer`] / [`PreparedLayer::commit`], which take any
-//! `Read` of a layer blob.
+//! Registry pulls ([`pull::pull`], through [`Registry`] on oci-client) and
+//! imports into the catalog ([`pull::import_into`]) go through one pipeline
+//! that makes each layer once per cluster: the [`catalog`] on a
+//! `podvisor-store` (SQLite in the cache directory by default, etcd for a
+//! cluster) holds per-layer locks on leases, the entries that map images to
+//! layer disks, and the holds of running pods that [`gc`] respects.
+//! Leftovers of dead processes are removed by [`cleanup`].
 
+mod blob_source;
 mod cache;
+pub mod catalog;
+pub mod cleanup;
 mod convert;
 pub mod credentials;
 mod digest;
 mod erofs;
 mod error;
 mod fsops;
+pub mod gc;
 mod import;
 mod layout;
+mod materialize;
 mod platform;
+pub mod progress;
+pub mod pull;
 mod reference;
 mod registry;
 mod source;
@@ -32,6 +43,7 @@ pub use cache::{
     DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerBlob, LayerCache, LayerDisk, META_FILE,
     PreparedLayer,
 };
+pub use catalog::Catalog;
 pub use convert::Compression;
 pub use digest::{ChainId, Digest};
 pub use erofs::MKFS_EROFS;

@@ -45,7 +45,11 @@ enum Node {
 
 impl Source {
     /// Opens `path`; a compressed archive is decompressed into `scratch_dir`.
-    pub(crate) fn open(path: &Path, scratch_dir: &Path) -> Result<Source, ImageError> {
+    pub(crate) fn open(
+        path: &Path,
+        scratch_dir: &Path,
+        scratch_prefix: &str,
+    ) -> Result<Source, ImageError> {
         let bad = |reason: String| ImageError::BadSource {
             path: path.to_path_buf(),
             reason,
@@ -75,7 +79,7 @@ impl Source {
             None => (path.to_path_buf(), None),
             Some(mut decoder) => {
                 let mut scratch = tempfile::Builder::new()
-                    .prefix("archive-")
+                    .prefix(scratch_prefix)
                     .tempfile_in(scratch_dir)
                     .map_err(|e| {
                         ImageError::io(
