@@ -31,6 +31,7 @@ pub struct PullOptions {
 
 /// An image whose layer disks are in the cache, held from GC until
 /// [`Pulled::hold`] is released or dropped.
+#[derive(Debug)]
 pub struct Pulled {
     pub image: Image,
     /// The image index the reference named, if any.
@@ -235,7 +236,7 @@ async fn record(
     source: Arc<dyn crate::blob_source::BlobSource>,
     progress: Arc<dyn PullProgress>,
     what: &str,
-    manifest: &dyn Fn(&[LayerDisk]) -> ManifestEntry,
+    manifest: &(dyn Fn(&[LayerDisk]) -> ManifestEntry + Sync),
     reference: Option<&RefEntry>,
 ) -> Result<(Vec<LayerDisk>, LayerHold), ImageError> {
     let no_space = |e: ImageError| e.with_no_space_hint(cache.root());

@@ -258,14 +258,11 @@ impl Registry {
             .map_err(|e| self.error(reference, e))?;
         // oci-client checks the digest too and fails the stream's last read on
         // a mismatch; the layer cache's own check gives the clearer error, so
-        // its verdict is the one that counts.
+        // that error just ends the stream here.
         Ok(stream
             .stream
-            .filter_map(|item| async move {
-                match item {
-                    Err(e) if is_digest_verification(&e) => None,
-                    other => Some(other),
-                }
+            .take_while(|item| {
+                std::future::ready(!matches!(item, Err(e) if is_digest_verification(e)))
             })
             .boxed())
     }

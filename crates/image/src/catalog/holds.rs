@@ -19,6 +19,15 @@ pub struct LayerHold {
     released: bool,
 }
 
+impl std::fmt::Debug for LayerHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerHold")
+            .field("id", &self.id)
+            .field("layers", &self.keys.len())
+            .finish()
+    }
+}
+
 impl LayerHold {
     /// The id under which the hold's keys are stored.
     pub fn id(&self) -> &str {
