@@ -104,7 +104,7 @@ pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<D
         }
     };
     let node = match runtime {
-        RuntimeMode::Vm => host.node_config(),
+        RuntimeMode::Vm => host.node_config()?,
         RuntimeMode::AckWithoutVm => {
             podvisor_node::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg)
         }

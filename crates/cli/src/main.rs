@@ -2,6 +2,9 @@
 //! and handles the terminal; the work itself is done by the library crates.
 
 mod host;
+mod config;
+mod image;
+mod pull_view;
 mod kube;
 mod run;
 mod server_cmd;
@@ -34,14 +37,18 @@ struct Cli {
 /// Options about this host, shared by every subcommand.
 #[derive(clap::Args, Debug, Clone)]
 struct HostArgs {
-    /// Image cache directory (may be a shared filesystem).
-    #[arg(
-        long,
-        global = true,
-        env = "PODVISOR_CACHE_DIR",
-        default_value = "/var/lib/podvisor/cache"
-    )]
-    cache_dir: PathBuf,
+    /// Image cache directory, may be a shared filesystem (default: the
+    /// config file's `cache_dir`, else /var/lib/podvisor/cache).
+    #[arg(long, global = true, env = "PODVISOR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Image catalog: sqlite:PATH or etcd://HOST:PORT (default: the config
+    /// file's `catalog`, else sqlite:CACHE_DIR/catalog.db).
+    #[arg(long, global = true, env = "PODVISOR_CATALOG")]
+    catalog: Option<String>,
+    /// A registry (host:port) reached over plain HTTP; repeatable. Loopback
+    /// registries always are.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
     /// Directory for the runtime files of running pods.
     #[arg(
         long,
@@ -74,13 +81,16 @@ struct HostArgs {
 impl HostArgs {
     /// The node configuration these options describe. Tells the user once
     /// when podvisor falls back to software emulation.
-    fn node_config(&self) -> podvisor_node::NodeConfig {
+    fn node_config(&self) -> anyhow::Result<podvisor_node::NodeConfig> {
+        let settings = config::Settings::load(self)?;
         let choice = AccelChoice::resolve(self.accel);
         if self.accel.is_none() && choice.accel == Accel::Tcg {
             eprintln!("podvisor: {}", choice.reason);
         }
         let mut cfg = podvisor_node::NodeConfig::with_defaults(choice.accel);
-        cfg.cache_dir = self.cache_dir.clone();
+        cfg.cache_dir = settings.cache_dir;
+        cfg.catalog = Some(settings.catalog);
+        cfg.registry = settings.registry;
         cfg.run_dir = self.run_dir.clone();
         cfg.kernel = self.kernel.clone();
         cfg.agent = self.agent.clone();
@@ -88,7 +98,7 @@ impl HostArgs {
             cfg.boot_timeout = std::time::Duration::from_secs(secs);
         }
         cfg.extra_kernel_args = self.kernel_args.clone();
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -116,6 +126,10 @@ enum Command {
     /// Run a management server (SQLite) and a host daemon on this machine,
     /// in this process, and point the CLI config at it.
     Up(up::UpArgs),
+    /// Manage the global image cache (pull, ls, inspect, rm, gc, import).
+    Image(image::ImageArgs),
+    /// Save credentials for a registry in the docker config file.
+    Login(image::LoginArgs),
 }
 
 fn main() -> ExitCode {
@@ -148,6 +162,8 @@ fn main() -> ExitCode {
             Command::Exec(args) => kube::exec(args).await,
             Command::Host(args) => host::run(&cli.host, args).await,
             Command::Up(args) => up::run(&cli.host, args).await,
+            Command::Image(args) => image::run(&cli.host, args).await,
+            Command::Login(args) => image::login(&cli.host, args).await,
         }
     });
     // A reader blocked on stdin must not hold the process open.

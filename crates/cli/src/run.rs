@@ -2,9 +2,11 @@
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use podvisor_node::{ContainerOverrides, Outcome, PodIo, PodRequest};
+use podvisor_image::Platform;
+use podvisor_node::{ContainerOverrides, ImageSource, Outcome, PodIo, PodRequest};
 use tokio::sync::mpsc;
 
 use crate::HostArgs;
@@ -42,8 +44,12 @@ pub struct RunArgs {
     /// Print the time of each stage to stderr when done.
     #[arg(long)]
     timings: bool,
-    /// The image: an OCI layout directory or an image archive (docker save,
-    /// oci-archive), optionally followed by `:REF` to pick one of several.
+    /// Platform to pull from a multi-platform image (os/arch[/variant]).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: Platform,
+    /// The image: a registry reference (pulled unless cached), or an OCI
+    /// layout directory or image archive (docker save, oci-archive) that
+    /// exists, optionally followed by `:REF` to pick one of several.
     image: String,
     /// Command and arguments, replacing the image's Cmd.
     #[arg(last = true)]
@@ -72,26 +78,36 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
-/// Splits `IMAGE[:REF]` where IMAGE is a path that exists. A path that
-/// itself contains `:` is taken whole if it exists.
-fn image_source(arg: &str) -> anyhow::Result<(PathBuf, Option<String>)> {
+/// What `IMAGE` names: a path that exists (whole, or before a `:REF`
+/// suffix) is a layout or archive; anything else is a registry reference.
+fn image_source(arg: &str) -> anyhow::Result<ImageSource> {
     let whole = PathBuf::from(arg);
     if whole.exists() {
-        return Ok((whole, None));
+        return Ok(ImageSource::Path {
+            path: whole,
+            select: None,
+        });
     }
     if let Some((path, sel)) = arg.split_once(':') {
         let p = PathBuf::from(path);
         if p.exists() {
-            return Ok((p, Some(sel.to_string())));
+            return Ok(ImageSource::Path {
+                path: p,
+                select: Some(sel.to_string()),
+            });
         }
     }
-    bail!(
-        "image {arg:?} not found: give an OCI layout directory or an image archive (registry pulls are not supported yet)"
-    )
+    if arg.starts_with('/') || arg.starts_with("./") || arg.starts_with("../") {
+        bail!("image {arg:?} not found: no such OCI layout directory or image archive");
+    }
+    podvisor_image::ImageRef::parse(arg).with_context(|| {
+        format!("image {arg:?} is neither an existing path nor a valid image reference")
+    })?;
+    Ok(ImageSource::Reference(arg.to_string()))
 }
 
 pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
-    let (image, image_select) = image_source(&args.image)?;
+    let image = image_source(&args.image)?;
     let stdin_is_tty = terminal::is_terminal(std::io::stdin().as_fd());
     if args.tty && !stdin_is_tty {
         bail!("the input device is not a TTY: drop -t, or run from a terminal");
@@ -125,10 +141,10 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
         cpus: args.cpus,
         memory_mib: args.memory,
         image,
-        image_select,
         overrides,
     };
-    let cfg = host.node_config();
+    let mut cfg = host.node_config()?;
+    cfg.platform = args.platform;
 
     let (control_tx, control_rx) = mpsc::channel(16);
     terminal::forward_events(args.tty, control_tx).context("install signal handlers")?;
@@ -139,6 +155,7 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
             .interactive
             .then(|| Box::new(tokio::io::stdin()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
         control: control_rx,
+        pull_progress: Arc::new(crate::pull_view::PullView::new()),
     };
     let raw = if args.tty {
         Some(terminal::RawMode::enable().context("put the terminal in raw mode")?)

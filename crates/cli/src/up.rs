@@ -147,7 +147,7 @@ pub async fn run(host: &HostArgs, args: UpArgs) -> anyhow::Result<u8> {
         advertise: None,
         capacity,
         runtime: RuntimeMode::Vm,
-        host: HostConfig::new(host.node_config(), args.state_dir.join("host")),
+        host: HostConfig::new(host.node_config()?, args.state_dir.join("host")),
         heartbeat: Duration::from_secs(5),
     };
     let admin_token = server.admin_token_path().to_path_buf();

@@ -254,6 +254,8 @@ async fn record(
         let entry = manifest(&layers);
         if add_referrer(catalog, &entry.layers, &entry.digest).await? {
             catalog.put_image(&entry, reference).await?;
+            // A holder this process took over from left its work behind.
+            cleanup_quietly(cache, catalog).await;
             return Ok((layers, hold));
         }
         hold.release().await;

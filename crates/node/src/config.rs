@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use podvisor_image::{Platform, RegistryOptions};
 use podvisor_vmm::Accel;
 
 /// Settings of this host, shared by every pod it runs.
@@ -26,6 +27,12 @@ pub struct NodeConfig {
     pub stop_grace: Duration,
     /// Extra guest kernel arguments, appended to podvisor's own.
     pub extra_kernel_args: Vec<String>,
+    /// The image catalog's store URL; `None`: SQLite in the cache directory.
+    pub catalog: Option<String>,
+    /// How to reach registries (insecure ones, credentials file).
+    pub registry: RegistryOptions,
+    /// The platform pulled from multi-platform images.
+    pub platform: Platform,
 }
 
 /// Default cache directory.
@@ -57,6 +64,16 @@ impl NodeConfig {
             },
             stop_grace: Duration::from_secs(10),
             extra_kernel_args: vec![],
+            catalog: None,
+            registry: RegistryOptions::default(),
+            platform: Platform::default(),
         }
+    }
+
+    /// The image catalog's store URL.
+    pub fn catalog_url(&self) -> String {
+        self.catalog
+            .clone()
+            .unwrap_or_else(|| podvisor_image::Catalog::default_url(&self.cache_dir))
     }
 }

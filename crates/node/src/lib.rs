@@ -1,7 +1,9 @@
 //! The host side of podvisor: runs a pod as a VM and drives its agent.
 //!
-//! [`pod::run`] takes a pod request (image, resources, overrides), imports
-//! the image into layer disks ([`podvisor_image`]), prepares the guest boot
+//! [`pod::run`] takes a pod request (image, resources, overrides), gets the
+//! image's layer disks from the global cache, pulling or importing what is
+//! missing and holding them in the catalog while the pod runs
+//! ([`image_source`], [`podvisor_image`]), prepares the guest boot
 //! artifacts ([`podvisor_guest`]), launches the VM through the hypervisor
 //! trait ([`podvisor_vmm`]), and then talks to the agent over
 //! [`agent_link`]: it starts the container, relays stdio, signals and
@@ -13,12 +15,14 @@ pub mod config;
 pub mod container;
 pub mod daemon;
 pub mod host;
+pub mod image_source;
 pub mod pod;
 pub mod pod_vm;
 pub mod timings;
 
 pub use config::NodeConfig;
 pub use container::ContainerOverrides;
+pub use image_source::{ImageSource, PodImage, prepare_image};
 pub use pod::{Control, Outcome, PodIo, PodRequest, RunReport, run};
 pub use pod_vm::{PodVm, PodVmSpec};
 pub use timings::Timings;

@@ -1,10 +1,11 @@
 //! `podvisor run`: one pod VM with one container, attached to the user's
 //! stdio, from start to finish.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
-use podvisor_image::{Image, LayerCache};
+use podvisor_image::Image;
+use podvisor_image::progress::PullProgress;
 use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, LAYER_SERIAL_PREFIX, StartError, Stream,
     TerminalSize,
@@ -28,10 +29,8 @@ pub struct PodRequest {
     pub name: Option<String>,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// Image source: an OCI layout directory or an image archive.
-    pub image: PathBuf,
-    /// Which image of a multi-image source.
-    pub image_select: Option<String>,
+    /// The image: a registry reference or a local layout or archive.
+    pub image: crate::ImageSource,
     pub overrides: ContainerOverrides,
 }
 
@@ -53,6 +52,8 @@ pub struct PodIo {
     /// Forwarded to the container when it was started with stdin.
     pub stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
     pub control: mpsc::Receiver<Control>,
+    /// Told how a pull of the image goes.
+    pub pull_progress: Arc<dyn PullProgress>,
 }
 
 /// How the container ended.
@@ -80,14 +81,23 @@ impl RunReport {
     }
 }
 
-/// Runs a pod to completion: import the image, boot the VM, run the
-/// container, relay its stdio, shut the VM down and remove its files.
+/// Runs a pod to completion: get the image (pulling or importing it into
+/// the global cache, its layers held for the pod until it ends), boot the
+/// VM, run the container, relay its stdio, shut the VM down and remove its
+/// files.
 pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunReport, NodeError> {
     let t0 = Instant::now();
     let mut timings = Timings::default();
 
-    let cache = LayerCache::open(&cfg.cache_dir)?;
-    let image = podvisor_image::import(&cache, &req.image, req.image_select.as_deref())?;
+    let pod_id = new_pod_id();
+    let held = crate::prepare_image(
+        cfg,
+        &req.image,
+        io.pull_progress.clone(),
+        &format!("pod {pod_id}"),
+    )
+    .await?;
+    let image = &held.image;
     let process = process_spec(&image.config, &req.overrides)?;
     let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
         kernel: cfg.kernel.clone(),
@@ -95,7 +105,6 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         extra_modules: vec![],
         cache_dir: cfg.cache_dir.clone(),
     })?;
-    let pod_id = new_pod_id();
     let container = ContainerSpec {
         id: CONTAINER_ID.into(),
         hostname: req.name.clone().unwrap_or_else(|| pod_id.clone()),
@@ -109,7 +118,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         cpus: req.cpus,
         memory_mib: req.memory_mib,
         guest,
-        disks: layer_disks(&image),
+        disks: layer_disks(image),
         die_with_parent: true,
     };
     timings.prepare = t0.elapsed();
@@ -123,6 +132,8 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         Ok(_) => pod.shutdown(std::time::Duration::ZERO).await,
         Err(_) => pod.kill().await,
     }
+    held.hold.release().await;
+    held.catalog.close().await;
     let outcome = result?;
     timings.shutdown = ended_at.elapsed();
     timings.total = t0.elapsed();

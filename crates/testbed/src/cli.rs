@@ -103,6 +103,18 @@ pub struct CmdOutput {
 }
 
 impl PodvisorCommand {
+    /// `binary` with no options added (no cache or run directory), for
+    /// tests of how those are found.
+    pub fn bare(binary: impl AsRef<OsStr>) -> PodvisorCommand {
+        let mut cmd = Command::new(binary);
+        cmd.env_remove("PODVISOR_LOG");
+        PodvisorCommand {
+            cmd,
+            stdin: None,
+            timeout: Duration::from_secs(300),
+        }
+    }
+
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.cmd.arg(a);
         self

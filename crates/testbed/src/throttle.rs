@@ -6,7 +6,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running proxy; stops accepting when dropped (open connections end when
 /// either side closes).
@@ -58,8 +58,6 @@ impl Drop for ThrottledProxy {
 fn pipe(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>) {
     let chunk = rate.map_or(64 << 10, |r| (r / 20).clamp(512, 64 << 10) as usize);
     let mut buf = vec![0u8; chunk];
-    let start = Instant::now();
-    let mut sent: u64 = 0;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -68,12 +66,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>) {
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        sent += n as u64;
+        // Pace every chunk: an idle keep-alive connection earns no burst.
         if let Some(rate) = rate {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                thread::sleep(wait);
-            }
+            thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
         }
     }
     let _ = to.shutdown(Shutdown::Write);
