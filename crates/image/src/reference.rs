@@ -28,6 +28,9 @@ impl ImageRef {
             return Err(invalid("empty reference".into()));
         }
         let inner = Reference::try_from(value).map_err(|e| invalid(e.to_string()))?;
+        if inner.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid("repository name must be lowercase".into()));
+        }
         if let Some(d) = inner.digest() {
             Digest::parse(d)?;
         }
