@@ -13,8 +13,9 @@
 //! docker_config = "/root/.docker/config.json" # default: $DOCKER_CONFIG or ~/.docker
 //! ```
 //!
-//! Unknown keys are errors, so a typo is not silently ignored; later
-//! sections (e.g. a `[server]` table) are added to [`ConfigFile`].
+//! Unknown keys are errors, so a typo is not silently ignored; every
+//! section is a field of [`ConfigFile`] (`[server]` is described in
+//! `server_config`).
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,9 @@ pub struct ConfigFile {
     pub catalog: Option<String>,
     #[serde(default)]
     pub registry: RegistrySection,
+    /// `[server]`, for the kubectl-like commands (see `server_config`).
+    #[serde(default)]
+    pub server: crate::server_config::ServerSection,
 }
 
 /// `[registry]`.
@@ -165,6 +169,13 @@ mod tests {
         // The default catalog follows the cache directory in force.
         let s = Settings::resolve(&host(&["--cache-dir", "/flag"]), ConfigFile::default());
         assert_eq!(s.catalog, "sqlite:/flag/catalog.db");
+    }
+
+    #[test]
+    fn the_server_section_is_part_of_the_file() {
+        let f = file("cache_dir = \"/c\"\n[server]\nurl = \"http://127.0.0.1:7443\"\n");
+        assert_eq!(f.server.url.as_deref(), Some("http://127.0.0.1:7443"));
+        assert_eq!(f.cache_dir, Some(PathBuf::from("/c")));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 mod host;
 mod config;
 mod image;
-mod pull_view;
 mod kube;
+mod pull_view;
 mod run;
 mod server_cmd;
 mod server_config;
