@@ -1,8 +1,8 @@
 //! `podvisor`: the command-line interface. Parses arguments, formats output
 //! and handles the terminal; the work itself is done by the library crates.
 
-mod host;
 mod config;
+mod host;
 mod image;
 mod kube;
 mod pull_view;
