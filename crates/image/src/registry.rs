@@ -288,7 +288,15 @@ impl Registry {
             // A token service answered: the credentials are good.
             Ok(Some(_)) => return Ok(()),
             Ok(None) => {}
-            Err(e) => return Err(this.error(&probe, e)),
+            Err(e) => {
+                return Err(match this.error(&probe, e) {
+                    ImageError::Unauthorized { registry, .. } => ImageError::Unauthorized {
+                        registry,
+                        reason: "the token service rejected the user name or password".into(),
+                    },
+                    other => other,
+                });
+            }
         }
         // Basic auth (or none): ask the registry itself.
         let scheme = if options.plain_http(registry) {

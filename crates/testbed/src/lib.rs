@@ -21,3 +21,6 @@ pub mod registry;
 
 /// A rate-limiting TCP proxy, to slow a pull down.
 pub mod throttle;
+
+/// A bearer-token service for a registry with token auth.
+pub mod token_issuer;

@@ -25,6 +25,7 @@ pub struct Registry {
     dir: tempfile::TempDir,
     addr: String,
     auth: Option<(String, String)>,
+    tokens: Option<crate::token_issuer::TokenIssuer>,
     agent: ureq::Agent,
 }
 
@@ -41,22 +42,42 @@ pub struct AccessLogEntry {
 impl Registry {
     /// Starts an open registry.
     pub fn start() -> Registry {
-        Registry::launch(None)
+        Registry::launch(None, false)
     }
 
     /// Starts a registry that wants `user`/`password` (htpasswd, bcrypt).
     pub fn start_with_auth(user: &str, password: &str) -> Registry {
-        Registry::launch(Some((user.to_string(), password.to_string())))
+        Registry::launch(Some((user.to_string(), password.to_string())), false)
     }
 
-    fn launch(auth: Option<(String, String)>) -> Registry {
+    /// Starts a registry with bearer-token auth: clients get a token from a
+    /// token service ([`crate::token_issuer`]) with `user`/`password`.
+    pub fn start_with_token_auth(user: &str, password: &str) -> Registry {
+        Registry::launch(Some((user.to_string(), password.to_string())), true)
+    }
+
+    /// The token service of a registry with bearer-token auth.
+    pub fn token_issuer(&self) -> Option<&crate::token_issuer::TokenIssuer> {
+        self.tokens.as_ref()
+    }
+
+    fn launch(auth: Option<(String, String)>, token_auth: bool) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("podvisor-registry-")
             .tempdir()
             .expect("temp dir for the registry");
-        let auth_config = match &auth {
-            None => String::new(),
-            Some((user, password)) => {
+        let tokens = match (&auth, token_auth) {
+            (Some((user, password)), true) => Some(crate::token_issuer::TokenIssuer::start(
+                dir.path(),
+                user,
+                password,
+            )),
+            _ => None,
+        };
+        let auth_config = match (&auth, &tokens) {
+            (_, Some(tokens)) => tokens.registry_config(),
+            (None, None) => String::new(),
+            (Some((user, password)), None) => {
                 let out = Command::new("htpasswd")
                     .args(["-Bbn", user, password])
                     .output()
@@ -105,6 +126,7 @@ impl Registry {
                     dir,
                     addr,
                     auth,
+                    tokens,
                     agent,
                 };
             }
@@ -131,11 +153,16 @@ impl Registry {
 
     fn authorized(
         &self,
+        repo: &str,
         req: ureq::RequestBuilder<ureq::typestate::WithBody>,
     ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        match &self.auth {
-            None => req,
-            Some((u, p)) => req.header("Authorization", basic(u, p)),
+        match (&self.tokens, &self.auth) {
+            (Some(tokens), _) => req.header(
+                "Authorization",
+                format!("Bearer {}", tokens.mint(repo, "pull,push")),
+            ),
+            (None, None) => req,
+            (None, Some((u, p))) => req.header("Authorization", basic(u, p)),
         }
     }
 
@@ -148,7 +175,10 @@ impl Registry {
     fn push_raw_blob(&self, repo: &str, digest: &str, data: &[u8]) {
         let base = format!("http://{}", self.addr);
         let post = self
-            .authorized(self.agent.post(format!("{base}/v2/{repo}/blobs/uploads/")))
+            .authorized(
+                repo,
+                self.agent.post(format!("{base}/v2/{repo}/blobs/uploads/")),
+            )
             .send_empty()
             .expect("POST blob upload");
         assert_eq!(
@@ -170,7 +200,7 @@ impl Registry {
         };
         let sep = if url.contains('?') { '&' } else { '?' };
         let put = self
-            .authorized(self.agent.put(format!("{url}{sep}digest={digest}")))
+            .authorized(repo, self.agent.put(format!("{url}{sep}digest={digest}")))
             .header("Content-Type", "application/octet-stream")
             .send(data)
             .expect("PUT blob");
@@ -230,10 +260,13 @@ impl Registry {
     /// PUTs a manifest document as `repo:reference` (a tag or digest).
     pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, data: &[u8]) {
         let resp = self
-            .authorized(self.agent.put(format!(
-                "http://{}/v2/{repo}/manifests/{reference}",
-                self.addr
-            )))
+            .authorized(
+                repo,
+                self.agent.put(format!(
+                    "http://{}/v2/{repo}/manifests/{reference}",
+                    self.addr
+                )),
+            )
             .header("Content-Type", media_type)
             .send(data)
             .expect("PUT manifest");

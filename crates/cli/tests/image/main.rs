@@ -231,7 +231,7 @@ fn import_archive_into_the_catalog() {
 }
 
 #[test]
-fn login_and_basic_auth() {
+fn login_with_basic_and_bearer_token_auth() {
     let t = TestDir::new();
     no_config(&t);
     let registry = Registry::start_with_auth("alice", "wonderland");
@@ -273,6 +273,34 @@ fn login_and_basic_auth() {
         "{saved}"
     );
 
+    let out = podvisor(&t).args(["image", "pull", &reference]).success();
+    assert!(
+        out.stdout.contains(&built.manifest_digest),
+        "{}",
+        out.stdout
+    );
+
+    // A registry with bearer tokens from a token service.
+    let registry = Registry::start_with_token_auth("bob", "builder");
+    registry.push(&built, "private/app", "v1");
+    let reference = registry.reference("private/app", "v1");
+    let out = podvisor(&t).args(["image", "pull", &reference]).output();
+    assert_code(&out, 125);
+    assert!(out.stderr.contains("unauthorized"), "{}", out.stderr);
+    let login = |password: &str| {
+        podvisor(&t)
+            .args(["login", registry.addr(), "-u", "bob", "--password-stdin"])
+            .stdin(format!("{password}\n"))
+            .output()
+    };
+    let out = login("wrong");
+    assert_code(&out, 125);
+    assert!(
+        out.stderr.contains("rejected the user name or password"),
+        "{}",
+        out.stderr
+    );
+    assert_code(&login("builder"), 0);
     let out = podvisor(&t).args(["image", "pull", &reference]).success();
     assert!(
         out.stdout.contains(&built.manifest_digest),

@@ -294,3 +294,38 @@ async fn concurrent_pullers_fetch_each_blob_once() {
     }
     assert_eq!(env.disk_dirs().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_auth_with_and_without_credentials() {
+    let registry = Registry::start_with_token_auth("bob", "builder");
+    let built = two_layer_image("token").build().unwrap();
+    registry.push(&built, "private/app", "v1");
+    let issued_by_push = registry.token_issuer().unwrap().issued();
+    let env = Env::new().await;
+    let reference = registry.reference("private/app", "v1");
+
+    let before = env.snapshot().await;
+    let err = env.pull(&reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains("podvisor login"), "{err}");
+    assert_eq!(env.snapshot().await, before);
+
+    let creds = podvisor_image::credentials::Credentials {
+        username: "bob".into(),
+        password: "builder".into(),
+    };
+    podvisor_image::credentials::store(&env.docker_config(), registry.addr(), &creds).unwrap();
+    let pulled = env.pull(&reference).await.unwrap();
+    assert_eq!(
+        pulled.image.manifest_digest.to_string(),
+        built.manifest_digest
+    );
+    assert!(
+        registry.token_issuer().unwrap().issued() > issued_by_push,
+        "the pull got its token from the token service"
+    );
+    // The registry checked the token: its blob GETs succeeded.
+    for digest in &built.layer_digests {
+        assert_eq!(registry.blob_gets(digest), 1, "{digest}");
+    }
+}
