@@ -21,7 +21,8 @@ fi
 packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates
           protobuf-compiler libprotobuf-dev)
 if [ "$want_test" = 1 ]; then
-    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio)
+    # openssl signs the bearer tokens of the token-auth registry tests.
+    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl)
 fi
 missing=()
 for p in "${packages[@]}"; do

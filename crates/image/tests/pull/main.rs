@@ -329,3 +329,40 @@ async fn bearer_token_auth_with_and_without_credentials() {
         assert_eq!(registry.blob_gets(digest), 1, "{digest}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_committed_without_its_entry_is_adopted_not_fetched() {
+    let registry = Registry::start();
+    let built = two_layer_image("orphan").build().unwrap();
+    registry.push(&built, "app", "v1");
+    let env = Env::new().await;
+    // What a puller killed between renaming the disk into place and writing
+    // its catalog entry leaves behind.
+    let blob = podvisor_image::LayerBlob {
+        media_type: built.layers[0].media_type.clone(),
+        digest: podvisor_image::Digest::parse(&built.layer_digests[0]).unwrap(),
+        size: built.layers[0].data.len() as u64,
+    };
+    let diff_id = podvisor_image::Digest::parse(&built.diff_ids[0]).unwrap();
+    env.cache
+        .add_layer(&blob, &diff_id, None, &built.layers[0].data[..])
+        .unwrap();
+    assert!(env.catalog.layers().await.unwrap().is_empty());
+
+    env.pull(&registry.reference("app", "v1")).await.unwrap();
+    assert_eq!(
+        registry.blob_gets(&built.layer_digests[0]),
+        0,
+        "the orphan disk is adopted"
+    );
+    assert_eq!(registry.blob_gets(&built.layer_digests[1]), 1);
+    let chains: Vec<String> = env
+        .catalog
+        .layers()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.chain_id.to_string())
+        .collect();
+    assert!(chains.contains(&built.chain_ids[0]), "{chains:?}");
+}
