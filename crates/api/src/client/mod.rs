@@ -132,9 +132,15 @@ impl Client {
                     return Err(error_from_response(name, &url, resp).await);
                 }
                 Err(source) => {
-                    // Only a connection that was never made is safe to try
-                    // elsewhere (the request did not reach the server).
-                    let retry = source.is_connect();
+                    // A connection that was never made is safe to try
+                    // elsewhere (the request did not reach the server); a
+                    // broken one (the replica died mid-request) only for
+                    // requests that may be repeated.
+                    let idempotent = method != reqwest::Method::POST;
+                    let retry = source.is_connect()
+                        || (idempotent
+                            && (source.is_request() || source.is_body())
+                            && !source.is_timeout());
                     let err = ClientError::Http {
                         method: name,
                         url: url.to_string(),

@@ -34,13 +34,13 @@ impl ServerConn {
     /// A client for the server these options (or the config file) name.
     pub fn client(&self) -> anyhow::Result<Client> {
         let file = crate::server_config::ServerSection::load()?;
-        let url = self
-            .url
-            .clone()
+        // An empty flag or variable counts as not given.
+        let given = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        let url = given(&self.url)
             .or(file.url)
             .unwrap_or_else(|| DEFAULT_SERVER.to_string());
-        let token = match &self.token {
-            Some(t) => Some(t.clone()),
+        let token = match given(&self.token) {
+            Some(t) => Some(t),
             None => match (file.token, file.token_file) {
                 (Some(t), _) => Some(t),
                 (None, Some(path)) => Some(
