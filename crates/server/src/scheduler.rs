@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use podvisor_api::quantity::format_bytes;
 use podvisor_api::{Host, Pod, PodPhase, PodStatus, Quantity, Resources};
 use podvisor_store::Store;
@@ -149,12 +150,16 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
     });
     let mut names: Vec<String> = rooms.keys().cloned().collect();
     names.sort();
+    // Decide every placement first (reserving room as we go), then write
+    // them concurrently: the writes are to different keys, and a store
+    // round trip per pod in series would bound throughput.
+    let mut writes = Vec::new();
     for pod in pending {
         let key = keys::pod(pod.metadata.namespace(), &pod.metadata.name);
         let size = match pod.spec.vm_size() {
             Ok(size) => size,
             Err(e) => {
-                mark_unschedulable(store, &key, &pod, e.to_string()).await?;
+                writes.push(unschedulable(key, &pod, e.to_string()));
                 continue;
             }
         };
@@ -171,15 +176,12 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 if bound.status.reason.as_deref() == Some(UNSCHEDULABLE) {
                     bound.status = PodStatus::default();
                 }
-                if let Some(done) =
-                    objects::update_if(store, &key, &bound, pod.metadata.revision()).await?
-                {
-                    written = written.max(done.metadata.revision());
-                    tracing::debug!(pod = key, host, "scheduled");
-                    let room = rooms.get_mut(&host).expect("chosen host is known");
-                    room.used.cpu += size.cpu;
-                    room.used.memory += size.memory;
-                }
+                // Reserved even if the write then fails (the pod changed
+                // meanwhile): the next pass counts from the cache again.
+                let room = rooms.get_mut(&host).expect("chosen host is known");
+                room.used.cpu += size.cpu;
+                room.used.memory += size.memory;
+                writes.push(Some((key, bound, pod.metadata.revision())));
             }
             None => {
                 let reasons: Vec<String> = names
@@ -196,25 +198,34 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                         reasons.join("; ")
                     )
                 };
-                mark_unschedulable(store, &key, &pod, message).await?;
+                writes.push(unschedulable(key, &pod, message));
             }
+        }
+    }
+    let mut results =
+        futures_util::stream::iter(writes.into_iter().flatten())
+            .map(|(key, pod, expected)| async move {
+                objects::update_if(store, &key, &pod, expected).await
+            })
+            .buffer_unordered(CONCURRENT_WRITES);
+    while let Some(result) = results.next().await {
+        if let Some(done) = result? {
+            written = written.max(done.metadata.revision());
         }
     }
     Ok(written)
 }
 
-/// Sets the pod's status to Pending/Unschedulable with `message`, unless it
-/// says that already.
-async fn mark_unschedulable(
-    store: &dyn Store,
-    key: &str,
-    pod: &Pod,
-    message: String,
-) -> Result<(), ApiError> {
+/// Store writes a pass keeps in flight at once.
+const CONCURRENT_WRITES: usize = 32;
+
+/// The write that marks `pod` Pending/Unschedulable with `message`, unless
+/// it says that already.
+fn unschedulable(key: String, pod: &Pod, message: String) -> Option<(String, Pod, i64)> {
     if pod.status.reason.as_deref() == Some(UNSCHEDULABLE)
         && pod.status.message.as_deref() == Some(&message)
     {
-        return Ok(());
+        return None;
     }
     let mut marked = pod.clone();
     marked.status = PodStatus {
@@ -223,6 +234,5 @@ async fn mark_unschedulable(
         message: Some(message),
         ..Default::default()
     };
-    objects::update_if(store, key, &marked, pod.metadata.revision()).await?;
-    Ok(())
+    Some((key, marked, pod.metadata.revision()))
 }
