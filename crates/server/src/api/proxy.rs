@@ -209,3 +209,167 @@ async fn pump(client: WebSocket, upstream: Upstream) {
         _ = to_host => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The proxy against a stand-in host daemon endpoint (the real one is
+    //! exercised end to end by the CLI's control-plane tests).
+
+    use axum::Router;
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::routing::get;
+    use futures_util::StreamExt;
+    use podvisor_api::client::{ExecOptions, ExecOutput};
+    use podvisor_api::{Client, Container, Host, HostCapacity, LogOptions, Pod};
+
+    use crate::{Role, ServerConfig};
+
+    async fn fake_host() -> String {
+        let app = Router::new()
+            .route(
+                "/pods/default/web/log",
+                get(
+                    |axum::extract::RawQuery(q): axum::extract::RawQuery| async move {
+                        format!("query={}\nline 1\nline 2\n", q.unwrap_or_default())
+                    },
+                ),
+            )
+            .route(
+                "/pods/default/web/exec",
+                get(|ws: WebSocketUpgrade| async move {
+                    ws.on_upgrade(|mut socket| async move {
+                        // Echo stdin to stdout; on close of stdin, exit 7.
+                        while let Some(Ok(Message::Binary(frame))) = socket.next().await {
+                            match frame.first() {
+                                Some(0) => {
+                                    let mut out = frame.to_vec();
+                                    out[0] = 1;
+                                    let _ = socket.send(Message::Binary(out.into())).await;
+                                }
+                                Some(255) => {
+                                    let mut status = vec![3u8];
+                                    status.extend_from_slice(br#"{"exitCode":7}"#);
+                                    let _ = socket.send(Message::Binary(status.into())).await;
+                                    let _ = socket.send(Message::Close(None)).await;
+                                    return;
+                                }
+                                _ => {}
+                            }
+                        }
+                    })
+                }),
+            )
+            .route(
+                "/pods/default/gone/exec",
+                get(|| async {
+                    (
+                        axum::http::StatusCode::NOT_FOUND,
+                        axum::Json(podvisor_api::Status::new(
+                            404,
+                            "NotFound",
+                            "no container \"x\" in pod default/gone",
+                        )),
+                    )
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn pinned(name: &str) -> Pod {
+        let mut pod = Pod::new(
+            name,
+            vec![Container {
+                name: "main".into(),
+                image: "busybox".into(),
+                ..Default::default()
+            }],
+        );
+        pod.spec.node_name = Some("h1".into());
+        pod
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logs_and_exec_reach_the_pods_host() {
+        let address = fake_host().await;
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::start(ServerConfig::new("127.0.0.1:0", dir.path()))
+            .await
+            .unwrap();
+        let host_token = crate::create_token(dir.path(), None, Role::Host, "h1")
+            .await
+            .unwrap();
+        let user_token = crate::create_token(dir.path(), None, Role::User, "u")
+            .await
+            .unwrap();
+        let host = Client::new(&server.url(), Some(&host_token)).unwrap();
+        host.register_host(&Host::new(
+            "h1",
+            HostCapacity {
+                cpu: 1000,
+                memory: 1 << 30,
+            },
+            &address,
+        ))
+        .await
+        .unwrap();
+        let user = Client::new(&server.url(), Some(&user_token)).unwrap();
+        user.create_pod(&pinned("web")).await.unwrap();
+        user.create_pod(&pinned("gone")).await.unwrap();
+
+        // Logs: the query is passed on, the body streamed back.
+        let options = LogOptions {
+            container: Some("main".into()),
+            follow: true,
+            tail_lines: Some(5),
+        };
+        let mut log = Vec::new();
+        let mut stream = user.logs("default", "web", &options).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            log.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(
+            String::from_utf8(log).unwrap(),
+            "query=container=main&follow=true&tailLines=5\nline 1\nline 2\n"
+        );
+
+        // Exec: frames both ways, end of stdin, exit status.
+        let options = ExecOptions {
+            command: vec!["cat".into()],
+            stdin: true,
+            ..Default::default()
+        };
+        let mut session = user.exec("default", "web", &options).await.unwrap();
+        session.sender.stdin(b"hello").await.unwrap();
+        assert_eq!(
+            session.receiver.next().await.unwrap().unwrap(),
+            ExecOutput::Stdout(bytes::Bytes::from_static(b"hello"))
+        );
+        session.sender.close_stdin().await.unwrap();
+        match session.receiver.next().await.unwrap().unwrap() {
+            ExecOutput::Exit(status) => assert_eq!(status.exit_code, 7),
+            other => panic!("expected the exit status, got {other:?}"),
+        }
+
+        // The host's refusal reaches the client as it was given.
+        let err = match user.exec("default", "gone", &options).await {
+            Err(e) => e,
+            Ok(_) => panic!("exec in a pod the host refuses succeeded"),
+        };
+        assert_eq!(err.code(), Some(404), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no container \"x\" in pod default/gone"),
+            "{err}"
+        );
+
+        // Host tokens may not exec or read logs.
+        let err = match host.exec("default", "web", &options).await {
+            Err(e) => e,
+            Ok(_) => panic!("a host token could exec"),
+        };
+        assert_eq!(err.code(), Some(403), "{err}");
+    }
+}

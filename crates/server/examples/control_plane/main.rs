@@ -5,8 +5,15 @@
 //! the time until all pods are Running and the latency from apply to the
 //! host seeing its pod.
 //!
+//! With `--podvisor PATH` the server and the hosts are real processes:
+//! `podvisor server` and H × `podvisor host --runtime ack-without-vm`, and
+//! "the host sees its pod" is the `status.startTime` the daemon stamps when
+//! its pod feed delivers the pod. Without it, the server runs in this
+//! process and the hosts are played here through `podvisor_api::Client`.
+//!
 //! cargo run --release -p podvisor-server --example control_plane -- \
 //!     [--pods 1000] [--hosts 20] [--concurrency 16] [--store sqlite|etcd|both]
+//!     [--podvisor target/release/podvisor]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,11 +27,14 @@ use podvisor_api::{
 use podvisor_server::{Role, ServerConfig};
 use podvisor_testbed::etcd::EtcdServer;
 
+mod daemons;
+
 struct Options {
     pods: usize,
     hosts: usize,
     concurrency: usize,
     stores: Vec<String>,
+    podvisor: Option<String>,
 }
 
 fn options() -> Options {
@@ -33,6 +43,7 @@ fn options() -> Options {
         hosts: 20,
         concurrency: 16,
         stores: vec!["sqlite".into(), "etcd".into()],
+        podvisor: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -43,6 +54,7 @@ fn options() -> Options {
             "--concurrency" => o.concurrency = value.parse().expect("--concurrency N"),
             "--store" if value == "both" => {}
             "--store" => o.stores = vec![value.to_string()],
+            "--podvisor" => o.podvisor = Some(value.to_string()),
             other => panic!("unknown option {other}"),
         }
     }
@@ -52,6 +64,9 @@ fn options() -> Options {
 /// What one run measured.
 struct Report {
     store: String,
+    /// Baseline: the same number of creates straight into the store, as
+    /// many at once as the appliers.
+    store_creates: Duration,
     all_running: Duration,
     applied: Duration,
     latencies: Vec<Duration>,
@@ -68,21 +83,35 @@ fn main() {
             .build()
             .unwrap();
         let url = etcd.as_ref().map(|e| e.url());
-        reports.push(rt.block_on(run(store, url, &o)));
+        let baseline = rt.block_on(store_creates(url.clone(), &o));
+        let mut report = match &o.podvisor {
+            Some(bin) => rt.block_on(daemons::run(bin, store, url, &o)),
+            None => rt.block_on(run(store, url, &o)),
+        };
+        report.store_creates = baseline;
+        reports.push(report);
     }
+    let hosts = match o.podvisor {
+        Some(_) => "`podvisor host --runtime ack-without-vm` processes",
+        None => "hosts played through the API client",
+    };
     println!(
-        "\n{} pods, {} hosts (acknowledging without VMs), {} concurrent appliers\n",
+        "\n{} pods, {} {hosts}, {} concurrent appliers\n",
         o.pods, o.hosts, o.concurrency
     );
-    println!("| store | all applied | all Running | pods/s | apply→host sees p50 | p99 | max |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| store | baseline: {} creates in the store | all applied | all Running | pods/s | apply→host sees p50 | p99 | max |",
+        o.pods
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for r in reports {
         let mut l = r.latencies.clone();
         l.sort();
         let pct = |p: f64| l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1];
         println!(
-            "| {} | {:.2} s | {:.2} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            "| {} | {:.2} s | {:.2} s | {:.2} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms |",
             r.store,
+            r.store_creates.as_secs_f64(),
             r.applied.as_secs_f64(),
             r.all_running.as_secs_f64(),
             o.pods as f64 / r.all_running.as_secs_f64(),
@@ -91,6 +120,39 @@ fn main() {
             l.last().unwrap().as_secs_f64() * 1000.0,
         );
     }
+}
+
+/// The floor: as many creates of a pod-sized value straight into the store
+/// (a fresh SQLite file, or a separate prefix of the same etcd), with the
+/// same concurrency as the appliers.
+async fn store_creates(etcd_url: Option<String>, o: &Options) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match etcd_url {
+        Some(u) => format!("{u}?prefix=/baseline/"),
+        None => format!("sqlite:{}", dir.path().join("baseline.db").display()),
+    };
+    let store = podvisor_store::open(&url).await.unwrap();
+    let value = serde_json::to_vec(&pod("pod-0000")).unwrap();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..o.concurrency {
+        let (store, next, value, total) = (store.clone(), next.clone(), value.clone(), o.pods);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let key = format!("/registry/pods/default/pod-{i:04}");
+                store.create(&key, &value, None).await.unwrap().unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    start.elapsed()
 }
 
 fn pod(name: &str) -> Pod {
@@ -220,6 +282,7 @@ async fn run(store: &str, store_url: Option<String>, o: &Options) -> Report {
     drop(server);
     Report {
         store: store.to_string(),
+        store_creates: Duration::ZERO,
         all_running: finished.duration_since(start),
         applied,
         latencies,
