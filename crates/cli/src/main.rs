@@ -153,7 +153,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&cli.host, args).await,
-            Command::Server(args) => server_cmd::run(args).await,
+            Command::Server(args) => server_cmd::run(&cli.host, args).await,
             Command::Apply(args) => kube::apply(args).await,
             Command::Get(args) => kube::get(args).await,
             Command::Describe(args) => kube::describe(args).await,

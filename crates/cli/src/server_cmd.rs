@@ -74,10 +74,10 @@ struct TokenCreateArgs {
     state: StateArgs,
 }
 
-pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
+pub async fn run(host: &crate::HostArgs, args: ServerArgs) -> anyhow::Result<u8> {
     match args.command {
-        None => serve(args.run).await,
-        Some(ServerCommand::Run(run)) => serve(run).await,
+        None => serve(host, args.run).await,
+        Some(ServerCommand::Run(run)) => serve(host, run).await,
         Some(ServerCommand::Init(state)) => {
             let outcome = podvisor_server::init(&state.state_dir, state.store.as_deref())
                 .await
@@ -118,8 +118,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
     }
 }
 
-async fn serve(args: RunArgs) -> anyhow::Result<u8> {
+async fn serve(host: &crate::HostArgs, args: RunArgs) -> anyhow::Result<u8> {
     let mut config = ServerConfig::new(&args.listen, &args.state.state_dir);
+    // The image catalog served at /api/v1/images: --catalog, the config
+    // file's catalog, or the one in the cache directory.
+    config.catalog_url = Some(crate::config::Settings::load(host)?.catalog);
     config.store_url = args.state.store.clone();
     config.host_ttl = Duration::from_secs(args.host_ttl.max(1));
     let server = podvisor_server::start(config)

@@ -115,6 +115,7 @@ pub async fn run(host: &HostArgs, args: UpArgs) -> anyhow::Result<u8> {
     let server_dir = args.state_dir.join("server");
     let mut config = ServerConfig::new(&args.listen.to_string(), &server_dir);
     config.host_ttl = Duration::from_secs(15);
+    config.catalog_url = Some(crate::config::Settings::load(host)?.catalog);
     let server = podvisor_server::start(config).await.with_context(|| {
         format!(
             "start the server on {} (is another `podvisor up` or server running?)",

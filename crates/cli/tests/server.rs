@@ -17,6 +17,7 @@ use podvisor_api::{
 };
 use podvisor_testbed::cli::{PodvisorCommand, TestDir};
 use podvisor_testbed::etcd::EtcdServer;
+use podvisor_testbed::oci::ImageBuilder;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podvisor");
 const GI: u64 = 1 << 30;
@@ -49,20 +50,25 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(state_dir: &Path, store: Option<&str>) -> ServerProcess {
+        ServerProcess::start_with(state_dir, store, &[])
+    }
+
+    fn start_with(state_dir: &Path, store: Option<&str>, extra: &[&str]) -> ServerProcess {
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--host-ttl",
-            "2",
-            "--state-dir",
-        ])
-        .arg(state_dir)
-        .env("PODVISOR_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(extra)
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--host-ttl",
+                "2",
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .env("PODVISOR_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         if let Some(store) = store {
             cmd.args(["--store", store]);
         }
@@ -240,7 +246,19 @@ fn kubectl_like_commands_against_a_server_process() {
 
     let user = token_create(&t, &state, None, "--user", "alice");
     let host_token = token_create(&t, &state, None, "--host", "h1");
-    let server = ServerProcess::start(&state, None);
+    // An image in the cache the server's catalog describes.
+    let archive = t.path().join("app.tar");
+    let built = ImageBuilder::new()
+        .busybox_layer()
+        .tag("myapp:1.0")
+        .write_oci_archive(&archive)
+        .unwrap();
+    podvisor(&t)
+        .args(["image", "import"])
+        .arg(&archive)
+        .success();
+    let cache = t.cache_dir().display().to_string();
+    let server = ServerProcess::start_with(&state, None, &["--cache-dir", &cache]);
     let (h1, _beats) = host_daemon(&server.url, &host_token, "h1", 4000, 4 * GI);
     let kube = |args: &[&str]| {
         podvisor(&t)
@@ -287,6 +305,16 @@ fn kubectl_like_commands_against_a_server_process() {
     let out = kube(&["get", "hosts"]).success();
     let h = cols(out.stdout.lines().nth(1).unwrap());
     assert_eq!(&h[..4], ["h1", "Ready", "4", "4Gi"]);
+    let out = kube(&["get", "images"]).success();
+    let image = cols(out.stdout.lines().nth(1).unwrap());
+    assert_eq!(image[0], "docker.io/library/myapp:1.0", "{}", out.stdout);
+    assert!(
+        built.manifest_digest.starts_with(&image[1]),
+        "{} vs {}",
+        image[1],
+        built.manifest_digest
+    );
+    assert_eq!(image[2], "1", "one layer");
     let out = kube(&["describe", "pod", "web"]).success();
     for expected in [
         "Node:           h1",

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub leader_ttl: Duration,
     /// Pod changes kept for watches that resume.
     pub watch_history: usize,
+    /// The global image cache's catalog (`sqlite:CACHE_DIR/catalog.db` or
+    /// an etcd URL), served at `/api/v1/images`; `None`: not served.
+    pub catalog_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             host_ttl: Duration::from_secs(15),
             leader_ttl: Duration::from_secs(5),
             watch_history: 20_000,
+            catalog_url: None,
         }
     }
 
@@ -217,6 +221,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tokens: tokens::TokenCheck::default(),
         http,
         host_ttl: config.host_ttl,
+        images: api::ImageCatalog::new(config.catalog_url.clone()),
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

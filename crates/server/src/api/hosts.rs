@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use podvisor_api::{Format, Host, HostList, HostStatus, ImageList, Status, validate_host};
+use podvisor_api::{Format, Host, HostList, HostStatus, Status, validate_host};
 use podvisor_store::{Store, StoreError};
 
 use super::AppState;
@@ -177,21 +177,4 @@ pub async fn heartbeat(
     .await?
     .map(Json)
     .ok_or_else(|| ApiError::not_found(format!("host {name:?} is not registered")))
-}
-
-/// The image catalog of the global cache.
-#[utoipa::path(get, path = "/api/v1/images", tag = "images",
-    security(("bearer" = [])),
-    responses(
-        (status = 200, body = ImageList),
-        (status = 501, description = "This server has no image catalog", body = Status)))]
-pub async fn images(
-    State(_state): State<AppState>,
-    _caller: Caller,
-) -> Result<Json<ImageList>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "NotImplemented",
-        "the image catalog is not served by this server yet",
-    ))
 }

@@ -3,6 +3,7 @@
 //! and the OpenAPI document.
 
 mod hosts;
+mod images;
 mod pods;
 mod proxy;
 mod watch;
@@ -15,6 +16,8 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::routing::MethodRouter;
 use podvisor_store::Store;
 use utoipa::OpenApi;
+
+pub use images::ImageCatalog;
 
 use crate::error::ApiError;
 use crate::pod_cache::PodCache;
@@ -30,6 +33,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// TTL of a host's heartbeat lease.
     pub host_ttl: Duration,
+    /// The image catalog, if this server has one.
+    pub images: ImageCatalog,
 }
 
 /// One route: method, path (axum syntax, `{param}`), handler.
@@ -103,7 +108,7 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/hosts/{name}/heartbeat",
             put(hosts::heartbeat),
         ),
-        route(Method::GET, "/api/v1/images", get(hosts::images)),
+        route(Method::GET, "/api/v1/images", get(images::list)),
     ]
 }
 
@@ -170,7 +175,7 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         hosts::register,
         hosts::get_one,
         hosts::heartbeat,
-        hosts::images,
+        images::list,
     ),
     components(schemas(podvisor_api::Status, podvisor_api::WatchEvent, podvisor_api::EventType)),
     modifiers(&BearerAuth),
