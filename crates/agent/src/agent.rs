@@ -170,6 +170,19 @@ impl<L: Launcher> Agent<L> {
                     .collect();
                 self.outbox.push_back(GuestMessage::Processes { processes });
             }
+            HostMessage::Identity(identity) => {
+                let pids: Vec<i32> = self
+                    .containers
+                    .values()
+                    .filter(|c| c.exit.is_none())
+                    .map(|c| c.pid)
+                    .collect();
+                let errors = self.launcher.apply_identity(&identity, &pids);
+                for e in &errors {
+                    crate::log!("clone identity: {e}");
+                }
+                self.outbox.push_back(GuestMessage::IdentitySet { errors });
+            }
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use podvisor_proto::{
-    ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, StartError,
-    StartErrorKind, Stream,
+    CloneIdentity, ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec,
+    StartError, StartErrorKind, Stream,
 };
 
 use super::*;
@@ -30,6 +30,10 @@ struct FakeLauncher {
     cleaned: Vec<String>,
     /// (exec id, init pid of the container it entered).
     execs: Vec<(String, i32)>,
+    /// Identities applied, with the container pids they were given.
+    identities: Vec<(CloneIdentity, Vec<i32>)>,
+    /// What `apply_identity` reports as failed.
+    identity_errors: Vec<String>,
 }
 
 fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
@@ -86,6 +90,11 @@ impl Launcher for FakeLauncher {
 
     fn cleanup(&mut self, id: &str) {
         self.cleaned.push(id.to_string());
+    }
+
+    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
+        self.identities.push((identity.clone(), pids.to_vec()));
+        self.identity_errors.clone()
     }
 }
 
@@ -540,6 +549,43 @@ fn exec_is_refused_without_a_running_container_or_with_a_taken_id() {
                 kind: StartErrorKind::InvalidSpec,
                 message: "no running container \"web\"".into()
             }
+        }]
+    );
+}
+
+#[test]
+fn identity_reaches_running_containers_and_is_answered() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::StartContainer(spec("warm", &["sh"], false)),
+        now,
+    );
+    agent.handle(
+        HostMessage::StartContainer(spec("done", &["sh"], false)),
+        now,
+    );
+    outbox(&mut agent);
+    // "done" has exited but its output is not drained yet: not running.
+    agent.reaped(exited(200, 0));
+    let identity = CloneIdentity {
+        hostname: "clone-7".into(),
+        unix_time_ns: 5,
+        entropy: vec![1; 32],
+    };
+    agent.handle(HostMessage::Identity(identity.clone()), now);
+    assert_eq!(agent.launcher.identities, [(identity.clone(), vec![100])]);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::IdentitySet { errors: vec![] }]
+    );
+
+    agent.launcher.identity_errors = vec!["setting the clock: EPERM".into()];
+    agent.handle(HostMessage::Identity(identity), now);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::IdentitySet {
+            errors: vec!["setting the clock: EPERM".into()]
         }]
     );
 }

@@ -7,7 +7,9 @@
 //! each container's layer disks (EROFS) under an overlay with a tmpfs upper,
 //! starts the container's process in new mount/PID/UTS/IPC namespaces with
 //! `pivot_root`, streams its output, reports its exit, reaps every zombie,
-//! and on `Shutdown` stops what is left and powers the VM off.
+//! and on `Shutdown` stops what is left and powers the VM off. In a VM
+//! restored from a template it takes on the clone's own identity
+//! ([`identity`]: RNG reseed, clock, hostname) when the host asks.
 //!
 //! The contract with the host is in `docs/ARCHITECTURE.md` ("Host ↔ guest
 //! contract", "Container inside the guest"); the messages are
@@ -21,6 +23,7 @@ pub mod child;
 pub mod disks;
 pub mod event_loop;
 pub mod exec;
+pub mod identity;
 pub mod modules;
 pub mod mounts;
 pub mod path_lookup;

@@ -19,8 +19,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::Mode;
 use podvisor_proto::{AGENT_PORT_NAME, FrameDecoder, GuestMessage, HostMessage, ProtoError};
 
-/// How often a disconnected port is checked for a new host connection.
-pub const RECONNECT_PROBE: Duration = Duration::from_millis(100);
+/// How often a disconnected port is checked for a new host connection. A
+/// VM restored from a template resumes disconnected and waits this long at
+/// most for its new host, so it is short; a probe is one `poll(2)`.
+pub const RECONNECT_PROBE: Duration = Duration::from_millis(10);
 
 /// How long to wait at boot for the port device to appear.
 pub const PORT_WAIT: Duration = Duration::from_secs(10);

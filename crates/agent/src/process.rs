@@ -15,7 +15,8 @@ use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid, Uid};
 use podvisor_proto::{
-    ContainerSpec, ExecSpec, ExitStatus, ProcessSpec, StartError, StartErrorKind, TerminalSize,
+    CloneIdentity, ContainerSpec, ExecSpec, ExitStatus, ProcessSpec, StartError, StartErrorKind,
+    TerminalSize,
 };
 
 use crate::child::{self, ChildPlan, ChildPlanParts, FAILURE_LEN, Failure, Stdio, Step};
@@ -55,6 +56,9 @@ pub trait Launcher {
     /// Starts an exec process in the namespaces of the running container
     /// whose init is `init_pid`.
     fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
+    /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
+    /// the inits of the running containers. Returns the steps that failed.
+    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
 }
 
 pub(crate) fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
@@ -109,6 +113,10 @@ impl Launcher for LinuxLauncher {
 
     fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
         crate::exec::launch(spec, init_pid, &ContainerDirs::new(&spec.container))
+    }
+
+    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
+        crate::identity::apply(&LinuxSyscall, identity, pids)
     }
 }
 

@@ -54,6 +54,31 @@ pub trait Syscall {
     fn setresuid(&self, uid: Uid) -> Result<(), Errno>;
     /// `setns(2)`: joins the namespace `fd` refers to, of kind `nstype`.
     fn setns(&self, fd: RawFd, nstype: CloneFlags) -> Result<(), Errno>;
+    /// Mixes `bytes` into the kernel's input pool, crediting them as
+    /// entropy (`ioctl(RNDADDENTROPY)` on `/dev/urandom`). Allocates; not
+    /// for the container child.
+    fn add_entropy(&self, bytes: &[u8]) -> Result<(), Errno>;
+    /// Reseeds the kernel's CRNG from the input pool now
+    /// (`ioctl(RNDRESEEDCRNG)`).
+    fn reseed_crng(&self) -> Result<(), Errno>;
+    /// `clock_settime(CLOCK_REALTIME)` to nanoseconds since the epoch.
+    fn set_realtime(&self, unix_time_ns: u64) -> Result<(), Errno>;
+    /// `sethostname(2)` in the UTS namespace of process `pid` (entering it
+    /// with `setns(2)` and returning to the caller's own afterwards).
+    fn sethostname_in(&self, pid: i32, name: &str) -> Result<(), Errno>;
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+fn open_urandom() -> Result<std::os::fd::OwnedFd, Errno> {
+    nix::fcntl::open(
+        "/dev/urandom",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// The real system calls, through nix.
@@ -123,6 +148,55 @@ impl Syscall for LinuxSyscall {
     fn setns(&self, fd: RawFd, nstype: CloneFlags) -> Result<(), Errno> {
         // SAFETY: a plain system call on a descriptor number; no memory.
         Errno::result(unsafe { libc::setns(fd, nstype.bits()) }).map(drop)
+    }
+
+    fn add_entropy(&self, bytes: &[u8]) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        let fd = open_urandom()?;
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let words = bytes.len().div_ceil(4);
+        let mut info = vec![0u32; 2 + words];
+        info[0] = (bytes.len() * 8) as u32;
+        info[1] = bytes.len() as u32;
+        // SAFETY: `info` has room for the header and `bytes.len()` bytes
+        // after it; u32 slots are plain memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                info[2..].as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            );
+            Errno::result(libc::ioctl(fd.as_raw_fd(), RNDADDENTROPY, info.as_ptr())).map(drop)
+        }
+    }
+
+    fn reseed_crng(&self) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        let fd = open_urandom()?;
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        Errno::result(unsafe { libc::ioctl(fd.as_raw_fd(), RNDRESEEDCRNG) }).map(drop)
+    }
+
+    fn set_realtime(&self, unix_time_ns: u64) -> Result<(), Errno> {
+        let ts = nix::sys::time::TimeSpec::new(
+            (unix_time_ns / 1_000_000_000) as libc::time_t,
+            (unix_time_ns % 1_000_000_000) as libc::c_long,
+        );
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+    }
+
+    fn sethostname_in(&self, pid: i32, name: &str) -> Result<(), Errno> {
+        use nix::sched::{CloneFlags, setns};
+        let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC;
+        let own = nix::fcntl::open("/proc/self/ns/uts", flags, Mode::empty())?;
+        let theirs =
+            nix::fcntl::open(format!("/proc/{pid}/ns/uts").as_str(), flags, Mode::empty())?;
+        setns(&theirs, CloneFlags::CLONE_NEWUTS)?;
+        let result = nix::unistd::sethostname(name);
+        // Back to the agent's own namespace whatever happened; if even that
+        // fails the agent's hostname calls would go astray, so say so.
+        setns(&own, CloneFlags::CLONE_NEWUTS)?;
+        result
     }
 }
 
@@ -273,5 +347,21 @@ impl Syscall for RecordingSyscall {
             .map(|(n, _)| n.trim_start_matches("CLONE_"))
             .collect();
         self.record(format!("setns {fd} {}", kinds.join("|")))
+    }
+
+    fn add_entropy(&self, bytes: &[u8]) -> Result<(), Errno> {
+        self.record(format!("add_entropy {} bytes", bytes.len()))
+    }
+
+    fn reseed_crng(&self) -> Result<(), Errno> {
+        self.record("reseed_crng".into())
+    }
+
+    fn set_realtime(&self, unix_time_ns: u64) -> Result<(), Errno> {
+        self.record(format!("set_realtime {unix_time_ns}"))
+    }
+
+    fn sethostname_in(&self, pid: i32, name: &str) -> Result<(), Errno> {
+        self.record(format!("sethostname_in {pid} {name}"))
     }
 }

@@ -30,6 +30,24 @@ pub enum HostMessage {
     /// reconnects (a restarted host daemon) learns what ended meanwhile
     /// from the queued `Exited`s and what still runs from the answer.
     ListProcesses,
+    /// This VM was just restored from a template (it is a clone): take on
+    /// its own identity before anything else runs. Answered by
+    /// [`GuestMessage::IdentitySet`].
+    Identity(CloneIdentity),
+}
+
+/// What makes a clone of a VM template its own machine. Every clone resumes
+/// with the template's RNG state, clock and hostname; the agent mixes
+/// `entropy` into the kernel RNG and reseeds it, sets `CLOCK_REALTIME` to
+/// `unix_time_ns`, and sets `hostname` in the guest and in every container
+/// already running (a template may hold a warm one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneIdentity {
+    pub hostname: String,
+    /// The host's clock when it sent this, in nanoseconds since the epoch.
+    pub unix_time_ns: u64,
+    /// Fresh random bytes from the host, at most [`MAX_IDENTITY_ENTROPY`].
+    pub entropy: Vec<u8>,
 }
 
 /// A message from the agent to the host. The host treats every field as
@@ -55,6 +73,9 @@ pub enum GuestMessage {
     /// The answer to [`HostMessage::ListProcesses`]: every container and
     /// exec process that has not been reported `Exited` yet.
     Processes { processes: Vec<ProcessInfo> },
+    /// The answer to [`HostMessage::Identity`]: every step that failed, each
+    /// named; empty when the clone fully took on its identity.
+    IdentitySet { errors: Vec<String> },
 }
 
 /// A process the agent runs, as listed in [`GuestMessage::Processes`].
@@ -64,6 +85,12 @@ pub struct ProcessInfo {
     /// For an exec process, the container it runs in; `None` for a container.
     pub exec_in: Option<String>,
 }
+
+/// Most entropy bytes the agent accepts in one [`HostMessage::Identity`].
+pub const MAX_IDENTITY_ENTROPY: usize = 4096;
+
+/// Longest hostname Linux accepts (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME_LEN: usize = 64;
 
 /// What the agent tells about itself when it is ready.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

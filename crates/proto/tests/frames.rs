@@ -39,6 +39,11 @@ fn messages_round_trip_through_frames() {
             },
         }),
         HostMessage::ListProcesses,
+        HostMessage::Identity(CloneIdentity {
+            hostname: "clone-1".into(),
+            unix_time_ns: 1_700_000_000_123_456_789,
+            entropy: vec![7; 64],
+        }),
     ];
     let mut wire = Vec::new();
     for m in &msgs {
@@ -193,4 +198,27 @@ fn resynchronize_skips_the_tail_of_a_frame_then_is_strict_again() {
         dec.next_message::<GuestMessage>(),
         Err(ProtoError::BadMagic(_))
     ));
+}
+
+/// Variants are encoded by position: the clone-identity messages were added
+/// at the end, so peers built before them still decode everything else.
+#[test]
+fn identity_messages_keep_older_variant_numbers() {
+    let payload = |frame: Vec<u8>| frame[HEADER_LEN..].to_vec();
+    let identity = HostMessage::Identity(CloneIdentity {
+        hostname: "h".into(),
+        unix_time_ns: 1,
+        entropy: vec![],
+    });
+    assert_eq!(payload(encode(&identity).unwrap())[0], 9);
+    assert_eq!(payload(encode(&HostMessage::ListProcesses).unwrap())[0], 8);
+    let set = GuestMessage::IdentitySet {
+        errors: vec!["x".into()],
+    };
+    assert_eq!(payload(encode(&set).unwrap())[0], 7);
+    let processes = GuestMessage::Processes { processes: vec![] };
+    assert_eq!(payload(encode(&processes).unwrap())[0], 6);
+    let mut dec = FrameDecoder::new();
+    dec.push(&encode(&set).unwrap());
+    assert_eq!(dec.next_message::<GuestMessage>().unwrap(), Some(set));
 }
