@@ -5,11 +5,20 @@
 //! Nothing QEMU-specific leaks out: the QEMU command line is built from typed
 //! argument groups in [`qemu::cmdline`] and the QMP client lives in
 //! [`qemu::qmp`]. This crate also decides the accelerator ([`accel`]).
+//!
+//! Besides booting, a VM can be paused, its state saved as one byte stream
+//! ([`Vm::save_state`]) and restored into a new VM ([`Hypervisor::restore`]),
+//! and disks can be hot-plugged ([`Vm::hotplug_disk`]). VM templates use
+//! these with RAM in a file ([`MemoryBacking::File`]): the state stream then
+//! holds the devices only, and every clone maps the template's RAM file
+//! copy-on-write. The stream goes through the caller (a `Write`/`Read`), so
+//! it can be hashed, compressed or encrypted on the way.
 
 pub mod accel;
 pub mod process;
 pub mod qemu;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,6 +36,8 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// Where guest RAM lives.
+    pub memory: MemoryBacking,
     /// Kernel image (`vmlinuz`).
     pub kernel: PathBuf,
     /// Initramfs holding the agent.
@@ -42,6 +53,24 @@ pub struct VmSpec {
     /// Kill the VM if the launching process dies (for `podvisor run`); a host
     /// daemon leaves it off so its VMs survive a daemon restart.
     pub die_with_parent: bool,
+}
+
+/// Where a VM's RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MemoryBacking {
+    /// Private memory of the VMM process (a cold-booted pod).
+    #[default]
+    Anonymous,
+    /// A file of exactly the guest's RAM size, normally on tmpfs. RAM in a
+    /// file is not part of a saved state: restoring needs the same file.
+    File {
+        path: PathBuf,
+        /// `true`: the guest's writes go to the file (a template being
+        /// made). `false`: the file is mapped copy-on-write, so the guest's
+        /// writes stay private to this VM and the file never changes (a
+        /// clone).
+        shared: bool,
+    },
 }
 
 /// A block device for the guest.
@@ -114,6 +143,18 @@ pub enum VmmError {
     Timeout(Duration, String),
     #[error("cannot adopt the VM of process {pid}: {reason}")]
     NotAdoptable { pid: u32, reason: String },
+    #[error("saving the VM state failed: {0}")]
+    Save(String),
+    #[error("restoring the VM state failed: {0}")]
+    Restore(String),
+    #[error("hot-plugging disk {index} ({path}): {reason}")]
+    Hotplug {
+        index: usize,
+        path: String,
+        reason: String,
+    },
+    #[error("the VM has exited")]
+    Gone,
 }
 
 /// A hypervisor backend: turns a [`VmSpec`] into a running VM.
@@ -132,6 +173,23 @@ pub trait Hypervisor: Send + Sync {
     /// that VM's VMM (never a process that reused its pid) and reconnects
     /// its control channel. The agent channel is the caller's to reconnect.
     async fn adopt(&self, record: &VmmProcess) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Starts a VM from a state saved by [`Vm::save_state`], read from
+    /// `state` to its end. `spec` must describe the saved VM's devices (its
+    /// disks in the same order, the same CPUs and memory size; RAM in a file
+    /// must hold what it held when the state was saved); paths of sockets
+    /// and logs may differ. The VM is returned paused: call [`Vm::resume`].
+    /// A state the VMM rejects is a [`VmmError::Restore`] naming why.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        state: Box<dyn Read + Send>,
+    ) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// The VMM's version, e.g. `QEMU emulator version 7.2.22 (…)`: a saved
+    /// state is only restored by the build that saved it. Runs the VMM
+    /// binary; callers cache it.
+    fn version(&self) -> Result<String, VmmError>;
 }
 
 /// A running VM.
@@ -169,6 +227,23 @@ pub trait Vm: Send {
             .unwrap_or(std::path::Path::new("/"));
         VmmProcess::of(self.pid(), run_dir)
     }
+
+    /// Stops the guest's CPUs.
+    async fn pause(&mut self) -> Result<(), VmmError>;
+
+    /// Lets a paused (or just restored) guest run.
+    async fn resume(&mut self) -> Result<(), VmmError>;
+
+    /// Pauses the VM (if it runs) and writes its state to `sink` as one
+    /// byte stream: device state, and RAM unless RAM is in a file. The VM
+    /// stays paused; it is usually killed afterwards. Returns the bytes
+    /// written.
+    async fn save_state(&mut self, sink: Box<dyn Write + Send>) -> Result<u64, VmmError>;
+
+    /// Attaches `disk` to the running VM as disk number `index` (its
+    /// position in [`VmSpec::disks`] had it been attached at start, so a
+    /// state saved afterwards restores with the disk in the spec).
+    async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), VmmError>;
 }
 
 /// Picks the backend by name (`qemu` is the only one so far).

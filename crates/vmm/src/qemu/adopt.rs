@@ -2,13 +2,14 @@
 //! it restarted): check that the recorded pid is still that QEMU, hold it
 //! through a pidfd, and reconnect its QMP socket.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::qmp::Qmp;
 use crate::process::{ProcessHandle, VmmProcess, cmdline};
-use crate::{Vm, VmExit, VmPaths, VmmError};
+use crate::{DiskSpec, Vm, VmExit, VmPaths, VmmError};
 
 /// How long to retry connecting QMP (QEMU accepts a new client once it has
 /// noticed that the previous one, a dead process, is gone).
@@ -21,12 +22,18 @@ pub struct AdoptedQemuVm {
     pid: u32,
     paths: VmPaths,
     qmp: Option<Qmp>,
+    /// Guest RAM is a memory-backend-file (as its command line says).
+    ram_in_file: bool,
 }
 
 impl AdoptedQemuVm {
     /// The QMP session.
     pub fn qmp(&mut self) -> Option<&mut Qmp> {
         self.qmp.as_mut()
+    }
+
+    fn control(&mut self) -> Result<&mut Qmp, VmmError> {
+        self.qmp.as_mut().ok_or(VmmError::Gone)
     }
 }
 
@@ -76,6 +83,7 @@ pub async fn adopt(record: &VmmProcess) -> Result<AdoptedQemuVm, VmmError> {
         pid: record.pid,
         paths,
         qmp: Some(qmp),
+        ram_in_file: args.contains("memory-backend-file"),
     })
 }
 
@@ -117,5 +125,24 @@ impl Vm for AdoptedQemuVm {
 
     fn start_kill(&mut self) {
         let _ = self.process.signal(libc::SIGKILL);
+    }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.control()?.execute("stop", None).await?;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        self.control()?.execute("cont", None).await?;
+        Ok(())
+    }
+
+    async fn save_state(&mut self, sink: Box<dyn Write + Send>) -> Result<u64, VmmError> {
+        let ram_in_file = self.ram_in_file;
+        super::snapshot::save(self.control()?, ram_in_file, sink, super::STATE_TIMEOUT).await
+    }
+
+    async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), VmmError> {
+        super::hotplug::hotplug_disk(self.control()?, index, disk).await
     }
 }

@@ -182,6 +182,43 @@ impl ArgGroup for DirectBoot {
     }
 }
 
+/// PCI slot of the agent's virtio-serial controller.
+pub const SLOT_AGENT_SERIAL: u8 = 2;
+/// PCI slot of the virtio-rng device.
+pub const SLOT_RNG: u8 = 3;
+/// PCI slot of the first disk; disk `i` sits in slot `FIRST_DISK_SLOT + i`.
+///
+/// Every device gets a fixed address: a VM restored from a template must
+/// have its devices where the template had them, including disks that were
+/// hot-plugged into the template.
+pub const FIRST_DISK_SLOT: u8 = 4;
+/// Highest PCI slot on the root bus.
+pub const LAST_SLOT: u8 = 31;
+
+/// Longest virtio-blk serial number.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// Checks a disk serial against the virtio-blk limit.
+pub fn check_serial(serial: &str) -> Result<(), crate::VmmError> {
+    if serial.len() > MAX_SERIAL_LEN {
+        return Err(crate::VmmError::InvalidSpec(format!(
+            "disk serial {serial:?} is longer than the {MAX_SERIAL_LEN} bytes virtio-blk allows"
+        )));
+    }
+    Ok(())
+}
+
+/// The PCI slot of disk `index`, if it fits on the root bus.
+pub fn disk_slot(index: usize) -> Option<u8> {
+    let slot = usize::from(FIRST_DISK_SLOT) + index;
+    (slot <= usize::from(LAST_SLOT)).then_some(slot as u8)
+}
+
+/// `bus=pci.0,addr=0xNN`.
+fn pci_addr(slot: u8) -> String {
+    format!("bus=pci.0,addr=0x{slot:x}")
+}
+
 /// A raw file attached as a virtio-blk PCI disk with a serial number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtioBlk {
@@ -189,6 +226,8 @@ pub struct VirtioBlk {
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: String,
+    /// Fixed PCI slot on the root bus (see [`disk_slot`]).
+    pub slot: u8,
 }
 
 impl ArgGroup for VirtioBlk {
@@ -206,10 +245,11 @@ impl ArgGroup for VirtioBlk {
             args,
             "-device",
             format!(
-                "virtio-blk-pci,drive={},id=dev-{},serial={}",
+                "virtio-blk-pci,drive={},id=dev-{},serial={},{}",
                 opt_value(&self.id),
                 opt_value(&self.id),
-                opt_value(&self.serial)
+                opt_value(&self.serial),
+                pci_addr(self.slot)
             ),
         );
     }
@@ -225,7 +265,14 @@ pub struct AgentChannel {
 
 impl ArgGroup for AgentChannel {
     fn push_args(&self, args: &mut Vec<OsString>) {
-        push(args, "-device", "virtio-serial-pci,id=vserial0");
+        push(
+            args,
+            "-device",
+            format!(
+                "virtio-serial-pci,id=vserial0,{}",
+                pci_addr(SLOT_AGENT_SERIAL)
+            ),
+        );
         push(
             args,
             "-chardev",
@@ -289,7 +336,35 @@ pub struct VirtioRng;
 impl ArgGroup for VirtioRng {
     fn push_args(&self, args: &mut Vec<OsString>) {
         push(args, "-object", "rng-random,id=rng0,filename=/dev/urandom");
-        push(args, "-device", "virtio-rng-pci,rng=rng0");
+        push(
+            args,
+            "-device",
+            format!("virtio-rng-pci,rng=rng0,{}", pci_addr(SLOT_RNG)),
+        );
+    }
+}
+
+/// A VM generation ID device (`vmgenid`, ACPI): `guid=auto` gives every
+/// QEMU process a new ID, and a guest kernel with the vmgenid driver
+/// reseeds its RNG when a restored VM sees it change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmGenId;
+
+impl ArgGroup for VmGenId {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        push(args, "-device", "vmgenid,guid=auto");
+    }
+}
+
+/// Start paused, waiting for a saved state on the QMP `migrate-incoming`
+/// command: how a VM is restored (`-S -incoming defer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingDeferred;
+
+impl ArgGroup for IncomingDeferred {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        args.push("-S".into());
+        push(args, "-incoming", "defer");
     }
 }
 
@@ -308,6 +383,9 @@ pub struct QemuCommandLine {
     pub agent: AgentChannel,
     pub disks: Vec<VirtioBlk>,
     pub rng: Option<VirtioRng>,
+    pub vmgenid: Option<VmGenId>,
+    /// Present when the VM is restored from a saved state.
+    pub incoming: Option<IncomingDeferred>,
 }
 
 impl QemuCommandLine {
@@ -333,6 +411,12 @@ impl QemuCommandLine {
             if let Some(rng) = &self.rng {
                 g.push(rng);
             }
+            if let Some(genid) = &self.vmgenid {
+                g.push(genid);
+            }
+            if let Some(incoming) = &self.incoming {
+                g.push(incoming);
+            }
             g
         };
         for group in groups {
@@ -343,167 +427,5 @@ impl QemuCommandLine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn render(g: &dyn ArgGroup) -> Vec<String> {
-        let mut v = Vec::new();
-        g.push_args(&mut v);
-        v.into_iter().map(|s| s.into_string().unwrap()).collect()
-    }
-
-    #[test]
-    fn commas_in_paths_are_doubled() {
-        let c = SerialConsole {
-            log: "/tmp/a,b/console.log".into(),
-        };
-        assert_eq!(
-            render(&c),
-            [
-                "-chardev",
-                "file,id=console0,path=/tmp/a,,b/console.log",
-                "-serial",
-                "chardev:console0"
-            ]
-        );
-    }
-
-    #[test]
-    fn machine_with_tcg_cache_and_memory_backend() {
-        let m = Machine {
-            kind: "pc".into(),
-            accel: Accel::Tcg,
-            memory_backend: Some("mem".into()),
-            tcg_tb_size_mib: Some(64),
-        };
-        assert_eq!(
-            render(&m),
-            [
-                "-machine",
-                "pc,memory-backend=mem",
-                "-accel",
-                "tcg,tb-size=64"
-            ]
-        );
-        let kvm = Machine {
-            accel: Accel::Kvm,
-            memory_backend: None,
-            ..m
-        };
-        // The TCG cache size is meaningless under KVM and is left out.
-        assert_eq!(render(&kvm), ["-machine", "pc", "-accel", "kvm"]);
-        assert_eq!(render(&Cpu::for_accel(Accel::Kvm)), ["-cpu", "host"]);
-        assert_eq!(render(&Cpu::for_accel(Accel::Tcg)), ["-cpu", "max"]);
-    }
-
-    #[test]
-    fn read_only_layer_disk_with_serial() {
-        let d = VirtioBlk {
-            id: "l0".into(),
-            path: "/cache/layers/abc/disk.erofs".into(),
-            read_only: true,
-            serial: "pvl0".into(),
-        };
-        assert_eq!(
-            render(&d),
-            [
-                "-drive",
-                "file=/cache/layers/abc/disk.erofs,format=raw,if=none,id=l0,cache=none,aio=threads,readonly=on",
-                "-device",
-                "virtio-blk-pci,drive=l0,id=dev-l0,serial=pvl0"
-            ]
-        );
-    }
-
-    #[test]
-    fn agent_channel_names_the_port() {
-        let a = AgentChannel {
-            socket: "/run/p/agent.sock".into(),
-            port_name: "io.podvisor.agent.0".into(),
-        };
-        assert_eq!(
-            render(&a),
-            [
-                "-device",
-                "virtio-serial-pci,id=vserial0",
-                "-chardev",
-                "socket,id=agent0,path=/run/p/agent.sock,server=on,wait=off",
-                "-device",
-                "virtserialport,bus=vserial0.0,chardev=agent0,name=io.podvisor.agent.0"
-            ]
-        );
-    }
-
-    #[test]
-    fn memory_backend_share_and_hotplug_memory() {
-        let b = MemoryBackendFile {
-            id: "mem".into(),
-            mem_path: "/dev/shm/t".into(),
-            size_mib: 256,
-            share: false,
-            read_only: false,
-        };
-        assert_eq!(
-            render(&b),
-            [
-                "-object",
-                "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/t,share=off"
-            ]
-        );
-        let m = Memory {
-            size_mib: 256,
-            hotplug: Some((2, 1024)),
-        };
-        assert_eq!(render(&m), ["-m", "256M,slots=2,maxmem=1024M"]);
-    }
-
-    #[test]
-    fn whole_command_line_orders_groups() {
-        let cl = QemuCommandLine {
-            base: BaseOptions {
-                name: "pod1".into(),
-            },
-            machine: Machine {
-                kind: "pc".into(),
-                accel: Accel::Tcg,
-                memory_backend: None,
-                tcg_tb_size_mib: None,
-            },
-            cpu: Cpu::for_accel(Accel::Tcg),
-            smp: Smp { cpus: 2 },
-            memory: Memory {
-                size_mib: 256,
-                hotplug: None,
-            },
-            memory_backends: vec![],
-            boot: DirectBoot {
-                kernel: "/boot/vmlinuz".into(),
-                initramfs: "/c/initrd".into(),
-                cmdline: "console=ttyS0 quiet".into(),
-            },
-            console: SerialConsole {
-                log: "/r/console.log".into(),
-            },
-            qmp: QmpSocket {
-                path: "/r/control.sock".into(),
-            },
-            agent: AgentChannel {
-                socket: "/r/agent.sock".into(),
-                port_name: "p".into(),
-            },
-            disks: vec![],
-            rng: Some(VirtioRng),
-        };
-        let args: Vec<String> = cl
-            .args()
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        assert_eq!(&args[..3], ["-nodefaults", "-no-user-config", "-no-reboot"]);
-        let pos = |flag: &str| args.iter().position(|a| a == flag).unwrap();
-        assert!(pos("-machine") < pos("-kernel"));
-        assert_eq!(args[pos("-smp") + 1], "2");
-        assert_eq!(args[pos("-append") + 1], "console=ttyS0 quiet");
-        assert!(args.contains(&"virtio-rng-pci,rng=rng0".to_string()));
-    }
-}
+#[path = "cmdline_tests.rs"]
+mod tests;

@@ -1,10 +1,17 @@
 //! The QEMU backend: builds the command line from a [`VmSpec`], starts
-//! `qemu-system-x86_64`, and connects its QMP socket.
+//! `qemu-system-x86_64`, and connects its QMP socket. Saving and restoring
+//! states is [`snapshot`] (migration through a pipe, `x-ignore-shared` for
+//! RAM in a file, `-S -incoming defer`); hot-plugging disks is [`hotplug`].
 
 pub mod adopt;
 pub mod cmdline;
+#[cfg(test)]
+mod fake_qemu;
+pub mod hotplug;
 pub mod qmp;
+pub mod snapshot;
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,12 +19,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
-use crate::{Accel, Hypervisor, Vm, VmExit, VmPaths, VmSpec, VmmError};
+use crate::{Accel, DiskSpec, Hypervisor, MemoryBacking, Vm, VmExit, VmPaths, VmSpec, VmmError};
 use cmdline::*;
 use qmp::Qmp;
 
 /// How long QEMU may take to create its QMP socket.
 const CONTROL_SOCKET_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long saving or loading a VM state may take.
+const STATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Id of the memory backend object holding guest RAM in a file.
+const RAM_BACKEND_ID: &str = "ram0";
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -36,8 +47,9 @@ impl Qemu {
         }
     }
 
-    /// The typed command line for a spec.
-    pub fn command_line(spec: &VmSpec) -> Result<QemuCommandLine, VmmError> {
+    /// The typed command line for a spec; `incoming`: wait for a saved
+    /// state instead of booting.
+    pub fn command_line(spec: &VmSpec, incoming: bool) -> Result<QemuCommandLine, VmmError> {
         if spec.cpus == 0 || spec.memory_mib < 64 {
             return Err(VmmError::InvalidSpec(format!(
                 "need at least 1 CPU and 64 MiB (got {} CPUs, {} MiB)",
@@ -47,19 +59,35 @@ impl Qemu {
         let paths = VmPaths::in_dir(&spec.run_dir);
         let mut disks = Vec::new();
         for (i, d) in spec.disks.iter().enumerate() {
-            if d.serial.len() > 20 {
-                return Err(VmmError::InvalidSpec(format!(
-                    "disk serial {:?} is longer than the 20 bytes virtio-blk allows",
-                    d.serial
-                )));
-            }
+            check_serial(&d.serial)?;
+            let slot = disk_slot(i).ok_or_else(|| {
+                VmmError::InvalidSpec(format!(
+                    "{} disks do not fit on the PCI bus (at most {})",
+                    spec.disks.len(),
+                    LAST_SLOT - FIRST_DISK_SLOT + 1
+                ))
+            })?;
             disks.push(VirtioBlk {
-                id: format!("disk{i}"),
+                id: hotplug::node_name(i),
                 path: d.path.clone(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
+                slot,
             });
         }
+        let (memory_backend, memory_backends) = match &spec.memory {
+            MemoryBacking::Anonymous => (None, vec![]),
+            MemoryBacking::File { path, shared } => (
+                Some(RAM_BACKEND_ID.to_string()),
+                vec![MemoryBackendFile {
+                    id: RAM_BACKEND_ID.into(),
+                    mem_path: path.clone(),
+                    size_mib: spec.memory_mib,
+                    share: *shared,
+                    read_only: false,
+                }],
+            ),
+        };
         Ok(QemuCommandLine {
             base: BaseOptions {
                 name: spec.name.clone(),
@@ -67,7 +95,7 @@ impl Qemu {
             machine: Machine {
                 kind: "pc".into(),
                 accel: spec.accel,
-                memory_backend: None,
+                memory_backend,
                 tcg_tb_size_mib: Some(64),
             },
             cpu: Cpu::for_accel(spec.accel),
@@ -76,7 +104,7 @@ impl Qemu {
                 size_mib: spec.memory_mib,
                 hotplug: None,
             },
-            memory_backends: vec![],
+            memory_backends,
             boot: DirectBoot {
                 kernel: spec.kernel.clone(),
                 initramfs: spec.initramfs.clone(),
@@ -94,19 +122,20 @@ impl Qemu {
             },
             disks,
             rng: Some(VirtioRng),
+            vmgenid: Some(VmGenId),
+            incoming: incoming.then_some(IncomingDeferred),
         })
     }
-}
 
-#[async_trait]
-impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
-    }
-
-    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
-        let cl = Self::command_line(spec)?;
+    /// Starts QEMU for `spec` and connects QMP.
+    async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<QemuVm, VmmError> {
+        let cl = Self::command_line(spec, incoming)?;
         let paths = VmPaths::in_dir(&spec.run_dir);
+        // A restored VM may reuse a directory: stale sockets would make
+        // the wait below connect to nothing.
+        for socket in [&paths.control_socket, &paths.agent_socket] {
+            let _ = std::fs::remove_file(socket);
+        }
         let stderr_log = spec.run_dir.join("qemu.log");
         let stderr = std::fs::File::create(&stderr_log).map_err(|source| VmmError::Io {
             what: format!("create {}", stderr_log.display()),
@@ -151,7 +180,7 @@ impl Hypervisor for Qemu {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
-        tracing::debug!(pid, accel = %spec.accel, "qemu started");
+        tracing::debug!(pid, accel = %spec.accel, incoming, "qemu started");
 
         // QEMU creates its sockets before it starts the guest. Wait for QMP,
         // failing fast if QEMU exits (bad arguments, missing file).
@@ -185,29 +214,90 @@ impl Hypervisor for Qemu {
                     "the QEMU control socket".into(),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        Ok(Box::new(QemuVm {
+        Ok(QemuVm {
             child,
             pid,
             paths,
             qmp: Some(qmp),
             accel: spec.accel,
-        }))
+            ram_in_file: spec.memory != MemoryBacking::Anonymous,
+            stderr_log,
+        })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.spawn(spec, false).await?))
     }
 
     async fn adopt(&self, record: &crate::VmmProcess) -> Result<Box<dyn Vm>, VmmError> {
         Ok(Box::new(adopt::adopt(record).await?))
     }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        state: Box<dyn Read + Send>,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        let mut vm = self.spawn(spec, true).await?;
+        let ram_in_file = vm.ram_in_file;
+        let result = match vm.qmp.as_mut() {
+            Some(qmp) => snapshot::restore(qmp, ram_in_file, state, STATE_TIMEOUT).await,
+            None => Err(VmmError::Gone),
+        };
+        if let Err(e) = result {
+            // QEMU exits when it rejects a state; its reason is on stderr.
+            let exit = tokio::time::timeout(Duration::from_secs(2), vm.child.wait()).await;
+            let _ = vm.child.start_kill();
+            let _ = vm.child.wait().await;
+            let qemu_err = std::fs::read_to_string(&vm.stderr_log).unwrap_or_default();
+            let qemu_err = qemu_err.trim();
+            return Err(match (exit, qemu_err.is_empty()) {
+                (Ok(_), false) => VmmError::Restore(qemu_err.to_string()),
+                _ => e,
+            });
+        }
+        Ok(Box::new(vm))
+    }
+
+    fn version(&self) -> Result<String, VmmError> {
+        let out = std::process::Command::new(&self.binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| VmmError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().next().map(str::trim) {
+            Some(line) if out.status.success() && !line.is_empty() => Ok(line.to_string()),
+            _ => Err(VmmError::InvalidSpec(format!(
+                "{} --version printed no version",
+                self.binary.display()
+            ))),
+        }
+    }
 }
 
-/// A QEMU process started by [`Qemu::launch`].
+/// A QEMU process started by [`Qemu::launch`] or [`Qemu::restore`].
 pub struct QemuVm {
     child: Child,
     pid: u32,
     paths: VmPaths,
     qmp: Option<Qmp>,
     accel: Accel,
+    /// Guest RAM is a memory-backend-file (leave it out of saved states).
+    ram_in_file: bool,
+    stderr_log: PathBuf,
 }
 
 impl QemuVm {
@@ -219,6 +309,10 @@ impl QemuVm {
     /// The accelerator this VM runs on.
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    fn control(&mut self) -> Result<&mut Qmp, VmmError> {
+        self.qmp.as_mut().ok_or(VmmError::Gone)
     }
 }
 
@@ -268,5 +362,125 @@ impl Vm for QemuVm {
 
     fn start_kill(&mut self) {
         let _ = self.child.start_kill();
+    }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.control()?.execute("stop", None).await?;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        self.control()?.execute("cont", None).await?;
+        Ok(())
+    }
+
+    async fn save_state(&mut self, sink: Box<dyn Write + Send>) -> Result<u64, VmmError> {
+        let ram_in_file = self.ram_in_file;
+        snapshot::save(self.control()?, ram_in_file, sink, STATE_TIMEOUT).await
+    }
+
+    async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), VmmError> {
+        hotplug::hotplug_disk(self.control()?, index, disk).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskSpec;
+
+    fn spec(dir: &str, memory: MemoryBacking, disks: usize) -> VmSpec {
+        VmSpec {
+            name: "t".into(),
+            cpus: 1,
+            memory_mib: 256,
+            memory,
+            kernel: "/boot/vmlinuz".into(),
+            initramfs: "/c/initrd".into(),
+            kernel_cmdline: "console=ttyS0".into(),
+            disks: (0..disks)
+                .map(|i| DiskSpec {
+                    path: format!("/c/l{i}.erofs").into(),
+                    read_only: true,
+                    serial: format!("pvl{i}"),
+                })
+                .collect(),
+            run_dir: dir.into(),
+            accel: Accel::Tcg,
+            die_with_parent: true,
+        }
+    }
+
+    fn args(spec: &VmSpec, incoming: bool) -> Vec<String> {
+        Qemu::command_line(spec, incoming)
+            .unwrap()
+            .args()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_clone_has_its_templates_devices_its_own_paths_and_private_ram() {
+        let ram = PathBuf::from("/dev/shm/podvisor/t.ram");
+        let template = spec(
+            "/run/pods/tmpl",
+            MemoryBacking::File {
+                path: ram.clone(),
+                shared: true,
+            },
+            2,
+        );
+        let clone = spec(
+            "/run/pods/clone",
+            MemoryBacking::File {
+                path: ram,
+                shared: false,
+            },
+            2,
+        );
+        let t = args(&template, false);
+        let c = args(&clone, true);
+        assert!(t.contains(&"pc,memory-backend=ram0".to_string()));
+        assert!(
+            t.contains(
+                &"memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/podvisor/t.ram,share=on"
+                    .to_string()
+            )
+        );
+        assert!(
+            c.contains(
+                &"memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/podvisor/t.ram,share=off"
+                    .to_string()
+            )
+        );
+        assert_eq!(&c[c.len() - 3..], ["-S", "-incoming", "defer"]);
+        // Apart from paths, sharing and the incoming flags, nothing differs.
+        let normalize = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|a| {
+                    a.replace("/run/pods/clone", "DIR")
+                        .replace("/run/pods/tmpl", "DIR")
+                        .replace("share=off", "share=?")
+                        .replace("share=on", "share=?")
+                })
+                .collect()
+        };
+        assert_eq!(normalize(&t), normalize(&c[..c.len() - 3]));
+        assert!(c.contains(
+            &"virtio-blk-pci,drive=disk1,id=dev-disk1,serial=pvl1,bus=pci.0,addr=0x5".to_string()
+        ));
+    }
+
+    #[test]
+    fn cold_boots_use_anonymous_ram_and_disk_limits_are_named() {
+        let a = args(&spec("/r", MemoryBacking::Anonymous, 0), false);
+        assert!(!a.iter().any(|x| x.contains("memory-backend")));
+        assert!(a.contains(&"pc".to_string()));
+        let err = Qemu::command_line(&spec("/r", MemoryBacking::Anonymous, 29), false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid VM spec: 29 disks do not fit on the PCI bus (at most 28)"
+        );
     }
 }

@@ -5,7 +5,11 @@
 //! way for [`Qmp::take_events`] / [`Qmp::next_event`].
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -86,6 +90,51 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        let (id, line) = self.request(command, arguments)?;
+        self.writer.write_all(&line).await?;
+        self.reply(id, command).await
+    }
+
+    /// Runs one command with a file descriptor attached (`SCM_RIGHTS`), as
+    /// `getfd` wants. QEMU keeps its own copy; the caller may close `fd`.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        let (id, line) = self.request(command, arguments)?;
+        let socket: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            socket.writable().await?;
+            let attempt = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    socket.as_raw_fd(),
+                    &[IoSlice::new(&line)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The descriptor went with the first byte; the rest is plain data.
+        self.writer.write_all(&line[sent..]).await?;
+        self.reply(id, command).await
+    }
+
+    /// A numbered request line.
+    fn request(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<(u64, Vec<u8>), QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "execute": command, "id": id });
@@ -94,7 +143,11 @@ impl Qmp {
         }
         let mut line = serde_json::to_vec(&req).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        self.writer.write_all(&line).await?;
+        Ok((id, line))
+    }
+
+    /// Reads until the reply to request `id`, keeping events.
+    async fn reply(&mut self, id: u64, command: &str) -> Result<Value, QmpError> {
         loop {
             let msg = self.read_message().await?;
             if msg.get("event").is_some() {

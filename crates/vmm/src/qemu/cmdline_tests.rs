@@ -1,0 +1,202 @@
+//! Argument vectors of the command-line groups.
+
+use super::*;
+
+fn render(g: &dyn ArgGroup) -> Vec<String> {
+    let mut v = Vec::new();
+    g.push_args(&mut v);
+    v.into_iter().map(|s| s.into_string().unwrap()).collect()
+}
+
+#[test]
+fn commas_in_paths_are_doubled() {
+    let c = SerialConsole {
+        log: "/tmp/a,b/console.log".into(),
+    };
+    assert_eq!(
+        render(&c),
+        [
+            "-chardev",
+            "file,id=console0,path=/tmp/a,,b/console.log",
+            "-serial",
+            "chardev:console0"
+        ]
+    );
+}
+
+#[test]
+fn machine_with_tcg_cache_and_memory_backend() {
+    let m = Machine {
+        kind: "pc".into(),
+        accel: Accel::Tcg,
+        memory_backend: Some("mem".into()),
+        tcg_tb_size_mib: Some(64),
+    };
+    assert_eq!(
+        render(&m),
+        [
+            "-machine",
+            "pc,memory-backend=mem",
+            "-accel",
+            "tcg,tb-size=64"
+        ]
+    );
+    let kvm = Machine {
+        accel: Accel::Kvm,
+        memory_backend: None,
+        ..m
+    };
+    // The TCG cache size is meaningless under KVM and is left out.
+    assert_eq!(render(&kvm), ["-machine", "pc", "-accel", "kvm"]);
+    assert_eq!(render(&Cpu::for_accel(Accel::Kvm)), ["-cpu", "host"]);
+    assert_eq!(render(&Cpu::for_accel(Accel::Tcg)), ["-cpu", "max"]);
+}
+
+#[test]
+fn read_only_layer_disk_with_serial() {
+    let d = VirtioBlk {
+        id: "l0".into(),
+        path: "/cache/layers/abc/disk.erofs".into(),
+        read_only: true,
+        serial: "pvl0".into(),
+        slot: disk_slot(1).unwrap(),
+    };
+    assert_eq!(
+        render(&d),
+        [
+            "-drive",
+            "file=/cache/layers/abc/disk.erofs,format=raw,if=none,id=l0,cache=none,aio=threads,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=l0,id=dev-l0,serial=pvl0,bus=pci.0,addr=0x5"
+        ]
+    );
+    assert_eq!(disk_slot(0), Some(4));
+    assert_eq!(disk_slot(27), Some(31));
+    assert_eq!(disk_slot(28), None);
+}
+
+#[test]
+fn agent_channel_names_the_port() {
+    let a = AgentChannel {
+        socket: "/run/p/agent.sock".into(),
+        port_name: "io.podvisor.agent.0".into(),
+    };
+    assert_eq!(
+        render(&a),
+        [
+            "-device",
+            "virtio-serial-pci,id=vserial0,bus=pci.0,addr=0x2",
+            "-chardev",
+            "socket,id=agent0,path=/run/p/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,bus=vserial0.0,chardev=agent0,name=io.podvisor.agent.0"
+        ]
+    );
+}
+
+#[test]
+fn memory_backend_share_and_hotplug_memory() {
+    let b = MemoryBackendFile {
+        id: "mem".into(),
+        mem_path: "/dev/shm/t".into(),
+        size_mib: 256,
+        share: false,
+        read_only: false,
+    };
+    assert_eq!(
+        render(&b),
+        [
+            "-object",
+            "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/t,share=off"
+        ]
+    );
+    let m = Memory {
+        size_mib: 256,
+        hotplug: Some((2, 1024)),
+    };
+    assert_eq!(render(&m), ["-m", "256M,slots=2,maxmem=1024M"]);
+}
+
+#[test]
+fn whole_command_line_orders_groups() {
+    let cl = QemuCommandLine {
+        base: BaseOptions {
+            name: "pod1".into(),
+        },
+        machine: Machine {
+            kind: "pc".into(),
+            accel: Accel::Tcg,
+            memory_backend: None,
+            tcg_tb_size_mib: None,
+        },
+        cpu: Cpu::for_accel(Accel::Tcg),
+        smp: Smp { cpus: 2 },
+        memory: Memory {
+            size_mib: 256,
+            hotplug: None,
+        },
+        memory_backends: vec![],
+        boot: DirectBoot {
+            kernel: "/boot/vmlinuz".into(),
+            initramfs: "/c/initrd".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+        },
+        console: SerialConsole {
+            log: "/r/console.log".into(),
+        },
+        qmp: QmpSocket {
+            path: "/r/control.sock".into(),
+        },
+        agent: AgentChannel {
+            socket: "/r/agent.sock".into(),
+            port_name: "p".into(),
+        },
+        disks: vec![],
+        rng: Some(VirtioRng),
+        vmgenid: Some(VmGenId),
+        incoming: None,
+    };
+    let args: Vec<String> = cl
+        .args()
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect();
+    assert_eq!(&args[..3], ["-nodefaults", "-no-user-config", "-no-reboot"]);
+    let pos = |flag: &str| args.iter().position(|a| a == flag).unwrap();
+    assert!(pos("-machine") < pos("-kernel"));
+    assert_eq!(args[pos("-smp") + 1], "2");
+    assert_eq!(args[pos("-append") + 1], "console=ttyS0 quiet");
+    assert!(args.contains(&"virtio-rng-pci,rng=rng0,bus=pci.0,addr=0x3".to_string()));
+    assert!(args.contains(&"vmgenid,guid=auto".to_string()));
+    assert!(!args.contains(&"-incoming".to_string()));
+    assert!(!args.contains(&"-S".to_string()));
+}
+
+#[test]
+fn restored_vm_waits_paused_for_its_state() {
+    assert_eq!(render(&IncomingDeferred), ["-S", "-incoming", "defer"]);
+}
+
+#[test]
+fn template_and_clone_memory_backends() {
+    // A template writes its RAM to the file; a clone maps it privately.
+    let template = MemoryBackendFile {
+        id: "mem".into(),
+        mem_path: "/dev/shm/podvisor/t-1.ram".into(),
+        size_mib: 256,
+        share: true,
+        read_only: false,
+    };
+    assert_eq!(
+        render(&template),
+        [
+            "-object",
+            "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/podvisor/t-1.ram,share=on"
+        ]
+    );
+    let clone = MemoryBackendFile {
+        share: false,
+        ..template
+    };
+    assert!(render(&clone)[1].ends_with(",share=off"));
+}
