@@ -183,6 +183,13 @@ impl<L: Launcher> Agent<L> {
                 }
                 self.outbox.push_back(GuestMessage::IdentitySet { errors });
             }
+            HostMessage::MountLayers { layers } => {
+                let error = match crate::spec::validate_layers(&layers) {
+                    Err(e) => Some(e.message),
+                    Ok(()) => self.launcher.mount_layers(&layers).err().map(|e| e.message),
+                };
+                self.outbox.push_back(GuestMessage::LayersMounted { error });
+            }
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {

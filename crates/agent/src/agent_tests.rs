@@ -34,6 +34,8 @@ struct FakeLauncher {
     identities: Vec<(CloneIdentity, Vec<i32>)>,
     /// What `apply_identity` reports as failed.
     identity_errors: Vec<String>,
+    /// Layer lists `mount_layers` was asked for.
+    mounted: Vec<Vec<String>>,
 }
 
 fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
@@ -95,6 +97,17 @@ impl Launcher for FakeLauncher {
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
         self.identities.push((identity.clone(), pids.to_vec()));
         self.identity_errors.clone()
+    }
+
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
+        self.mounted.push(serials.to_vec());
+        match serials.iter().find(|s| s.as_str() == "pvl9") {
+            Some(_) => Err(StartError {
+                kind: StartErrorKind::Mount,
+                message: "layer disk with serial \"pvl9\" not found".into(),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -587,5 +600,47 @@ fn identity_reaches_running_containers_and_is_answered() {
         [GuestMessage::IdentitySet {
             errors: vec!["setting the clock: EPERM".into()]
         }]
+    );
+}
+
+#[test]
+fn layers_are_mounted_ahead_on_request() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    let layers = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    agent.handle(
+        HostMessage::MountLayers {
+            layers: layers(&["pvl0", "pvl1"]),
+        },
+        now,
+    );
+    agent.handle(
+        HostMessage::MountLayers {
+            layers: layers(&["pvl9"]),
+        },
+        now,
+    );
+    // Unsafe serials never reach the launcher.
+    agent.handle(
+        HostMessage::MountLayers {
+            layers: layers(&["../x"]),
+        },
+        now,
+    );
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::LayersMounted { error: None },
+            GuestMessage::LayersMounted {
+                error: Some("layer disk with serial \"pvl9\" not found".into())
+            },
+            GuestMessage::LayersMounted {
+                error: Some("invalid layer serial \"../x\"".into())
+            },
+        ]
+    );
+    assert_eq!(
+        agent.launcher.mounted,
+        [layers(&["pvl0", "pvl1"]), layers(&["pvl9"])]
     );
 }

@@ -56,6 +56,9 @@ pub trait Launcher {
     /// Starts an exec process in the namespaces of the running container
     /// whose init is `init_pid`.
     fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
+    /// Waits for the layer disks with these serials and mounts them (each
+    /// once; a container using them later finds them mounted).
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError>;
     /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
     /// the inits of the running containers. Returns the steps that failed.
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
@@ -117,6 +120,10 @@ impl Launcher for LinuxLauncher {
 
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
         crate::identity::apply(&LinuxSyscall, identity, pids)
+    }
+
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
+        LinuxLauncher::mount_layers(self, serials)
     }
 }
 

@@ -21,12 +21,7 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), StartError> {
     if !is_safe_name(&spec.id) {
         return Err(invalid(format!("invalid container id {:?}", spec.id)));
     }
-    if spec.layers.is_empty() {
-        return Err(invalid("the container has no layers".into()));
-    }
-    if let Some(bad) = spec.layers.iter().find(|s| !is_safe_name(s)) {
-        return Err(invalid(format!("invalid layer serial {bad:?}")));
-    }
+    validate_layers(&spec.layers)?;
     if spec.process.args.first().is_none_or(|a| a.is_empty()) {
         return Err(invalid("no command given (empty args)".into()));
     }
@@ -35,6 +30,18 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), StartError> {
             "hostname {:?} is longer than 64 bytes",
             spec.hostname
         )));
+    }
+    Ok(())
+}
+
+/// Rejects an empty layer list and unsafe serials (they become paths and
+/// overlay options).
+pub fn validate_layers(layers: &[String]) -> Result<(), StartError> {
+    if layers.is_empty() {
+        return Err(invalid("the container has no layers".into()));
+    }
+    if let Some(bad) = layers.iter().find(|s| !is_safe_name(s)) {
+        return Err(invalid(format!("invalid layer serial {bad:?}")));
     }
     Ok(())
 }

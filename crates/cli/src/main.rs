@@ -9,6 +9,7 @@ mod pull_view;
 mod run;
 mod server_cmd;
 mod server_config;
+mod template;
 mod terminal;
 mod up;
 
@@ -57,6 +58,14 @@ struct HostArgs {
         default_value = "/run/podvisor"
     )]
     run_dir: PathBuf,
+    /// Directory of VM template RAM files (best on tmpfs).
+    #[arg(
+        long,
+        global = true,
+        env = "PODVISOR_TEMPLATE_RAM_DIR",
+        default_value = "/dev/shm/podvisor/templates"
+    )]
+    template_ram_dir: PathBuf,
     /// Accelerator: kvm or tcg (default: kvm if it really works here, else tcg).
     #[arg(long, global = true, env = "PODVISOR_ACCEL")]
     accel: Option<Accel>,
@@ -92,6 +101,7 @@ impl HostArgs {
         cfg.catalog = Some(settings.catalog);
         cfg.registry = settings.registry;
         cfg.run_dir = self.run_dir.clone();
+        cfg.template_ram_dir = self.template_ram_dir.clone();
         cfg.kernel = self.kernel.clone();
         cfg.agent = self.agent.clone();
         if let Some(secs) = self.boot_timeout {
@@ -130,6 +140,9 @@ enum Command {
     Image(image::ImageArgs),
     /// Save credentials for a registry in the docker config file.
     Login(image::LoginArgs),
+    /// Manage VM templates, the paused VMs pods fork from.
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
 }
 
 fn main() -> ExitCode {
@@ -164,6 +177,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(&cli.host, args).await,
             Command::Image(args) => image::run(&cli.host, args).await,
             Command::Login(args) => image::login(&cli.host, args).await,
+            Command::Template(cmd) => template::run(&cli.host, cmd).await,
         }
     });
     // A reader blocked on stdin must not hold the process open.

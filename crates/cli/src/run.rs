@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use podvisor_image::Platform;
-use podvisor_node::{ContainerOverrides, ImageSource, Outcome, PodIo, PodRequest};
+use podvisor_node::{ContainerOverrides, ImageSource, Outcome, PodIo, PodRequest, TemplateChoice};
 use tokio::sync::mpsc;
 
 use crate::HostArgs;
@@ -47,6 +47,14 @@ pub struct RunArgs {
     /// Platform to pull from a multi-platform image (os/arch[/variant]).
     #[arg(long, default_value = "linux/amd64")]
     platform: Platform,
+    /// VM template to fork from: auto (the deepest that fits, made on
+    /// demand), none (boot cold), or a template's name.
+    #[arg(long, default_value = "auto", value_parser = parse_template)]
+    template: TemplateChoice,
+    /// Share no memory with other pods (no VM template): templates are a
+    /// cross-VM side channel, like KSM.
+    #[arg(long)]
+    isolated: bool,
     /// The image: a registry reference (pulled unless cached), or an OCI
     /// layout directory or image archive (docker save, oci-archive) that
     /// exists, optionally followed by `:REF` to pick one of several.
@@ -78,9 +86,25 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
+/// `-e` entries as `KEY=VALUE`; a bare `KEY` takes the host's value.
+pub fn env_entries(args: &[String]) -> Vec<String> {
+    args.iter()
+        .map(|e| match e.split_once('=') {
+            Some(_) => e.clone(),
+            None => format!("{e}={}", std::env::var(e).unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// Parses `--template`.
+pub fn parse_template(s: &str) -> Result<TemplateChoice, String> {
+    s.parse()
+        .map_err(|e: podvisor_node::TemplateError| e.to_string())
+}
+
 /// What `IMAGE` names: a path that exists (whole, or before a `:REF`
 /// suffix) is a layout or archive; anything else is a registry reference.
-fn image_source(arg: &str) -> anyhow::Result<ImageSource> {
+pub fn image_source(arg: &str) -> anyhow::Result<ImageSource> {
     let whole = PathBuf::from(arg);
     if whole.exists() {
         return Ok(ImageSource::Path {
@@ -112,14 +136,7 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
     if args.tty && !stdin_is_tty {
         bail!("the input device is not a TTY: drop -t, or run from a terminal");
     }
-    let env = args
-        .env
-        .iter()
-        .map(|e| match e.split_once('=') {
-            Some(_) => e.clone(),
-            None => format!("{e}={}", std::env::var(e).unwrap_or_default()),
-        })
-        .collect();
+    let env = env_entries(&args.env);
     let terminal_size = if args.tty {
         Some(terminal::size().unwrap_or(podvisor_proto::TerminalSize { rows: 24, cols: 80 }))
     } else {
@@ -142,6 +159,8 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
         memory_mib: args.memory,
         image,
         overrides,
+        template: args.template,
+        isolated: args.isolated,
     };
     let mut cfg = host.node_config()?;
     cfg.platform = args.platform;

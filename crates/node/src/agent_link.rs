@@ -63,6 +63,11 @@ pub async fn connect(socket: &Path) -> Result<(AgentSender, AgentReceiver), Agen
 }
 
 impl AgentSender {
+    /// Closes the channel from this side; the VMM sees the host leave.
+    pub async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
     /// Sends one message.
     pub async fn send(&mut self, msg: &HostMessage) -> Result<(), AgentLinkError> {
         let frame = encode(msg)?;

@@ -11,8 +11,11 @@ use podvisor_vmm::Accel;
 pub struct NodeConfig {
     /// The image cache (layer disks, guest artifacts).
     pub cache_dir: PathBuf,
-    /// Runtime files of running pods (sockets, console logs).
+    /// Runtime files of running pods (sockets, console logs) and the
+    /// metadata and saved states of VM templates.
     pub run_dir: PathBuf,
+    /// RAM files of VM templates; tmpfs, so clones share page-cache pages.
+    pub template_ram_dir: PathBuf,
     /// Hypervisor backend name.
     pub hypervisor: String,
     /// Accelerator for pod VMs.
@@ -39,10 +42,12 @@ pub struct NodeConfig {
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/podvisor/cache";
 /// Default runtime directory.
 pub const DEFAULT_RUN_DIR: &str = "/run/podvisor";
+/// Default directory of template RAM files.
+pub const DEFAULT_TEMPLATE_RAM_DIR: &str = "/dev/shm/podvisor/templates";
 
 impl NodeConfig {
-    /// Defaults for `accel`, with directories from `PODVISOR_CACHE_DIR` and
-    /// `PODVISOR_RUN_DIR` when set.
+    /// Defaults for `accel`, with directories from `PODVISOR_CACHE_DIR`,
+    /// `PODVISOR_RUN_DIR` and `PODVISOR_TEMPLATE_RAM_DIR` when set.
     pub fn with_defaults(accel: Accel) -> Self {
         let env_dir = |var: &str, default: &str| {
             std::env::var_os(var)
@@ -52,6 +57,7 @@ impl NodeConfig {
         Self {
             cache_dir: env_dir("PODVISOR_CACHE_DIR", DEFAULT_CACHE_DIR),
             run_dir: env_dir("PODVISOR_RUN_DIR", DEFAULT_RUN_DIR),
+            template_ram_dir: env_dir("PODVISOR_TEMPLATE_RAM_DIR", DEFAULT_TEMPLATE_RAM_DIR),
             hypervisor: "qemu".into(),
             accel,
             kernel: None,

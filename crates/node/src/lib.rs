@@ -17,14 +17,17 @@ pub mod daemon;
 pub mod host;
 pub mod image_source;
 pub mod pod;
+pub mod pod_fork;
 pub mod pod_vm;
+pub mod templates;
 pub mod timings;
 
 pub use config::NodeConfig;
 pub use container::ContainerOverrides;
 pub use image_source::{ImageSource, PodImage, prepare_image};
 pub use pod::{Control, Outcome, PodIo, PodRequest, RunReport, run};
-pub use pod_vm::{PodVm, PodVmSpec};
+pub use pod_vm::{PodVm, PodVmSpec, RestoreSpec};
+pub use templates::{TemplateChoice, TemplateError};
 pub use timings::Timings;
 
 use std::time::Duration;
@@ -54,6 +57,10 @@ pub enum NodeError {
     HostileGuest(agent_link::AgentLinkError),
     #[error("agent channel: {0}")]
     Link(agent_link::AgentLinkError),
+    #[error(transparent)]
+    Template(Box<templates::TemplateError>),
+    #[error("the clone could not take on its own identity: {}", .0.join("; "))]
+    Identity(Vec<String>),
     #[error("{what}: {source}")]
     Io {
         what: String,

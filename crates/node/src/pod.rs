@@ -17,10 +17,12 @@ use tokio::sync::mpsc;
 use crate::agent_link::sanitize_guest_text;
 use crate::container::{ContainerOverrides, process_spec};
 use crate::pod_vm::{PodVm, PodVmSpec, new_pod_id};
+use crate::templates::{TemplateChoice, build::WARM_CONTAINER_ID};
 use crate::{NodeConfig, NodeError, Timings};
 
-/// Id of the one container of a `podvisor run` pod.
-const CONTAINER_ID: &str = "main";
+/// Id of the one container of a `podvisor run` pod (a warm template's
+/// container has it too: a clone attaches to it).
+const CONTAINER_ID: &str = WARM_CONTAINER_ID;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -32,6 +34,10 @@ pub struct PodRequest {
     /// The image: a registry reference or a local layout or archive.
     pub image: crate::ImageSource,
     pub overrides: ContainerOverrides,
+    /// Which VM template to fork from (`Auto`: the deepest that serves it).
+    pub template: TemplateChoice,
+    /// Share no memory with other pods: boot cold, never from a template.
+    pub isolated: bool,
 }
 
 /// Requests from the user while the container runs.
@@ -119,14 +125,23 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         memory_mib: req.memory_mib,
         guest,
         disks: layer_disks(image),
+        memory: podvisor_vmm::MemoryBacking::Anonymous,
         die_with_parent: true,
     };
     timings.prepare = t0.elapsed();
 
-    let mut pod = PodVm::boot(cfg, spec).await?;
-    timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);
+    let forked =
+        crate::pod_fork::from_template(cfg, &req, &image, &container, &spec, &mut timings).await?;
+    let (mut pod, warm) = match forked {
+        Some(forked) => forked,
+        None => {
+            let pod = PodVm::boot(cfg, spec).await?;
+            timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);
+            (pod, false)
+        }
+    };
 
-    let result = attach(cfg, &mut pod, container, io, &mut timings).await;
+    let result = attach(cfg, &mut pod, container, io, &mut timings, warm).await;
     let ended_at = Instant::now();
     match &result {
         Ok(_) => pod.shutdown(std::time::Duration::ZERO).await,
@@ -158,23 +173,33 @@ pub fn layer_disks(image: &Image) -> Vec<DiskSpec> {
         .collect()
 }
 
-/// Starts the container and relays its stdio, signals and resizes until it
-/// ends; returns how it ended.
+/// Starts the container (unless it already runs: `warm`, a clone of a
+/// warm template) and relays its stdio, signals and resizes until it ends;
+/// returns how it ended.
 async fn attach(
     cfg: &NodeConfig,
     pod: &mut PodVm,
     container: ContainerSpec,
     mut io: PodIo,
     timings: &mut Timings,
+    warm: bool,
 ) -> Result<Outcome, NodeError> {
     let wants_stdin = container.process.stdin;
-    pod.send(&HostMessage::StartContainer(container)).await?;
+    let mut started_at: Option<Instant> = None;
+    if warm {
+        started_at = Some(Instant::now());
+        if let Some(size) = container.process.terminal {
+            let id = CONTAINER_ID.into();
+            pod.send(&HostMessage::Resize { id, size }).await?;
+        }
+    } else {
+        pod.send(&HostMessage::StartContainer(container)).await?;
+    }
 
     let mut stdin_rx = match (wants_stdin, io.stdin.take()) {
         (true, Some(stdin)) => Some(spawn_stdin_reader(stdin)),
         _ => None,
     };
-    let mut started_at: Option<Instant> = None;
     let mut control_open = true;
     let outcome = loop {
         tokio::select! {

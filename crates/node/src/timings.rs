@@ -29,6 +29,13 @@ pub struct Timings {
     pub shutdown: Duration,
     /// Whole run.
     pub total: Duration,
+    /// The VM template the pod was forked from; `None`: booted cold.
+    pub forked_from: Option<String>,
+    /// Making missing or stale templates for this pod.
+    pub template_build: Duration,
+    /// Restoring the clone until it had its own identity (instead of the
+    /// boot stages).
+    pub fork: Duration,
 }
 
 impl Timings {
@@ -53,17 +60,32 @@ impl Timings {
 
     /// One line per stage, for humans.
     pub fn render(&self) -> String {
-        let rows = [
-            ("prepare (image, guest artifacts)", self.prepare),
-            ("QEMU start -> kernel", self.vmm_to_kernel),
-            ("kernel -> agent started", self.kernel_to_init),
-            ("agent: load modules", self.module_loading),
-            ("agent: modules -> ready", self.modules_to_ready),
-            ("agent ready -> container started", self.container_start),
-            ("container run", self.container_run),
-            ("exit -> VM gone", self.shutdown),
-            ("total", self.total),
-        ];
+        let mut rows = vec![("prepare (image, guest artifacts)".to_string(), self.prepare)];
+        match &self.forked_from {
+            Some(template) => {
+                if !self.template_build.is_zero() {
+                    rows.push(("make templates on demand".into(), self.template_build));
+                }
+                rows.push((format!("fork from template {template}"), self.fork));
+                rows.push((
+                    "clone ready -> container started".into(),
+                    self.container_start,
+                ));
+            }
+            None => {
+                rows.push(("QEMU start -> kernel".into(), self.vmm_to_kernel));
+                rows.push(("kernel -> agent started".into(), self.kernel_to_init));
+                rows.push(("agent: load modules".into(), self.module_loading));
+                rows.push(("agent: modules -> ready".into(), self.modules_to_ready));
+                rows.push((
+                    "agent ready -> container started".into(),
+                    self.container_start,
+                ));
+            }
+        }
+        rows.push(("container run".into(), self.container_run));
+        rows.push(("exit -> VM gone".into(), self.shutdown));
+        rows.push(("total".into(), self.total));
         rows.iter()
             .map(|(name, d)| format!("{name:<34} {:>8.3} s\n", d.as_secs_f64()))
             .collect()

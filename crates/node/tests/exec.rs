@@ -118,6 +118,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             memory_mib: 192,
             guest,
             disks: layer_disks(&image),
+            memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },
     )

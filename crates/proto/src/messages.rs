@@ -34,6 +34,10 @@ pub enum HostMessage {
     /// its own identity before anything else runs. Answered by
     /// [`GuestMessage::IdentitySet`].
     Identity(CloneIdentity),
+    /// Wait for these layer disks (virtio-blk serials) and mount them now,
+    /// ahead of any container: a template is saved with its image's layers
+    /// probed and mounted. Answered by [`GuestMessage::LayersMounted`].
+    MountLayers { layers: Vec<String> },
 }
 
 /// What makes a clone of a VM template its own machine. Every clone resumes
@@ -76,6 +80,9 @@ pub enum GuestMessage {
     /// The answer to [`HostMessage::Identity`]: every step that failed, each
     /// named; empty when the clone fully took on its identity.
     IdentitySet { errors: Vec<String> },
+    /// The answer to [`HostMessage::MountLayers`]: `None` when every layer
+    /// is mounted, else what failed.
+    LayersMounted { error: Option<String> },
 }
 
 /// A process the agent runs, as listed in [`GuestMessage::Processes`].

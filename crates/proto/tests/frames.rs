@@ -44,6 +44,9 @@ fn messages_round_trip_through_frames() {
             unix_time_ns: 1_700_000_000_123_456_789,
             entropy: vec![7; 64],
         }),
+        HostMessage::MountLayers {
+            layers: vec!["pvl0".into()],
+        },
     ];
     let mut wire = Vec::new();
     for m in &msgs {

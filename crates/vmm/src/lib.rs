@@ -186,10 +186,16 @@ pub trait Hypervisor: Send + Sync {
         state: Box<dyn Read + Send>,
     ) -> Result<Box<dyn Vm>, VmmError>;
 
-    /// The VMM's version, e.g. `QEMU emulator version 7.2.22 (…)`: a saved
-    /// state is only restored by the build that saved it. Runs the VMM
-    /// binary; callers cache it.
+    /// The VMM's version and podvisor's device layout for it, e.g.
+    /// `QEMU emulator version 7.2.22 (…); podvisor device layout 1`: a
+    /// saved state is only restored by the build and layout that saved it.
+    /// Runs the VMM binary; callers cache it under
+    /// [`Hypervisor::version_fingerprint`].
     fn version(&self) -> Result<String, VmmError>;
+
+    /// A cheap identity of the VMM binary (resolved path, size, modification
+    /// time, inode) that changes whenever [`Hypervisor::version`] may.
+    fn version_fingerprint(&self) -> Result<String, VmmError>;
 }
 
 /// A running VM.

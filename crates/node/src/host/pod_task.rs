@@ -359,6 +359,7 @@ impl PodTask {
                     memory_mib: plan.memory_mib,
                     guest,
                     disks: images.disks,
+                    memory: podvisor_vmm::MemoryBacking::Anonymous,
                     die_with_parent: false,
                 };
                 PodVm::boot(&cfg.node, spec).await

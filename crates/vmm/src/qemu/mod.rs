@@ -29,6 +29,10 @@ const CONTROL_SOCKET_TIMEOUT: Duration = Duration::from_secs(15);
 const STATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Id of the memory backend object holding guest RAM in a file.
 const RAM_BACKEND_ID: &str = "ram0";
+/// Version of the devices and addresses podvisor gives a VM. Bump it when
+/// the command line changes in a way a saved state would notice (a device
+/// added or moved), so templates saved before are seen as stale.
+pub const DEVICE_LAYOUT: u32 = 1;
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -45,6 +49,21 @@ impl Qemu {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "qemu-system-x86_64".into()),
         }
+    }
+
+    /// The binary's path, looked up in `PATH` when it has no `/`, with
+    /// symbolic links resolved.
+    pub fn resolved_binary(&self) -> Option<PathBuf> {
+        let found = if self.binary.components().count() > 1 {
+            Some(self.binary.clone())
+        } else {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join(&self.binary))
+                    .find(|p| p.is_file())
+            })
+        }?;
+        std::fs::canonicalize(found).ok()
     }
 
     /// The typed command line for a spec; `incoming`: wait for a saved
@@ -268,6 +287,26 @@ impl Hypervisor for Qemu {
         Ok(Box::new(vm))
     }
 
+    fn version_fingerprint(&self) -> Result<String, VmmError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.resolved_binary().ok_or_else(|| VmmError::Spawn {
+            binary: self.binary.display().to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let md = std::fs::metadata(&path).map_err(|source| VmmError::Io {
+            what: format!("stat {}", path.display()),
+            source,
+        })?;
+        Ok(format!(
+            "{} size={} mtime={}.{} ino={} layout={DEVICE_LAYOUT}",
+            path.display(),
+            md.len(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ino()
+        ))
+    }
+
     fn version(&self) -> Result<String, VmmError> {
         let out = std::process::Command::new(&self.binary)
             .arg("--version")
@@ -279,7 +318,9 @@ impl Hypervisor for Qemu {
             })?;
         let text = String::from_utf8_lossy(&out.stdout);
         match text.lines().next().map(str::trim) {
-            Some(line) if out.status.success() && !line.is_empty() => Ok(line.to_string()),
+            Some(line) if out.status.success() && !line.is_empty() => {
+                Ok(format!("{line}; podvisor device layout {DEVICE_LAYOUT}"))
+            }
             _ => Err(VmmError::InvalidSpec(format!(
                 "{} --version printed no version",
                 self.binary.display()
