@@ -199,6 +199,7 @@ fn vm_sigterm_to_podvisor_reaches_the_container() {
         .arg(t.cache_dir())
         .arg("--run-dir")
         .arg(t.run_dir())
+        .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .arg("run")
         .arg(&image)
         .args([

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A scratch directory for one test, removed when dropped.
+/// A scratch directory for one test, removed when dropped, with a second
+/// one on tmpfs for VM template RAM files.
 pub struct TestDir {
     dir: tempfile::TempDir,
+    ram: tempfile::TempDir,
 }
 
 impl TestDir {
@@ -22,7 +24,14 @@ impl TestDir {
             .expect("create temp dir");
         std::fs::create_dir_all(dir.path().join("cache")).unwrap();
         std::fs::create_dir_all(dir.path().join("run")).unwrap();
-        Self { dir }
+        // Template RAM belongs on tmpfs, as in production; fall back to the
+        // test directory where /dev/shm is missing.
+        let ram = tempfile::Builder::new()
+            .prefix("podvisor-test-ram-")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir_in(dir.path()))
+            .expect("create template RAM dir");
+        Self { dir, ram }
     }
 
     pub fn path(&self) -> &Path {
@@ -37,6 +46,11 @@ impl TestDir {
     /// The pod runtime directory of this test.
     pub fn run_dir(&self) -> PathBuf {
         self.path().join("run")
+    }
+
+    /// The VM template RAM directory of this test.
+    pub fn template_ram_dir(&self) -> &Path {
+        self.ram.path()
     }
 
     /// Names of the complete layer disks in the cache (ChainID hex).
@@ -59,6 +73,7 @@ impl TestDir {
             .arg("--run-dir")
             .arg(self.run_dir())
             .current_dir(self.path())
+            .env("PODVISOR_TEMPLATE_RAM_DIR", self.template_ram_dir())
             .env_remove("PODVISOR_LOG");
         PodvisorCommand {
             cmd,
