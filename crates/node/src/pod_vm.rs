@@ -60,6 +60,9 @@ pub struct RestoreSpec {
     pub hostname: String,
 }
 
+/// How long a VM about to be saved runs after its host left.
+const SAVE_SETTLE: Duration = Duration::from_millis(100);
+
 /// Random bytes each clone's kernel RNG gets.
 const IDENTITY_ENTROPY: usize = 64;
 
@@ -155,6 +158,7 @@ impl PodVm {
         let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
         let mut vm = hypervisor.restore(&vm_spec, restore.state).await?;
+        tracing::debug!(pod = %spec.id, elapsed = ?launched_at.elapsed(), "state loaded");
         let (mut tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
             Ok(link) => link,
             Err(e) => {
@@ -218,7 +222,7 @@ impl PodVm {
                 });
             }
         }
-        tracing::debug!(pod = %spec.id, "clone resumed with its own identity");
+        tracing::debug!(pod = %spec.id, elapsed = ?launched_at.elapsed(), "clone has its own identity");
         Ok(PodVm {
             id: spec.id,
             agent,
@@ -250,6 +254,10 @@ impl PodVm {
             while self.rx.recv().await.is_ok() {}
         })
         .await;
+        // Let the agent see the host leave, so that it drops a frame it
+        // was half-way through writing rather than finish it to a clone's
+        // host (clones cope either way, answering their identity).
+        tokio::time::sleep(SAVE_SETTLE).await;
         let result = self.vm.save_state(sink).await;
         let _ = self.vm.kill().await;
         Ok(result?)

@@ -334,7 +334,12 @@ mod tests {
     fn finds_the_processes_mapping_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mapped.ram");
-        let f = File::create(&path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
         f.set_len(4096).unwrap();
         assert!(mapped_by(&path).is_empty());
         // SAFETY: a private read-only mapping of a file we own.

@@ -87,19 +87,34 @@ pub async fn choose(
             ensure(cfg, &dirs, name, &meta.recipe, guest, meta.image.clone()).await
         }
         TemplateChoice::Auto => {
-            let warm = dirs.list().into_iter().find_map(|(name, meta)| {
-                meta.ok()
-                    .filter(|m| m.kind == TemplateKind::Warm && m.recipe.serves(pod))
-                    .map(|m| (name, m.recipe))
-            });
-            if let Some((name, recipe)) = warm {
-                return ensure(cfg, &dirs, &name, &recipe, guest, image.map(str::to_string)).await;
+            let stored: Vec<TemplateMeta> = dirs
+                .list()
+                .into_iter()
+                .filter_map(|(_, m)| m.ok())
+                .collect();
+            let warm = stored
+                .iter()
+                .find(|m| m.kind == TemplateKind::Warm && m.recipe.serves(pod));
+            if let Some(m) = warm {
+                return ensure(cfg, &dirs, &m.name, &m.recipe, guest, m.image.clone()).await;
             }
             let recipe = pod.image();
-            let name = recipe.auto_name();
+            let name = named_for(&stored, &recipe);
             ensure(cfg, &dirs, &name, &recipe, guest, image.map(str::to_string)).await
         }
     }
+}
+
+/// The name of a stored template made from exactly `recipe`, preferring
+/// the one `auto` would give it; that name if there is none.
+fn named_for(stored: &[TemplateMeta], recipe: &Recipe) -> String {
+    let auto = recipe.auto_name();
+    stored
+        .iter()
+        .filter(|m| m.recipe == *recipe)
+        .map(|m| m.name.clone())
+        .min_by_key(|n| *n != auto)
+        .unwrap_or(auto)
 }
 
 /// Why a template's recipe does not serve a pod, for people.
@@ -192,7 +207,12 @@ fn ensure<'a>(
                 build::base(cfg, dirs, b).await?
             } else {
                 let base_recipe = recipe.base();
-                let base_name = base_recipe.auto_name();
+                let stored: Vec<TemplateMeta> = dirs
+                    .list()
+                    .into_iter()
+                    .filter_map(|(_, m)| m.ok())
+                    .collect();
+                let base_name = named_for(&stored, &base_recipe);
                 let base = ensure(cfg, dirs, &base_name, &base_recipe, guest, None).await?;
                 build::child(cfg, dirs, b, &base.meta).await?
             };

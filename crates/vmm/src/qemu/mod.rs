@@ -266,7 +266,9 @@ impl Hypervisor for Qemu {
         spec: &VmSpec,
         state: Box<dyn Read + Send>,
     ) -> Result<Box<dyn Vm>, VmmError> {
+        let started = Instant::now();
         let mut vm = self.spawn(spec, true).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "qemu waits for the state");
         let ram_in_file = vm.ram_in_file;
         let result = match vm.qmp.as_mut() {
             Some(qmp) => snapshot::restore(qmp, ram_in_file, state, STATE_TIMEOUT).await,
