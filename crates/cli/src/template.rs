@@ -107,6 +107,9 @@ pub async fn run(host: &HostArgs, cmd: TemplateCommand) -> anyhow::Result<u8> {
             for (name, pids) in &report.in_use {
                 println!("kept {name}: in use by {}", pid_list(pids));
             }
+            for file in &report.orphan_files {
+                println!("removed {} (no template uses it)", file.display());
+            }
             Ok(0)
         }
     }

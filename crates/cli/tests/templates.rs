@@ -78,6 +78,20 @@ fn templates_of_kind(t: &TestDir, kind: &str) -> Vec<String> {
     names
 }
 
+/// Every template RAM file under `dir` (one level of subdirectories).
+fn ram_files(dir: &Path) -> Vec<PathBuf> {
+    let entries = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    entries(dir)
+        .into_iter()
+        .flat_map(|p| if p.is_dir() { entries(&p) } else { vec![p] })
+        .filter(|p| p.extension().is_some_and(|x| x == "ram"))
+        .collect()
+}
+
 fn sha256_file(path: &Path) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
 }
@@ -484,7 +498,7 @@ fn vm_changed_inputs_make_templates_stale_and_they_are_rebuilt() {
         prune.stdout
     );
     assert!(templates_of_kind(&t, "image").is_empty());
-    let leftover: Vec<_> = std::fs::read_dir(t.template_ram_dir()).unwrap().collect();
+    let leftover = ram_files(t.template_ram_dir());
     assert!(leftover.is_empty(), "RAM files left: {leftover:?}");
     assert_pods_gone(&t);
 }

@@ -95,6 +95,7 @@ fn vm_interactive_shell_with_resize_and_ctrl_c() {
         .arg(t.cache_dir())
         .arg("--run-dir")
         .arg(t.run_dir())
+        .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .args(["run", "-it"])
         .arg(&image)
         .args(["--", "sh"])

@@ -131,7 +131,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     timings.prepare = t0.elapsed();
 
     let forked =
-        crate::pod_fork::from_template(cfg, &req, &image, &container, &spec, &mut timings).await?;
+        crate::pod_fork::from_template(cfg, &req, image, &container, &spec, &mut timings).await?;
     let (mut pod, warm) = match forked {
         Some(forked) => forked,
         None => {

@@ -31,6 +31,7 @@ pub fn podvisor_at(t: &TestDir, cache: &Path) -> PodvisorCommand {
         .arg(t.run_dir())
         .env("DOCKER_CONFIG", t.path().join("docker"))
         .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))
+        .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .timeout(Duration::from_secs(240))
 }
 

@@ -67,6 +67,7 @@ fn vm_gc_never_removes_a_disk_a_running_pod_uses() {
         .arg("--run-dir")
         .arg(t.run_dir())
         .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))
+        .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .args(["run", &reference, "--", "sh", "-c"])
         .arg("trap 'exit 0' TERM; echo ready; while true; do sleep 0.2; done")
         .stdout(Stdio::piped())

@@ -76,6 +76,16 @@ pub async fn base(
         state: state.clone(),
         committed: false,
     };
+    // QEMU would create it world-readable; it holds guest memory.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&ram)
+            .map_err(|e| TemplateError::io("create", &ram, e))?;
+    }
     let spec = PodVmSpec {
         id: format!("template-{gen_id}"),
         cpus: build.recipe.cpus,

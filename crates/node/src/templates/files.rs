@@ -18,8 +18,24 @@ use super::meta::TemplateMeta;
 pub struct TemplateDirs {
     /// Metadata, states and locks: `<run dir>/templates`.
     pub meta: PathBuf,
-    /// RAM files (tmpfs by default).
+    /// The template RAM directory (tmpfs by default), shared by every run
+    /// directory of the host.
+    pub ram_root: PathBuf,
+    /// This run directory's RAM files: `<ram_root>/<owner id>/`, with an
+    /// [`OWNER_FILE`] naming the run directory.
     pub ram: PathBuf,
+    /// The run directory (canonical).
+    pub run_dir: PathBuf,
+}
+
+/// File in a RAM subdirectory naming the run directory it belongs to.
+pub const OWNER_FILE: &str = "owner";
+
+/// The name of a run directory's RAM subdirectory: 16 hex digits of the
+/// SHA-256 of its path.
+pub fn owner_id(run_dir: &Path) -> String {
+    let digest = Sha256::digest(run_dir.as_os_str().as_encoded_bytes());
+    format!("{digest:x}")[..16].to_string()
 }
 
 impl TemplateDirs {
@@ -41,7 +57,8 @@ impl TemplateDirs {
         )
     }
 
-    /// Creates both directories (owner-only: templates hold guest memory).
+    /// Creates both directories (owner-only: templates hold guest memory)
+    /// and records which run directory the RAM subdirectory belongs to.
     pub fn create(&self) -> Result<(), TemplateError> {
         use std::os::unix::fs::DirBuilderExt;
         for dir in [&self.meta, &self.ram] {
@@ -51,7 +68,50 @@ impl TemplateDirs {
                 .create(dir)
                 .map_err(|e| TemplateError::io("create directory", dir, e))?;
         }
+        let owner = self.ram.join(OWNER_FILE);
+        if !owner.exists() {
+            std::fs::write(&owner, self.run_dir.as_os_str().as_encoded_bytes())
+                .map_err(|e| TemplateError::io("write", &owner, e))?;
+        }
         Ok(())
+    }
+
+    /// Removes the RAM files of run directories that no longer exist (a
+    /// test's temporary directory, a host's old run directory): every
+    /// subdirectory of the RAM root whose owner's `templates/` is gone,
+    /// except files a process still maps. Returns the files removed.
+    pub fn collect_orphans(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.ram_root) else {
+            return removed;
+        };
+        for sub in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let Ok(owner) = std::fs::read(sub.join(OWNER_FILE)) else {
+                continue; // not one of ours, or being created
+            };
+            let owner = PathBuf::from(String::from_utf8_lossy(&owner).into_owned());
+            if owner.join(super::TEMPLATES_SUBDIR).exists() || sub == self.ram {
+                continue;
+            }
+            let mut all_gone = true;
+            for file in std::fs::read_dir(&sub)
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_else(|_| Vec::new())
+            {
+                if file.extension().is_some_and(|x| x == "ram") {
+                    if mapped_by(&file).is_empty() && std::fs::remove_file(&file).is_ok() {
+                        removed.push(file);
+                    } else {
+                        all_gone = false;
+                    }
+                }
+            }
+            if all_gone {
+                let _ = std::fs::remove_file(sub.join(OWNER_FILE));
+                let _ = std::fs::remove_dir(&sub);
+            }
+        }
+        removed
     }
 
     /// Every stored template's metadata, by name; unreadable ones as errors.
@@ -99,6 +159,19 @@ pub struct TemplateLock {
 }
 
 impl TemplateLock {
+    /// Takes the lock exclusively if nobody holds it now.
+    pub fn try_exclusive(dirs: &TemplateDirs, name: &str) -> Option<TemplateLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dirs.lock_file(name))
+            .ok()?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .ok()
+            .map(|lock| TemplateLock { _lock: lock })
+    }
+
     /// Waits for the lock (in a blocking thread: a build can take a while).
     pub async fn acquire(
         dirs: &TemplateDirs,
@@ -318,6 +391,32 @@ mod tests {
         assert!(allocated < 4 << 20, "copy allocated {allocated} bytes");
         // Never onto an existing file.
         assert!(copy_sparse(&from, &to).is_err());
+    }
+
+    #[test]
+    fn ram_of_vanished_run_dirs_is_collected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs_for = |run: &Path| TemplateDirs {
+            meta: run.join("templates"),
+            ram_root: tmp.path().join("ram"),
+            ram: tmp.path().join("ram").join(owner_id(run)),
+            run_dir: run.to_path_buf(),
+        };
+        let live = dirs_for(&tmp.path().join("live"));
+        let gone = dirs_for(&tmp.path().join("gone"));
+        for d in [&live, &gone] {
+            d.create().unwrap();
+            std::fs::write(d.ram.join("t.1.ram"), b"x").unwrap();
+        }
+        assert_ne!(live.ram, gone.ram);
+        std::fs::remove_dir_all(tmp.path().join("gone")).unwrap();
+        assert_eq!(live.collect_orphans(), [gone.ram.join("t.1.ram")]);
+        assert!(!gone.ram.exists());
+        assert!(live.ram.join("t.1.ram").exists());
+        // Directories without an owner file are left alone.
+        std::fs::create_dir(tmp.path().join("ram/other")).unwrap();
+        assert!(live.collect_orphans().is_empty());
+        assert!(tmp.path().join("ram/other").exists());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `podvisor template create|ls|rm|prune`: making templates on request,
 //! reporting their state, and removing them, never under running clones.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use podvisor_image::progress::NoProgress;
@@ -217,15 +218,21 @@ pub async fn remove(cfg: &NodeConfig, name: &str) -> Result<(), TemplateError> {
 #[derive(Debug, Default)]
 pub struct PruneReport {
     pub removed: Vec<String>,
+    /// RAM files that belonged to no template.
+    pub orphan_files: Vec<PathBuf>,
     /// Templates that would have gone but are in use, with their users.
     pub in_use: Vec<(String, Vec<u32>)>,
 }
 
 /// Removes stale, corrupt and unreadable templates (every unused one with
-/// `all`), and retired RAM files no clone maps any more. Templates in use
-/// are kept.
+/// `all`), retired RAM files no clone maps any more, RAM files no template
+/// refers to (left by a build that was killed) and those of run
+/// directories that are gone. Templates in use are kept.
 pub async fn prune(cfg: &NodeConfig, all: bool) -> Result<PruneReport, TemplateError> {
     let mut report = PruneReport::default();
+    let dirs = super::dirs(cfg);
+    report.orphan_files = dirs.collect_orphans();
+    report.orphan_files.extend(unreferenced_ram(&dirs));
     for (name, status) in list(cfg) {
         match status {
             Ok(s) if s.stale.is_empty() && !all => {
@@ -246,6 +253,42 @@ pub async fn prune(cfg: &NodeConfig, all: bool) -> Result<PruneReport, TemplateE
         }
     }
     Ok(report)
+}
+
+/// Removes this run directory's RAM files that no template's metadata
+/// names, unless mapped or being built (their template's lock is held).
+fn unreferenced_ram(dirs: &super::TemplateDirs) -> Vec<PathBuf> {
+    let referenced: Vec<PathBuf> = dirs
+        .list()
+        .into_iter()
+        .filter_map(|(_, m)| m.ok())
+        .flat_map(|m| std::iter::once(m.ram_file).chain(m.retired))
+        .collect();
+    let files: Vec<PathBuf> = std::fs::read_dir(&dirs.ram)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let mut removed = Vec::new();
+    for file in files {
+        let Some(name) = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ram"))
+            .and_then(|n| n.rsplit_once('.'))
+            .map(|(name, _build)| name.to_string())
+        else {
+            continue;
+        };
+        if referenced.contains(&file) {
+            continue;
+        }
+        let Some(_lock) = TemplateLock::try_exclusive(dirs, &name) else {
+            continue; // being built
+        };
+        if files::mapped_by(&file).is_empty() && files::remove_file(&file).is_ok() {
+            removed.push(file);
+        }
+    }
+    removed
 }
 
 async fn drop_unused_retired(cfg: &NodeConfig, name: &str) -> Result<(), TemplateError> {

@@ -14,9 +14,9 @@
 //! digest, VMM version and device layout, layer disks) are unchanged; a
 //! stale one is rebuilt, never used. Files: metadata and saved device
 //! states under `<run dir>/templates/` (host-local, like the RAM files,
-//! which live on tmpfs: `/dev/shm/podvisor/templates` by default). A RAM
-//! file that running clones map is never written or removed
-//! ([`manage::remove`] refuses and names them).
+//! which live on tmpfs: `/dev/shm/podvisor/templates/<run dir id>/` by
+//! default). A RAM file that running clones map is never written or
+//! removed ([`manage::remove`] refuses and names them).
 
 pub mod build;
 pub mod files;
@@ -37,11 +37,16 @@ use crate::{NodeConfig, NodeError};
 /// Subdirectory of the run directory holding template metadata and states.
 pub const TEMPLATES_SUBDIR: &str = "templates";
 
-/// Where this host's templates live.
+/// Where this host's templates live: metadata under the run directory,
+/// RAM in a subdirectory of the template RAM directory named after the run
+/// directory (several run directories may share one RAM directory).
 pub fn dirs(cfg: &NodeConfig) -> TemplateDirs {
+    let run_dir = std::fs::canonicalize(&cfg.run_dir).unwrap_or_else(|_| cfg.run_dir.clone());
     TemplateDirs {
         meta: cfg.run_dir.join(TEMPLATES_SUBDIR),
-        ram: cfg.template_ram_dir.clone(),
+        ram_root: cfg.template_ram_dir.clone(),
+        ram: cfg.template_ram_dir.join(files::owner_id(&run_dir)),
+        run_dir,
     }
 }
 
