@@ -140,12 +140,19 @@ impl Bench {
         (pss, private, count)
     }
 
-    /// kB the template RAM files take on tmpfs.
+    /// kB the template RAM files take on tmpfs (they sit in a
+    /// subdirectory per run directory).
     fn template_ram_kb(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        std::fs::read_dir(self.ram.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
+        let entries = |d: &std::path::Path| -> Vec<std::fs::DirEntry> {
+            std::fs::read_dir(d)
+                .map(|rd| rd.filter_map(|e| e.ok()).collect())
+                .unwrap_or_default()
+        };
+        entries(self.ram.path())
+            .into_iter()
+            .flat_map(|e| entries(&e.path()))
+            .filter(|e| e.path().extension().is_some_and(|x| x == "ram"))
             .map(|e| e.metadata().unwrap().blocks() / 2)
             .sum()
     }
