@@ -92,6 +92,8 @@ fn exec(id: &str, args: &[&str]) -> HostMessage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     let dir = tempfile::tempdir().unwrap();
+    // VMs outlive their handles here: never leave one behind a failed test.
+    let _vms = VmReaper(dir.path().to_path_buf());
     let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
     cfg.cache_dir = dir.path().join("cache");
     cfg.run_dir = dir.path().join("run");
@@ -281,4 +283,14 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     let second = until_exit(&mut pod, "web", &mut Vec::new()).await;
     assert_eq!(second.stdout, "fresh\n");
     pod.shutdown(Duration::ZERO).await;
+}
+
+/// Kills, when dropped, every process whose command line names the test's
+/// directory (the test's VMs, which outlive their handles by design).
+struct VmReaper(std::path::PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        podvisor_testbed::daemon::kill_mentioning(&self.0.display().to_string());
+    }
 }

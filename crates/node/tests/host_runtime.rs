@@ -102,6 +102,8 @@ fn running(s: &PodState, i: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
+    // VMs outlive their handles here: never leave one behind a failed test.
+    let _vms = VmReaper(dir.path().to_path_buf());
     let image: PathBuf = dir.path().join("busybox.tar");
     ImageBuilder::new()
         .busybox_layer()
@@ -261,6 +263,8 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
 #[tokio::test]
 async fn a_missing_image_is_reported_and_retried() {
     let dir = tempfile::tempdir().unwrap();
+    // VMs outlive their handles here: never leave one behind a failed test.
+    let _vms = VmReaper(dir.path().to_path_buf());
     let (rt, _feed) = PodRuntime::open(config(dir.path())).unwrap();
     let missing = dir.path().join("no-such-image.tar");
     rt.run(plan(
@@ -283,4 +287,14 @@ async fn a_missing_image_is_reported_and_retried() {
     };
     assert!(m.contains("no-such-image.tar"), "{m}");
     assert!(rt.delete("uid-bad", None).await);
+}
+
+/// Kills, when dropped, every process whose command line names the test's
+/// directory (the test's VMs, which outlive their handles by design).
+struct VmReaper(std::path::PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        podvisor_testbed::daemon::kill_mentioning(&self.0.display().to_string());
+    }
 }
