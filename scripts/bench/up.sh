@@ -58,18 +58,26 @@ spec:
 EOF
 }
 
-# Seconds until pods $@ are all Running.
+# The pod's own timestamps: created (server) -> VM up (host) -> container
+# started (host).
+stages() {
+    "$bin" get pods "$1" -o json | python3 -c '
+import json, sys
+from datetime import datetime
+p = json.load(sys.stdin)
+t = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
+created = t(p["metadata"]["creationTimestamp"])
+vm = t(p["status"]["startTime"])
+run = t(p["status"]["containerStatuses"][0]["state"]["running"]["startedAt"])
+print(f"created->VM up {(vm - created).total_seconds():.3f} s, VM up->container started {(run - vm).total_seconds():.3f} s")'
+}
+
+# Seconds until pods $@ are all Running (polled every 50 ms).
 wait_running() {
     local t0=$1; shift
-    while :; do
-        local json running=0
-        json=$("$bin" get pods -o json 2>/dev/null || true)
-        for p in "$@"; do
-            python3 -c 'import json,sys; d=json.load(sys.stdin); n=sys.argv[1]; sys.exit(0 if any(p["metadata"]["name"]==n and p.get("status",{}).get("phase")=="Running" for p in d["items"]) else 1)' "$p" <<<"$json" && running=$((running + 1))
-        done
-        [ "$running" = "$#" ] && break
-        sleep 0.1
-    done
+    local pattern
+    pattern="^($(IFS='|'; echo "$*")) +1/1 +Running "
+    until [ "$("$bin" get pods 2>/dev/null | grep -cE "$pattern")" = "$#" ]; do sleep 0.05; done
     since "$t0"
 }
 
@@ -84,7 +92,7 @@ start_up
 for i in $(seq "$rounds"); do
     t0=$(now)
     pod one | "$bin" apply -f - >/dev/null
-    echo "apply    round $i: $(wait_running "$t0" one) s"
+    echo "apply    round $i: $(wait_running "$t0" one) s until get pods says Running; $(stages one)"
     "$bin" delete pod one --wait >/dev/null
 done
 
