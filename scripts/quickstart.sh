@@ -41,6 +41,11 @@ for _ in $(seq 60); do
 done
 podvisor get hosts
 
+# The image goes into the global cache under its name (busybox:latest), so
+# pods name it as they would on Kubernetes; a reference the cache does not
+# have is pulled from its registry.
+podvisor image import "$image"
+
 # A pod as Kubernetes users write it.
 cat >"$examples/hello-pod.yaml" <<EOF
 apiVersion: v1
@@ -53,7 +58,7 @@ spec:
   restartPolicy: Never
   containers:
   - name: hello
-    image: $image
+    image: busybox
     command: [sh, -c]
     args: ['echo "hello from pod \$(hostname), in a VM running \$(uname -s) \$(uname -r) with \$(nproc) CPU"']
     resources:

@@ -241,6 +241,21 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
     );
     assert_eq!(read_log(&rt, "web", "server", None).await, "hi from web\n");
 
+    // The pods hold their layers in the catalog (across the runtime's
+    // restart): with the image itself removed, GC keeps the layer for them.
+    let cache = podvisor_image::LayerCache::open(&cfg.node.cache_dir).unwrap();
+    let catalog = podvisor_image::Catalog::open(&cfg.node.catalog_url())
+        .await
+        .unwrap();
+    let manifest = catalog.manifests().await.unwrap().remove(0).digest;
+    let removed = podvisor_image::gc::remove_image(&cache, &catalog, &manifest.to_string())
+        .await
+        .unwrap();
+    assert!(removed.removed.is_empty(), "{removed:?}");
+    let holders = format!("{:?}", removed.in_use);
+    assert!(holders.contains("pod default/web (uid-web)"), "{holders}");
+    assert_eq!(cache.list().unwrap().len(), 1);
+
     // Delete: the VM stops and every file of the pod goes.
     assert!(rt.delete("uid-web", None).await);
     assert!(vm_processes(&state_dir).is_empty());
@@ -252,6 +267,11 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
             .next()
             .is_none()
     );
+    // Deleted, the pods let go of their layers: GC removes them now.
+    let gc = podvisor_image::gc::gc(&cache, &catalog).await.unwrap();
+    assert_eq!(gc.removed.len(), 1, "{gc:?}");
+    assert!(cache.list().unwrap().is_empty());
+    catalog.close().await;
     assert!(
         std::fs::read_dir(state_dir.join("run/pods"))
             .unwrap()

@@ -59,7 +59,7 @@ fn ack_without_vm_acknowledges_pods_and_starts_nothing() {
         .map(|i| {
             sleeper_yaml(
                 &format!("p{i}"),
-                std::path::Path::new("/nonexistent.tar"),
+                "registry.invalid/nothing:1",
                 "10m",
                 "128Mi",
             )

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use podvisor_testbed::cli::PodvisorCommand;
 use podvisor_testbed::daemon::{Daemon, free_port, pids_mentioning};
 use podvisor_testbed::etcd::EtcdServer;
+use podvisor_testbed::registry::Registry;
 
 use crate::fixture::*;
 
@@ -196,7 +197,12 @@ fn vm_cluster_spreads_pods_adopts_vms_and_survives_a_replica() {
     assert!(out.stderr.contains("401"), "{}", out.stderr);
 
     // Six pods of 1 CPU on hosts of 2.5 CPUs: two on each host.
-    let image = c.s.busybox();
+    // The image comes from a registry, pulled through the hosts' shared
+    // cache.
+    let registry = Registry::start();
+    let built = busybox_image().build().unwrap();
+    registry.push(&built, "busybox", "latest");
+    let image = registry.reference("busybox", "latest");
     let names: Vec<String> = (1..=6).map(|i| format!("sleeper-{i}")).collect();
     let yaml: String = names
         .iter()
@@ -205,7 +211,7 @@ fn vm_cluster_spreads_pods_adopts_vms_and_survives_a_replica() {
         .join("---\n");
     c.cli(0).args(["apply", "-f", "-"]).stdin(yaml).success();
     // An image that does not exist (a small pod that fits beside them).
-    let missing = c.s.path().join("no-such-image.tar");
+    let missing = registry.reference("no-such-image", "latest");
     c.cli(1)
         .args(["apply", "-f", "-"])
         .stdin(sleeper_yaml("ghost", &missing, "100m", "128Mi"))
@@ -253,7 +259,14 @@ fn vm_cluster_spreads_pods_adopts_vms_and_survives_a_replica() {
             }
         },
     );
-    assert!(ghost.contains("no-such-image.tar"), "{ghost}");
+    assert!(ghost.contains("no-such-image"), "{ghost}");
+    // Six pods on three hosts sharing a cache: the layer was fetched once.
+    assert_eq!(
+        registry.blob_gets(&built.layer_digests[0]),
+        1,
+        "{:?}",
+        registry.all_blob_gets()
+    );
     let described = c.cli(1).args(["describe", "pod", "ghost"]).success().stdout;
     assert!(described.contains("ErrImagePull"), "{described}");
 

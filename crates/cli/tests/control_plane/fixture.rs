@@ -70,15 +70,11 @@ impl Scratch {
         Daemon::spawn(name, self.daemon_command(args), &log)
     }
 
-    /// An OCI archive of a busybox image.
+    /// An OCI archive of a busybox image named `busybox:latest`.
     pub fn busybox(&self) -> PathBuf {
         let path = self.path().join("busybox.tar");
         if !path.exists() {
-            ImageBuilder::new()
-                .busybox_layer()
-                .cmd(&["sh"])
-                .write_oci_archive(&path)
-                .unwrap();
+            busybox_image().write_oci_archive(&path).unwrap();
         }
         path
     }
@@ -88,6 +84,14 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         kill_mentioning(&self.path().display().to_string());
     }
+}
+
+/// A busybox image named `busybox:latest`.
+pub fn busybox_image() -> ImageBuilder {
+    ImageBuilder::new()
+        .busybox_layer()
+        .cmd(&["sh"])
+        .tag("busybox:latest")
 }
 
 /// Fails unless the command exited with `code`, showing its output.
@@ -162,7 +166,7 @@ pub fn all_running(pods: &[Pod], names: &[String]) -> bool {
 }
 
 /// A pod running `sleep`, as YAML.
-pub fn sleeper_yaml(name: &str, image: &Path, cpu: &str, memory: &str) -> String {
+pub fn sleeper_yaml(name: &str, image: &str, cpu: &str, memory: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -183,6 +187,5 @@ spec:
         cpu: {cpu}
         memory: {memory}
 ",
-        image = image.display()
     )
 }

@@ -54,7 +54,11 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     );
     assert!(written.contains("admin.token"), "{written}");
 
-    let yaml = sleeper_yaml("web", &image, "500m", "160Mi");
+    // The image goes into the cache's catalog under its name; pods name it
+    // as users do.
+    let out = cli().args(["image", "import"]).arg(&image).output();
+    assert_code(&out, 0);
+    let yaml = sleeper_yaml("web", "busybox", "500m", "160Mi");
     let out = cli().args(["apply", "-f", "-"]).stdin(yaml).output();
     assert_code(&out, 0);
     assert!(out.stdout.contains("pod/web created"), "{}", out.stdout);
@@ -133,7 +137,7 @@ metadata: {{name: once}}
 spec:
   restartPolicy: Never
   containers:
-  - {{name: main, image: {image}, command: [sh, -c, 'echo done; exit 0'],
+  - {{name: main, image: busybox, command: [sh, -c, 'echo done; exit 0'],
       resources: {{limits: {{memory: 128Mi, cpu: 500m}}}}}}
 ---
 apiVersion: v1

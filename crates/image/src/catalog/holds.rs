@@ -34,6 +34,15 @@ impl LayerHold {
         &self.id
     }
 
+    /// Keeps the hold's keys after this value is gone (for a hold taken
+    /// without a lease, which a host daemon releases with
+    /// [`Catalog::release_hold`] when the pod is deleted, after any number
+    /// of restarts). Returns the hold's id.
+    pub fn keep(mut self) -> String {
+        self.released = true;
+        std::mem::take(&mut self.id)
+    }
+
     /// Removes the hold's keys now.
     pub async fn release(mut self) {
         self.released = true;

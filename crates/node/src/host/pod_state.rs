@@ -55,7 +55,10 @@ impl PodTask {
         }
     }
 
-    pub(super) fn remove_files(&self) {
+    /// The pod is deleted: releases its layers in the catalog and removes
+    /// its record and logs.
+    pub(super) async fn remove_files(&self) {
+        super::images::release(&self.shared.cfg.node, &self.record.holds).await;
         if let Err(e) = self.shared.state.remove(&self.record.plan.uid) {
             tracing::warn!(pod = %self.key(), "{e}");
         }

@@ -271,7 +271,7 @@ impl PodTask {
                         return Flow::Exit;
                     }
                     Some(PodCommand::Delete { done, .. }) => {
-                        self.remove_files();
+                        self.remove_files().await;
                         let _ = done.send(());
                         return Flow::Exit;
                     }
@@ -299,8 +299,15 @@ impl PodTask {
     async fn bring_up(&mut self) -> Stage {
         let cfg = &self.shared.cfg;
         let plan = self.record.plan.clone();
-        let images = match images::resolve(&cfg.node.cache_dir, &plan).await {
-            Ok(i) => i,
+        let images = match images::resolve(&cfg.node, &plan).await {
+            Ok(i) => {
+                // The layers are now held for the pod; let go of what an
+                // earlier VM of it held.
+                let old = std::mem::replace(&mut self.record.holds, i.holds.clone());
+                self.save();
+                images::release(&cfg.node, &old).await;
+                i
+            }
             Err(problem) => {
                 tracing::warn!(pod = %self.key(), "{problem}");
                 for t in &mut self.tracks {
@@ -483,7 +490,7 @@ impl PodTask {
                     Some(PodCommand::Delete { grace, done }) => {
                         tracing::info!(pod = %self.key(), "deleting: stopping containers and the VM");
                         vm.shutdown(grace).await;
-                        self.remove_files();
+                        self.remove_files().await;
                         let _ = done.send(());
                         return None;
                     }

@@ -22,6 +22,7 @@ use podvisor_proto::ContainerSpec;
 use podvisor_vmm::VmmProcess;
 use serde::{Deserialize, Serialize};
 
+use super::images::HeldLayers;
 use super::plan::PodPlan;
 use super::status::PodState;
 
@@ -64,6 +65,9 @@ pub struct PodRecord {
     pub state: PodState,
     /// The running VM, if any.
     pub vm: Option<VmRecord>,
+    /// Layers held in the image catalog for the pod (released on delete).
+    #[serde(default)]
+    pub holds: Vec<HeldLayers>,
 }
 
 /// What the daemon itself keeps.
@@ -224,6 +228,7 @@ mod tests {
                 booted_at: SystemTime::UNIX_EPOCH,
                 containers: vec![],
             }),
+            holds: vec![],
         }
     }
 

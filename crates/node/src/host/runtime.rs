@@ -159,6 +159,7 @@ impl PodRuntime {
             plan,
             state,
             vm: None,
+            holds: vec![],
         };
         self.shared.state.save(&record)?;
         self.spawn(record)?;
