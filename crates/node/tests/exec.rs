@@ -134,7 +134,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             "sh",
             "-c",
             "if [ -e /tmp/marker ]; then echo stale; else echo fresh; fi; \
-             echo data > /tmp/marker; exec sleep 1000",
+             echo data > /tmp/m.new && mv /tmp/m.new /tmp/marker; exec sleep 1000",
         ]),
     };
     let mut others = Vec::new();
