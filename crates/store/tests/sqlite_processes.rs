@@ -8,24 +8,22 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::next_event;
 use podvisor_store::{LeaseKeeper, SqliteOptions, SqliteStore, Store, WatchEvent};
 
 const ROLE: &str = "PODVISOR_STORE_TEST_ROLE";
 const DB: &str = "PODVISOR_STORE_TEST_DB";
-const START_AT: &str = "PODVISOR_STORE_TEST_START_AT_MS";
+/// A directory where children announce they are ready (`ready.<pid>`) and
+/// wait for `go`: they start together however slowly each was spawned.
+const GATE: &str = "PODVISOR_STORE_TEST_GATE";
+/// The first key a racing child tries to create.
+const FIRST_KEY: &str = "PODVISOR_STORE_TEST_FIRST_KEY";
+const GATE_TIMEOUT: Duration = Duration::from_secs(120);
 const RACE_KEYS: usize = 30;
 const INCREMENTS: usize = 20;
 const TTL: Duration = Duration::from_secs(2);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// A child process, killed if the test fails before it ends.
 struct ChildGuard(Option<Child>);
@@ -50,8 +48,13 @@ impl Drop for ChildGuard {
 }
 
 /// Runs this test binary's `child_process` test as a child with `role`.
-fn spawn_child(role: &str, db: &Path, start_at_ms: u64) -> ChildGuard {
-    let child = Command::new(std::env::current_exe().unwrap())
+fn spawn_child(role: &str, db: &Path, gate: Option<&Path>, first_key: usize) -> ChildGuard {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.env(FIRST_KEY, first_key.to_string());
+    if let Some(gate) = gate {
+        command.env(GATE, gate);
+    }
+    let child = command
         .args([
             "--exact",
             "child_process",
@@ -61,7 +64,6 @@ fn spawn_child(role: &str, db: &Path, start_at_ms: u64) -> ChildGuard {
         ])
         .env(ROLE, role)
         .env(DB, db)
-        .env(START_AT, start_at_ms.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -84,7 +86,6 @@ fn marked_lines(output: &[u8]) -> Vec<String> {
 async fn child_process() {
     let role = std::env::var(ROLE).expect("child_process runs only as a child of these tests");
     let db = std::env::var(DB).unwrap();
-    let start_at: u64 = std::env::var(START_AT).unwrap().parse().unwrap();
     // Children spawned together race to create the file and its schema...
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(Path::new(&db), SqliteOptions::default())
@@ -92,19 +93,35 @@ async fn child_process() {
             .unwrap(),
     );
     // ...and then start their work together, to make the races real.
-    tokio::time::sleep(Duration::from_millis(start_at.saturating_sub(now_ms()))).await;
+    if let Some(gate) = std::env::var_os(GATE) {
+        let gate = Path::new(&gate);
+        std::fs::write(gate.join(format!("ready.{}", std::process::id())), b"").unwrap();
+        let deadline = Instant::now() + GATE_TIMEOUT;
+        while !gate.join("go").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the parent never opened the gate"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
     let me = std::process::id().to_string();
     match role.as_str() {
         "race" => {
             let _ = store.create("counter", b"0", None).await.unwrap();
+            // Each child starts at a different key and goes round, so every
+            // key is contested by a child that starts there and by those
+            // arriving later, whichever child the scheduler favours.
+            let first: usize = std::env::var(FIRST_KEY).unwrap().parse().unwrap();
             for i in 0..RACE_KEYS {
+                let key = (first + i) % RACE_KEYS;
                 if store
-                    .create(&format!("race/{i}"), me.as_bytes(), None)
+                    .create(&format!("race/{key}"), me.as_bytes(), None)
                     .await
                     .unwrap()
                     .is_ok()
                 {
-                    println!("child: won race/{i}");
+                    println!("child: won race/{key}");
                 }
                 // Interleave CAS increments with the creates.
                 if i < INCREMENTS {
@@ -121,6 +138,9 @@ async fn child_process() {
                         }
                     }
                 }
+                // Give up the CPU between steps so that, even on a loaded
+                // machine, no child runs the whole race alone.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         "hold-lease" => {
@@ -141,11 +161,24 @@ async fn creates_and_cas_are_atomic_across_processes() {
     const CHILDREN: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shared.db");
+    let gate = dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
     // The children also race to create the file and its schema.
-    let start_at = now_ms() + 1500;
     let mut children: Vec<ChildGuard> = (0..CHILDREN)
-        .map(|_| spawn_child("race", &db, start_at))
+        .map(|n| spawn_child("race", &db, Some(&gate), n * RACE_KEYS / CHILDREN))
         .collect();
+    // Open the gate once every child is ready, however loaded the machine.
+    let deadline = Instant::now() + GATE_TIMEOUT;
+    while std::fs::read_dir(&gate).unwrap().count() < CHILDREN {
+        for child in &mut children {
+            if let Some(status) = child.child().try_wait().unwrap() {
+                panic!("a child ended before the race: {status}");
+            }
+        }
+        assert!(Instant::now() < deadline, "children never became ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(gate.join("go"), b"").unwrap();
     let mut wins: Vec<(u32, String)> = Vec::new();
     for mut child in children.drain(..) {
         let pid = child.child().id();
@@ -188,7 +221,7 @@ async fn creates_and_cas_are_atomic_across_processes() {
 async fn killed_process_loses_its_lease_after_the_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shared.db");
-    let mut guard = spawn_child("hold-lease", &db, 0);
+    let mut guard = spawn_child("hold-lease", &db, None, 0);
     let child = guard.child();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
