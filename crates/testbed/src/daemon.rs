@@ -49,6 +49,13 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP` to freeze it, `SIGCONT` to let
+    /// it go on).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// SIGKILL, as a crash would end it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

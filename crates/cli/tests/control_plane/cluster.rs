@@ -67,7 +67,7 @@ impl Cluster {
                     &format!("server{}", i + 1),
                     &["server", "--listen", &listen, "--state-dir", &state(i + 1)]
                         .into_iter()
-                        .chain(["--store", &store])
+                        .chain(["--store", &store, "--host-ttl", "8"])
                         .collect::<Vec<_>>(),
                 )
             })
@@ -330,6 +330,43 @@ fn vm_cluster_spreads_pods_adopts_vms_and_survives_a_replica() {
     let p = find(&pods_now, &victim).unwrap();
     assert_eq!(p.restart_count(), 0, "{}", summary(&pods_now));
     assert!(p.status.container_statuses[0].state.running.is_some());
+
+    // A host that stops heartbeating (frozen) is marked NotReady and its
+    // pods Unknown; when it goes on, it reports them Running again.
+    let frozen = c.hosts["h2"].pid();
+    c.hosts["h2"].signal(libc::SIGSTOP);
+    let on_h2 = per_host["h2"].clone();
+    wait_for("h2's pods to be Unknown", Duration::from_secs(60), || {
+        let pods = pods(c.cli(0))?;
+        let lost = on_h2.iter().all(|n| {
+            find(&pods, n).is_some_and(|p| {
+                p.status.phase == podvisor_api::PodPhase::Unknown
+                    && p.status.reason.as_deref() == Some("NodeLost")
+            })
+        });
+        if lost { Ok(()) } else { Err(summary(&pods)) }
+    });
+    let hosts = c.cli(0).args(["get", "hosts"]).success().stdout;
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with("h2 ") && l.contains("NotReady")),
+        "{hosts}"
+    );
+    c.hosts["h2"].signal(libc::SIGCONT);
+    wait_for(
+        "h2's pods to be Running again",
+        Duration::from_secs(60),
+        || {
+            let pods = pods(c.cli(0))?;
+            if all_running(&pods, &on_h2) {
+                Ok(())
+            } else {
+                Err(summary(&pods))
+            }
+        },
+    );
+    assert_eq!(c.hosts["h2"].pid(), frozen);
 
     // Killing a server replica loses nothing: the other serves every pod,
     // and hosts fail over to it.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use podvisor_api::client::PodEvent;
-use podvisor_api::{Client, Pod};
+use podvisor_api::{Client, Pod, PodPhase};
 use tokio::sync::mpsc;
 
 use super::convert::{acknowledged_status, plan_from_pod, status_from_state, unrunnable_status};
@@ -107,10 +107,18 @@ impl Reconciler {
             }
             return;
         };
-        let known = rt.pods().iter().any(|(p, _)| p.uid == uid);
+        let known = rt.pods().into_iter().find(|(p, _)| p.uid == uid);
+        if let Some((_, state)) = known {
+            // The server marked the pod Unknown while this host could not
+            // reach it (its lease expired): report what it really is.
+            if pod.status.phase == PodPhase::Unknown {
+                self.state_changed(&uid, &state);
+            }
+            return;
+        }
         // A pod that has finished and that this host no longer has records
         // of is not run again.
-        if known || pod.status.phase.is_terminal() || self.answered.contains(&uid) {
+        if pod.status.phase.is_terminal() || self.answered.contains(&uid) {
             return;
         }
         match plan_from_pod(pod) {
