@@ -6,7 +6,8 @@
 # Baseline: qemu-system-x86_64 with the same machine, CPU, memory, accelerator
 # and kernel command line as a pod VM, booting an initramfs whose /init is
 # busybox powering the VM off at once; timed from process start to exit.
-# Measured: `podvisor run IMAGE -- echo hello` (busybox image, warm cache)
+# Measured: `podvisor run --template none IMAGE -- echo hello` (busybox image,
+# warm cache; a cold boot, not a fork from a template: see the template-bench example)
 # from process start to exit, and its per-stage times (`--timings`).
 # Runs alternate between the two so both see the same machine load.
 # Prints a markdown table of medians (and min-max).
@@ -16,14 +17,15 @@ runs=${1:-10}
 
 cargo build --release --locked -q --bin podvisor -p podvisor-cli
 cargo build --release --locked -q --bin busybox-image -p podvisor-testbed
-podvisor=target/release/podvisor
-export PODVISOR_AGENT=${PODVISOR_AGENT:-target/x86_64-unknown-linux-gnu/release/podvisor-agent}
+target=${CARGO_TARGET_DIR:-target}
+podvisor=$target/release/podvisor
+export PODVISOR_AGENT=${PODVISOR_AGENT:-$target/x86_64-unknown-linux-gnu/release/podvisor-agent}
 accel=${PODVISOR_ACCEL:-$(grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] && echo kvm || echo tcg)}
 cpu=$([ "$accel" = kvm ] && echo host || echo max)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-target/release/busybox-image "$work/busybox.tar" >/dev/null
+"$target/release/busybox-image" "$work/busybox.tar" >/dev/null
 
 mkdir -p "$work/bare/bin"
 cp /bin/busybox "$work/bare/bin/busybox"
@@ -42,7 +44,7 @@ bare() {
 }
 pod() {
     "$podvisor" --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
-        run --timings "$work/busybox.tar" -- echo hello >/dev/null 2>>"$work/timings.txt"
+        run --template none --timings "$work/busybox.tar" -- echo hello >/dev/null 2>>"$work/timings.txt"
 }
 now() { date +%s.%N; }
 

@@ -20,7 +20,7 @@ use crate::kernel::Kernel;
 /// Version of the initramfs layout and of the digest's framing. Bump it when
 /// either changes so that cached images and VM templates built from older
 /// ones are seen as stale.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Name of the cache subdirectory holding initramfs images.
 pub const GUEST_CACHE_SUBDIR: &str = "guest";

@@ -42,8 +42,42 @@ const BASE_DIRECTORIES: [(&str, u32); 6] = [
 pub struct ModuleFile {
     /// Path relative to `/lib/modules/<release>/`, as in `modules.dep`.
     pub relative_path: String,
-    /// The `.ko` file's contents.
+    /// The `.ko` file's contents, without a module signature.
     pub data: Vec<u8>,
+}
+
+/// The marker the kernel's `sign-file` appends after a module signature.
+const MODULE_SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// Removes the signature `sign-file` appended to a module, if any: the
+/// module, then the signature, then a 12-byte `struct module_signature`
+/// (whose last four bytes are the signature length, big-endian), then the
+/// marker. Checking the signature costs a pod VM tens of milliseconds of
+/// RSA under emulation and protects nothing: the host builds the initramfs
+/// and the guest trusts the host anyway (as Kata's module-free guest kernels
+/// do). An unsigned module loads with the kernel's "module verification
+/// failed" taint (notice level: silent under `quiet`) unless the guest
+/// enforces signatures, which the kernel command line does not ask for.
+/// A module whose trailer does not add up is kept as it is.
+pub fn strip_module_signature(mut data: Vec<u8>) -> Vec<u8> {
+    const INFO_LEN: usize = 12;
+    let Some(body) = data.strip_suffix(MODULE_SIGNATURE_MARKER) else {
+        return data;
+    };
+    let Some(info_at) = body.len().checked_sub(INFO_LEN) else {
+        return data;
+    };
+    let info = &body[info_at..];
+    let signer_len = usize::from(info[3]);
+    let key_id_len = usize::from(info[4]);
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    match info_at.checked_sub(sig_len + signer_len + key_id_len) {
+        Some(module_len) => {
+            data.truncate(module_len);
+            data
+        }
+        None => data,
+    }
 }
 
 /// Everything an initramfs is built from, read into memory so that the bytes
@@ -74,7 +108,7 @@ impl InitramfsContents {
                     .map_err(|e| GuestError::io("read kernel module", &module.path, e))?;
                 Ok(ModuleFile {
                     relative_path: module.relative_path.clone(),
-                    data,
+                    data: strip_module_signature(data),
                 })
             })
             .collect::<Result<Vec<_>, GuestError>>()?;

@@ -191,3 +191,62 @@ fn load_reads_files_and_names_missing_ones() {
     let error = InitramfsContents::load("1.0-test", &dir.path().join("no-agent"), &[]).unwrap_err();
     assert!(error.to_string().contains("no-agent"), "{error}");
 }
+
+/// `module` as `sign-file` would append a PKCS#7 signature of `sig_len` bytes.
+fn signed(module: &[u8], sig_len: u32) -> Vec<u8> {
+    let mut out = module.to_vec();
+    out.extend(std::iter::repeat_n(0xAB, sig_len as usize));
+    out.extend([0, 0, 2, 0, 0, 0, 0, 0]); // PKCS#7: no signer, no key id
+    out.extend(sig_len.to_be_bytes());
+    out.extend(b"~Module signature appended~\n");
+    out
+}
+
+#[test]
+fn module_signatures_are_stripped() {
+    let module = b"\x7fELF module body".to_vec();
+    assert_eq!(strip_module_signature(signed(&module, 700)), module);
+    // An unsigned module is kept as it is.
+    assert_eq!(strip_module_signature(module.clone()), module);
+}
+
+#[test]
+fn a_module_whose_signature_trailer_does_not_add_up_is_kept() {
+    // Claims a signature longer than the file.
+    let bogus = signed(b"short", 10);
+    let mut claims_more = bogus.clone();
+    let at = claims_more.len() - 28 - 4;
+    claims_more[at..at + 4].copy_from_slice(&1000u32.to_be_bytes());
+    assert_eq!(strip_module_signature(claims_more.clone()), claims_more);
+    // Only the marker, nothing before it.
+    let marker_only = b"~Module signature appended~\n".to_vec();
+    assert_eq!(strip_module_signature(marker_only.clone()), marker_only);
+}
+
+#[test]
+fn a_real_signed_module_becomes_its_elf_image() {
+    // Debian's modules are signed; skip where there are none to read.
+    let path = std::fs::read_dir("/lib/modules")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|release| release.path().join("kernel/fs/overlayfs/overlay.ko"))
+        .find(|path| path.exists());
+    let Some(path) = path else {
+        eprintln!("skipped: no overlay.ko under /lib/modules");
+        return;
+    };
+    let data = std::fs::read(&path).unwrap();
+    let stripped = strip_module_signature(data.clone());
+    assert!(stripped.starts_with(b"\x7fELF"));
+    if data.ends_with(b"~Module signature appended~\n") {
+        assert!(stripped.len() < data.len());
+        assert!(!stripped.ends_with(b"~Module signature appended~\n"));
+        // The cut is exactly where the ELF image ends: a module's section
+        // header table is the last thing in it (e_shoff + e_shnum * e_shentsize).
+        let u64_at = |at: usize| u64::from_le_bytes(stripped[at..at + 8].try_into().unwrap());
+        let u16_at = |at: usize| u16::from_le_bytes([stripped[at], stripped[at + 1]]);
+        let elf_end = u64_at(0x28) + u64::from(u16_at(0x3C)) * u64::from(u16_at(0x3A));
+        assert_eq!(elf_end, stripped.len() as u64);
+    }
+}
