@@ -88,6 +88,35 @@ fn host_list_kind() -> String {
     "HostList".into()
 }
 
+/// Header of `POST /api/v1/hosts` carrying the secret that the host
+/// daemon's own endpoint (logs and exec of its pods) accepts: the server
+/// presents it as `Authorization: Bearer SECRET` when it proxies a user's
+/// request there, and the daemon refuses every other caller. The daemon
+/// makes a new one each time it starts. The server keeps it apart from the
+/// Host object and never serves it.
+pub const ENDPOINT_TOKEN_HEADER: &str = "x-podvisor-endpoint-token";
+
+/// Checks an endpoint secret as the server accepts it: 32 to 256 characters
+/// of `A-Z a-z 0-9 - _` (what a random token in hex or URL-safe base64 is
+/// made of, and safe in an HTTP header).
+pub fn validate_endpoint_token(token: &str) -> Result<(), String> {
+    if !(32..=256).contains(&token.len()) {
+        return Err(format!(
+            "the {ENDPOINT_TOKEN_HEADER} header must be 32 to 256 characters, not {}",
+            token.len()
+        ));
+    }
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "the {ENDPOINT_TOKEN_HEADER} header may hold only A-Z, a-z, 0-9, '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
 impl Host {
     /// A host named `name` with the given capacity and daemon address.
     pub fn new(name: &str, capacity: HostCapacity, address: &str) -> Host {

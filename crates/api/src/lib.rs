@@ -15,7 +15,10 @@ mod status;
 pub mod validate;
 
 pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
-pub use host::{Host, HostCapacity, HostList, HostSpec, HostStatus};
+pub use host::{
+    ENDPOINT_TOKEN_HEADER, Host, HostCapacity, HostList, HostSpec, HostStatus,
+    validate_endpoint_token,
+};
 pub use image::{Image, ImageList};
 pub use meta::{DEFAULT_NAMESPACE, ListMeta, ObjectMeta, Time};
 pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};

@@ -137,11 +137,10 @@ fn host_daemon(
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(client.register_host(&Host::new(
-        name,
-        HostCapacity { cpu, memory },
-        "http://127.0.0.1:9",
-    )))
+    rt.block_on(client.register_host(
+        &Host::new(name, HostCapacity { cpu, memory }, "http://127.0.0.1:9"),
+        "no-endpoint-behind-this-test-host-000",
+    ))
     .unwrap();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let (c, n) = (client.clone(), name.to_string());

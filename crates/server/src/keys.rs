@@ -7,6 +7,9 @@ pub const HOSTS: &str = "/registry/hosts/";
 /// Prefix of the hosts' heartbeat leases: `/registry/host-leases/NAME`
 /// (the value is the lease id; the key ends with the lease).
 pub const HOST_LEASES: &str = "/registry/host-leases/";
+/// Prefix of the secrets host daemons' endpoints accept from the server:
+/// `/registry/host-endpoint-tokens/NAME` (never served by the API).
+pub const HOST_ENDPOINT_TOKENS: &str = "/registry/host-endpoint-tokens/";
 /// Prefix of API tokens: `/registry/tokens/SHA256-HEX`.
 pub const TOKENS: &str = "/registry/tokens/";
 /// The key whose holder runs the scheduler and the liveness checks.
@@ -26,6 +29,10 @@ pub fn host(name: &str) -> String {
 
 pub fn host_lease(name: &str) -> String {
     format!("{HOST_LEASES}{name}")
+}
+
+pub fn host_endpoint_token(name: &str) -> String {
+    format!("{HOST_ENDPOINT_TOKENS}{name}")
 }
 
 pub fn token(hash: &str) -> String {

@@ -294,9 +294,31 @@ impl Client {
     }
 
     /// Registers (or re-registers) a host; the token must be that host's.
-    pub async fn register_host(&self, host: &Host) -> Result<Host, ClientError> {
-        self.call(reqwest::Method::POST, "api/v1/hosts", &[], Some(host))
-            .await
+    /// `endpoint_token` is the secret the host's daemon endpoint will accept
+    /// from the server (see [`crate::ENDPOINT_TOKEN_HEADER`]).
+    pub async fn register_host(
+        &self,
+        host: &Host,
+        endpoint_token: &str,
+    ) -> Result<Host, ClientError> {
+        let body = serde_json::to_vec(host).expect("a Host serializes");
+        let (url, resp) = self
+            .execute(reqwest::Method::POST, "api/v1/hosts", |req| {
+                req.timeout(REQUEST_TIMEOUT)
+                    .header(crate::ENDPOINT_TOKEN_HEADER, endpoint_token)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
+            .await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            method: "POST",
+            url: url.to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
     }
 
     /// Keeps the host's lease alive (and marks it ready again if it was not).

@@ -92,6 +92,19 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     });
     assert_eq!(logs, "hello from web\n");
 
+    // The host daemon's own endpoint serves only the server: asked
+    // directly, without the secret the daemon gave the server, it refuses.
+    let hosts = cli().args(["get", "hosts", "-o", "json"]).success().stdout;
+    let hosts: serde_json::Value = serde_json::from_str(&hosts).unwrap();
+    let address = hosts[0]["spec"]["address"].as_str().unwrap();
+    let address = address.strip_prefix("http://").unwrap();
+    for authorization in [None, Some("Bearer not-the-secret")] {
+        let answer = raw_get(address, "/pods/default/web/log", authorization);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(!answer.contains("hello from web"), "{answer}");
+    }
+    assert!(raw_get(address, "/healthz", None).starts_with("HTTP/1.1 200"));
+
     // Exec: in the container's PID namespace, with its exit code; and with
     // stdin.
     let out = cli()
@@ -222,4 +235,25 @@ spec:
         "{}",
         up.log()
     );
+}
+
+/// A plain HTTP/1.1 GET of `path` from `address` (`IP:PORT`); the whole
+/// answer, status line first.
+fn raw_get(address: &str, path: &str, authorization: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }

@@ -30,13 +30,79 @@ pub enum Backend {
     AckWithoutVm,
 }
 
-/// The router of the daemon's endpoint.
-pub fn router(backend: Backend) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+/// The router of the daemon's endpoint. Everything but `/healthz` needs
+/// `Authorization: Bearer SECRET`, the secret the daemon gave the server
+/// when it registered ([`podvisor_api::ENDPOINT_TOKEN_HEADER`]): only the
+/// server, which checks the user's token and role, reaches the pods.
+pub fn router(backend: Backend, secret: EndpointSecret) -> Router {
+    let pods = Router::new()
         .route("/pods/{ns}/{name}/log", get(log))
         .route("/pods/{ns}/{name}/exec", get(exec))
         .with_state(backend)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(secret),
+            require_secret,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(pods)
+}
+
+/// The secret the daemon's endpoint accepts from the server; new at each
+/// start of the daemon.
+pub struct EndpointSecret(String);
+
+impl EndpointSecret {
+    /// 32 random bytes from the OS, in hex.
+    pub fn generate() -> EndpointSecret {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).expect("the OS random source works");
+        EndpointSecret(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// What the daemon sends the server when it registers.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `authorization` (a header value) is `Bearer SECRET`; takes
+    /// the same time wherever the first difference is.
+    fn accepts(&self, authorization: &[u8]) -> bool {
+        let Some(given) = authorization.strip_prefix(b"Bearer ") else {
+            return false;
+        };
+        given.len() == self.0.len()
+            && given
+                .iter()
+                .zip(self.0.as_bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+async fn require_secret(
+    State(secret): State<Arc<EndpointSecret>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match authorization {
+        Some(value) if secret.accepts(value) => next.run(request).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "this host's endpoint serves only the podvisor server: the secret does not match",
+        ),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "this host's endpoint serves only the podvisor server: no Authorization header \
+             (use the server's API: podvisor logs / podvisor exec)",
+        ),
+    }
 }
 
 /// An error answer with a Status body.
@@ -250,4 +316,26 @@ struct StatusJson {
 
 fn status_json(exit_code: i32, message: Option<String>) -> Vec<u8> {
     serde_json::to_vec(&StatusJson { exit_code, message }).expect("status serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_accepts_only_its_own_secret() {
+        let secret = EndpointSecret::generate();
+        assert_eq!(secret.as_str().len(), 64);
+        podvisor_api::validate_endpoint_token(secret.as_str()).unwrap();
+        assert_ne!(secret.as_str(), EndpointSecret::generate().as_str());
+        let right = format!("Bearer {}", secret.as_str());
+        assert!(secret.accepts(right.as_bytes()));
+        assert!(!secret.accepts(secret.as_str().as_bytes()), "no scheme");
+        assert!(!secret.accepts(format!("Basic {}", secret.as_str()).as_bytes()));
+        assert!(!secret.accepts(&right.as_bytes()[..right.len() - 1]));
+        let mut wrong = right.clone().into_bytes();
+        *wrong.last_mut().unwrap() ^= 1;
+        assert!(!secret.accepts(&wrong));
+        assert!(!secret.accepts(b"Bearer "));
+    }
 }

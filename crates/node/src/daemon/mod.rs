@@ -153,9 +153,11 @@ pub async fn run(
         Some(rt) => http::Backend::Vm(rt.clone()),
         None => http::Backend::AckWithoutVm,
     };
+    let secret = http::EndpointSecret::generate();
+    let endpoint_token = secret.as_str().to_string();
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let app = http::router(backend);
+        let app = http::router(backend, secret);
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
@@ -164,7 +166,7 @@ pub async fn run(
     });
 
     let host = api::Host::new(&cfg.name, cfg.capacity, &address);
-    let registered = register(&client, &host).await?;
+    let registered = register(&client, &host, &endpoint_token).await?;
     tracing::info!(host = %cfg.name, %address, "registered");
     // Renew the lease at least three times per TTL, as the server asks.
     let every = match registered.status.lease_duration_seconds {
@@ -174,7 +176,12 @@ pub async fn run(
     if let Some(tx) = started {
         let _ = tx.send(Started { listening: local });
     }
-    let heartbeat = tokio::spawn(heartbeat(client.clone(), host.clone(), every));
+    let heartbeat = tokio::spawn(heartbeat(
+        client.clone(),
+        host.clone(),
+        endpoint_token.clone(),
+        every,
+    ));
     let host_ip = (!local.ip().is_unspecified()).then(|| local.ip().to_string());
     let reports = reporter::start(client.clone());
     let mut reconciler = Reconciler::new(client.clone(), runtime.clone(), host_ip, reports);
@@ -224,10 +231,14 @@ fn is_permanent(e: &ClientError) -> bool {
 }
 
 /// Registers `host`, retrying while the server cannot be reached.
-async fn register(client: &Client, host: &api::Host) -> Result<api::Host, DaemonError> {
+async fn register(
+    client: &Client,
+    host: &api::Host,
+    endpoint_token: &str,
+) -> Result<api::Host, DaemonError> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match client.register_host(host).await {
+        match client.register_host(host, endpoint_token).await {
             Ok(h) => return Ok(h),
             Err(e) if is_permanent(&e) => {
                 return Err(DaemonError::Register {
@@ -246,13 +257,13 @@ async fn register(client: &Client, host: &api::Host) -> Result<api::Host, Daemon
 
 /// Renews the host's lease every `every`; registers again if the server no
 /// longer knows the host.
-async fn heartbeat(client: Client, host: api::Host, every: Duration) {
+async fn heartbeat(client: Client, host: api::Host, endpoint_token: String, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         match client.heartbeat(&host.metadata.name).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {
-                if let Err(e) = client.register_host(&host).await {
+                if let Err(e) = client.register_host(&host, &endpoint_token).await {
                     tracing::warn!("registering again: {e}");
                 }
             }

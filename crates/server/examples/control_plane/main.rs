@@ -191,7 +191,10 @@ async fn run(store: &str, store_url: Option<String>, o: &Options) -> Report {
             memory: 16 << 30,
         };
         client
-            .register_host(&Host::new(&name, capacity, "http://127.0.0.1:9"))
+            .register_host(
+                &Host::new(&name, capacity, "http://127.0.0.1:9"),
+                "ack-without-vm-hosts-serve-no-endpoint-0000",
+            )
             .await
             .unwrap();
         let beat = (client.clone(), name.clone());

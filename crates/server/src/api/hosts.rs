@@ -4,9 +4,12 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use podvisor_api::{Format, Host, HostList, HostStatus, Status, validate_host};
+use podvisor_api::{
+    ENDPOINT_TOKEN_HEADER, Format, Host, HostList, HostStatus, Status, validate_endpoint_token,
+    validate_host,
+};
 use podvisor_store::{Store, StoreError};
 
 use super::AppState;
@@ -53,6 +56,8 @@ pub async fn get_one(
 /// starts its heartbeat lease. Only the host's own token may.
 #[utoipa::path(post, path = "/api/v1/hosts", tag = "hosts",
     request_body = Host,
+    params(("x-podvisor-endpoint-token" = String, Header,
+        description = "The secret the host daemon's endpoint accepts from the server when it proxies logs and exec (32-256 characters of A-Z a-z 0-9 - _); kept by the server, never served")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Registered again", body = Host),
@@ -62,6 +67,7 @@ pub async fn get_one(
 pub async fn register(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let text = std::str::from_utf8(&body)
@@ -79,7 +85,28 @@ pub async fn register(
     })?;
     let name = host.metadata.name.clone();
     caller.require_host(&name, &format!("registering host {name:?}"))?;
+    let endpoint_token = headers
+        .get(ENDPOINT_TOKEN_HEADER)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "registering host {name:?}: the {ENDPOINT_TOKEN_HEADER} header is missing \
+                 (the secret its daemon's endpoint accepts from the server)"
+            ))
+        })?
+        .to_str()
+        .map_err(|_| {
+            ApiError::invalid(format!("the {ENDPOINT_TOKEN_HEADER} header is not text"))
+        })?;
+    validate_endpoint_token(endpoint_token).map_err(ApiError::invalid)?;
     let store = state.store.as_ref();
+    // The secret first: once the host is ready, the proxy may need it.
+    store
+        .put(
+            &keys::host_endpoint_token(&name),
+            endpoint_token.as_bytes(),
+            None,
+        )
+        .await?;
     ensure_lease(store, &name, state.host_ttl).await?;
     let key = keys::host(&name);
     let ready = |s: &mut HostStatus| {

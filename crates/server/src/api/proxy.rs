@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use podvisor_api::{Host, Pod, Status};
 use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -16,14 +17,25 @@ use crate::keys;
 use crate::objects;
 use crate::tokens::Caller;
 
-/// The daemon URL of the host running a pod, for `what` (`log`, `exec`).
+/// Where to reach the host daemon running a pod.
+struct Upstream {
+    /// The host's name.
+    host: String,
+    /// The daemon URL for the request.
+    url: url::Url,
+    /// `Bearer SECRET`: what the daemon's endpoint accepts from the server.
+    authorization: String,
+}
+
+/// The daemon URL of the host running a pod, for `what` (`log`, `exec`),
+/// and the secret its endpoint accepts.
 async fn host_url(
     state: &AppState,
     namespace: &str,
     name: &str,
     what: &str,
     query: Option<&str>,
-) -> Result<(String, url::Url), ApiError> {
+) -> Result<Upstream, ApiError> {
     let store = state.store.as_ref();
     let pod = objects::get::<Pod>(store, &keys::pod(namespace, name))
         .await?
@@ -60,7 +72,20 @@ async fn host_url(
             ))
         })?;
     url.set_query(query.filter(|q| !q.is_empty()));
-    Ok((host_name, url))
+    let secret = store
+        .get(&keys::host_endpoint_token(&host_name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "pod {namespace}/{name} is on host {host_name:?}, which registered no endpoint \
+                 secret: restart its daemon"
+            ))
+        })?;
+    Ok(Upstream {
+        host: host_name,
+        url,
+        authorization: format!("Bearer {}", String::from_utf8_lossy(&secret.value)),
+    })
 }
 
 /// A container's output, streamed from its host (`follow=true` keeps
@@ -84,11 +109,18 @@ pub async fn log(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
-    let (host, url) = host_url(&state, &namespace, &name, "log", query.as_deref()).await?;
-    let resp =
-        state.http.get(url.clone()).send().await.map_err(|e| {
-            ApiError::bad_gateway(format!("cannot reach host {host:?} at {url}: {e}"))
-        })?;
+    let Upstream {
+        host,
+        url,
+        authorization,
+    } = host_url(&state, &namespace, &name, "log", query.as_deref()).await?;
+    let resp = state
+        .http
+        .get(url.clone())
+        .header(reqwest::header::AUTHORIZATION, authorization)
+        .send()
+        .await
+        .map_err(|e| ApiError::bad_gateway(format!("cannot reach host {host:?} at {url}: {e}")))?;
     let code = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = resp
         .headers()
@@ -135,12 +167,26 @@ pub async fn exec(
             "exec needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket): {e}"
         ))
     })?;
-    let (host, mut url) = host_url(&state, &namespace, &name, "exec", query.as_deref()).await?;
+    let Upstream {
+        host,
+        mut url,
+        authorization,
+    } = host_url(&state, &namespace, &name, "exec", query.as_deref()).await?;
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
     let _ = url.set_scheme(scheme);
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ApiError::internal(format!("host {host:?}: bad exec URL {url}: {e}")))?;
+    request.headers_mut().insert(
+        axum::http::header::AUTHORIZATION,
+        authorization
+            .parse()
+            .map_err(|_| ApiError::internal(format!("host {host:?}: unusable endpoint secret")))?,
+    );
     // Connect to the host first, so that its refusal reaches the client as
     // an HTTP error.
-    let upstream = match tokio_tungstenite::connect_async(url.as_str()).await {
+    let upstream = match tokio_tungstenite::connect_async(request).await {
         Ok((ws, _)) => ws,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let code =
@@ -164,11 +210,11 @@ pub async fn exec(
     Ok(upgrade.on_upgrade(move |client| pump(client, upstream)))
 }
 
-type Upstream =
+type HostSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Copies frames both ways until either side closes.
-async fn pump(client: WebSocket, upstream: Upstream) {
+async fn pump(client: WebSocket, upstream: HostSocket) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
     let to_host = async {
@@ -224,6 +270,23 @@ mod tests {
 
     use crate::{Role, ServerConfig};
 
+    /// The secret the stand-in host registers and checks.
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    /// Refuses a request without the registered secret, as the real
+    /// daemon does.
+    async fn require_secret(
+        request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let expected = format!("Bearer {SECRET}");
+        match request.headers().get("authorization") {
+            Some(v) if v.as_bytes() == expected.as_bytes() => next.run(request).await,
+            _ => axum::http::StatusCode::UNAUTHORIZED.into_response(),
+        }
+    }
+
     async fn fake_host() -> String {
         let app = Router::new()
             .route(
@@ -271,7 +334,8 @@ mod tests {
                         )),
                     )
                 }),
-            );
+            )
+            .layer(axum::middleware::from_fn(require_secret));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -305,16 +369,39 @@ mod tests {
             .await
             .unwrap();
         let host = Client::new(&server.url(), Some(&host_token)).unwrap();
-        host.register_host(&Host::new(
-            "h1",
-            HostCapacity {
-                cpu: 1000,
-                memory: 1 << 30,
-            },
-            &address,
-        ))
+        host.register_host(
+            &Host::new(
+                "h1",
+                HostCapacity {
+                    cpu: 1000,
+                    memory: 1 << 30,
+                },
+                &address,
+            ),
+            SECRET,
+        )
         .await
         .unwrap();
+        // A registration without a usable endpoint secret is refused.
+        let err = host
+            .register_host(
+                &Host::new(
+                    "h1",
+                    HostCapacity {
+                        cpu: 1000,
+                        memory: 1 << 30,
+                    },
+                    &address,
+                ),
+                "short",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(422), "{err}");
+        assert!(
+            err.to_string().contains("x-podvisor-endpoint-token"),
+            "{err}"
+        );
         let user = Client::new(&server.url(), Some(&user_token)).unwrap();
         user.create_pod(&pinned("web")).await.unwrap();
         user.create_pod(&pinned("gone")).await.unwrap();

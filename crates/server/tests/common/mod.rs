@@ -70,7 +70,10 @@ impl TestServer {
     pub async fn host(&self, name: &str, cpu: u64, memory: u64) -> Client {
         let client = self.client(Role::Host, name).await;
         let host = Host::new(name, HostCapacity { cpu, memory }, "http://127.0.0.1:9");
-        client.register_host(&host).await.unwrap();
+        client
+            .register_host(&host, "test-host-endpoint-secret-0123456789")
+            .await
+            .unwrap();
         client
     }
 }
