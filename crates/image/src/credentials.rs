@@ -3,12 +3,17 @@
 //! `auths` map (`auth` = base64 of `user:password`, or `username` and
 //! `password` fields); [`store`] adds an entry as `docker login` would,
 //! keeping everything else in the file, and leaves the file mode 0600.
-//! Credential helpers (`credsStore`, `credHelpers`) are not run.
+//! Credential helpers are run as docker runs them: the registry's entry in
+//! `credHelpers`, else `credsStore`, names a `docker-credential-NAME`
+//! program on `PATH`, asked with `get` and the server URL on stdin; when it
+//! has nothing for the registry, the `auths` map is read.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -77,12 +82,62 @@ fn read_config(path: &Path) -> Result<Option<Map<String, Value>>, ImageError> {
     }
 }
 
-/// The credentials `path` holds for `registry`, if any.
+/// The credentials the docker config at `path` gives for `registry`, if
+/// any: from its credential helper (looked up on `PATH`), else `auths`.
 pub fn lookup(path: &Path, registry: &str) -> Result<Option<Credentials>, ImageError> {
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    lookup_in(path, registry, &search)
+}
+
+/// [`lookup`], with credential helpers looked up in `search` (a `PATH`).
+fn lookup_in(
+    path: &Path,
+    registry: &str,
+    search: &OsStr,
+) -> Result<Option<Credentials>, ImageError> {
     let Some(config) = read_config(path)? else {
         return Ok(None);
     };
     let want = hostname(registry);
+    let helper = config
+        .get("credHelpers")
+        .and_then(Value::as_object)
+        .and_then(|helpers| {
+            helpers
+                .iter()
+                .find(|(key, _)| hostname(key) == want)
+                .and_then(|(_, name)| name.as_str())
+        })
+        .or_else(|| config.get("credsStore").and_then(Value::as_str))
+        .filter(|name| !name.is_empty());
+    let mut identity_token = false;
+    if let Some(helper) = helper {
+        match run_helper(path, helper, &want, search)? {
+            HelperAnswer::Found(found) => return Ok(Some(found)),
+            HelperAnswer::NotFound => {}
+            HelperAnswer::IdentityToken => identity_token = true,
+        }
+    }
+    let found = lookup_auths(path, &config, &want)?;
+    if found.is_none() && identity_token {
+        return Err(bad(
+            path,
+            format!(
+                "the credential helper holds an identity token for {registry}, which podvisor \
+                 cannot use yet: `podvisor login {registry}` with a user name and a password \
+                 or access token"
+            ),
+        ));
+    }
+    Ok(found)
+}
+
+/// The `auths` entry of `config` (read from `path`) for the host `want`.
+fn lookup_auths(
+    path: &Path,
+    config: &Map<String, Value>,
+    want: &str,
+) -> Result<Option<Credentials>, ImageError> {
     let Some(auths) = config.get("auths").and_then(Value::as_object) else {
         return Ok(None);
     };
@@ -114,6 +169,91 @@ pub fn lookup(path: &Path, registry: &str) -> Result<Option<Credentials>, ImageE
         }
     }
     Ok(None)
+}
+
+/// What a credential helper said.
+enum HelperAnswer {
+    Found(Credentials),
+    /// It has nothing for the registry.
+    NotFound,
+    /// It holds an OAuth identity (refresh) token, which podvisor does not
+    /// exchange.
+    IdentityToken,
+}
+
+/// Asks the credential helper `docker-credential-NAME` for the registry
+/// `host`, as docker does (`get`, the server URL on stdin, JSON
+/// `{"Username", "Secret"}` on stdout).
+fn run_helper(
+    config: &Path,
+    name: &str,
+    host: &str,
+    search: &OsStr,
+) -> Result<HelperAnswer, ImageError> {
+    let program = format!("docker-credential-{name}");
+    let helper_error =
+        |reason: String| bad(config, format!("credential helper {program}: {reason}"));
+    if name.contains('/') {
+        return Err(helper_error("a helper name may not contain '/'".into()));
+    }
+    let executable = std::env::split_paths(search)
+        .map(|dir| dir.join(&program))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            helper_error(
+                "not found on PATH (install it, or remove it from credsStore/credHelpers)".into(),
+            )
+        })?;
+    let server_url = if host == "docker.io" {
+        DOCKER_HUB_KEY
+    } else {
+        host
+    };
+    let mut child = Command::new(&executable)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| helper_error(format!("cannot run {}: {e}", executable.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading gets EPIPE: its answer counts.
+        let _ = stdin.write_all(server_url.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| helper_error(format!("waiting for it: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // docker-credential-helpers' own words for "nothing stored".
+        if stdout.contains("credentials not found") {
+            return Ok(HelperAnswer::NotFound);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(helper_error(format!(
+            "`get` for {server_url} failed ({}): {}",
+            out.status,
+            format!("{} {}", stdout.trim(), stderr.trim()).trim()
+        )));
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Answer {
+        username: String,
+        secret: String,
+    }
+    let answer: Answer = serde_json::from_slice(&out.stdout).map_err(|e| {
+        helper_error(format!(
+            "its answer for {server_url} is not {{\"Username\", \"Secret\"}} JSON: {e}"
+        ))
+    })?;
+    if answer.username == "<token>" {
+        return Ok(HelperAnswer::IdentityToken);
+    }
+    Ok(HelperAnswer::Found(Credentials {
+        username: answer.username,
+        password: answer.secret,
+    }))
 }
 
 /// Records `credentials` for `registry` in the config at `path` (created
@@ -185,7 +325,6 @@ mod tests {
                     "127.0.0.1:5000": {"username": "bob", "password": "pw"},
                     "http://example.com/v2/": {"auth": BASE64.encode("carol:x")},
                 },
-                "credsStore": "desktop",
             })
             .to_string(),
         )
@@ -247,5 +386,129 @@ mod tests {
         assert_eq!(mode, 0o600);
         let json: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert!(json["auths"][DOCKER_HUB_KEY].is_object(), "{json}");
+    }
+
+    /// A helper script in a directory of its own, answering for
+    /// `registry.example` and saying "not found" for anything else.
+    fn helper_dir(name: &str, body: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join(format!("docker-credential-{name}"));
+        fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    const ANSWERS: &str = r#"[ "$1" = get ] || exit 2
+read -r url
+case "$url" in
+  registry.example) echo '{"ServerURL":"registry.example","Username":"helper-user","Secret":"helper-pw"}' ;;
+  https://index.docker.io/v1/) echo '{"ServerURL":"x","Username":"hub-user","Secret":"hub-pw"}' ;;
+  *) echo "credentials not found in native keychain"; exit 1 ;;
+esac"#;
+
+    #[test]
+    fn credential_helpers_answer_first_then_auths() {
+        let helpers = helper_dir("fake", ANSWERS);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        fs::write(
+            &path,
+            serde_json::json!({
+                "auths": {
+                    "registry.example": {},
+                    "other.example": {"auth": BASE64.encode("file-user:file-pw")},
+                },
+                "credsStore": "fake",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let search = helpers.path().as_os_str();
+        assert_eq!(
+            lookup_in(&path, "registry.example", search).unwrap(),
+            Some(creds("helper-user", "helper-pw"))
+        );
+        // Docker Hub is asked for under docker's own key.
+        assert_eq!(
+            lookup_in(&path, "docker.io", search).unwrap(),
+            Some(creds("hub-user", "hub-pw"))
+        );
+        // Nothing in the helper: the file's entry.
+        assert_eq!(
+            lookup_in(&path, "other.example", search).unwrap(),
+            Some(creds("file-user", "file-pw"))
+        );
+        assert_eq!(lookup_in(&path, "none.example", search).unwrap(), None);
+    }
+
+    #[test]
+    fn cred_helpers_pick_a_helper_per_registry() {
+        let fake = helper_dir("fake", ANSWERS);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        fs::write(
+            &path,
+            serde_json::json!({
+                "credHelpers": {"registry.example": "fake"},
+                "credsStore": "not-installed",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let search = fake.path().as_os_str();
+        assert_eq!(
+            lookup_in(&path, "registry.example", search).unwrap(),
+            Some(creds("helper-user", "helper-pw"))
+        );
+        // Other registries go to credsStore, which is not installed: an
+        // error naming it, not an anonymous pull.
+        let err = lookup_in(&path, "quay.io", search).unwrap_err().to_string();
+        assert!(
+            err.contains("docker-credential-not-installed") && err.contains("not found on PATH"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failing_or_garbled_helper_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        fs::write(&path, r#"{"credsStore": "broken"}"#).unwrap();
+        let cases = [
+            ("echo 'keyring locked' >&2; exit 3", "keyring locked"),
+            ("echo 'not json'", "not {\"Username\", \"Secret\"} JSON"),
+        ];
+        for (body, expected) in cases {
+            let helpers = helper_dir("broken", body);
+            let err = lookup_in(&path, "registry.example", helpers.path().as_os_str())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("docker-credential-broken") && err.contains(expected),
+                "{body}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_identity_token_gives_way_to_a_login_or_is_an_error() {
+        let helpers = helper_dir("hub", r#"echo '{"Username":"<token>","Secret":"refresh"}'"#);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        fs::write(&path, r#"{"credsStore": "hub"}"#).unwrap();
+        let search = helpers.path().as_os_str();
+        let err = lookup_in(&path, "registry.example", search)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity token") && err.contains("podvisor login registry.example"),
+            "{err}"
+        );
+        // What `podvisor login` writes is used then.
+        store(&path, "registry.example", &creds("me", "pw")).unwrap();
+        assert_eq!(
+            lookup_in(&path, "registry.example", search).unwrap(),
+            Some(creds("me", "pw"))
+        );
     }
 }
