@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use podvisor_server::{Role, ServerConfig};
+use podvisor_server::{Revoke, Role, ServerConfig};
 
 /// The default state directory of the server.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor/server";
@@ -35,6 +35,28 @@ enum ServerCommand {
 enum TokenCommand {
     /// Make a token for a user or a host daemon and print it.
     Create(TokenCreateArgs),
+    /// List the tokens: id (a hash: tokens are not stored), role, name, age.
+    #[command(alias = "list")]
+    Ls(StateArgs),
+    /// Revoke tokens: one by id (at least 8 digits, from `token ls`), or
+    /// all of a user's or a host's. Running servers refuse them within 10 s.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true)))]
+struct TokenRevokeArgs {
+    /// The token's id, or its first 8 or more digits.
+    #[arg(group = "which")]
+    id: Option<String>,
+    /// Every token of the user NAME.
+    #[arg(long, value_name = "NAME", group = "which")]
+    user: Option<String>,
+    /// Every token of the host NAME.
+    #[arg(long, value_name = "NAME", group = "which")]
+    host: Option<String>,
+    #[command(flatten)]
+    state: StateArgs,
 }
 
 /// Where the server keeps its state.
@@ -113,6 +135,33 @@ pub async fn run(host: &crate::HostArgs, args: ServerArgs) -> anyhow::Result<u8>
             .await
             .context("create a token")?;
             println!("{token}");
+            Ok(0)
+        }
+        Some(ServerCommand::Token(TokenCommand::Ls(state))) => {
+            let entries = podvisor_server::list_tokens(&state.state_dir, state.store.as_deref())
+                .await
+                .context("list tokens")?;
+            print!("{}", crate::kube::show::tokens_table(&entries));
+            Ok(0)
+        }
+        Some(ServerCommand::Token(TokenCommand::Revoke(args))) => {
+            let which = match (args.id, args.user, args.host) {
+                (Some(id), _, _) => Revoke::Id(id),
+                (_, Some(user), _) => Revoke::Holder(Role::User, user),
+                (_, _, Some(host)) => Revoke::Holder(Role::Host, host),
+                _ => unreachable!("clap requires an id, --user or --host"),
+            };
+            let revoked = podvisor_server::revoke_tokens(
+                &args.state.state_dir,
+                args.state.store.as_deref(),
+                &which,
+            )
+            .await
+            .context("revoke tokens")?;
+            for e in &revoked {
+                let role = format!("{:?}", e.record.role).to_lowercase();
+                println!("revoked {} ({role} {})", &e.id[..12], e.record.name);
+            }
             Ok(0)
         }
     }

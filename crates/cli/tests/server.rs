@@ -651,3 +651,91 @@ async fn leader_pid(store_url: &str) -> u32 {
     let identity = String::from_utf8(kv.value).unwrap();
     identity.split('/').nth(1).unwrap().parse().unwrap()
 }
+
+#[test]
+fn tokens_are_listed_and_revoked() {
+    let t = TestDir::new();
+    let state = t.path().join("server");
+    podvisor(&t)
+        .args(["server", "init", "--state-dir"])
+        .arg(&state)
+        .success();
+    let bob = token_create(&t, &state, None, "--user", "bob");
+    let carol = token_create(&t, &state, None, "--user", "carol");
+    let server = ServerProcess::start(&state, None);
+    let get_pods = |token: &str| {
+        podvisor(&t)
+            .args(["get", "pods", "--server", &server.url, "--token", token])
+            .output()
+    };
+    assert_eq!(get_pods(&bob).code, Some(0), "{:?}", get_pods(&bob));
+
+    let ls = |t: &TestDir| {
+        podvisor(t)
+            .args(["server", "token", "ls", "--state-dir"])
+            .arg(&state)
+            .success()
+            .stdout
+    };
+    let listed = ls(&t);
+    let rows: Vec<Vec<&str>> = listed
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["ID", "ROLE", "NAME", "AGE"], "{listed}");
+    let names: Vec<(&str, &str)> = rows[1..].iter().map(|r| (r[1], r[2])).collect();
+    assert_eq!(
+        names,
+        [("admin", "admin"), ("user", "bob"), ("user", "carol")],
+        "{listed}"
+    );
+    // Tokens are stored as hashes: no listing shows one.
+    assert!(!listed.contains(&bob[3..15]), "{listed}");
+
+    // Revoked by holder: refused by the running server within its 10 s
+    // cache; the others go on working.
+    let out = podvisor(&t)
+        .args(["server", "token", "revoke", "--user", "bob", "--state-dir"])
+        .arg(&state)
+        .success();
+    assert!(
+        out.stdout.starts_with("revoked ") && out.stdout.contains("user bob"),
+        "{out:?}"
+    );
+    wait_for(20, "bob's token to be refused", || {
+        let out = get_pods(&bob);
+        (out.code != Some(0)).then_some(out)
+    });
+    let out = get_pods(&bob);
+    assert!(out.stderr.contains("401"), "{out:?}");
+    assert_eq!(get_pods(&carol).code, Some(0));
+
+    // Revoked by id, from the listing; unknown and short ids are errors.
+    let carol_id = ls(&t)
+        .lines()
+        .find(|l| l.contains(" carol "))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let revoke = |id: &str| {
+        podvisor(&t)
+            .args(["server", "token", "revoke", id, "--state-dir"])
+            .arg(&state)
+            .output()
+    };
+    let out = revoke("abc");
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("at least 8 hex digits"), "{out:?}");
+    let out = revoke("00000000ffffffff");
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("no token matches"), "{out:?}");
+    let out = revoke(&carol_id);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let rest = ls(&t);
+    assert!(!rest.contains("carol") && !rest.contains("bob"), "{rest}");
+    wait_for(20, "carol's token to be refused", || {
+        (get_pods(&carol).code != Some(0)).then_some(())
+    });
+}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ApiError, ServerError};
-pub use tokens::Role;
+pub use tokens::{Revoke, Role, TokenEntry, TokenRecord};
 
 use podvisor_store::Store;
 
@@ -150,6 +150,41 @@ pub async fn create_token(
     if let Some(problem) = podvisor_api::validate::dns_subdomain_problem(name) {
         return Err(ServerError::Config(format!("token name: {problem}")));
     }
+    let store = existing_store(state_dir, store_url).await?;
+    Ok(tokens::create(store.as_ref(), role, name).await?)
+}
+
+/// The tokens in the store of `state_dir` (or `store_url`), oldest first.
+pub async fn list_tokens(
+    state_dir: &Path,
+    store_url: Option<&str>,
+) -> Result<Vec<TokenEntry>, ServerError> {
+    let store = existing_store(state_dir, store_url).await?;
+    Ok(tokens::list(store.as_ref()).await?)
+}
+
+/// Deletes the tokens `which` selects from the store of `state_dir` (or
+/// `store_url`) and returns them; running servers stop accepting them
+/// within 10 s.
+pub async fn revoke_tokens(
+    state_dir: &Path,
+    store_url: Option<&str>,
+    which: &Revoke,
+) -> Result<Vec<TokenEntry>, ServerError> {
+    let store = existing_store(state_dir, store_url).await?;
+    tokens::revoke(store.as_ref(), which)
+        .await
+        .map_err(|e| match e {
+            tokens::RevokeError::Store(e) => e.into(),
+            other => ServerError::Config(other.to_string()),
+        })
+}
+
+/// The store of an initialized state directory (or `store_url`).
+async fn existing_store(
+    state_dir: &Path,
+    store_url: Option<&str>,
+) -> Result<Arc<dyn Store>, ServerError> {
     if store_url.is_none() && !state_dir.join("state.db").exists() {
         return Err(ServerError::Config(format!(
             "{} has no store: run `podvisor server init --state-dir {}` first (or pass --store)",
@@ -157,8 +192,7 @@ pub async fn create_token(
             state_dir.display()
         )));
     }
-    let store = podvisor_store::open(&self::store_url(state_dir, store_url)).await?;
-    Ok(tokens::create(store.as_ref(), role, name).await?)
+    Ok(podvisor_store::open(&self::store_url(state_dir, store_url)).await?)
 }
 
 /// A running server; dropping it (or [`RunningServer::shutdown`]) stops it.

@@ -100,6 +100,91 @@ pub async fn create(store: &dyn Store, role: Role, name: &str) -> Result<String,
     Ok(token)
 }
 
+/// A stored token as `podvisor server token ls` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    /// The hex SHA-256 of the token: its key, and what identifies it (the
+    /// token itself is never stored).
+    pub id: String,
+    pub record: TokenRecord,
+}
+
+/// Which tokens to revoke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revoke {
+    /// The one token whose id starts with this (at least 8 hex digits).
+    Id(String),
+    /// Every token of this user or host.
+    Holder(Role, String),
+}
+
+/// Every stored token, oldest first.
+pub async fn list(store: &dyn Store) -> Result<Vec<TokenEntry>, StoreError> {
+    let (kvs, _) = store.list(keys::TOKENS).await?;
+    let mut entries: Vec<TokenEntry> = kvs
+        .iter()
+        .filter_map(|kv| {
+            let id = kv.key.strip_prefix(keys::TOKENS)?.to_string();
+            let record = serde_json::from_slice(&kv.value).ok()?;
+            Some(TokenEntry { id, record })
+        })
+        .collect();
+    entries.sort_by_key(|e| e.record.created);
+    Ok(entries)
+}
+
+/// Why tokens could not be revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("a token id prefix needs at least 8 hex digits, not {0:?}")]
+    ShortId(String),
+    #[error("no token matches {0}")]
+    NoMatch(String),
+    #[error("{count} tokens have ids starting with {prefix:?}: give more digits")]
+    Ambiguous { prefix: String, count: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Deletes the tokens `which` selects and returns them. Servers trust a
+/// token they have seen for up to [`CACHE_TTL`] (10 s) more.
+pub async fn revoke(store: &dyn Store, which: &Revoke) -> Result<Vec<TokenEntry>, RevokeError> {
+    let all = list(store).await?;
+    let chosen: Vec<TokenEntry> = match which {
+        Revoke::Id(prefix) => {
+            let prefix = prefix.to_ascii_lowercase();
+            if prefix.len() < 8 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(RevokeError::ShortId(prefix));
+            }
+            let matching: Vec<TokenEntry> = all
+                .into_iter()
+                .filter(|e| e.id.starts_with(&prefix))
+                .collect();
+            if matching.len() > 1 {
+                return Err(RevokeError::Ambiguous {
+                    prefix,
+                    count: matching.len(),
+                });
+            }
+            matching
+        }
+        Revoke::Holder(role, name) => all
+            .into_iter()
+            .filter(|e| e.record.role == *role && e.record.name == *name)
+            .collect(),
+    };
+    if chosen.is_empty() {
+        return Err(RevokeError::NoMatch(match which {
+            Revoke::Id(prefix) => format!("id {prefix}"),
+            Revoke::Holder(role, name) => format!("{role:?} {name:?}").to_lowercase(),
+        }));
+    }
+    for entry in &chosen {
+        store.delete(&keys::token(&entry.id)).await?;
+    }
+    Ok(chosen)
+}
+
 /// How long a token found in the store is trusted without looking again.
 const CACHE_TTL: Duration = Duration::from_secs(10);
 

@@ -4,7 +4,7 @@
 //! section of the config file.
 
 mod exec;
-mod show;
+pub(crate) mod show;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

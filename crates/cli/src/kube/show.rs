@@ -61,6 +61,21 @@ fn table(rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// `podvisor server token ls`: id (the first 12 digits of the hash), role,
+/// name, age.
+pub fn tokens_table(tokens: &[podvisor_server::TokenEntry]) -> String {
+    let mut rows = vec![["ID", "ROLE", "NAME", "AGE"].map(String::from).to_vec()];
+    for t in tokens {
+        rows.push(vec![
+            t.id.chars().take(12).collect(),
+            format!("{:?}", t.record.role).to_lowercase(),
+            t.record.name.clone(),
+            age(Some(t.record.created)),
+        ]);
+    }
+    table(rows)
+}
+
 pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
     let mut header: Vec<String> = Vec::new();
     if namespaces {
