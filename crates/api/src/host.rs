@@ -71,7 +71,7 @@ pub struct HostStatus {
 }
 
 /// A list of hosts.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HostList {
@@ -82,6 +82,18 @@ pub struct HostList {
     #[serde(default)]
     pub metadata: ListMeta,
     pub items: Vec<Host>,
+}
+
+/// An empty list with its `apiVersion` and `kind` set, as it is served.
+impl Default for HostList {
+    fn default() -> HostList {
+        HostList {
+            api_version: v1(),
+            kind: host_list_kind(),
+            metadata: ListMeta::default(),
+            items: Vec::new(),
+        }
+    }
 }
 
 fn host_list_kind() -> String {

@@ -319,7 +319,7 @@ pub struct ContainerStateTerminated {
 }
 
 /// A list of pods and the revision it was read at.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PodList {
@@ -330,6 +330,18 @@ pub struct PodList {
     #[serde(default)]
     pub metadata: ListMeta,
     pub items: Vec<Pod>,
+}
+
+/// An empty list with its `apiVersion` and `kind` set, as it is served.
+impl Default for PodList {
+    fn default() -> PodList {
+        PodList {
+            api_version: v1(),
+            kind: pod_list_kind(),
+            metadata: ListMeta::default(),
+            items: Vec::new(),
+        }
+    }
 }
 
 fn pod_list_kind() -> String {

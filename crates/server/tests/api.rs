@@ -382,13 +382,17 @@ async fn bad_requests_get_clear_errors() {
     let (code, msg) = status(resp).await;
     assert_eq!(code, 404);
     assert!(msg.contains("no API path /api/v2/pods"), "{msg}");
-    let err = ts
-        .admin
-        .list_pods(&PodFilter::all())
-        .await
-        .map(|_| ())
-        .and(Ok(()));
-    assert!(err.is_ok());
+    // Lists say what they are, as Kubernetes' do.
+    let pods = ts.admin.list_pods(&PodFilter::all()).await.unwrap();
+    assert_eq!(
+        (pods.api_version.as_str(), pods.kind.as_str()),
+        ("v1", "PodList")
+    );
+    let hosts = ts.admin.list_hosts().await.unwrap();
+    assert_eq!(
+        (hosts.api_version.as_str(), hosts.kind.as_str()),
+        ("v1", "HostList")
+    );
     let resp = http
         .get(format!(
             "{}/api/v1/pods?fieldSelector=status.phase=Running",

@@ -189,17 +189,21 @@ pub async fn get(args: GetArgs) -> anyhow::Result<u8> {
                 _ => show::pods_table(&list.items, args.all_namespaces, out == Some(Output::Wide)),
             }
         }
-        (Kind::Hosts, name) => {
-            let hosts = match name {
-                Some(n) => vec![client.get_host(n).await?],
-                None => client.list_hosts().await?.items,
-            };
-            match (out, name) {
-                (Some(Output::Json), Some(_)) => show::json(&hosts[0]),
-                (Some(Output::Yaml), Some(_)) => show::yaml(&hosts[0]),
-                (Some(Output::Json), None) => show::json(&hosts),
-                (Some(Output::Yaml), None) => show::yaml(&hosts),
-                _ => show::hosts_table(&hosts),
+        (Kind::Hosts, Some(n)) => {
+            let host = client.get_host(n).await?;
+            match out {
+                Some(Output::Json) => show::json(&host),
+                Some(Output::Yaml) => show::yaml(&host),
+                _ => show::hosts_table(std::slice::from_ref(&host)),
+            }
+        }
+        (Kind::Hosts, None) => {
+            // A list, as kubectl prints one (`items`).
+            let hosts = client.list_hosts().await?;
+            match out {
+                Some(Output::Json) => show::json(&hosts),
+                Some(Output::Yaml) => show::yaml(&hosts),
+                _ => show::hosts_table(&hosts.items),
             }
         }
         (Kind::Images, _) => {

@@ -96,7 +96,8 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     // directly, without the secret the daemon gave the server, it refuses.
     let hosts = cli().args(["get", "hosts", "-o", "json"]).success().stdout;
     let hosts: serde_json::Value = serde_json::from_str(&hosts).unwrap();
-    let address = hosts[0]["spec"]["address"].as_str().unwrap();
+    assert_eq!(hosts["kind"], "HostList", "{hosts}");
+    let address = hosts["items"][0]["spec"]["address"].as_str().unwrap();
     let address = address.strip_prefix("http://").unwrap();
     for authorization in [None, Some("Bearer not-the-secret")] {
         let answer = raw_get(address, "/pods/default/web/log", authorization);
