@@ -179,15 +179,7 @@ impl Client {
                 req
             })
             .await?;
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-            method: name,
-            url: url.to_string(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+        decode(name, &url, resp).await
     }
 
     /// `GET /healthz`.
@@ -310,15 +302,7 @@ impl Client {
                     .body(body.clone())
             })
             .await?;
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-            method: "POST",
-            url: url.to_string(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+        decode("POST", &url, resp).await
     }
 
     /// Keeps the host's lease alive (and marks it ready again if it was not).
@@ -441,6 +425,23 @@ impl Client {
 /// `api/v1/namespaces/NS/pods/NAME`.
 fn pod_path(namespace: &str, name: &str) -> String {
     format!("api/v1/namespaces/{namespace}/pods/{name}")
+}
+
+/// The JSON body of a successful response to `method` at `url`.
+async fn decode<T: DeserializeOwned>(
+    method: &'static str,
+    url: &Url,
+    resp: reqwest::Response,
+) -> Result<T, ClientError> {
+    let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+        method,
+        url: url.to_string(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn method_name(method: &reqwest::Method) -> &'static str {

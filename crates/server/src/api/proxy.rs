@@ -342,6 +342,15 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// The stand-in host as it registers.
+    fn h1(address: &str) -> Host {
+        let capacity = HostCapacity {
+            cpu: 1000,
+            memory: 1 << 30,
+        };
+        Host::new("h1", capacity, address)
+    }
+
     fn pinned(name: &str) -> Pod {
         let mut pod = Pod::new(
             name,
@@ -369,32 +378,10 @@ mod tests {
             .await
             .unwrap();
         let host = Client::new(&server.url(), Some(&host_token)).unwrap();
-        host.register_host(
-            &Host::new(
-                "h1",
-                HostCapacity {
-                    cpu: 1000,
-                    memory: 1 << 30,
-                },
-                &address,
-            ),
-            SECRET,
-        )
-        .await
-        .unwrap();
+        host.register_host(&h1(&address), SECRET).await.unwrap();
         // A registration without a usable endpoint secret is refused.
         let err = host
-            .register_host(
-                &Host::new(
-                    "h1",
-                    HostCapacity {
-                        cpu: 1000,
-                        memory: 1 << 30,
-                    },
-                    &address,
-                ),
-                "short",
-            )
+            .register_host(&h1(&address), "short")
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some(422), "{err}");
