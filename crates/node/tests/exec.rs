@@ -145,7 +145,8 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
 
     // The exec sees the container's files, its main process as PID 2 of the
     // container's PID namespace, its hostname, user, working directory and
-    // environment. (Retried until the container has written its marker.)
+    // environment. (Retried until the container has written its marker and
+    // exec'd sleep: between the two its PID 2 is still `sh`.)
     let mut seen = String::new();
     for attempt in 0..20 {
         let id = format!("exec.{attempt}");
@@ -154,7 +155,8 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             &[
                 "sh",
                 "-c",
-                "cat /tmp/marker && cat /proc/2/comm && hostname && id -u && pwd && echo $MODE",
+                "grep -qx sleep /proc/2/comm && cat /tmp/marker && cat /proc/2/comm && hostname \
+                 && id -u && pwd && echo $MODE",
             ],
         ))
         .await

@@ -107,7 +107,21 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     assert!(raw_get(address, "/healthz", None).starts_with("HTTP/1.1 200"));
 
     // Exec: in the container's PID namespace, with its exit code; and with
-    // stdin.
+    // stdin. (The greeting is written just before the shell execs sleep.)
+    wait_for(
+        "the container to exec sleep",
+        Duration::from_secs(30),
+        || {
+            let out = cli()
+                .args(["exec", "web", "--", "cat", "/proc/2/comm"])
+                .output();
+            if out.stdout == "sleep\n" {
+                Ok(())
+            } else {
+                Err(format!("{}{}", out.stdout, out.stderr))
+            }
+        },
+    );
     let out = cli()
         .args([
             "exec",
