@@ -121,10 +121,19 @@ fn vm_interactive_shell_with_resize_and_ctrl_c() {
     screen.wait_for("30 100", 1);
     screen.wait_for("/dev/pts/0", 1);
 
+    // The resize travels host -> agent -> the container's terminal; ask
+    // again until it has arrived (a loaded machine may take a while).
     screen.resize(40, 120);
-    std::thread::sleep(Duration::from_millis(500));
-    screen.type_keys("stty size\r");
-    screen.wait_for("40 120", 1);
+    let start = Instant::now();
+    while !screen.text().contains("40 120") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the resize never arrived; screen:\n{}",
+            screen.text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        screen.type_keys("stty size\r");
+    }
 
     screen.type_keys("sleep 1000\r");
     std::thread::sleep(Duration::from_millis(500));

@@ -275,15 +275,28 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
         .await
         .unwrap();
     until_started(&mut pod, "web").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its first line, then stop it.
+    let mut second = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !second.contains('\n') {
+            if let GuestMessage::Output { id, data, .. } =
+                pod.next_event().await.expect("pod event")
+                && id == "web"
+            {
+                second.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await
+    .expect("the restarted container's first line");
     pod.send(&HostMessage::Stop {
         id: "web".into(),
         grace_ms: 0,
     })
     .await
     .unwrap();
-    let second = until_exit(&mut pod, "web", &mut Vec::new()).await;
-    assert_eq!(second.stdout, "fresh\n");
+    second += &until_exit(&mut pod, "web", &mut Vec::new()).await.stdout;
+    assert_eq!(second, "fresh\n");
     pod.shutdown(Duration::ZERO).await;
 }
 
