@@ -3,14 +3,17 @@
 waits only for the agent's first frame (Ready) on its socket and prints how
 long that took from QEMU's start, per run and the median.
 
-    scripts/bench/agent-ready.py CACHE_DIR RUNS
+    scripts/bench/agent-ready.py CACHE_DIR RUNS [--no-thp]
 
 CACHE_DIR is a podvisor cache that has run a pod (its newest initramfs and
-any layer disk are used). Compare with `podvisor run --timings` (the sum of
+any layer disk are used). --no-thp starts QEMU with transparent huge pages
+disabled for it (prctl PR_SET_THP_DISABLE), which QEMU otherwise asks for
+on guest RAM and its translation buffer. Compare with `podvisor run --timings` (the sum of
 the stages from "QEMU start" to "modules -> ready"). Keep the command line
 in step with crates/vmm/src/qemu/cmdline.rs and KERNEL_CMDLINE in
 crates/node/src/pod_vm.rs.
 """
+import ctypes
 import glob
 import os
 import socket
@@ -20,6 +23,14 @@ import tempfile
 import time
 
 cache, runs = sys.argv[1], int(sys.argv[2])
+no_thp = "--no-thp" in sys.argv[3:]
+
+
+def disable_thp():
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_THP_DISABLE = 41
+    if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
 initrd = max(glob.glob(f"{cache}/guest/initramfs-*.cpio"), key=os.path.getmtime)
 disk = glob.glob(f"{cache}/layers/*/disk.erofs")[0]
 kernel = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))[-1]
@@ -43,7 +54,7 @@ def once(d):
             "-device", "virtio-rng-pci,rng=rng0,bus=pci.0,addr=0x3",
             "-device", "vmgenid,guid=auto"]
     start = time.monotonic()
-    qemu = subprocess.Popen(args)
+    qemu = subprocess.Popen(args, preexec_fn=disable_thp if no_thp else None)
     try:
         while not os.path.exists(f"{d}/a.sock"):
             time.sleep(0.002)

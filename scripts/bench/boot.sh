@@ -9,7 +9,9 @@
 # Measured: `podvisor run --template none IMAGE -- echo hello` (busybox image,
 # warm cache; a cold boot, not a fork from a template: see the template-bench example)
 # from process start to exit, and its per-stage times (`--timings`).
-# Runs alternate between the two so both see the same machine load.
+# Runs alternate between the two so both see the same machine load. A second
+# baseline, under TCG only: the same bare boot with transparent huge pages
+# disabled for QEMU, as podvisor runs its TCG VMs.
 # Prints a markdown table of medians (and min-max).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,7 +39,7 @@ kernel=$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -n 1)
 cmdline="console=ttyS0 quiet panic=-1 reboot=t acpi=noirq i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests"
 
 bare() {
-    qemu-system-x86_64 -nodefaults -no-user-config -no-reboot -display none \
+    "$@" qemu-system-x86_64 -nodefaults -no-user-config -no-reboot -display none \
         -machine pc -accel "$accel" -cpu "$cpu" -smp 1 -m 256M \
         -kernel "$kernel" -initrd "$work/bare.cpio" -append "$cmdline" \
         -serial "file:$work/bare-console.log"
@@ -47,12 +49,21 @@ pod() {
         run --template none --timings "$work/busybox.tar" -- echo hello >/dev/null 2>>"$work/timings.txt"
 }
 now() { date +%s.%N; }
+# Runs its arguments with transparent huge pages disabled (inherited by exec).
+no_thp() {
+    python3 -c 'import ctypes, os, sys
+assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE
+os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
 
 # Warm up: the first pod run converts the image and builds the initramfs.
 bare; : >"$work/timings.txt"; pod; : >"$work/timings.txt"
 for _ in $(seq "$runs"); do
     t=$(now); bare; awk "BEGIN {print $(now) - $t}" >>"$work/bare.txt"
     t=$(now); pod; awk "BEGIN {print $(now) - $t}" >>"$work/pod.txt"
+    if [ "$accel" = tcg ]; then
+        t=$(now); bare no_thp; awk "BEGIN {print $(now) - $t}" >>"$work/bare-no-thp.txt"
+    fi
 done
 
 stat() { # file -> "median (min-max)"
@@ -71,6 +82,9 @@ echo
 echo "| what | median (min-max) |"
 echo "|---|---|"
 echo "| bare QEMU boot to power-off (baseline) | $(stat "$work/bare.txt") |"
+if [ "$accel" = tcg ]; then
+    echo "| bare QEMU boot, transparent huge pages off (second baseline) | $(stat "$work/bare-no-thp.txt") |"
+fi
 echo "| \`podvisor run\` total, process start to exit | $(stat "$work/pod.txt") |"
 for s in "prepare (image, guest artifacts)" "QEMU start -> kernel" "kernel -> agent started" \
          "agent: load modules" "agent: modules -> ready" \
@@ -78,3 +92,7 @@ for s in "prepare (image, guest artifacts)" "QEMU start -> kernel" "kernel -> ag
     echo "| stage: $s | $(stage "$s") |"
 done
 echo "| podvisor / bare (medians) | $(awk "BEGIN {printf \"%.3f\", $pod_med / $bare_med}") |"
+if [ "$accel" = tcg ]; then
+    nothp_med=$(sort -g "$work/bare-no-thp.txt" | awk '{v[NR]=$1} END {print (NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2}')
+    echo "| podvisor / bare without huge pages (medians) | $(awk "BEGIN {printf \"%.3f\", $pod_med / $nothp_med}") |"
+fi

@@ -213,6 +213,22 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     // container is still running and listed.
     let record = pod.vmm_process().unwrap();
     let pid = pod.vmm_pid();
+    // Under TCG, QEMU runs without transparent huge pages.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let thp = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    if cfg.accel == podvisor_vmm::Accel::Tcg {
+        assert_eq!(
+            thp.map(|l| l.split_whitespace().nth(1)),
+            Some(Some("0")),
+            "{status}"
+        );
+    } else {
+        assert_eq!(
+            thp.map(|l| l.split_whitespace().nth(1)),
+            Some(Some("1")),
+            "{status}"
+        );
+    }
     pod.detach();
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
