@@ -6,7 +6,7 @@
 //! ```text
 //! cargo build --release --bin podvisor
 //! cargo run --release -p podvisor-cli --example template-bench -- \
-//!     [--podvisor target/release/podvisor] [--runs 5] [--pods 20]
+//!     [--podvisor $CARGO_TARGET_DIR/release/podvisor] [--runs 5] [--pods 20]
 //! ```
 //!
 //! Uses the agent `podvisor` finds (`PODVISOR_AGENT`) and a busybox image
@@ -188,8 +188,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let podvisor = arg(&args, "--podvisor")
-        .map_or_else(|| PathBuf::from("target/release/podvisor"), PathBuf::from);
+    // Default: the podvisor built next to this example (a stale
+    // `target/release/podvisor` would measure old code).
+    let podvisor = arg(&args, "--podvisor").map_or_else(
+        || {
+            let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+            PathBuf::from(target).join("release/podvisor")
+        },
+        PathBuf::from,
+    );
     let runs: usize = arg(&args, "--runs").map_or(5, |v| v.parse().unwrap());
     let pods: usize = arg(&args, "--pods").map_or(20, |v| v.parse().unwrap());
     let dir = tempfile::Builder::new()
