@@ -10,6 +10,7 @@
 //! shared while an image template is made from it).
 
 use std::io::Cursor;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
@@ -86,18 +87,7 @@ pub async fn base(
             .open(&ram)
             .map_err(|e| TemplateError::io("create", &ram, e))?;
     }
-    let spec = PodVmSpec {
-        id: format!("template-{gen_id}"),
-        cpus: build.recipe.cpus,
-        memory_mib: build.recipe.memory_mib,
-        guest: build.guest.clone(),
-        disks: vec![],
-        memory: MemoryBacking::File {
-            path: ram.clone(),
-            shared: true,
-        },
-        die_with_parent: true,
-    };
+    let spec = template_vm(&build, &gen_id, &ram);
     // A base that does not boot is the pod's own boot failure.
     let pod = PodVm::boot(cfg, spec).await.map_err(TemplateError::Boot)?;
     let agent = pod.agent.clone();
@@ -105,6 +95,23 @@ pub async fn base(
     let meta = describe(build, agent, ram, state, vec![], started).await?;
     pending.committed = true;
     Ok(meta)
+}
+
+/// The VM a template of `build` is made in: its RAM in the shared file
+/// `ram`, gone with podvisor if it dies mid-build.
+fn template_vm(build: &Build<'_>, gen_id: &str, ram: &Path) -> PodVmSpec {
+    PodVmSpec {
+        id: format!("template-{gen_id}"),
+        cpus: build.recipe.cpus,
+        memory_mib: build.recipe.memory_mib,
+        guest: build.guest.clone(),
+        disks: vec![],
+        memory: MemoryBacking::File {
+            path: ram.to_path_buf(),
+            shared: true,
+        },
+        die_with_parent: true,
+    }
 }
 
 /// Makes an image template (a warm one if the recipe says so) from `base`,
@@ -126,18 +133,7 @@ pub async fn child(
     let base_state = files::read_checked_state(base)?;
     files::check_ram_file(base)?;
     files::copy_sparse(&base.ram_file, &ram)?;
-    let spec = PodVmSpec {
-        id: format!("template-{gen_id}"),
-        cpus: build.recipe.cpus,
-        memory_mib: build.recipe.memory_mib,
-        guest: build.guest.clone(),
-        disks: vec![],
-        memory: MemoryBacking::File {
-            path: ram.clone(),
-            shared: true,
-        },
-        die_with_parent: true,
-    };
+    let spec = template_vm(&build, &gen_id, &ram);
     let restore = RestoreSpec {
         state: Box::new(Cursor::new(base_state)),
         agent: base.agent.clone(),

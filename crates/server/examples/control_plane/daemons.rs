@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use podvisor_api::client::{PodEvent, PodFeedEvent};
 use podvisor_api::{Client, PodFilter, PodPhase};
 
-use super::{Options, Report, pod};
+use super::{Options, Report};
 
 /// Child processes, killed when dropped.
 struct Children(Vec<Child>);
@@ -174,28 +174,7 @@ pub async fn run(bin: &str, store: &str, store_url: Option<String>, o: &Options)
 
     let applied_at: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
     let start = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut appliers = Vec::new();
-    for _ in 0..o.concurrency {
-        let (user, next, applied_at) = (user.clone(), next.clone(), applied_at.clone());
-        appliers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return;
-                }
-                let name = format!("pod-{i:04}");
-                applied_at
-                    .lock()
-                    .unwrap()
-                    .insert(name.clone(), SystemTime::now());
-                user.create_pod(&pod(&name)).await.unwrap();
-            }
-        }));
-    }
-    for a in appliers {
-        a.await.unwrap();
-    }
+    super::apply_pods(&user, total, o.concurrency, &applied_at, SystemTime::now).await;
     let applied = start.elapsed();
     let (finished, started) = tokio::time::timeout(Duration::from_secs(600), done)
         .await

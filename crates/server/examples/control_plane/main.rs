@@ -155,6 +155,37 @@ async fn store_creates(etcd_url: Option<String>, o: &Options) -> Duration {
     start.elapsed()
 }
 
+/// Creates pods `pod-0000`, `pod-0001`, ... (`total` of them) with
+/// `concurrency` clients at once, stamping each in `applied_at` with
+/// `now()` just before its create request.
+async fn apply_pods<T: Send + 'static>(
+    user: &Client,
+    total: usize,
+    concurrency: usize,
+    applied_at: &Arc<Mutex<HashMap<String, T>>>,
+    now: fn() -> T,
+) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut appliers = Vec::new();
+    for _ in 0..concurrency {
+        let (user, next, applied_at) = (user.clone(), next.clone(), applied_at.clone());
+        appliers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let name = format!("pod-{i:04}");
+                applied_at.lock().unwrap().insert(name.clone(), now());
+                user.create_pod(&pod(&name)).await.unwrap();
+            }
+        }));
+    }
+    for a in appliers {
+        a.await.unwrap();
+    }
+}
+
 fn pod(name: &str) -> Pod {
     let mut c = Container {
         name: "main".into(),
@@ -249,28 +280,7 @@ async fn run(store: &str, store_url: Option<String>, o: &Options) -> Report {
     });
 
     let start = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut appliers = Vec::new();
-    for _ in 0..o.concurrency {
-        let (user, next, applied_at) = (user.clone(), next.clone(), applied_at.clone());
-        appliers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return;
-                }
-                let name = format!("pod-{i:04}");
-                applied_at
-                    .lock()
-                    .unwrap()
-                    .insert(name.clone(), Instant::now());
-                user.create_pod(&pod(&name)).await.unwrap();
-            }
-        }));
-    }
-    for a in appliers {
-        a.await.unwrap();
-    }
+    apply_pods(&user, total, o.concurrency, &applied_at, Instant::now).await;
     let applied = start.elapsed();
     let finished = tokio::time::timeout(Duration::from_secs(600), done)
         .await

@@ -48,6 +48,25 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), VmmError> {
     })
 }
 
+/// Sets the migration capabilities both sides need and gives QEMU `end`,
+/// one end of the state pipe, as `fd_name`. Ours is closed: QEMU holds its
+/// own copy, and the other side must see end of file when QEMU closes it.
+async fn hand_over(
+    qmp: &mut Qmp,
+    ram_in_file: bool,
+    fd_name: &str,
+    end: OwnedFd,
+) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(capabilities_args(ram_in_file)),
+    )
+    .await?;
+    qmp.execute_with_fd("getfd", Some(json!({ "fdname": fd_name })), end.as_fd())
+        .await?;
+    Ok(())
+}
+
 /// Pauses the VM if it runs and streams its state into `sink`. Returns the
 /// bytes written. The VM stays paused.
 pub async fn save(
@@ -60,20 +79,8 @@ pub async fn save(
     if status["running"].as_bool() != Some(false) {
         qmp.execute("stop", None).await?;
     }
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(capabilities_args(ram_in_file)),
-    )
-    .await?;
     let (read_end, write_end) = pipe()?;
-    qmp.execute_with_fd(
-        "getfd",
-        Some(json!({ "fdname": STATE_OUT_FD })),
-        write_end.as_fd(),
-    )
-    .await?;
-    // QEMU holds its own copy; ours must go so the reader sees end of file.
-    drop(write_end);
+    hand_over(qmp, ram_in_file, STATE_OUT_FD, write_end).await?;
     let reader = tokio::task::spawn_blocking(move || drain_into(read_end, sink));
 
     let migrated = async {
@@ -158,19 +165,8 @@ pub async fn restore(
     state: Box<dyn Read + Send>,
     timeout: Duration,
 ) -> Result<(), VmmError> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(capabilities_args(ram_in_file)),
-    )
-    .await?;
     let (read_end, write_end) = pipe()?;
-    qmp.execute_with_fd(
-        "getfd",
-        Some(json!({ "fdname": STATE_IN_FD })),
-        read_end.as_fd(),
-    )
-    .await?;
-    drop(read_end);
+    hand_over(qmp, ram_in_file, STATE_IN_FD, read_end).await?;
     let writer = tokio::task::spawn_blocking(move || feed(state, write_end));
 
     let loaded = async {
