@@ -1,7 +1,7 @@
 //! The agent's state machine: host messages, process output, exits and
 //! timers in; [`GuestMessage`]s and process actions out. It owns the agent
 //! ends of every container's stdio but does no polling itself; the
-//! [`event_loop`](crate::event_loop) tells it what is ready.
+//! event loop (`crate::event_loop`) tells it what is ready.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -15,7 +15,8 @@ use podvisor_proto::{
     StartError, StartErrorKind, Stream,
 };
 
-use crate::process::{self, Launched, Launcher};
+use crate::launcher::Launcher;
+use crate::process::{self, Launched};
 
 /// How long after the grace period of a shutdown the agent powers off even
 /// if exits could not be reported (host gone, process stuck).

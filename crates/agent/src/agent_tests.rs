@@ -13,7 +13,8 @@ use podvisor_proto::{
 };
 
 use super::*;
-use crate::process::{Launched, Launcher};
+use crate::launcher::Launcher;
+use crate::process::Launched;
 
 /// The test's ends of a fake process's stdio.
 struct FakeProcess {

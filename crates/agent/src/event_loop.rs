@@ -12,8 +12,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use podvisor_proto::{AgentInfo, GuestMessage};
 
 use crate::agent::Agent;
+use crate::launcher::Launcher;
 use crate::port::{Port, RECONNECT_PROBE};
-use crate::process::Launcher;
 
 /// Output is not read while this many bytes wait for the host: a slow or
 /// absent host slows the container down instead of filling the guest's

@@ -20,10 +20,12 @@
 pub mod agent;
 pub mod boot;
 pub mod child;
+pub mod container;
 pub mod disks;
 pub mod event_loop;
 pub mod exec;
 pub mod identity;
+pub mod launcher;
 pub mod modules;
 pub mod mounts;
 pub mod path_lookup;
@@ -84,7 +86,7 @@ pub fn run() -> Result<(), AgentError> {
     steps.push(("port".to_string(), boot::uptime_ms()));
     let mut port = port::Port::new(fd);
     let info = boot::agent_info(release, steps);
-    let mut agent = agent::Agent::new(process::LinuxLauncher::default());
+    let mut agent = agent::Agent::new(launcher::LinuxLauncher::default());
     event_loop::run(&mut port, &sigchld, &mut agent, &info)?;
     Ok(())
 }

@@ -1,29 +1,21 @@
-//! Starting container processes: the [`Launcher`] the agent's state machine
-//! drives, and [`LinuxLauncher`], which mounts the layers and the overlay,
-//! prepares a [`ChildPlan`], `clone`s the container and learns through the
-//! close-on-exec error pipe whether its `execve` succeeded.
+//! What starting a container process and starting an exec process share:
+//! the [`Launched`] result, resolving user, program and working directory in
+//! the container's root, stdio (pipes or a pty from the container's devpts),
+//! the child's failure report and exit statuses.
 
-use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag};
-use nix::mount::MntFlags;
-use nix::sched::CloneFlags;
 use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Pid, Uid};
-use podvisor_proto::{
-    CloneIdentity, ContainerSpec, ExecSpec, ExitStatus, ProcessSpec, StartError, StartErrorKind,
-    TerminalSize,
-};
+use podvisor_proto::{ExitStatus, ProcessSpec, StartError, StartErrorKind, TerminalSize};
 
-use crate::child::{self, ChildPlan, ChildPlanParts, FAILURE_LEN, Failure, Stdio, Step};
-use crate::mounts::{self, ContainerDirs, Op};
+use crate::child::{ChildPlan, FAILURE_LEN, Failure, Stdio, Step};
+use crate::mounts::Op;
 use crate::path_lookup::{self, resolve_in_root};
-use crate::syscall::{LinuxSyscall, Syscall};
-use crate::{disks, spec, user};
+use crate::{spec, user};
 
 /// A started container process and the agent's ends of its stdio.
 #[derive(Debug)]
@@ -44,112 +36,10 @@ pub struct Launched {
     pub status: Option<OwnedFd>,
 }
 
-/// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
-/// a fake in tests.
-pub trait Launcher {
-    /// Mounts the container and starts its process.
-    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError>;
-    /// Sends `signal` to the container's init (which forwards it).
-    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno>;
-    /// Unmounts what [`Launcher::start`] mounted for container `id`.
-    fn cleanup(&mut self, id: &str);
-    /// Starts an exec process in the namespaces of the running container
-    /// whose init is `init_pid`.
-    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
-    /// Waits for the layer disks with these serials and mounts them (each
-    /// once; a container using them later finds them mounted).
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError>;
-    /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
-    /// the inits of the running containers. Returns the steps that failed.
-    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
-}
-
 pub(crate) fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
     StartError {
         kind,
         message: message.into(),
-    }
-}
-
-/// The real launcher: mounts, `clone`, namespaces.
-#[derive(Debug, Default)]
-pub struct LinuxLauncher {
-    /// Layer serials already mounted (each disk is mounted once).
-    mounted_layers: HashSet<String>,
-}
-
-impl Launcher for LinuxLauncher {
-    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
-        spec::validate(spec)?;
-        self.mount_layers(&spec.layers)?;
-        let dirs = ContainerDirs::new(&spec.id);
-        let plan = mounts::container_plan(&dirs, &spec.layers);
-        if let Err((i, errno)) = mounts::apply(&LinuxSyscall, &plan) {
-            self.cleanup(&spec.id);
-            return Err(err(
-                StartErrorKind::Mount,
-                format!("{}: {errno}", plan[i].describe()),
-            ));
-        }
-        let result = launch(spec, &dirs);
-        if result.is_err() {
-            self.cleanup(&spec.id);
-        }
-        result
-    }
-
-    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno> {
-        let signal = nix::sys::signal::Signal::try_from(signal)?;
-        nix::sys::signal::kill(Pid::from_raw(pid), signal)
-    }
-
-    fn cleanup(&mut self, id: &str) {
-        let dirs = ContainerDirs::new(id);
-        for path in dirs.teardown() {
-            match LinuxSyscall.umount2(path, MntFlags::MNT_DETACH) {
-                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-                Err(e) => crate::log!("unmounting {}: {e}", path.display()),
-            }
-        }
-        let _ = std::fs::remove_dir(&dirs.base);
-    }
-
-    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
-        crate::exec::launch(spec, init_pid, &ContainerDirs::new(&spec.container))
-    }
-
-    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
-        crate::identity::apply(&LinuxSyscall, identity, pids)
-    }
-
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
-        LinuxLauncher::mount_layers(self, serials)
-    }
-}
-
-impl LinuxLauncher {
-    /// Mounts each layer disk not mounted yet.
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
-        for serial in serials {
-            if self.mounted_layers.contains(serial) {
-                continue;
-            }
-            let dev = disks::wait_for_disk(serial, disks::DISK_WAIT)
-                .map_err(|e| err(StartErrorKind::Mount, e.to_string()))?;
-            let plan = mounts::layer_plan(serial, &dev);
-            mounts::apply(&LinuxSyscall, &plan).map_err(|(i, errno)| {
-                err(
-                    StartErrorKind::Mount,
-                    format!(
-                        "layer {serial} ({}): {}: {errno}",
-                        dev.display(),
-                        plan[i].describe()
-                    ),
-                )
-            })?;
-            self.mounted_layers.insert(serial.clone());
-        }
-        Ok(())
     }
 }
 
@@ -159,7 +49,7 @@ pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), StartError> {
         .map_err(|e| err(StartErrorKind::Other, format!("pipe: {e}")))
 }
 
-fn set_nonblocking(fd: &OwnedFd) {
+pub(crate) fn set_nonblocking(fd: &OwnedFd) {
     let _ = nix::fcntl::fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
 }
 
@@ -320,74 +210,6 @@ pub(crate) fn process_stdio(p: &ProcessSpec, pts: &Path) -> Result<ProcessStdio,
     }
 }
 
-/// Resolves user, program and environment in the mounted root, sets up
-/// stdio and clones the container.
-fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartError> {
-    let p = &spec.process;
-    let root = &dirs.rootfs;
-    let r = resolve_process(p, root)?;
-    let io = process_stdio(p, &dirs.pts)?;
-    let (error_r, error_w) = pipe()?;
-    let (status_r, status_w) = pipe()?;
-    set_nonblocking(&status_r);
-
-    let exe = r.exe.clone();
-    let plan = ChildPlan::new(ChildPlanParts {
-        rootfs_ops: mounts::rootfs_plan(dirs),
-        rootfs: root.clone(),
-        hostname: spec.hostname.clone(),
-        cwd_dirs: spec::ancestors(&r.cwd),
-        cwd: r.cwd,
-        uid: Uid::from_raw(r.user.uid),
-        gid: Gid::from_raw(r.user.gid),
-        groups: r.user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
-        exe: cstring("the program path", &r.exe)?,
-        argv: r.argv,
-        envp: r.envp,
-        stdio: io.stdio,
-        error_fd: error_w.as_raw_fd(),
-        status_fd: status_w.as_raw_fd(),
-    });
-
-    let mut stack = vec![0u8; 256 * 1024];
-    let flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
-    // SAFETY: the agent is single-threaded, so the child (a copy of it, no
-    // CLONE_VM) cannot inherit a lock held by another thread; it only runs
-    // `child_main` on the prepared plan and never returns.
-    let pid = unsafe {
-        nix::sched::clone(
-            Box::new(|| child::child_main(&plan)),
-            &mut stack,
-            flags,
-            Some(libc::SIGCHLD),
-        )
-    }
-    .map_err(|e| err(StartErrorKind::Other, format!("clone: {e}")))?;
-    drop(io.child_ends);
-    drop(error_w);
-    drop(status_w);
-
-    match read_failure(&error_r) {
-        None => Ok(Launched {
-            pid: pid.as_raw(),
-            stdin: io.stdin,
-            stdout: io.stdout,
-            stderr: io.stderr,
-            terminal: p.terminal.is_some(),
-            status: Some(status_r),
-        }),
-        Some(failure) => {
-            // The child exits right after reporting; reap it here so the
-            // event loop never sees it.
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(describe_failure(&failure, &plan, &exe))
-        }
-    }
-}
-
 /// Blocks until the error pipe reports a failure or closes (exec done).
 pub(crate) fn read_failure(fd: &OwnedFd) -> Option<Failure> {
     let mut buf = [0u8; FAILURE_LEN];
@@ -476,6 +298,8 @@ pub fn decode_wait_status(status: i32) -> ExitStatus {
 
 #[cfg(test)]
 mod tests {
+    use nix::unistd::Pid;
+
     use super::*;
 
     #[test]

@@ -1,0 +1,118 @@
+//! What the agent's state machine drives to run processes: the
+//! [`Launcher`] trait, and [`LinuxLauncher`], the real one, which mounts a
+//! container's layers and root, starts it ([`crate::container`]) or an exec
+//! in it ([`crate::exec`]), and gives a clone its identity.
+
+use std::collections::HashSet;
+
+use nix::errno::Errno;
+use nix::mount::MntFlags;
+use nix::unistd::Pid;
+use podvisor_proto::{CloneIdentity, ContainerSpec, ExecSpec, StartError, StartErrorKind};
+
+use crate::mounts::{self, ContainerDirs};
+use crate::process::{Launched, err};
+use crate::syscall::{LinuxSyscall, Syscall};
+use crate::{disks, spec};
+
+/// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
+/// a fake in tests.
+pub trait Launcher {
+    /// Mounts the container and starts its process.
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError>;
+    /// Sends `signal` to the container's init (which forwards it).
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno>;
+    /// Unmounts what [`Launcher::start`] mounted for container `id`.
+    fn cleanup(&mut self, id: &str);
+    /// Starts an exec process in the namespaces of the running container
+    /// whose init is `init_pid`.
+    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
+    /// Waits for the layer disks with these serials and mounts them (each
+    /// once; a container using them later finds them mounted).
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError>;
+    /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
+    /// the inits of the running containers. Returns the steps that failed.
+    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
+}
+
+/// The real launcher: mounts, `clone`, namespaces.
+#[derive(Debug, Default)]
+pub struct LinuxLauncher {
+    /// Layer serials already mounted (each disk is mounted once).
+    mounted_layers: HashSet<String>,
+}
+
+impl Launcher for LinuxLauncher {
+    fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
+        spec::validate(spec)?;
+        self.mount_layers(&spec.layers)?;
+        let dirs = ContainerDirs::new(&spec.id);
+        let plan = mounts::container_plan(&dirs, &spec.layers);
+        if let Err((i, errno)) = mounts::apply(&LinuxSyscall, &plan) {
+            self.cleanup(&spec.id);
+            return Err(err(
+                StartErrorKind::Mount,
+                format!("{}: {errno}", plan[i].describe()),
+            ));
+        }
+        let result = crate::container::launch(spec, &dirs);
+        if result.is_err() {
+            self.cleanup(&spec.id);
+        }
+        result
+    }
+
+    fn signal(&mut self, pid: i32, signal: i32) -> Result<(), Errno> {
+        let signal = nix::sys::signal::Signal::try_from(signal)?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+    }
+
+    fn cleanup(&mut self, id: &str) {
+        let dirs = ContainerDirs::new(id);
+        for path in dirs.teardown() {
+            match LinuxSyscall.umount2(path, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+                Err(e) => crate::log!("unmounting {}: {e}", path.display()),
+            }
+        }
+        let _ = std::fs::remove_dir(&dirs.base);
+    }
+
+    fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
+        crate::exec::launch(spec, init_pid, &ContainerDirs::new(&spec.container))
+    }
+
+    fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
+        crate::identity::apply(&LinuxSyscall, identity, pids)
+    }
+
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
+        LinuxLauncher::mount_layers(self, serials)
+    }
+}
+
+impl LinuxLauncher {
+    /// Mounts each layer disk not mounted yet.
+    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
+        for serial in serials {
+            if self.mounted_layers.contains(serial) {
+                continue;
+            }
+            let dev = disks::wait_for_disk(serial, disks::DISK_WAIT)
+                .map_err(|e| err(StartErrorKind::Mount, e.to_string()))?;
+            let plan = mounts::layer_plan(serial, &dev);
+            mounts::apply(&LinuxSyscall, &plan).map_err(|(i, errno)| {
+                err(
+                    StartErrorKind::Mount,
+                    format!(
+                        "layer {serial} ({}): {}: {errno}",
+                        dev.display(),
+                        plan[i].describe()
+                    ),
+                )
+            })?;
+            self.mounted_layers.insert(serial.clone());
+        }
+        Ok(())
+    }
+}
