@@ -11,7 +11,7 @@ disabled for it (prctl PR_SET_THP_DISABLE), which QEMU otherwise asks for
 on guest RAM and its translation buffer. Compare with `podvisor run --timings` (the sum of
 the stages from "QEMU start" to "modules -> ready"). Keep the command line
 in step with crates/vmm/src/qemu/cmdline.rs and KERNEL_CMDLINE in
-crates/node/src/pod_vm.rs.
+crates/podvm/src/pod_vm.rs.
 """
 import ctypes
 import glob

@@ -35,7 +35,7 @@ printf '#!/bin/busybox sh\n/bin/busybox poweroff -f\n' >"$work/bare/init"
 chmod +x "$work/bare/init"
 (cd "$work/bare" && find . | cpio -o -H newc --quiet) >"$work/bare.cpio"
 kernel=$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -n 1)
-# Keep in step with KERNEL_CMDLINE in crates/node/src/pod_vm.rs.
+# Keep in step with KERNEL_CMDLINE in crates/podvm/src/pod_vm.rs.
 cmdline="console=ttyS0 quiet panic=-1 reboot=t acpi=noirq i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests"
 
 bare() {

@@ -1,5 +1,5 @@
 //! `podvisor host`: the host daemon, which runs the pods the management
-//! server assigns to this machine (see `podvisor_node::daemon`).
+//! server assigns to this machine (see `podvisor_hostd::daemon`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use podvisor_api::Quantity;
-use podvisor_node::daemon::{self, DaemonConfig, RuntimeMode};
-use podvisor_node::host::HostConfig;
+use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
+use podvisor_hostd::host::HostConfig;
 
 use crate::HostArgs;
 
@@ -106,7 +106,7 @@ pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<D
     let node = match runtime {
         RuntimeMode::Vm => host.node_config()?,
         RuntimeMode::AckWithoutVm => {
-            podvisor_node::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg)
+            podvisor_podvm::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg)
         }
     };
     let mut host_cfg = HostConfig::new(node, args.state_dir.clone());

@@ -90,13 +90,13 @@ struct HostArgs {
 impl HostArgs {
     /// The node configuration these options describe. Tells the user once
     /// when podvisor falls back to software emulation.
-    fn node_config(&self) -> anyhow::Result<podvisor_node::NodeConfig> {
+    fn node_config(&self) -> anyhow::Result<podvisor_podvm::NodeConfig> {
         let settings = config::Settings::load(self)?;
         let choice = AccelChoice::resolve(self.accel);
         if self.accel.is_none() && choice.accel == Accel::Tcg {
             eprintln!("podvisor: {}", choice.reason);
         }
-        let mut cfg = podvisor_node::NodeConfig::with_defaults(choice.accel);
+        let mut cfg = podvisor_podvm::NodeConfig::with_defaults(choice.accel);
         cfg.cache_dir = settings.cache_dir;
         cfg.catalog = Some(settings.catalog);
         cfg.registry = settings.registry;

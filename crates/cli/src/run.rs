@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use podvisor_image::Platform;
-use podvisor_node::{ContainerOverrides, ImageSource, Outcome, PodIo, PodRequest, TemplateChoice};
+use podvisor_podvm::{ContainerOverrides, ImageSource};
+use podvisor_run::{Outcome, PodIo, PodRequest};
+use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
 
 use crate::HostArgs;
@@ -99,7 +101,7 @@ pub fn env_entries(args: &[String]) -> Vec<String> {
 /// Parses `--template`.
 pub fn parse_template(s: &str) -> Result<TemplateChoice, String> {
     s.parse()
-        .map_err(|e: podvisor_node::TemplateError| e.to_string())
+        .map_err(|e: podvisor_template::TemplateError| e.to_string())
 }
 
 /// What `IMAGE` names: a path that exists (whole, or before a `:REF`
@@ -181,7 +183,7 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
     } else {
         None
     };
-    let report = podvisor_node::run(&cfg, request, io).await;
+    let report = podvisor_run::run(&cfg, request, io).await;
     drop(raw);
     let report = report?;
     if let Outcome::StartFailed(err) = &report.outcome {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use podvisor_node::ContainerOverrides;
-use podvisor_node::templates::{self, CreateRequest, TemplateStatus, WarmRequest};
+use podvisor_podvm::ContainerOverrides;
+use podvisor_template::{CreateRequest, TemplateError, TemplateStatus, WarmRequest, manage};
 
 use crate::HostArgs;
 use crate::run::{env_entries, image_source, parse_memory_mib};
@@ -83,13 +83,13 @@ pub async fn run(host: &HostArgs, cmd: TemplateCommand) -> anyhow::Result<u8> {
     match cmd {
         TemplateCommand::Create(args) => create(&cfg, args).await,
         TemplateCommand::Ls => {
-            print!("{}", render_list(&templates::manage::list(&cfg)));
+            print!("{}", render_list(&manage::list(&cfg)));
             Ok(0)
         }
         TemplateCommand::Rm { names } => {
             let mut failed = false;
             for name in names {
-                match templates::manage::remove(&cfg, &name).await {
+                match manage::remove(&cfg, &name).await {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
                         eprintln!("podvisor: {e}");
@@ -100,7 +100,7 @@ pub async fn run(host: &HostArgs, cmd: TemplateCommand) -> anyhow::Result<u8> {
             Ok(if failed { 1 } else { 0 })
         }
         TemplateCommand::Prune { all } => {
-            let report = templates::manage::prune(&cfg, all).await?;
+            let report = manage::prune(&cfg, all).await?;
             for name in &report.removed {
                 println!("removed {name}");
             }
@@ -115,7 +115,7 @@ pub async fn run(host: &HostArgs, cmd: TemplateCommand) -> anyhow::Result<u8> {
     }
 }
 
-async fn create(cfg: &podvisor_node::NodeConfig, args: CreateArgs) -> anyhow::Result<u8> {
+async fn create(cfg: &podvisor_podvm::NodeConfig, args: CreateArgs) -> anyhow::Result<u8> {
     if args.warm && args.image.is_none() {
         bail!("--warm needs an image: the process runs in its container");
     }
@@ -151,7 +151,7 @@ async fn create(cfg: &podvisor_node::NodeConfig, args: CreateArgs) -> anyhow::Re
         image,
         warm,
     };
-    let (meta, built) = templates::manage::create(cfg, req).await?;
+    let (meta, built) = manage::create(cfg, req).await?;
     if built.is_zero() {
         println!("{} (already up to date)", meta.name);
     } else {
@@ -171,7 +171,7 @@ fn pid_list(pids: &[u32]) -> String {
 }
 
 /// The `template ls` table.
-fn render_list(entries: &[(String, Result<TemplateStatus, templates::TemplateError>)]) -> String {
+fn render_list(entries: &[(String, Result<TemplateStatus, TemplateError>)]) -> String {
     let mut out = format!(
         "{:<20} {:<6} {:>4} {:>7} {:>8}  {:<24} STATUS\n",
         "NAME", "KIND", "CPUS", "MEMORY", "RAM USED", "IMAGE"

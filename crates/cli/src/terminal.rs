@@ -4,8 +4,8 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::sys::termios::{self, SetArg, Termios};
-use podvisor_node::Control;
 use podvisor_proto::TerminalSize;
+use podvisor_run::Control;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use podvisor_node::daemon::{self, DaemonConfig, RuntimeMode};
-use podvisor_node::host::HostConfig;
+use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
+use podvisor_hostd::host::HostConfig;
 use podvisor_server::{Role, ServerConfig};
 
 use crate::HostArgs;

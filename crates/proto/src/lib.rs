@@ -1,6 +1,6 @@
 //! The host↔agent wire protocol, defined once and used by both sides.
 //!
-//! The host (the `node` crate) and the guest agent (PID 1 inside the pod VM)
+//! The host (the `podvm` crate) and the guest agent (PID 1 inside the pod VM)
 //! talk over one virtio-serial port named [`AGENT_PORT_NAME`]. Every message
 //! travels in a [`frame`]: a fixed header carrying a magic number, the
 //! protocol version and the payload length, followed by the payload encoded

@@ -1,8 +1,10 @@
 //! What a container runs: the image's runtime config merged with the user's
-//! overrides, as `docker run` merges them.
+//! overrides, as `docker run` merges them; and its image's layers as the
+//! pod VM's disks.
 
-use podvisor_image::RuntimeConfig;
-use podvisor_proto::{ProcessSpec, TerminalSize};
+use podvisor_image::{Image, RuntimeConfig};
+use podvisor_proto::{LAYER_SERIAL_PREFIX, ProcessSpec, TerminalSize};
+use podvisor_vmm::DiskSpec;
 
 /// The user's overrides of the image config (`podvisor run` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,6 +94,20 @@ pub fn process_spec(
         terminal: o.terminal,
         stdin: o.stdin,
     })
+}
+
+/// Layer disks of an image as read-only VM disks, bottom layer first.
+pub fn layer_disks(image: &Image) -> Vec<DiskSpec> {
+    image
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| DiskSpec {
+            path: l.path.clone(),
+            read_only: true,
+            serial: format!("{LAYER_SERIAL_PREFIX}{i}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -133,7 +133,7 @@ impl StateDir {
     }
 
     /// The runtime directory of this host's VMs (their run directories
-    /// are `pods/<vm-id>` in it, as [`crate::PodVm`] makes them).
+    /// are `pods/<vm-id>` in it, as [`podvisor_podvm::PodVm`] makes them).
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
     }

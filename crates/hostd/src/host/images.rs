@@ -16,7 +16,7 @@ use podvisor_vmm::DiskSpec;
 use serde::{Deserialize, Serialize};
 
 use super::plan::PodPlan;
-use crate::NodeConfig;
+use podvisor_podvm::NodeConfig;
 
 /// One container's image: its layers (disk serials, bottom first) and how
 /// to run it.

@@ -33,7 +33,7 @@ pub use status::{Backoff, ContainerState, ContainerStatus, PodPhase, PodState};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::NodeConfig;
+use podvisor_podvm::NodeConfig;
 
 /// Settings of the host runtime.
 #[derive(Debug, Clone)]

@@ -15,9 +15,9 @@ use super::records::{PodRecord, StateDir, VmRecord};
 use super::runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, RuntimeError};
 use super::status::{ContainerState, ContainerStatus, ContainerTrack, Ended, PodState};
 use super::{HostConfig, images};
-use crate::NodeError;
-use crate::container::{ContainerOverrides, process_spec};
-use crate::pod_vm::{PodVm, PodVmSpec};
+use podvisor_podvm::PodVmError;
+use podvisor_podvm::container::{ContainerOverrides, process_spec};
+use podvisor_podvm::pod_vm::{PodVm, PodVmSpec};
 
 /// Terminal size of a container or exec with `tty` before any resize.
 pub(super) const DEFAULT_TERMINAL: TerminalSize = TerminalSize { rows: 24, cols: 80 };
@@ -372,7 +372,7 @@ impl PodTask {
                 PodVm::boot(&cfg.node, spec).await
             }
             Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(NodeError::Io {
+            Err(e) => Err(PodVmError::Io {
                 what: "prepare the guest".into(),
                 source: std::io::Error::other(e),
             }),
@@ -409,7 +409,7 @@ impl PodTask {
         Stage::Up(Box::new(vm))
     }
 
-    fn boot_failed(&mut self, e: NodeError) -> Stage {
+    fn boot_failed(&mut self, e: PodVmError) -> Stage {
         let message = format!("the pod VM did not start: {e}");
         tracing::warn!(pod = %self.key(), "{message}");
         if self.record.plan.restart_policy == super::RestartPolicy::Never {
@@ -437,7 +437,7 @@ impl PodTask {
         &mut self,
         vm: &mut PodVm,
         i: usize,
-    ) -> Result<(), NodeError> {
+    ) -> Result<(), PodVmError> {
         let restart = self.started_once[i];
         self.started_once[i] = true;
         self.tracks[i].starting(restart);
@@ -474,7 +474,7 @@ impl PodTask {
                     None => std::future::pending().await,
                 }
             };
-            let result: Result<(), NodeError> = tokio::select! {
+            let result: Result<(), PodVmError> = tokio::select! {
                 event = vm.next_event() => match event {
                     Ok(msg) => self.on_message(&mut vm, msg).await,
                     Err(e) => Err(e),

@@ -13,8 +13,8 @@ use super::build::{self, Build};
 use super::files::{self, TemplateDirs, TemplateLock};
 use super::meta::{Recipe, TemplateKind, TemplateMeta};
 use super::{TemplateError, inputs};
-use crate::NodeConfig;
-use crate::pod_vm::{PodVm, PodVmSpec, RestoreSpec};
+use podvisor_podvm::NodeConfig;
+use podvisor_podvm::{PodVm, PodVmSpec, RestoreSpec};
 
 /// How a pod uses templates (`podvisor run --template`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -10,7 +10,7 @@ use podvisor_vmm::DiskSpec;
 
 use super::{PodDir, PodVm, PodVmSpec, died, hostile, link_failure, vm_spec};
 use crate::agent_link::{self, sanitize_guest_text};
-use crate::{NodeConfig, NodeError};
+use crate::{NodeConfig, PodVmError};
 
 /// What a clone is restored from, besides its [`PodVmSpec`] (which must
 /// have the template's disks and RAM file).
@@ -43,7 +43,7 @@ impl PodVm {
         cfg: &NodeConfig,
         spec: PodVmSpec,
         restore: RestoreSpec,
-    ) -> Result<PodVm, NodeError> {
+    ) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
         let vm_spec = vm_spec(cfg, &spec, &dir.path);
         let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
@@ -54,7 +54,7 @@ impl PodVm {
             Ok(link) => link,
             Err(e) => {
                 let _ = vm.kill().await;
-                return Err(NodeError::Link(e));
+                return Err(PodVmError::Link(e));
             }
         };
         if let Err(e) = vm.resume().await {
@@ -88,7 +88,7 @@ impl PodVm {
                         Ok(GuestMessage::IdentitySet { errors }) => {
                             let errors = errors.iter().map(|e| sanitize_guest_text(e)).collect();
                             let _ = vm.kill().await;
-                            return Err(NodeError::Identity(errors));
+                            return Err(PodVmError::Identity(errors));
                         }
                         Ok(GuestMessage::Error { message }) => {
                             tracing::warn!("agent: {}", sanitize_guest_text(&message));
@@ -107,7 +107,7 @@ impl PodVm {
             Err(_) => {
                 let console_tail = vm.console_tail(3000);
                 let _ = vm.kill().await;
-                return Err(NodeError::BootTimeout {
+                return Err(PodVmError::BootTimeout {
                     timeout: cfg.boot_timeout,
                     console_tail,
                 });
@@ -131,14 +131,14 @@ impl PodVm {
 
     /// Attaches a disk to the running VM as disk `index` (its position had
     /// it been in [`PodVmSpec::disks`]).
-    pub async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), NodeError> {
+    pub async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), PodVmError> {
         Ok(self.vm.hotplug_disk(index, disk).await?)
     }
 
     /// Turns this VM into a saved state for a template: closes the agent
     /// channel (clones connect afresh), pauses the VM, streams its state
     /// into `sink` and kills it. Returns the bytes written.
-    pub async fn save_state(mut self, sink: Box<dyn Write + Send>) -> Result<u64, NodeError> {
+    pub async fn save_state(mut self, sink: Box<dyn Write + Send>) -> Result<u64, PodVmError> {
         self.tx.close().await;
         // QEMU closes its end once it has seen ours go.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -164,11 +164,11 @@ fn unix_time_ns() -> u64 {
 }
 
 /// `n` bytes from the host's RNG; failing is an error, never zeros.
-pub fn random_bytes(n: usize) -> Result<Vec<u8>, NodeError> {
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, PodVmError> {
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|source| NodeError::Io {
+        .map_err(|source| PodVmError::Io {
             what: "read /dev/urandom".into(),
             source,
         })?;

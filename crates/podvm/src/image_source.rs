@@ -12,7 +12,7 @@ use podvisor_image::progress::PullProgress;
 use podvisor_image::pull::{self, PullOptions, Pulled};
 use podvisor_image::{Catalog, ChainId, Image, ImageError, ImageRef, LayerCache};
 
-use crate::{NodeConfig, NodeError};
+use crate::{NodeConfig, PodVmError};
 
 /// A pod's image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,20 @@ pub enum ImageSource {
         path: PathBuf,
         select: Option<String>,
     },
+}
+
+impl std::fmt::Display for ImageSource {
+    /// How people name an image source.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::Reference(r) => f.write_str(r),
+            ImageSource::Path { path, select: None } => write!(f, "{}", path.display()),
+            ImageSource::Path {
+                path,
+                select: Some(s),
+            } => write!(f, "{}:{s}", path.display()),
+        }
+    }
 }
 
 /// A pod's image with its layers held for the pod.
@@ -40,7 +54,7 @@ pub async fn prepare_image(
     source: &ImageSource,
     progress: Arc<dyn PullProgress>,
     holder: &str,
-) -> Result<PodImage, NodeError> {
+) -> Result<PodImage, PodVmError> {
     let cache = LayerCache::open(&cfg.cache_dir)?;
     let catalog = Catalog::open(&cfg.catalog_url()).await?;
     let options = PullOptions {

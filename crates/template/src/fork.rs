@@ -7,19 +7,17 @@
 use std::time::Instant;
 
 use podvisor_image::Image;
+use podvisor_podvm::{ImageSource, NodeConfig, PodVm, PodVmSpec, Timings};
 use podvisor_proto::ContainerSpec;
 
-use crate::pod::PodRequest;
-use crate::pod_vm::{PodVm, PodVmSpec};
-use crate::templates::meta::{Recipe, WarmRecipe};
-use crate::templates::{TemplateChoice, TemplateError, TemplateKind, build, manage, select};
-use crate::{ImageSource, NodeConfig, NodeError, Timings};
+use crate::meta::{Recipe, WarmRecipe};
+use crate::{TemplateChoice, TemplateError, TemplateKind, build, manage, select};
 
-/// The full recipe of a pod: what a template serving it must have been
-/// made from, up to its level.
+/// The full recipe of a pod booted cold from `cold`: what a template
+/// serving it must have been made from, up to its level.
 pub fn pod_recipe(
     cfg: &NodeConfig,
-    req: &PodRequest,
+    cold: &PodVmSpec,
     image: &Image,
     container: &ContainerSpec,
 ) -> Recipe {
@@ -29,8 +27,8 @@ pub fn pod_recipe(
         kernel: cfg.kernel.clone(),
         agent: cfg.agent.clone(),
         kernel_args: cfg.extra_kernel_args.clone(),
-        cpus: req.cpus,
-        memory_mib: req.memory_mib,
+        cpus: cold.cpus,
+        memory_mib: cold.memory_mib,
         layers: image
             .layers
             .iter()
@@ -44,43 +42,58 @@ pub fn pod_recipe(
     }
 }
 
+/// A pod that may fork from a template.
+pub struct ForkRequest<'a> {
+    /// Which template (`Auto`: the deepest that serves it).
+    pub choice: &'a TemplateChoice,
+    /// The pod shares no memory with other pods: never fork.
+    pub isolated: bool,
+    /// Where its image came from.
+    pub source: &'a ImageSource,
+    pub image: &'a Image,
+    pub container: &'a ContainerSpec,
+    /// The pod VM booted cold.
+    pub cold: &'a PodVmSpec,
+}
+
 /// Forks the pod from a template if its choice allows; `None`: boot cold.
 /// Returns the VM and whether its container already runs (a warm
-/// template's).
+/// template's). A [`TemplateError::Boot`] says the guest itself does not
+/// boot, so a cold boot would fail alike.
 pub async fn from_template(
     cfg: &NodeConfig,
-    req: &PodRequest,
-    image: &Image,
-    container: &ContainerSpec,
-    cold: &PodVmSpec,
+    req: &ForkRequest<'_>,
     timings: &mut Timings,
-) -> Result<Option<(PodVm, bool)>, NodeError> {
-    let choice = match (&req.template, req.isolated) {
+) -> Result<Option<(PodVm, bool)>, TemplateError> {
+    let ForkRequest {
+        choice,
+        isolated,
+        source,
+        image,
+        container,
+        cold,
+    } = *req;
+    let choice = match (choice, isolated) {
         (TemplateChoice::Named(name), true) => {
-            return Err(template_error(TemplateError::Mismatch {
+            return Err(TemplateError::Mismatch {
                 name: name.clone(),
                 reason: "the pod asks for isolation, which shares no memory with a template".into(),
-            }));
+            });
         }
         (_, true) | (TemplateChoice::None, _) => return Ok(None),
         (choice, false) => choice,
     };
-    let recipe = pod_recipe(cfg, req, image, container);
-    let image_name = image.name.clone().or_else(|| Some(source_name(&req.image)));
+    let recipe = pod_recipe(cfg, cold, image, container);
+    let image_name = image.name.clone().or_else(|| Some(source.to_string()));
     let chosen =
         match select::choose(cfg, &recipe, &cold.guest, image_name.as_deref(), choice).await {
             Ok(chosen) => chosen,
-            Err(e) if build::is_boot_failure(&e) => {
-                let TemplateError::Boot(e) = e else {
-                    unreachable!()
-                };
-                return Err(e);
-            }
+            Err(e) if build::is_boot_failure(&e) => return Err(e),
             Err(
                 e @ (TemplateError::NotFound(_)
                 | TemplateError::Mismatch { .. }
                 | TemplateError::BadName(_)),
-            ) => return Err(template_error(e)),
+            ) => return Err(e),
             Err(e) => {
                 tracing::warn!("no VM template for this pod ({e}); booting it cold");
                 return Ok(None);
@@ -109,20 +122,4 @@ pub async fn from_template(
             Ok(None)
         }
     }
-}
-
-/// How people name an image source.
-pub fn source_name(source: &ImageSource) -> String {
-    match source {
-        ImageSource::Reference(r) => r.clone(),
-        ImageSource::Path { path, select: None } => path.display().to_string(),
-        ImageSource::Path {
-            path,
-            select: Some(s),
-        } => format!("{}:{s}", path.display()),
-    }
-}
-
-fn template_error(e: TemplateError) -> NodeError {
-    NodeError::Template(Box::new(e))
 }

@@ -20,9 +20,9 @@ use podvisor_vmm::MemoryBacking;
 use super::files::{self, TemplateDirs};
 use super::meta::{Inputs, META_FORMAT, Recipe, TemplateDisk, TemplateMeta};
 use super::{TemplateError, inputs};
-use crate::agent_link::sanitize_guest_text;
-use crate::pod_vm::{PodVm, PodVmSpec, RestoreSpec, random_bytes};
-use crate::{NodeConfig, NodeError};
+use podvisor_podvm::agent_link::sanitize_guest_text;
+use podvisor_podvm::pod_vm::{PodVm, PodVmSpec, RestoreSpec, random_bytes};
+use podvisor_podvm::{NodeConfig, PodVmError};
 
 /// Id of the container of a warm template (and of the pod's container:
 /// clones attach to it).
@@ -355,10 +355,10 @@ pub fn is_boot_failure(e: &TemplateError) -> bool {
     matches!(
         e,
         TemplateError::Boot(
-            NodeError::BootTimeout { .. }
-                | NodeError::VmDied { .. }
-                | NodeError::HostileGuest(_)
-                | NodeError::Link(_)
+            PodVmError::BootTimeout { .. }
+                | PodVmError::VmDied { .. }
+                | PodVmError::HostileGuest(_)
+                | PodVmError::Link(_)
         )
     )
 }

@@ -8,8 +8,7 @@
 use std::time::Duration;
 
 use podvisor_image::LayerCache;
-use podvisor_node::pod::layer_disks;
-use podvisor_node::{NodeConfig, PodVm, PodVmSpec};
+use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
 use podvisor_proto::{
     ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, TerminalSize,
 };

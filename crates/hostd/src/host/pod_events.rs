@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use super::pod_task::{DEFAULT_TERMINAL, PodTask};
 use super::runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, RuntimeError};
 use super::status::{ContainerState, Ended};
-use crate::NodeError;
-use crate::agent_link::sanitize_guest_text;
-use crate::pod_vm::PodVm;
+use podvisor_podvm::PodVmError;
+use podvisor_podvm::agent_link::sanitize_guest_text;
+use podvisor_podvm::pod_vm::PodVm;
 
 impl PodTask {
     pub(super) fn container_index(&self, id: &str) -> Option<usize> {
@@ -28,7 +28,7 @@ impl PodTask {
         &mut self,
         vm: &mut PodVm,
         msg: GuestMessage,
-    ) -> Result<(), NodeError> {
+    ) -> Result<(), PodVmError> {
         let policy = self.record.plan.restart_policy;
         let backoff = self.shared.cfg.backoff;
         let now = Instant::now();
@@ -97,7 +97,7 @@ impl PodTask {
         &mut self,
         vm: &mut PodVm,
         processes: Vec<ProcessInfo>,
-    ) -> Result<(), NodeError> {
+    ) -> Result<(), PodVmError> {
         let listed: HashSet<&str> = processes.iter().map(|p| p.id.as_str()).collect();
         let (policy, backoff, now) = (
             self.record.plan.restart_policy,
@@ -164,7 +164,7 @@ impl PodTask {
             .tty
             .then_some(request.size.unwrap_or(DEFAULT_TERMINAL));
         process.stdin = request.stdin;
-        let id = format!("exec.{}", crate::pod_vm::new_pod_id());
+        let id = format!("exec.{}", podvisor_podvm::pod_vm::new_pod_id());
         vm.send(&HostMessage::Exec(ExecSpec {
             id: id.clone(),
             container: name,
@@ -195,7 +195,7 @@ impl PodTask {
         vm: &mut PodVm,
         id: String,
         input: ExecInput,
-    ) -> Result<(), NodeError> {
+    ) -> Result<(), PodVmError> {
         if !self.sessions.contains_key(&id) {
             return Ok(());
         }

@@ -1,5 +1,6 @@
 //! VM templates: booted, paused VMs whose RAM is a file, that pods fork
-//! from instead of booting.
+//! from instead of booting; making, choosing, using and removing them, and
+//! starting a pod VM by fork from one ([`fork`]).
 //!
 //! The hierarchy: a *base* template per (kernel, initramfs, vCPUs, memory,
 //! …) is the guest booted with its agent idle; an *image* template is a
@@ -20,6 +21,7 @@
 
 pub mod build;
 pub mod files;
+pub mod fork;
 pub mod inputs;
 pub mod manage;
 pub mod meta;
@@ -28,11 +30,12 @@ pub mod select;
 use std::path::{Path, PathBuf};
 
 pub use files::TemplateDirs;
+pub use fork::{ForkRequest, from_template, pod_recipe};
 pub use manage::{CreateRequest, TemplateStatus, WarmRequest};
 pub use meta::{Recipe, TemplateKind, TemplateMeta};
 pub use select::{Chosen, TemplateChoice};
 
-use crate::{NodeConfig, NodeError};
+use podvisor_podvm::{NodeConfig, PodVmError};
 
 /// Subdirectory of the run directory holding template metadata and states.
 pub const TEMPLATES_SUBDIR: &str = "templates";
@@ -83,9 +86,9 @@ pub enum TemplateError {
     Exists { name: String },
     /// The base template's guest did not boot; a cold boot would fail alike.
     #[error(transparent)]
-    Boot(NodeError),
+    Boot(PodVmError),
     #[error("template VM: {0}")]
-    Vm(NodeError),
+    Vm(PodVmError),
     #[error("the template's guest: {0}")]
     Guest(String),
     #[error("warming the template's process: {0}")]
@@ -96,11 +99,11 @@ pub enum TemplateError {
     Layers(#[from] podvisor_image::ImageError),
     /// Getting the template's image (pull, import) failed.
     #[error(transparent)]
-    Image(NodeError),
+    Image(PodVmError),
     #[error(transparent)]
     Vmm(#[from] podvisor_vmm::VmmError),
     #[error(transparent)]
-    Spec(#[from] crate::container::ContainerSpecError),
+    Spec(#[from] podvisor_podvm::container::ContainerSpecError),
 }
 
 impl TemplateError {

@@ -1,24 +1,31 @@
 //! `podvisor run`: one pod VM with one container, attached to the user's
 //! stdio, from start to finish.
+//!
+//! [`run`] takes a pod request (image, resources, overrides), gets the
+//! image's layer disks from the global cache, pulling or importing what is
+//! missing and holding them in the catalog while the pod runs
+//! ([`podvisor_podvm::image_source`]), prepares the guest boot artifacts
+//! ([`podvisor_guest`]), forks the pod VM from a template or boots it cold
+//! ([`podvisor_template::fork`], [`podvisor_podvm::PodVm`]), then starts the
+//! container, relays stdio, signals and terminal resizes, and reports how
+//! the container ended, with the time of each stage. Terminal handling and
+//! output formatting belong to the CLI.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use podvisor_image::Image;
 use podvisor_image::progress::PullProgress;
+use podvisor_podvm::agent_link::sanitize_guest_text;
+use podvisor_podvm::container::{ContainerOverrides, ContainerSpecError, process_spec};
+use podvisor_podvm::pod_vm::new_pod_id;
+use podvisor_podvm::{ImageSource, NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
 use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, LAYER_SERIAL_PREFIX, StartError, Stream,
     TerminalSize,
 };
-use podvisor_vmm::DiskSpec;
+use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-
-use crate::agent_link::sanitize_guest_text;
-use crate::container::{ContainerOverrides, process_spec};
-use crate::pod_vm::{PodVm, PodVmSpec, new_pod_id};
-use crate::templates::{TemplateChoice, build::WARM_CONTAINER_ID};
-use crate::{NodeConfig, NodeError, Timings};
 
 /// Id of the one container of a `podvisor run` pod (a warm template's
 /// container has it too: a clone attaches to it).
@@ -32,12 +39,38 @@ pub struct PodRequest {
     pub cpus: u32,
     pub memory_mib: u64,
     /// The image: a registry reference or a local layout or archive.
-    pub image: crate::ImageSource,
+    pub image: ImageSource,
     pub overrides: ContainerOverrides,
     /// Which VM template to fork from (`Auto`: the deepest that serves it).
     pub template: TemplateChoice,
     /// Share no memory with other pods: boot cold, never from a template.
     pub isolated: bool,
+}
+
+/// Errors of running a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    PodVm(#[from] PodVmError),
+    #[error(transparent)]
+    Guest(#[from] podvisor_guest::GuestError),
+    #[error(transparent)]
+    Spec(#[from] ContainerSpecError),
+    /// A template the pod named does not fit, or templates are unusable in
+    /// a way a cold boot would not help with.
+    #[error(transparent)]
+    Template(TemplateError),
+}
+
+impl From<TemplateError> for RunError {
+    /// A template's guest that does not boot is the pod VM's failure: a
+    /// cold boot would fail alike.
+    fn from(e: TemplateError) -> RunError {
+        match e {
+            TemplateError::Boot(e) => RunError::PodVm(e),
+            e => RunError::Template(e),
+        }
+    }
 }
 
 /// Requests from the user while the container runs.
@@ -91,12 +124,12 @@ impl RunReport {
 /// the global cache, its layers held for the pod until it ends), boot the
 /// VM, run the container, relay its stdio, shut the VM down and remove its
 /// files.
-pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunReport, NodeError> {
+pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunReport, RunError> {
     let t0 = Instant::now();
     let mut timings = Timings::default();
 
     let pod_id = new_pod_id();
-    let held = crate::prepare_image(
+    let held = podvisor_podvm::prepare_image(
         cfg,
         &req.image,
         io.pull_progress.clone(),
@@ -130,8 +163,15 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     };
     timings.prepare = t0.elapsed();
 
-    let forked =
-        crate::pod_fork::from_template(cfg, &req, image, &container, &spec, &mut timings).await?;
+    let fork = ForkRequest {
+        choice: &req.template,
+        isolated: req.isolated,
+        source: &req.image,
+        image,
+        container: &container,
+        cold: &spec,
+    };
+    let forked = podvisor_template::from_template(cfg, &fork, &mut timings).await?;
     let (mut pod, warm) = match forked {
         Some(forked) => forked,
         None => {
@@ -159,20 +199,6 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     })
 }
 
-/// Layer disks of an image as read-only VM disks, bottom layer first.
-pub fn layer_disks(image: &Image) -> Vec<DiskSpec> {
-    image
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| DiskSpec {
-            path: l.path.clone(),
-            read_only: true,
-            serial: format!("{LAYER_SERIAL_PREFIX}{i}"),
-        })
-        .collect()
-}
-
 /// Starts the container (unless it already runs: `warm`, a clone of a
 /// warm template) and relays its stdio, signals and resizes until it ends;
 /// returns how it ended.
@@ -183,7 +209,7 @@ async fn attach(
     mut io: PodIo,
     timings: &mut Timings,
     warm: bool,
-) -> Result<Outcome, NodeError> {
+) -> Result<Outcome, PodVmError> {
     let wants_stdin = container.process.stdin;
     let mut started_at: Option<Instant> = None;
     if warm {

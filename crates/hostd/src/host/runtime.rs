@@ -13,7 +13,7 @@ use super::logs::{LogReader, LogSignal};
 use super::pod_task::{PodCommand, PodTask, Shared};
 use super::records::{PodRecord, RecordError, StateDir};
 use super::{HostConfig, PodPlan, PodState};
-use crate::NodeError;
+use podvisor_podvm::PodVmError;
 
 /// Errors of the host runtime; the HTTP layer maps them to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Record(#[from] RecordError),
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(#[from] PodVmError),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use podvisor_node::NodeConfig;
-use podvisor_node::host::runtime::processes_mentioning;
-use podvisor_node::host::{
+use podvisor_hostd::host::runtime::processes_mentioning;
+use podvisor_hostd::host::{
     Backoff, ContainerPlan, ContainerState, ExecEvent, ExecInput, ExecRequest, HostConfig,
     PodPhase, PodPlan, PodRuntime, PodState, RestartPolicy,
 };
+use podvisor_podvm::NodeConfig;
 use podvisor_testbed::oci::ImageBuilder;
 
 fn config(dir: &Path) -> HostConfig {

@@ -23,7 +23,7 @@ use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, saniti
 
 #[path = "pod_vm_clone.rs"]
 mod clone;
-use crate::{NodeConfig, NodeError};
+use crate::{NodeConfig, PodVmError};
 pub use clone::{RestoreSpec, random_bytes};
 
 /// Kernel command line of every pod VM. The i8042 options skip probing for
@@ -77,7 +77,7 @@ pub struct PodVm {
 
 impl PodVm {
     /// Starts a VM and waits until its agent is ready, or the boot timeout.
-    pub async fn boot(cfg: &NodeConfig, spec: PodVmSpec) -> Result<PodVm, NodeError> {
+    pub async fn boot(cfg: &NodeConfig, spec: PodVmSpec) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
         let vm_spec = vm_spec(cfg, &spec, &dir.path);
         let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
@@ -87,7 +87,7 @@ impl PodVm {
             Ok(link) => link,
             Err(e) => {
                 let _ = vm.kill().await;
-                return Err(NodeError::Link(e));
+                return Err(PodVmError::Link(e));
             }
         };
         let ready = tokio::select! {
@@ -97,7 +97,7 @@ impl PodVm {
                 Err(e) => Err(link_failure(vm.as_mut(), e).await),
             },
             exit = vm.wait() => Err(died(vm.as_ref(), exit)),
-            _ = tokio::time::sleep(cfg.boot_timeout) => Err(NodeError::BootTimeout {
+            _ = tokio::time::sleep(cfg.boot_timeout) => Err(PodVmError::BootTimeout {
                 timeout: cfg.boot_timeout,
                 console_tail: vm.console_tail(3000),
             }),
@@ -141,7 +141,7 @@ impl PodVm {
     }
 
     /// Sends a message to the agent.
-    pub async fn send(&mut self, msg: &HostMessage) -> Result<(), NodeError> {
+    pub async fn send(&mut self, msg: &HostMessage) -> Result<(), PodVmError> {
         match self.tx.send(msg).await {
             Ok(()) => Ok(()),
             Err(e) => Err(link_failure(self.vm.as_mut(), e).await),
@@ -151,7 +151,7 @@ impl PodVm {
     /// The next message from the agent. Cancel-safe, so it can sit in a
     /// `select!`. A VM that died, or a guest that sent something malformed
     /// (its VM is then killed), is an error.
-    pub async fn next_event(&mut self) -> Result<GuestMessage, NodeError> {
+    pub async fn next_event(&mut self) -> Result<GuestMessage, PodVmError> {
         if let Some(m) = self.pending.pop_front() {
             return Ok(m);
         }
@@ -170,7 +170,7 @@ impl PodVm {
 
     /// Reports a message that makes no sense in the caller's state as a
     /// protocol violation, killing the VM.
-    pub async fn reject(&mut self, what: String) -> NodeError {
+    pub async fn reject(&mut self, what: String) -> PodVmError {
         hostile(self.vm.as_mut(), what).await
     }
 
@@ -215,7 +215,7 @@ impl PodVm {
     /// What [`PodVm::adopt`] needs to find this VM again (for a host
     /// daemon's records; the VM must have been booted with
     /// `die_with_parent: false` to outlive its launcher).
-    pub fn vmm_process(&self) -> Result<VmmProcess, NodeError> {
+    pub fn vmm_process(&self) -> Result<VmmProcess, PodVmError> {
         Ok(self.vm.vmm_process()?)
     }
 
@@ -238,13 +238,13 @@ impl PodVm {
         cfg: &NodeConfig,
         id: &str,
         record: &VmmProcess,
-    ) -> Result<PodVm, NodeError> {
+    ) -> Result<PodVm, PodVmError> {
         let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
         let mut vm = hypervisor.adopt(record).await?;
         let (mut tx, mut rx) = agent_link::connect(&vm.paths().agent_socket)
             .await
-            .map_err(NodeError::Link)?;
+            .map_err(PodVmError::Link)?;
         rx.resynchronize();
         let mut agent = None;
         let mut pending = VecDeque::new();
@@ -275,7 +275,7 @@ impl PodVm {
             }
         }
         if !matches!(pending.back(), Some(GuestMessage::Processes { .. })) {
-            return Err(NodeError::BootTimeout {
+            return Err(PodVmError::BootTimeout {
                 timeout: ADOPT_READY_TIMEOUT,
                 console_tail: vm.console_tail(3000),
             });
@@ -345,9 +345,9 @@ pub fn kernel_cmdline(extra: &[String]) -> String {
     line
 }
 
-fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> NodeError {
+fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> PodVmError {
     match exit {
-        Ok(exit) => NodeError::VmDied {
+        Ok(exit) => PodVmError::VmDied {
             exit,
             console_tail: vm.console_tail(3000),
         },
@@ -355,24 +355,24 @@ fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> NodeError 
     }
 }
 
-async fn hostile(vm: &mut dyn Vm, what: String) -> NodeError {
+async fn hostile(vm: &mut dyn Vm, what: String) -> PodVmError {
     let _ = vm.kill().await;
-    NodeError::HostileGuest(AgentLinkError::Unexpected(sanitize_guest_text(&what)))
+    PodVmError::HostileGuest(AgentLinkError::Unexpected(sanitize_guest_text(&what)))
 }
 
 /// The channel failed: a protocol error is the guest's fault (kill it); a
 /// closed channel usually means the VM died, which is reported as such.
-async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> NodeError {
+async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> PodVmError {
     match e {
         AgentLinkError::Protocol(_) => {
             let _ = vm.kill().await;
-            NodeError::HostileGuest(e)
+            PodVmError::HostileGuest(e)
         }
         other => match tokio::time::timeout(Duration::from_secs(5), vm.wait()).await {
             Ok(exit) => died(vm, exit),
             Err(_) => {
                 let _ = vm.kill().await;
-                NodeError::Link(other)
+                PodVmError::Link(other)
             }
         },
     }
@@ -386,8 +386,8 @@ struct PodDir {
 }
 
 impl PodDir {
-    fn create(path: &Path) -> Result<Self, NodeError> {
-        std::fs::create_dir_all(path).map_err(|source| NodeError::Io {
+    fn create(path: &Path) -> Result<Self, PodVmError> {
+        std::fs::create_dir_all(path).map_err(|source| PodVmError::Io {
             what: format!("create pod directory {}", path.display()),
             source,
         })?;

@@ -1,40 +1,37 @@
-//! The host side of podvisor: runs a pod as a VM and drives its agent.
+//! A pod VM: one QEMU VM running podvisor's agent, seen from the host.
 //!
-//! [`pod::run`] takes a pod request (image, resources, overrides), gets the
-//! image's layer disks from the global cache, pulling or importing what is
-//! missing and holding them in the catalog while the pod runs
-//! ([`image_source`], [`podvisor_image`]), prepares the guest boot
-//! artifacts ([`podvisor_guest`]), launches the VM through the hypervisor
-//! trait ([`podvisor_vmm`]), and then talks to the agent over
-//! [`agent_link`]: it starts the container, relays stdio, signals and
-//! terminal resizes, and reports how the container ended, with the time of
-//! each stage. Terminal handling and output formatting belong to the CLI.
+//! [`PodVm`] boots a VM from guest boot artifacts ([`podvisor_guest`])
+//! through the hypervisor trait ([`podvisor_vmm`]), adopts one a previous
+//! host process left running, or restores one from a template's saved
+//! state with its own identity; then it talks to the agent over
+//! [`agent_link`] (send a message, wait for the next event, shut down,
+//! kill, detach). Also here, because every user of a pod VM needs them:
+//! the host settings ([`NodeConfig`]), building a container's spec from its
+//! image config and the user's overrides ([`container`]), where a pod's
+//! image comes from and getting its layers held ([`image_source`]), and
+//! the time of each stage ([`Timings`]). What runs in a pod VM and for how
+//! long belongs to the crates above: `podvisor-run` (one container, the
+//! user's stdio), `podvisor-template` (templates, fork) and
+//! `podvisor-hostd` (the host runtime).
 
 pub mod agent_link;
 pub mod config;
 pub mod container;
-pub mod daemon;
-pub mod host;
 pub mod image_source;
-pub mod pod;
-pub mod pod_fork;
 pub mod pod_vm;
-pub mod templates;
 pub mod timings;
 
 pub use config::NodeConfig;
-pub use container::ContainerOverrides;
+pub use container::{ContainerOverrides, layer_disks};
 pub use image_source::{ImageSource, PodImage, prepare_image};
-pub use pod::{Control, Outcome, PodIo, PodRequest, RunReport, run};
 pub use pod_vm::{PodVm, PodVmSpec, RestoreSpec};
-pub use templates::{TemplateChoice, TemplateError};
 pub use timings::Timings;
 
 use std::time::Duration;
 
-/// Errors of running a pod.
+/// Errors of starting and driving a pod VM.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeError {
+pub enum PodVmError {
     #[error(transparent)]
     Image(#[from] podvisor_image::ImageError),
     #[error(transparent)]
@@ -57,8 +54,6 @@ pub enum NodeError {
     HostileGuest(agent_link::AgentLinkError),
     #[error("agent channel: {0}")]
     Link(agent_link::AgentLinkError),
-    #[error(transparent)]
-    Template(Box<templates::TemplateError>),
     #[error("the clone could not take on its own identity: {}", .0.join("; "))]
     Identity(Vec<String>),
     #[error("{what}: {source}")]

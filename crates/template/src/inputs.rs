@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TemplateError;
 use super::meta::{Inputs, LayerInput, Recipe};
-use crate::NodeConfig;
+use podvisor_podvm::NodeConfig;
 
 /// The guest artifacts a recipe boots (its kernel and agent choices).
 pub fn guest_for(cfg: &NodeConfig, recipe: &Recipe) -> Result<GuestArtifacts, TemplateError> {

@@ -10,8 +10,8 @@ use super::files::{self, TemplateLock};
 use super::meta::{Recipe, TemplateMeta, WarmRecipe};
 use super::select;
 use super::{TemplateError, inputs};
-use crate::container::{ContainerOverrides, process_spec};
-use crate::{ImageSource, NodeConfig};
+use podvisor_podvm::container::{ContainerOverrides, process_spec};
+use podvisor_podvm::{ImageSource, NodeConfig};
 
 /// A template to make.
 #[derive(Debug, Clone)]
@@ -70,7 +70,7 @@ pub async fn create(
         (None, None) => {}
         (Some(source), warm) => {
             // The layers are held while the template is made.
-            let pod_image = crate::prepare_image(
+            let pod_image = podvisor_podvm::prepare_image(
                 cfg,
                 source,
                 std::sync::Arc::new(NoProgress),
@@ -84,12 +84,7 @@ pub async fn create(
                 .iter()
                 .map(|l| l.chain_id.to_string())
                 .collect();
-            image_name = Some(
-                image
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| crate::pod_fork::source_name(source)),
-            );
+            image_name = Some(image.name.clone().unwrap_or_else(|| source.to_string()));
             if let Some(w) = warm {
                 recipe.warm = Some(WarmRecipe {
                     process: process_spec(&image.config, &w.overrides)?,
