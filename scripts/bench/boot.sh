@@ -45,8 +45,8 @@ bare() {
         -serial "file:$work/bare-console.log"
 }
 pod() {
-    "$podvisor" --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
-        run --template none --timings "$work/busybox.tar" -- echo hello >/dev/null 2>>"$work/timings.txt"
+    "$podvisor" run --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
+        --template none --timings "$work/busybox.tar" -- echo hello >/dev/null 2>>"$work/timings.txt"
 }
 now() { date +%s.%N; }
 # Runs its arguments with transparent huge pages disabled (inherited by exec).

@@ -34,12 +34,9 @@ struct Bench {
 impl Bench {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.podvisor);
-        cmd.arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .arg("--run-dir")
-            .arg(self.dir.path().join("run"))
-            .arg("--template-ram-dir")
-            .arg(self.ram.path())
+        cmd.env("PODVISOR_CACHE_DIR", self.dir.path().join("cache"))
+            .env("PODVISOR_RUN_DIR", self.dir.path().join("run"))
+            .env("PODVISOR_TEMPLATE_RAM_DIR", self.ram.path())
             .env("PODVISOR_LOG", "error");
         cmd
     }

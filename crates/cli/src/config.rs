@@ -2,7 +2,8 @@
 //! reads both), else the config file, else the default.
 //!
 //! The config file is TOML at `$PODVISOR_CONFIG` (which must exist when
-//! set) or `/etc/podvisor/config.toml` (optional):
+//! set, except for `podvisor up`, which writes it) or
+//! `/etc/podvisor/config.toml` (optional):
 //!
 //! ```toml
 //! cache_dir = "/srv/shared/podvisor-cache"   # may be a shared filesystem
@@ -23,12 +24,35 @@ use anyhow::Context;
 use podvisor_image::RegistryOptions;
 use serde::Deserialize;
 
-use crate::HostArgs;
-
 /// The config file used when `PODVISOR_CONFIG` is not set.
 pub const DEFAULT_CONFIG: &str = "/etc/podvisor/config.toml";
 /// The cache directory when nothing else names one.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/podvisor/cache";
+
+/// `--cache-dir` and `--catalog`: where layer disks and the image
+/// catalog are. Taken by the commands that read or fill the image cache.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Image cache options")]
+pub struct CacheArgs {
+    /// Image cache directory, may be a shared filesystem (default: the
+    /// config file's `cache_dir`, else /var/lib/podvisor/cache).
+    #[arg(long, global = true, env = "PODVISOR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Image catalog: sqlite:PATH or etcd://HOST:PORT (default: the config
+    /// file's `catalog`, else sqlite:CACHE_DIR/catalog.db).
+    #[arg(long, global = true, env = "PODVISOR_CATALOG")]
+    pub catalog: Option<String>,
+}
+
+/// `--insecure-registry`: taken by the commands that talk to registries.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Registry options")]
+pub struct RegistryArgs {
+    /// A registry (host:port) reached over plain HTTP; repeatable. Loopback
+    /// registries always are.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+}
 
 /// The contents of the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +93,15 @@ impl ConfigFile {
         }
     }
 
+    /// As [`ConfigFile::load`], but a `$PODVISOR_CONFIG` that does not exist
+    /// yet reads as empty: for `podvisor up`, which creates it.
+    pub fn load_to_rewrite() -> anyhow::Result<ConfigFile> {
+        match std::env::var_os("PODVISOR_CONFIG").filter(|v| !v.is_empty()) {
+            Some(path) if !Path::new(&path).exists() => Ok(ConfigFile::default()),
+            _ => ConfigFile::load(),
+        }
+    }
+
     /// Reads and parses the TOML file at `path`.
     pub fn read(path: &Path) -> anyhow::Result<ConfigFile> {
         let text = std::fs::read_to_string(path)
@@ -87,20 +120,20 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Resolves every setting for `host` (flag or env) and `file`.
-    pub fn resolve(host: &HostArgs, file: ConfigFile) -> Settings {
-        let cache_dir = host
+    /// Resolves every setting from the flags (or env) and `file`.
+    pub fn resolve(cache: &CacheArgs, registry: &RegistryArgs, file: ConfigFile) -> Settings {
+        let cache_dir = cache
             .cache_dir
             .clone()
             .or(file.cache_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
-        let catalog = host
+        let catalog = cache
             .catalog
             .clone()
             .or(file.catalog)
             .unwrap_or_else(|| podvisor_image::Catalog::default_url(&cache_dir));
         let mut insecure = file.registry.insecure;
-        insecure.extend(host.insecure_registries.iter().cloned());
+        insecure.extend(registry.insecure_registries.iter().cloned());
         Settings {
             cache_dir,
             catalog,
@@ -112,8 +145,8 @@ impl Settings {
     }
 
     /// Loads the config file and resolves.
-    pub fn load(host: &HostArgs) -> anyhow::Result<Settings> {
-        Ok(Settings::resolve(host, ConfigFile::load()?))
+    pub fn load(cache: &CacheArgs, registry: &RegistryArgs) -> anyhow::Result<Settings> {
+        Ok(Settings::resolve(cache, registry, ConfigFile::load()?))
     }
 }
 
@@ -125,13 +158,16 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        host: HostArgs,
+        cache: CacheArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
     }
 
-    fn host(args: &[&str]) -> HostArgs {
+    fn resolve(args: &[&str], file: ConfigFile) -> Settings {
         let mut argv = vec!["podvisor"];
         argv.extend_from_slice(args);
-        Cli::parse_from(argv).host
+        let cli = Cli::parse_from(argv);
+        Settings::resolve(&cli.cache, &cli.registry, file)
     }
 
     fn file(text: &str) -> ConfigFile {
@@ -145,29 +181,29 @@ mod tests {
                 "cache_dir = \"/from/file\"\ncatalog = \"etcd://10.0.0.1:2379\"\n[registry]\ninsecure = [\"lab:5000\"]\n",
             )
         };
-        let s = Settings::resolve(&host(&[]), ConfigFile::default());
+        let s = resolve(&[], ConfigFile::default());
         assert_eq!(s.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
         assert_eq!(s.catalog, format!("sqlite:{DEFAULT_CACHE_DIR}/catalog.db"));
-        let s = Settings::resolve(&host(&[]), f());
+        let s = resolve(&[], f());
         assert_eq!(s.cache_dir, PathBuf::from("/from/file"));
         assert_eq!(s.catalog, "etcd://10.0.0.1:2379");
         assert_eq!(s.registry.insecure, vec!["lab:5000"]);
-        let s = Settings::resolve(
-            &host(&[
+        let s = resolve(
+            &[
                 "--cache-dir",
                 "/flag",
                 "--catalog",
                 "sqlite:/x.db",
                 "--insecure-registry",
                 "r:1",
-            ]),
+            ],
             f(),
         );
         assert_eq!(s.cache_dir, PathBuf::from("/flag"));
         assert_eq!(s.catalog, "sqlite:/x.db");
         assert_eq!(s.registry.insecure, vec!["lab:5000", "r:1"]);
         // The default catalog follows the cache directory in force.
-        let s = Settings::resolve(&host(&["--cache-dir", "/flag"]), ConfigFile::default());
+        let s = resolve(&["--cache-dir", "/flag"], ConfigFile::default());
         assert_eq!(s.catalog, "sqlite:/flag/catalog.db");
     }
 

@@ -10,7 +10,7 @@ use podvisor_api::Quantity;
 use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
 use podvisor_hostd::host::HostConfig;
 
-use crate::HostArgs;
+use crate::host_options::PodVmArgs;
 
 /// Default state directory of the host daemon.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor/host";
@@ -57,6 +57,8 @@ pub struct HostDaemonArgs {
     /// containers are stopped.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    #[command(flatten)]
+    pub host: PodVmArgs,
 }
 
 /// `--runtime`.
@@ -69,7 +71,7 @@ pub enum RuntimeArg {
 }
 
 /// The daemon's configuration from the command line.
-pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
+pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -104,7 +106,7 @@ pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<D
         }
     };
     let node = match runtime {
-        RuntimeMode::Vm => host.node_config()?,
+        RuntimeMode::Vm => args.host.node_config()?,
         RuntimeMode::AckWithoutVm => {
             podvisor_podvm::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg)
         }
@@ -125,8 +127,8 @@ pub fn daemon_config(host: &HostArgs, args: &HostDaemonArgs) -> anyhow::Result<D
 }
 
 /// Runs the daemon until SIGINT or SIGTERM; its VMs keep running.
-pub async fn run(host: &HostArgs, args: HostDaemonArgs) -> anyhow::Result<u8> {
-    let cfg = daemon_config(host, &args)?;
+pub async fn run(args: HostDaemonArgs) -> anyhow::Result<u8> {
+    let cfg = daemon_config(&args)?;
     let name = cfg.name.clone();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<daemon::Started>();
     tokio::spawn(async move {

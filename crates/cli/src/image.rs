@@ -13,14 +13,17 @@ use podvisor_image::pull::{self, PullOptions};
 use podvisor_image::{Catalog, Digest, ImageRef, LayerCache, Platform, Registry};
 use serde_json::json;
 
-use crate::HostArgs;
-use crate::config::Settings;
+use crate::config::{CacheArgs, RegistryArgs, Settings};
 use crate::pull_view::{PullView, human_bytes, short};
 
 #[derive(clap::Args, Debug)]
 pub struct ImageArgs {
     #[command(subcommand)]
     command: ImageCommand,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -68,6 +71,8 @@ pub struct LoginArgs {
     /// Read the password from stdin.
     #[arg(long)]
     password_stdin: bool,
+    #[command(flatten)]
+    registries: RegistryArgs,
 }
 
 struct Opened {
@@ -76,8 +81,8 @@ struct Opened {
     catalog: Catalog,
 }
 
-async fn open(host: &HostArgs) -> anyhow::Result<Opened> {
-    let settings = Settings::load(host)?;
+async fn open(args: &ImageArgs) -> anyhow::Result<Opened> {
+    let settings = Settings::load(&args.cache, &args.registry)?;
     let cache = LayerCache::open(&settings.cache_dir)?;
     let catalog = Catalog::open(&settings.catalog).await?;
     Ok(Opened {
@@ -87,8 +92,8 @@ async fn open(host: &HostArgs) -> anyhow::Result<Opened> {
     })
 }
 
-pub async fn run(host: &HostArgs, args: ImageArgs) -> anyhow::Result<u8> {
-    let o = open(host).await?;
+pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
+    let o = open(&args).await?;
     let result = match args.command {
         ImageCommand::Pull {
             reference,
@@ -326,7 +331,7 @@ fn print_report(report: &GcReport) {
     );
 }
 
-pub async fn login(host: &HostArgs, args: LoginArgs) -> anyhow::Result<u8> {
+pub async fn login(args: LoginArgs) -> anyhow::Result<u8> {
     if !args.password_stdin {
         bail!(
             "give the password on stdin with --password-stdin (it is never taken from the command line)"
@@ -340,7 +345,7 @@ pub async fn login(host: &HostArgs, args: LoginArgs) -> anyhow::Result<u8> {
     if password.is_empty() {
         bail!("the password read from stdin is empty");
     }
-    let settings = Settings::load(host)?;
+    let settings = Settings::load(&CacheArgs::default(), &args.registries)?;
     let creds = Credentials {
         username: args.username,
         password,

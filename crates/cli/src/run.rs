@@ -11,7 +11,7 @@ use podvisor_run::{Outcome, PodIo, PodRequest};
 use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
 
-use crate::HostArgs;
+use crate::host_options::PodVmArgs;
 use crate::terminal;
 
 #[derive(clap::Args, Debug)]
@@ -61,9 +61,17 @@ pub struct RunArgs {
     /// layout directory or image archive (docker save, oci-archive) that
     /// exists, optionally followed by `:REF` to pick one of several.
     image: String,
-    /// Command and arguments, replacing the image's Cmd.
-    #[arg(last = true)]
+    /// Command and arguments, replacing the image's Cmd. As with `docker
+    /// run`, everything after the image is the command (its options
+    /// included); a `--` before it is accepted.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     command: Vec<String>,
+    #[command(flatten)]
+    host: PodVmArgs,
 }
 
 /// Parses a memory size with a unit (K, M, G; optional trailing B/iB) into MiB.
@@ -132,7 +140,7 @@ pub fn image_source(arg: &str) -> anyhow::Result<ImageSource> {
     Ok(ImageSource::Reference(arg.to_string()))
 }
 
-pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
+pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let image = image_source(&args.image)?;
     let stdin_is_tty = terminal::is_terminal(std::io::stdin().as_fd());
     if args.tty && !stdin_is_tty {
@@ -164,7 +172,7 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
         template: args.template,
         isolated: args.isolated,
     };
-    let mut cfg = host.node_config()?;
+    let mut cfg = args.host.node_config()?;
     cfg.platform = args.platform;
 
     let (control_tx, control_rx) = mpsc::channel(16);
@@ -198,6 +206,41 @@ pub async fn run(host: &HostArgs, args: RunArgs) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// `podvisor ARGS` parsed as a `run`: (image, command).
+    fn parse_run(args: &[&str]) -> (String, Vec<String>) {
+        let argv = ["podvisor", "run"].iter().chain(args);
+        match crate::Cli::try_parse_from(argv).unwrap().command {
+            crate::Command::Run(run) => (run.image, run.command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn arguments_after_the_image_are_the_command() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // As with `docker run`: no `--` needed, and options after the image
+        // belong to the command, podvisor's own included.
+        assert_eq!(
+            parse_run(&["-e", "A=1", "busybox", "echo", "hi"]),
+            ("busybox".to_string(), strings(&["echo", "hi"]))
+        );
+        assert_eq!(
+            parse_run(&["busybox", "ls", "-l", "--cpus", "2", "-e", "x"]).1,
+            strings(&["ls", "-l", "--cpus", "2", "-e", "x"])
+        );
+        // `--` stays accepted and is not part of the command; a later one is.
+        assert_eq!(
+            parse_run(&["busybox", "--", "echo", "-n", "hi"]).1,
+            strings(&["echo", "-n", "hi"])
+        );
+        assert_eq!(
+            parse_run(&["busybox", "sh", "--", "-c"]).1,
+            strings(&["sh", "--", "-c"])
+        );
+        assert!(parse_run(&["busybox"]).1.is_empty());
+    }
 
     #[test]
     fn memory_sizes() {

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use podvisor_server::{Revoke, Role, ServerConfig};
 
+use crate::config::{CacheArgs, RegistryArgs, Settings};
+
 /// The default state directory of the server.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor/server";
 
@@ -81,6 +83,8 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a host is NotReady.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     host_ttl: u64,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,10 +100,10 @@ struct TokenCreateArgs {
     state: StateArgs,
 }
 
-pub async fn run(host: &crate::HostArgs, args: ServerArgs) -> anyhow::Result<u8> {
+pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
     match args.command {
-        None => serve(host, args.run).await,
-        Some(ServerCommand::Run(run)) => serve(host, run).await,
+        None => serve(args.run).await,
+        Some(ServerCommand::Run(run)) => serve(run).await,
         Some(ServerCommand::Init(state)) => {
             let outcome = podvisor_server::init(&state.state_dir, state.store.as_deref())
                 .await
@@ -167,11 +171,11 @@ pub async fn run(host: &crate::HostArgs, args: ServerArgs) -> anyhow::Result<u8>
     }
 }
 
-async fn serve(host: &crate::HostArgs, args: RunArgs) -> anyhow::Result<u8> {
+async fn serve(args: RunArgs) -> anyhow::Result<u8> {
     let mut config = ServerConfig::new(&args.listen, &args.state.state_dir);
     // The image catalog served at /api/v1/images: --catalog, the config
     // file's catalog, or the one in the cache directory.
-    config.catalog_url = Some(crate::config::Settings::load(host)?.catalog);
+    config.catalog_url = Some(Settings::load(&args.cache, &RegistryArgs::default())?.catalog);
     config.store_url = args.state.store.clone();
     config.host_ttl = Duration::from_secs(args.host_ttl.max(1));
     let server = podvisor_server::start(config)

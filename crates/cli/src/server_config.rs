@@ -22,12 +22,3 @@ pub struct ServerSection {
     /// A file holding the API token.
     pub token_file: Option<PathBuf>,
 }
-
-impl ServerSection {
-    /// Reads `[server]` from the config file (see `config`):
-    /// `$PODVISOR_CONFIG` (which must exist when set) or
-    /// /etc/podvisor/config.toml (if it exists).
-    pub fn load() -> anyhow::Result<ServerSection> {
-        Ok(crate::config::ConfigFile::load()?.server)
-    }
-}

@@ -7,15 +7,26 @@ use anyhow::bail;
 use podvisor_podvm::ContainerOverrides;
 use podvisor_template::{CreateRequest, TemplateError, TemplateStatus, WarmRequest, manage};
 
-use crate::HostArgs;
+use crate::config::{CacheArgs, Settings};
+use crate::host_options::{RuntimeDirArgs, VmArgs};
 use crate::run::{env_entries, image_source, parse_memory_mib};
+
+#[derive(clap::Args, Debug)]
+pub struct TemplateArgs {
+    #[command(subcommand)]
+    command: TemplateCommand,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    dirs: RuntimeDirArgs,
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum TemplateCommand {
     /// Make a template: a base one, or one for an image (with --warm, with
     /// the container's process started and warmed). A valid template of
     /// the same recipe is kept; a stale one is rebuilt.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List templates, whether they are valid and which pods use them.
     Ls,
     /// Remove templates; refused while running pods map their memory.
@@ -76,12 +87,28 @@ pub struct CreateArgs {
     /// Command of the warm process, replacing the image's Cmd.
     #[arg(last = true)]
     command: Vec<String>,
+    #[command(flatten)]
+    registry: crate::config::RegistryArgs,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
-pub async fn run(host: &HostArgs, cmd: TemplateCommand) -> anyhow::Result<u8> {
-    let cfg = host.node_config()?;
-    match cmd {
-        TemplateCommand::Create(args) => create(&cfg, args).await,
+pub async fn run(args: TemplateArgs) -> anyhow::Result<u8> {
+    let TemplateArgs {
+        command,
+        cache,
+        dirs,
+    } = args;
+    // Only `create` boots a VM (and may say it falls back to TCG).
+    let cfg = match &command {
+        TemplateCommand::Create(create_args) => {
+            let settings = Settings::load(&cache, &create_args.registry)?;
+            create_args.vm.node_config(settings, &dirs)
+        }
+        _ => dirs.quiet_node_config(&cache)?,
+    };
+    match command {
+        TemplateCommand::Create(args) => create(&cfg, *args).await,
         TemplateCommand::Ls => {
             print!("{}", render_list(&manage::list(&cfg)));
             Ok(0)

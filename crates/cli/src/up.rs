@@ -12,8 +12,9 @@ use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
 use podvisor_hostd::host::HostConfig;
 use podvisor_server::{Role, ServerConfig};
 
-use crate::HostArgs;
+use crate::config::ConfigFile;
 use crate::host::shutdown_signal;
+use crate::host_options::PodVmArgs;
 
 /// Default root of `podvisor up`'s state.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podvisor";
@@ -41,6 +42,8 @@ pub struct UpArgs {
     /// Do not write the CLI config file.
     #[arg(long)]
     pub no_config: bool,
+    #[command(flatten)]
+    pub host: PodVmArgs,
 }
 
 /// A host name usable as an object name: the hostname, lower-cased.
@@ -111,11 +114,21 @@ fn write_cli_config(url: &str, token_file: &Path) -> anyhow::Result<PathBuf> {
 
 /// Runs the server and a host daemon until SIGINT or SIGTERM. Pods keep
 /// running afterwards; the next `podvisor up` adopts them.
-pub async fn run(host: &HostArgs, args: UpArgs) -> anyhow::Result<u8> {
+pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
+    // `up` writes the CLI config file: one that does not exist yet is
+    // created below, not an error.
+    let file = || {
+        if args.no_config {
+            ConfigFile::load()
+        } else {
+            ConfigFile::load_to_rewrite()
+        }
+    };
+    let node = args.host.node_config_with(file()?);
     let server_dir = args.state_dir.join("server");
     let mut config = ServerConfig::new(&args.listen.to_string(), &server_dir);
     config.host_ttl = Duration::from_secs(15);
-    config.catalog_url = Some(crate::config::Settings::load(host)?.catalog);
+    config.catalog_url = node.catalog.clone();
     let server = podvisor_server::start(config).await.with_context(|| {
         format!(
             "start the server on {} (is another `podvisor up` or server running?)",
@@ -148,7 +161,7 @@ pub async fn run(host: &HostArgs, args: UpArgs) -> anyhow::Result<u8> {
         advertise: None,
         capacity,
         runtime: RuntimeMode::Vm,
-        host: HostConfig::new(host.node_config()?, args.state_dir.join("host")),
+        host: HostConfig::new(node, args.state_dir.join("host")),
         heartbeat: Duration::from_secs(5),
     };
     let admin_token = server.admin_token_path().to_path_buf();

@@ -195,10 +195,8 @@ fn vm_sigterm_to_podvisor_reaches_the_container() {
     let t = TestDir::new();
     let image = busybox_image(t.path());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
-        .arg("--cache-dir")
-        .arg(t.cache_dir())
-        .arg("--run-dir")
-        .arg(t.run_dir())
+        .env("PODVISOR_CACHE_DIR", t.cache_dir())
+        .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .arg("run")
         .arg(&image)
@@ -235,10 +233,10 @@ fn vm_garbage_from_the_guest_kills_only_that_vm() {
     let image = busybox_image(t.path());
     for mode in ["garbage", "oversized", "bogus"] {
         let out = podvisor(&t)
+            .arg("run")
             .arg("--agent")
             .arg(hostile_agent())
             .arg(format!("--kernel-arg=podvisor.hostile={mode}"))
-            .arg("run")
             .arg(&image)
             .args(["--", "true"])
             .output();
@@ -278,13 +276,13 @@ fn vm_boot_timeout_shows_the_console() {
     // busybox as /init boots, but never speaks the agent protocol.
     let out = podvisor(&t)
         .args([
+            "run",
             "--agent",
             "/bin/busybox",
             "--boot-timeout",
             "15",
             "--kernel-arg=loglevel=7",
         ])
-        .arg("run")
         .arg(&image)
         .args(["--", "true"])
         .output();
@@ -383,4 +381,84 @@ fn missing_image_and_bad_flags_are_named() {
     let out = podvisor(&t).args(["run", "--memory", "256", "x"]).output();
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("needs a unit"), "{}", out.stderr);
+}
+
+#[test]
+fn vm_arguments_after_the_image_are_the_command() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    // As with `docker run`: no `--`, and options after the image (podvisor's
+    // own `--cpus` included) belong to the command.
+    let out = podvisor(&t)
+        .args(["run", "--template", "none"])
+        .arg(&image)
+        .args(["echo", "-n", "hi", "--cpus", "2"])
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "hi --cpus 2");
+    // `--` is still accepted, and is not part of the command.
+    let out = podvisor(&t)
+        .args(["run", "--template", "none"])
+        .arg(&image)
+        .args(["--", "echo", "hi"])
+        .output();
+    assert_code(&out, 0);
+    assert_eq!(out.stdout, "hi\n");
+    assert_pod_cleaned_up(&t);
+}
+
+#[test]
+fn options_of_vms_are_offered_only_where_vms_start() {
+    let t = TestDir::new();
+    let help = |args: &[&str]| podvisor(&t).args(args).arg("--help").success().stdout;
+    let vm_flags = [
+        "--kernel",
+        "--agent",
+        "--accel",
+        "--boot-timeout",
+        "--kernel-arg",
+    ];
+    for command in [&["get"][..], &["apply"], &["login"], &["template", "ls"]] {
+        let text = help(command);
+        for flag in vm_flags {
+            assert!(!text.contains(flag), "{command:?} offers {flag}:\n{text}");
+        }
+    }
+    // The kubectl-like commands touch no local cache or runtime files.
+    let text = help(&["get"]);
+    for flag in ["--cache-dir", "--run-dir", "--insecure-registry"] {
+        assert!(!text.contains(flag), "get offers {flag}:\n{text}");
+    }
+    for command in [&["run"][..], &["host"], &["up"], &["template", "create"]] {
+        let text = help(command);
+        for flag in vm_flags.iter().chain(&["--cache-dir", "--run-dir"]) {
+            assert!(text.contains(flag), "{command:?} lacks {flag}:\n{text}");
+        }
+    }
+    // A flag given to a command that does not use it is an error, not
+    // silently ignored.
+    let out = podvisor(&t)
+        .args(["get", "pods", "--kernel", "/k"])
+        .output();
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--kernel"), "{}", out.stderr);
+}
+
+#[test]
+fn template_ls_boots_nothing_and_says_nothing_about_the_accelerator() {
+    let t = TestDir::new();
+    // Even on a machine without KVM (as CI is), nothing is said about
+    // falling back to TCG: nothing boots.
+    let out = podvisor(&t)
+        .env_remove("PODVISOR_ACCEL")
+        .args(["template", "ls"])
+        .success();
+    assert_eq!(out.stderr, "");
+    assert!(out.stdout.starts_with("NAME "), "{}", out.stdout);
+    let out = podvisor(&t)
+        .env_remove("PODVISOR_ACCEL")
+        .args(["template", "rm", "no-such-template"])
+        .output();
+    assert!(!out.stderr.contains("TCG"), "{}", out.stderr);
+    assert!(out.stderr.contains("no-such-template"), "{}", out.stderr);
 }

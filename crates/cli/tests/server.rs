@@ -55,20 +55,20 @@ impl ServerProcess {
 
     fn start_with(state_dir: &Path, store: Option<&str>, extra: &[&str]) -> ServerProcess {
         let mut cmd = Command::new(BIN);
-        cmd.args(extra)
-            .args([
-                "server",
-                "--listen",
-                "127.0.0.1:0",
-                "--host-ttl",
-                "2",
-                "--state-dir",
-            ])
-            .arg(state_dir)
-            .env("PODVISOR_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--host-ttl",
+            "2",
+            "--state-dir",
+        ])
+        .arg(state_dir)
+        .args(extra)
+        .env("PODVISOR_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         if let Some(store) = store {
             cmd.args(["--store", store]);
         }

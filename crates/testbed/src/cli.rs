@@ -68,10 +68,8 @@ impl TestDir {
     /// A `podvisor` command using this directory's cache and runtime dirs.
     pub fn podvisor(&self, binary: impl AsRef<OsStr>) -> PodvisorCommand {
         let mut cmd = Command::new(binary);
-        cmd.arg("--cache-dir")
-            .arg(self.cache_dir())
-            .arg("--run-dir")
-            .arg(self.run_dir())
+        cmd.env("PODVISOR_CACHE_DIR", self.cache_dir())
+            .env("PODVISOR_RUN_DIR", self.run_dir())
             .current_dir(self.path())
             .env("PODVISOR_TEMPLATE_RAM_DIR", self.template_ram_dir())
             .env_remove("PODVISOR_LOG");
@@ -146,6 +144,12 @@ impl PodvisorCommand {
 
     pub fn env(mut self, k: &str, v: impl AsRef<OsStr>) -> Self {
         self.cmd.env(k, v);
+        self
+    }
+
+    /// Removes `k` from the command's environment.
+    pub fn env_remove(mut self, k: &str) -> Self {
+        self.cmd.env_remove(k);
         self
     }
 

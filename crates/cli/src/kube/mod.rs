@@ -33,7 +33,9 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7443";
 impl ServerConn {
     /// A client for the server these options (or the config file) name.
     pub fn client(&self) -> anyhow::Result<Client> {
-        let file = crate::server_config::ServerSection::load()?;
+        // `[server]` of the config file: `$PODVISOR_CONFIG` (which must exist
+        // when set) or /etc/podvisor/config.toml (if it exists).
+        let file = crate::config::ConfigFile::load()?.server;
         // An empty flag or variable counts as not given.
         let given = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
         let url = given(&self.url)

@@ -53,8 +53,7 @@ impl Scratch {
     /// A `podvisor` command as a `std::process::Command`, for daemons.
     pub fn daemon_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.arg("--cache-dir")
-            .arg(self.dir.cache_dir())
+        cmd.env("PODVISOR_CACHE_DIR", self.dir.cache_dir())
             .arg("--log")
             .arg("info")
             .args(args)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use podvisor_api::PodPhase;
-use podvisor_testbed::daemon::{free_port, pids_mentioning};
+use podvisor_testbed::daemon::{Daemon, free_port, pids_mentioning};
 
 use crate::fixture::*;
 
@@ -271,4 +271,49 @@ fn raw_get(address: &str, path: &str, authorization: Option<&str>) -> String {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer
+}
+
+/// `PODVISOR_CONFIG` naming a file (in a directory) that does not exist
+/// yet: `up` creates both, and the CLI then finds the server through it.
+#[test]
+fn up_creates_the_config_file_it_is_told_to_write() {
+    let s = Scratch::new();
+    let config = s.path().join("new-dir/config.toml");
+    let state = s.path().join("state");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = s.daemon_command(&[
+        "up",
+        "--state-dir",
+        &state.display().to_string(),
+        "--listen",
+        &listen,
+        "--name",
+        "node-1",
+    ]);
+    cmd.env("PODVISOR_CONFIG", &config);
+    let mut up = Daemon::spawn("up", cmd, &s.path().join("up.log"));
+    wait_for("the host to be Ready", Duration::from_secs(60), || {
+        assert!(up.is_running(), "up exited; its log:\n{}", up.log());
+        let out = s
+            .podvisor()
+            .env("PODVISOR_CONFIG", &config)
+            .args(["get", "hosts"])
+            .output();
+        if out.code == Some(0) && out.stdout.contains("node-1") && out.stdout.contains(" Ready ") {
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    });
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        written.contains(&format!("url = \"http://{listen}\"")),
+        "{written}"
+    );
+    assert_eq!(
+        up.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        up.log()
+    );
 }

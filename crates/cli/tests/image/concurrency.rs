@@ -74,13 +74,9 @@ fn hosts_sharing_a_cache_through_etcd_fetch_each_blob_once() {
         .iter()
         .map(|h| {
             no_config(h);
-            let cmd = crate::podvisor_at(h, &shared.cache_dir()).args([
-                "--catalog",
-                &etcd.url(),
-                "image",
-                "pull",
-                &reference,
-            ]);
+            let cmd = crate::podvisor_at(h, &shared.cache_dir())
+                .env("PODVISOR_CATALOG", etcd.url())
+                .args(["image", "pull", &reference]);
             std::thread::spawn(move || cmd.output())
         })
         .collect();
@@ -101,7 +97,7 @@ fn hosts_sharing_a_cache_through_etcd_fetch_each_blob_once() {
     );
     // Every host sees the image in the shared catalog.
     let out = podvisor(&hosts[3])
-        .args(["--catalog", &etcd.url(), "image", "ls"])
+        .args(["image", "ls", "--catalog", &etcd.url()])
         .success();
     assert!(out.stdout.contains(&reference), "{}", out.stdout);
 }
@@ -141,8 +137,7 @@ fn a_puller_killed_mid_layer_is_taken_over() {
 
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_podvisor"))
-            .arg("--cache-dir")
-            .arg(t.cache_dir())
+            .env("PODVISOR_CACHE_DIR", t.cache_dir())
             .env("DOCKER_CONFIG", t.path().join("docker"))
             .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))
             .args(["image", "pull", &reference])

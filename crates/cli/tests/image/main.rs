@@ -25,10 +25,8 @@ pub fn podvisor(t: &TestDir) -> PodvisorCommand {
 /// `podvisor` like [`podvisor`] but with the cache directory `cache`.
 pub fn podvisor_at(t: &TestDir, cache: &Path) -> PodvisorCommand {
     PodvisorCommand::bare(env!("CARGO_BIN_EXE_podvisor"))
-        .arg("--cache-dir")
-        .arg(cache)
-        .arg("--run-dir")
-        .arg(t.run_dir())
+        .env("PODVISOR_CACHE_DIR", cache)
+        .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("DOCKER_CONFIG", t.path().join("docker"))
         .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())

@@ -62,10 +62,8 @@ fn vm_gc_never_removes_a_disk_a_running_pod_uses() {
     podvisor(&t).args(["image", "pull", &reference]).success();
 
     let mut pod = Command::new(env!("CARGO_BIN_EXE_podvisor"))
-        .arg("--cache-dir")
-        .arg(t.cache_dir())
-        .arg("--run-dir")
-        .arg(t.run_dir())
+        .env("PODVISOR_CACHE_DIR", t.cache_dir())
+        .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .args(["run", &reference, "--", "sh", "-c"])

@@ -26,8 +26,7 @@ fn vm_changed_inputs_make_templates_stale_and_they_are_rebuilt() {
     write_qemu("7.2.22 (test)");
     let pv = || {
         podvisor(&t)
-            .arg("--agent")
-            .arg(&agent)
+            .env("PODVISOR_AGENT", &agent)
             .env("PODVISOR_QEMU", &qemu)
     };
 

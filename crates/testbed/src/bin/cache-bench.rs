@@ -111,14 +111,12 @@ fn pull_round(podvisor: &Path, image: &BuiltImage, hosts: usize, shared: bool) -
             let mut cmd = Command::new(podvisor);
             cmd.env("PODVISOR_CONFIG", "/dev/null")
                 .env("DOCKER_CONFIG", state.join("docker"))
-                .arg("--run-dir")
-                .arg(state.join("run"));
+                .env("PODVISOR_RUN_DIR", state.join("run"));
             match &etcd {
                 Some(etcd) => cmd
-                    .arg("--cache-dir")
-                    .arg(&shared_cache)
-                    .args(["--catalog", &etcd.url()]),
-                None => cmd.arg("--cache-dir").arg(state.join("cache")),
+                    .env("PODVISOR_CACHE_DIR", &shared_cache)
+                    .env("PODVISOR_CATALOG", etcd.url()),
+                None => cmd.env("PODVISOR_CACHE_DIR", state.join("cache")),
             };
             cmd.args(["image", "pull", &reference])
                 .stdout(Stdio::null())
@@ -220,8 +218,7 @@ fn conversion(podvisor: &Path, mib: usize) {
         let t = Instant::now();
         let out = Command::new(podvisor)
             .env("PODVISOR_CONFIG", "/dev/null")
-            .arg("--cache-dir")
-            .arg(&cache)
+            .env("PODVISOR_CACHE_DIR", &cache)
             .args(["image", "import"])
             .arg(&layout)
             .stderr(Stdio::piped())

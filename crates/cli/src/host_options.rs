@@ -1,0 +1,123 @@
+//! The host options of the commands that run pod VMs or manage VM
+//! templates: where pods' runtime files live and how VMs start. Each
+//! subcommand takes only the groups it uses (`get` takes none), and only a
+//! command that is about to boot a VM says that it falls back to TCG.
+
+use std::path::PathBuf;
+
+use podvisor_podvm::NodeConfig;
+use podvisor_vmm::{Accel, AccelChoice};
+
+use crate::config::{CacheArgs, ConfigFile, RegistryArgs, Settings};
+
+/// `--run-dir` and `--template-ram-dir`: the runtime files of running pods
+/// and of VM templates.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Host options")]
+pub struct RuntimeDirArgs {
+    /// Directory for the runtime files of running pods.
+    #[arg(
+        long,
+        global = true,
+        env = "PODVISOR_RUN_DIR",
+        default_value = "/run/podvisor"
+    )]
+    pub run_dir: PathBuf,
+    /// Directory of VM template RAM files (best on tmpfs).
+    #[arg(
+        long,
+        global = true,
+        env = "PODVISOR_TEMPLATE_RAM_DIR",
+        default_value = "/dev/shm/podvisor/templates"
+    )]
+    pub template_ram_dir: PathBuf,
+}
+
+/// How pod VMs start: accelerator, guest kernel and agent, boot timeout.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "VM options")]
+pub struct VmArgs {
+    /// Accelerator: kvm or tcg (default: kvm if it really works here, else tcg).
+    #[arg(long, env = "PODVISOR_ACCEL")]
+    pub accel: Option<Accel>,
+    /// Guest kernel image (default: newest /boot/vmlinuz-*-cloud-amd64).
+    #[arg(long, env = "PODVISOR_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// Guest agent binary, statically linked (default: next to podvisor,
+    /// or /usr/local/lib/podvisor).
+    #[arg(long, env = "PODVISOR_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// Seconds a pod VM may take to boot to a ready agent (default: 30 with
+    /// KVM, 120 under emulation).
+    #[arg(long, value_name = "SECONDS")]
+    pub boot_timeout: Option<u64>,
+    /// Extra guest kernel argument (repeatable), for debugging guests.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    pub kernel_args: Vec<String>,
+}
+
+/// Every host option of a command that boots pod VMs (`run`, `host`, `up`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PodVmArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub dirs: RuntimeDirArgs,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+impl RuntimeDirArgs {
+    /// A node configuration for `settings` and these directories, with
+    /// `accel` and default VM options.
+    pub fn node_config(&self, settings: Settings, accel: Accel) -> NodeConfig {
+        let mut cfg = NodeConfig::with_defaults(accel);
+        cfg.cache_dir = settings.cache_dir;
+        cfg.catalog = Some(settings.catalog);
+        cfg.registry = settings.registry;
+        cfg.run_dir = self.run_dir.clone();
+        cfg.template_ram_dir = self.template_ram_dir.clone();
+        cfg
+    }
+
+    /// The node configuration of a command that boots nothing (`template
+    /// ls`, `rm`, `prune`): the accelerator is chosen silently.
+    pub fn quiet_node_config(&self, cache: &CacheArgs) -> anyhow::Result<NodeConfig> {
+        let settings = Settings::load(cache, &RegistryArgs::default())?;
+        Ok(self.node_config(settings, AccelChoice::resolve(None).accel))
+    }
+}
+
+impl VmArgs {
+    /// The node configuration of a command that boots VMs. Tells the user
+    /// once when podvisor falls back to software emulation.
+    pub fn node_config(&self, settings: Settings, dirs: &RuntimeDirArgs) -> NodeConfig {
+        let choice = AccelChoice::resolve(self.accel);
+        if self.accel.is_none() && choice.accel == Accel::Tcg {
+            eprintln!("podvisor: {}", choice.reason);
+        }
+        let mut cfg = dirs.node_config(settings, choice.accel);
+        cfg.kernel = self.kernel.clone();
+        cfg.agent = self.agent.clone();
+        if let Some(secs) = self.boot_timeout {
+            cfg.boot_timeout = std::time::Duration::from_secs(secs);
+        }
+        cfg.extra_kernel_args = self.kernel_args.clone();
+        cfg
+    }
+}
+
+impl PodVmArgs {
+    /// The node configuration with the config file read as `file`.
+    pub fn node_config_with(&self, file: ConfigFile) -> NodeConfig {
+        let settings = Settings::resolve(&self.cache, &self.registry, file);
+        self.vm.node_config(settings, &self.dirs)
+    }
+
+    /// The node configuration these options and the config file describe.
+    pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        Ok(self.node_config_with(ConfigFile::load()?))
+    }
+}
