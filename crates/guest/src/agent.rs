@@ -1,5 +1,11 @@
 //! Finding the guest agent binary (`podvisor-agent`), which becomes `/init`
-//! of the initramfs.
+//! of the initramfs, and checking that it can run there: the guest has no
+//! dynamic loader and no libc, so the agent must be a statically linked
+//! x86-64 ELF executable. A plain `cargo build --release` of the workspace
+//! also writes a dynamically linked `target/release/podvisor-agent`; as
+//! `/init` the kernel fails to execute it ("Failed to execute /init (error
+//! -2)") and panics, so such a file is skipped by the search and refused
+//! when named.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +20,110 @@ pub const INSTALLED_AGENT: &str = "/usr/local/lib/podvisor/podvisor-agent";
 /// Where `cargo build --release --target x86_64-unknown-linux-gnu` puts the
 /// agent, relative to a Cargo target directory.
 pub const AGENT_TARGET_PATH: &str = "x86_64-unknown-linux-gnu/release/podvisor-agent";
+
+/// The command that builds the static agent, for error messages.
+pub const STATIC_AGENT_BUILD: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" \
+     cargo build --release -p podvisor-agent --target x86_64-unknown-linux-gnu";
+
+/// How an ELF executable is linked, read from its program headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Linkage {
+    /// No `PT_INTERP`: the kernel runs it without a dynamic loader.
+    Static,
+    /// A `PT_INTERP` names the dynamic loader it needs.
+    Dynamic {
+        /// The interpreter's path, e.g. `/lib64/ld-linux-x86-64.so.2`.
+        interpreter: String,
+    },
+}
+
+const PT_INTERP: u32 = 3;
+const EM_X86_64: u16 = 62;
+
+/// How the x86-64 ELF executable `bytes` is linked; an error says why
+/// `bytes` is not one (not ELF, not 64-bit little-endian x86-64, not an
+/// executable, program headers out of bounds).
+pub fn elf_linkage(bytes: &[u8]) -> Result<Linkage, String> {
+    let u16_at = |at: usize| -> Option<u16> {
+        Some(u16::from_le_bytes(
+            bytes.get(at..at.checked_add(2)?)?.try_into().ok()?,
+        ))
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+        ))
+    };
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") {
+        return Err("not an ELF file".into());
+    }
+    // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian.
+    if bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let truncated = || "truncated ELF header".to_string();
+    let kind = u16_at(0x10).ok_or_else(truncated)?;
+    // ET_EXEC, or ET_DYN for position-independent (static-pie) executables.
+    if kind != 2 && kind != 3 {
+        return Err(format!("not an ELF executable (type {kind})"));
+    }
+    let machine = u16_at(0x12).ok_or_else(truncated)?;
+    if machine != EM_X86_64 {
+        return Err(format!("not an x86-64 executable (machine {machine})"));
+    }
+    let phoff = u64_at(0x20).ok_or_else(truncated)?;
+    let phentsize = u16_at(0x36).ok_or_else(truncated)?;
+    let phnum = u16_at(0x38).ok_or_else(truncated)?;
+    if phentsize < 56 {
+        return Err(format!("bad ELF program header size {phentsize}"));
+    }
+    let out_of_bounds = || "ELF program headers out of bounds".to_string();
+    for i in 0..u64::from(phnum) {
+        let at = phoff
+            .checked_add(i * u64::from(phentsize))
+            .and_then(|at| usize::try_from(at).ok())
+            .ok_or_else(out_of_bounds)?;
+        let p_type = u32_at(at).ok_or_else(out_of_bounds)?;
+        if p_type != PT_INTERP {
+            continue;
+        }
+        let offset = u64_at(at.saturating_add(8)).ok_or_else(out_of_bounds)?;
+        let size = u64_at(at.saturating_add(32)).ok_or_else(out_of_bounds)?;
+        let interpreter = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(size).ok())
+            .and_then(|(offset, size)| bytes.get(offset..offset.checked_add(size)?))
+            .map(|name| {
+                String::from_utf8_lossy(name)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .unwrap_or_else(|| "out of bounds".to_string());
+        return Ok(Linkage::Dynamic { interpreter });
+    }
+    Ok(Linkage::Static)
+}
+
+/// Checks that `bytes`, read from `path`, can be the guest's `/init`: a
+/// statically linked x86-64 executable.
+pub fn check_static(path: &Path, bytes: &[u8]) -> Result<(), GuestError> {
+    match elf_linkage(bytes) {
+        Ok(Linkage::Static) => Ok(()),
+        Ok(Linkage::Dynamic { interpreter }) => Err(GuestError::AgentNotStatic {
+            path: path.to_owned(),
+            interpreter,
+        }),
+        Err(reason) => Err(GuestError::AgentNotExecutable {
+            path: path.to_owned(),
+            reason,
+        }),
+    }
+}
 
 /// One place the agent may be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +190,29 @@ pub fn find_agent() -> Result<PathBuf, GuestError> {
     find_agent_among(&agent_places())
 }
 
-/// The first of `places` that is a regular file. An explicit place that is
-/// not one ends the search with an error; so does running out of places. The
-/// error lists every place looked at.
+/// The first of `places` that is a regular file holding a statically
+/// linked agent; other files are skipped (a plain `cargo build` writes a
+/// dynamically linked one). An explicit place that does not hold one ends
+/// the search with an error; so does running out of places. The error
+/// lists every place looked at and why it was passed over.
 pub fn find_agent_among(places: &[AgentPlace]) -> Result<PathBuf, GuestError> {
     let mut looked = Vec::new();
     for place in places {
         let outcome = match std::fs::metadata(&place.path) {
-            Ok(metadata) if metadata.is_file() => return Ok(place.path.clone()),
+            Ok(metadata) if metadata.is_file() => match std::fs::read(&place.path) {
+                Ok(bytes) => match check_static(&place.path, &bytes) {
+                    Ok(()) => return Ok(place.path.clone()),
+                    Err(error) if place.explicit => return Err(error),
+                    Err(GuestError::AgentNotStatic { interpreter, .. }) => {
+                        format!("dynamically linked (interpreter {interpreter}), skipped")
+                    }
+                    Err(GuestError::AgentNotExecutable { reason, .. }) => {
+                        format!("{reason}, skipped")
+                    }
+                    Err(error) => error.to_string(),
+                },
+                Err(error) => error.to_string(),
+            },
             Ok(_) => "not a regular file".to_owned(),
             Err(error) => error.to_string(),
         };
@@ -107,6 +232,107 @@ pub fn find_agent_among(places: &[AgentPlace]) -> Result<PathBuf, GuestError> {
 mod tests {
     use super::*;
 
+    /// A minimal x86-64 ELF executable: the header and `phdrs`
+    /// program headers (type, offset, size), then `tail`.
+    fn elf(phdrs: &[(u32, u64, u64)], tail: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; 64];
+        out[..4].copy_from_slice(b"\x7fELF");
+        out[4] = 2; // 64-bit
+        out[5] = 1; // little-endian
+        out[6] = 1; // version
+        out[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        out[0x12..0x14].copy_from_slice(&EM_X86_64.to_le_bytes());
+        out[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        out[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        out[0x38..0x3a].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+        for &(p_type, offset, size) in phdrs {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&p_type.to_le_bytes());
+            ph[8..16].copy_from_slice(&offset.to_le_bytes());
+            ph[32..40].copy_from_slice(&size.to_le_bytes());
+            out.extend(ph);
+        }
+        out.extend_from_slice(tail);
+        out
+    }
+
+    /// A statically linked stand-in agent.
+    fn static_agent() -> Vec<u8> {
+        elf(&[(1, 0, 0)], b"agent")
+    }
+
+    /// A dynamically linked one, as a plain `cargo build` makes.
+    fn dynamic_agent() -> Vec<u8> {
+        let interp = b"/lib64/ld-linux-x86-64.so.2\0";
+        let at = 64 + 2 * 56;
+        elf(&[(1, 0, 0), (PT_INTERP, at, interp.len() as u64)], interp)
+    }
+
+    #[test]
+    fn linkage_comes_from_the_program_headers() {
+        assert_eq!(elf_linkage(&static_agent()), Ok(Linkage::Static));
+        assert_eq!(
+            elf_linkage(&dynamic_agent()),
+            Ok(Linkage::Dynamic {
+                interpreter: "/lib64/ld-linux-x86-64.so.2".into()
+            })
+        );
+        assert!(
+            elf_linkage(b"#!/bin/sh\n")
+                .unwrap_err()
+                .contains("not an ELF")
+        );
+        let mut arm = static_agent();
+        arm[0x12] = 183; // EM_AARCH64
+        assert!(elf_linkage(&arm).unwrap_err().contains("x86-64"));
+        // Program headers that point past the end are an error, not a panic.
+        let mut short = dynamic_agent();
+        short.truncate(100);
+        assert!(elf_linkage(&short).unwrap_err().contains("out of bounds"));
+        let mut far = static_agent();
+        far[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(elf_linkage(&far).is_err());
+    }
+
+    #[test]
+    fn real_binaries_are_told_apart() {
+        // This test binary is dynamically linked (cargo test's default);
+        // the host's busybox-static is not.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(matches!(elf_linkage(&me), Ok(Linkage::Dynamic { .. })));
+        if let Ok(busybox) = std::fs::read("/bin/busybox") {
+            assert_eq!(elf_linkage(&busybox), Ok(Linkage::Static));
+        }
+    }
+
+    #[test]
+    fn a_dynamic_agent_is_skipped_and_refused_when_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let dynamic = dir.path().join("target-release-agent");
+        let static_one = dir.path().join("static-agent");
+        std::fs::write(&dynamic, dynamic_agent()).unwrap();
+        std::fs::write(&static_one, static_agent()).unwrap();
+        let found = find_agent_among(&[
+            place(dynamic.clone(), false),
+            place(static_one.clone(), false),
+        ]);
+        assert_eq!(found.unwrap(), static_one);
+        // Nothing static: the error names the skipped file, why, and the fix.
+        let error = find_agent_among(&[place(dynamic.clone(), false)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("target-release-agent"), "{error}");
+        assert!(error.contains("dynamically linked"), "{error}");
+        assert!(error.contains("crt-static"), "{error}");
+        // Named explicitly: refused at once, not replaced by another one.
+        let error = find_agent_among(&[place(dynamic, true), place(static_one, false)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("target-release-agent"), "{error}");
+        assert!(error.contains("statically linked"), "{error}");
+        assert!(error.contains("crt-static"), "{error}");
+    }
+
     fn place(path: PathBuf, explicit: bool) -> AgentPlace {
         AgentPlace {
             path,
@@ -120,8 +346,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let second = dir.path().join("second");
         let third = dir.path().join("third");
-        std::fs::write(&second, b"agent").unwrap();
-        std::fs::write(&third, b"agent").unwrap();
+        std::fs::write(&second, static_agent()).unwrap();
+        std::fs::write(&third, static_agent()).unwrap();
         let places = [
             place(dir.path().join("absent"), false),
             place(dir.path().to_owned(), false), // a directory
@@ -152,7 +378,7 @@ mod tests {
     fn explicit_place_does_not_fall_through() {
         let dir = tempfile::tempdir().unwrap();
         let fallback = dir.path().join("fallback");
-        std::fs::write(&fallback, b"agent").unwrap();
+        std::fs::write(&fallback, static_agent()).unwrap();
         let places = [
             place(dir.path().join("typo"), true),
             place(fallback.clone(), false),

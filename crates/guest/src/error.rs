@@ -102,16 +102,44 @@ pub enum GuestError {
         path: PathBuf,
     },
 
-    /// The agent binary was not found in any of the places searched.
+    /// No statically linked agent binary in any of the places searched.
     #[error(
-        "podvisor-agent not found; looked at: {}. Build it with \
-         `cargo build --release --target x86_64-unknown-linux-gnu -p podvisor-agent` \
-         or set PODVISOR_AGENT",
-        looked.join(", ")
+        "no statically linked podvisor-agent found; looked at: {}. Build it with \
+         `{}` or set PODVISOR_AGENT",
+        looked.join(", "),
+        crate::agent::STATIC_AGENT_BUILD
     )]
     AgentNotFound {
         /// Each place looked at, with why it was looked at.
         looked: Vec<String>,
+    },
+
+    /// The agent binary is dynamically linked: the guest has no loader.
+    #[error(
+        "{} is dynamically linked (ELF interpreter {interpreter}); the guest agent must be \
+         statically linked: build it with `{}` and use \
+         target/x86_64-unknown-linux-gnu/release/podvisor-agent",
+        path.display(),
+        crate::agent::STATIC_AGENT_BUILD
+    )]
+    AgentNotStatic {
+        /// The agent binary.
+        path: PathBuf,
+        /// The dynamic loader it asks for.
+        interpreter: String,
+    },
+
+    /// The agent binary is not an x86-64 ELF executable.
+    #[error(
+        "{} cannot be the guest agent: {reason}; build the agent with `{}`",
+        path.display(),
+        crate::agent::STATIC_AGENT_BUILD
+    )]
+    AgentNotExecutable {
+        /// The file given as the agent.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
 
     /// Writing the cpio archive failed.

@@ -111,6 +111,8 @@ pub fn prepare_with(
         .collect();
     let resolved = index.resolve(&wanted)?;
     let contents = InitramfsContents::load(&kernel.release, &agent, &resolved)?;
+    // Never an agent the guest cannot execute as /init.
+    agent::check_static(&agent, &contents.agent)?;
     let inputs_digest = cache::inputs_digest(&kernel, &contents)?;
     let initramfs = cache::initramfs_path(&opts.cache_dir, &inputs_digest);
     cache::store_initramfs(&initramfs, &contents)?;

@@ -48,7 +48,7 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio.ko kernel/drivers
             std::fs::write(&path, format!("module {module}")).unwrap();
         }
         std::fs::write(modules_dir.join("modules.dep"), dep).unwrap();
-        std::fs::write(dir.path().join("agent"), b"agent v1").unwrap();
+        std::fs::write(dir.path().join("agent"), static_elf(b"agent v1")).unwrap();
         FakeHost { dir, locations }
     }
 
@@ -107,7 +107,7 @@ fn second_prepare_reuses_the_cached_initramfs() {
 fn changing_the_agent_changes_digest_and_path() {
     let host = FakeHost::new();
     let first = prepare_with(&host.options(), &host.locations).unwrap();
-    std::fs::write(host.dir.path().join("agent"), b"agent v2").unwrap();
+    std::fs::write(host.dir.path().join("agent"), static_elf(b"agent v2")).unwrap();
     let second = prepare_with(&host.options(), &host.locations).unwrap();
     assert_ne!(second.inputs_digest, first.inputs_digest);
     assert_ne!(second.initramfs, first.initramfs);
@@ -176,6 +176,51 @@ fn errors_name_what_is_missing() {
     );
 }
 
+/// A plain `cargo build` of the workspace writes a dynamically linked
+/// agent; named as the agent, it is refused before any initramfs is built,
+/// with the command that builds the static one.
+#[test]
+fn a_dynamically_linked_agent_never_goes_into_an_initramfs() {
+    let host = FakeHost::new();
+    let mut opts = host.options();
+    // This test binary is dynamically linked, as target/release/podvisor-agent is.
+    opts.agent = Some(std::env::current_exe().unwrap());
+    let error = prepare_with(&opts, &host.locations).unwrap_err();
+    assert!(
+        matches!(error, GuestError::AgentNotStatic { .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&opts.agent.unwrap().display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("+crt-static"), "{message}");
+    assert!(!host.dir.path().join("cache/guest").exists() || host.guest_cache_files().is_empty());
+
+    opts = host.options();
+    let script = host.dir.path().join("agent.sh");
+    std::fs::write(&script, b"#!/bin/sh\n").unwrap();
+    opts.agent = Some(script);
+    let error = prepare_with(&opts, &host.locations).unwrap_err();
+    assert!(error.to_string().contains("not an ELF file"), "{error}");
+}
+
+/// `payload` behind a minimal statically linked x86-64 ELF header (one
+/// PT_LOAD, no PT_INTERP): a stand-in agent podvisor accepts.
+fn static_elf(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 64 + 56];
+    out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    out[0x10] = 2; // ET_EXEC
+    out[0x12] = 62; // EM_X86_64
+    out[0x20] = 64; // e_phoff
+    out[0x36] = 56; // e_phentsize
+    out[0x38] = 1; // e_phnum
+    out[64] = 1; // PT_LOAD
+    out.extend_from_slice(payload);
+    out
+}
+
 /// Lists a cpio archive with the system `cpio -t`.
 fn list_archive(archive: &Path) -> Vec<String> {
     let mut child = Command::new("cpio")
@@ -205,7 +250,7 @@ fn list_archive(archive: &Path) -> Vec<String> {
 fn prepares_from_the_real_cloud_kernel() {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("podvisor-agent");
-    std::fs::write(&agent, vec![0x5a; 3 << 20]).unwrap();
+    std::fs::write(&agent, static_elf(&vec![0x5a; 3 << 20])).unwrap();
     let opts = GuestOptions {
         agent: Some(agent),
         extra_modules: vec!["virtio_net".to_owned()],
