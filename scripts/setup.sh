@@ -18,8 +18,10 @@ fi
 
 # protobuf-compiler and libprotobuf-dev (its well-known .proto files) build
 # etcd-client, which the podvisor binary links for its etcd state store.
+# containernetworking-plugins (bridge, host-local, firewall, portmap, tuning
+# in /usr/lib/cni) and iptables (which they run) give pods their network.
 packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates
-          protobuf-compiler libprotobuf-dev)
+          protobuf-compiler libprotobuf-dev containernetworking-plugins iptables)
 if [ "$want_test" = 1 ]; then
     # openssl signs the bearer tokens of the token-auth registry tests.
     packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl)
