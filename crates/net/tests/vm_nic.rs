@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{on_test_host, request};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use podvisor_net::netns;
 use podvisor_net::pod_network::PodNetworks;
 use podvisor_net::vm_nic::TapMode;
 
@@ -121,6 +122,29 @@ fn the_tap_and_eth0_forward_frames_to_each_other() {
             .await
             .unwrap();
         assert!(again.tap_fd.is_none());
+        let tap_mtu = netns::run_netlink_in(&pod.netns, |handle| async move {
+            use futures_util::TryStreamExt;
+            let link = handle
+                .link()
+                .get()
+                .match_name("tap0")
+                .execute()
+                .try_next()
+                .await
+                .unwrap()
+                .unwrap();
+            link.attributes.iter().find_map(|a| match a {
+                rtnetlink::packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            tap_mtu,
+            Some(1500),
+            "the persistent tap is in the pod's namespace with eth0's MTU"
+        );
         assert_eq!(host.census().await, census_with_pod);
         networks.detach("pod-a").await.unwrap();
     });

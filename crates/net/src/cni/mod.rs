@@ -514,6 +514,167 @@ mod tests {
         assert!(matches!(att.cni_args(), Err(CniError::BadCniArg(_))));
     }
 
+    /// A fake plugin: a shell script named `name` in `dir`.
+    fn script(dir: &Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn fake_list(types: &[&str]) -> NetworkConfList {
+        let plugins: Vec<Value> = types.iter().map(|t| json!({"type": t})).collect();
+        let text = json!({"cniVersion": "1.0.0", "name": "fake", "plugins": plugins}).to_string();
+        NetworkConfList::parse(text.as_bytes(), Path::new("fake")).unwrap()
+    }
+
+    fn fake_attachment<'a>(
+        pod: &'a PodIdentity,
+        caps: &'a BTreeMap<String, Value>,
+    ) -> CniAttachment<'a> {
+        CniAttachment {
+            container_id: "c1",
+            netns: Some(Path::new("/run/x/netns/c1")),
+            ifname: "eth0",
+            pod,
+            capability_args: caps,
+        }
+    }
+
+    #[tokio::test]
+    async fn plugins_get_a_cleared_environment_and_the_previous_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        script(
+            dir.path(),
+            "first",
+            &format!(
+                "env > {d}/env; cat > {d}/stdin1; echo '{{\"cniVersion\":\"1.0.0\",\"ips\":[{{\"address\":\"10.0.0.2/24\"}}]}}'"
+            ),
+        );
+        script(
+            dir.path(),
+            "second",
+            &format!(
+                "cat > {d}/stdin2; echo '{{\"cniVersion\":\"1.0.0\",\"ips\":[{{\"address\":\"10.0.0.2/24\"}}],\"dns\":{{\"nameservers\":[\"10.0.0.53\"]}}}}'"
+            ),
+        );
+        let rt = CniRuntime {
+            search_path: vec![dir.path().to_path_buf()],
+            timeout: Duration::from_secs(10),
+        };
+        let pod = PodIdentity {
+            namespace: "ns".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+        };
+        let caps = BTreeMap::new();
+        let result = rt
+            .add(
+                &fake_list(&["first", "second"]),
+                &fake_attachment(&pod, &caps),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            CniResult::from_json(&result).unwrap().dns.nameservers,
+            ["10.0.0.53"]
+        );
+
+        let env = std::fs::read_to_string(dir.path().join("env")).unwrap();
+        let mut vars: Vec<&str> = env
+            .lines()
+            .filter(|l| {
+                !["PWD=", "OLDPWD=", "SHLVL=", "_="]
+                    .iter()
+                    .any(|shell| l.starts_with(shell))
+            })
+            .collect();
+        vars.sort();
+        assert_eq!(
+            vars,
+            [
+                "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=u1",
+                "CNI_COMMAND=ADD",
+                "CNI_CONTAINERID=c1",
+                "CNI_IFNAME=eth0",
+                "CNI_NETNS=/run/x/netns/c1",
+                &format!("CNI_PATH={d}"),
+                &format!("PATH={PLUGIN_PATH_ENV}"),
+            ]
+        );
+        let stdin1: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("stdin1")).unwrap()).unwrap();
+        assert_eq!(
+            stdin1,
+            json!({"type": "first", "name": "fake", "cniVersion": "1.0.0"})
+        );
+        let stdin2: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("stdin2")).unwrap()).unwrap();
+        assert_eq!(stdin2["prevResult"]["ips"][0]["address"], "10.0.0.2/24");
+    }
+
+    #[tokio::test]
+    async fn plugin_failures_name_the_plugin_and_keep_the_partial_result() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            "ok",
+            "cat >/dev/null; echo '{\"cniVersion\":\"1.0.0\"}'",
+        );
+        script(
+            dir.path(),
+            "failing",
+            "echo '{\"cniVersion\":\"1.0.0\",\"code\":7,\"msg\":\"bad thing\",\"details\":\"more\"}'; exit 1",
+        );
+        script(dir.path(), "crashing", "echo boom >&2; exit 3");
+        script(dir.path(), "hanging", "exec sleep 30");
+        let rt = CniRuntime {
+            search_path: vec![dir.path().to_path_buf()],
+            timeout: Duration::from_millis(300),
+        };
+        let pod = PodIdentity::default();
+        let caps = BTreeMap::new();
+        let att = fake_attachment(&pod, &caps);
+
+        let failure = rt
+            .add(&fake_list(&["ok", "failing", "ok"]), &att)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            failure.error.to_string(),
+            "CNI plugin \"failing\" ADD failed: bad thing: more (CNI error code 7)"
+        );
+        assert_eq!(failure.partial_result, Some(json!({"cniVersion": "1.0.0"})));
+
+        let failure = rt.add(&fake_list(&["crashing"]), &att).await.unwrap_err();
+        let msg = failure.error.to_string();
+        assert!(
+            msg.starts_with("CNI plugin \"crashing\" ADD exited with exit status: 3")
+                && msg.ends_with("boom"),
+            "{msg}"
+        );
+        assert_eq!(failure.partial_result, None);
+
+        let started = std::time::Instant::now();
+        let failure = rt.add(&fake_list(&["hanging"]), &att).await.unwrap_err();
+        assert_eq!(
+            failure.error.to_string(),
+            "CNI plugin \"hanging\" ADD did not finish within 300ms"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // DEL asks every plugin, in reverse, and reports the first failure.
+        let err = rt
+            .del(&fake_list(&["failing", "ok", "crashing"]), &att, None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("CNI plugin \"crashing\" DEL"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_missing_plugin_is_named_with_the_search_path() {
         let rt = CniRuntime {
