@@ -66,6 +66,10 @@
 //! - Plugins get a cleared environment: `CNI_*`, and `PATH` set to the
 //!   standard system directories (they run `iptables`; libcni would pass
 //!   the runtime's whole environment).
+//! - Plugins are killed with podvisor (`PR_SET_PDEATHSIG`), so that none
+//!   finishes an ADD after a restarted podvisor reconciled it away.
+//! - DEL asks every plugin even after one failed (libcni stops at the
+//!   first); the attachment stays recorded until a DEL fully succeeds.
 //! - The CNI interface keeps its addresses after the tap takes its frames:
 //!   the bridge plugin's DEL reads them there to remove the masquerade.
 //! - Records store the network list ADD ran; DEL uses it even if

@@ -322,6 +322,26 @@ impl CniRuntime {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // A plugin dies with podvisor (kill -9 included): one left running
+        // could finish its ADD after reconcile has DELeted the attachment.
+        // (The signal follows the thread that forked, which lives at least
+        // as long as this call: a tokio worker, or a thread blocked on it.)
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only async-signal-safe functions (prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other(
+                        "podvisor exited while starting the plugin",
+                    ));
+                }
+                Ok(())
+            });
+        }
         let start = |source| CniError::PluginStart {
             plugin: plugin.to_string(),
             path: path.clone(),
@@ -673,6 +693,79 @@ mod tests {
             err.to_string().starts_with("CNI plugin \"crashing\" DEL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_plugin_dies_with_the_thread_that_started_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        script(
+            dir.path(),
+            "sleeper",
+            &format!("echo $$ > {}; exec sleep 30", pid_file.display()),
+        );
+        let search_path = vec![dir.path().to_path_buf()];
+        let pid_file2 = pid_file.clone();
+        // The thread starts the plugin and exits without awaiting or
+        // dropping the call, as if podvisor had been killed meanwhile.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let runtime = CniRuntime {
+                search_path,
+                timeout: Duration::from_secs(60),
+            };
+            let pod = PodIdentity::default();
+            let caps = BTreeMap::new();
+            let list = fake_list(&["sleeper"]);
+            let att = fake_attachment(&pod, &caps);
+            let mut call = Box::pin(runtime.add(&list, &att));
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        tokio::select! {
+                            _ = &mut call => break,
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                                if pid_file2.exists() { break; }
+                            }
+                        }
+                    }
+                })
+                .await;
+            });
+            std::mem::forget(call);
+            std::mem::forget(rt);
+        })
+        .join()
+        .unwrap();
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && !is_zombie(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "plugin {pid} outlived the thread that started it"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn is_zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
     }
 
     #[test]
