@@ -6,7 +6,7 @@ use std::io::Read;
 
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use crate::cache::LayerBlob;
+use crate::convert::LayerBlob;
 use crate::reference::ImageRef;
 use crate::registry::Registry;
 use crate::source::Source;

@@ -20,7 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
-use crate::{ChainId, Digest, ImageError, convert};
+use crate::convert::{self, LayerBlob, Staging};
+use crate::{ChainId, Digest, ImageError};
 
 /// File name of a layer's EROFS image inside its entry directory.
 pub const DISK_FILE: &str = "disk.erofs";
@@ -41,17 +42,6 @@ pub struct LayerDisk {
     /// The EROFS image.
     pub path: PathBuf,
     /// Size of the EROFS image in bytes.
-    pub size: u64,
-}
-
-/// The blob a layer came from: what its descriptor in the manifest says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerBlob {
-    /// e.g. `application/vnd.oci.image.layer.v1.tar+gzip`.
-    pub media_type: String,
-    /// Digest of the (compressed) blob.
-    pub digest: Digest,
-    /// Size of the (compressed) blob in bytes.
     pub size: u64,
 }
 
@@ -197,7 +187,12 @@ impl LayerCache {
         blob: impl Read,
     ) -> Result<PreparedLayer, ImageError> {
         let chain_id = ChainId::extend(parent, diff_id);
-        let converted = convert::convert(self, source, diff_id, &chain_id, blob)?;
+        let staging = Staging {
+            dir: &self.staging_dir(),
+            prefix: &self.temp_prefix(&chain_id.hex()[..12]),
+            uncompressed_limit: self.uncompressed_limit,
+        };
+        let converted = convert::convert(&staging, source, diff_id, blob)?;
         let layers = self.layers_dir();
         let tmp = tempfile::Builder::new()
             .prefix(&self.temp_prefix(".tmp-"))

@@ -6,13 +6,34 @@
 use std::fs;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
-use crate::cache::{LayerBlob, LayerCache};
 use crate::digest::HashingReader;
-use crate::{ChainId, Digest, ImageError, unpack};
+use crate::{Digest, ImageError, unpack};
+
+/// The blob a layer came from: what its descriptor in the manifest says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerBlob {
+    /// e.g. `application/vnd.oci.image.layer.v1.tar+gzip`.
+    pub media_type: String,
+    /// Digest of the (compressed) blob.
+    pub digest: Digest,
+    /// Size of the (compressed) blob in bytes.
+    pub size: u64,
+}
+
+/// Where and how far a layer may be unpacked.
+pub(crate) struct Staging<'a> {
+    /// The directory the staging directory is made in.
+    pub dir: &'a Path,
+    /// The staging directory's name prefix.
+    pub prefix: &'a str,
+    /// The largest uncompressed layer accepted, in bytes.
+    pub uncompressed_limit: u64,
+}
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,17 +112,16 @@ impl Converted {
     }
 }
 
-/// Streams `blob` through the decompressor into a staging directory,
-/// checking it against `source` (digest, size, media type) and `diff_id`.
+/// Streams `blob` through the decompressor into a staging directory made
+/// as `staging` says, checking it against `source` (digest, size, media type) and `diff_id`.
 ///
 /// When several things are wrong, the blob's own integrity is reported
 /// first: a blob that does not match its digest is the cause, whatever the
 /// tar parser made of it.
 pub(crate) fn convert(
-    cache: &LayerCache,
+    staging: &Staging<'_>,
     source: &LayerBlob,
     diff_id: &Digest,
-    chain_id: &ChainId,
     blob: impl Read,
 ) -> Result<Converted, ImageError> {
     let layer = source.digest.to_string();
@@ -111,13 +131,13 @@ pub(crate) fn convert(
             media_type: source.media_type.clone(),
         }
     })?;
-    let staging_dir = cache.staging_dir();
+    let limit = staging.uncompressed_limit;
     let staging = tempfile::Builder::new()
-        .prefix(&cache.temp_prefix(&chain_id.hex()[..12]))
-        .tempdir_in(&staging_dir)
+        .prefix(staging.prefix)
+        .tempdir_in(staging.dir)
         .map_err(|e| {
             ImageError::io(
-                format!("create staging directory in {}", staging_dir.display()),
+                format!("create staging directory in {}", staging.dir.display()),
                 e,
             )
         })?;
@@ -135,10 +155,7 @@ pub(crate) fn convert(
     let (unpacked, diff) = match Decoder::new(compression, blob_reader) {
         Err(e) => return Err(stream_err(e)),
         Ok(decoder) => {
-            let mut archive = tar::Archive::new(HashingReader::new(
-                decoder,
-                Some(cache.uncompressed_limit()),
-            ));
+            let mut archive = tar::Archive::new(HashingReader::new(decoder, Some(limit)));
             let mut unpacked = unpack::unpack(&mut archive, &rootfs, &layer).map(|_| ());
             let mut diff_reader = archive.into_inner();
             if unpacked.is_ok() {
@@ -185,10 +202,7 @@ pub(crate) fn convert(
     }
     // 2. the uncompressed stream: limit, content, DiffID.
     if limit_exceeded {
-        return Err(ImageError::DecompressionLimit {
-            layer,
-            limit: cache.uncompressed_limit(),
-        });
+        return Err(ImageError::DecompressionLimit { layer, limit });
     }
     unpacked?;
     if &diff_digest != diff_id {

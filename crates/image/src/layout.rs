@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::Deserialize;
 
-use crate::cache::LayerBlob;
+use crate::convert::LayerBlob;
 use crate::source::{Source, clean};
 use crate::{Digest, ImageError};
 

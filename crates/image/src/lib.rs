@@ -40,11 +40,10 @@ mod source;
 mod unpack;
 
 pub use cache::{
-    DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerBlob, LayerCache, LayerDisk, META_FILE,
-    PreparedLayer,
+    DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerCache, LayerDisk, META_FILE, PreparedLayer,
 };
 pub use catalog::Catalog;
-pub use convert::Compression;
+pub use convert::{Compression, LayerBlob};
 pub use digest::{ChainId, Digest};
 pub use erofs::MKFS_EROFS;
 pub use error::ImageError;

@@ -24,8 +24,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::blob_source::BlobSource;
-use crate::cache::{LayerBlob, LayerCache, LayerDisk, PreparedLayer};
+use crate::cache::{LayerCache, LayerDisk, PreparedLayer};
 use crate::catalog::{Catalog, LayerEntry, LayerHold, now};
+use crate::convert::LayerBlob;
 use crate::progress::{CountingReader, LayerEvent, PullProgress};
 use crate::{ChainId, Digest, ImageError};
 

@@ -3,8 +3,8 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use crate::cache::LayerBlob;
 use crate::catalog::Holder;
+use crate::convert::LayerBlob;
 
 /// The state of one layer of an image being pulled or imported.
 #[derive(Clone, Debug, PartialEq, Eq)]

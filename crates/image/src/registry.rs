@@ -20,7 +20,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 
-use crate::cache::LayerBlob;
+use crate::convert::LayerBlob;
 use crate::credentials::{self, Credentials};
 use crate::import::RuntimeConfig;
 use crate::platform::{self, Platform};

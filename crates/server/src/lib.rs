@@ -252,7 +252,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let state = api::AppState {
         store: store.clone(),
         pods: cache.clone(),
-        tokens: tokens::TokenCheck::default(),
+        tokens: tokens::TokenCheck::new(store.clone()),
         http,
         host_ttl: config.host_ttl,
         images: api::ImageCatalog::new(config.catalog_url.clone()),

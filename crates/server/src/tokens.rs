@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::AppState;
 use crate::error::ApiError;
 use crate::keys;
 use podvisor_store::{Store, StoreError};
@@ -188,22 +187,31 @@ pub async fn revoke(store: &dyn Store, which: &Revoke) -> Result<Vec<TokenEntry>
 /// How long a token found in the store is trusted without looking again.
 const CACHE_TTL: Duration = Duration::from_secs(10);
 
-/// Token lookups, with a short-lived cache of tokens found.
-#[derive(Clone, Default)]
+/// Token lookups in a store, with a short-lived cache of tokens found.
+#[derive(Clone)]
 pub struct TokenCheck {
+    store: Arc<dyn Store>,
     found: Arc<Mutex<HashMap<String, (Caller, Instant)>>>,
 }
 
 impl TokenCheck {
+    /// Looks tokens up in `store`.
+    pub fn new(store: Arc<dyn Store>) -> TokenCheck {
+        TokenCheck {
+            store,
+            found: Arc::default(),
+        }
+    }
+
     /// The caller a bearer token belongs to.
-    pub async fn caller(&self, store: &dyn Store, token: &str) -> Result<Caller, ApiError> {
+    pub async fn caller(&self, token: &str) -> Result<Caller, ApiError> {
         let hash = hash(token);
         if let Some((caller, at)) = self.found.lock().unwrap().get(&hash)
             && at.elapsed() < CACHE_TTL
         {
             return Ok(caller.clone());
         }
-        let kv = store.get(&keys::token(&hash)).await?.ok_or_else(|| {
+        let kv = self.store.get(&keys::token(&hash)).await?.ok_or_else(|| {
             ApiError::unauthorized(
                 "the bearer token is not valid on this server (unknown token); make one with `podvisor server token create` or use the admin token from `podvisor server init`",
             )
@@ -225,10 +233,16 @@ impl TokenCheck {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+/// A handler's `Caller` argument: the bearer token's owner, for any router
+/// state that gives a [`TokenCheck`].
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    TokenCheck: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Caller, ApiError> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -246,7 +260,7 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 ApiError::unauthorized("the Authorization header is not `Bearer TOKEN`")
             })?;
-        state.tokens.caller(state.store.as_ref(), token).await
+        TokenCheck::from_ref(state).caller(token).await
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::LayerBlob;
+use crate::convert::LayerBlob;
 use crate::{ChainId, Digest, RuntimeConfig};
 
 /// A layer disk the cache holds.

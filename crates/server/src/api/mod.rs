@@ -37,6 +37,12 @@ pub struct AppState {
     pub images: ImageCatalog,
 }
 
+impl axum::extract::FromRef<AppState> for TokenCheck {
+    fn from_ref(state: &AppState) -> TokenCheck {
+        state.tokens.clone()
+    }
+}
+
 /// One route: method, path (axum syntax, `{param}`), handler.
 pub struct Route {
     pub method: Method,

@@ -69,7 +69,11 @@ async fn list(
     namespace: Option<String>,
     params: ListParams,
 ) -> Result<Response, ApiError> {
-    let selector = PodSelector::parse(namespace, &params)?;
+    let selector = PodSelector::parse(
+        namespace,
+        params.field_selector.as_deref(),
+        params.label_selector.as_deref(),
+    )?;
     if params.watch.unwrap_or(false) {
         let from = match params.resource_version.as_deref() {
             None | Some("") | Some("0") => None,

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use podvisor_api::{EventType, Pod, Status, WatchEvent};
 use tokio::sync::mpsc;
 
-use super::pods::ListParams;
 use crate::error::ApiError;
 use crate::pod_cache::{Changes, PodCache, PodChange};
 
@@ -28,12 +27,16 @@ pub struct PodSelector {
 
 impl PodSelector {
     /// From a namespace and the `fieldSelector`/`labelSelector` of a query.
-    pub fn parse(namespace: Option<String>, params: &ListParams) -> Result<PodSelector, ApiError> {
+    pub fn parse(
+        namespace: Option<String>,
+        field_selector: Option<&str>,
+        label_selector: Option<&str>,
+    ) -> Result<PodSelector, ApiError> {
         let mut selector = PodSelector {
             namespace,
             ..Default::default()
         };
-        if let Some(fs) = params.field_selector.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(fs) = field_selector.filter(|s| !s.is_empty()) {
             for term in fs.split(',') {
                 let (field, value) = term
                     .split_once("==")
@@ -48,7 +51,7 @@ impl PodSelector {
                 }
             }
         }
-        if let Some(ls) = params.label_selector.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(ls) = label_selector.filter(|s| !s.is_empty()) {
             for term in ls.split(',') {
                 let (k, v) = term
                     .split_once("==")

@@ -1,5 +1,7 @@
 //! The SQLite schema, opening a store file, and the reads (keys, the
-//! revision, the event log for watches). Writes are in `write.rs`.
+//! revision, the event log for watches). Writes are in `write.rs`, which
+//! builds on this; a read that must not see keys of expired leases purges
+//! them first with `write::purge_if_due`.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -224,30 +226,8 @@ pub(super) fn get_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
     .transpose()
 }
 
-/// Purges leases that have expired, if any, in a write transaction.
-pub(super) fn purge_if_due(conn: &mut Connection, history: i64) -> Result<()> {
-    let due: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM leases WHERE expires_ms <= ?1)",
-        [now_ms()],
-        |r| r.get(0),
-    )?;
-    if due {
-        super::write::write(conn, history, |_| Ok(()))?;
-    }
-    Ok(())
-}
-
-pub(super) fn get(conn: &mut Connection, history: i64, key: &str) -> Result<Option<KeyValue>> {
-    purge_if_due(conn, history)?;
-    get_kv(conn, key)
-}
-
-pub(super) fn list(
-    conn: &mut Connection,
-    history: i64,
-    prefix: &str,
-) -> Result<(Vec<KeyValue>, Revision)> {
-    purge_if_due(conn, history)?;
+/// The keys under `prefix` and the store's revision, from one snapshot.
+pub(super) fn list(conn: &mut Connection, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
     let tx = conn.transaction()?; // one snapshot for the keys and the revision
     let (clause, args) = prefix_clause(prefix);
     let mut stmt = tx.prepare(&format!(
@@ -264,9 +244,13 @@ pub(super) fn list(
     Ok((kvs, revision))
 }
 
-pub(super) fn current_revision(conn: &mut Connection, history: i64) -> Result<Revision> {
-    purge_if_due(conn, history)?;
-    meta(conn, "revision")
+/// Leases whose time has come (their keys are deleted by the next write).
+pub(super) fn any_lease_expired(conn: &Connection) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM leases WHERE expires_ms <= ?1)",
+        [now_ms()],
+        |r| r.get(0),
+    )?)
 }
 
 /// The events under `prefix` after revision `after`, at most `limit`, and
@@ -275,12 +259,10 @@ pub(super) fn current_revision(conn: &mut Connection, history: i64) -> Result<Re
 /// keeps up with the log and is not compacted away).
 pub(super) fn poll_events(
     conn: &mut Connection,
-    history: i64,
     prefix: &str,
     after: Revision,
     limit: usize,
 ) -> Result<(Vec<WatchEvent>, Revision)> {
-    purge_if_due(conn, history)?;
     let tx = conn.transaction()?;
     let compacted = meta(&tx, "compacted")?;
     if after < compacted {

@@ -166,6 +166,19 @@ impl SqliteStore {
         .map_err(|e| join_error(&self.inner.url, e))?
     }
 
+    /// Runs the read `f` after purging expired leases (so it sees none of
+    /// their keys).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.run(move |conn, history| {
+            write::purge_if_due(conn, history)?;
+            f(conn)
+        })
+        .await
+    }
+
     /// Runs `f` in a write transaction (see [`write::write`]).
     async fn write<T: Send + 'static>(
         &self,
@@ -215,14 +228,12 @@ impl Store for SqliteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         check_key(self.url(), key)?;
         let key = key.to_string();
-        self.run(move |conn, history| db::get(conn, history, &key))
-            .await
+        self.read(move |conn| db::get_kv(conn, &key)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let prefix = prefix.to_string();
-        self.run(move |conn, history| db::list(conn, history, &prefix))
-            .await
+        self.read(move |conn| db::list(conn, &prefix)).await
     }
 
     async fn put(
@@ -299,7 +310,8 @@ impl Store for SqliteStore {
                 inner.options.durable,
             )
             .map_err(|e| store_error(&inner.url, &inner.options, e))?;
-            let first = db::poll_events(&mut conn, history, &owned_prefix, after, WATCH_BATCH)
+            let first = write::purge_if_due(&mut conn, history)
+                .and_then(|()| db::poll_events(&mut conn, &owned_prefix, after, WATCH_BATCH))
                 .map_err(|e| store_error(&inner.url, &inner.options, e))?;
             Ok::<_, StoreError>((conn, first))
         })
@@ -317,7 +329,7 @@ impl Store for SqliteStore {
     }
 
     async fn current_revision(&self) -> Result<Revision, StoreError> {
-        self.run(db::current_revision).await
+        self.read(|conn| db::meta(conn, "revision")).await
     }
 }
 
@@ -346,7 +358,8 @@ async fn poll_watch(
         let Some(mut c) = conn.take() else { return };
         let (p, after) = (prefix.clone(), seen);
         let polled = tokio::task::spawn_blocking(move || {
-            let result = db::poll_events(&mut c, history, &p, after, WATCH_BATCH);
+            let result = write::purge_if_due(&mut c, history)
+                .and_then(|()| db::poll_events(&mut c, &p, after, WATCH_BATCH));
             (c, result)
         })
         .await;

@@ -5,7 +5,7 @@
 
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
-use super::db::{DbError, get_kv, meta, now_ms};
+use super::db::{DbError, any_lease_expired, get_kv, meta, now_ms};
 use crate::{KeyValue, LeaseId, Revision};
 
 type Result<T> = std::result::Result<T, DbError>;
@@ -41,6 +41,15 @@ pub(super) fn write<T>(
     }
     w.finish(history)?;
     result
+}
+
+/// Purges expired leases in a write transaction if any is due, so that a
+/// read that follows sees none of their keys.
+pub(super) fn purge_if_due(conn: &mut Connection, history: i64) -> Result<()> {
+    if any_lease_expired(conn)? {
+        write(conn, history, |_| Ok(()))?;
+    }
+    Ok(())
 }
 
 impl Writer<'_> {
