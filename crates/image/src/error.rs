@@ -193,6 +193,10 @@ pub enum ImageError {
     /// A cache entry exists but is unreadable or inconsistent.
     #[error("layer cache entry {path}: {reason}")]
     DamagedCacheEntry { path: PathBuf, reason: String },
+
+    /// No random bytes for a catalog token or hold id.
+    #[error(transparent)]
+    Random(#[from] podvisor_store::RandomError),
 }
 
 impl ImageError {

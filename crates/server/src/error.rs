@@ -108,4 +108,6 @@ pub enum ServerError {
     Config(String),
     #[error("the store holds a value that is not a podvisor object at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Random(#[from] podvisor_store::RandomError),
 }

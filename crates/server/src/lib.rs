@@ -151,7 +151,7 @@ pub async fn create_token(
         return Err(ServerError::Config(format!("token name: {problem}")));
     }
     let store = existing_store(state_dir, store_url).await?;
-    Ok(tokens::create(store.as_ref(), role, name).await?)
+    tokens::create(store.as_ref(), role, name).await
 }
 
 /// The tokens in the store of `state_dir` (or `store_url`), oldest first.

@@ -11,9 +11,9 @@ use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ServerError};
 use crate::keys;
-use podvisor_store::{Store, StoreError};
+use podvisor_store::{RandomError, Store, StoreError};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,10 +74,8 @@ impl Caller {
 }
 
 /// A new random token: `pv_` and 64 hex digits.
-pub fn generate() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the OS random source works");
-    format!("pv_{}", hex::encode(bytes))
+pub fn generate() -> Result<String, RandomError> {
+    Ok(format!("pv_{}", podvisor_store::random_hex(32)?))
 }
 
 /// The hex SHA-256 of a token, its key in the store.
@@ -87,8 +85,8 @@ pub fn hash(token: &str) -> String {
 
 /// Stores a new token for `role`/`name` and returns it (the only time it
 /// is seen in clear).
-pub async fn create(store: &dyn Store, role: Role, name: &str) -> Result<String, StoreError> {
-    let token = generate();
+pub async fn create(store: &dyn Store, role: Role, name: &str) -> Result<String, ServerError> {
+    let token = generate()?;
     let record = TokenRecord {
         role,
         name: name.to_string(),
@@ -270,7 +268,7 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_hashed() {
-        let (a, b) = (generate(), generate());
+        let (a, b) = (generate().unwrap(), generate().unwrap());
         assert_ne!(a, b);
         assert!(a.starts_with("pv_") && a.len() == 67);
         assert_eq!(hash(&a), hash(&a));

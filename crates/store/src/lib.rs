@@ -11,10 +11,15 @@
 //!   etcd 3.4+ cluster, for several hosts.
 //!
 //! `docs/STORE.md` describes the guarantees and their limits.
+//!
+//! The crate is also the lowest one the host-side crates share, so it holds
+//! their one source of random bytes ([`random_bytes`], [`random_hex`]),
+//! which fails rather than ever yielding zeros.
 
 mod error;
 mod etcd;
 mod lease_keeper;
+mod random;
 mod sqlite;
 mod url;
 
@@ -24,6 +29,7 @@ use std::time::Duration;
 pub use error::StoreError;
 pub use etcd::EtcdStore;
 pub use lease_keeper::LeaseKeeper;
+pub use random::{RandomError, fill_random, random_bytes, random_hex};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use url::StoreUrl;
 

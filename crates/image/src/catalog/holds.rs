@@ -79,7 +79,7 @@ impl Catalog {
         what: &str,
         leased: bool,
     ) -> Result<LayerHold, ImageError> {
-        let id = format!("{}-{}", self.token(), super::random_token());
+        let id = format!("{}-{}", self.token(), super::random_token()?);
         let mut holder: Holder = self.holder().clone();
         holder.what = what.to_string();
         let value = serde_json::to_vec(&holder).expect("holder serializes");

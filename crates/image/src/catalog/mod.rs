@@ -68,7 +68,7 @@ impl Catalog {
         let lease = LeaseKeeper::start(store.clone(), LEASE_TTL)
             .await
             .map_err(err)?;
-        let token = random_token();
+        let token = random_token()?;
         let holder = Holder::this_process();
         let catalog = Catalog {
             store,
@@ -420,18 +420,6 @@ pub(crate) fn now() -> u64 {
 }
 
 /// 16 random hex digits.
-pub(crate) fn random_token() -> String {
-    use std::io::Read;
-    let mut bytes = [0u8; 8];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_ok();
-    if !ok {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes = ((t as u64) ^ ((std::process::id() as u64) << 32)).to_le_bytes();
-    }
-    hex::encode(bytes)
+pub(crate) fn random_token() -> Result<String, ImageError> {
+    Ok(podvisor_store::random_hex(8)?)
 }
