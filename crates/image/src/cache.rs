@@ -231,6 +231,29 @@ impl LayerCache {
         })
     }
 
+    /// Removes the entry directory `dir`: renamed out of sight first (to a
+    /// `.trash-` name of this owner), so nobody sees it half removed.
+    fn remove_entry_dir(&self, dir: &Path) -> Result<(), ImageError> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let trash = self
+            .layers_dir()
+            .join(format!("{}{name}", self.temp_prefix(".trash-")));
+        match fs::rename(dir, &trash) {
+            Ok(()) => {}
+            // Someone else removed it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("rename {} to {}", dir.display(), trash.display()),
+                    e,
+                ));
+            }
+        }
+        fs::remove_dir_all(&trash)
+            .map_err(|e| ImageError::io(format!("remove {}", trash.display()), e))?;
+        sync_dir(&self.layers_dir())
+    }
+
     fn read_entry(&self, dir: &Path) -> Result<LayerDisk, ImageError> {
         let damaged = |reason: String| ImageError::DamagedCacheEntry {
             path: dir.to_path_buf(),
@@ -276,27 +299,41 @@ impl PreparedLayer {
     }
 
     /// Renames the disk into place. If another writer committed the same
-    /// ChainID first, this copy is discarded and the existing disk returned.
+    /// ChainID first, this copy is discarded and the existing disk returned;
+    /// an existing entry that is damaged (its disk deleted or cut short) is
+    /// replaced by this one.
     pub fn commit(self) -> Result<LayerDisk, ImageError> {
         let layers = self.cache.layers_dir();
         let target = layers.join(self.meta.chain_id.hex());
-        match rename_noreplace(self.tmp.path(), &target) {
-            Ok(()) => {
-                let _ = self.tmp.keep();
-                sync_dir(&layers)?;
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => {
-                // Lost the race: `self.tmp` is dropped (deleted) below.
-            }
-            Err(e) => {
-                return Err(ImageError::io(
-                    format!(
-                        "rename {} to {}",
-                        self.tmp.path().display(),
-                        target.display()
-                    ),
-                    e,
-                ));
+        let mut replaced = false;
+        loop {
+            match rename_noreplace(self.tmp.path(), &target) {
+                Ok(()) => {
+                    let _ = self.tmp.keep();
+                    sync_dir(&layers)?;
+                    break;
+                }
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) =>
+                {
+                    if replaced || self.cache.read_entry(&target).is_ok() {
+                        // Lost the race: `self.tmp` is dropped (deleted) below.
+                        break;
+                    }
+                    tracing::warn!(entry = %target.display(), "replacing a damaged layer cache entry");
+                    self.cache.remove_entry_dir(&target)?;
+                    replaced = true;
+                }
+                Err(e) => {
+                    return Err(ImageError::io(
+                        format!(
+                            "rename {} to {}",
+                            self.tmp.path().display(),
+                            target.display()
+                        ),
+                        e,
+                    ));
+                }
             }
         }
         self.cache.read_entry(&target)

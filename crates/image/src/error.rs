@@ -194,6 +194,28 @@ pub enum ImageError {
     #[error("layer cache entry {path}: {reason}")]
     DamagedCacheEntry { path: PathBuf, reason: String },
 
+    /// An image argument that is neither an existing path nor a reference.
+    #[error("image {arg:?} is neither an existing path nor a valid image reference")]
+    UnknownSource {
+        arg: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+
+    /// An image argument spelled as a path names nothing.
+    #[error(
+        "image {:?} not found: no such OCI layout directory or image archive",
+        path.display().to_string()
+    )]
+    SourceNotFound { path: PathBuf },
+
+    /// An image's layers kept vanishing from the cache while it was made
+    /// ready for a pod.
+    #[error(
+        "image {image}: its layers vanished from the cache {attempts} times while it was made ready (garbage collection, or disks deleted from the cache directory); try again"
+    )]
+    LayersVanished { image: String, attempts: usize },
+
     /// No random bytes for a catalog token or hold id.
     #[error(transparent)]
     Random(#[from] podvisor_store::RandomError),

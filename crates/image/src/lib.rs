@@ -16,7 +16,12 @@
 //! cluster) holds per-layer locks on leases, the entries that map images to
 //! layer disks, and the holds of running pods that [`gc`] respects.
 //! Leftovers of dead processes are removed by [`cleanup`].
+//!
+//! [`acquire()`] is what runs pods use: one call from an [`ImageSource`]
+//! (the one parser of image arguments) to layer disks held for the pod,
+//! and [`LayerAttachments`] names those disks' serials in the VM.
 
+pub mod acquire;
 mod blob_source;
 mod cache;
 pub mod catalog;
@@ -39,6 +44,10 @@ mod registry;
 mod source;
 mod unpack;
 
+pub use acquire::{
+    HeldImage, HoldFor, ImageSource, LAYER_SERIAL_PREFIX, LayerAttachment, LayerAttachments,
+    acquire, layer_serial,
+};
 pub use cache::{
     DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerCache, LayerDisk, META_FILE, PreparedLayer,
 };

@@ -3,6 +3,7 @@
 //! registry's access log), what the cache and catalog hold afterwards,
 //! platforms, auth, bad images and GC.
 
+mod acquire;
 mod env;
 mod gc;
 mod hostile;
