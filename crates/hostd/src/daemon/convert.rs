@@ -92,7 +92,7 @@ pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodSta
             PodPhase::Succeeded => api::PodPhase::Succeeded,
             PodPhase::Failed => api::PodPhase::Failed,
         },
-        reason: state.reason.clone(),
+        reason: state.reason.map(|r| r.to_string()),
         message: state.message.clone(),
         host_ip: host_ip.map(str::to_string),
         start_time: state.started_at.map(time),
@@ -115,7 +115,7 @@ fn container_state(s: &ContainerState) -> api::ContainerState {
     match s {
         ContainerState::Waiting { reason, message } => {
             out.waiting = Some(api::ContainerStateWaiting {
-                reason: reason.clone(),
+                reason: reason.to_string(),
                 message: message.clone(),
             });
         }
@@ -135,7 +135,7 @@ fn container_state(s: &ContainerState) -> api::ContainerState {
             out.terminated = Some(api::ContainerStateTerminated {
                 exit_code: *exit_code,
                 signal: *signal,
-                reason: reason.clone(),
+                reason: reason.to_string(),
                 message: message.clone(),
                 started_at: started_at.map(time),
                 finished_at: time(*finished_at),
@@ -152,38 +152,6 @@ pub fn unrunnable_status(problem: &Unrunnable, host_ip: Option<&str>) -> api::Po
         reason: Some(problem.reason.to_string()),
         message: Some(problem.message.clone()),
         host_ip: host_ip.map(str::to_string),
-        ..Default::default()
-    }
-}
-
-/// What `--runtime ack-without-vm` reports: every container running since
-/// `since`, without anything having been started.
-pub fn acknowledged_status(
-    pod: &api::Pod,
-    since: SystemTime,
-    host_ip: Option<&str>,
-) -> api::PodStatus {
-    api::PodStatus {
-        phase: api::PodPhase::Running,
-        host_ip: host_ip.map(str::to_string),
-        start_time: Some(time(since)),
-        container_statuses: pod
-            .spec
-            .containers
-            .iter()
-            .map(|c| api::ContainerStatus {
-                name: c.name.clone(),
-                image: c.image.clone(),
-                ready: true,
-                restart_count: 0,
-                state: api::ContainerState {
-                    running: Some(api::ContainerStateRunning {
-                        started_at: time(since),
-                    }),
-                    ..Default::default()
-                },
-            })
-            .collect(),
         ..Default::default()
     }
 }

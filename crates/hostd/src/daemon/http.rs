@@ -21,24 +21,15 @@ use podvisor_proto::{Stream, TerminalSize};
 
 use crate::host::{ExecEvent, ExecInput, ExecRequest, ExecSession, PodRuntime, RuntimeError};
 
-/// What the endpoint serves from.
-#[derive(Clone)]
-pub enum Backend {
-    /// Pods run in VMs by this runtime.
-    Vm(Arc<PodRuntime>),
-    /// `ack-without-vm`: nothing runs, so there are no logs or execs.
-    AckWithoutVm,
-}
-
 /// The router of the daemon's endpoint. Everything but `/healthz` needs
 /// `Authorization: Bearer SECRET`, the secret the daemon gave the server
 /// when it registered ([`podvisor_api::ENDPOINT_TOKEN_HEADER`]): only the
 /// server, which checks the user's token and role, reaches the pods.
-pub fn router(backend: Backend, secret: EndpointSecret) -> Router {
+pub fn router(runtime: Arc<PodRuntime>, secret: EndpointSecret) -> Router {
     let pods = Router::new()
         .route("/pods/{ns}/{name}/log", get(log))
         .route("/pods/{ns}/{name}/exec", get(exec))
-        .with_state(backend)
+        .with_state(runtime)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(secret),
             require_secret,
@@ -116,21 +107,10 @@ fn runtime_error(e: RuntimeError) -> Response {
         RuntimeError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
         RuntimeError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
         RuntimeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+        RuntimeError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
     error(code, reason, e.to_string())
-}
-
-fn runtime(backend: &Backend) -> Result<&Arc<PodRuntime>, Box<Response>> {
-    match backend {
-        Backend::Vm(rt) => Ok(rt),
-        Backend::AckWithoutVm => Err(Box::new(error(
-            StatusCode::NOT_IMPLEMENTED,
-            "NotImplemented",
-            "this host runs with --runtime ack-without-vm: its pods run nothing, \
-             so there are no logs and no exec",
-        ))),
-    }
 }
 
 /// The query's pairs, repeated keys kept (`command=sh&command=-c`).
@@ -154,14 +134,10 @@ fn value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 async fn log(
-    State(backend): State<Backend>,
+    State(rt): State<Arc<PodRuntime>>,
     Path((ns, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let rt = match runtime(&backend) {
-        Ok(rt) => rt,
-        Err(resp) => return *resp,
-    };
     let q = pairs(query);
     let tail = match value(&q, "tailLines").map(str::parse::<usize>) {
         None => None,
@@ -193,15 +169,11 @@ async fn log(
 }
 
 async fn exec(
-    State(backend): State<Backend>,
+    State(rt): State<Arc<PodRuntime>>,
     Path((ns, name)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let rt = match runtime(&backend) {
-        Ok(rt) => rt,
-        Err(resp) => return *resp,
-    };
     let q = pairs(query);
     let command: Vec<String> = q
         .iter()

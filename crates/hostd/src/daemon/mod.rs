@@ -11,8 +11,9 @@
 //! SIGTERM: VMs keep running.
 //!
 //! `ack-without-vm` ([`RuntimeMode::AckWithoutVm`]) is for measuring the
-//! control plane alone: pods are reported Running at once and nothing is
-//! started. It is never the default.
+//! control plane alone: the host runtime runs its pods in sandboxes that
+//! run nothing ([`crate::host::AckLauncher`]), so they are reported Running
+//! at once. It is never the default.
 
 pub mod convert;
 pub mod http;
@@ -29,7 +30,7 @@ use podvisor_api::client::PodFeedEvent;
 use podvisor_api::{Client, ClientError, PodFilter};
 use tokio::sync::oneshot;
 
-use crate::host::{HostConfig, PodRuntime, RuntimeError};
+use crate::host::{AckLauncher, HostConfig, Launcher, PodRuntime, RuntimeError, VmLauncher};
 use reconcile::Reconciler;
 
 /// How the daemon runs pods.
@@ -124,13 +125,12 @@ pub async fn run(
             name: cfg.name.clone(),
             source,
         })?;
-    let (runtime, changes) = match cfg.runtime {
-        RuntimeMode::Vm => {
-            let (rt, changes) = PodRuntime::open(cfg.host.clone())?;
-            (Some(Arc::new(rt)), Some(changes))
-        }
-        RuntimeMode::AckWithoutVm => (None, None),
+    let launcher: Arc<dyn Launcher> = match cfg.runtime {
+        RuntimeMode::Vm => Arc::new(VmLauncher::new(&cfg.host)),
+        RuntimeMode::AckWithoutVm => Arc::new(AckLauncher),
     };
+    let (runtime, mut changes) = PodRuntime::open_with(cfg.host.clone(), launcher)?;
+    let runtime = Arc::new(runtime);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -149,15 +149,12 @@ pub async fn run(
         None if local.ip().is_unspecified() => return Err(DaemonError::NoAddress(local)),
         None => format!("http://{local}"),
     };
-    let backend = match &runtime {
-        Some(rt) => http::Backend::Vm(rt.clone()),
-        None => http::Backend::AckWithoutVm,
-    };
     let secret = http::EndpointSecret::generate();
     let endpoint_token = secret.as_str().to_string();
     let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let runtime_for_http = runtime.clone();
     let server = tokio::spawn(async move {
-        let app = http::router(backend, secret);
+        let app = http::router(runtime_for_http, secret);
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
@@ -186,7 +183,6 @@ pub async fn run(
     let reports = reporter::start(client.clone());
     let mut reconciler = Reconciler::new(client.clone(), runtime.clone(), host_ip, reports);
     let mut feed = client.pod_feed(PodFilter::on_host(&cfg.name), None);
-    let mut changes = changes;
 
     tokio::pin!(shutdown);
     loop {
@@ -203,25 +199,14 @@ pub async fn run(
                 }
                 None => break,
             },
-            Some((uid, state)) = recv_change(&mut changes) => reconciler.state_changed(&uid, &state),
+            Some((uid, state)) = changes.recv() => reconciler.state_changed(&uid, &state),
         }
     }
     heartbeat.abort();
     let _ = stop_http.send(());
     let _ = server.await;
-    if let Some(rt) = runtime {
-        rt.detach_all().await;
-    }
+    runtime.detach_all().await;
     Ok(())
-}
-
-async fn recv_change(
-    changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::host::PodState)>>,
-) -> Option<(String, crate::host::PodState)> {
-    match changes {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Whether an error from the server will not go away by retrying (a bad

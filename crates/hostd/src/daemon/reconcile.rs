@@ -3,35 +3,34 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use podvisor_api::client::PodEvent;
 use podvisor_api::{Client, Pod, PodPhase};
 use tokio::sync::mpsc;
 
-use super::convert::{acknowledged_status, plan_from_pod, status_from_state, unrunnable_status};
+use super::convert::{plan_from_pod, status_from_state, unrunnable_status};
 use super::reporter::Report;
 use crate::host::{PodRuntime, PodState};
 
 /// The daemon's view of its pods.
 pub(super) struct Reconciler {
     client: Client,
-    /// `None` in `ack-without-vm` mode.
-    runtime: Option<Arc<PodRuntime>>,
+    runtime: Arc<PodRuntime>,
     host_ip: Option<String>,
     reports: mpsc::UnboundedSender<Report>,
     /// uid → (namespace, name) of every pod the server assigned here.
     assigned: HashMap<String, (String, String)>,
     /// Pods being stopped (uids).
     deleting: Arc<Mutex<HashSet<String>>>,
-    /// Pods reported as unrunnable or acknowledged, not to report again.
+    /// Pods reported as unrunnable, not to report again.
     answered: HashSet<String>,
 }
 
 impl Reconciler {
     pub(super) fn new(
         client: Client,
-        runtime: Option<Arc<PodRuntime>>,
+        runtime: Arc<PodRuntime>,
         host_ip: Option<String>,
         reports: mpsc::UnboundedSender<Report>,
     ) -> Self {
@@ -55,18 +54,16 @@ impl Reconciler {
         for pod in &pods {
             self.pod(pod);
         }
-        if let Some(rt) = self.runtime.clone() {
-            for (plan, state) in rt.pods() {
-                if !listed.contains(&plan.uid) {
-                    self.stop(
-                        plan.uid.clone(),
-                        plan.namespace.clone(),
-                        plan.name.clone(),
-                        false,
-                    );
-                } else {
-                    self.state_changed(&plan.uid, &state);
-                }
+        for (plan, state) in self.runtime.pods() {
+            if !listed.contains(&plan.uid) {
+                self.stop(
+                    plan.uid.clone(),
+                    plan.namespace.clone(),
+                    plan.name.clone(),
+                    false,
+                );
+            } else {
+                self.state_changed(&plan.uid, &state);
             }
         }
         self.assigned.retain(|uid, _| listed.contains(uid));
@@ -100,13 +97,7 @@ impl Reconciler {
         }
         self.assigned
             .insert(uid.clone(), (ns.clone(), name.clone()));
-        let Some(rt) = self.runtime.clone() else {
-            if self.answered.insert(uid.clone()) {
-                let status = acknowledged_status(pod, SystemTime::now(), self.host_ip.as_deref());
-                self.report(uid, ns, name, status);
-            }
-            return;
-        };
+        let rt = self.runtime.clone();
         let known = rt.pods().into_iter().find(|(p, _)| p.uid == uid);
         if let Some((_, state)) = known {
             // The server marked the pod Unknown while this host could not
@@ -176,9 +167,7 @@ impl Reconciler {
             self.deleting.clone(),
         );
         tokio::spawn(async move {
-            if let Some(rt) = runtime {
-                rt.delete(&uid, None).await;
-            }
+            runtime.delete(&uid, None).await;
             if finalize {
                 finalize_pod(&client, &namespace, &name).await;
             }
@@ -201,5 +190,76 @@ async fn finalize_pod(client: &Client, namespace: &str, name: &str) {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fake_sandbox::next_vm;
+    use crate::host::tests::fake_runtime;
+
+    fn pod(name: &str, uid: &str) -> Pod {
+        let yaml = format!(
+            "metadata: {{name: {name}}}\nspec:\n  containers:\n  - {{name: app, image: busybox, command: [sleep, '1000']}}\n"
+        );
+        let mut pod = podvisor_api::parse_pod(&yaml, podvisor_api::Format::Yaml).unwrap();
+        pod.metadata.uid = Some(uid.into());
+        pod
+    }
+
+    #[tokio::test]
+    async fn reconcile_runs_assigned_pods_reports_them_and_stops_those_no_longer_assigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, mut vms, mut changes) = fake_runtime(dir.path());
+        // No server: nothing here may call it.
+        let client = Client::new("http://127.0.0.1:9", None).unwrap();
+        let (reports, mut reported) = mpsc::unbounded_channel();
+        let mut reconciler = Reconciler::new(client, rt.clone(), Some("10.0.0.1".into()), reports);
+
+        reconciler.synced(vec![pod("web", "u-web"), pod("db", "u-db")]);
+        // Which VM is whose: the containers' hostname is the pod's name.
+        let (mut web, mut db) = (next_vm(&mut vms).await, next_vm(&mut vms).await);
+        let hostname = |msg| match msg {
+            podvisor_proto::HostMessage::StartContainer(spec) => spec.hostname,
+            other => panic!("{other:?}"),
+        };
+        if hostname(web.next_sent().await) == "db" {
+            std::mem::swap(&mut web, &mut db);
+            assert_eq!(hostname(web.next_sent().await), "web");
+        } else {
+            assert_eq!(hostname(db.next_sent().await), "db");
+        }
+        let mut uids: Vec<String> = rt.pods().into_iter().map(|(p, _)| p.uid).collect();
+        uids.sort();
+        assert_eq!(uids, ["u-db", "u-web"]);
+
+        // State changes of assigned pods go to the server.
+        while reported.try_recv().is_ok() {}
+        let (uid, state) = changes.recv().await.unwrap();
+        reconciler.state_changed(&uid, &state);
+        let report = reported.recv().await.unwrap();
+        assert_eq!(report.uid, uid);
+        assert_eq!(report.namespace, "default");
+        assert_eq!(report.status.host_ip.as_deref(), Some("10.0.0.1"));
+
+        // `db` is no longer assigned here: it is stopped; `web` runs on.
+        reconciler.synced(vec![pod("web", "u-web")]);
+        assert!(matches!(
+            db.ended().await,
+            crate::host::fake_sandbox::Ending::Shutdown(_)
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rt.pods().len() != 1 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", rt.pods());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rt.pods()[0].0.uid, "u-web");
+        assert!(web.ending.try_recv().is_err(), "web still runs");
+        // A stopped pod's state changes are not reported.
+        while reported.try_recv().is_ok() {}
+        let db_state = crate::host::PodState::default();
+        reconciler.state_changed("u-db", &db_state);
+        assert!(reported.try_recv().is_err());
     }
 }

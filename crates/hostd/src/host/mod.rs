@@ -2,12 +2,14 @@
 //! daemon (`podvisor host`) asks.
 //!
 //! Each pod is one VM with all its containers, supervised by its own task
-//! ([`pod_task`]): images come from the global cache ([`images`]), container
-//! output goes to size-bounded, rotated log files that can be followed
-//! ([`logs`]), containers are restarted as their pod's restart policy says,
-//! with Kubernetes' crash-loop back-off ([`status`]), and exec sessions run
-//! processes inside running containers. Deleting a pod stops its containers
-//! with a grace period, powers the VM off and removes its files.
+//! ([`pod_task`]), which drives it through the [`sandbox`] seam (pod VMs:
+//! [`vm_sandbox`]; `ack-without-vm`: [`ack_sandbox`]): images come from
+//! the global cache ([`images`]), container output goes to size-bounded,
+//! rotated log files that can be followed ([`logs`]), containers are
+//! restarted as their pod's restart policy says, with Kubernetes'
+//! crash-loop back-off ([`status`]), and exec sessions run processes inside
+//! running containers. Deleting a pod stops its containers with a grace
+//! period, powers the VM off and removes its files.
 //!
 //! VMs outlive the daemon: each is launched in its own session and recorded
 //! in the state directory ([`records`]); a restarted daemon adopts the VMs
@@ -15,6 +17,11 @@
 //! and stops VMs nothing records. [`PodRuntime`] is the daemon's handle on
 //! all of it.
 
+pub mod ack_sandbox;
+mod error;
+mod exec;
+#[cfg(test)]
+pub(crate) mod fake_sandbox;
 pub mod images;
 pub mod logs;
 pub mod plan;
@@ -23,12 +30,24 @@ mod pod_state;
 pub mod pod_task;
 pub mod records;
 pub mod runtime;
+pub mod sandbox;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod tests;
+pub mod vm_sandbox;
 
+pub use ack_sandbox::AckLauncher;
+pub use error::RuntimeError;
+pub use exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
 pub use plan::{ContainerPlan, PodPlan, RestartPolicy};
 pub use records::{HostRecord, PodRecord, StateDir};
-pub use runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, PodRuntime, RuntimeError};
-pub use status::{Backoff, ContainerState, ContainerStatus, PodPhase, PodState};
+pub use runtime::{ChangeFeed, PodRuntime};
+pub use sandbox::{Launcher, Prepared, Sandbox};
+pub use status::{
+    Backoff, ContainerState, ContainerStatus, PodPhase, PodReason, PodState, TerminatedReason,
+    WaitingReason,
+};
+pub use vm_sandbox::VmLauncher;
 
 use std::path::PathBuf;
 use std::time::Duration;

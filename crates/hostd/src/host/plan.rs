@@ -1,7 +1,12 @@
 //! What the host daemon is asked to run: a pod as this crate sees it,
 //! independent of the REST object model it came from.
 
+use podvisor_podvm::ContainerOverrides;
+use podvisor_proto::TerminalSize;
 use serde::{Deserialize, Serialize};
+
+/// Terminal size of a container or exec with `tty` before any resize.
+pub const DEFAULT_TERMINAL: TerminalSize = TerminalSize { rows: 24, cols: 80 };
 
 /// One pod to run in one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +41,21 @@ pub struct ContainerPlan {
     pub tty: bool,
     /// Keep the container's stdin open.
     pub stdin: bool,
+}
+
+impl ContainerPlan {
+    /// The container's fields as overrides of its image config.
+    pub fn overrides(&self) -> ContainerOverrides {
+        ContainerOverrides {
+            entrypoint: self.command.clone(),
+            cmd: self.args.clone(),
+            env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            workdir: self.working_dir.clone(),
+            user: None,
+            terminal: self.tty.then_some(DEFAULT_TERMINAL),
+            stdin: self.stdin,
+        }
+    }
 }
 
 /// When a container that exited is started again.
@@ -75,6 +95,16 @@ impl PodPlan {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The hostname of the pod's containers: the pod's name, cut to the 64
+    /// bytes Linux allows.
+    pub fn hostname(&self) -> String {
+        let mut h = self.name.clone();
+        while h.len() > 64 {
+            h.pop();
+        }
+        h
     }
 
     /// A short id for the pod VM, its run directory and its QEMU process

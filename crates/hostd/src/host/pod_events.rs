@@ -8,12 +8,15 @@ use std::time::Instant;
 use podvisor_proto::{ExecSpec, GuestMessage, HostMessage, MAX_CHUNK, ProcessInfo, StartError};
 use tokio::sync::mpsc;
 
-use super::pod_task::{DEFAULT_TERMINAL, PodTask};
-use super::runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, RuntimeError};
-use super::status::{ContainerState, Ended};
 use podvisor_podvm::PodVmError;
 use podvisor_podvm::agent_link::sanitize_guest_text;
-use podvisor_podvm::pod_vm::PodVm;
+
+use super::error::RuntimeError;
+use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+use super::plan::DEFAULT_TERMINAL;
+use super::pod_task::PodTask;
+use super::sandbox::Sandbox;
+use super::status::{ContainerState, Ended};
 
 impl PodTask {
     pub(super) fn container_index(&self, id: &str) -> Option<usize> {
@@ -26,7 +29,7 @@ impl PodTask {
 
     pub(super) async fn on_message(
         &mut self,
-        vm: &mut PodVm,
+        vm: &mut dyn Sandbox,
         msg: GuestMessage,
     ) -> Result<(), PodVmError> {
         let policy = self.record.plan.restart_policy;
@@ -35,8 +38,9 @@ impl PodTask {
         match msg {
             GuestMessage::Started { id, .. } => {
                 if let Some(i) = self.container_index(&id) {
-                    self.tracks[i].started(now);
-                    self.logs[i].set_running(true);
+                    let slot = &mut self.slots[i];
+                    slot.track.started(now);
+                    slot.log.set_running(true);
                 }
             }
             GuestMessage::StartFailed { id, error } => {
@@ -45,8 +49,7 @@ impl PodTask {
                     message: sanitize_guest_text(&error.message),
                 };
                 if let Some(i) = self.container_index(&id) {
-                    self.tracks[i].ended(Ended::StartFailed(error), policy, &backoff, now);
-                    self.logs[i].set_running(false);
+                    self.slots[i].ended(Ended::StartFailed(error), policy, &backoff, now);
                 } else if let Some(tx) = self.sessions.remove(&id) {
                     let failed = ExecEvent::Failed {
                         exit_code: error.kind.exit_code(),
@@ -57,7 +60,7 @@ impl PodTask {
             }
             GuestMessage::Output { id, stream, data } => {
                 if let Some(i) = self.container_index(&id) {
-                    if let Err(e) = self.logs[i].append(&data) {
+                    if let Err(e) = self.slots[i].log.append(&data) {
                         tracing::warn!(pod = %self.key(), container = %id, "log write failed: {e}");
                     }
                 } else if let Some(tx) = self.sessions.get(&id)
@@ -73,8 +76,7 @@ impl PodTask {
             }
             GuestMessage::Exited { id, status } => {
                 if let Some(i) = self.container_index(&id) {
-                    self.tracks[i].ended(Ended::Exited(status), policy, &backoff, now);
-                    self.logs[i].set_running(false);
+                    self.slots[i].ended(Ended::Exited(status), policy, &backoff, now);
                 } else if let Some(tx) = self.sessions.remove(&id) {
                     let _ = tx.send(ExecEvent::Exited(status.shell_code())).await;
                 }
@@ -95,7 +97,7 @@ impl PodTask {
     /// more are killed.
     async fn reconcile_adopted(
         &mut self,
-        vm: &mut PodVm,
+        vm: &mut dyn Sandbox,
         processes: Vec<ProcessInfo>,
     ) -> Result<(), PodVmError> {
         let listed: HashSet<&str> = processes.iter().map(|p| p.id.as_str()).collect();
@@ -104,14 +106,13 @@ impl PodTask {
             self.shared.cfg.backoff,
             Instant::now(),
         );
-        for (i, t) in self.tracks.iter_mut().enumerate() {
-            let running = matches!(t.status.state, ContainerState::Running { .. });
-            if running && !listed.contains(t.status.name.as_str()) {
+        for slot in &mut self.slots {
+            let running = matches!(slot.track.status.state, ContainerState::Running { .. });
+            if running && !listed.contains(slot.track.status.name.as_str()) {
                 let why = "the container ended while no host daemon was connected; its exit status was lost";
-                t.ended(Ended::Lost(why.into()), policy, &backoff, now);
-                self.logs[i].set_running(false);
+                slot.ended(Ended::Lost(why.into()), policy, &backoff, now);
             } else if running {
-                self.logs[i].set_running(true);
+                slot.log.set_running(true);
             }
         }
         for p in processes {
@@ -128,7 +129,7 @@ impl PodTask {
 
     pub(super) async fn start_exec(
         &mut self,
-        vm: &mut PodVm,
+        vm: &mut dyn Sandbox,
         request: ExecRequest,
     ) -> Result<ExecSession, RuntimeError> {
         let plan = &self.record.plan;
@@ -146,7 +147,8 @@ impl PodTask {
                 plan.key()
             )));
         };
-        let spec = match (&self.tracks[i].status.state, &self.specs[i]) {
+        let slot = &self.slots[i];
+        let spec = match (&slot.track.status.state, &slot.spec) {
             (ContainerState::Running { .. }, Some(spec)) => spec,
             _ => {
                 return Err(RuntimeError::Conflict(format!(
@@ -171,7 +173,7 @@ impl PodTask {
             process,
         }))
         .await
-        .map_err(RuntimeError::Node)?;
+        .map_err(RuntimeError::PodVm)?;
         let (events_tx, events_rx) = mpsc::channel(64);
         let (input_tx, mut input_rx) = mpsc::channel::<ExecInput>(64);
         self.sessions.insert(id.clone(), events_tx);
@@ -192,7 +194,7 @@ impl PodTask {
 
     pub(super) async fn on_exec_input(
         &mut self,
-        vm: &mut PodVm,
+        vm: &mut dyn Sandbox,
         id: String,
         input: ExecInput,
     ) -> Result<(), PodVmError> {

@@ -8,7 +8,7 @@ impl PodTask {
     /// The pod's state now, for `stage`.
     fn state(&self, phase: PodPhase) -> PodState {
         let (reason, message) = match &self.vm_problem {
-            Some((r, m)) => (Some(r.clone()), Some(m.clone())),
+            Some((r, m)) => (Some(*r), Some(m.clone())),
             None => (None, None),
         };
         PodState {
@@ -16,15 +16,19 @@ impl PodTask {
             reason,
             message,
             started_at: self.record.state.started_at,
-            containers: self.tracks.iter().map(|t| t.status.clone()).collect(),
+            containers: self.slots.iter().map(|s| s.track.status.clone()).collect(),
         }
+    }
+
+    fn running_phase(&self) -> PodPhase {
+        running_phase(self.slots.iter().map(|s| &s.track))
     }
 
     pub(super) fn publish(&mut self, stage: &Stage) {
         let phase = match stage {
             Stage::NeedVm(_) => PodPhase::Pending,
-            Stage::Up(_) => running_phase(&self.tracks),
-            Stage::Finished => match running_phase(&self.tracks) {
+            Stage::Up(_) => self.running_phase(),
+            Stage::Finished => match self.running_phase() {
                 PodPhase::Running => PodPhase::Failed,
                 p => p,
             },
@@ -33,7 +37,7 @@ impl PodTask {
     }
 
     pub(super) fn publish_up(&mut self) {
-        self.set_state(self.state(running_phase(&self.tracks)));
+        self.set_state(self.state(self.running_phase()));
     }
 
     fn set_state(&mut self, state: PodState) {
@@ -58,7 +62,7 @@ impl PodTask {
     /// The pod is deleted: releases its layers in the catalog and removes
     /// its record and logs.
     pub(super) async fn remove_files(&self) {
-        super::images::release(&self.shared.cfg.node, &self.record.holds).await;
+        self.shared.launcher.release(&self.record.holds).await;
         if let Err(e) = self.shared.state.remove(&self.record.plan.uid) {
             tracing::warn!(pod = %self.key(), "{e}");
         }

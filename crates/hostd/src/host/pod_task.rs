@@ -1,26 +1,28 @@
-//! One pod's supervisor: a task that gets the pod a VM (booting one, or
-//! adopting the one its record names), starts and restarts its containers,
-//! writes their output to the logs, serves exec sessions, publishes the
-//! pod's state, and on delete stops everything and removes the pod's files.
+//! One pod's supervisor: a task that gets the pod a sandbox from its
+//! launcher (starting one, or adopting the one its record names), starts
+//! and restarts its containers, writes their output to the logs, serves
+//! exec sessions, publishes the pod's state, and on delete stops
+//! everything and removes the pod's files.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use podvisor_proto::{ContainerSpec, HostMessage, StartError, StartErrorKind, TerminalSize};
+use podvisor_podvm::PodVmError;
+use podvisor_proto::{ContainerSpec, HostMessage, StartError, StartErrorKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::logs::ContainerLog;
+use super::HostConfig;
+use super::error::RuntimeError;
+use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+use super::logs::{ContainerLog, LogSignal};
+use super::plan::RestartPolicy;
 use super::records::{PodRecord, StateDir, VmRecord};
-use super::runtime::{ExecEvent, ExecInput, ExecRequest, ExecSession, RuntimeError};
-use super::status::{ContainerState, ContainerStatus, ContainerTrack, Ended, PodState};
-use super::{HostConfig, images};
-use podvisor_podvm::PodVmError;
-use podvisor_podvm::container::{ContainerOverrides, process_spec};
-use podvisor_podvm::pod_vm::{PodVm, PodVmSpec};
-
-/// Terminal size of a container or exec with `tty` before any resize.
-pub(super) const DEFAULT_TERMINAL: TerminalSize = TerminalSize { rows: 24, cols: 80 };
+use super::sandbox::{Launcher, Sandbox};
+use super::status::{
+    Backoff, ContainerState, ContainerStatus, ContainerTrack, Ended, PodReason, PodState,
+    WaitingReason,
+};
 
 /// What the runtime asks of a pod's task.
 pub(crate) enum PodCommand {
@@ -45,12 +47,14 @@ pub(crate) struct Shared {
     pub state: StateDir,
     /// Every change of a pod's state, for the daemon to report.
     pub changes: mpsc::UnboundedSender<(String, PodState)>,
+    /// Makes the pods' sandboxes.
+    pub launcher: Arc<dyn Launcher>,
 }
 
 pub(super) enum Stage {
     /// No VM; get one at this time.
     NeedVm(Instant),
-    Up(Box<PodVm>),
+    Up(Box<dyn Sandbox>),
     /// Nothing runs or will run again.
     Finished,
 }
@@ -66,19 +70,46 @@ enum Flow {
 pub(crate) type NewTask = (
     PodTask,
     watch::Receiver<PodState>,
-    HashMap<String, watch::Receiver<super::logs::LogSignal>>,
+    HashMap<String, watch::Receiver<LogSignal>>,
 );
+
+/// One container of the pod, as its task keeps it.
+pub(super) struct ContainerSlot {
+    /// Its status and restart decisions.
+    pub track: ContainerTrack,
+    /// It has been started before: its next start is a restart.
+    pub started_once: bool,
+    pub log: ContainerLog,
+    /// What it runs, once its image is resolved.
+    pub spec: Option<ContainerSpec>,
+}
+
+impl ContainerSlot {
+    /// Its run ended `how`: decides its restart, tells log followers.
+    pub(super) fn ended(
+        &mut self,
+        how: Ended,
+        policy: RestartPolicy,
+        backoff: &Backoff,
+        now: Instant,
+    ) {
+        self.track.ended(how, policy, backoff, now);
+        self.log.set_running(false);
+    }
+
+    /// Running, or being started.
+    fn is_live(&self) -> bool {
+        let state = &self.track.status.state;
+        matches!(state, ContainerState::Running { .. })
+            || state.is_waiting(WaitingReason::ContainerCreating)
+    }
+}
 
 pub(crate) struct PodTask {
     pub(super) shared: Arc<Shared>,
     pub(super) record: PodRecord,
-    pub(super) tracks: Vec<ContainerTrack>,
-    /// Whether each container has been started before (its next start is a
-    /// restart).
-    pub(super) started_once: Vec<bool>,
-    pub(super) logs: Vec<ContainerLog>,
-    /// What each container runs, once its image is resolved.
-    pub(super) specs: Vec<Option<ContainerSpec>>,
+    /// The plan's containers, in its order.
+    pub(super) slots: Vec<ContainerSlot>,
     pub(super) state_tx: watch::Sender<PodState>,
     pub(super) commands: mpsc::Receiver<PodCommand>,
     pub(super) exec_tx: mpsc::Sender<(String, ExecInput)>,
@@ -87,7 +118,7 @@ pub(crate) struct PodTask {
     /// The next delay of a retried pull or boot.
     pub(super) retry_delay: Option<Duration>,
     /// Why the pod has no VM, if something failed.
-    pub(super) vm_problem: Option<(String, String)>,
+    pub(super) vm_problem: Option<(PodReason, String)>,
 }
 
 impl PodTask {
@@ -99,12 +130,14 @@ impl PodTask {
         commands: mpsc::Receiver<PodCommand>,
     ) -> Result<NewTask, RuntimeError> {
         let log_dir = shared.state.log_dir(&record.plan.uid)?;
-        let mut logs = Vec::new();
         let mut signals = HashMap::new();
-        let mut tracks = Vec::new();
-        let mut started_once = Vec::new();
+        let mut slots = Vec::new();
         let now = Instant::now();
-        for c in &record.plan.containers {
+        let specs = match &record.vm {
+            Some(vm) => vm.containers.clone(),
+            None => vec![],
+        };
+        for (i, c) in record.plan.containers.iter().enumerate() {
             let log = ContainerLog::open(&log_dir, &c.name, shared.cfg.log_max_bytes).map_err(
                 |source| RuntimeError::Io {
                     what: format!("open the log of container {}", c.name),
@@ -112,7 +145,6 @@ impl PodTask {
                 },
             )?;
             signals.insert(c.name.clone(), log.subscribe());
-            logs.push(log);
             let known = record.state.containers.iter().find(|s| s.name == c.name);
             let mut track = ContainerTrack::new(
                 known
@@ -120,30 +152,30 @@ impl PodTask {
                     .unwrap_or_else(|| ContainerStatus::new(&c.name, &c.image)),
             );
             let ran = known.is_some_and(|s| {
-                s.restart_count > 0 || !matches!(&s.state, ContainerState::Waiting { reason, .. } if reason == "ContainerCreating")
+                s.restart_count > 0 || !s.state.is_waiting(WaitingReason::ContainerCreating)
             });
             // A restart that was waiting when the daemon stopped is due now.
-            if matches!(&track.status.state, ContainerState::Waiting { reason, .. } if reason == "CrashLoopBackOff")
+            if track
+                .status
+                .state
+                .is_waiting(WaitingReason::CrashLoopBackOff)
             {
                 track.restart_at = Some(now);
             }
-            tracks.push(track);
-            started_once.push(ran);
+            slots.push(ContainerSlot {
+                track,
+                started_once: ran,
+                log,
+                spec: specs.get(i).cloned().flatten(),
+            });
         }
-        let specs = match &record.vm {
-            Some(vm) => vm.containers.clone(),
-            None => vec![None; record.plan.containers.len()],
-        };
         let (state_tx, state_rx) = watch::channel(record.state.clone());
         let (exec_tx, exec_rx) = mpsc::channel(64);
         Ok((
             PodTask {
                 shared,
                 record,
-                tracks,
-                started_once,
-                logs,
-                specs,
+                slots,
                 state_tx,
                 commands,
                 exec_tx,
@@ -192,10 +224,10 @@ impl PodTask {
                 Stage::NeedVm(Instant::now())
             };
         };
-        match PodVm::adopt(&self.shared.cfg.node, &rec.vm_id, &rec.process).await {
+        match self.shared.launcher.adopt(&rec).await {
             Ok(vm) => {
                 tracing::info!(pod = %self.key(), pid = rec.process.pid, "adopted the pod VM");
-                return Stage::Up(Box::new(vm));
+                return Stage::Up(vm);
             }
             Err(e) => {
                 tracing::warn!(pod = %self.key(), "cannot adopt the pod VM: {e}");
@@ -211,38 +243,35 @@ impl PodTask {
     /// What comes after the VM is gone: a new one when a container is to be
     /// restarted, else the end.
     fn after_vm(&self) -> Stage {
-        if self.tracks.iter().all(ContainerTrack::is_done) {
+        if self.all_done() {
             return Stage::Finished;
         }
         let at = self
-            .tracks
+            .slots
             .iter()
-            .filter_map(|t| t.restart_at)
+            .filter_map(|s| s.track.restart_at)
             .min()
             .unwrap_or_else(Instant::now);
         Stage::NeedVm(at)
     }
 
+    /// Whether no container runs or will run again.
+    pub(super) fn all_done(&self) -> bool {
+        self.slots.iter().all(|s| s.track.is_done())
+    }
+
     /// The VM is gone: every container that was running or starting ended
-    /// with `why`; a leftover VMM process of `rec` is killed.
+    /// with `why`; what is left of the sandbox `rec` names is discarded.
     fn vm_lost(&mut self, why: String, rec: Option<&VmRecord>) {
         if let Some(rec) = rec {
-            kill_recorded(rec);
-            let _ = std::fs::remove_dir_all(&rec.process.run_dir);
+            self.shared.launcher.discard(rec);
         }
         self.record.vm = None;
         let now = Instant::now();
-        for (i, t) in self.tracks.iter_mut().enumerate() {
-            let live = matches!(t.status.state, ContainerState::Running { .. })
-                || matches!(&t.status.state, ContainerState::Waiting { reason, .. } if reason == "ContainerCreating");
-            if live && self.started_once[i] {
-                t.ended(
-                    Ended::Lost(why.clone()),
-                    self.record.plan.restart_policy,
-                    &self.shared.cfg.backoff,
-                    now,
-                );
-                self.logs[i].set_running(false);
+        let (policy, backoff) = (self.record.plan.restart_policy, self.shared.cfg.backoff);
+        for slot in &mut self.slots {
+            if slot.is_live() && slot.started_once {
+                slot.ended(Ended::Lost(why.clone()), policy, &backoff, now);
             }
         }
         for (_, tx) in self.sessions.drain() {
@@ -297,87 +326,48 @@ impl PodTask {
 
     /// Resolves the images, boots the VM and starts the containers.
     async fn bring_up(&mut self) -> Stage {
-        let cfg = &self.shared.cfg;
+        let launcher = self.shared.launcher.clone();
+        let backoff = self.shared.cfg.backoff;
         let plan = self.record.plan.clone();
-        let images = match images::resolve(&cfg.node, &plan).await {
-            Ok(i) => {
+        let prepared = match launcher.prepare(&plan).await {
+            Ok(p) => {
                 // The layers are now held for the pod; let go of what an
                 // earlier VM of it held.
-                let old = std::mem::replace(&mut self.record.holds, i.holds.clone());
+                let old = std::mem::replace(&mut self.record.holds, p.holds.clone());
                 self.save();
-                images::release(&cfg.node, &old).await;
-                i
+                launcher.release(&old).await;
+                p
             }
             Err(problem) => {
                 tracing::warn!(pod = %self.key(), "{problem}");
-                for t in &mut self.tracks {
+                for slot in &mut self.slots {
+                    let t = &mut slot.track;
                     let message = if t.status.name == problem.container {
                         problem.to_string()
                     } else {
                         format!("waiting for the image of container {}", problem.container)
                     };
-                    t.status.state = ContainerState::waiting("ErrImagePull", Some(message));
+                    t.status.state =
+                        ContainerState::waiting(WaitingReason::ErrImagePull, Some(message));
                 }
                 return Stage::NeedVm(self.retry_at());
             }
         };
-        for (i, c) in plan.containers.iter().enumerate() {
-            let overrides = ContainerOverrides {
-                entrypoint: c.command.clone(),
-                cmd: c.args.clone(),
-                env: c.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-                workdir: c.working_dir.clone(),
-                user: None,
-                terminal: c.tty.then_some(DEFAULT_TERMINAL),
-                stdin: c.stdin,
-            };
-            let img = &images.containers[i];
-            self.specs[i] = match process_spec(&img.config, &overrides) {
-                Ok(process) => Some(ContainerSpec {
-                    id: c.name.clone(),
-                    hostname: hostname(&plan.name),
-                    layers: img.layers.clone(),
-                    process,
-                }),
+        for (slot, spec) in self.slots.iter_mut().zip(prepared.containers) {
+            slot.spec = match spec {
+                Ok(spec) => Some(spec),
                 Err(e) => {
                     let how = Ended::StartFailed(StartError {
                         kind: StartErrorKind::InvalidSpec,
                         message: e.to_string(),
                     });
-                    self.tracks[i].ended(how, plan.restart_policy, &cfg.backoff, Instant::now());
+                    slot.track
+                        .ended(how, plan.restart_policy, &backoff, Instant::now());
                     None
                 }
             };
         }
-        let guest = {
-            let opts = podvisor_guest::GuestOptions {
-                kernel: cfg.node.kernel.clone(),
-                agent: cfg.node.agent.clone(),
-                extra_modules: vec![],
-                cache_dir: cfg.node.cache_dir.clone(),
-            };
-            tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts)).await
-        };
-        let booted = match guest {
-            Ok(Ok(guest)) => {
-                let spec = PodVmSpec {
-                    id: plan.vm_id(),
-                    cpus: plan.cpus,
-                    memory_mib: plan.memory_mib,
-                    guest,
-                    disks: images.disks,
-                    memory: podvisor_vmm::MemoryBacking::Anonymous,
-                    die_with_parent: false,
-                };
-                PodVm::boot(&cfg.node, spec).await
-            }
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(PodVmError::Io {
-                what: "prepare the guest".into(),
-                source: std::io::Error::other(e),
-            }),
-        };
-        let (mut vm, process) = match booted.and_then(|vm| vm.vmm_process().map(|p| (vm, p))) {
+        let (mut vm, process) = match launcher.start(&plan, prepared.disks).await {
             Ok(ok) => ok,
             Err(e) => return self.boot_failed(e),
         };
@@ -388,60 +378,57 @@ impl PodTask {
             vm_id: plan.vm_id(),
             process,
             booted_at: SystemTime::now(),
-            containers: self.specs.clone(),
+            containers: self.slots.iter().map(|s| s.spec.clone()).collect(),
         });
         self.record
             .state
             .started_at
             .get_or_insert_with(SystemTime::now);
         self.save();
-        for i in 0..self.tracks.len() {
-            if self.tracks[i].is_done() {
+        for i in 0..self.slots.len() {
+            if self.slots[i].track.is_done() {
                 continue;
             }
-            if let Err(e) = self.start_container(&mut vm, i).await {
+            if let Err(e) = self.start_container(vm.as_mut(), i).await {
                 let rec = self.record.vm.clone();
                 drop(vm);
                 self.vm_lost(format!("the pod VM stopped: {e}"), rec.as_ref());
                 return self.after_vm();
             }
         }
-        Stage::Up(Box::new(vm))
+        Stage::Up(vm)
     }
 
     fn boot_failed(&mut self, e: PodVmError) -> Stage {
         let message = format!("the pod VM did not start: {e}");
         tracing::warn!(pod = %self.key(), "{message}");
-        if self.record.plan.restart_policy == super::RestartPolicy::Never {
+        if self.record.plan.restart_policy == RestartPolicy::Never {
             let now = Instant::now();
-            for (i, t) in self.tracks.iter_mut().enumerate() {
-                if !t.is_done() {
-                    t.ended(
-                        Ended::Lost(message.clone()),
-                        super::RestartPolicy::Never,
-                        &self.shared.cfg.backoff,
-                        now,
-                    );
-                    self.logs[i].set_running(false);
+            let backoff = self.shared.cfg.backoff;
+            for slot in &mut self.slots {
+                if !slot.track.is_done() {
+                    let how = Ended::Lost(message.clone());
+                    slot.ended(how, RestartPolicy::Never, &backoff, now);
                 }
             }
-            self.vm_problem = Some(("VMFailed".into(), message));
+            self.vm_problem = Some((PodReason::VmFailed, message));
             return Stage::Finished;
         }
-        self.vm_problem = Some(("VMFailed".into(), message));
+        self.vm_problem = Some((PodReason::VmFailed, message));
         Stage::NeedVm(self.retry_at())
     }
 
     /// Starts (or restarts) container `i` in `vm`.
     pub(super) async fn start_container(
         &mut self,
-        vm: &mut PodVm,
+        vm: &mut dyn Sandbox,
         i: usize,
     ) -> Result<(), PodVmError> {
-        let restart = self.started_once[i];
-        self.started_once[i] = true;
-        self.tracks[i].starting(restart);
-        match self.specs[i].clone() {
+        let slot = &mut self.slots[i];
+        let restart = slot.started_once;
+        slot.started_once = true;
+        slot.track.starting(restart);
+        match slot.spec.clone() {
             Some(spec) => vm.send(&HostMessage::StartContainer(spec)).await,
             None => {
                 let how = Ended::StartFailed(StartError {
@@ -449,7 +436,8 @@ impl PodTask {
                     message: "the container's spec could not be made from its image".into(),
                 });
                 let p = self.record.plan.restart_policy;
-                self.tracks[i].ended(how, p, &self.shared.cfg.backoff, Instant::now());
+                slot.track
+                    .ended(how, p, &self.shared.cfg.backoff, Instant::now());
                 Ok(())
             }
         }
@@ -457,17 +445,17 @@ impl PodTask {
 
     /// Serves a running VM until it is gone (next stage) or the task ends
     /// (`None`).
-    async fn supervise(&mut self, vm: Box<PodVm>) -> Option<Stage> {
+    async fn supervise(&mut self, vm: Box<dyn Sandbox>) -> Option<Stage> {
         let mut vm = vm;
         loop {
             self.publish_up();
-            if self.tracks.iter().all(ContainerTrack::is_done) {
+            if self.all_done() {
                 tracing::info!(pod = %self.key(), "all containers ended; powering the VM off");
                 vm.shutdown(Duration::ZERO).await;
                 self.record.vm = None;
                 return Some(Stage::Finished);
             }
-            let next_restart = self.tracks.iter().filter_map(|t| t.restart_at).min();
+            let next_restart = self.slots.iter().filter_map(|s| s.track.restart_at).min();
             let restart_due = async {
                 match next_restart {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -476,7 +464,7 @@ impl PodTask {
             };
             let result: Result<(), PodVmError> = tokio::select! {
                 event = vm.next_event() => match event {
-                    Ok(msg) => self.on_message(&mut vm, msg).await,
+                    Ok(msg) => self.on_message(vm.as_mut(), msg).await,
                     Err(e) => Err(e),
                 },
                 cmd = self.commands.recv() => match cmd {
@@ -497,17 +485,17 @@ impl PodTask {
                     Some(PodCommand::Exec { request, reply }) => {
                         // A send that failed means the VM is going: the
                         // next event says how.
-                        let _ = reply.send(self.start_exec(&mut vm, request).await);
+                        let _ = reply.send(self.start_exec(vm.as_mut(), request).await);
                         Ok(())
                     }
                 },
-                Some((id, input)) = self.exec_rx.recv() => self.on_exec_input(&mut vm, id, input).await,
+                Some((id, input)) = self.exec_rx.recv() => self.on_exec_input(vm.as_mut(), id, input).await,
                 _ = restart_due => {
                     let now = Instant::now();
                     let mut result = Ok(());
-                    for i in 0..self.tracks.len() {
-                        if self.tracks[i].restart_at.is_some_and(|t| t <= now) {
-                            result = self.start_container(&mut vm, i).await;
+                    for i in 0..self.slots.len() {
+                        if self.slots[i].track.restart_at.is_some_and(|t| t <= now) {
+                            result = self.start_container(vm.as_mut(), i).await;
                             if result.is_err() { break; }
                         }
                     }
@@ -522,27 +510,5 @@ impl PodTask {
                 return Some(self.after_vm());
             }
         }
-    }
-}
-
-/// The hostname of a pod's containers: the pod's name, cut to the 64 bytes
-/// Linux allows.
-fn hostname(pod: &str) -> String {
-    let mut h = pod.to_string();
-    while h.len() > 64 {
-        h.pop();
-    }
-    h
-}
-
-/// Kills the VMM process of `rec` if it is still that process.
-fn kill_recorded(rec: &VmRecord) {
-    if rec.process.check_alive().is_err() {
-        return;
-    }
-    if let Ok(h) = podvisor_vmm::process::ProcessHandle::open(rec.process.pid)
-        && rec.process.check_alive().is_ok()
-    {
-        let _ = h.signal(libc::SIGKILL);
     }
 }

@@ -135,7 +135,12 @@ impl StateDir {
     /// The runtime directory of this host's VMs (their run directories
     /// are `pods/<vm-id>` in it, as [`podvisor_podvm::PodVm`] makes them).
     pub fn run_dir(&self) -> PathBuf {
-        self.root.join("run")
+        Self::run_dir_under(&self.root)
+    }
+
+    /// The runtime directory of the VMs of the state directory `root`.
+    pub fn run_dir_under(root: &Path) -> PathBuf {
+        root.join("run")
     }
 
     /// Saves a pod's record (creating its directory).

@@ -1,84 +1,26 @@
 //! [`PodRuntime`]: the daemon's handle on every pod of this host: start,
 //! delete, state, logs and exec, and the adoption of VMs at start-up.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use podvisor_proto::{Stream, TerminalSize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::error::RuntimeError;
+use super::exec::{ExecRequest, ExecSession};
 use super::logs::{LogReader, LogSignal};
 use super::pod_task::{PodCommand, PodTask, Shared};
-use super::records::{PodRecord, RecordError, StateDir};
+use super::records::{PodRecord, StateDir};
+use super::sandbox::Launcher;
+use super::status::ContainerStatus;
+use super::vm_sandbox::VmLauncher;
 use super::{HostConfig, PodPlan, PodState};
-use podvisor_podvm::PodVmError;
 
-/// Errors of the host runtime; the HTTP layer maps them to status codes.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// No such pod or container here.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request does not fit the pod's state (e.g. exec into a
-    /// container that is not running).
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error(transparent)]
-    Record(#[from] RecordError),
-    #[error(transparent)]
-    Node(#[from] PodVmError),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub use super::vm_sandbox::processes_mentioning;
 
-/// A process to start in a running container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecRequest {
-    /// The container; `None`: the pod's first container.
-    pub container: Option<String>,
-    pub command: Vec<String>,
-    pub tty: bool,
-    pub stdin: bool,
-    /// Initial terminal size (with `tty`).
-    pub size: Option<TerminalSize>,
-}
-
-/// What an exec session reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecEvent {
-    /// Output (with a terminal all of it comes as stdout).
-    Output(Stream, Vec<u8>),
-    /// The process ended with this exit code (128 + signal if killed).
-    Exited(i32),
-    /// It could not be started (the exit code a shell would report, 127
-    /// for a command not found), or its VM went away.
-    Failed { exit_code: i32, message: String },
-}
-
-/// Input to an exec session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecInput {
-    Stdin(Vec<u8>),
-    CloseStdin,
-    Resize(TerminalSize),
-    /// The client went away: the process is killed.
-    Hangup,
-}
-
-/// A running exec: events until `Exited`/`Failed`; dropping `input` kills
-/// the process.
-pub struct ExecSession {
-    pub events: mpsc::Receiver<ExecEvent>,
-    pub input: mpsc::Sender<ExecInput>,
-}
+/// Every change of a pod's state: (pod uid, state).
+pub type ChangeFeed = mpsc::UnboundedReceiver<(String, PodState)>;
 
 struct PodHandle {
     plan: PodPlan,
@@ -98,20 +40,26 @@ impl PodRuntime {
     /// daemon that died while booting one), and resumes every recorded pod:
     /// its VM is adopted if it still runs, else restarted as its policy
     /// says. Also returns the feed of state changes (pod uid, state).
-    pub fn open(
-        mut cfg: HostConfig,
-    ) -> Result<(PodRuntime, mpsc::UnboundedReceiver<(String, PodState)>), RuntimeError> {
+    pub fn open(cfg: HostConfig) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
+        let launcher = Arc::new(VmLauncher::new(&cfg));
+        PodRuntime::open_with(cfg, launcher)
+    }
+
+    /// [`PodRuntime::open`] with the pods' sandboxes made by `launcher`.
+    pub fn open_with(
+        cfg: HostConfig,
+        launcher: Arc<dyn Launcher>,
+    ) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
         let state = StateDir::open(&cfg.state_dir)?;
-        cfg.node.run_dir = state.run_dir();
-        check_socket_paths(&state.run_dir())?;
         let records = state.load_all()?;
-        stop_unrecorded_vms(&state.run_dir(), &records);
+        launcher.recover(&state.run_dir(), &records)?;
         let (changes, feed) = mpsc::unbounded_channel();
         let runtime = PodRuntime {
             shared: Arc::new(Shared {
                 cfg,
                 state,
                 changes,
+                launcher,
             }),
             pods: Mutex::new(HashMap::new()),
         };
@@ -151,7 +99,7 @@ impl PodRuntime {
             containers: plan
                 .containers
                 .iter()
-                .map(|c| super::ContainerStatus::new(&c.name, &c.image))
+                .map(|c| ContainerStatus::new(&c.name, &c.image))
                 .collect(),
             ..Default::default()
         };
@@ -222,6 +170,7 @@ impl PodRuntime {
         tail: Option<usize>,
         follow: bool,
     ) -> Result<LogReader, RuntimeError> {
+        self.check_logs_and_exec()?;
         let uid = self.lookup(namespace, name)?;
         let pods = self.pods.lock().unwrap();
         let handle = &pods[&uid];
@@ -263,6 +212,7 @@ impl PodRuntime {
         name: &str,
         request: ExecRequest,
     ) -> Result<ExecSession, RuntimeError> {
+        self.check_logs_and_exec()?;
         let uid = self.lookup(namespace, name)?;
         let commands = self.pods.lock().unwrap()[&uid].commands.clone();
         let (reply, answer) = oneshot::channel();
@@ -272,6 +222,13 @@ impl PodRuntime {
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+
+    fn check_logs_and_exec(&self) -> Result<(), RuntimeError> {
+        match self.shared.launcher.without_logs_and_exec() {
+            Some(why) => Err(RuntimeError::NotImplemented(why.into())),
+            None => Ok(()),
+        }
     }
 
     /// Lets go of every VM, leaving them running for the next daemon.
@@ -290,56 +247,4 @@ impl PodRuntime {
             }
         }
     }
-}
-
-/// Unix socket paths hold at most 107 bytes; the VM sockets live at
-/// `<run>/pods/<16 chars>/control.sock`.
-fn check_socket_paths(run_dir: &Path) -> Result<(), RuntimeError> {
-    let longest = run_dir.join("pods/0123456789abcdef/control.sock");
-    let len = longest.as_os_str().len();
-    if len > 107 {
-        return Err(RuntimeError::BadRequest(format!(
-            "the state directory's path is too long for the VM sockets under it \
-             ({} is {len} bytes, unix sockets allow 107): choose a shorter --state-dir",
-            longest.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Kills the VMM process of every run directory under `<run>/pods` that no
-/// record names, and removes those directories.
-fn stop_unrecorded_vms(run_dir: &Path, records: &[PodRecord]) {
-    let known: HashSet<&str> = records
-        .iter()
-        .filter_map(|r| r.vm.as_ref().map(|v| v.vm_id.as_str()))
-        .collect();
-    let Ok(entries) = std::fs::read_dir(run_dir.join("pods")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if known.contains(name.as_str()) {
-            continue;
-        }
-        let socket = entry.path().join("control.sock").display().to_string();
-        for pid in processes_mentioning(&socket) {
-            tracing::warn!(pid, dir = %entry.path().display(), "stopping a VM no record knows");
-            // SAFETY: kill(2) on a pid that was just seen serving `socket`.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let _ = std::fs::remove_dir_all(entry.path());
-    }
-}
-
-/// Pids of processes whose command line contains `needle`.
-pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| podvisor_vmm::process::cmdline(*pid).is_ok_and(|c| c.contains(needle)))
-        .collect()
 }

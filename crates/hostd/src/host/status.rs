@@ -34,8 +34,8 @@ impl PodPhase {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PodState {
     pub phase: PodPhase,
-    /// A CamelCase word explaining the phase (`ErrImagePull`, `VMFailed`).
-    pub reason: Option<String>,
+    /// Why the pod has no VM, if something failed.
+    pub reason: Option<PodReason>,
     pub message: Option<String>,
     /// When the pod VM was up.
     pub started_at: Option<SystemTime>,
@@ -58,7 +58,7 @@ impl ContainerStatus {
             name: name.to_string(),
             image: image.to_string(),
             restart_count: 0,
-            state: ContainerState::waiting("ContainerCreating", None),
+            state: ContainerState::waiting(WaitingReason::ContainerCreating, None),
         }
     }
 
@@ -72,8 +72,7 @@ impl ContainerStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
     Waiting {
-        /// `ContainerCreating`, `ErrImagePull`, `CrashLoopBackOff`, ...
-        reason: String,
+        reason: WaitingReason,
         message: Option<String>,
     },
     Running {
@@ -82,8 +81,7 @@ pub enum ContainerState {
     Terminated {
         exit_code: i32,
         signal: Option<i32>,
-        /// `Completed`, `Error`, `StartError`, `VMFailed`, ...
-        reason: String,
+        reason: TerminatedReason,
         message: Option<String>,
         started_at: Option<SystemTime>,
         finished_at: SystemTime,
@@ -91,11 +89,80 @@ pub enum ContainerState {
 }
 
 impl ContainerState {
-    pub fn waiting(reason: &str, message: Option<String>) -> Self {
-        ContainerState::Waiting {
-            reason: reason.to_string(),
-            message,
+    pub fn waiting(reason: WaitingReason, message: Option<String>) -> Self {
+        ContainerState::Waiting { reason, message }
+    }
+
+    /// Whether it is waiting for this reason.
+    pub fn is_waiting(&self, why: WaitingReason) -> bool {
+        matches!(self, ContainerState::Waiting { reason, .. } if *reason == why)
+    }
+}
+
+/// Reasons with Kubernetes' names, reported as those CamelCase words (and
+/// kept so in the pod records).
+macro_rules! reasons {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant,)*
         }
+
+        impl $name {
+            /// The word Kubernetes uses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Why a container is waiting.
+    WaitingReason {
+        /// Its VM is being started, or it is being started in it.
+        ContainerCreating = "ContainerCreating",
+        /// Its image (or another container's) could not be pulled yet.
+        ErrImagePull = "ErrImagePull",
+        /// It ended and waits for its back-off to restart.
+        CrashLoopBackOff = "CrashLoopBackOff",
+    }
+}
+
+reasons! {
+    /// Why a container's run ended.
+    TerminatedReason {
+        /// Its process exited with code 0.
+        Completed = "Completed",
+        /// Its process exited with another code or was killed.
+        Error = "Error",
+        /// It could not be started.
+        StartError = "StartError",
+        /// Its VM died under it, or it ended unseen.
+        Unknown = "Unknown",
+    }
+}
+
+reasons! {
+    /// Why a pod is not running as planned.
+    PodReason {
+        /// Its VM could not be started.
+        VmFailed = "VMFailed",
     }
 }
 
@@ -163,7 +230,7 @@ impl ContainerTrack {
             self.status.restart_count += 1;
         }
         self.restart_at = None;
-        self.status.state = ContainerState::waiting("ContainerCreating", None);
+        self.status.state = ContainerState::waiting(WaitingReason::ContainerCreating, None);
     }
 
     /// Its process runs.
@@ -190,21 +257,25 @@ impl ContainerTrack {
                     ExitStatus::Code(_) => None,
                 };
                 let code = s.shell_code();
-                let reason = if code == 0 { "Completed" } else { "Error" };
-                (code, signal, reason.to_string(), None)
+                let reason = if code == 0 {
+                    TerminatedReason::Completed
+                } else {
+                    TerminatedReason::Error
+                };
+                (code, signal, reason, None)
             }
             Ended::StartFailed(e) => (
                 e.kind.exit_code(),
                 None,
-                "StartError".to_string(),
+                TerminatedReason::StartError,
                 Some(e.message),
             ),
-            Ended::Lost(message) => (255, None, "Unknown".to_string(), Some(message)),
+            Ended::Lost(message) => (255, None, TerminatedReason::Unknown, Some(message)),
         };
         self.status.state = ContainerState::Terminated {
             exit_code,
             signal,
-            reason: reason.clone(),
+            reason,
             message: message.clone(),
             started_at: ran.map(|(_, at)| at),
             finished_at: SystemTime::now(),
@@ -220,12 +291,12 @@ impl ContainerTrack {
         self.delay = Some((delay * 2).min(backoff.max));
         let at = now + delay;
         self.restart_at = Some(at);
-        let why = match (&message, reason.as_str()) {
-            (Some(m), _) => m.clone(),
-            (None, _) => format!("exited with code {exit_code}"),
+        let why = match &message {
+            Some(m) => m.clone(),
+            None => format!("exited with code {exit_code}"),
         };
         self.status.state = ContainerState::waiting(
-            "CrashLoopBackOff",
+            WaitingReason::CrashLoopBackOff,
             Some(format!(
                 "back-off {}s restarting container {} ({why})",
                 delay.as_secs_f64().ceil() as u64,
@@ -237,21 +308,21 @@ impl ContainerTrack {
 }
 
 /// The pod's phase from its containers' tracks, once its VM is up.
-pub fn running_phase(tracks: &[ContainerTrack]) -> PodPhase {
-    if tracks.iter().all(ContainerTrack::is_done) && !tracks.is_empty() {
-        let all_ok = tracks.iter().all(|t| {
-            matches!(
-                t.status.state,
-                ContainerState::Terminated { exit_code: 0, .. }
-            )
-        });
-        return if all_ok {
-            PodPhase::Succeeded
-        } else {
-            PodPhase::Failed
-        };
+pub fn running_phase<'a>(tracks: impl IntoIterator<Item = &'a ContainerTrack>) -> PodPhase {
+    let (mut any, mut all_done, mut all_ok) = (false, true, true);
+    for t in tracks {
+        any = true;
+        all_done &= t.is_done();
+        all_ok &= matches!(
+            t.status.state,
+            ContainerState::Terminated { exit_code: 0, .. }
+        );
     }
-    PodPhase::Running
+    match (any && all_done, all_ok) {
+        (true, true) => PodPhase::Succeeded,
+        (true, false) => PodPhase::Failed,
+        (false, _) => PodPhase::Running,
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,83 @@
+//! The seam between a pod's task and what its containers run in: a
+//! [`Sandbox`] (one pod VM, or nothing at all for `ack-without-vm`) and the
+//! [`Launcher`] that prepares, starts, adopts and discards them. The pod
+//! task speaks the agent protocol ([`podvisor_proto`]) to its sandbox and
+//! knows nothing else of VMs, so it runs as well against a fake in unit
+//! tests.
+
+use std::path::Path;
+use std::time::Duration;
+
+use podvisor_podvm::PodVmError;
+use podvisor_podvm::container::ContainerSpecError;
+use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
+use podvisor_vmm::DiskSpec;
+use podvisor_vmm::process::VmmProcess;
+
+use super::error::RuntimeError;
+use super::images::{HeldLayers, ImageProblem};
+use super::plan::PodPlan;
+use super::records::{PodRecord, VmRecord};
+
+/// A running sandbox with a pod's containers, driven by the agent
+/// protocol. Dropping it kills it (unless detached).
+#[async_trait::async_trait]
+pub trait Sandbox: Send {
+    /// Sends a message to the agent.
+    async fn send(&mut self, msg: &HostMessage) -> Result<(), PodVmError>;
+    /// The next message from the agent; an error when the sandbox is gone.
+    /// Cancel-safe.
+    async fn next_event(&mut self) -> Result<GuestMessage, PodVmError>;
+    /// The guest broke the protocol: kills the sandbox, returns the error
+    /// to report.
+    async fn reject(&mut self, what: String) -> PodVmError;
+    /// Stops the containers (SIGTERM, SIGKILL after `grace`) and powers
+    /// the sandbox off.
+    async fn shutdown(self: Box<Self>, grace: Duration);
+    /// Lets go of the sandbox, leaving it running for the next host
+    /// daemon to adopt.
+    fn detach(self: Box<Self>);
+}
+
+/// What a pod's containers need before its sandbox starts.
+pub struct Prepared {
+    /// The sandbox's disks (the layers of every container's image).
+    pub disks: Vec<DiskSpec>,
+    /// What each container of the plan runs, in the plan's order, or why
+    /// that cannot be made from its image.
+    pub containers: Vec<Result<ContainerSpec, ContainerSpecError>>,
+    /// The layers now held for the pod (one entry per container).
+    pub holds: Vec<HeldLayers>,
+}
+
+/// Makes and finds the sandboxes of this host's pods.
+#[async_trait::async_trait]
+pub trait Launcher: Send + Sync {
+    /// At start-up, before any pod task runs: checks the host can run
+    /// sandboxes under `run_dir`, and stops those no record in `records`
+    /// knows (left by a daemon that died while starting one).
+    fn recover(&self, run_dir: &Path, records: &[PodRecord]) -> Result<(), RuntimeError>;
+    /// Gets the pod's images ready and held for it, and what each
+    /// container runs.
+    async fn prepare(&self, plan: &PodPlan) -> Result<Prepared, ImageProblem>;
+    /// Lets go of layers held for a pod.
+    async fn release(&self, holds: &[HeldLayers]);
+    /// Starts the pod's sandbox with `disks`; returns it and its process
+    /// as the pod's record keeps it for adoption.
+    async fn start(
+        &self,
+        plan: &PodPlan,
+        disks: Vec<DiskSpec>,
+    ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError>;
+    /// Takes over the running sandbox `record` names (a previous daemon
+    /// started it). Its first events are what the agent had queued, ending
+    /// with the list of its processes.
+    async fn adopt(&self, record: &VmRecord) -> Result<Box<dyn Sandbox>, PodVmError>;
+    /// Kills what is left of the sandbox `record` names and removes its
+    /// files (it could not be adopted, or it stopped).
+    fn discard(&self, record: &VmRecord);
+    /// Why this host's sandboxes keep no logs and serve no exec, if so.
+    fn without_logs_and_exec(&self) -> Option<&'static str> {
+        None
+    }
+}

@@ -1,0 +1,200 @@
+//! Pod VMs as the host runtime's sandboxes: images through the global
+//! cache, one VM per pod booted in its own session (it outlives the
+//! daemon), adopted again by the next daemon.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use podvisor_podvm::container::process_spec;
+use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
+use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
+use podvisor_vmm::DiskSpec;
+use podvisor_vmm::process::VmmProcess;
+
+use super::HostConfig;
+use super::error::RuntimeError;
+use super::images::{self, HeldLayers, ImageProblem};
+use super::plan::PodPlan;
+use super::records::{PodRecord, StateDir, VmRecord};
+use super::sandbox::{Launcher, Prepared, Sandbox};
+
+/// Launches each pod in its own VM.
+pub struct VmLauncher {
+    node: NodeConfig,
+}
+
+impl VmLauncher {
+    /// VMs with `cfg`'s node settings, their run directories under its
+    /// state directory.
+    pub fn new(cfg: &HostConfig) -> VmLauncher {
+        let mut node = cfg.node.clone();
+        node.run_dir = StateDir::run_dir_under(&cfg.state_dir);
+        VmLauncher { node }
+    }
+}
+
+#[async_trait]
+impl Launcher for VmLauncher {
+    fn recover(&self, run_dir: &Path, records: &[PodRecord]) -> Result<(), RuntimeError> {
+        check_socket_paths(run_dir)?;
+        stop_unrecorded_vms(run_dir, records);
+        Ok(())
+    }
+
+    async fn prepare(&self, plan: &PodPlan) -> Result<Prepared, ImageProblem> {
+        let images = images::resolve(&self.node, plan).await?;
+        let containers = plan
+            .containers
+            .iter()
+            .zip(&images.containers)
+            .map(|(c, img)| {
+                let process = process_spec(&img.config, &c.overrides())?;
+                Ok(ContainerSpec {
+                    id: c.name.clone(),
+                    hostname: plan.hostname(),
+                    layers: img.layers.clone(),
+                    process,
+                })
+            })
+            .collect();
+        Ok(Prepared {
+            disks: images.disks,
+            containers,
+            holds: images.holds,
+        })
+    }
+
+    async fn release(&self, holds: &[HeldLayers]) {
+        images::release(&self.node, holds).await;
+    }
+
+    async fn start(
+        &self,
+        plan: &PodPlan,
+        disks: Vec<DiskSpec>,
+    ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
+        let opts = podvisor_guest::GuestOptions {
+            kernel: self.node.kernel.clone(),
+            agent: self.node.agent.clone(),
+            extra_modules: vec![],
+            cache_dir: self.node.cache_dir.clone(),
+        };
+        let guest = tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts))
+            .await
+            .map_err(|e| PodVmError::Io {
+                what: "prepare the guest".into(),
+                source: std::io::Error::other(e),
+            })??;
+        let spec = PodVmSpec {
+            id: plan.vm_id(),
+            cpus: plan.cpus,
+            memory_mib: plan.memory_mib,
+            guest,
+            disks,
+            memory: podvisor_vmm::MemoryBacking::Anonymous,
+            die_with_parent: false,
+        };
+        let vm = PodVm::boot(&self.node, spec).await?;
+        let process = vm.vmm_process()?;
+        Ok((Box::new(vm), process))
+    }
+
+    async fn adopt(&self, record: &VmRecord) -> Result<Box<dyn Sandbox>, PodVmError> {
+        let vm = PodVm::adopt(&self.node, &record.vm_id, &record.process).await?;
+        Ok(Box::new(vm))
+    }
+
+    fn discard(&self, record: &VmRecord) {
+        kill_recorded(&record.process);
+        let _ = std::fs::remove_dir_all(&record.process.run_dir);
+    }
+}
+
+#[async_trait]
+impl Sandbox for PodVm {
+    async fn send(&mut self, msg: &HostMessage) -> Result<(), PodVmError> {
+        PodVm::send(self, msg).await
+    }
+
+    async fn next_event(&mut self) -> Result<GuestMessage, PodVmError> {
+        PodVm::next_event(self).await
+    }
+
+    async fn reject(&mut self, what: String) -> PodVmError {
+        PodVm::reject(self, what).await
+    }
+
+    async fn shutdown(self: Box<Self>, grace: Duration) {
+        PodVm::shutdown(*self, grace).await
+    }
+
+    fn detach(self: Box<Self>) {
+        PodVm::detach(*self)
+    }
+}
+
+/// Kills the VMM process `process` if it is still that process.
+fn kill_recorded(process: &VmmProcess) {
+    if process.check_alive().is_err() {
+        return;
+    }
+    if let Ok(h) = podvisor_vmm::process::ProcessHandle::open(process.pid)
+        && process.check_alive().is_ok()
+    {
+        let _ = h.signal(libc::SIGKILL);
+    }
+}
+
+/// Unix socket paths hold at most 107 bytes; the VM sockets live at
+/// `<run>/pods/<16 chars>/control.sock`.
+fn check_socket_paths(run_dir: &Path) -> Result<(), RuntimeError> {
+    let longest = run_dir.join("pods/0123456789abcdef/control.sock");
+    let len = longest.as_os_str().len();
+    if len > 107 {
+        return Err(RuntimeError::BadRequest(format!(
+            "the state directory's path is too long for the VM sockets under it \
+             ({} is {len} bytes, unix sockets allow 107): choose a shorter --state-dir",
+            longest.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Kills the VMM process of every run directory under `<run>/pods` that no
+/// record names, and removes those directories.
+fn stop_unrecorded_vms(run_dir: &Path, records: &[PodRecord]) {
+    let known: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.vm.as_ref().map(|v| v.vm_id.as_str()))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(run_dir.join("pods")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if known.contains(name.as_str()) {
+            continue;
+        }
+        let socket = entry.path().join("control.sock").display().to_string();
+        for pid in processes_mentioning(&socket) {
+            tracing::warn!(pid, dir = %entry.path().display(), "stopping a VM no record knows");
+            // SAFETY: kill(2) on a pid that was just seen serving `socket`.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| podvisor_vmm::process::cmdline(*pid).is_ok_and(|c| c.contains(needle)))
+        .collect()
+}
