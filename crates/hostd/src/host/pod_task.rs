@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::FutureExt;
 use podvisor_podvm::PodVmError;
 use podvisor_proto::{ContainerSpec, HostMessage, StartError, StartErrorKind};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,6 +24,10 @@ use super::status::{
     Backoff, ContainerState, ContainerStatus, ContainerTrack, Ended, PodReason, PodState,
     WaitingReason,
 };
+
+/// Most events of a sandbox taken in at once before its pod's state is
+/// published.
+const READY_BATCH: usize = 64;
 
 /// What the runtime asks of a pod's task.
 pub(crate) enum PodCommand {
@@ -197,7 +202,11 @@ impl PodTask {
     pub(crate) async fn run(mut self) {
         let mut stage = self.initial_stage().await;
         loop {
-            self.publish(&stage);
+            // A running sandbox's state is published by `supervise`, once
+            // it has taken in what the sandbox already said.
+            if !matches!(stage, Stage::Up(_)) {
+                self.publish(&stage);
+            }
             stage = match stage {
                 Stage::NeedVm(at) => match self.idle_until(Some(at)).await {
                     Flow::Exit => return,
@@ -448,6 +457,9 @@ impl PodTask {
     async fn supervise(&mut self, vm: Box<dyn Sandbox>) -> Option<Stage> {
         let mut vm = vm;
         loop {
+            if let Err(e) = self.take_ready(vm.as_mut()).await {
+                return Some(self.vm_stopped(vm, e));
+            }
             self.publish_up();
             if self.all_done() {
                 tracing::info!(pod = %self.key(), "all containers ended; powering the VM off");
@@ -503,12 +515,31 @@ impl PodTask {
                 }
             };
             if let Err(e) = result {
-                tracing::warn!(pod = %self.key(), "pod VM stopped: {e}");
-                let rec = self.record.vm.clone();
-                drop(vm);
-                self.vm_lost(format!("the pod VM stopped: {e}"), rec.as_ref());
-                return Some(self.after_vm());
+                return Some(self.vm_stopped(vm, e));
             }
         }
+    }
+
+    /// Takes in what the sandbox has already said, so that one publish
+    /// covers it all (a container that starts at once is not reported as
+    /// still being created first); at most a batch, so that commands are
+    /// never starved.
+    async fn take_ready(&mut self, vm: &mut dyn Sandbox) -> Result<(), PodVmError> {
+        for _ in 0..READY_BATCH {
+            let Some(event) = vm.next_event().now_or_never() else {
+                return Ok(());
+            };
+            self.on_message(vm, event?).await?;
+        }
+        Ok(())
+    }
+
+    /// The sandbox stopped with `e`: what comes next.
+    fn vm_stopped(&mut self, vm: Box<dyn Sandbox>, e: PodVmError) -> Stage {
+        tracing::warn!(pod = %self.key(), "pod VM stopped: {e}");
+        let rec = self.record.vm.clone();
+        drop(vm);
+        self.vm_lost(format!("the pod VM stopped: {e}"), rec.as_ref());
+        self.after_vm()
     }
 }

@@ -339,3 +339,53 @@ pub(crate) fn fake_runtime(
         PodRuntime::open_with(config(dir, Duration::from_millis(50)), Arc::new(fake)).unwrap();
     (Arc::new(rt), vms, changes)
 }
+
+#[tokio::test]
+async fn ack_without_vm_reports_pods_running_at_once_and_has_no_logs_or_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Duration::from_millis(50));
+    let (rt, mut changes) = PodRuntime::open_with(cfg, Arc::new(super::AckLauncher)).unwrap();
+    rt.run(plan("u9", &["a", "b"], RestartPolicy::Always))
+        .unwrap();
+    // The first state reported is already Running with every container
+    // running, as the daemon reported such pods before the host runtime
+    // ran them.
+    let (uid, state) = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uid, "u9");
+    assert_eq!(state.phase, PodPhase::Running);
+    assert!(running(&state, 0) && running(&state, 1), "{state:#?}");
+    assert!(state.started_at.is_some());
+
+    let no = rt.logs("default", "pod-u9", Some("a"), None, false).err();
+    assert!(
+        matches!(&no, Some(super::RuntimeError::NotImplemented(m)) if m.contains("ack-without-vm")),
+        "{no:?}"
+    );
+    let request = super::ExecRequest {
+        container: None,
+        command: vec!["true".into()],
+        tty: false,
+        stdin: false,
+        size: None,
+    };
+    let no = rt.exec("default", "pod-u9", request).await.err();
+    assert!(
+        matches!(&no, Some(super::RuntimeError::NotImplemented(_))),
+        "{no:?}"
+    );
+
+    // A new daemon keeps them running; delete removes them.
+    rt.detach_all().await;
+    drop(rt);
+    let cfg = config(dir.path(), Duration::from_millis(50));
+    let (rt, _changes) = PodRuntime::open_with(cfg, Arc::new(super::AckLauncher)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = state_when(&rt, "u9", |s| s.phase == PodPhase::Running).await;
+    assert!(running(&s, 0) && running(&s, 1), "{s:#?}");
+    assert_eq!(s.containers[0].restart_count, 0);
+    assert!(rt.delete("u9", None).await);
+    assert!(!dir.path().join("pods").join("u9").exists());
+}
