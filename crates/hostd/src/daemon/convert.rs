@@ -7,18 +7,28 @@ use chrono::{DateTime, Utc};
 use podvisor_api as api;
 
 use crate::host::plan::vm_size;
+use crate::host::status::reasons;
 use crate::host::{ContainerPlan, ContainerState, PodPhase, PodPlan, PodState, RestartPolicy};
 
 /// Why a pod cannot run on this host; reported as the pod's status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Unrunnable {
-    /// A CamelCase word for the pod's status.
-    pub reason: &'static str,
+    pub reason: UnrunnableReason,
     pub message: String,
 }
 
-fn unrunnable(reason: &'static str, message: String) -> Unrunnable {
+reasons! {
+    /// The word for the status of a pod that cannot run here.
+    UnrunnableReason {
+        /// The pod object is not one the host can run (no uid, bad sizes).
+        InvalidPod = "InvalidPod",
+        /// It asks for what podvisor's host daemon does not do yet.
+        Unsupported = "Unsupported",
+    }
+}
+
+fn unrunnable(reason: UnrunnableReason, message: String) -> Unrunnable {
     Unrunnable { reason, message }
 }
 
@@ -29,11 +39,16 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         .uid
         .clone()
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| unrunnable("InvalidPod", format!("pod {} has no uid", pod.key())))?;
+        .ok_or_else(|| {
+            unrunnable(
+                UnrunnableReason::InvalidPod,
+                format!("pod {} has no uid", pod.key()),
+            )
+        })?;
     for (i, c) in pod.spec.containers.iter().enumerate() {
         if let Some(j) = c.ports.iter().position(|p| p.host_port.is_some()) {
             return Err(unrunnable(
-                "Unsupported",
+                UnrunnableReason::Unsupported,
                 format!(
                     "spec.containers[{i}].ports[{j}].hostPort: publishing ports on the host \
                      is not supported by podvisor's host daemon yet"
@@ -41,10 +56,12 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
             ));
         }
     }
-    let size = pod
-        .spec
-        .vm_size()
-        .map_err(|e| unrunnable("InvalidPod", format!("pod {}: {e}", pod.key())))?;
+    let size = pod.spec.vm_size().map_err(|e| {
+        unrunnable(
+            UnrunnableReason::InvalidPod,
+            format!("pod {}: {e}", pod.key()),
+        )
+    })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
     Ok(PodPlan {
         uid,
