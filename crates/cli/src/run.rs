@@ -1,12 +1,11 @@
 //! `podvisor run`: a command in a new pod VM, with docker's feel.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use podvisor_image::Platform;
-use podvisor_podvm::{ContainerOverrides, ImageSource};
+use podvisor_image::{ImageSource, Platform};
+use podvisor_podvm::ContainerOverrides;
 use podvisor_run::{Outcome, PodIo, PodRequest};
 use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
@@ -112,36 +111,8 @@ pub fn parse_template(s: &str) -> Result<TemplateChoice, String> {
         .map_err(|e: podvisor_template::TemplateError| e.to_string())
 }
 
-/// What `IMAGE` names: a path that exists (whole, or before a `:REF`
-/// suffix) is a layout or archive; anything else is a registry reference.
-pub fn image_source(arg: &str) -> anyhow::Result<ImageSource> {
-    let whole = PathBuf::from(arg);
-    if whole.exists() {
-        return Ok(ImageSource::Path {
-            path: whole,
-            select: None,
-        });
-    }
-    if let Some((path, sel)) = arg.split_once(':') {
-        let p = PathBuf::from(path);
-        if p.exists() {
-            return Ok(ImageSource::Path {
-                path: p,
-                select: Some(sel.to_string()),
-            });
-        }
-    }
-    if arg.starts_with('/') || arg.starts_with("./") || arg.starts_with("../") {
-        bail!("image {arg:?} not found: no such OCI layout directory or image archive");
-    }
-    podvisor_image::ImageRef::parse(arg).with_context(|| {
-        format!("image {arg:?} is neither an existing path nor a valid image reference")
-    })?;
-    Ok(ImageSource::Reference(arg.to_string()))
-}
-
 pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let image = image_source(&args.image)?;
+    let image = ImageSource::parse(&args.image)?;
     let stdin_is_tty = terminal::is_terminal(std::io::stdin().as_fd());
     if args.tty && !stdin_is_tty {
         bail!("the input device is not a TTY: drop -t, or run from a terminal");

@@ -9,7 +9,7 @@ use podvisor_template::{CreateRequest, TemplateError, TemplateStatus, WarmReques
 
 use crate::config::{CacheArgs, Settings};
 use crate::host_options::{RuntimeDirArgs, VmArgs};
-use crate::run::{env_entries, image_source, parse_memory_mib};
+use crate::run::{env_entries, parse_memory_mib};
 
 #[derive(clap::Args, Debug)]
 pub struct TemplateArgs {
@@ -155,7 +155,11 @@ async fn create(cfg: &podvisor_podvm::NodeConfig, args: CreateArgs) -> anyhow::R
             args.warm_for
         );
     }
-    let image = args.image.as_deref().map(image_source).transpose()?;
+    let image = args
+        .image
+        .as_deref()
+        .map(podvisor_image::ImageSource::parse)
+        .transpose()?;
     let warm = args.warm.then(|| WarmRequest {
         overrides: ContainerOverrides {
             entrypoint: args

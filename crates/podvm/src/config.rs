@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use podvisor_image::{Platform, RegistryOptions};
+use podvisor_image::pull::PullOptions;
+use podvisor_image::{Catalog, ImageError, LayerCache, Platform, RegistryOptions};
 use podvisor_vmm::Accel;
 
 /// Settings of this host, shared by every pod it runs.
@@ -80,6 +81,23 @@ impl NodeConfig {
     pub fn catalog_url(&self) -> String {
         self.catalog
             .clone()
-            .unwrap_or_else(|| podvisor_image::Catalog::default_url(&self.cache_dir))
+            .unwrap_or_else(|| Catalog::default_url(&self.cache_dir))
+    }
+
+    /// How this host pulls images.
+    pub fn pull_options(&self) -> PullOptions {
+        PullOptions {
+            registry: self.registry.clone(),
+            platform: self.platform.clone(),
+        }
+    }
+
+    /// The layer cache and the image catalog this host gets images through
+    /// ([`podvisor_image::acquire()`]). Holds taken through the catalog on
+    /// its lease last until the catalog is closed or the process dies.
+    pub async fn open_images(&self) -> Result<(LayerCache, Catalog), ImageError> {
+        let cache = LayerCache::open(&self.cache_dir)?;
+        let catalog = Catalog::open(&self.catalog_url()).await?;
+        Ok((cache, catalog))
     }
 }

@@ -2,8 +2,8 @@
 //! overrides, as `docker run` merges them; and its image's layers as the
 //! pod VM's disks.
 
-use podvisor_image::{Image, RuntimeConfig};
-use podvisor_proto::{LAYER_SERIAL_PREFIX, ProcessSpec, TerminalSize};
+use podvisor_image::{LayerAttachments, RuntimeConfig};
+use podvisor_proto::{ProcessSpec, TerminalSize};
 use podvisor_vmm::DiskSpec;
 
 /// The user's overrides of the image config (`podvisor run` flags).
@@ -96,16 +96,16 @@ pub fn process_spec(
     })
 }
 
-/// Layer disks of an image as read-only VM disks, bottom layer first.
-pub fn layer_disks(image: &Image) -> Vec<DiskSpec> {
-    image
-        .layers
+/// A VM's layer disks (each under the serial its containers list) as
+/// read-only VM disks, in attachment order.
+pub fn layer_disks(layers: &LayerAttachments) -> Vec<DiskSpec> {
+    layers
+        .disks()
         .iter()
-        .enumerate()
-        .map(|(i, l)| DiskSpec {
-            path: l.path.clone(),
+        .map(|d| DiskSpec {
+            path: d.path.clone(),
             read_only: true,
-            serial: format!("{LAYER_SERIAL_PREFIX}{i}"),
+            serial: d.serial.clone(),
         })
         .collect()
 }

@@ -7,8 +7,9 @@
 //! [`agent_link`] (send a message, wait for the next event, shut down,
 //! kill, detach). Also here, because every user of a pod VM needs them:
 //! the host settings ([`NodeConfig`]), building a container's spec from its
-//! image config and the user's overrides ([`container`]), where a pod's
-//! image comes from and getting its layers held ([`image_source`]), and
+//! image config and the user's overrides ([`container`]), the layer disks
+//! as VM disks ([`layer_disks`]; the images themselves come from
+//! [`podvisor_image::acquire()`] through [`NodeConfig::open_images`]), and
 //! the time of each stage ([`Timings`]). What runs in a pod VM and for how
 //! long belongs to the crates above: `podvisor-run` (one container, the
 //! user's stdio), `podvisor-template` (templates, fork) and
@@ -17,13 +18,11 @@
 pub mod agent_link;
 pub mod config;
 pub mod container;
-pub mod image_source;
 pub mod pod_vm;
 pub mod timings;
 
 pub use config::NodeConfig;
 pub use container::{ContainerOverrides, layer_disks};
-pub use image_source::{ImageSource, PodImage, prepare_image};
 pub use pod_vm::{PodVm, PodVmSpec, RestoreSpec};
 pub use timings::Timings;
 
@@ -40,6 +39,8 @@ pub enum PodVmError {
     Vmm(#[from] podvisor_vmm::VmmError),
     #[error(transparent)]
     Spec(#[from] container::ContainerSpecError),
+    #[error(transparent)]
+    Random(#[from] podvisor_store::RandomError),
     #[error("the pod VM did not become ready within {timeout:?}; console tail:\n{console_tail}")]
     BootTimeout {
         timeout: Duration,

@@ -24,7 +24,7 @@ use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, saniti
 #[path = "pod_vm_clone.rs"]
 mod clone;
 use crate::{NodeConfig, PodVmError};
-pub use clone::{RestoreSpec, random_bytes};
+pub use clone::RestoreSpec;
 
 /// Kernel command line of every pod VM. The i8042 options skip probing for
 /// a PS/2 controller the VM does not have; `acpi=noirq` skips evaluating the
@@ -408,11 +408,6 @@ impl Drop for PodDir {
 }
 
 /// A new random pod id: 12 hex digits, like a short container id.
-pub fn new_pod_id() -> String {
-    let mut bytes = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+pub fn new_pod_id() -> Result<String, podvisor_store::RandomError> {
+    podvisor_store::random_hex(6)
 }

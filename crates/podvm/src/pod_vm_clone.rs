@@ -61,7 +61,7 @@ impl PodVm {
             let _ = vm.kill().await;
             return Err(e.into());
         }
-        let identity = match random_bytes(IDENTITY_ENTROPY) {
+        let identity = match podvisor_store::random_bytes(IDENTITY_ENTROPY) {
             Ok(entropy) => CloneIdentity {
                 hostname: restore.hostname,
                 unix_time_ns: unix_time_ns(),
@@ -69,7 +69,7 @@ impl PodVm {
             },
             Err(e) => {
                 let _ = vm.kill().await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         if let Err(e) = tx.send(&HostMessage::Identity(identity)).await {
@@ -161,16 +161,4 @@ fn unix_time_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-/// `n` bytes from the host's RNG; failing is an error, never zeros.
-pub fn random_bytes(n: usize) -> Result<Vec<u8>, PodVmError> {
-    let mut bytes = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|source| PodVmError::Io {
-            what: "read /dev/urandom".into(),
-            source,
-        })?;
-    Ok(bytes)
 }

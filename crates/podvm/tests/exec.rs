@@ -104,6 +104,8 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
         .unwrap();
     let cache = LayerCache::open(&cfg.cache_dir).unwrap();
     let image = podvisor_image::import(&cache, &archive, None).unwrap();
+    let mut layers = podvisor_image::LayerAttachments::default();
+    let serials = layers.add_image(&image);
     let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
         kernel: None,
         agent: None,
@@ -118,7 +120,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             cpus: 1,
             memory_mib: 192,
             guest,
-            disks: layer_disks(&image),
+            disks: layer_disks(&layers),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },
@@ -128,7 +130,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     let container = ContainerSpec {
         id: "web".into(),
         hostname: "mypod".into(),
-        layers: vec!["pvl0".into()],
+        layers: serials,
         process: process(&[
             "sh",
             "-c",

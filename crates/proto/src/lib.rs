@@ -32,11 +32,6 @@ pub const MAX_CHUNK: usize = 32 * 1024;
 /// `/sys/class/virtio-ports/*/name`.
 pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
 
-/// Prefix of the virtio-blk serial numbers of layer disks (`pvl0`, `pvl1`, …).
-/// virtio-blk serials hold at most 20 bytes, so disks are named by position
-/// and the [`ContainerSpec`] says which serial is which layer.
-pub const LAYER_SERIAL_PREFIX: &str = "pvl";
-
 /// Path inside the initramfs of the module load list: one path per line,
 /// relative to `/lib/modules/<kernel release>/`, in dependency order.
 pub const MODULES_LOAD_LIST: &str = "/etc/podvisor/modules.load";

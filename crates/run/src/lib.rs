@@ -4,7 +4,7 @@
 //! [`run`] takes a pod request (image, resources, overrides), gets the
 //! image's layer disks from the global cache, pulling or importing what is
 //! missing and holding them in the catalog while the pod runs
-//! ([`podvisor_podvm::image_source`]), prepares the guest boot artifacts
+//! ([`podvisor_image::acquire()`]), prepares the guest boot artifacts
 //! ([`podvisor_guest`]), forks the pod VM from a template or boots it cold
 //! ([`podvisor_template::fork`], [`podvisor_podvm::PodVm`]), then starts the
 //! container, relays stdio, signals and terminal resizes, and reports how
@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use podvisor_image::progress::PullProgress;
+use podvisor_image::{HoldFor, ImageSource, LayerAttachments};
 use podvisor_podvm::agent_link::sanitize_guest_text;
 use podvisor_podvm::container::{ContainerOverrides, ContainerSpecError, process_spec};
 use podvisor_podvm::pod_vm::new_pod_id;
-use podvisor_podvm::{ImageSource, NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
+use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
 use podvisor_proto::{
-    ContainerSpec, ExitStatus, GuestMessage, HostMessage, LAYER_SERIAL_PREFIX, StartError, Stream,
-    TerminalSize,
+    ContainerSpec, ExitStatus, GuestMessage, HostMessage, StartError, Stream, TerminalSize,
 };
 use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -128,15 +128,21 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     let t0 = Instant::now();
     let mut timings = Timings::default();
 
-    let pod_id = new_pod_id();
-    let held = podvisor_podvm::prepare_image(
-        cfg,
+    let pod_id = new_pod_id().map_err(PodVmError::from)?;
+    let (cache, catalog) = cfg.open_images().await.map_err(PodVmError::from)?;
+    let held = podvisor_image::acquire(
+        &cache,
+        &catalog,
         &req.image,
+        &cfg.pull_options(),
+        &HoldFor::process(format!("pod {pod_id}")),
         io.pull_progress.clone(),
-        &format!("pod {pod_id}"),
     )
-    .await?;
+    .await
+    .map_err(PodVmError::from)?;
     let image = &held.image;
+    let mut layers = LayerAttachments::default();
+    let serials = layers.add_image(image);
     let process = process_spec(&image.config, &req.overrides)?;
     let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
         kernel: cfg.kernel.clone(),
@@ -147,9 +153,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     let container = ContainerSpec {
         id: CONTAINER_ID.into(),
         hostname: req.name.clone().unwrap_or_else(|| pod_id.clone()),
-        layers: (0..image.layers.len())
-            .map(|i| format!("{LAYER_SERIAL_PREFIX}{i}"))
-            .collect(),
+        layers: serials,
         process,
     };
     let spec = PodVmSpec {
@@ -157,7 +161,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         cpus: req.cpus,
         memory_mib: req.memory_mib,
         guest,
-        disks: layer_disks(image),
+        disks: layer_disks(&layers),
         memory: podvisor_vmm::MemoryBacking::Anonymous,
         die_with_parent: true,
     };
@@ -188,7 +192,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         Err(_) => pod.kill().await,
     }
     held.hold.release().await;
-    held.catalog.close().await;
+    catalog.close().await;
     let outcome = result?;
     timings.shutdown = ended_at.elapsed();
     timings.total = t0.elapsed();

@@ -21,7 +21,7 @@ use super::files::{self, TemplateDirs};
 use super::meta::{Inputs, META_FORMAT, Recipe, TemplateDisk, TemplateMeta};
 use super::{TemplateError, inputs};
 use podvisor_podvm::agent_link::sanitize_guest_text;
-use podvisor_podvm::pod_vm::{PodVm, PodVmSpec, RestoreSpec, random_bytes};
+use podvisor_podvm::pod_vm::{PodVm, PodVmSpec, RestoreSpec};
 use podvisor_podvm::{NodeConfig, PodVmError};
 
 /// Id of the container of a warm template (and of the pod's container:
@@ -58,8 +58,7 @@ impl Drop for Pending {
 }
 
 fn generation() -> Result<String, TemplateError> {
-    let bytes = random_bytes(4).map_err(TemplateError::Vm)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(podvisor_store::random_hex(4)?)
 }
 
 /// Makes a base template: boots the guest with RAM in a shared file and

@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use podvisor_image::Image;
-use podvisor_podvm::{ImageSource, NodeConfig, PodVm, PodVmSpec, Timings};
+use podvisor_image::{Image, ImageSource};
+use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, Timings};
 use podvisor_proto::ContainerSpec;
 
 use crate::meta::{Recipe, WarmRecipe};

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use podvisor_guest::{GuestArtifacts, GuestOptions};
-use podvisor_image::{ChainId, LayerCache};
+use podvisor_image::{ChainId, LayerAttachments, LayerCache};
 use podvisor_vmm::DiskSpec;
 use serde::{Deserialize, Serialize};
 
@@ -86,15 +86,9 @@ pub fn layer_inputs(
 
 /// The layer disks as VM disks with the serials the agent looks for.
 pub fn layer_disk_specs(layers: &[LayerInput]) -> Vec<DiskSpec> {
-    layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| DiskSpec {
-            path: l.path.clone(),
-            read_only: true,
-            serial: format!("{}{i}", podvisor_proto::LAYER_SERIAL_PREFIX),
-        })
-        .collect()
+    let mut attached = LayerAttachments::default();
+    attached.add(layers.iter().map(|l| l.path.as_path()));
+    podvisor_podvm::layer_disks(&attached)
 }
 
 /// The inputs a template of `recipe` would be made from now.

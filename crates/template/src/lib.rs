@@ -99,7 +99,9 @@ pub enum TemplateError {
     Layers(#[from] podvisor_image::ImageError),
     /// Getting the template's image (pull, import) failed.
     #[error(transparent)]
-    Image(PodVmError),
+    Image(podvisor_image::ImageError),
+    #[error(transparent)]
+    Random(#[from] podvisor_store::RandomError),
     #[error(transparent)]
     Vmm(#[from] podvisor_vmm::VmmError),
     #[error(transparent)]

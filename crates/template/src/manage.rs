@@ -4,14 +4,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use podvisor_image::progress::NoProgress;
+use podvisor_image::{HoldFor, ImageSource};
 
 use super::files::{self, TemplateLock};
 use super::meta::{Recipe, TemplateMeta, WarmRecipe};
 use super::select;
 use super::{TemplateError, inputs};
+use podvisor_podvm::NodeConfig;
 use podvisor_podvm::container::{ContainerOverrides, process_spec};
-use podvisor_podvm::{ImageSource, NodeConfig};
 
 /// A template to make.
 #[derive(Debug, Clone)]
@@ -70,11 +73,14 @@ pub async fn create(
         (None, None) => {}
         (Some(source), warm) => {
             // The layers are held while the template is made.
-            let pod_image = podvisor_podvm::prepare_image(
-                cfg,
+            let (cache, catalog) = cfg.open_images().await.map_err(TemplateError::Image)?;
+            let pod_image = podvisor_image::acquire(
+                &cache,
+                &catalog,
                 source,
-                std::sync::Arc::new(NoProgress),
-                "template create",
+                &cfg.pull_options(),
+                &HoldFor::process("template create"),
+                Arc::new(NoProgress),
             )
             .await
             .map_err(TemplateError::Image)?;
@@ -92,7 +98,7 @@ pub async fn create(
                     settle_ms: w.settle.as_millis() as u64,
                 });
             }
-            held = Some(pod_image);
+            held = Some((pod_image, catalog));
         }
     }
     let name = req.name.clone().unwrap_or_else(|| recipe.auto_name());
@@ -107,9 +113,9 @@ pub async fn create(
     // its recipe.
     let guest = inputs::guest_for(cfg, &recipe)?;
     let chosen = select::ensure_named(cfg, &name, &recipe, &guest, image_name).await;
-    if let Some(held) = held {
-        held.hold.release().await;
-        held.catalog.close().await;
+    if let Some((image, catalog)) = held {
+        image.hold.release().await;
+        catalog.close().await;
     }
     let chosen = chosen?;
     Ok((chosen.meta.clone(), chosen.built))

@@ -45,10 +45,8 @@ pub struct EndpointSecret(String);
 
 impl EndpointSecret {
     /// 32 random bytes from the OS, in hex.
-    pub fn generate() -> EndpointSecret {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).expect("the OS random source works");
-        EndpointSecret(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    pub fn generate() -> Result<EndpointSecret, podvisor_store::RandomError> {
+        Ok(EndpointSecret(podvisor_store::random_hex(32)?))
     }
 
     /// What the daemon sends the server when it registers.
@@ -296,10 +294,13 @@ mod tests {
 
     #[test]
     fn the_endpoint_accepts_only_its_own_secret() {
-        let secret = EndpointSecret::generate();
+        let secret = EndpointSecret::generate().unwrap();
         assert_eq!(secret.as_str().len(), 64);
         podvisor_api::validate_endpoint_token(secret.as_str()).unwrap();
-        assert_ne!(secret.as_str(), EndpointSecret::generate().as_str());
+        assert_ne!(
+            secret.as_str(),
+            EndpointSecret::generate().unwrap().as_str()
+        );
         let right = format!("Bearer {}", secret.as_str());
         assert!(secret.accepts(right.as_bytes()));
         assert!(!secret.accepts(secret.as_str().as_bytes()), "no scheme");

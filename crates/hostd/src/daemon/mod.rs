@@ -85,6 +85,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("no secret for the host endpoint")]
+    Secret(#[source] podvisor_store::RandomError),
 }
 
 /// What the caller learns once the daemon is registered.
@@ -149,7 +151,7 @@ pub async fn run(
         None if local.ip().is_unspecified() => return Err(DaemonError::NoAddress(local)),
         None => format!("http://{local}"),
     };
-    let secret = http::EndpointSecret::generate();
+    let secret = http::EndpointSecret::generate().map_err(DaemonError::Secret)?;
     let endpoint_token = secret.as_str().to_string();
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let runtime_for_http = runtime.clone();

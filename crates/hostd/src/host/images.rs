@@ -1,17 +1,17 @@
 //! A pod's images as layer disks in the global cache: every container's
-//! image is pulled through the cache (or imported, for a path), the disks
-//! of all of them are attached to the pod VM once each, and each container
-//! lists its own disks by serial. The layers are held in the catalog for
-//! the pod without a lease (GC leaves them alone whatever happens to the
-//! daemon) until the pod is deleted ([`release`]).
+//! image is acquired through the cache ([`podvisor_image::acquire()`]: a
+//! reference from the catalog or pulled, a path imported), the disks of
+//! all of them are attached to the pod VM once each, and each container
+//! lists its own disks by serial ([`LayerAttachments`]). The layers are
+//! held in the catalog for the pod without a lease (GC leaves them alone
+//! whatever happens to the daemon) until the pod is deleted ([`release`]).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use podvisor_image::progress::NoProgress;
-use podvisor_image::pull::{self, PullOptions};
-use podvisor_image::{Catalog, ChainId, ImageRef, LayerCache, RuntimeConfig};
-use podvisor_proto::LAYER_SERIAL_PREFIX;
+use podvisor_image::{
+    Catalog, ChainId, HoldFor, ImageSource, LayerAttachments, LayerCache, RuntimeConfig,
+};
 use podvisor_vmm::DiskSpec;
 use serde::{Deserialize, Serialize};
 
@@ -52,9 +52,9 @@ pub struct ImageProblem {
     pub message: String,
 }
 
-/// Resolves every container's image: a reference is taken from the
-/// catalog if it is there, else pulled through the global cache; an
-/// absolute path names an OCI layout or archive to import.
+/// Resolves every container's image (see [`ImageSource::parse`]: an
+/// existing path names an OCI layout or archive to import, anything else a
+/// registry reference).
 pub async fn resolve(cfg: &NodeConfig, plan: &PodPlan) -> Result<PodImages, ImageProblem> {
     let problem = |container: &str, image: &str, message: String| ImageProblem {
         container: container.to_string(),
@@ -81,83 +81,59 @@ async fn resolve_with(
     cache: &LayerCache,
     catalog: &Catalog,
 ) -> Result<PodImages, ImageProblem> {
-    let options = PullOptions {
-        registry: cfg.registry.clone(),
-        platform: cfg.platform.clone(),
-    };
-    let holder = format!("pod {} ({})", plan.key(), plan.uid);
-    let mut images = PodImages {
-        disks: Vec::new(),
-        containers: Vec::new(),
-        holds: Vec::new(),
-    };
+    let options = cfg.pull_options();
+    let hold_for = HoldFor::durable(format!("pod {} ({})", plan.key(), plan.uid));
+    let mut layers = LayerAttachments::default();
+    let mut containers = Vec::new();
+    let mut holds = Vec::new();
     for c in &plan.containers {
-        let problem = |message: String| ImageProblem {
+        let problem = |e: podvisor_image::ImageError| ImageProblem {
             container: c.name.clone(),
             image: c.image.clone(),
-            message,
+            message: with_causes(&e),
         };
-        let pulled = if c.image.starts_with('/') {
-            let path = PathBuf::from(&c.image);
-            pull::import_into(cache, catalog, &path, None, Arc::new(NoProgress)).await
-        } else {
-            let reference = ImageRef::parse(&c.image).map_err(|e| problem(e.to_string()))?;
-            match pull::cached(cache, catalog, &reference, &holder).await {
-                Ok(Some(p)) => Ok(p),
-                Ok(None) => {
-                    pull::pull(cache, catalog, &reference, &options, Arc::new(NoProgress)).await
-                }
-                Err(e) => Err(e),
-            }
-        }
-        .map_err(|e| problem(e.to_string()))?;
-        let chains: Vec<ChainId> = pulled
-            .image
-            .layers
-            .iter()
-            .map(|l| l.chain_id.clone())
-            .collect();
-        let hold = catalog
-            .hold_layers(&chains, &holder, false)
-            .await
-            .map_err(|e| problem(e.to_string()))?;
-        pulled.hold.release().await;
-        let id = hold.keep();
-        images.holds.push(HeldLayers {
-            id,
-            chains: chains.clone(),
+        let source = ImageSource::parse(&c.image).map_err(problem)?;
+        let held = podvisor_image::acquire(
+            cache,
+            catalog,
+            &source,
+            &options,
+            &hold_for,
+            Arc::new(NoProgress),
+        )
+        .await
+        .map_err(problem)?;
+        let chains = held.chains();
+        let serials = layers.add_image(&held.image);
+        holds.push(HeldLayers {
+            id: held.hold.keep(),
+            chains,
         });
-        let missing = catalog
-            .touch_layers(&chains)
-            .await
-            .map_err(|e| problem(e.to_string()))?;
-        if !missing.is_empty() {
-            return Err(problem(
-                "a layer was removed from the cache while the pod started; retrying".into(),
-            ));
-        }
-        let mut layers = Vec::new();
-        for layer in &pulled.image.layers {
-            let serial = match images.disks.iter().find(|d| d.path == layer.path) {
-                Some(d) => d.serial.clone(),
-                None => {
-                    let serial = format!("{LAYER_SERIAL_PREFIX}{}", images.disks.len());
-                    images.disks.push(DiskSpec {
-                        path: layer.path.clone(),
-                        read_only: true,
-                        serial: serial.clone(),
-                    });
-                    serial
-                }
-            };
-            layers.push(serial);
-        }
-        images.containers.push(ContainerImage {
-            layers,
-            config: pulled.image.config,
+        containers.push(ContainerImage {
+            layers: serials,
+            config: held.image.config,
         });
     }
-    Ok(images)
+    Ok(PodImages {
+        disks: podvisor_podvm::layer_disks(&layers),
+        containers,
+        holds,
+    })
+}
+
+/// `e` and its causes, as the CLI prints an error (a cause the message
+/// already ends with is not repeated).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    message
 }
 
 /// Releases layers held for a pod (it is deleted, or holds newer ones).

@@ -166,7 +166,10 @@ impl PodTask {
             .tty
             .then_some(request.size.unwrap_or(DEFAULT_TERMINAL));
         process.stdin = request.stdin;
-        let id = format!("exec.{}", podvisor_podvm::pod_vm::new_pod_id());
+        let id = format!(
+            "exec.{}",
+            podvisor_podvm::pod_vm::new_pod_id().map_err(PodVmError::from)?
+        );
         vm.send(&HostMessage::Exec(ExecSpec {
             id: id.clone(),
             container: name,
