@@ -2,6 +2,8 @@
 //!
 //! New variants go at the end of an enum: postcard encodes variants by index.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 /// A message from the host to the agent.
@@ -38,6 +40,14 @@ pub enum HostMessage {
     /// ahead of any container: a template is saved with its image's layers
     /// probed and mounted. Answered by [`GuestMessage::LayersMounted`].
     MountLayers { layers: Vec<String> },
+    /// Configure the pod's network: the NIC (found by MAC), its addresses
+    /// and routes, and the `/etc/resolv.conf` and `/etc/hosts` every
+    /// container gets. Sent before the first container starts, and again
+    /// after a clone took on its [`HostMessage::Identity`] (a template is
+    /// saved with its NIC down and without addresses). Each message
+    /// replaces the previous configuration. Answered by
+    /// [`GuestMessage::NetworkConfigured`].
+    ConfigureNetwork(NetworkConfig),
 }
 
 /// What makes a clone of a VM template its own machine. Every clone resumes
@@ -83,6 +93,15 @@ pub enum GuestMessage {
     /// The answer to [`HostMessage::MountLayers`]: `None` when every layer
     /// is mounted, else what failed.
     LayersMounted { error: Option<String> },
+    /// The answer to [`HostMessage::ConfigureNetwork`]: `error` is `None`
+    /// when everything asked for is in place, else what failed (the
+    /// network is then in an unknown state; the host should not start
+    /// containers). `warnings` are things the agent changed or left out,
+    /// e.g. a loopback nameserver it dropped.
+    NetworkConfigured {
+        error: Option<String>,
+        warnings: Vec<String>,
+    },
 }
 
 /// A process the agent runs, as listed in [`GuestMessage::Processes`].
@@ -98,6 +117,140 @@ pub const MAX_IDENTITY_ENTROPY: usize = 4096;
 
 /// Longest hostname Linux accepts (`HOST_NAME_MAX`).
 pub const MAX_HOSTNAME_LEN: usize = 64;
+
+/// The pod's network, as the guest should see it. A VM without a network
+/// (`--network none`) gets no interfaces and no routes: only `lo`, which the
+/// agent always brings up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// At most [`MAX_INTERFACES`].
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Routes, at most [`MAX_ROUTES`]. The agent adds those without a
+    /// gateway (connected, scope link) first, then those via a gateway, so
+    /// a gateway outside the address's prefix is reachable when its route
+    /// goes in.
+    pub routes: Vec<RouteConfig>,
+    /// The containers' `/etc/resolv.conf`.
+    pub dns: DnsConfig,
+    /// The containers' `/etc/hosts`, one line per entry, in order
+    /// (localhost lines, the pod's own hostname → its IP, ...). At most
+    /// [`MAX_HOSTS_ENTRIES`].
+    pub hosts: Vec<HostsEntry>,
+}
+
+/// One network interface of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceConfig {
+    /// The MAC address the interface must have: the pod's (the CNI
+    /// interface's). The agent finds the NIC by this address or by
+    /// `current_mac`.
+    pub mac: MacAddr,
+    /// The MAC the NIC has in the guest now, when that is not `mac`: in a
+    /// clone of a VM template, the template's (the guest kernel and the
+    /// device state come from the template). The agent then sets `mac`.
+    pub current_mac: Option<MacAddr>,
+    /// The interface's name in the guest, e.g. `eth0` (at most 15 bytes).
+    pub name: String,
+    /// MTU in bytes (68 to 65535); the CNI interface's.
+    pub mtu: u32,
+    /// Addresses with their prefix length, at most [`MAX_ADDRESSES`].
+    pub addresses: Vec<IpPrefix>,
+    /// Whether the interface is up. A template's NIC is down, without
+    /// addresses.
+    pub up: bool,
+}
+
+/// A route in the main table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    /// Destination; `0.0.0.0/0` (or `::/0`) is the default route.
+    pub destination: IpPrefix,
+    /// Next hop; `None` for a connected route (scope link).
+    pub gateway: Option<IpAddr>,
+    /// Name of the interface (one of [`NetworkConfig::interfaces`], up).
+    pub interface: String,
+}
+
+/// An address or network with its prefix length (`10.88.0.5/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IpPrefix {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl std::fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// An Ethernet MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    /// Parses `aa:bb:cc:dd:ee:ff` (as CNI results and QEMU write it).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("invalid MAC address {s:?}: expected six hex pairs like 02:42:ac:11:00:02");
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        match parts.next() {
+            Some(_) => Err(bad()),
+            None => Ok(MacAddr(out)),
+        }
+    }
+}
+
+/// The containers' resolver configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsConfig {
+    /// At most [`MAX_NAMESERVERS`]. A loopback address (the host's
+    /// `127.0.0.53` stub resolver, say) would be the guest's own loopback:
+    /// the agent drops it and says so in a warning.
+    pub nameservers: Vec<IpAddr>,
+    /// Search domains, at most [`MAX_SEARCH_DOMAINS`].
+    pub search: Vec<String>,
+    /// `options` entries such as `ndots:5`.
+    pub options: Vec<String>,
+}
+
+/// One line of `/etc/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostsEntry {
+    pub address: IpAddr,
+    /// Host names, canonical name first.
+    pub names: Vec<String>,
+}
+
+/// Most interfaces in one [`NetworkConfig`].
+pub const MAX_INTERFACES: usize = 8;
+/// Most addresses on one interface.
+pub const MAX_ADDRESSES: usize = 16;
+/// Most routes in one [`NetworkConfig`].
+pub const MAX_ROUTES: usize = 64;
+/// Most nameservers (glibc's resolver uses three; Kubernetes allows three).
+pub const MAX_NAMESERVERS: usize = 3;
+/// Most search domains (Kubernetes' limit).
+pub const MAX_SEARCH_DOMAINS: usize = 32;
+/// Most `/etc/hosts` entries.
+pub const MAX_HOSTS_ENTRIES: usize = 256;
 
 /// What the agent tells about itself when it is ready.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

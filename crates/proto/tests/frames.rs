@@ -17,6 +17,64 @@ fn spec() -> HostMessage {
     })
 }
 
+fn network() -> NetworkConfig {
+    let v4 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            mac: "02:42:ac:11:00:02".parse().unwrap(),
+            current_mac: Some("02:00:00:00:00:01".parse().unwrap()),
+            name: "eth0".into(),
+            mtu: 1450,
+            addresses: vec![
+                IpPrefix {
+                    address: v4("10.88.0.5"),
+                    prefix_len: 16,
+                },
+                IpPrefix {
+                    address: v4("fd00::5"),
+                    prefix_len: 64,
+                },
+            ],
+            up: true,
+        }],
+        routes: vec![RouteConfig {
+            destination: IpPrefix {
+                address: v4("0.0.0.0"),
+                prefix_len: 0,
+            },
+            gateway: Some(v4("10.88.0.1")),
+            interface: "eth0".into(),
+        }],
+        dns: DnsConfig {
+            nameservers: vec![v4("10.88.0.1")],
+            search: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        },
+        hosts: vec![HostsEntry {
+            address: v4("10.88.0.5"),
+            names: vec!["web-0".into()],
+        }],
+    }
+}
+
+#[test]
+fn mac_addresses_parse_and_print_as_cni_writes_them() {
+    let mac: MacAddr = "02:42:AC:11:00:0f".parse().unwrap();
+    assert_eq!(mac, MacAddr([0x02, 0x42, 0xac, 0x11, 0x00, 0x0f]));
+    assert_eq!(mac.to_string(), "02:42:ac:11:00:0f");
+    for bad in [
+        "",
+        "02:42:ac:11:00",
+        "02:42:ac:11:00:0f:00",
+        "2:42:ac:11:00:0f",
+        "02-42-ac-11-00-0f",
+        "zz:42:ac:11:00:0f",
+    ] {
+        let err = bad.parse::<MacAddr>().unwrap_err();
+        assert!(err.contains("invalid MAC address"), "{bad}: {err}");
+    }
+}
+
 #[test]
 fn messages_round_trip_through_frames() {
     let msgs = vec![
@@ -47,6 +105,7 @@ fn messages_round_trip_through_frames() {
         HostMessage::MountLayers {
             layers: vec!["pvl0".into()],
         },
+        HostMessage::ConfigureNetwork(network()),
     ];
     let mut wire = Vec::new();
     for m in &msgs {
@@ -224,4 +283,21 @@ fn identity_messages_keep_older_variant_numbers() {
     let mut dec = FrameDecoder::new();
     dec.push(&encode(&set).unwrap());
     assert_eq!(dec.next_message::<GuestMessage>().unwrap(), Some(set));
+}
+
+#[test]
+fn network_messages_round_trip_and_come_last() {
+    let payload = |frame: Vec<u8>| frame[HEADER_LEN..].to_vec();
+    let configure = HostMessage::ConfigureNetwork(network());
+    assert_eq!(payload(encode(&configure).unwrap())[0], 11);
+    let done = GuestMessage::NetworkConfigured {
+        error: None,
+        warnings: vec!["dropped nameserver 127.0.0.53".into()],
+    };
+    assert_eq!(payload(encode(&done).unwrap())[0], 9);
+    let mut dec = FrameDecoder::new();
+    dec.push(&encode(&configure).unwrap());
+    dec.push(&encode(&done).unwrap());
+    assert_eq!(dec.next_message::<HostMessage>().unwrap(), Some(configure));
+    assert_eq!(dec.next_message::<GuestMessage>().unwrap(), Some(done));
 }
