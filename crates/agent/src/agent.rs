@@ -191,6 +191,19 @@ impl<L: Launcher> Agent<L> {
                 };
                 self.outbox.push_back(GuestMessage::LayersMounted { error });
             }
+            HostMessage::ConfigureNetwork(config) => {
+                let outcome = self.launcher.configure_network(&config);
+                for w in &outcome.warnings {
+                    crate::log!("network: {w}");
+                }
+                if let Some(e) = &outcome.error {
+                    crate::log!("network: {e}");
+                }
+                self.outbox.push_back(GuestMessage::NetworkConfigured {
+                    error: outcome.error.map(|e| e.to_string()),
+                    warnings: outcome.warnings,
+                });
+            }
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use podvisor_proto::{
-    CloneIdentity, ContainerSpec, ExecSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec,
-    StartError, StartErrorKind, Stream,
+    CloneIdentity, ContainerSpec, DnsConfig, ExecSpec, ExitStatus, GuestMessage, HostMessage,
+    InterfaceConfig, NetworkConfig, ProcessSpec, StartError, StartErrorKind, Stream,
 };
 
 use super::*;
@@ -37,6 +37,8 @@ struct FakeLauncher {
     identity_errors: Vec<String>,
     /// Layer lists `mount_layers` was asked for.
     mounted: Vec<Vec<String>>,
+    /// Network configurations applied.
+    networks: Vec<NetworkConfig>,
 }
 
 fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
@@ -98,6 +100,21 @@ impl Launcher for FakeLauncher {
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String> {
         self.identities.push((identity.clone(), pids.to_vec()));
         self.identity_errors.clone()
+    }
+
+    fn configure_network(&mut self, config: &NetworkConfig) -> crate::network::Outcome {
+        self.networks.push(config.clone());
+        // The real thing, against a fake kernel without the NIC.
+        let mut kernel = crate::netlink::FakeRtnetlink::default();
+        kernel.links.push(crate::netlink::Link {
+            index: 1,
+            name: "lo".into(),
+            mac: None,
+            up: false,
+            loopback: true,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        crate::network::configure(&mut kernel, config, dir.path(), Duration::ZERO)
     }
 
     fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
@@ -644,4 +661,63 @@ fn layers_are_mounted_ahead_on_request() {
         agent.launcher.mounted,
         [layers(&["pvl0", "pvl1"]), layers(&["pvl9"])]
     );
+}
+
+fn network(interfaces: Vec<InterfaceConfig>, nameservers: &[&str]) -> NetworkConfig {
+    NetworkConfig {
+        interfaces,
+        routes: vec![],
+        dns: DnsConfig {
+            nameservers: nameservers.iter().map(|s| s.parse().unwrap()).collect(),
+            search: vec![],
+            options: vec![],
+        },
+        hosts: vec![],
+    }
+}
+
+#[test]
+fn network_configuration_is_answered_with_its_warnings_and_errors() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    // --network none, with the host's stub resolver in its DNS list.
+    let none = network(vec![], &["127.0.0.53", "10.0.2.3"]);
+    agent.handle(HostMessage::ConfigureNetwork(none.clone()), now);
+    assert_eq!(
+        outbox(&mut agent),
+        [GuestMessage::NetworkConfigured {
+            error: None,
+            warnings: vec![
+                "dropped nameserver 127.0.0.53: a loopback resolver cannot be reached from the pod VM"
+                    .into()
+            ],
+        }]
+    );
+    assert_eq!(agent.launcher.networks, [none]);
+
+    // A NIC the VM does not have.
+    let nic = InterfaceConfig {
+        mac: "02:42:0a:58:00:05".parse().unwrap(),
+        current_mac: None,
+        name: "eth0".into(),
+        mtu: 1500,
+        addresses: vec![],
+        up: true,
+    };
+    agent.handle(HostMessage::ConfigureNetwork(network(vec![nic], &[])), now);
+    match &outbox(&mut agent)[..] {
+        [
+            GuestMessage::NetworkConfigured {
+                error: Some(error),
+                warnings,
+            },
+        ] => {
+            assert!(
+                error.starts_with("no network interface with MAC 02:42:0a:58:00:05"),
+                "{error}"
+            );
+            assert!(warnings.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
 }

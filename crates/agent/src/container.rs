@@ -10,7 +10,7 @@ use nix::unistd::{Gid, Uid};
 use podvisor_proto::{ContainerSpec, StartError, StartErrorKind};
 
 use crate::child::{self, ChildPlan, ChildPlanParts};
-use crate::mounts::{self, ContainerDirs};
+use crate::mounts::{self, ContainerDirs, Op};
 use crate::process::{
     Launched, cstring, describe_failure, err, pipe, process_stdio, read_failure, resolve_process,
     set_nonblocking,
@@ -19,7 +19,13 @@ use crate::spec;
 
 /// Resolves user, program and environment in the mounted root, sets up
 /// stdio and clones the container.
-pub fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, StartError> {
+/// `extra_rootfs_ops` run in the child after the standard root
+/// ([`mounts::rootfs_plan`]), e.g. the network files' bind mounts.
+pub fn launch(
+    spec: &ContainerSpec,
+    dirs: &ContainerDirs,
+    extra_rootfs_ops: Vec<Op>,
+) -> Result<Launched, StartError> {
     let p = &spec.process;
     let root = &dirs.rootfs;
     let r = resolve_process(p, root)?;
@@ -29,8 +35,10 @@ pub fn launch(spec: &ContainerSpec, dirs: &ContainerDirs) -> Result<Launched, St
     set_nonblocking(&status_r);
 
     let exe = r.exe.clone();
+    let mut rootfs_ops = mounts::rootfs_plan(dirs);
+    rootfs_ops.extend(extra_rootfs_ops);
     let plan = ChildPlan::new(ChildPlanParts {
-        rootfs_ops: mounts::rootfs_plan(dirs),
+        rootfs_ops,
         rootfs: root.clone(),
         hostname: spec.hostname.clone(),
         cwd_dirs: spec::ancestors(&r.cwd),

@@ -4,16 +4,19 @@
 //! in it ([`crate::exec`]), and gives a clone its identity.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::MntFlags;
 use nix::unistd::Pid;
-use podvisor_proto::{CloneIdentity, ContainerSpec, ExecSpec, StartError, StartErrorKind};
+use podvisor_proto::{
+    CloneIdentity, ContainerSpec, ExecSpec, NetworkConfig, StartError, StartErrorKind,
+};
 
-use crate::mounts::{self, ContainerDirs};
+use crate::mounts::{self, ContainerDirs, Mount, Op};
 use crate::process::{Launched, err};
 use crate::syscall::{LinuxSyscall, Syscall};
-use crate::{disks, spec};
+use crate::{disks, network, spec};
 
 /// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
 /// a fake in tests.
@@ -33,6 +36,10 @@ pub trait Launcher {
     /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
     /// the inits of the running containers. Returns the steps that failed.
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
+    /// Configures the pod's network ([`network::configure`]); from then on
+    /// every container started gets its `/etc/resolv.conf` and
+    /// `/etc/hosts`.
+    fn configure_network(&mut self, config: &NetworkConfig) -> network::Outcome;
 }
 
 /// The real launcher: mounts, `clone`, namespaces.
@@ -40,6 +47,9 @@ pub trait Launcher {
 pub struct LinuxLauncher {
     /// Layer serials already mounted (each disk is mounted once).
     mounted_layers: HashSet<String>,
+    /// The directory holding the pod's `resolv.conf` and `hosts`, once a
+    /// network configuration has written them.
+    network_files: Option<PathBuf>,
 }
 
 impl Launcher for LinuxLauncher {
@@ -55,7 +65,9 @@ impl Launcher for LinuxLauncher {
                 format!("{}: {errno}", plan[i].describe()),
             ));
         }
-        let result = crate::container::launch(spec, &dirs);
+        let result = self
+            .network_file_mounts(&dirs)
+            .and_then(|extra| crate::container::launch(spec, &dirs, extra));
         if result.is_err() {
             self.cleanup(&spec.id);
         }
@@ -89,9 +101,59 @@ impl Launcher for LinuxLauncher {
     fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
         LinuxLauncher::mount_layers(self, serials)
     }
+
+    fn configure_network(&mut self, config: &NetworkConfig) -> network::Outcome {
+        let dir = Path::new(network::NETWORK_DIR);
+        let outcome = match crate::netlink::RouteSocket::open() {
+            Ok(mut socket) => network::configure(&mut socket, config, dir, network::NIC_WAIT),
+            Err(e) => network::Outcome {
+                warnings: vec![],
+                error: Some(network::NetworkError::Netlink {
+                    what: "opening a netlink socket".into(),
+                    cause: e,
+                }),
+            },
+        };
+        if network::CONTAINER_FILES
+            .iter()
+            .all(|(_, file)| dir.join(file).is_file())
+        {
+            self.network_files = Some(dir.to_path_buf());
+        }
+        outcome
+    }
 }
 
 impl LinuxLauncher {
+    /// Bind mounts of the pod's network files onto the container's
+    /// `/etc/resolv.conf` and `/etc/hosts` (made regular files inside the
+    /// root first), for the container's child to make; none before the
+    /// host configured the network.
+    fn network_file_mounts(&self, dirs: &ContainerDirs) -> Result<Vec<Op>, StartError> {
+        let Some(dir) = &self.network_files else {
+            return Ok(vec![]);
+        };
+        network::CONTAINER_FILES
+            .iter()
+            .map(|(in_container, file)| {
+                let target =
+                    network::file_mount_target(&dirs.rootfs, in_container).map_err(|e| {
+                        err(
+                            StartErrorKind::Mount,
+                            format!("preparing {in_container} in the container: {e}"),
+                        )
+                    })?;
+                Ok(Op::Mount(Mount {
+                    source: Some(dir.join(file)),
+                    target,
+                    fstype: None,
+                    flags: nix::mount::MsFlags::MS_BIND,
+                    data: None,
+                }))
+            })
+            .collect()
+    }
+
     /// Mounts each layer disk not mounted yet.
     fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
         for serial in serials {

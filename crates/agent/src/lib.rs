@@ -9,7 +9,10 @@
 //! `pivot_root`, streams its output, reports its exit, reaps every zombie,
 //! and on `Shutdown` stops what is left and powers the VM off. In a VM
 //! restored from a template it takes on the clone's own identity
-//! ([`identity`]: RNG reseed, clock, hostname) when the host asks.
+//! ([`identity`]: RNG reseed, clock, hostname) when the host asks. It
+//! brings `lo` up at boot and configures the pod's network (NIC, addresses,
+//! routes, each container's `/etc/resolv.conf` and `/etc/hosts`) through
+//! rtnetlink when the host sends it ([`network`]).
 //!
 //! The contract with the host is in `docs/ARCHITECTURE.md` ("Host ↔ guest
 //! contract", "Container inside the guest"); the messages are
@@ -28,6 +31,8 @@ pub mod identity;
 pub mod launcher;
 pub mod modules;
 pub mod mounts;
+pub mod netlink;
+pub mod network;
 pub mod path_lookup;
 pub mod port;
 pub mod process;
@@ -73,6 +78,16 @@ pub fn run() -> Result<(), AgentError> {
     boot::load_modules(&sys, &release);
     steps.push(("modules".to_string(), boot::uptime_ms()));
     boot::switch_root(&sys)?;
+    // Always, even without a NIC: containers expect a working localhost.
+    if let Err(e) = netlink::RouteSocket::open()
+        .map_err(|cause| network::NetworkError::Netlink {
+            what: "opening a netlink socket".into(),
+            cause,
+        })
+        .and_then(|mut socket| network::loopback_up(&mut socket))
+    {
+        log!("network: {e}");
+    }
     // SAFETY: single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PATH", path_lookup::DEFAULT_PATH) };
 
