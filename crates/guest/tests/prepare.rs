@@ -39,7 +39,10 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
 kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/fs/erofs/erofs.ko:
 kernel/fs/overlayfs/overlay.ko:
-kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/core/failover.ko:
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/nvdimm/virtio_pmem.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 ";
         for line in dep.lines() {
             let (module, _) = line.split_once(':').unwrap();
@@ -123,10 +126,10 @@ fn changing_modules_or_kernel_changes_digest() {
     let host = FakeHost::new();
     let base = prepare_with(&host.options(), &host.locations).unwrap();
 
-    let mut with_net = host.options();
-    with_net.extra_modules.push("virtio-net".to_owned());
-    let net = prepare_with(&with_net, &host.locations).unwrap();
-    assert_ne!(net.inputs_digest, base.inputs_digest);
+    let mut with_pmem = host.options();
+    with_pmem.extra_modules.push("virtio-pmem".to_owned());
+    let pmem = prepare_with(&with_pmem, &host.locations).unwrap();
+    assert_ne!(pmem.inputs_digest, base.inputs_digest);
 
     let module = host
         .locations
