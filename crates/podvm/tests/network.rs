@@ -1,0 +1,350 @@
+//! The pod network inside a real pod VM (QEMU, the real guest kernel with
+//! the initramfs's virtio-net modules, the real agent): the agent configures the
+//! NIC the host describes, every container gets the pod's resolv.conf and
+//! hosts, and a server in a container answers from the host. The NIC here
+//! is QEMU's user-mode network (`-netdev user,restrict=on` with a hostfwd
+//! on 127.0.0.1; no privileges, nothing leaves the VM but the forwarded
+//! port), added by a wrapper around QEMU until the VM's device model can
+//! express a NIC. A `--network none` pod has only `lo`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use podvisor_image::LayerCache;
+use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
+use podvisor_proto::{
+    ContainerSpec, DnsConfig, GuestMessage, HostMessage, HostsEntry, InterfaceConfig, IpPrefix,
+    NetworkConfig, ProcessSpec, RouteConfig,
+};
+use podvisor_testbed::oci::ImageBuilder;
+
+/// QEMU user-mode networking's fixed addresses.
+const GUEST_IP: &str = "10.0.2.15";
+const GATEWAY: &str = "10.0.2.2";
+const SLIRP_DNS: &str = "10.0.2.3";
+const NIC_MAC: &str = "52:54:00:12:34:56";
+const SERVER_PORT: u16 = 8080;
+
+struct VmReaper(std::path::PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        podvisor_testbed::daemon::kill_mentioning(&self.0.display().to_string());
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn prefix(address: &str, prefix_len: u8) -> IpPrefix {
+    IpPrefix {
+        address: ip(address),
+        prefix_len,
+    }
+}
+
+fn hosts(pod_ip: Option<&str>) -> Vec<HostsEntry> {
+    let mut hosts = vec![
+        HostsEntry {
+            address: ip("127.0.0.1"),
+            names: vec!["localhost".into()],
+        },
+        HostsEntry {
+            address: ip("::1"),
+            names: vec!["localhost".into(), "ip6-localhost".into()],
+        },
+    ];
+    if let Some(pod_ip) = pod_ip {
+        hosts.push(HostsEntry {
+            address: ip(pod_ip),
+            names: vec!["webpod".into()],
+        });
+    }
+    hosts
+}
+
+/// A port on 127.0.0.1 nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Everything one container wrote to stdout until `until` appeared in it
+/// (or it exited).
+async fn stdout_until(pod: &mut PodVm, id: &str, until: &str) -> String {
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match pod.next_event().await.expect("pod event") {
+                GuestMessage::Output { id: i, data, .. } if i == id => {
+                    out.push_str(&String::from_utf8_lossy(&data));
+                    if out.contains(until) {
+                        return;
+                    }
+                }
+                GuestMessage::Exited { id: i, status } if i == id => {
+                    panic!("{id} exited ({status:?}) before {until:?}: {out}")
+                }
+                GuestMessage::StartFailed { id: i, error } if i == id => {
+                    panic!("{id} failed to start: {error:?}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} did not print {until:?} in time: {out}"));
+    out
+}
+
+async fn configure(pod: &mut PodVm, config: NetworkConfig) -> Vec<String> {
+    pod.send(&HostMessage::ConfigureNetwork(config))
+        .await
+        .unwrap();
+    loop {
+        match pod.next_event().await.expect("pod event") {
+            GuestMessage::NetworkConfigured {
+                error: None,
+                warnings,
+            } => return warnings,
+            GuestMessage::NetworkConfigured { error: Some(e), .. } => {
+                panic!(
+                    "network configuration failed: {e}\n{}",
+                    pod.console_tail(4096)
+                )
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Boots a pod VM from a busybox image.
+async fn boot(dir: &Path, id: &str) -> PodVm {
+    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
+    cfg.cache_dir = dir.join("cache");
+    cfg.run_dir = dir.join("run");
+    let archive = dir.join("img.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .write_oci_archive(&archive)
+        .unwrap();
+    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
+    let image = podvisor_image::import(&cache, &archive, None).unwrap();
+    let guest =
+        podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
+    PodVm::boot(
+        &cfg,
+        PodVmSpec {
+            id: id.into(),
+            cpus: 1,
+            memory_mib: 192,
+            guest,
+            disks: layer_disks(&image),
+            memory: podvisor_vmm::MemoryBacking::Anonymous,
+            die_with_parent: false,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn container(script: &str) -> HostMessage {
+    HostMessage::StartContainer(ContainerSpec {
+        id: "web".into(),
+        hostname: "webpod".into(),
+        layers: vec!["pvl0".into()],
+        process: ProcessSpec {
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            terminal: None,
+            stdin: false,
+        },
+    })
+}
+
+/// What the container sees of its network, then a marker line.
+const SHOW_NETWORK: &str = "ip link show; ip addr show; ip route show; \
+     echo '-- resolv.conf'; cat /etc/resolv.conf; echo '-- hosts'; cat /etc/hosts; echo '-- end'";
+
+/// An HTTP GET of `/` on 127.0.0.1:`port`, retried until it answers.
+fn http_get(port: u16, deadline: Duration) -> String {
+    let start = Instant::now();
+    let mut last_error = String::new();
+    while start.elapsed() < deadline {
+        let answer = TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(5),
+        )
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: webpod\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        });
+        match answer {
+            Ok(body) if !body.is_empty() => return body,
+            Ok(_) => last_error = "empty answer".into(),
+            Err(e) => last_error = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("no HTTP answer on 127.0.0.1:{port} within {deadline:?}: {last_error}")
+}
+
+#[test]
+fn vm_pod_with_a_nic_has_its_address_dns_and_serves_through_a_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let port = free_port();
+    let wrapper = dir.path().join("qemu-with-user-net");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec qemu-system-x86_64 \"$@\" \
+             -netdev user,id=usernet0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:{SERVER_PORT} \
+             -device virtio-net-pci,netdev=usernet0,mac={NIC_MAC},bus=pci.0,addr=0x1e\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // SAFETY: set before any other thread of this test process exists
+    // (nextest runs each test in a process of its own; the runtime is
+    // built below).
+    unsafe { std::env::set_var("PODVISOR_QEMU", &wrapper) };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut pod = boot(dir.path(), "netnic").await;
+        let warnings = configure(
+            &mut pod,
+            NetworkConfig {
+                interfaces: vec![InterfaceConfig {
+                    mac: NIC_MAC.parse().unwrap(),
+                    current_mac: None,
+                    name: "eth0".into(),
+                    mtu: 1400,
+                    addresses: vec![prefix(GUEST_IP, 24)],
+                    up: true,
+                }],
+                routes: vec![RouteConfig {
+                    destination: prefix("0.0.0.0", 0),
+                    gateway: Some(ip(GATEWAY)),
+                    interface: "eth0".into(),
+                }],
+                dns: DnsConfig {
+                    // The host's systemd stub, as a careless host might pass it.
+                    nameservers: vec![ip("127.0.0.53"), ip(SLIRP_DNS)],
+                    search: vec!["default.svc.cluster.local".into()],
+                    options: vec!["ndots:5".into()],
+                },
+                hosts: hosts(Some(GUEST_IP)),
+            },
+        )
+        .await;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("127.0.0.53"), "{warnings:?}");
+
+        pod.send(&container(&format!(
+            "{SHOW_NETWORK}; mkdir -p /www && echo hello-from-the-pod > /www/index.html && \
+             exec httpd -f -p {SERVER_PORT} -h /www"
+        )))
+        .await
+        .unwrap();
+        let seen = stdout_until(&mut pod, "web", "-- end").await;
+        let line_of = |needle: &str| seen.lines().find(|l| l.contains(needle)).unwrap_or("");
+        let eth0 = line_of(": eth0:");
+        assert!(eth0.contains("UP") && eth0.contains("mtu 1400"), "{seen}");
+        assert!(line_of(": lo:").contains("UP"), "{seen}");
+        assert!(
+            seen.contains(&format!("inet {GUEST_IP}/24")),
+            "eth0's address: {seen}"
+        );
+        assert!(seen.contains("inet 127.0.0.1/8"), "lo's address: {seen}");
+        assert!(
+            seen.contains(&format!("default via {GATEWAY} dev eth0")),
+            "{seen}"
+        );
+        let resolv = &seen[seen.find("-- resolv.conf").unwrap()..seen.find("-- hosts").unwrap()];
+        assert!(
+            resolv.contains(&format!("nameserver {SLIRP_DNS}")),
+            "{resolv}"
+        );
+        assert!(!resolv.contains("127.0.0."), "{resolv}");
+        assert!(
+            resolv.contains("search default.svc.cluster.local"),
+            "{resolv}"
+        );
+        let hosts_file = &seen[seen.find("-- hosts").unwrap()..];
+        assert!(
+            hosts_file.contains(&format!("{GUEST_IP}\twebpod")),
+            "{hosts_file}"
+        );
+
+        let answer = tokio::task::spawn_blocking(move || http_get(port, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1."), "{answer}");
+        assert!(answer.contains("hello-from-the-pod"), "{answer}");
+        pod.kill().await;
+    });
+}
+
+#[test]
+fn vm_pod_without_a_network_has_only_lo() {
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut pod = boot(dir.path(), "netnone").await;
+        let warnings = configure(
+            &mut pod,
+            NetworkConfig {
+                interfaces: vec![],
+                routes: vec![],
+                dns: DnsConfig::default(),
+                hosts: hosts(None),
+            },
+        )
+        .await;
+        assert!(warnings.is_empty(), "{warnings:?}");
+        pod.send(&container(SHOW_NETWORK)).await.unwrap();
+        let seen = stdout_until(&mut pod, "web", "-- end").await;
+        // `N: name: <FLAGS>` lines, from both `ip link` and `ip addr`.
+        let mut links: Vec<&str> = seen
+            .lines()
+            .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()) && l.contains(": <"))
+            .collect();
+        links.sort_unstable();
+        links.dedup();
+        assert_eq!(links.len(), 1, "{seen}");
+        assert!(
+            links[0].contains(": lo:") && links[0].contains("UP"),
+            "{seen}"
+        );
+        assert!(seen.contains("inet 127.0.0.1/8"), "{seen}");
+        assert!(!seen.contains("nameserver"), "{seen}");
+        assert!(seen.contains("127.0.0.1\tlocalhost"), "{seen}");
+        pod.kill().await;
+    });
+}
