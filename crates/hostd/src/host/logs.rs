@@ -100,7 +100,7 @@ impl ContainerLog {
         self.signal.send_modify(|s| s.running = running);
     }
 
-    /// A receiver of this log's signals, for [`LogReader::follow`].
+    /// A receiver of this log's signals, for a [`LogReader`] that follows it.
     pub fn subscribe(&self) -> watch::Receiver<LogSignal> {
         self.signal.subscribe()
     }
