@@ -136,6 +136,9 @@ async fn boot(dir: &Path, id: &str) -> PodVm {
         .unwrap();
     let cache = LayerCache::open(&cfg.cache_dir).unwrap();
     let image = podvisor_image::import(&cache, &archive, None).unwrap();
+    let mut layers = podvisor_image::LayerAttachments::default();
+    let serials = layers.add_image(&image);
+    assert_eq!(serials, ["pvl0"]);
     let guest =
         podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
     PodVm::boot(
@@ -145,7 +148,7 @@ async fn boot(dir: &Path, id: &str) -> PodVm {
             cpus: 1,
             memory_mib: 192,
             guest,
-            disks: layer_disks(&image),
+            disks: layer_disks(&layers),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },
