@@ -203,12 +203,13 @@ fn http_get(port: u16, deadline: Duration) -> String {
     panic!("no HTTP answer on 127.0.0.1:{port} within {deadline:?}: {last_error}")
 }
 
-#[test]
-fn vm_pod_with_a_nic_has_its_address_dns_and_serves_through_a_host_port() {
-    let dir = tempfile::tempdir().unwrap();
-    let _vms = VmReaper(dir.path().to_path_buf());
+/// Makes every VM this test process starts get a user-mode NIC with MAC
+/// [`NIC_MAC`] whose guest port [`SERVER_PORT`] is forwarded from the
+/// returned port on 127.0.0.1 (a wrapper around QEMU in `dir`, named by
+/// `$PODVISOR_QEMU`).
+fn use_qemu_with_user_net(dir: &Path) -> u16 {
     let port = free_port();
-    let wrapper = dir.path().join("qemu-with-user-net");
+    let wrapper = dir.join("qemu-with-user-net");
     std::fs::write(
         &wrapper,
         format!(
@@ -223,34 +224,56 @@ fn vm_pod_with_a_nic_has_its_address_dns_and_serves_through_a_host_port() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    // SAFETY: set before any other thread of this test process exists
-    // (nextest runs each test in a process of its own; the runtime is
-    // built below).
+    // SAFETY: called before any other thread of this test process exists
+    // (nextest runs each test in a process of its own; the test builds its
+    // runtime afterwards).
     unsafe { std::env::set_var("PODVISOR_QEMU", &wrapper) };
+    port
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+fn nic(mac: &str, current_mac: Option<&str>, up: bool) -> InterfaceConfig {
+    InterfaceConfig {
+        mac: mac.parse().unwrap(),
+        current_mac: current_mac.map(|m| m.parse().unwrap()),
+        name: "eth0".into(),
+        mtu: 1400,
+        addresses: if up {
+            vec![prefix(GUEST_IP, 24)]
+        } else {
+            vec![]
+        },
+        up,
+    }
+}
+
+fn default_route() -> Vec<RouteConfig> {
+    vec![RouteConfig {
+        destination: prefix("0.0.0.0", 0),
+        gateway: Some(ip(GATEWAY)),
+        interface: "eth0".into(),
+    }]
+}
+
+#[test]
+fn vm_pod_with_a_nic_has_its_address_dns_and_serves_through_a_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let port = use_qemu_with_user_net(dir.path());
+    runtime().block_on(async {
         let mut pod = boot(dir.path(), "netnic").await;
         let warnings = configure(
             &mut pod,
             NetworkConfig {
-                interfaces: vec![InterfaceConfig {
-                    mac: NIC_MAC.parse().unwrap(),
-                    current_mac: None,
-                    name: "eth0".into(),
-                    mtu: 1400,
-                    addresses: vec![prefix(GUEST_IP, 24)],
-                    up: true,
-                }],
-                routes: vec![RouteConfig {
-                    destination: prefix("0.0.0.0", 0),
-                    gateway: Some(ip(GATEWAY)),
-                    interface: "eth0".into(),
-                }],
+                interfaces: vec![nic(NIC_MAC, None, true)],
+                routes: default_route(),
                 dns: DnsConfig {
                     // The host's systemd stub, as a careless host might pass it.
                     nameservers: vec![ip("127.0.0.53"), ip(SLIRP_DNS)],
@@ -313,12 +336,7 @@ fn vm_pod_with_a_nic_has_its_address_dns_and_serves_through_a_host_port() {
 fn vm_pod_without_a_network_has_only_lo() {
     let dir = tempfile::tempdir().unwrap();
     let _vms = VmReaper(dir.path().to_path_buf());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let mut pod = boot(dir.path(), "netnone").await;
         let warnings = configure(
             &mut pod,
@@ -348,6 +366,70 @@ fn vm_pod_without_a_network_has_only_lo() {
         assert!(seen.contains("inet 127.0.0.1/8"), "{seen}");
         assert!(!seen.contains("nameserver"), "{seen}");
         assert!(seen.contains("127.0.0.1\tlocalhost"), "{seen}");
+        pod.kill().await;
+    });
+}
+
+/// What a clone of a VM template goes through: the template's NIC is down
+/// without an address and a warm container already runs; the clone's
+/// configuration then gives the NIC the clone's own MAC and address, and
+/// the running container sees the new `/etc/hosts` and serves.
+#[test]
+fn vm_reconfigured_pod_takes_a_new_mac_and_address_under_a_running_container() {
+    const CLONE_MAC: &str = "02:42:0a:00:02:0f";
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let port = use_qemu_with_user_net(dir.path());
+    runtime().block_on(async {
+        let mut pod = boot(dir.path(), "netclone").await;
+        let dns = DnsConfig {
+            nameservers: vec![ip(SLIRP_DNS)],
+            search: vec![],
+            options: vec![],
+        };
+        let template = NetworkConfig {
+            interfaces: vec![nic(NIC_MAC, None, false)],
+            routes: vec![],
+            dns: dns.clone(),
+            hosts: hosts(None),
+        };
+        assert!(configure(&mut pod, template).await.is_empty());
+        pod.send(&container(&format!(
+            "ip link show eth0; echo '-- template'; \
+             until grep -q webpod /etc/hosts; do sleep 0.1; done; {SHOW_NETWORK}; \
+             mkdir -p /www && echo served-by-the-clone > /www/index.html && \
+             exec httpd -f -p {SERVER_PORT} -h /www"
+        )))
+        .await
+        .unwrap();
+        let before = stdout_until(&mut pod, "web", "-- template").await;
+        assert!(
+            !before.contains(",UP"),
+            "the template's NIC is down: {before}"
+        );
+        assert!(
+            before.contains(&format!("link/ether {NIC_MAC}")),
+            "{before}"
+        );
+
+        let clone = NetworkConfig {
+            interfaces: vec![nic(CLONE_MAC, Some(NIC_MAC), true)],
+            routes: default_route(),
+            dns,
+            hosts: hosts(Some(GUEST_IP)),
+        };
+        assert!(configure(&mut pod, clone).await.is_empty());
+        let seen = stdout_until(&mut pod, "web", "-- end").await;
+        let eth0 = seen.lines().find(|l| l.contains(": eth0:")).unwrap_or("");
+        assert!(eth0.contains("UP") && eth0.contains("mtu 1400"), "{seen}");
+        assert!(seen.contains(&format!("link/ether {CLONE_MAC}")), "{seen}");
+        assert!(seen.contains(&format!("inet {GUEST_IP}/24")), "{seen}");
+        assert!(seen.contains(&format!("{GUEST_IP}\twebpod")), "{seen}");
+
+        let answer = tokio::task::spawn_blocking(move || http_get(port, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(answer.contains("served-by-the-clone"), "{answer}");
         pod.kill().await;
     });
 }
