@@ -25,8 +25,8 @@ pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
 pub use pod::{
     Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, EnvVar,
-    Pod, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList, ResourceRequirements,
-    Resources, RestartPolicy, labels_text,
+    HostPort, Pod, PodIp, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList,
+    ResourceRequirements, Resources, RestartPolicy, labels_text,
 };
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};

@@ -113,6 +113,10 @@ pub struct ContainerPort {
     pub protocol: Option<Protocol>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_port: Option<u16>,
+    /// The host address `hostPort` is published on; all of the host's
+    /// addresses when unset.
+    #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -126,6 +130,49 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A port a pod publishes on its host: a host-wide resource, which two
+/// pods on one host cannot both hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub protocol: Protocol,
+    /// `None`: every address of the host.
+    pub ip: Option<std::net::IpAddr>,
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Whether `self` and `other` cannot both be published on one host:
+    /// the same protocol and port, on the same address or where either
+    /// takes every address (as Kubernetes' scheduler decides).
+    pub fn conflicts_with(&self, other: &HostPort) -> bool {
+        self.protocol == other.protocol
+            && self.port == other.port
+            && (self.ip.is_none_or(|ip| ip.is_unspecified())
+                || other.ip.is_none_or(|ip| ip.is_unspecified())
+                || self.ip == other.ip)
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ip {
+            Some(std::net::IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+            Some(ip) => write!(f, "{ip}:")?,
+            None => {}
+        }
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
 }
 
 /// Requests and limits of CPU and memory.
@@ -167,6 +214,22 @@ pub struct Resources {
 }
 
 impl PodSpec {
+    /// The host ports the pod's containers publish. Validation has checked
+    /// each `hostIP`; one that is not an address counts as every address.
+    pub fn host_ports(&self) -> Vec<HostPort> {
+        self.containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| {
+                Some(HostPort {
+                    protocol: p.protocol.unwrap_or_default(),
+                    ip: p.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                    port: p.host_port?,
+                })
+            })
+            .collect()
+    }
+
     /// The size of the pod's VM, which the scheduler reserves on its host:
     /// per resource, the sum over containers of the limit (else the
     /// request); a resource no container states gets the pod default
@@ -219,10 +282,24 @@ pub struct PodStatus {
     pub message: Option<String>,
     #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<String>,
+    /// The pod's address on the pod network (the first of `podIPs`).
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+    /// Every address of the pod on the pod network, IPv4 first.
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<PodIp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerStatus>,
+}
+
+/// One address of a pod (an entry of `status.podIPs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PodIp {
+    pub ip: String,
 }
 
 /// The lifecycle phase of a pod, as in Kubernetes.

@@ -141,7 +141,7 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
         errors.add("spec.containers", "a pod needs at least one container");
     }
     let mut names = HashSet::new();
-    let mut host_ports = HashSet::new();
+    let mut host_ports = Vec::new();
     for (i, c) in pod.spec.containers.iter().enumerate() {
         let at = |f: &str| format!("spec.containers[{i}].{f}");
         if let Some(p) = dns_label_problem(&c.name) {
@@ -182,14 +182,41 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
             if p.container_port == 0 {
                 errors.add(at("containerPort"), "must be between 1 and 65535");
             }
+            let host_ip = match p.host_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+                Some(Err(_)) => {
+                    errors.add(
+                        at("hostIP"),
+                        format!(
+                            "{:?} is not an IP address",
+                            p.host_ip.as_deref().unwrap_or("")
+                        ),
+                    );
+                    None
+                }
+                Some(Ok(ip)) => Some(ip),
+                None => None,
+            };
+            if p.host_ip.is_some() && p.host_port.is_none() {
+                errors.add(at("hostIP"), "is only meaningful with hostPort");
+            }
             if let Some(hp) = p.host_port {
+                let this = crate::HostPort {
+                    protocol: p.protocol.unwrap_or_default(),
+                    ip: host_ip,
+                    port: hp,
+                };
                 if hp == 0 {
                     errors.add(at("hostPort"), "must be between 1 and 65535");
-                } else if !host_ports.insert((hp, p.protocol.unwrap_or_default())) {
+                } else if host_ports
+                    .iter()
+                    .any(|o: &crate::HostPort| o.conflicts_with(&this))
+                {
                     errors.add(
                         at("hostPort"),
-                        format!("{hp} is published twice in this pod"),
+                        format!("{this} is published twice in this pod"),
                     );
+                } else {
+                    host_ports.push(this);
                 }
             }
             if let Some(name) = &p.name
@@ -365,6 +392,76 @@ mod tests {
         assert!(
             e.contains("resources.limits.memory: a pod VM needs at least 16Mi"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn host_ports() {
+        use crate::pod::{ContainerPort, Protocol};
+        let port = |host_port, host_ip: Option<&str>, protocol| ContainerPort {
+            container_port: 80,
+            protocol,
+            host_port,
+            host_ip: host_ip.map(str::to_string),
+            name: None,
+        };
+        let mut p = pod();
+        p.spec.containers[0].ports = vec![
+            port(Some(8080), None, None),
+            port(Some(8080), None, Some(Protocol::Udp)),
+            port(Some(8081), Some("127.0.0.1"), None),
+            port(Some(8081), Some("127.0.0.2"), None),
+        ];
+        assert!(validate_pod(&p).is_ok(), "{}", problems(&p));
+        assert_eq!(p.spec.host_ports().len(), 4);
+        p.spec.containers[0].ports = vec![
+            port(Some(8080), Some("127.0.0.1"), None),
+            port(Some(8080), None, None),
+            port(Some(9), Some("localhost"), None),
+            port(None, Some("127.0.0.1"), None),
+        ];
+        let e = problems(&p);
+        assert!(
+            e.contains("ports[1].hostPort: 8080/TCP is published twice in this pod"),
+            "{e}"
+        );
+        assert!(
+            e.contains("ports[2].hostIP: \"localhost\" is not an IP address"),
+            "{e}"
+        );
+        assert!(
+            e.contains("ports[3].hostIP: is only meaningful with hostPort"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_port_conflicts() {
+        use crate::pod::{HostPort, Protocol};
+        let hp = |ip: Option<&str>, protocol, port| HostPort {
+            protocol,
+            ip: ip.map(|ip| ip.parse().unwrap()),
+            port,
+        };
+        let any = hp(None, Protocol::Tcp, 80);
+        assert!(any.conflicts_with(&hp(Some("127.0.0.1"), Protocol::Tcp, 80)));
+        assert!(hp(Some("0.0.0.0"), Protocol::Tcp, 80).conflicts_with(&hp(
+            Some("10.0.0.1"),
+            Protocol::Tcp,
+            80
+        )));
+        assert!(!any.conflicts_with(&hp(None, Protocol::Udp, 80)));
+        assert!(!any.conflicts_with(&hp(None, Protocol::Tcp, 81)));
+        assert!(
+            !hp(Some("127.0.0.1"), Protocol::Tcp, 80).conflicts_with(&hp(
+                Some("127.0.0.2"),
+                Protocol::Tcp,
+                80
+            ))
+        );
+        assert_eq!(
+            hp(Some("::1"), Protocol::Udp, 53).to_string(),
+            "[::1]:53/UDP"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The scheduler (run by the leader only): assigns each pending pod to a
 //! ready host with room for its VM (CPU millicores and memory: the host's
 //! capacity minus the VM sizes of the pods already assigned to it that have
-//! not ended), preferring the least allocated host. The assignment is a
+//! not ended) and none of the host ports it publishes taken by such a pod,
+//! preferring the least allocated host. The assignment is a
 //! compare-and-swap on the pod, so no pod is ever assigned twice. A pod that
 //! fits nowhere stays Pending with reason `Unschedulable` and a message
 //! saying why for each host.
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use podvisor_api::quantity::format_bytes;
-use podvisor_api::{Host, Pod, PodPhase, PodStatus, Quantity, Resources};
+use podvisor_api::{Host, HostPort, Pod, PodPhase, PodStatus, Quantity, Resources};
 use podvisor_store::Store;
 
 use crate::error::ApiError;
@@ -53,9 +54,52 @@ pub async fn run(store: Arc<dyn Store>, cache: PodCache) {
 struct Room {
     host: Host,
     used: Resources,
+    /// The host ports taken, each with the pod that holds it.
+    ports: Vec<(HostPort, String)>,
+}
+
+/// What a pod needs of its host.
+struct Demand {
+    size: Resources,
+    ports: Vec<HostPort>,
+}
+
+impl Demand {
+    fn of(pod: &Pod) -> Result<Self, podvisor_api::QuantityError> {
+        Ok(Self {
+            size: pod.spec.vm_size()?,
+            ports: pod.spec.host_ports(),
+        })
+    }
 }
 
 impl Room {
+    fn new(host: Host) -> Self {
+        Self {
+            host,
+            used: Resources::default(),
+            ports: Vec::new(),
+        }
+    }
+
+    /// Counts `demand` of pod `key` as taken.
+    fn take(&mut self, key: &str, demand: Demand) {
+        self.used.cpu += demand.size.cpu;
+        self.used.memory += demand.size.memory;
+        self.ports
+            .extend(demand.ports.into_iter().map(|p| (p, key.to_string())));
+    }
+
+    /// The first of `wanted` this host has given to another pod, and that pod.
+    fn taken_port(&self, wanted: &[HostPort]) -> Option<(HostPort, &str)> {
+        wanted.iter().find_map(|w| {
+            self.ports
+                .iter()
+                .find(|(p, _)| p.conflicts_with(w))
+                .map(|(_, holder)| (*w, holder.as_str()))
+        })
+    }
+
     fn free(&self) -> Resources {
         Resources {
             cpu: self.host.spec.capacity.cpu.saturating_sub(self.used.cpu),
@@ -68,9 +112,11 @@ impl Room {
         }
     }
 
-    fn fits(&self, size: Resources) -> bool {
+    fn fits(&self, demand: &Demand) -> bool {
         let free = self.free();
-        free.cpu >= size.cpu && free.memory >= size.memory
+        free.cpu >= demand.size.cpu
+            && free.memory >= demand.size.memory
+            && self.taken_port(&demand.ports).is_none()
     }
 
     /// Higher is better: the share of the host left after placing `size`.
@@ -81,8 +127,9 @@ impl Room {
             + (free.memory - size.memory) as f64 / cap.memory.max(1) as f64
     }
 
-    /// Why `size` does not fit here.
-    fn why_not(&self, size: Resources) -> String {
+    /// Why `demand` does not fit here.
+    fn why_not(&self, demand: &Demand) -> String {
+        let size = demand.size;
         let name = &self.host.metadata.name;
         if !self.host.status.ready {
             return format!("{name}: NotReady");
@@ -106,6 +153,9 @@ impl Room {
                 format_bytes(cap.memory)
             ));
         }
+        if let Some((port, holder)) = self.taken_port(&demand.ports) {
+            lacks.push(format!("host port {port} is taken by pod {holder}"));
+        }
         format!("{name}: {}", lacks.join(", "))
     }
 }
@@ -118,23 +168,14 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
     let (pods, _) = cache.snapshot();
     let mut rooms: HashMap<String, Room> = hosts
         .into_iter()
-        .map(|h| {
-            (
-                h.metadata.name.clone(),
-                Room {
-                    host: h,
-                    used: Resources::default(),
-                },
-            )
-        })
+        .map(|h| (h.metadata.name.clone(), Room::new(h)))
         .collect();
     let mut pending = Vec::new();
     for pod in &pods {
         match &pod.spec.node_name {
             Some(host) if !pod.status.phase.is_terminal() => {
-                if let (Some(room), Ok(size)) = (rooms.get_mut(host), pod.spec.vm_size()) {
-                    room.used.cpu += size.cpu;
-                    room.used.memory += size.memory;
+                if let (Some(room), Ok(demand)) = (rooms.get_mut(host), Demand::of(pod)) {
+                    room.take(&pod.key(), demand);
                 }
             }
             Some(_) => {}
@@ -156,8 +197,8 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
     let mut writes = Vec::new();
     for pod in pending {
         let key = keys::pod(pod.metadata.namespace(), &pod.metadata.name);
-        let size = match pod.spec.vm_size() {
-            Ok(size) => size,
+        let demand = match Demand::of(&pod) {
+            Ok(demand) => demand,
             Err(e) => {
                 writes.push(unschedulable(key, &pod, e.to_string()));
                 continue;
@@ -166,8 +207,8 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
         let best = names
             .iter()
             .filter_map(|n| rooms.get(n))
-            .filter(|r| r.host.status.ready && r.fits(size))
-            .max_by(|a, b| a.score(size).total_cmp(&b.score(size)))
+            .filter(|r| r.host.status.ready && r.fits(&demand))
+            .max_by(|a, b| a.score(demand.size).total_cmp(&b.score(demand.size)))
             .map(|r| r.host.metadata.name.clone());
         match best {
             Some(host) => {
@@ -179,15 +220,14 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 // Reserved even if the write then fails (the pod changed
                 // meanwhile): the next pass counts from the cache again.
                 let room = rooms.get_mut(&host).expect("chosen host is known");
-                room.used.cpu += size.cpu;
-                room.used.memory += size.memory;
+                room.take(&pod.key(), demand);
                 writes.push(Some((key, bound, pod.metadata.revision())));
             }
             None => {
                 let reasons: Vec<String> = names
                     .iter()
                     .filter_map(|n| rooms.get(n))
-                    .map(|r| r.why_not(size))
+                    .map(|r| r.why_not(&demand))
                     .collect();
                 let message = if reasons.is_empty() {
                     "0/0 hosts have room: no host is registered".to_string()

@@ -547,3 +547,53 @@ async fn watches_resume_and_too_old_revisions_relist() {
     .expect("the feed re-lists");
     assert_eq!(synced.len(), 12);
 }
+
+/// A pod with `hostPort` 8080 on `ip` (every address when `None`).
+fn publishing(name: &str, ip: Option<&str>) -> podvisor_api::Pod {
+    let mut p = pod(name, "100m", "64Mi");
+    p.spec.containers[0].ports = vec![podvisor_api::ContainerPort {
+        container_port: 80,
+        host_port: Some(8080),
+        host_ip: ip.map(str::to_string),
+        ..Default::default()
+    }];
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ports_are_a_resource_of_their_host() {
+    let ts = TestServer::sqlite().await;
+    let user = ts.client(Role::User, "alice").await;
+    let h1 = ts.host("h1", 8000, 8 * GI).await;
+    let _beats = heartbeat(&h1, "h1");
+
+    user.create_pod(&publishing("web1", None)).await.unwrap();
+    let web1 = pod_where(&user, "web1", "web1 to be scheduled", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
+    assert_eq!(web1.spec.node_name.as_deref(), Some("h1"));
+
+    // The same port (on one address, or all) does not fit next to it,
+    // though CPU and memory would.
+    user.create_pod(&publishing("web2", Some("127.0.0.1")))
+        .await
+        .unwrap();
+    let web2 = pod_where(&user, "web2", "web2 to be unschedulable", |p| {
+        p.status.reason.as_deref() == Some("Unschedulable")
+    })
+    .await;
+    assert_eq!(
+        web2.status.message.as_deref(),
+        Some("0/1 hosts have room: h1: host port 127.0.0.1:8080/TCP is taken by pod default/web1")
+    );
+
+    // A second host has the port free.
+    let h2 = ts.host("h2", 8000, 8 * GI).await;
+    let _beats2 = heartbeat(&h2, "h2");
+    let web2 = pod_where(&user, "web2", "web2 to be scheduled", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
+    assert_eq!(web2.spec.node_name.as_deref(), Some("h2"));
+}

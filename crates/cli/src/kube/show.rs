@@ -106,12 +106,7 @@ pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
                 .unwrap_or_else(|| "<none>".into()),
         ]);
         if wide {
-            row.push(
-                pod.status
-                    .host_ip
-                    .clone()
-                    .unwrap_or_else(|| "<none>".into()),
-            );
+            row.push(pod.status.pod_ip.clone().unwrap_or_else(|| "<none>".into()));
             row.push(pod.labels_text());
         }
         rows.push(row);
@@ -206,6 +201,15 @@ pub fn describe_pod(pod: &Pod) -> String {
     }
     if let Some(ip) = &pod.status.host_ip {
         line(&mut s, "Host IP", ip);
+    }
+    line(
+        &mut s,
+        "IP",
+        pod.status.pod_ip.as_deref().unwrap_or("<none>"),
+    );
+    if pod.status.pod_ips.len() > 1 {
+        let ips: Vec<&str> = pod.status.pod_ips.iter().map(|i| i.ip.as_str()).collect();
+        line(&mut s, "IPs", &ips.join(", "));
     }
     if let Some(t) = pod.status.start_time {
         line(&mut s, "Started", &stamp(t));
@@ -358,4 +362,71 @@ pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
         let _ = writeln!(s, "  {}   {}", p.key(), p.display_status());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podvisor_api::{Container, PodIp};
+
+    fn pod_with_ip() -> Pod {
+        let mut p = Pod::new(
+            "web",
+            vec![Container {
+                name: "main".into(),
+                image: "busybox".into(),
+                ..Default::default()
+            }],
+        );
+        p.spec.node_name = Some("h1".into());
+        p.status.host_ip = Some("192.0.2.7".into());
+        p.status.pod_ip = Some("10.89.0.5".into());
+        p.status.pod_ips = vec![
+            PodIp {
+                ip: "10.89.0.5".into(),
+            },
+            PodIp {
+                ip: "fd00::5".into(),
+            },
+        ];
+        p
+    }
+
+    #[test]
+    fn wide_pods_show_the_pod_ip() {
+        let table = pods_table(&[pod_with_ip()], false, true);
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        let ip = header
+            .iter()
+            .position(|h| *h == "IP")
+            .expect("an IP column");
+        assert_eq!(row[ip], "10.89.0.5", "{table}");
+        let plain = pods_table(&[pod_with_ip()], false, false);
+        assert!(!plain.contains("10.89.0.5"), "{plain}");
+    }
+
+    #[test]
+    fn describe_shows_pod_and_host_addresses() {
+        let text = describe_pod(&pod_with_ip());
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+        };
+        assert_eq!(value("IP"), "10.89.0.5");
+        assert_eq!(value("IPs"), "10.89.0.5, fd00::5");
+        assert_eq!(value("Host IP"), "192.0.2.7");
+        let mut p = pod_with_ip();
+        p.status.pod_ip = None;
+        p.status.pod_ips.clear();
+        let text = describe_pod(&p);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("IP:") && l.ends_with("<none>")),
+            "{text}"
+        );
+    }
 }

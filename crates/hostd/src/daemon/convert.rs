@@ -112,6 +112,9 @@ pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodSta
         reason: state.reason.map(|r| r.to_string()),
         message: state.message.clone(),
         host_ip: host_ip.map(str::to_string),
+        // Pods have no network yet: nothing to report.
+        pod_ip: None,
+        pod_ips: Vec::new(),
         start_time: state.started_at.map(time),
         container_statuses: state
             .containers
