@@ -47,15 +47,35 @@ pub enum ImageSource {
     },
 }
 
+/// Whether a relative path may name an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelativePaths {
+    /// Taken from the working directory (a command a user types).
+    FromWorkingDirectory,
+    /// Never: only an absolute path is a path, so a name like `busybox` is
+    /// a reference whatever the working directory holds (a host daemon,
+    /// whose working directory means nothing to whoever wrote the pod).
+    Refused,
+}
+
 impl ImageSource {
+    /// What `arg` names, relative paths taken from the working directory
+    /// (see [`ImageSource::parse_with`]).
+    pub fn parse(arg: &str) -> Result<ImageSource, ImageError> {
+        ImageSource::parse_with(arg, RelativePaths::FromWorkingDirectory)
+    }
+
     /// What `arg` names: a path that exists (whole, or before a `:REF`
     /// suffix that chooses one of its images) is a layout or archive;
-    /// anything else must be a registry reference. A relative path is taken
-    /// from the working directory. An argument spelled as a path (`/`,
-    /// `./`, `../`) that does not exist is an error, not a reference.
-    pub fn parse(arg: &str) -> Result<ImageSource, ImageError> {
+    /// anything else must be a registry reference. An argument spelled as
+    /// a path (`/`, `./`, `../`) that does not exist is an error, not a
+    /// reference.
+    pub fn parse_with(arg: &str, relative: RelativePaths) -> Result<ImageSource, ImageError> {
+        let usable = |p: &Path| {
+            (relative == RelativePaths::FromWorkingDirectory || p.is_absolute()) && p.exists()
+        };
         let whole = Path::new(arg);
-        if !arg.is_empty() && whole.exists() {
+        if !arg.is_empty() && usable(whole) {
             return Ok(ImageSource::Path {
                 path: whole.to_path_buf(),
                 select: None,
@@ -64,14 +84,24 @@ impl ImageSource {
         if let Some((path, select)) = arg.split_once(':')
             && !path.is_empty()
             && !select.is_empty()
-            && Path::new(path).exists()
+            && usable(Path::new(path))
         {
             return Ok(ImageSource::Path {
                 path: PathBuf::from(path),
                 select: Some(select.to_string()),
             });
         }
-        if arg.starts_with('/') || arg.starts_with("./") || arg.starts_with("../") {
+        if arg.starts_with("./") || arg.starts_with("../") {
+            return Err(match relative {
+                RelativePaths::FromWorkingDirectory => ImageError::SourceNotFound {
+                    path: PathBuf::from(arg),
+                },
+                RelativePaths::Refused => ImageError::RelativeSource {
+                    arg: arg.to_string(),
+                },
+            });
+        }
+        if arg.starts_with('/') {
             return Err(ImageError::SourceNotFound {
                 path: PathBuf::from(arg),
             });
@@ -360,6 +390,62 @@ mod tests {
                 .to_string();
             assert!(cause.starts_with("invalid image reference"), "{cause}");
         }
+    }
+
+    #[test]
+    fn relative_paths_can_be_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("busybox");
+        std::fs::create_dir(&layout).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let relative = pathdiff(&layout, &cwd);
+        let arg = relative.to_str().unwrap();
+        assert!(matches!(
+            ImageSource::parse(arg).unwrap(),
+            ImageSource::Path { select: None, .. }
+        ));
+        // Refused, the same relative path names no layout.
+        let err = ImageSource::parse_with(arg, RelativePaths::Refused).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::UnknownSource { .. } | ImageError::RelativeSource { .. }
+            ),
+            "{err}"
+        );
+        let err = ImageSource::parse_with("./x.tar", RelativePaths::Refused).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "image \"./x.tar\": a relative path cannot name an image here; give an absolute path"
+        );
+        // Absolute paths are paths either way, with or without a :REF.
+        let absolute = format!("{}:app:v1", layout.display());
+        assert_eq!(
+            ImageSource::parse_with(&absolute, RelativePaths::Refused).unwrap(),
+            ImageSource::Path {
+                path: layout.clone(),
+                select: Some("app:v1".into())
+            }
+        );
+        assert!(matches!(
+            ImageSource::parse_with("busybox", RelativePaths::Refused).unwrap(),
+            ImageSource::Reference(_)
+        ));
+    }
+
+    /// `path` relative to `base` (both absolute): `../..` up to their
+    /// common prefix, then down.
+    fn pathdiff(path: &Path, base: &Path) -> PathBuf {
+        let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+        let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let mut out = PathBuf::new();
+        for _ in common..b.len() {
+            out.push("..");
+        }
+        for c in &p[common..] {
+            out.push(c);
+        }
+        out
     }
 
     #[test]

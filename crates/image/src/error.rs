@@ -202,6 +202,10 @@ pub enum ImageError {
         source: Box<ImageError>,
     },
 
+    /// A relative path names an image where only absolute ones may.
+    #[error("image {arg:?}: a relative path cannot name an image here; give an absolute path")]
+    RelativeSource { arg: String },
+
     /// An image argument spelled as a path names nothing.
     #[error(
         "image {:?} not found: no such OCI layout directory or image archive",

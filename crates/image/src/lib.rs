@@ -46,7 +46,7 @@ mod unpack;
 
 pub use acquire::{
     HeldImage, HoldFor, ImageSource, LAYER_SERIAL_PREFIX, LayerAttachment, LayerAttachments,
-    acquire, layer_serial,
+    RelativePaths, acquire, layer_serial,
 };
 pub use cache::{
     DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerCache, LayerDisk, META_FILE, PreparedLayer,

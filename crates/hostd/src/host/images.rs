@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use podvisor_image::progress::NoProgress;
 use podvisor_image::{
-    Catalog, ChainId, HoldFor, ImageSource, LayerAttachments, LayerCache, RuntimeConfig,
+    Catalog, ChainId, HoldFor, ImageSource, LayerAttachments, LayerCache, RelativePaths,
+    RuntimeConfig,
 };
 use podvisor_vmm::DiskSpec;
 use serde::{Deserialize, Serialize};
@@ -52,9 +53,10 @@ pub struct ImageProblem {
     pub message: String,
 }
 
-/// Resolves every container's image (see [`ImageSource::parse`]: an
-/// existing path names an OCI layout or archive to import, anything else a
-/// registry reference).
+/// Resolves every container's image (see [`ImageSource::parse_with`]: an
+/// existing absolute path names an OCI layout or archive to import, with
+/// an optional `:REF`; anything else is a registry reference, whatever the
+/// daemon's working directory holds).
 pub async fn resolve(cfg: &NodeConfig, plan: &PodPlan) -> Result<PodImages, ImageProblem> {
     let problem = |container: &str, image: &str, message: String| ImageProblem {
         container: container.to_string(),
@@ -92,7 +94,7 @@ async fn resolve_with(
             image: c.image.clone(),
             message: with_causes(&e),
         };
-        let source = ImageSource::parse(&c.image).map_err(problem)?;
+        let source = ImageSource::parse_with(&c.image, RelativePaths::Refused).map_err(problem)?;
         let held = podvisor_image::acquire(
             cache,
             catalog,
