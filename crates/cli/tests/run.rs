@@ -384,6 +384,34 @@ fn missing_image_and_bad_flags_are_named() {
 }
 
 #[test]
+fn an_image_that_is_neither_path_nor_reference_says_why() {
+    let t = TestDir::new();
+    let out = podvisor(&t).args(["run", "Not A/Ref"]).output();
+    assert_code(&out, 125);
+    assert!(
+        out.stderr.contains(
+            "image \"Not A/Ref\" is neither an existing path nor a valid image reference: invalid image reference `Not A/Ref`"
+        ),
+        "{}",
+        out.stderr
+    );
+    // A relative layout path with a :REF it does not hold.
+    ImageBuilder::new()
+        .busybox_layer()
+        .tag("app:v1")
+        .write_layout(&t.path().join("img"))
+        .unwrap();
+    let out = podvisor(&t).args(["run", "img:app:v2"]).output();
+    assert_code(&out, 125);
+    assert!(
+        out.stderr.contains("no image `app:v2` in img"),
+        "{}",
+        out.stderr
+    );
+    assert!(t.layer_disks().is_empty(), "{:?}", t.layer_disks());
+}
+
+#[test]
 fn vm_arguments_after_the_image_are_the_command() {
     let t = TestDir::new();
     let image = busybox_image(t.path());
