@@ -3,12 +3,14 @@
 waits only for the agent's first frame (Ready) on its socket and prints how
 long that took from QEMU's start, per run and the median.
 
-    scripts/bench/agent-ready.py CACHE_DIR RUNS [--no-thp]
+    scripts/bench/agent-ready.py CACHE_DIR RUNS [--no-thp] [--nic]
 
 CACHE_DIR is a podvisor cache that has run a pod (its newest initramfs and
 any layer disk are used). --no-thp starts QEMU with transparent huge pages
 disabled for it (prctl PR_SET_THP_DISABLE), which QEMU otherwise asks for
-on guest RAM and its translation buffer. Compare with `podvisor run --timings` (the sum of
+on guest RAM and its translation buffer. --nic adds a virtio-net card (on
+QEMU's user-mode network, restricted: nothing leaves the VM), to measure
+what probing a NIC adds to the boot. Compare with `podvisor run --timings` (the sum of
 the stages from "QEMU start" to "modules -> ready"). Keep the command line
 in step with crates/vmm/src/qemu/cmdline.rs and KERNEL_CMDLINE in
 crates/podvm/src/pod_vm.rs.
@@ -24,6 +26,7 @@ import time
 
 cache, runs = sys.argv[1], int(sys.argv[2])
 no_thp = "--no-thp" in sys.argv[3:]
+nic = "--nic" in sys.argv[3:]
 
 
 def disable_thp():
@@ -53,13 +56,21 @@ def once(d):
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-pci,rng=rng0,bus=pci.0,addr=0x3",
             "-device", "vmgenid,guid=auto"]
+    if nic:
+        args += ["-netdev", "user,id=usernet0,restrict=on",
+                 "-device", "virtio-net-pci,netdev=usernet0,mac=02:42:0a:58:00:05,bus=pci.0,addr=0x1e"]
     start = time.monotonic()
     qemu = subprocess.Popen(args, preexec_fn=disable_thp if no_thp else None)
     try:
         while not os.path.exists(f"{d}/a.sock"):
             time.sleep(0.002)
         with socket.socket(socket.AF_UNIX) as s:
-            s.connect(f"{d}/a.sock")
+            while True:
+                try:
+                    s.connect(f"{d}/a.sock")
+                    break
+                except ConnectionRefusedError:  # bound, not listening yet
+                    time.sleep(0.002)
             s.recv(64)
         return time.monotonic() - start
     finally:
