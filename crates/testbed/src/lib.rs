@@ -2,7 +2,8 @@
 //! directories and a `podvisor` command builder ([`cli`]), OCI images built
 //! from the host's busybox with no network ([`oci`]), a real etcd server
 //! on loopback ([`etcd`]), a real registry to push images to ([`registry`])
-//! and a slow proxy in front of it ([`throttle`]).
+//! and a slow proxy in front of it ([`throttle`]), and emulated hosts in
+//! network namespaces routed to each other ([`fabric`]).
 
 /// Scratch directories and the `podvisor` command builder.
 pub mod cli;
@@ -24,3 +25,7 @@ pub mod throttle;
 
 /// A bearer-token service for a registry with token auth.
 pub mod token_issuer;
+
+/// Emulated hosts in network namespaces routed to each other, for
+/// multi-host network tests.
+pub mod fabric;
