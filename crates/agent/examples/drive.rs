@@ -155,7 +155,7 @@ fn main() {
         let spec = ContainerSpec {
             id: id.clone(),
             hostname: o.hostname.clone(),
-            layers: o.layers.clone(),
+            mounts: podvisor_proto::image_mounts(&o.layers),
             process: ProcessSpec {
                 args: o.args.clone(),
                 env: o.env.clone(),

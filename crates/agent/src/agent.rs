@@ -184,12 +184,12 @@ impl<L: Launcher> Agent<L> {
                 }
                 self.outbox.push_back(GuestMessage::IdentitySet { errors });
             }
-            HostMessage::MountLayers { layers } => {
-                let error = match crate::spec::validate_layers(&layers) {
+            HostMessage::MountShared { mounts } => {
+                let error = match crate::mount_spec::check_shared(&mounts) {
                     Err(e) => Some(e.message),
-                    Ok(()) => self.launcher.mount_layers(&layers).err().map(|e| e.message),
+                    Ok(()) => self.launcher.mount_shared(&mounts).err().map(|e| e.message),
                 };
-                self.outbox.push_back(GuestMessage::LayersMounted { error });
+                self.outbox.push_back(GuestMessage::SharedMounted { error });
             }
             HostMessage::ConfigureNetwork(config) => {
                 let outcome = self.launcher.configure_network(&config);

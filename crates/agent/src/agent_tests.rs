@@ -9,7 +9,8 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use podvisor_proto::{
     CloneIdentity, ContainerSpec, DnsConfig, ExecSpec, ExitStatus, GuestMessage, HostMessage,
-    InterfaceConfig, NetworkConfig, ProcessSpec, StartError, StartErrorKind, Stream,
+    InterfaceConfig, Mount, MountSource, MountTarget, NetworkConfig, ProcessSpec, StartError,
+    StartErrorKind, Stream, image_mounts,
 };
 
 use super::*;
@@ -35,8 +36,8 @@ struct FakeLauncher {
     identities: Vec<(CloneIdentity, Vec<i32>)>,
     /// What `apply_identity` reports as failed.
     identity_errors: Vec<String>,
-    /// Layer lists `mount_layers` was asked for.
-    mounted: Vec<Vec<String>>,
+    /// Mount lists `mount_shared` was asked for.
+    mounted: Vec<Vec<Mount>>,
     /// Network configurations applied.
     networks: Vec<NetworkConfig>,
 }
@@ -117,9 +118,9 @@ impl Launcher for FakeLauncher {
         crate::network::configure(&mut kernel, config, dir.path(), Duration::ZERO)
     }
 
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
-        self.mounted.push(serials.to_vec());
-        match serials.iter().find(|s| s.as_str() == "pvl9") {
+    fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError> {
+        self.mounted.push(mounts.to_vec());
+        match mounts.iter().find(|m| m.shared_name() == Some("pvl9")) {
             Some(_) => Err(StartError {
                 kind: StartErrorKind::Mount,
                 message: "layer disk with serial \"pvl9\" not found".into(),
@@ -133,7 +134,7 @@ fn spec(id: &str, args: &[&str], stdin: bool) -> ContainerSpec {
     ContainerSpec {
         id: id.into(),
         hostname: id.into(),
-        layers: vec!["pvl0".into()],
+        mounts: image_mounts(&["pvl0".into()]),
         process: ProcessSpec {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: vec![],
@@ -625,35 +626,35 @@ fn identity_reaches_running_containers_and_is_answered() {
 fn layers_are_mounted_ahead_on_request() {
     let now = Instant::now();
     let mut agent = Agent::new(FakeLauncher::default());
-    let layers = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let layers = |l: &[&str]| l.iter().map(|s| Mount::layer(*s)).collect::<Vec<_>>();
     agent.handle(
-        HostMessage::MountLayers {
-            layers: layers(&["pvl0", "pvl1"]),
+        HostMessage::MountShared {
+            mounts: layers(&["pvl0", "pvl1"]),
         },
         now,
     );
     agent.handle(
-        HostMessage::MountLayers {
-            layers: layers(&["pvl9"]),
+        HostMessage::MountShared {
+            mounts: layers(&["pvl9"]),
         },
         now,
     );
     // Unsafe serials never reach the launcher.
     agent.handle(
-        HostMessage::MountLayers {
-            layers: layers(&["../x"]),
+        HostMessage::MountShared {
+            mounts: layers(&["../x"]),
         },
         now,
     );
     assert_eq!(
         outbox(&mut agent),
         [
-            GuestMessage::LayersMounted { error: None },
-            GuestMessage::LayersMounted {
+            GuestMessage::SharedMounted { error: None },
+            GuestMessage::SharedMounted {
                 error: Some("layer disk with serial \"pvl9\" not found".into())
             },
-            GuestMessage::LayersMounted {
-                error: Some("invalid layer serial \"../x\"".into())
+            GuestMessage::SharedMounted {
+                error: Some("invalid shared mount name \"../x\"".into())
             },
         ]
     );
@@ -720,4 +721,42 @@ fn network_configuration_is_answered_with_its_warnings_and_errors() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn only_shared_mounts_are_made_ahead() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    let tmpfs = Mount {
+        source: MountSource::Anonymous,
+        fstype: "tmpfs".into(),
+        target: MountTarget::Container {
+            path: "/tmp".into(),
+        },
+        options: vec![],
+        read_only: false,
+    };
+    let unknown = Mount {
+        fstype: "xfs".into(),
+        ..Mount::layer("pvl0")
+    };
+    for mounts in [vec![Mount::layer("pvl0"), tmpfs], vec![unknown]] {
+        agent.handle(HostMessage::MountShared { mounts }, now);
+    }
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::SharedMounted {
+                error: Some("the mount on \"/tmp\" is not a shared mount".into())
+            },
+            GuestMessage::SharedMounted {
+                error: Some(
+                    "shared mount \"pvl0\": unknown mount type \"xfs\" \
+                     (the agent mounts erofs, tmpfs, overlay and bind)"
+                        .into()
+                )
+            },
+        ]
+    );
+    assert!(agent.launcher.mounted.is_empty());
 }

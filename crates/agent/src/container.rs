@@ -20,7 +20,8 @@ use crate::spec;
 /// Resolves user, program and environment in the mounted root, sets up
 /// stdio and clones the container.
 /// `extra_rootfs_ops` run in the child after the standard root
-/// ([`mounts::rootfs_plan`]), e.g. the network files' bind mounts.
+/// ([`mounts::rootfs_plan`]): the mounts the spec lists inside the
+/// container, the network files' bind mounts.
 pub fn launch(
     spec: &ContainerSpec,
     dirs: &ContainerDirs,

@@ -1,5 +1,5 @@
-//! Layer disks: read-only virtio-blk devices found by their serial
-//! (`/sys/block/vd*/serial`), which the host sets to `pvl<N>`.
+//! Disks: virtio-blk devices found by their serial
+//! (`/sys/block/vd*/serial`), which the host sets (`pvl<N>` for layers).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 /// added them.
 pub const DISK_WAIT: Duration = Duration::from_secs(5);
 
-/// A layer disk that did not show up.
+/// A disk that did not show up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("layer disk with serial \"{serial}\" not found in /sys/block after {waited_ms} ms")]
+#[error("disk with serial \"{serial}\" not found in /sys/block after {waited_ms} ms")]
 pub struct DiskNotFound {
     pub serial: String,
     pub waited_ms: u64,
@@ -51,6 +51,24 @@ pub fn wait_for_disk(serial: &str, timeout: Duration) -> Result<PathBuf, DiskNot
             });
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Finds the `/dev` node of a disk by its serial; [`SysBlock`] in the
+/// guest, a fake in tests.
+pub trait DiskFinder {
+    fn find(&self, serial: &str) -> Result<PathBuf, DiskNotFound>;
+}
+
+/// The guest's disks: `/sys/block`, waiting up to `timeout` for each.
+#[derive(Debug, Clone, Copy)]
+pub struct SysBlock {
+    pub timeout: Duration,
+}
+
+impl DiskFinder for SysBlock {
+    fn find(&self, serial: &str) -> Result<PathBuf, DiskNotFound> {
+        wait_for_disk(serial, self.timeout)
     }
 }
 

@@ -1,22 +1,24 @@
 //! What the agent's state machine drives to run processes: the
-//! [`Launcher`] trait, and [`LinuxLauncher`], the real one, which mounts a
-//! container's layers and root, starts it ([`crate::container`]) or an exec
+//! [`Launcher`] trait, and [`LinuxLauncher`], the real one, which makes a
+//! container's mounts ([`crate::storage`]), starts it ([`crate::container`]) or an exec
 //! in it ([`crate::exec`]), and gives a clone its identity.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::MntFlags;
 use nix::unistd::Pid;
 use podvisor_proto::{
-    CloneIdentity, ContainerSpec, ExecSpec, NetworkConfig, StartError, StartErrorKind,
+    CloneIdentity, ContainerSpec, ExecSpec, Mount, NetworkConfig, StartError, StartErrorKind,
 };
 
-use crate::mounts::{self, ContainerDirs, Mount, Op};
+use crate::disks::{self, SysBlock};
+use crate::mounts::{self, ContainerDirs, Op};
+use crate::network;
 use crate::process::{Launched, err};
+use crate::spec;
+use crate::storage::{self, SharedMounts};
 use crate::syscall::{LinuxSyscall, Syscall};
-use crate::{disks, network, spec};
 
 /// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
 /// a fake in tests.
@@ -30,9 +32,10 @@ pub trait Launcher {
     /// Starts an exec process in the namespaces of the running container
     /// whose init is `init_pid`.
     fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError>;
-    /// Waits for the layer disks with these serials and mounts them (each
-    /// once; a container using them later finds them mounted).
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError>;
+    /// Makes these shared mounts (checked by
+    /// [`crate::mount_spec::check_shared`]), each once: a container listing one
+    /// later finds it made. Waits for their disks.
+    fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError>;
     /// Gives a clone its identity ([`crate::identity::apply`]); `pids` are
     /// the inits of the running containers. Returns the steps that failed.
     fn apply_identity(&mut self, identity: &CloneIdentity, pids: &[i32]) -> Vec<String>;
@@ -43,21 +46,36 @@ pub trait Launcher {
 }
 
 /// The real launcher: mounts, `clone`, namespaces.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LinuxLauncher {
-    /// Layer serials already mounted (each disk is mounted once).
-    mounted_layers: HashSet<String>,
+    /// The shared mounts (layer disks) made so far.
+    shared: SharedMounts,
+    disks: SysBlock,
     /// The directory holding the pod's `resolv.conf` and `hosts`, once a
     /// network configuration has written them.
     network_files: Option<PathBuf>,
 }
 
+impl Default for LinuxLauncher {
+    fn default() -> Self {
+        Self {
+            shared: SharedMounts::default(),
+            disks: SysBlock {
+                timeout: disks::DISK_WAIT,
+            },
+            network_files: None,
+        }
+    }
+}
+
 impl Launcher for LinuxLauncher {
     fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
-        spec::validate(spec)?;
-        self.mount_layers(&spec.layers)?;
+        let mounts = spec::validate(spec)?;
+        self.shared
+            .make(&LinuxSyscall, &self.disks, &mounts.shared)?;
         let dirs = ContainerDirs::new(&spec.id);
-        let plan = mounts::container_plan(&dirs, &spec.layers);
+        let plan =
+            mounts::container_plan(&dirs, storage::root_plan(&self.disks, mounts.root, &dirs)?);
         if let Err((i, errno)) = mounts::apply(&LinuxSyscall, &plan) {
             self.cleanup(&spec.id);
             return Err(err(
@@ -65,8 +83,11 @@ impl Launcher for LinuxLauncher {
                 format!("{}: {errno}", plan[i].describe()),
             ));
         }
-        let result = self
-            .network_file_mounts(&dirs)
+        let result = storage::inside_plan(&self.disks, &mounts.inside, &dirs)
+            .and_then(|mut extra| {
+                extra.extend(self.network_file_mounts(&dirs)?);
+                Ok(extra)
+            })
             .and_then(|extra| crate::container::launch(spec, &dirs, extra));
         if result.is_err() {
             self.cleanup(&spec.id);
@@ -98,8 +119,9 @@ impl Launcher for LinuxLauncher {
         crate::identity::apply(&LinuxSyscall, identity, pids)
     }
 
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
-        LinuxLauncher::mount_layers(self, serials)
+    fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError> {
+        let mounts: Vec<&Mount> = mounts.iter().collect();
+        self.shared.make(&LinuxSyscall, &self.disks, &mounts)
     }
 
     fn configure_network(&mut self, config: &NetworkConfig) -> network::Outcome {
@@ -143,7 +165,7 @@ impl LinuxLauncher {
                             format!("preparing {in_container} in the container: {e}"),
                         )
                     })?;
-                Ok(Op::Mount(Mount {
+                Ok(Op::Mount(mounts::Mount {
                     source: Some(dir.join(file)),
                     target,
                     fstype: None,
@@ -152,29 +174,5 @@ impl LinuxLauncher {
                 }))
             })
             .collect()
-    }
-
-    /// Mounts each layer disk not mounted yet.
-    fn mount_layers(&mut self, serials: &[String]) -> Result<(), StartError> {
-        for serial in serials {
-            if self.mounted_layers.contains(serial) {
-                continue;
-            }
-            let dev = disks::wait_for_disk(serial, disks::DISK_WAIT)
-                .map_err(|e| err(StartErrorKind::Mount, e.to_string()))?;
-            let plan = mounts::layer_plan(serial, &dev);
-            mounts::apply(&LinuxSyscall, &plan).map_err(|(i, errno)| {
-                err(
-                    StartErrorKind::Mount,
-                    format!(
-                        "layer {serial} ({}): {}: {errno}",
-                        dev.display(),
-                        plan[i].describe()
-                    ),
-                )
-            })?;
-            self.mounted_layers.insert(serial.clone());
-        }
-        Ok(())
     }
 }

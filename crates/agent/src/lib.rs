@@ -3,8 +3,9 @@
 //! The agent owns the PID-1 duties of the guest: it mounts the basic file
 //! systems, loads the kernel modules listed by the initramfs, moves off the
 //! initramfs root, finds the virtio-serial port to the host and reports
-//! `Ready`. Then a single-threaded event loop serves the host: it mounts
-//! each container's layer disks (EROFS) under an overlay with a tmpfs upper,
+//! `Ready`. Then a single-threaded event loop serves the host: it makes
+//! the mounts each container's spec lists (EROFS layer disks once per VM,
+//! the root overlay over them with a tmpfs upper, tmpfs and binds inside),
 //! starts the container's process in new mount/PID/UTS/IPC namespaces with
 //! `pivot_root`, streams its output, reports its exit, reaps every zombie,
 //! and on `Shutdown` stops what is left and powers the VM off. In a VM
@@ -30,6 +31,7 @@ pub mod exec;
 pub mod identity;
 pub mod launcher;
 pub mod modules;
+pub mod mount_spec;
 pub mod mounts;
 pub mod netlink;
 pub mod network;
@@ -37,6 +39,7 @@ pub mod path_lookup;
 pub mod port;
 pub mod process;
 pub mod spec;
+pub mod storage;
 pub mod syscall;
 pub mod user;
 

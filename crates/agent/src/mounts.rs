@@ -1,6 +1,7 @@
-//! Mount plans as data: what the agent mounts at boot, for each layer disk,
-//! for each container (on the agent's side), and inside the container's
-//! mount namespace before `pivot_root`.
+//! Mount plans as data: what the agent mounts at boot, for each container
+//! (on the agent's side), and inside the container's mount namespace before
+//! `pivot_root`. (The mounts a host lists become such plans in
+//! `crate::mount_spec`.)
 //!
 //! A plan is a list of [`Op`]s applied in order by [`apply`] through the
 //! [`Syscall`] trait, so the plans are unit-tested as values and the cloned
@@ -14,8 +15,9 @@ use nix::sys::stat::{Mode, SFlag};
 
 use crate::syscall::Syscall;
 
-/// Where layer disks are mounted: `<LAYERS_DIR>/<serial>`.
-pub const LAYERS_DIR: &str = "/run/podvisor/layers";
+/// Where shared mounts are made: `<SHARED_DIR>/<name>` (named for what
+/// they all are today, layer disks).
+pub const SHARED_DIR: &str = "/run/podvisor/layers";
 /// Where container state lives: `<CONTAINERS_DIR>/<id>/{upper,work,rootfs,pts}`.
 pub const CONTAINERS_DIR: &str = "/run/podvisor/containers";
 
@@ -173,27 +175,6 @@ pub fn boot_plan() -> Vec<Op> {
     ]
 }
 
-/// The mount point of a layer disk.
-pub fn layer_dir(serial: &str) -> PathBuf {
-    Path::new(LAYERS_DIR).join(serial)
-}
-
-/// Mounts layer disk `device` (EROFS) read-only at [`layer_dir`].
-pub fn layer_plan(serial: &str, device: &Path) -> Vec<Op> {
-    vec![
-        mkdir("/run/podvisor", 0o755),
-        mkdir(LAYERS_DIR, 0o755),
-        mkdir(layer_dir(serial), 0o755),
-        Op::Mount(Mount {
-            source: Some(device.to_path_buf()),
-            target: layer_dir(serial),
-            fstype: Some("erofs".into()),
-            flags: MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-            data: None,
-        }),
-    ]
-}
-
 /// Paths of one container's state on the agent's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerDirs {
@@ -216,6 +197,16 @@ impl ContainerDirs {
         }
     }
 
+    /// The overlay's upper directory (on the container's tmpfs).
+    pub fn upper(&self) -> PathBuf {
+        self.base.join("upper")
+    }
+
+    /// The overlay's work directory (on the container's tmpfs).
+    pub fn work(&self) -> PathBuf {
+        self.base.join("work")
+    }
+
     /// Mount points to detach when the container is gone, innermost first.
     pub fn teardown(&self) -> [&Path; 3] {
         [&self.pts, &self.rootfs, &self.base]
@@ -223,24 +214,12 @@ impl ContainerDirs {
 }
 
 /// What the agent mounts for a container in its own namespace: a tmpfs with
-/// the overlay's upper and work dirs, the overlay on `rootfs/` (lower layers
-/// top first; `layers` is bottom first as in the spec), and a fresh devpts
+/// the overlay's upper and work dirs, the container's root on `rootfs/`
+/// (`root`: the mount calls of its root mount, made by
+/// `crate::mount_spec::ops`), and a fresh devpts
 /// instance whose pty the terminal of the container comes from.
-pub fn container_plan(dirs: &ContainerDirs, layers: &[String]) -> Vec<Op> {
-    let lower: Vec<String> = layers
-        .iter()
-        .rev()
-        .map(|s| layer_dir(s).display().to_string())
-        .collect();
-    let upper = dirs.base.join("upper");
-    let work = dirs.base.join("work");
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        upper.display(),
-        work.display()
-    );
-    vec![
+pub fn container_plan(dirs: &ContainerDirs, root: Vec<Op>) -> Vec<Op> {
+    let mut ops = vec![
         mkdir("/run/podvisor", 0o755),
         mkdir(CONTAINERS_DIR, 0o755),
         mkdir(&dirs.base, 0o755),
@@ -251,25 +230,35 @@ pub fn container_plan(dirs: &ContainerDirs, layers: &[String]) -> Vec<Op> {
             MsFlags::empty(),
             Some("mode=0755"),
         ),
-        mkdir(&upper, 0o755),
-        mkdir(&work, 0o755),
+        mkdir(dirs.upper(), 0o755),
+        mkdir(dirs.work(), 0o755),
         mkdir(&dirs.rootfs, 0o755),
         mkdir(&dirs.pts, 0o755),
-        mount(
-            Some("overlay"),
-            &dirs.rootfs,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(&data),
-        ),
-        mount(
-            Some("devpts"),
-            &dirs.pts,
-            Some("devpts"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,gid=5,mode=0620,ptmxmode=0666"),
-        ),
-    ]
+    ];
+    ops.extend(root);
+    ops.push(mount(
+        Some("devpts"),
+        &dirs.pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,gid=5,mode=0620,ptmxmode=0666"),
+    ));
+    ops
+}
+
+/// The directories under the container's root `root` to create, outermost
+/// first, so that `target` (a path under it) exists.
+pub fn mkdirs_under(root: &Path, target: &Path) -> Vec<Op> {
+    let Ok(rel) = target.strip_prefix(root) else {
+        return vec![];
+    };
+    let mut dir = root.to_path_buf();
+    rel.components()
+        .map(|c| {
+            dir.push(c);
+            mkdir(&dir, 0o755)
+        })
+        .collect()
 }
 
 /// Device nodes every container gets: name, major, minor.
@@ -375,30 +364,16 @@ mod tests {
     }
 
     #[test]
-    fn overlay_lists_lower_layers_top_first() {
-        let dirs = ContainerDirs::new("c1");
-        let plan = container_plan(&dirs, &["pvl0".into(), "pvl1".into(), "pvl2".into()]);
-        let overlay = mounts(&plan)
-            .into_iter()
-            .find(|m| m.fstype.as_deref() == Some("overlay"))
-            .unwrap();
-        assert_eq!(
-            overlay.target,
-            Path::new("/run/podvisor/containers/c1/rootfs")
-        );
-        assert_eq!(
-            overlay.data.as_deref(),
-            Some(
-                "lowerdir=/run/podvisor/layers/pvl2:/run/podvisor/layers/pvl1:/run/podvisor/layers/pvl0,\
-                 upperdir=/run/podvisor/containers/c1/upper,workdir=/run/podvisor/containers/c1/work"
-            )
-        );
-    }
-
-    #[test]
     fn container_tmpfs_is_mounted_before_its_subdirectories_are_made() {
         let dirs = ContainerDirs::new("c1");
-        let plan = container_plan(&dirs, &["pvl0".into()]);
+        let root = mount(
+            Some("overlay"),
+            &dirs.rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some("lowerdir=/run/podvisor/layers/pvl0"),
+        );
+        let plan = container_plan(&dirs, vec![root]);
         let tmpfs = plan
             .iter()
             .position(|op| matches!(op, Op::Mount(m) if m.target == dirs.base))
@@ -410,16 +385,6 @@ mod tests {
         assert!(tmpfs < upper);
         assert!(
             matches!(plan.last(), Some(Op::Mount(m)) if m.data.as_deref().unwrap().contains("newinstance"))
-        );
-    }
-
-    #[test]
-    fn layer_is_mounted_read_only_as_erofs() {
-        let sys = RecordingSyscall::new();
-        apply(&sys, &layer_plan("pvl0", Path::new("/dev/vda"))).unwrap();
-        assert_eq!(
-            sys.calls().last().unwrap(),
-            "mount /dev/vda /run/podvisor/layers/pvl0 erofs RDONLY|NODEV -"
         );
     }
 
@@ -464,6 +429,18 @@ mod tests {
             plan[index].describe(),
             "mount proc on /run/podvisor/containers/c1/rootfs/proc"
         );
+    }
+
+    #[test]
+    fn directories_under_the_root_are_made_outermost_first() {
+        let root = Path::new("/r");
+        let ops = mkdirs_under(root, Path::new("/r/srv/data"));
+        let paths: Vec<_> = ops.iter().map(|op| op.target().to_path_buf()).collect();
+        assert_eq!(
+            paths,
+            [PathBuf::from("/r/srv"), PathBuf::from("/r/srv/data")]
+        );
+        assert!(mkdirs_under(root, Path::new("/elsewhere")).is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use podvisor_proto::{ContainerSpec, StartError, StartErrorKind};
 
+use crate::mount_spec::{self, ContainerMounts};
 use crate::path_lookup::{DEFAULT_PATH, is_safe_name};
 
 fn invalid(message: String) -> StartError {
@@ -15,13 +16,14 @@ fn invalid(message: String) -> StartError {
     }
 }
 
-/// Rejects specs the agent cannot act on: unsafe ids or serials (they
-/// become paths and overlay options), no layers, no command.
-pub fn validate(spec: &ContainerSpec) -> Result<(), StartError> {
+/// Rejects specs the agent cannot act on: an unsafe id (it becomes a
+/// path), mounts [`mount_spec::check_container`] refuses, no command.
+/// Returns the checked mounts.
+pub fn validate(spec: &ContainerSpec) -> Result<ContainerMounts<'_>, StartError> {
     if !is_safe_name(&spec.id) {
         return Err(invalid(format!("invalid container id {:?}", spec.id)));
     }
-    validate_layers(&spec.layers)?;
+    let mounts = mount_spec::check_container(&spec.mounts)?;
     if spec.process.args.first().is_none_or(|a| a.is_empty()) {
         return Err(invalid("no command given (empty args)".into()));
     }
@@ -31,19 +33,7 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), StartError> {
             spec.hostname
         )));
     }
-    Ok(())
-}
-
-/// Rejects an empty layer list and unsafe serials (they become paths and
-/// overlay options).
-pub fn validate_layers(layers: &[String]) -> Result<(), StartError> {
-    if layers.is_empty() {
-        return Err(invalid("the container has no layers".into()));
-    }
-    if let Some(bad) = layers.iter().find(|s| !is_safe_name(s)) {
-        return Err(invalid(format!("invalid layer serial {bad:?}")));
-    }
-    Ok(())
+    Ok(mounts)
 }
 
 /// The process environment: the spec's, plus `PATH` (docker's default),
@@ -110,7 +100,7 @@ mod tests {
         ContainerSpec {
             id: "c1".into(),
             hostname: "h".into(),
-            layers: vec!["pvl0".into()],
+            mounts: podvisor_proto::image_mounts(&["pvl0".into()]),
             process: ProcessSpec {
                 args: vec!["sh".into()],
                 env: vec![],
@@ -126,13 +116,14 @@ mod tests {
     fn validation() {
         assert!(validate(&spec()).is_ok());
         let mut s = spec();
-        s.layers.clear();
+        s.mounts.clear();
         assert_eq!(validate(&s).unwrap_err().kind, StartErrorKind::InvalidSpec);
         let mut s = spec();
         s.id = "../x".into();
         assert!(validate(&s).is_err());
         let mut s = spec();
-        s.layers.push("pvl1,upperdir=/".into());
+        s.mounts
+            .insert(0, podvisor_proto::Mount::layer("pvl1,upperdir=/"));
         assert!(validate(&s).is_err());
         let mut s = spec();
         s.process.args.clear();

@@ -130,7 +130,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
     let container = ContainerSpec {
         id: "web".into(),
         hostname: "mypod".into(),
-        layers: serials,
+        mounts: podvisor_proto::image_mounts(&serials),
         process: process(&[
             "sh",
             "-c",

@@ -161,7 +161,7 @@ fn container(script: &str) -> HostMessage {
     HostMessage::StartContainer(ContainerSpec {
         id: "web".into(),
         hostname: "webpod".into(),
-        layers: vec!["pvl0".into()],
+        mounts: podvisor_proto::image_mounts(&["pvl0".into()]),
         process: ProcessSpec {
             args: vec!["sh".into(), "-c".into(), script.into()],
             env: vec![],

@@ -2,7 +2,13 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{MAX_PAYLOAD, PROTOCOL_VERSION};
+/// Version of this protocol; carried in every frame header. A peer speaking
+/// another version is rejected, never half-understood. Version 2: a
+/// container spec lists mounts, `MountShared` replaces `MountLayers`.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Largest payload one frame may carry (1 MiB). Output chunks are far smaller.
+pub const MAX_PAYLOAD: usize = 1 << 20;
 
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"PV";

@@ -14,16 +14,11 @@
 
 pub mod frame;
 pub mod messages;
+pub mod mounts;
 
-pub use frame::{FrameDecoder, ProtoError, encode};
+pub use frame::{FrameDecoder, MAX_PAYLOAD, PROTOCOL_VERSION, ProtoError, encode};
 pub use messages::*;
-
-/// Version of this protocol; carried in every frame header. A peer speaking
-/// another version is rejected, never half-understood.
-pub const PROTOCOL_VERSION: u16 = 1;
-
-/// Largest payload one frame may carry (1 MiB). Output chunks are far smaller.
-pub const MAX_PAYLOAD: usize = 1 << 20;
+pub use mounts::*;
 
 /// Largest chunk of stdout/stderr/stdin data the sender puts in one frame.
 pub const MAX_CHUNK: usize = 32 * 1024;

@@ -6,10 +6,12 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mounts::Mount;
+
 /// A message from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMessage {
-    /// Mount the container's layers and start its process.
+    /// Make the container's mounts and start its process.
     StartContainer(ContainerSpec),
     /// Bytes for the stdin of process `id` (only if it was started with stdin).
     Stdin { id: String, data: Vec<u8> },
@@ -36,10 +38,11 @@ pub enum HostMessage {
     /// its own identity before anything else runs. Answered by
     /// [`GuestMessage::IdentitySet`].
     Identity(CloneIdentity),
-    /// Wait for these layer disks (virtio-blk serials) and mount them now,
-    /// ahead of any container: a template is saved with its image's layers
-    /// probed and mounted. Answered by [`GuestMessage::LayersMounted`].
-    MountLayers { layers: Vec<String> },
+    /// Make these shared mounts now, ahead of any container (each target
+    /// is [`MountTarget::Shared`](crate::MountTarget::Shared)): an image template is saved with its
+    /// image's layer disks probed and mounted. Answered by
+    /// [`GuestMessage::SharedMounted`].
+    MountShared { mounts: Vec<Mount> },
     /// Configure the pod's network: the NIC (found by MAC), its addresses
     /// and routes, and the `/etc/resolv.conf` and `/etc/hosts` every
     /// container gets. Sent before the first container starts, and again
@@ -90,9 +93,9 @@ pub enum GuestMessage {
     /// The answer to [`HostMessage::Identity`]: every step that failed, each
     /// named; empty when the clone fully took on its identity.
     IdentitySet { errors: Vec<String> },
-    /// The answer to [`HostMessage::MountLayers`]: `None` when every layer
-    /// is mounted, else what failed.
-    LayersMounted { error: Option<String> },
+    /// The answer to [`HostMessage::MountShared`]: `None` when every mount
+    /// is made, else what failed.
+    SharedMounted { error: Option<String> },
     /// The answer to [`HostMessage::ConfigureNetwork`]: `error` is `None`
     /// when everything asked for is in place, else what failed (the
     /// network is then in an unknown state; the host should not start
@@ -274,9 +277,11 @@ pub struct ContainerSpec {
     pub id: String,
     /// Hostname inside the container's UTS namespace.
     pub hostname: String,
-    /// virtio-blk serials of the container's layer disks (EROFS), bottom
-    /// layer first. The agent mounts them read-only as overlay lower layers.
-    pub layers: Vec<String>,
+    /// What to mount, in this order: shared mounts (the image's layer
+    /// disks), the container's root (an overlay over the layers), then
+    /// mounts inside the container. [`image_mounts`](crate::image_mounts)
+    /// makes the list for an image.
+    pub mounts: Vec<Mount>,
     /// The main process.
     pub process: ProcessSpec,
 }
@@ -364,7 +369,8 @@ pub enum StartErrorKind {
     NotExecutable,
     /// The spec was invalid: bad user, bad working directory, no args.
     InvalidSpec,
-    /// A layer disk could not be found or mounted.
+    /// A mount could not be made: a disk did not show up, `mount(2)`
+    /// failed. (A mount the agent refuses to make is `InvalidSpec`.)
     Mount,
     /// Anything else inside the guest.
     Other,

@@ -22,6 +22,7 @@ use podvisor_podvm::pod_vm::new_pod_id;
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
 use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, StartError, Stream, TerminalSize,
+    image_mounts,
 };
 use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -153,7 +154,7 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     let container = ContainerSpec {
         id: CONTAINER_ID.into(),
         hostname: req.name.clone().unwrap_or_else(|| pod_id.clone()),
-        layers: serials,
+        mounts: image_mounts(&serials),
         process,
     };
     let spec = PodVmSpec {

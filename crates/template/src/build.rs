@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
-use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
+use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, image_mounts};
 use podvisor_vmm::MemoryBacking;
 
 use super::files::{self, TemplateDirs};
@@ -146,19 +146,24 @@ pub async fn child(
         pod.hotplug_disk(i, disk).await.map_err(TemplateError::Vm)?;
     }
     let serials: Vec<String> = disks.iter().map(|d| d.serial.clone()).collect();
-    pod.send(&HostMessage::MountLayers {
-        layers: serials.clone(),
+    let mounts = image_mounts(&serials);
+    pod.send(&HostMessage::MountShared {
+        mounts: mounts
+            .iter()
+            .filter(|m| m.shared_name().is_some())
+            .cloned()
+            .collect(),
     })
     .await
     .map_err(TemplateError::Vm)?;
     match expect_event(&mut pod, cfg.boot_timeout).await? {
-        GuestMessage::LayersMounted { error: None } => {}
-        GuestMessage::LayersMounted { error: Some(e) } => {
+        GuestMessage::SharedMounted { error: None } => {}
+        GuestMessage::SharedMounted { error: Some(e) } => {
             return Err(TemplateError::Guest(sanitize_guest_text(&e)));
         }
         other => {
             return Err(TemplateError::Vm(
-                pod.reject(format!("expected LayersMounted, got {other:?}"))
+                pod.reject(format!("expected SharedMounted, got {other:?}"))
                     .await,
             ));
         }
@@ -167,7 +172,7 @@ pub async fn child(
         let container = ContainerSpec {
             id: WARM_CONTAINER_ID.into(),
             hostname: build.name.to_string(),
-            layers: serials,
+            mounts,
             process: warm.process.clone(),
         };
         warm_up(

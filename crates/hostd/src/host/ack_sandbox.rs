@@ -45,7 +45,7 @@ impl Launcher for AckLauncher {
                 Ok(ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    layers: vec![],
+                    mounts: vec![],
                     process: ProcessSpec {
                         args,
                         env: c.overrides().env,

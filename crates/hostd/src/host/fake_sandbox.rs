@@ -145,7 +145,7 @@ impl Launcher for FakeLauncher {
                 Ok(ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    layers: vec![],
+                    mounts: vec![],
                     process: ProcessSpec {
                         args: c.command.clone().unwrap_or_else(|| vec!["true".into()]),
                         env: vec![],

@@ -54,7 +54,7 @@ impl Launcher for VmLauncher {
                 Ok(ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    layers: img.layers.clone(),
+                    mounts: podvisor_proto::image_mounts(&img.layers),
                     process,
                 })
             })

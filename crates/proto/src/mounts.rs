@@ -1,0 +1,129 @@
+//! Mounts as data: what the agent mounts for a container, as a list of
+//! [`Mount`]s in the order they are made.
+//!
+//! A mount says where its file system comes from ([`MountSource`]), its
+//! type, where it goes ([`MountTarget`]), its options and whether it is
+//! read-only, in the spirit of containerd's `Mount` (type, source, target,
+//! options) and Kata's agent `Storage` (driver, source, fstype, options,
+//! mount point). An image's layers are [`Mount::layer`]s: EROFS disks found
+//! by their virtio-blk serial and mounted once for the whole VM; the
+//! container's root is [`Mount::overlay_root`] over them. A volume, a
+//! tmpfs, a bind, a DAX layer or a dm-crypt mapping is another entry or
+//! another kind of source, never another message.
+//!
+//! The agent checks everything: an unknown type, an option it does not
+//! know for the type, a target outside the container root, a source naming
+//! a shared mount not listed before it are refused with a `StartFailed`.
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the virtio-blk serial numbers of layer disks (`pvl0`, `pvl1`, …).
+/// virtio-blk serials hold at most 20 bytes, so disks are named by position
+/// and the [`ContainerSpec`](crate::ContainerSpec)'s mounts say which serial
+/// is which layer.
+pub const LAYER_SERIAL_PREFIX: &str = "pvl";
+
+/// Longest virtio-blk serial (the device's `VIRTIO_BLK_ID_BYTES`).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// One mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Where the file system comes from.
+    pub source: MountSource,
+    /// The file system type: `erofs`, `tmpfs`, `overlay`, or `bind` for a
+    /// bind mount of a shared mount.
+    pub fstype: String,
+    /// Where it goes.
+    pub target: MountTarget,
+    /// fstab-style options: flags (`nosuid`, `nodev`, `noexec`) and
+    /// `key=value` settings of the type (`dax=always` for erofs, `size=64m`
+    /// and `mode=1777` for tmpfs). The agent refuses what it does not know.
+    pub options: Vec<String>,
+    /// Mount it read-only.
+    pub read_only: bool,
+}
+
+/// Where a mount's file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A virtio-blk disk with this serial (at most [`MAX_SERIAL_LEN`]
+    /// bytes). The agent waits a few seconds for it: disks probe
+    /// asynchronously and hot-plugged ones appear a little after the host
+    /// added them.
+    Disk { serial: String },
+    /// No device: the type makes the file system (`tmpfs`).
+    Anonymous,
+    /// An overlay of shared mounts listed earlier, named bottom layer
+    /// first, with a fresh writable upper directory of the container's own
+    /// (gone when the container ends; a restart starts afresh).
+    Overlay { lower: Vec<String> },
+    /// A shared mount listed earlier, by name (the source of a `bind`).
+    Shared { name: String },
+}
+
+/// Where a mount goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountTarget {
+    /// A mount of the whole VM, shared by its containers, under this name
+    /// (a safe file name). It is made once: a later container (or
+    /// [`HostMessage::MountShared`](crate::HostMessage::MountShared))
+    /// listing the same mount finds it made; one listing another mount
+    /// under the same name is refused.
+    Shared { name: String },
+    /// The container's root file system. A container spec has exactly one.
+    Root,
+    /// A path inside the container: absolute, without `.` or `..`
+    /// components; symlinks in the image are followed inside the
+    /// container's root. Made after the root, in the container's own mount
+    /// namespace (an exec sees them; they end with the container).
+    Container { path: String },
+}
+
+impl Mount {
+    /// The layer disk with `serial`: EROFS, read-only, shared under its
+    /// serial (each disk is mounted once however many containers use it).
+    pub fn layer(serial: impl Into<String>) -> Mount {
+        let serial = serial.into();
+        Mount {
+            source: MountSource::Disk {
+                serial: serial.clone(),
+            },
+            fstype: "erofs".into(),
+            target: MountTarget::Shared { name: serial },
+            options: vec![],
+            read_only: true,
+        }
+    }
+
+    /// The container's root: an overlay of the shared mounts `lower`,
+    /// bottom first, with a writable upper of the container's own.
+    pub fn overlay_root(lower: Vec<String>) -> Mount {
+        Mount {
+            source: MountSource::Overlay { lower },
+            fstype: "overlay".into(),
+            target: MountTarget::Root,
+            options: vec![],
+            read_only: false,
+        }
+    }
+
+    /// The shared mount this one makes, if it makes one.
+    pub fn shared_name(&self) -> Option<&str> {
+        match &self.target {
+            MountTarget::Shared { name } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// The mounts of a container made from an image whose layer disks have
+/// `serials`, bottom layer first: each layer, then the overlay root over
+/// them.
+pub fn image_mounts(serials: &[String]) -> Vec<Mount> {
+    serials
+        .iter()
+        .map(|s| Mount::layer(s.clone()))
+        .chain(std::iter::once(Mount::overlay_root(serials.to_vec())))
+        .collect()
+}
