@@ -3,7 +3,8 @@
 //! namespace, hostname, user and working directory), works with a terminal
 //! and stdin, dies with the container, and a container started again under
 //! the same id gets a fresh writable layer. In between, the VM is detached
-//! and adopted by a new handle, as a restarted host daemon adopts it.
+//! and adopted by a new handle, as a restarted host daemon adopts it. A
+//! second VM shows the mounts a container spec lists inside the container.
 
 use std::time::Duration;
 
@@ -325,4 +326,232 @@ impl Drop for VmReaper {
     fn drop(&mut self) {
         podvisor_testbed::daemon::kill_mentioning(&self.0.display().to_string());
     }
+}
+
+/// A container's mounts as the real agent makes them: a tmpfs inside the
+/// container (seen by an exec too), a bind of a layer, a shared tmpfs bound
+/// twice (writable and read-only), and mounts it refuses or cannot make,
+/// each a clear `StartFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_mounts_inside_the_container_and_refused_mounts() {
+    use podvisor_proto::{Mount, MountSource, MountTarget, StartErrorKind};
+
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.run_dir = dir.path().join("run");
+    let archive = dir.path().join("img.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .user("app")
+        .write_oci_archive(&archive)
+        .unwrap();
+    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
+    let image = podvisor_image::import(&cache, &archive, None).unwrap();
+    let mut layers = podvisor_image::LayerAttachments::default();
+    let serials = layers.add_image(&image);
+    let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
+        kernel: None,
+        agent: None,
+        extra_modules: vec![],
+        cache_dir: cfg.cache_dir.clone(),
+    })
+    .unwrap();
+    let mut pod = PodVm::boot(
+        &cfg,
+        PodVmSpec {
+            id: "mounttest".into(),
+            cpus: 1,
+            memory_mib: 192,
+            guest,
+            disks: layer_disks(&layers),
+            memory: podvisor_vmm::MemoryBacking::Anonymous,
+            die_with_parent: false,
+        },
+    )
+    .await
+    .unwrap();
+    let tmpfs = Mount {
+        source: MountSource::Anonymous,
+        fstype: "tmpfs".into(),
+        target: MountTarget::Container {
+            path: "/scratch".into(),
+        },
+        options: vec!["size=1m".into(), "mode=1777".into(), "nosuid".into()],
+        read_only: false,
+    };
+    let base = Mount {
+        source: MountSource::Shared {
+            name: "pvl0".into(),
+        },
+        fstype: "bind".into(),
+        target: MountTarget::Container {
+            path: "/srv/base".into(),
+        },
+        options: vec![],
+        read_only: true,
+    };
+    let shared = Mount {
+        target: MountTarget::Shared {
+            name: "pod-scratch".into(),
+        },
+        options: vec![],
+        ..tmpfs.clone()
+    };
+    let bind = |path: &str, read_only| Mount {
+        source: MountSource::Shared {
+            name: "pod-scratch".into(),
+        },
+        target: MountTarget::Container { path: path.into() },
+        read_only,
+        ..base.clone()
+    };
+    let spec = |id: &str, more: Vec<Mount>, args: &[&str]| {
+        let mut mounts = podvisor_proto::image_mounts(&serials);
+        mounts.extend(more);
+        ContainerSpec {
+            id: id.into(),
+            hostname: "mypod".into(),
+            mounts,
+            process: ProcessSpec {
+                cwd: "/".into(),
+                user: String::new(),
+                ..process(args)
+            },
+        }
+    };
+    pod.send(&HostMessage::StartContainer(spec(
+        "m",
+        vec![
+            tmpfs.clone(),
+            base.clone(),
+            shared,
+            bind("/srv/rw", false),
+            bind("/srv/ro", true),
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo kept > /scratch/f && cat /scratch/f; \
+             grep ' /scratch ' /proc/mounts | cut -d' ' -f3,4; \
+             test -x /srv/base/bin/busybox && echo base; \
+             echo shared > /srv/rw/g && cat /srv/ro/g; \
+             touch /srv/ro/x 2>/dev/null || echo read-only; \
+             exec sleep 1000",
+        ],
+    )))
+    .await
+    .unwrap();
+    until_started(&mut pod, "m").await;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while out.matches('\n').count() < 5 {
+            if let GuestMessage::Output { id, data, .. } =
+                pod.next_event().await.expect("pod event")
+                && id == "m"
+            {
+                out.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the container's five lines; got {out:?}"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "kept");
+    assert!(
+        lines[1].starts_with("tmpfs rw,nosuid,") && lines[1].contains("size=1024k"),
+        "{out}"
+    );
+    assert_eq!(lines[2..], ["base", "shared", "read-only"], "{out}");
+
+    // An exec joins the container's mount namespace: it sees the tmpfs.
+    pod.send(&HostMessage::Exec(ExecSpec {
+        id: "exec.cat".into(),
+        container: "m".into(),
+        process: ProcessSpec {
+            cwd: "/".into(),
+            ..process(&["cat", "/scratch/f"])
+        },
+    }))
+    .await
+    .unwrap();
+    let cat = until_exit(&mut pod, "exec.cat", &mut Vec::new()).await;
+    assert_eq!(cat.stdout, "kept\n");
+
+    // Refused before anything is mounted, or not makeable: each named.
+    let outside = Mount {
+        target: MountTarget::Container {
+            path: "/srv/../../etc".into(),
+        },
+        ..tmpfs.clone()
+    };
+    let xfs = Mount {
+        fstype: "xfs".into(),
+        ..tmpfs.clone()
+    };
+    let missing_disk = Mount {
+        target: MountTarget::Shared {
+            name: "pvl7".into(),
+        },
+        ..Mount::layer("pvl7")
+    };
+    for (id, more, kind, message) in [
+        (
+            "outside",
+            vec![outside],
+            StartErrorKind::InvalidSpec,
+            "the mount on \"/srv/../../etc\": the target has a `.` or `..` component",
+        ),
+        (
+            "xfs",
+            vec![xfs],
+            StartErrorKind::InvalidSpec,
+            "the mount on \"/scratch\": unknown mount type \"xfs\"",
+        ),
+        (
+            "nodisk",
+            vec![missing_disk],
+            StartErrorKind::Mount,
+            "shared mount \"pvl7\": disk with serial \"pvl7\" not found in /sys/block after",
+        ),
+    ] {
+        pod.send(&HostMessage::StartContainer(spec(id, more, &["true"])))
+            .await
+            .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match pod.next_event().await.expect("pod event") {
+                    GuestMessage::StartFailed { id: i, error } if i == id => break error,
+                    GuestMessage::Started { id: i, .. } if i == id => {
+                        panic!("{id} started")
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{id}: no StartFailed"));
+        assert_eq!(error.kind, kind, "{id}: {}", error.message);
+        assert!(
+            error.message.starts_with(message),
+            "{id}: {}",
+            error.message
+        );
+    }
+    // The container that runs is not disturbed by the refusals.
+    pod.send(&HostMessage::ListProcesses).await.unwrap();
+    let listed = loop {
+        if let GuestMessage::Processes { processes } = pod.next_event().await.unwrap() {
+            break processes;
+        }
+    };
+    assert_eq!(
+        listed,
+        [podvisor_proto::ProcessInfo {
+            id: "m".into(),
+            exec_in: None
+        }]
+    );
+    pod.shutdown(Duration::ZERO).await;
 }
