@@ -23,8 +23,9 @@ fi
 packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates
           protobuf-compiler libprotobuf-dev containernetworking-plugins iptables)
 if [ "$want_test" = 1 ]; then
-    # openssl signs the bearer tokens of the token-auth registry tests.
-    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl)
+    # openssl signs the bearer tokens of the token-auth registry tests;
+    # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh.
+    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3)
 fi
 missing=()
 for p in "${packages[@]}"; do
