@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 mod entry;
-pub use entry::{BUSYBOX_APPLETS, Entry, FIXED_MTIME, HOST_BUSYBOX, busybox_entries, layer_tar};
+pub use entry::{
+    BUSYBOX_APPLETS, Entry, FIXED_MTIME, HOST_BUSYBOX, busybox_entries, host_program_entries,
+    layer_tar,
+};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -278,6 +278,60 @@ pub fn busybox_entries() -> Vec<Entry> {
     entries
 }
 
+/// A dynamically linked host program and the shared libraries `ldd` finds
+/// for it, each at its host path (parent directories included, symlinks
+/// resolved to their files), for an image that runs the host's tool (e.g.
+/// iperf3). A static program comes alone.
+pub fn host_program_entries(program: &std::path::Path) -> io::Result<Vec<Entry>> {
+    let out = std::process::Command::new("ldd").arg(program).output()?;
+    let mut paths = vec![program.to_path_buf()];
+    if out.status.success() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or
+            // `/lib64/ld-linux-x86-64.so.2 (0x...)`; vdso has no path.
+            let target = line.split_once("=>").map_or(line, |(_, t)| t).trim();
+            let Some(path) = target.split_whitespace().next() else {
+                continue;
+            };
+            if path.starts_with('/') {
+                paths.push(PathBuf::from(path));
+            } else if line.contains("=> not found") {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: {line}", program.display()),
+                ));
+            }
+        }
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut entries = Vec::new();
+    for path in &paths {
+        let name = path.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{path:?}: not UTF-8"))
+        })?;
+        let name = name.trim_start_matches('/');
+        let mut dir = String::new();
+        for component in name
+            .split('/')
+            .rev()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(component);
+            if dirs.insert(dir.clone()) {
+                entries.push(Entry::dir(&dir));
+            }
+        }
+        entries.push(Entry::host_file(name, fs::canonicalize(path)?, 0o755));
+    }
+    Ok(entries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +342,30 @@ mod tests {
         let text = String::from_utf8(r.clone()).unwrap();
         let (len, _) = text.split_once(' ').unwrap();
         assert_eq!(len.parse::<usize>().unwrap(), r.len());
+    }
+
+    #[test]
+    fn a_host_program_runs_from_its_entries_alone() {
+        // /usr/bin/env is dynamically linked on Debian; chroot needs root,
+        // as the rest of the test suite does.
+        let entries = host_program_entries(std::path::Path::new("/usr/bin/env")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        tar::Archive::new(&layer_tar(&entries).unwrap()[..])
+            .unpack(root.path())
+            .unwrap();
+        let status = std::process::Command::new("chroot")
+            .arg(root.path())
+            .args(["/usr/bin/env", "--version"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "env in a root holding only its entries: {status}"
+        );
+        assert!(
+            root.path().join("usr/bin/env").exists(),
+            "the program at its host path"
+        );
     }
 }
