@@ -1,7 +1,7 @@
 //! The agent's state machine: host messages, process output, exits and
 //! timers in; [`GuestMessage`]s and process actions out. It owns the agent
 //! ends of every container's stdio but does no polling itself; the
-//! event loop (`crate::event_loop`) tells it what is ready.
+//! event loop tells it what is ready.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

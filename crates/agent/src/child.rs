@@ -394,7 +394,7 @@ unsafe fn install(fd: RawFd, target: RawFd) -> Result<(), Errno> {
 }
 
 /// The main process: stdio, terminal, user, exec. Also the last part of
-/// an exec's child (`crate::exec`).
+/// an exec's child (see the exec module).
 pub(crate) unsafe fn exec_main(plan: &ChildPlan) -> ! {
     // SAFETY: see run_init.
     unsafe {

@@ -1,7 +1,7 @@
 //! Mount plans as data: what the agent mounts at boot, for each container
 //! (on the agent's side), and inside the container's mount namespace before
-//! `pivot_root`. (The mounts a host lists become such plans in
-//! `crate::mount_spec`.)
+//! `pivot_root`. (The mounts a host lists are turned into such plans by the
+//! module that checks them, which builds on this one.)
 //!
 //! A plan is a list of [`Op`]s applied in order by [`apply`] through the
 //! [`Syscall`] trait, so the plans are unit-tested as values and the cloned
@@ -215,8 +215,7 @@ impl ContainerDirs {
 
 /// What the agent mounts for a container in its own namespace: a tmpfs with
 /// the overlay's upper and work dirs, the container's root on `rootfs/`
-/// (`root`: the mount calls of its root mount, made by
-/// `crate::mount_spec::ops`), and a fresh devpts
+/// (`root`: the mount calls of the spec's root mount), and a fresh devpts
 /// instance whose pty the terminal of the container comes from.
 pub fn container_plan(dirs: &ContainerDirs, root: Vec<Op>) -> Vec<Op> {
     let mut ops = vec![
