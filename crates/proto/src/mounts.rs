@@ -17,12 +17,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Prefix of the virtio-blk serial numbers of layer disks (`pvl0`, `pvl1`, …).
-/// virtio-blk serials hold at most 20 bytes, so disks are named by position
-/// and the [`ContainerSpec`](crate::ContainerSpec)'s mounts say which serial
-/// is which layer.
-pub const LAYER_SERIAL_PREFIX: &str = "pvl";
-
 /// Longest virtio-blk serial (the device's `VIRTIO_BLK_ID_BYTES`).
 pub const MAX_SERIAL_LEN: usize = 20;
 
