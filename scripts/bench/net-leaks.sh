@@ -27,8 +27,8 @@ work=$(mktemp -d)
 trap 'net_cleanup; rm -rf "$work"' EXIT
 "$target/release/busybox-image" "$work/busybox.tar" >/dev/null
 
-run_pod() { # seconds the pod sleeps
-    in_host "$podvisor" run --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
+run_pod() { # seconds the pod sleeps (in the foreground; see the loop for &)
+    ip netns exec "$hostns" "$podvisor" run --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
         --template none --network default --cni-conf-dir "$work/cni" \
         "$work/busybox.tar" -- sleep "$1" >>"$work/runs.log" 2>&1
 }
@@ -51,8 +51,10 @@ run_pod 0
 census "$work/before.txt"
 ended=0 qemu_killed=0 podvisor_killed=0
 for c in $(seq "$cycles"); do
-    run_pod 2 &
-    pid=$!
+    ip netns exec "$hostns" "$podvisor" run --accel "$accel" --cache-dir "$work/cache" \
+        --run-dir "$work/run" --template none --network default --cni-conf-dir "$work/cni" \
+        "$work/busybox.tar" -- sleep 2 >>"$work/runs.log" 2>&1 &
+    pid=$! # `ip netns exec` execs podvisor in place: this is podvisor
     action=$((RANDOM % 3))
     sleep "$(awk "BEGIN {srand($RANDOM); printf \"%.2f\", 0.5 + rand() * 3}")"
     case $action in
@@ -67,7 +69,9 @@ for c in $(seq "$cycles"); do
            # (PR_SET_PDEATHSIG); make sure before the next cycle.
            for p in $left; do kill -9 "$p" 2>/dev/null || true; done ;;
     esac
-    [ $((c % 10)) = 0 ] && echo "cycle $c: ended $ended, qemu killed $qemu_killed, podvisor killed $podvisor_killed"
+    if [ $((c % 10)) = 0 ]; then
+        echo "cycle $c: ended $ended, QEMU killed $qemu_killed, podvisor killed $podvisor_killed"
+    fi
 done
 sleep 11 # killed runs count as abandoned after 10 s
 run_pod 0
