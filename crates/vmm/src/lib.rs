@@ -1,30 +1,42 @@
 //! The hypervisor abstraction of podvisor and its QEMU backend.
 //!
-//! Callers describe a pod VM with a backend-neutral [`VmSpec`] and launch it
-//! through the [`Hypervisor`] trait, chosen at run time ([`hypervisor`]).
-//! Nothing QEMU-specific leaks out: the QEMU command line is built from typed
+//! Callers describe a pod VM with a backend-neutral [`VmSpec`]: CPUs,
+//! memory, boot files and a list of typed [`Device`]s (disks, network
+//! cards, pmem, the agent channel, console, RNG, ...), which the backend
+//! places on PCI slots. The backend ([`Hypervisor`]) is chosen at run time
+//! and built once ([`hypervisor`]); callers hold the `Arc`. Nothing
+//! QEMU-specific leaks out: the QEMU command line is built from typed
 //! argument groups in [`qemu::cmdline`] and the QMP client lives in
 //! [`qemu::qmp`]. This crate also decides the accelerator ([`accel`]).
 //!
-//! Besides booting, a VM can be paused, its state saved as one byte stream
-//! ([`Vm::save_state`]) and restored into a new VM ([`Hypervisor::restore`]),
-//! and disks can be hot-plugged ([`Vm::hotplug_disk`]). VM templates use
-//! these with RAM in a file ([`MemoryBacking::File`]): the state stream then
-//! holds the devices only, and every clone maps the template's RAM file
+//! A running VM takes devices ([`Vm::add_device`], [`Vm::remove_device`]).
+//! Its state can be saved as one byte stream ([`Vm::save_state`], leaving
+//! it paused or running) and loaded into a new VM
+//! ([`Hypervisor::load_state`]) with the same devices at the same PCI
+//! addresses ([`Vm::pci_layout`]); giving a loaded VM a new identity (a
+//! clone) is the caller's separate step. VM templates use these with RAM in
+//! a file ([`MemoryBacking::File`]): the state stream then holds the
+//! devices only, and every clone maps the template's RAM file
 //! copy-on-write. The stream goes through the caller (a `Write`/`Read`), so
 //! it can be hashed, compressed or encrypted on the way.
 
 pub mod accel;
+pub mod device;
 pub mod process;
 pub mod qemu;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use accel::{Accel, AccelChoice};
+pub use device::{
+    BlockDevice, Device, DeviceKind, MacAddress, NetworkDevice, PciAddress, PciLayout, PmemDevice,
+    Tap,
+};
 pub use process::VmmProcess;
 
 /// Everything needed to start one pod VM, independent of the backend.
@@ -44,8 +56,13 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// Kernel command line.
     pub kernel_cmdline: String,
-    /// Disks, in the order they are attached.
-    pub disks: Vec<DiskSpec>,
+    /// The VM's devices. PCI devices get slots in this order unless
+    /// [`VmSpec::pci`] pins them.
+    pub devices: Vec<Device>,
+    /// PCI addresses to keep: for a VM loading a saved state, the saved
+    /// VM's [`Vm::pci_layout`]; for a fresh boot, empty, or only a number
+    /// of bridges so that many devices can be hot-plugged later.
+    pub pci: PciLayout,
     /// Directory for this VM's sockets, console log and state; must exist.
     pub run_dir: PathBuf,
     /// Accelerator to use.
@@ -53,6 +70,21 @@ pub struct VmSpec {
     /// Kill the VM if the launching process dies (for `podvisor run`); a host
     /// daemon leaves it off so its VMs survive a daemon restart.
     pub die_with_parent: bool,
+    /// A network namespace (a file such as `/run/netns/NAME`) the VMM runs
+    /// in, entered before it starts; the VM's taps live there. `None`: the
+    /// launcher's.
+    pub netns: Option<PathBuf>,
+}
+
+/// What a VM does once its state is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSave {
+    /// Stays paused (to be killed: a template, a hibernated pod). A VM
+    /// whose RAM is a shared file must stay paused: its writes would go to
+    /// the file the state refers to.
+    Paused,
+    /// Runs on (a checkpoint).
+    Running,
 }
 
 /// Where a VM's RAM lives.
@@ -71,17 +103,6 @@ pub enum MemoryBacking {
         /// clone).
         shared: bool,
     },
-}
-
-/// A block device for the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    /// Host file backing the disk (raw format).
-    pub path: PathBuf,
-    /// Attach read-only (layer disks always are).
-    pub read_only: bool,
-    /// Serial number the guest sees (at most 20 bytes for virtio-blk).
-    pub serial: String,
 }
 
 /// Files a running VM is reached through; all live in [`VmSpec::run_dir`].
@@ -147,19 +168,23 @@ pub enum VmmError {
     Save(String),
     #[error("restoring the VM state failed: {0}")]
     Restore(String),
-    #[error("hot-plugging disk {index} ({path}): {reason}")]
+    #[error("hot-plugging {kind} device {id}: {reason}")]
     Hotplug {
-        index: usize,
-        path: String,
+        kind: DeviceKind,
+        id: String,
         reason: String,
     },
+    #[error("removing device {id}: {reason}")]
+    Unplug { id: String, reason: String },
+    #[error("{0}")]
+    NoPciSlot(String),
     #[error("the VM has exited")]
     Gone,
 }
 
 /// A hypervisor backend: turns a [`VmSpec`] into a running VM.
 #[async_trait]
-pub trait Hypervisor: Send + Sync {
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Backend name, e.g. `qemu`.
     fn name(&self) -> &'static str;
 
@@ -175,12 +200,16 @@ pub trait Hypervisor: Send + Sync {
     async fn adopt(&self, record: &VmmProcess) -> Result<Box<dyn Vm>, VmmError>;
 
     /// Starts a VM from a state saved by [`Vm::save_state`], read from
-    /// `state` to its end. `spec` must describe the saved VM's devices (its
-    /// disks in the same order, the same CPUs and memory size; RAM in a file
-    /// must hold what it held when the state was saved); paths of sockets
-    /// and logs may differ. The VM is returned paused: call [`Vm::resume`].
-    /// A state the VMM rejects is a [`VmmError::Restore`] naming why.
-    async fn restore(
+    /// `state` to its end. `spec` must describe the saved VM: its devices
+    /// (those hot-plugged before the save included) with the saved VM's
+    /// [`Vm::pci_layout`] as [`VmSpec::pci`], the same CPUs and memory size;
+    /// RAM in a file must hold what it held when the state was saved. Paths
+    /// of sockets and logs may differ, and so may the backends of devices
+    /// (another tap, another copy of a disk). The VM is returned paused:
+    /// call [`Vm::resume`]. It is the saved VM, identity and all; making it
+    /// a clone is the caller's next step. A state the VMM rejects is a
+    /// [`VmmError::Restore`] naming why.
+    async fn load_state(
         &self,
         spec: &VmSpec,
         state: Box<dyn Read + Send>,
@@ -241,21 +270,33 @@ pub trait Vm: Send {
     async fn resume(&mut self) -> Result<(), VmmError>;
 
     /// Pauses the VM (if it runs) and writes its state to `sink` as one
-    /// byte stream: device state, and RAM unless RAM is in a file. The VM
-    /// stays paused; it is usually killed afterwards. Returns the bytes
-    /// written.
-    async fn save_state(&mut self, sink: Box<dyn Write + Send>) -> Result<u64, VmmError>;
+    /// byte stream: device state, and RAM unless RAM is in a file. Then the
+    /// VM stays paused or runs on, as `after` says. Returns the bytes
+    /// written. Load it with [`Hypervisor::load_state`], giving the VM's
+    /// devices and [`Vm::pci_layout`] as they were at the save.
+    async fn save_state(
+        &mut self,
+        sink: Box<dyn Write + Send>,
+        after: AfterSave,
+    ) -> Result<u64, VmmError>;
 
-    /// Attaches `disk` to the running VM as disk number `index` (its
-    /// position in [`VmSpec::disks`] had it been attached at start, so a
-    /// state saved afterwards restores with the disk in the spec).
-    async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), VmmError>;
+    /// Attaches a device to the running VM (disks, network cards, pmem)
+    /// in the lowest free PCI slot, and returns that slot.
+    async fn add_device(&mut self, device: Device) -> Result<PciAddress, VmmError>;
+
+    /// Detaches device `id` (added at start or later): asks the guest to
+    /// release it, waits until it has, then frees its backend and slot.
+    async fn remove_device(&mut self, id: &str) -> Result<(), VmmError>;
+
+    /// Where the VM's PCI devices are now, hot-plugged ones included.
+    fn pci_layout(&self) -> PciLayout;
 }
 
-/// Picks the backend by name (`qemu` is the only one so far).
-pub fn hypervisor(name: &str) -> Result<Box<dyn Hypervisor>, VmmError> {
+/// Builds the backend named `name` (`qemu` is the only one so far), once:
+/// callers hold it.
+pub fn hypervisor(name: &str) -> Result<Arc<dyn Hypervisor>, VmmError> {
     match name {
-        "qemu" => Ok(Box::new(qemu::Qemu::from_env())),
+        "qemu" => Ok(Arc::new(qemu::Qemu::from_env())),
         other => Err(VmmError::InvalidSpec(format!(
             "unknown hypervisor backend {other:?} (known: qemu)"
         ))),

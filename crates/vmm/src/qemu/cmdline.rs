@@ -9,6 +9,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::Accel;
+use crate::device::{MacAddress, PciAddress};
 
 /// One group of QEMU arguments.
 pub trait ArgGroup {
@@ -182,52 +183,57 @@ impl ArgGroup for DirectBoot {
     }
 }
 
-/// PCI slot of the agent's virtio-serial controller.
-pub const SLOT_AGENT_SERIAL: u8 = 2;
-/// PCI slot of the virtio-rng device.
-pub const SLOT_RNG: u8 = 3;
-/// PCI slot of the first disk; disk `i` sits in slot `FIRST_DISK_SLOT + i`.
-///
-/// Every device gets a fixed address: a VM restored from a template must
-/// have its devices where the template had them, including disks that were
-/// hot-plugged into the template.
-pub const FIRST_DISK_SLOT: u8 = 4;
-/// Highest PCI slot on the root bus.
-pub const LAST_SLOT: u8 = 31;
+/// `bus=pci.N,addr=0xNN`: bus 0 is the root bus, bus *n* the bridge
+/// whose id is `pci.n`.
+fn pci_addr(addr: PciAddress) -> String {
+    format!("bus={},addr=0x{:x}", bus_name(addr.bus), addr.slot)
+}
 
-/// Longest virtio-blk serial number.
-pub const MAX_SERIAL_LEN: usize = 20;
+/// QEMU's name of PCI bus `bus` (the root bus, or a bridge's id).
+pub fn bus_name(bus: u8) -> String {
+    format!("pci.{bus}")
+}
 
-/// Checks a disk serial against the virtio-blk limit.
-pub fn check_serial(serial: &str) -> Result<(), crate::VmmError> {
-    if serial.len() > MAX_SERIAL_LEN {
-        return Err(crate::VmmError::InvalidSpec(format!(
-            "disk serial {serial:?} is longer than the {MAX_SERIAL_LEN} bytes virtio-blk allows"
-        )));
+/// Id of the QEMU device (the guest-visible part) of podvisor device `id`;
+/// its host-side backend (drive, netdev, memory object) is named `id`.
+pub fn frontend_id(id: &str) -> String {
+    format!("dev-{id}")
+}
+
+/// A PCI-to-PCI bridge on the root bus, adding a bus of 31 slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciBridge {
+    /// Bridge number, 1-based: its bus is `pci.<n>`.
+    pub n: u8,
+    pub addr: PciAddress,
+}
+
+impl ArgGroup for PciBridge {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        // ACPI hot-plug (the pc machine's) serves slots behind bridges too;
+        // SHPC would compete with it.
+        push(
+            args,
+            "-device",
+            format!(
+                "pci-bridge,id={},chassis_nr={},shpc=off,{}",
+                bus_name(self.n),
+                self.n,
+                pci_addr(self.addr)
+            ),
+        );
     }
-    Ok(())
-}
-
-/// The PCI slot of disk `index`, if it fits on the root bus.
-pub fn disk_slot(index: usize) -> Option<u8> {
-    let slot = usize::from(FIRST_DISK_SLOT) + index;
-    (slot <= usize::from(LAST_SLOT)).then_some(slot as u8)
-}
-
-/// `bus=pci.0,addr=0xNN`.
-fn pci_addr(slot: u8) -> String {
-    format!("bus=pci.0,addr=0x{slot:x}")
 }
 
 /// A raw file attached as a virtio-blk PCI disk with a serial number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtioBlk {
+    /// The drive's id (block node); the device is [`frontend_id`] of it.
     pub id: String,
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: String,
-    /// Fixed PCI slot on the root bus (see [`disk_slot`]).
-    pub slot: u8,
+    pub addr: PciAddress,
 }
 
 impl ArgGroup for VirtioBlk {
@@ -245,11 +251,96 @@ impl ArgGroup for VirtioBlk {
             args,
             "-device",
             format!(
-                "virtio-blk-pci,drive={},id=dev-{},serial={},{}",
+                "virtio-blk-pci,drive={},id={},serial={},{}",
                 opt_value(&self.id),
-                opt_value(&self.id),
+                opt_value(&frontend_id(&self.id)),
                 opt_value(&self.serial),
-                pci_addr(self.slot)
+                pci_addr(self.addr)
+            ),
+        );
+    }
+}
+
+/// How QEMU gets a tap device: an inherited descriptor or a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapArg {
+    /// Descriptor number in the QEMU process.
+    Fd(i32),
+    Ifname(String),
+}
+
+/// A virtio-net card on a tap device (`-netdev tap` + `virtio-net-pci`),
+/// without vhost-net (this host kind has no `/dev/vhost-net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioNet {
+    /// The netdev's id; the device is [`frontend_id`] of it.
+    pub id: String,
+    pub tap: TapArg,
+    pub mac: MacAddress,
+    pub mtu: Option<u16>,
+    pub addr: PciAddress,
+}
+
+impl ArgGroup for VirtioNet {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        let tap = match &self.tap {
+            // QEMU refuses script options next to fd=.
+            TapArg::Fd(fd) => format!("tap,id={},fd={fd},vhost=off", opt_value(&self.id)),
+            TapArg::Ifname(name) => format!(
+                "tap,id={},ifname={},script=no,downscript=no,vhost=off",
+                opt_value(&self.id),
+                opt_value(name)
+            ),
+        };
+        push(args, "-netdev", tap);
+        let mut device = format!(
+            "virtio-net-pci,netdev={},id={},mac={}",
+            opt_value(&self.id),
+            opt_value(&frontend_id(&self.id)),
+            self.mac
+        );
+        if let Some(mtu) = self.mtu {
+            device.push_str(&format!(",host_mtu={mtu}"));
+        }
+        device.push(',');
+        device.push_str(&pci_addr(self.addr));
+        push(args, "-device", device);
+    }
+}
+
+/// A file mapped into guest memory through virtio-pmem: a memory backend
+/// on the file and the device presenting it. Needs memory hot-plug room
+/// ([`Memory::hotplug`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioPmem {
+    /// The memory backend's id; the device is [`frontend_id`] of it.
+    pub id: String,
+    pub path: PathBuf,
+    pub size_mib: u64,
+    pub read_only: bool,
+    pub addr: PciAddress,
+}
+
+impl ArgGroup for VirtioPmem {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        // Shared: a private mapping would give each VM its own copy of
+        // the pages (read-only, the guest cannot write them anyway).
+        MemoryBackendFile {
+            id: self.id.clone(),
+            mem_path: self.path.clone(),
+            size_mib: self.size_mib,
+            share: true,
+            read_only: self.read_only,
+        }
+        .push_args(args);
+        push(
+            args,
+            "-device",
+            format!(
+                "virtio-pmem-pci,memdev={},id={},{}",
+                opt_value(&self.id),
+                opt_value(&frontend_id(&self.id)),
+                pci_addr(self.addr)
             ),
         );
     }
@@ -261,6 +352,7 @@ impl ArgGroup for VirtioBlk {
 pub struct AgentChannel {
     pub socket: PathBuf,
     pub port_name: String,
+    pub addr: PciAddress,
 }
 
 impl ArgGroup for AgentChannel {
@@ -268,10 +360,7 @@ impl ArgGroup for AgentChannel {
         push(
             args,
             "-device",
-            format!(
-                "virtio-serial-pci,id=vserial0,{}",
-                pci_addr(SLOT_AGENT_SERIAL)
-            ),
+            format!("virtio-serial-pci,id=vserial0,{}", pci_addr(self.addr)),
         );
         push(
             args,
@@ -331,7 +420,9 @@ impl ArgGroup for QmpSocket {
 
 /// A hardware random number generator for the guest, fed from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VirtioRng;
+pub struct VirtioRng {
+    pub addr: PciAddress,
+}
 
 impl ArgGroup for VirtioRng {
     fn push_args(&self, args: &mut Vec<OsString>) {
@@ -339,7 +430,7 @@ impl ArgGroup for VirtioRng {
         push(
             args,
             "-device",
-            format!("virtio-rng-pci,rng=rng0,{}", pci_addr(SLOT_RNG)),
+            format!("virtio-rng-pci,rng=rng0,{}", pci_addr(self.addr)),
         );
     }
 }
@@ -368,7 +459,43 @@ impl ArgGroup for IncomingDeferred {
     }
 }
 
-/// All argument groups of one VM, rendered in a fixed order.
+/// The argument group of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceArgs {
+    Bridge(PciBridge),
+    Blk(VirtioBlk),
+    Net(VirtioNet),
+    Pmem(VirtioPmem),
+    Agent(AgentChannel),
+    Console(SerialConsole),
+    Rng(VirtioRng),
+    VmGenId(VmGenId),
+}
+
+impl DeviceArgs {
+    fn group(&self) -> &dyn ArgGroup {
+        match self {
+            DeviceArgs::Bridge(g) => g,
+            DeviceArgs::Blk(g) => g,
+            DeviceArgs::Net(g) => g,
+            DeviceArgs::Pmem(g) => g,
+            DeviceArgs::Agent(g) => g,
+            DeviceArgs::Console(g) => g,
+            DeviceArgs::Rng(g) => g,
+            DeviceArgs::VmGenId(g) => g,
+        }
+    }
+}
+
+impl ArgGroup for DeviceArgs {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        self.group().push_args(args);
+    }
+}
+
+/// All argument groups of one VM, rendered in a fixed order: machine,
+/// memory, boot, control socket, then the devices (bridges first, so the
+/// buses exist before devices name them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommandLine {
     pub base: BaseOptions,
@@ -378,12 +505,8 @@ pub struct QemuCommandLine {
     pub memory: Memory,
     pub memory_backends: Vec<MemoryBackendFile>,
     pub boot: DirectBoot,
-    pub console: SerialConsole,
     pub qmp: QmpSocket,
-    pub agent: AgentChannel,
-    pub disks: Vec<VirtioBlk>,
-    pub rng: Option<VirtioRng>,
-    pub vmgenid: Option<VmGenId>,
+    pub devices: Vec<DeviceArgs>,
     /// Present when the VM is restored from a saved state.
     pub incoming: Option<IncomingDeferred>,
 }
@@ -392,33 +515,20 @@ impl QemuCommandLine {
     /// The arguments after the binary name.
     pub fn args(&self) -> Vec<OsString> {
         let mut args = Vec::new();
-        let groups: Vec<&dyn ArgGroup> = {
-            let mut g: Vec<&dyn ArgGroup> = vec![
-                &self.base,
-                &self.machine,
-                &self.cpu,
-                &self.smp,
-                &self.memory,
-            ];
-            g.extend(self.memory_backends.iter().map(|b| b as &dyn ArgGroup));
-            g.extend([
-                &self.boot as &dyn ArgGroup,
-                &self.console,
-                &self.qmp,
-                &self.agent,
-            ]);
-            g.extend(self.disks.iter().map(|d| d as &dyn ArgGroup));
-            if let Some(rng) = &self.rng {
-                g.push(rng);
-            }
-            if let Some(genid) = &self.vmgenid {
-                g.push(genid);
-            }
-            if let Some(incoming) = &self.incoming {
-                g.push(incoming);
-            }
-            g
-        };
+        let mut groups: Vec<&dyn ArgGroup> = vec![
+            &self.base,
+            &self.machine,
+            &self.cpu,
+            &self.smp,
+            &self.memory,
+        ];
+        groups.extend(self.memory_backends.iter().map(|b| b as &dyn ArgGroup));
+        groups.push(&self.boot);
+        groups.push(&self.qmp);
+        groups.extend(self.devices.iter().map(|d| d as &dyn ArgGroup));
+        if let Some(incoming) = &self.incoming {
+            groups.push(incoming);
+        }
         for group in groups {
             group.push_args(&mut args);
         }

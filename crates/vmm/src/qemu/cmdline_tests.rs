@@ -2,6 +2,10 @@
 
 use super::*;
 
+fn at(bus: u8, slot: u8) -> PciAddress {
+    PciAddress { bus, slot }
+}
+
 fn render(g: &dyn ArgGroup) -> Vec<String> {
     let mut v = Vec::new();
     g.push_args(&mut v);
@@ -59,7 +63,7 @@ fn read_only_layer_disk_with_serial() {
         path: "/cache/layers/abc/disk.erofs".into(),
         read_only: true,
         serial: "pvl0".into(),
-        slot: disk_slot(1).unwrap(),
+        addr: at(0, 5),
     };
     assert_eq!(
         render(&d),
@@ -70,9 +74,11 @@ fn read_only_layer_disk_with_serial() {
             "virtio-blk-pci,drive=l0,id=dev-l0,serial=pvl0,bus=pci.0,addr=0x5"
         ]
     );
-    assert_eq!(disk_slot(0), Some(4));
-    assert_eq!(disk_slot(27), Some(31));
-    assert_eq!(disk_slot(28), None);
+    let behind_bridge = VirtioBlk {
+        addr: at(1, 0x1f),
+        ..d
+    };
+    assert!(render(&behind_bridge)[3].ends_with(",bus=pci.1,addr=0x1f"));
 }
 
 #[test]
@@ -80,6 +86,7 @@ fn agent_channel_names_the_port() {
     let a = AgentChannel {
         socket: "/run/p/agent.sock".into(),
         port_name: "io.podvisor.agent.0".into(),
+        addr: at(0, 2),
     };
     assert_eq!(
         render(&a),
@@ -141,19 +148,21 @@ fn whole_command_line_orders_groups() {
             initramfs: "/c/initrd".into(),
             cmdline: "console=ttyS0 quiet".into(),
         },
-        console: SerialConsole {
-            log: "/r/console.log".into(),
-        },
         qmp: QmpSocket {
             path: "/r/control.sock".into(),
         },
-        agent: AgentChannel {
-            socket: "/r/agent.sock".into(),
-            port_name: "p".into(),
-        },
-        disks: vec![],
-        rng: Some(VirtioRng),
-        vmgenid: Some(VmGenId),
+        devices: vec![
+            DeviceArgs::Console(SerialConsole {
+                log: "/r/console.log".into(),
+            }),
+            DeviceArgs::Agent(AgentChannel {
+                socket: "/r/agent.sock".into(),
+                port_name: "p".into(),
+                addr: at(0, 2),
+            }),
+            DeviceArgs::Rng(VirtioRng { addr: at(0, 3) }),
+            DeviceArgs::VmGenId(VmGenId),
+        ],
         incoming: None,
     };
     let args: Vec<String> = cl
@@ -199,4 +208,98 @@ fn template_and_clone_memory_backends() {
         ..template
     };
     assert!(render(&clone)[1].ends_with(",share=off"));
+}
+
+#[test]
+fn a_bridge_adds_a_bus_without_shpc() {
+    let b = PciBridge {
+        n: 1,
+        addr: at(0, 31),
+    };
+    assert_eq!(
+        render(&b),
+        [
+            "-device",
+            "pci-bridge,id=pci.1,chassis_nr=1,shpc=off,bus=pci.0,addr=0x1f"
+        ]
+    );
+}
+
+#[test]
+fn network_card_on_a_tap_by_name_or_descriptor_without_vhost() {
+    let by_name = VirtioNet {
+        id: "eth0".into(),
+        tap: TapArg::Ifname("tap0".into()),
+        mac: "02:00:0a:58:00:05".parse().unwrap(),
+        mtu: Some(1450),
+        addr: at(0, 6),
+    };
+    assert_eq!(
+        render(&by_name),
+        [
+            "-netdev",
+            "tap,id=eth0,ifname=tap0,script=no,downscript=no,vhost=off",
+            "-device",
+            "virtio-net-pci,netdev=eth0,id=dev-eth0,mac=02:00:0a:58:00:05,host_mtu=1450,bus=pci.0,addr=0x6"
+        ]
+    );
+    let by_fd = VirtioNet {
+        tap: TapArg::Fd(7),
+        mtu: None,
+        ..by_name
+    };
+    assert_eq!(
+        render(&by_fd),
+        [
+            "-netdev",
+            "tap,id=eth0,fd=7,vhost=off",
+            "-device",
+            "virtio-net-pci,netdev=eth0,id=dev-eth0,mac=02:00:0a:58:00:05,bus=pci.0,addr=0x6"
+        ]
+    );
+}
+
+#[test]
+fn pmem_maps_its_file_shared_and_read_only() {
+    let p = VirtioPmem {
+        id: "dax0".into(),
+        path: "/cache/layers/ab/disk.erofs".into(),
+        size_mib: 4,
+        read_only: true,
+        addr: at(0, 7),
+    };
+    assert_eq!(
+        render(&p),
+        [
+            "-object",
+            "memory-backend-file,id=dax0,size=4M,mem-path=/cache/layers/ab/disk.erofs,share=on,readonly=on",
+            "-device",
+            "virtio-pmem-pci,memdev=dax0,id=dev-dax0,bus=pci.0,addr=0x7"
+        ]
+    );
+}
+
+#[test]
+fn rng_console_and_generation_id() {
+    assert_eq!(
+        render(&VirtioRng { addr: at(0, 3) }),
+        [
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-pci,rng=rng0,bus=pci.0,addr=0x3"
+        ]
+    );
+    assert_eq!(render(&VmGenId), ["-device", "vmgenid,guid=auto"]);
+    assert_eq!(
+        render(&SerialConsole {
+            log: "/r/console.log".into()
+        }),
+        [
+            "-chardev",
+            "file,id=console0,path=/r/console.log",
+            "-serial",
+            "chardev:console0"
+        ]
+    );
 }

@@ -1,24 +1,34 @@
-//! Hot-plugging disks into a running VM over QMP: `blockdev-add` for the
-//! backing file, then `device_add` of a virtio-blk PCI device in the slot
-//! the disk would have had on the command line ([`cmdline::disk_slot`]), so
-//! a state saved afterwards restores with the disk given at start.
+//! Attaching devices to and detaching them from a running VM over QMP, one
+//! handler per kind: the backend (`blockdev-add`, `netdev_add`,
+//! `object-add`), then `device_add` in the slot the allocator gave; removal
+//! is `device_del`, the guest's `DEVICE_DELETED`, then the backend's
+//! deletion. A device that cannot be added leaves no backend behind.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::cmdline::{self, disk_slot};
+use super::cmdline::{bus_name, frontend_id};
 use super::qmp::Qmp;
-use crate::{DiskSpec, VmmError};
+use crate::VmmError;
+use crate::device::{BlockDevice, Device, DeviceKind, NetworkDevice, PciAddress, PmemDevice, Tap};
 
-/// Block node name of disk `index` (the command line's drive id).
-pub fn node_name(index: usize) -> String {
-    format!("disk{index}")
+/// How long the guest may take to release a device being removed.
+pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `bus` and `addr` of `device_add`.
+fn placed(mut args: Value, addr: PciAddress) -> Value {
+    args["bus"] = json!(bus_name(addr.bus));
+    args["addr"] = json!(format!("0x{:x}", addr.slot));
+    args
 }
 
-/// Arguments of `blockdev-add` for disk `index`: a raw image on a file,
-/// opened like the command line's `-drive` (direct I/O, thread pool).
-pub fn blockdev_add_args(index: usize, disk: &DiskSpec) -> Value {
+/// Arguments of `blockdev-add` for a disk: a raw image on a file, opened
+/// like the command line's `-drive` (direct I/O, thread pool).
+pub fn blockdev_add_args(disk: &BlockDevice) -> Value {
     json!({
-        "node-name": node_name(index),
+        "node-name": disk.id,
         "driver": "raw",
         "read-only": disk.read_only,
         "file": {
@@ -30,126 +40,203 @@ pub fn blockdev_add_args(index: usize, disk: &DiskSpec) -> Value {
     })
 }
 
-/// Arguments of `device_add` for disk `index` in PCI slot `slot`.
-pub fn device_add_args(index: usize, disk: &DiskSpec, slot: u8) -> Value {
+/// Arguments of `device_add` for a disk at `addr`.
+pub fn blk_device_args(disk: &BlockDevice, addr: PciAddress) -> Value {
+    placed(
+        json!({
+            "driver": "virtio-blk-pci",
+            "id": frontend_id(&disk.id),
+            "drive": disk.id,
+            "serial": disk.serial,
+        }),
+        addr,
+    )
+}
+
+/// `getfd` name of a tap descriptor being handed to QEMU.
+pub fn tap_fd_name(id: &str) -> String {
+    format!("tap-{id}")
+}
+
+/// Arguments of `netdev_add` for a card's tap, like the command line's
+/// `-netdev tap` (no vhost-net).
+pub fn netdev_add_args(nic: &NetworkDevice) -> Value {
+    match &nic.tap {
+        Tap::Fd(_) => json!({
+            "type": "tap",
+            "id": nic.id,
+            "fd": tap_fd_name(&nic.id),
+            "vhost": false,
+        }),
+        Tap::Name(name) => json!({
+            "type": "tap",
+            "id": nic.id,
+            "ifname": name,
+            "script": "no",
+            "downscript": "no",
+            "vhost": false,
+        }),
+    }
+}
+
+/// Arguments of `device_add` for a card at `addr`.
+pub fn net_device_args(nic: &NetworkDevice, addr: PciAddress) -> Value {
+    let mut args = json!({
+        "driver": "virtio-net-pci",
+        "id": frontend_id(&nic.id),
+        "netdev": nic.id,
+        "mac": nic.mac.to_string(),
+    });
+    if let Some(mtu) = nic.mtu {
+        args["host_mtu"] = json!(mtu);
+    }
+    placed(args, addr)
+}
+
+/// Arguments of `object-add` for a pmem device's memory backend, like the
+/// command line's (shared mapping of the file).
+pub fn pmem_object_args(pmem: &PmemDevice) -> Value {
     json!({
-        "driver": "virtio-blk-pci",
-        "id": format!("dev-{}", node_name(index)),
-        "drive": node_name(index),
-        "serial": disk.serial,
-        "bus": "pci.0",
-        "addr": format!("0x{slot:x}"),
+        "qom-type": "memory-backend-file",
+        "id": pmem.id,
+        "mem-path": pmem.path.to_string_lossy(),
+        "size": pmem.size_bytes,
+        "share": true,
+        "readonly": pmem.read_only,
     })
 }
 
-/// Attaches `disk` as disk `index`. A device that cannot be added leaves
-/// no block node behind.
-pub async fn hotplug_disk(qmp: &mut Qmp, index: usize, disk: &DiskSpec) -> Result<(), VmmError> {
+/// Arguments of `device_add` for a pmem device at `addr`.
+pub fn pmem_device_args(pmem: &PmemDevice, addr: PciAddress) -> Value {
+    placed(
+        json!({
+            "driver": "virtio-pmem-pci",
+            "id": frontend_id(&pmem.id),
+            "memdev": pmem.id,
+        }),
+        addr,
+    )
+}
+
+/// Adds `device` at `addr` (which the caller has reserved).
+pub async fn add(qmp: &mut Qmp, device: &Device, addr: PciAddress) -> Result<(), VmmError> {
     let fail = |reason: String| VmmError::Hotplug {
-        index,
-        path: disk.path.display().to_string(),
+        kind: device.kind(),
+        id: device.id().to_string(),
         reason,
     };
-    cmdline::check_serial(&disk.serial).map_err(|e| fail(e.to_string()))?;
-    let slot =
-        disk_slot(index).ok_or_else(|| fail("no free PCI slot for that many disks".into()))?;
-    qmp.execute("blockdev-add", Some(blockdev_add_args(index, disk)))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    if let Err(e) = qmp
-        .execute("device_add", Some(device_add_args(index, disk, slot)))
-        .await
-    {
-        let _ = qmp
-            .execute(
-                "blockdev-del",
-                Some(json!({ "node-name": node_name(index) })),
+    device.validate().map_err(|e| fail(e.to_string()))?;
+    // The backend first; a backend without its device is deleted again.
+    let (device_args, undo) = match device {
+        Device::Block(disk) => {
+            qmp.execute("blockdev-add", Some(blockdev_add_args(disk)))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            (
+                blk_device_args(disk, addr),
+                ("blockdev-del", json!({ "node-name": disk.id })),
             )
-            .await;
+        }
+        Device::Network(nic) => {
+            if let Tap::Fd(fd) = &nic.tap {
+                qmp.execute_with_fd(
+                    "getfd",
+                    Some(json!({ "fdname": tap_fd_name(&nic.id) })),
+                    fd.as_fd(),
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            }
+            if let Err(e) = qmp.execute("netdev_add", Some(netdev_add_args(nic))).await {
+                if nic.tap.raw_fd().is_some() {
+                    let _ = qmp
+                        .execute("closefd", Some(json!({ "fdname": tap_fd_name(&nic.id) })))
+                        .await;
+                }
+                return Err(fail(e.to_string()));
+            }
+            (
+                net_device_args(nic, addr),
+                ("netdev_del", json!({ "id": nic.id })),
+            )
+        }
+        Device::Pmem(pmem) => {
+            qmp.execute("object-add", Some(pmem_object_args(pmem)))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            (
+                pmem_device_args(pmem, addr),
+                ("object-del", json!({ "id": pmem.id })),
+            )
+        }
+        other => {
+            return Err(fail(format!(
+                "a {} device cannot be added to a running VM",
+                other.kind()
+            )));
+        }
+    };
+    if let Err(e) = qmp.execute("device_add", Some(device_args)).await {
+        let _ = qmp.execute(undo.0, Some(undo.1)).await;
         return Err(fail(e.to_string()));
     }
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::qemu::fake_qemu::FakeQemu;
-
-    fn disk() -> DiskSpec {
-        DiskSpec {
-            path: "/cache/layers/ab/disk.erofs".into(),
-            read_only: true,
-            serial: "pvl1".into(),
+/// Removes device `id` of `kind`: `device_del`, waits for the guest to
+/// release it (`DEVICE_DELETED`), deletes its backend.
+pub async fn remove(
+    qmp: &mut Qmp,
+    id: &str,
+    kind: DeviceKind,
+    timeout: Duration,
+) -> Result<(), VmmError> {
+    let fail = |reason: String| VmmError::Unplug {
+        id: id.to_string(),
+        reason,
+    };
+    if !kind.is_hotpluggable() {
+        return Err(fail(format!(
+            "a {kind} device cannot be removed from a running VM"
+        )));
+    }
+    let frontend = frontend_id(id);
+    qmp.execute("device_del", Some(json!({ "id": frontend })))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let deleted = |e: &super::qmp::QmpEvent| {
+        e.name == "DEVICE_DELETED" && e.data["device"].as_str() == Some(frontend.as_str())
+    };
+    // device_del only asks the guest; the device is gone at its event
+    // (which may have arrived while device_del was answered).
+    let mut seen = qmp.take_events().iter().any(deleted);
+    let wait = async {
+        while !seen {
+            let event = qmp.next_event().await?;
+            seen = deleted(&event);
+        }
+        Ok::<(), super::qmp::QmpError>(())
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => {
+            return Err(fail(format!(
+                "the guest did not release it within {timeout:?}"
+            )));
         }
     }
-
-    #[test]
-    fn payloads_match_the_command_line_disk() {
-        assert_eq!(
-            blockdev_add_args(1, &disk()),
-            json!({
-                "node-name": "disk1",
-                "driver": "raw",
-                "read-only": true,
-                "file": {
-                    "driver": "file",
-                    "filename": "/cache/layers/ab/disk.erofs",
-                    "aio": "threads",
-                    "cache": { "direct": true },
-                },
-            })
-        );
-        // Slot 5 is where disk 1 sits on the command line.
-        assert_eq!(
-            device_add_args(1, &disk(), disk_slot(1).unwrap()),
-            json!({
-                "driver": "virtio-blk-pci",
-                "id": "dev-disk1",
-                "drive": "disk1",
-                "serial": "pvl1",
-                "bus": "pci.0",
-                "addr": "0x5",
-            })
-        );
-    }
-
-    #[tokio::test]
-    async fn a_rejected_device_removes_its_block_node() {
-        let fake = FakeQemu::start(Box::new(|req, _| {
-            Some(vec![match req["execute"].as_str().unwrap() {
-                "device_add" => json!({ "error": {
-                    "class": "GenericError", "desc": "PCI: slot 5 function 0 not available" } }),
-                _ => json!({ "return": {} }),
-            }])
-        }));
-        let mut qmp = Qmp::connect(&fake.socket).await.unwrap();
-        let err = hotplug_disk(&mut qmp, 1, &disk()).await.unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "hot-plugging disk 1 (/cache/layers/ab/disk.erofs): QMP command device_add failed: \
-             GenericError: PCI: slot 5 function 0 not available"
-        );
-        assert_eq!(
-            fake.commands(),
-            [
-                "qmp_capabilities",
-                "blockdev-add",
-                "device_add",
-                "blockdev-del"
-            ]
-        );
-
-        let long = DiskSpec {
-            serial: "x".repeat(21),
-            ..disk()
-        };
-        let err = hotplug_disk(&mut qmp, 0, &long).await.unwrap_err();
-        assert!(
-            err.to_string().contains("longer than the 20 bytes"),
-            "{err}"
-        );
-        let err = hotplug_disk(&mut qmp, 28, &disk()).await.unwrap_err();
-        assert!(err.to_string().contains("no free PCI slot"), "{err}");
-    }
+    let (command, args) = match kind {
+        DeviceKind::Block => ("blockdev-del", json!({ "node-name": id })),
+        DeviceKind::Network => ("netdev_del", json!({ "id": id })),
+        _ => ("object-del", json!({ "id": id })),
+    };
+    qmp.execute(command, Some(args))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(())
 }
+
+#[cfg(test)]
+#[path = "hotplug_tests.rs"]
+mod tests;

@@ -1,27 +1,35 @@
 //! The QEMU backend: builds the command line from a [`VmSpec`], starts
-//! `qemu-system-x86_64`, and connects its QMP socket. Saving and restoring
-//! states is [`snapshot`] (migration through a pipe, `x-ignore-shared` for
-//! RAM in a file, `-S -incoming defer`); hot-plugging disks is [`hotplug`].
+//! `qemu-system-x86_64` (or adopts one started earlier, [`adopt`]), and
+//! connects its QMP socket; [`vm::QemuVm`] is the running VM either way.
+//! Devices get PCI slots from [`pci`]; saving and loading states is
+//! [`snapshot`] (migration through a pipe, `x-ignore-shared` for RAM in a
+//! file, `-S -incoming defer`); hot-plugging devices is [`hotplug`].
 
 pub mod adopt;
 pub mod cmdline;
 #[cfg(test)]
 mod fake_qemu;
 pub mod hotplug;
+pub mod pci;
 pub mod qmp;
 pub mod snapshot;
+pub mod vm;
 
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::{Accel, DiskSpec, Hypervisor, MemoryBacking, Vm, VmExit, VmPaths, VmSpec, VmmError};
+use crate::device::{Device, PMEM_ALIGN, Tap};
+use crate::{Accel, Hypervisor, MemoryBacking, Vm, VmPaths, VmSpec, VmmError};
 use cmdline::*;
+use pci::PciSlots;
 use qmp::Qmp;
+use vm::{QemuProcess, QemuVm};
 
 /// How long QEMU may take to create its QMP socket.
 const CONTROL_SOCKET_TIMEOUT: Duration = Duration::from_secs(15);
@@ -32,7 +40,7 @@ const RAM_BACKEND_ID: &str = "ram0";
 /// Version of the devices and addresses podvisor gives a VM. Bump it when
 /// the command line changes in a way a saved state would notice (a device
 /// added or moved), so templates saved before are seen as stale.
-pub const DEVICE_LAYOUT: u32 = 1;
+pub const DEVICE_LAYOUT: u32 = 2;
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -66,34 +74,91 @@ impl Qemu {
         std::fs::canonicalize(found).ok()
     }
 
-    /// The typed command line for a spec; `incoming`: wait for a saved
-    /// state instead of booting.
-    pub fn command_line(spec: &VmSpec, incoming: bool) -> Result<QemuCommandLine, VmmError> {
+    /// The typed command line for a spec, and the slots its devices got;
+    /// `incoming`: wait for a saved state instead of booting.
+    pub fn command_line(
+        spec: &VmSpec,
+        incoming: bool,
+    ) -> Result<(QemuCommandLine, PciSlots), VmmError> {
         if spec.cpus == 0 || spec.memory_mib < 64 {
             return Err(VmmError::InvalidSpec(format!(
                 "need at least 1 CPU and 64 MiB (got {} CPUs, {} MiB)",
                 spec.cpus, spec.memory_mib
             )));
         }
+        for d in &spec.devices {
+            d.validate()?;
+            let singleton = !d.kind().is_hotpluggable();
+            if singleton && spec.devices.iter().filter(|o| o.kind() == d.kind()).count() > 1 {
+                return Err(VmmError::InvalidSpec(format!(
+                    "a VM has at most one {} device",
+                    d.kind()
+                )));
+            }
+        }
+        let on_pci: Vec<_> = spec
+            .devices
+            .iter()
+            .filter(|d| d.kind().is_pci())
+            .map(|d| (d.id().to_string(), d.kind()))
+            .collect();
+        let (slots, addrs) = PciSlots::place_all(&on_pci, &spec.pci)?;
+        let mut addrs = addrs.into_iter();
         let paths = VmPaths::in_dir(&spec.run_dir);
-        let mut disks = Vec::new();
-        for (i, d) in spec.disks.iter().enumerate() {
-            check_serial(&d.serial)?;
-            let slot = disk_slot(i).ok_or_else(|| {
-                VmmError::InvalidSpec(format!(
-                    "{} disks do not fit on the PCI bus (at most {})",
-                    spec.disks.len(),
-                    LAST_SLOT - FIRST_DISK_SLOT + 1
-                ))
-            })?;
-            disks.push(VirtioBlk {
-                id: hotplug::node_name(i),
-                path: d.path.clone(),
-                read_only: d.read_only,
-                serial: d.serial.clone(),
-                slot,
+        let mut devices: Vec<DeviceArgs> = (1..=slots.bridges())
+            .map(|n| {
+                DeviceArgs::Bridge(PciBridge {
+                    n,
+                    addr: PciSlots::bridge_address(n),
+                })
+            })
+            .collect();
+        let mut pmem_mib = 0;
+        let mut pmem_count = 0;
+        for d in &spec.devices {
+            let mut addr = || addrs.next().expect("one address per PCI device");
+            devices.push(match d {
+                Device::Block(b) => DeviceArgs::Blk(VirtioBlk {
+                    id: b.id.clone(),
+                    path: b.path.clone(),
+                    read_only: b.read_only,
+                    serial: b.serial.clone(),
+                    addr: addr(),
+                }),
+                Device::Network(n) => DeviceArgs::Net(VirtioNet {
+                    id: n.id.clone(),
+                    tap: match &n.tap {
+                        Tap::Fd(fd) => TapArg::Fd(fd.as_raw_fd()),
+                        Tap::Name(name) => TapArg::Ifname(name.clone()),
+                    },
+                    mac: n.mac,
+                    mtu: n.mtu,
+                    addr: addr(),
+                }),
+                Device::Pmem(p) => {
+                    pmem_mib += p.size_bytes >> 20;
+                    pmem_count += 1;
+                    DeviceArgs::Pmem(VirtioPmem {
+                        id: p.id.clone(),
+                        path: p.path.clone(),
+                        size_mib: p.size_bytes / (1 << 20),
+                        read_only: p.read_only,
+                        addr: addr(),
+                    })
+                }
+                Device::AgentChannel { port_name } => DeviceArgs::Agent(AgentChannel {
+                    socket: paths.agent_socket.clone(),
+                    port_name: port_name.clone(),
+                    addr: addr(),
+                }),
+                Device::Console => DeviceArgs::Console(SerialConsole {
+                    log: paths.console_log.clone(),
+                }),
+                Device::Rng => DeviceArgs::Rng(VirtioRng { addr: addr() }),
+                Device::VmGenId => DeviceArgs::VmGenId(VmGenId),
             });
         }
+        debug_assert_eq!(PMEM_ALIGN % (1 << 20), 0);
         let (memory_backend, memory_backends) = match &spec.memory {
             MemoryBacking::Anonymous => (None, vec![]),
             MemoryBacking::File { path, shared } => (
@@ -107,7 +172,7 @@ impl Qemu {
                 }],
             ),
         };
-        Ok(QemuCommandLine {
+        let cl = QemuCommandLine {
             base: BaseOptions {
                 name: spec.name.clone(),
             },
@@ -121,7 +186,8 @@ impl Qemu {
             smp: Smp { cpus: spec.cpus },
             memory: Memory {
                 size_mib: spec.memory_mib,
-                hotplug: None,
+                // pmem devices live in the memory hot-plug area.
+                hotplug: (pmem_count > 0).then(|| (pmem_count.max(2), spec.memory_mib + pmem_mib)),
             },
             memory_backends,
             boot: DirectBoot {
@@ -129,26 +195,35 @@ impl Qemu {
                 initramfs: spec.initramfs.clone(),
                 cmdline: spec.kernel_cmdline.clone(),
             },
-            console: SerialConsole {
-                log: paths.console_log,
-            },
             qmp: QmpSocket {
                 path: paths.control_socket,
             },
-            agent: AgentChannel {
-                socket: paths.agent_socket,
-                port_name: podvisor_proto::AGENT_PORT_NAME.into(),
-            },
-            disks,
-            rng: Some(VirtioRng),
-            vmgenid: Some(VmGenId),
+            devices,
             incoming: incoming.then_some(IncomingDeferred),
-        })
+        };
+        Ok((cl, slots))
     }
 
     /// Starts QEMU for `spec` and connects QMP.
     async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<QemuVm, VmmError> {
-        let cl = Self::command_line(spec, incoming)?;
+        let (cl, slots) = Self::command_line(spec, incoming)?;
+        let netns = match &spec.netns {
+            Some(path) => Some(OwnedFd::from(std::fs::File::open(path).map_err(
+                |source| VmmError::Io {
+                    what: format!("open network namespace {}", path.display()),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        let tap_fds: Vec<i32> = spec
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Network(n) => n.tap.raw_fd(),
+                _ => None,
+            })
+            .collect();
         let paths = VmPaths::in_dir(&spec.run_dir);
         // A restored VM may reuse a directory: stale sockets would make
         // the wait below connect to nothing.
@@ -193,6 +268,34 @@ impl Qemu {
                 });
             }
         }
+        if let Some(netns) = netns {
+            // SAFETY: setns is async-signal-safe; the descriptor stays open
+            // in the parent until spawn returns (the closure owns it).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if !tap_fds.is_empty() {
+            // Tap descriptors are close-on-exec here; QEMU gets them under
+            // the numbers its command line names.
+            // SAFETY: fcntl is async-signal-safe; the descriptors belong to
+            // the spec, which outlives spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &tap_fds {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if spec.accel == Accel::Tcg {
             // Under TCG, transparent huge pages (which QEMU asks for on guest
             // RAM and its translation buffer) cost more than they give: each
@@ -225,7 +328,7 @@ impl Qemu {
                 what: "wait for qemu".into(),
                 source,
             })? {
-                let exit = to_exit(status);
+                let exit = vm::to_exit(status);
                 let qemu_err = std::fs::read_to_string(&stderr_log).unwrap_or_default();
                 return Err(VmmError::EarlyExit {
                     exit,
@@ -252,15 +355,14 @@ impl Qemu {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        Ok(QemuVm {
-            child,
+        Ok(QemuVm::new(
+            QemuProcess::Child { child, stderr_log },
             pid,
             paths,
-            qmp: Some(qmp),
-            accel: spec.accel,
-            ram_in_file: spec.memory != MemoryBacking::Anonymous,
-            stderr_log,
-        })
+            qmp,
+            spec.memory != MemoryBacking::Anonymous,
+            slots,
+        ))
     }
 }
 
@@ -278,7 +380,7 @@ impl Hypervisor for Qemu {
         Ok(Box::new(adopt::adopt(record).await?))
     }
 
-    async fn restore(
+    async fn load_state(
         &self,
         spec: &VmSpec,
         state: Box<dyn Read + Send>,
@@ -286,17 +388,16 @@ impl Hypervisor for Qemu {
         let started = Instant::now();
         let mut vm = self.spawn(spec, true).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "qemu waits for the state");
-        let ram_in_file = vm.ram_in_file;
-        let result = match vm.qmp.as_mut() {
+        let ram_in_file = vm.ram_in_file();
+        let result = match vm.qmp() {
             Some(qmp) => snapshot::restore(qmp, ram_in_file, state, STATE_TIMEOUT).await,
             None => Err(VmmError::Gone),
         };
         if let Err(e) = result {
             // QEMU exits when it rejects a state; its reason is on stderr.
-            let exit = tokio::time::timeout(Duration::from_secs(2), vm.child.wait()).await;
-            let _ = vm.child.start_kill();
-            let _ = vm.child.wait().await;
-            let qemu_err = std::fs::read_to_string(&vm.stderr_log).unwrap_or_default();
+            let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait()).await;
+            let _ = vm.kill().await;
+            let qemu_err = vm.stderr().unwrap_or_default();
             let qemu_err = qemu_err.trim();
             return Err(match (exit, qemu_err.is_empty()) {
                 (Ok(_), false) => VmmError::Restore(qemu_err.to_string()),
@@ -345,102 +446,6 @@ impl Hypervisor for Qemu {
                 self.binary.display()
             ))),
         }
-    }
-}
-
-/// A QEMU process started by [`Qemu::launch`] or [`Qemu::restore`].
-pub struct QemuVm {
-    child: Child,
-    pid: u32,
-    paths: VmPaths,
-    qmp: Option<Qmp>,
-    accel: Accel,
-    /// Guest RAM is a memory-backend-file (leave it out of saved states).
-    ram_in_file: bool,
-    stderr_log: PathBuf,
-}
-
-impl QemuVm {
-    /// The QMP session, for backend-specific operations inside this crate.
-    pub fn qmp(&mut self) -> Option<&mut Qmp> {
-        self.qmp.as_mut()
-    }
-
-    /// The accelerator this VM runs on.
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
-    fn control(&mut self) -> Result<&mut Qmp, VmmError> {
-        self.qmp.as_mut().ok_or(VmmError::Gone)
-    }
-}
-
-fn to_exit(status: std::process::ExitStatus) -> VmExit {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => VmExit::Exited(c),
-        (None, Some(s)) => VmExit::Killed(s),
-        (None, None) => VmExit::Exited(-1),
-    }
-}
-
-#[async_trait]
-impl Vm for QemuVm {
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn paths(&self) -> &VmPaths {
-        &self.paths
-    }
-
-    async fn wait(&mut self) -> Result<VmExit, VmmError> {
-        let status = self.child.wait().await.map_err(|source| VmmError::Io {
-            what: "wait for qemu".into(),
-            source,
-        })?;
-        self.qmp = None;
-        Ok(to_exit(status))
-    }
-
-    fn try_wait(&mut self) -> Result<Option<VmExit>, VmmError> {
-        let status = self.child.try_wait().map_err(|source| VmmError::Io {
-            what: "wait for qemu".into(),
-            source,
-        })?;
-        Ok(status.map(to_exit))
-    }
-
-    async fn kill(&mut self) -> Result<VmExit, VmmError> {
-        if let Some(exit) = self.try_wait()? {
-            return Ok(exit);
-        }
-        let _ = self.child.start_kill();
-        self.wait().await
-    }
-
-    fn start_kill(&mut self) {
-        let _ = self.child.start_kill();
-    }
-
-    async fn pause(&mut self) -> Result<(), VmmError> {
-        self.control()?.execute("stop", None).await?;
-        Ok(())
-    }
-
-    async fn resume(&mut self) -> Result<(), VmmError> {
-        self.control()?.execute("cont", None).await?;
-        Ok(())
-    }
-
-    async fn save_state(&mut self, sink: Box<dyn Write + Send>) -> Result<u64, VmmError> {
-        let ram_in_file = self.ram_in_file;
-        snapshot::save(self.control()?, ram_in_file, sink, STATE_TIMEOUT).await
-    }
-
-    async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), VmmError> {
-        hotplug::hotplug_disk(self.control()?, index, disk).await
     }
 }
 
