@@ -1,11 +1,12 @@
 //! Host configuration: where caches and runtime files live, how VMs start.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use podvisor_image::pull::PullOptions;
 use podvisor_image::{Catalog, ImageError, LayerCache, Platform, RegistryOptions};
-use podvisor_vmm::Accel;
+use podvisor_vmm::{Accel, Hypervisor};
 
 /// Settings of this host, shared by every pod it runs.
 #[derive(Debug, Clone)]
@@ -17,8 +18,8 @@ pub struct NodeConfig {
     pub run_dir: PathBuf,
     /// RAM files of VM templates; tmpfs, so clones share page-cache pages.
     pub template_ram_dir: PathBuf,
-    /// Hypervisor backend name.
-    pub hypervisor: String,
+    /// The hypervisor backend, built once.
+    pub hypervisor: Arc<dyn Hypervisor>,
     /// Accelerator for pod VMs.
     pub accel: Accel,
     /// Guest kernel; `None` picks the newest cloud kernel in /boot.
@@ -59,7 +60,7 @@ impl NodeConfig {
             cache_dir: env_dir("PODVISOR_CACHE_DIR", DEFAULT_CACHE_DIR),
             run_dir: env_dir("PODVISOR_RUN_DIR", DEFAULT_RUN_DIR),
             template_ram_dir: env_dir("PODVISOR_TEMPLATE_RAM_DIR", DEFAULT_TEMPLATE_RAM_DIR),
-            hypervisor: "qemu".into(),
+            hypervisor: Arc::new(podvisor_vmm::qemu::Qemu::from_env()),
             accel,
             kernel: None,
             agent: None,

@@ -4,7 +4,7 @@
 
 use podvisor_image::{LayerAttachments, RuntimeConfig};
 use podvisor_proto::{ProcessSpec, TerminalSize};
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 
 /// The user's overrides of the image config (`podvisor run` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -97,12 +97,15 @@ pub fn process_spec(
 }
 
 /// A VM's layer disks (each under the serial its containers list) as
-/// read-only VM disks, in attachment order.
-pub fn layer_disks(layers: &LayerAttachments) -> Vec<DiskSpec> {
+/// read-only VM disks, in attachment order; the `i`-th has the device id
+/// `layer<i>`.
+pub fn layer_disks(layers: &LayerAttachments) -> Vec<BlockDevice> {
     layers
         .disks()
         .iter()
-        .map(|d| DiskSpec {
+        .enumerate()
+        .map(|(i, d)| BlockDevice {
+            id: format!("layer{i}"),
             path: d.path.clone(),
             read_only: true,
             serial: d.serial.clone(),

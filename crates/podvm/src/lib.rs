@@ -2,8 +2,9 @@
 //!
 //! [`PodVm`] boots a VM from guest boot artifacts ([`podvisor_guest`])
 //! through the hypervisor trait ([`podvisor_vmm`]), adopts one a previous
-//! host process left running, or restores one from a template's saved
-//! state with its own identity; then it talks to the agent over
+//! host process left running, or loads one from a saved state (and gives
+//! a template's clone its own identity, a separate step); then it talks to
+//! the agent over
 //! [`agent_link`] (send a message, wait for the next event, shut down,
 //! kill, detach). Also here, because every user of a pod VM needs them:
 //! the host settings ([`NodeConfig`]), building a container's spec from its
@@ -23,7 +24,7 @@ pub mod timings;
 
 pub use config::NodeConfig;
 pub use container::{ContainerOverrides, layer_disks};
-pub use pod_vm::{PodVm, PodVmSpec, RestoreSpec};
+pub use pod_vm::{LoadSpec, PodVm, PodVmSpec};
 pub use timings::Timings;
 
 use std::time::Duration;

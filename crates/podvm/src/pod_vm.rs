@@ -2,9 +2,10 @@
 //! and the host daemon build on.
 //!
 //! [`PodVm::boot`] launches a VM through the hypervisor trait and waits for
-//! the agent's `Ready`; [`PodVm::restore`] makes one from a saved template
-//! state instead (a clone: resumed, then given its own identity), and
-//! [`PodVm::save_state`] turns a running one into such a state. Afterwards
+//! the agent's `Ready`; [`PodVm::load`] makes one from a saved state
+//! instead (the saved VM, identity and all), [`PodVm::set_identity`] turns
+//! a VM loaded from a template into a clone of its own, and
+//! [`PodVm::save_state`] saves a running one. Afterwards
 //! callers send [`HostMessage`]s and take
 //! [`GuestMessage`]s from [`PodVm::next_event`], which also notices a VM
 //! that died and a guest that broke the protocol (that VM is killed). The
@@ -17,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
 use podvisor_proto::{AgentInfo, GuestMessage, HostMessage};
-use podvisor_vmm::{DiskSpec, MemoryBacking, Vm, VmExit, VmSpec, VmmProcess};
+use podvisor_vmm::{Device, MemoryBacking, PciLayout, Vm, VmExit, VmSpec, VmmProcess};
 
 use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, sanitize_guest_text};
 
 #[path = "pod_vm_clone.rs"]
 mod clone;
 use crate::{NodeConfig, PodVmError};
-pub use clone::RestoreSpec;
+pub use clone::LoadSpec;
 
 /// Kernel command line of every pod VM. The i8042 options skip probing for
 /// a PS/2 controller the VM does not have; `acpi=noirq` skips evaluating the
@@ -43,8 +44,14 @@ pub struct PodVmSpec {
     pub memory_mib: u64,
     /// Kernel and initramfs.
     pub guest: GuestArtifacts,
-    /// Disks attached at boot (layer disks, read-only).
-    pub disks: Vec<DiskSpec>,
+    /// The pod's own devices, besides the console, agent channel, RNG and
+    /// generation ID every pod VM has: layer disks, network cards, ...
+    pub devices: Vec<Device>,
+    /// PCI addresses to keep (a VM loading a saved state: the saved VM's
+    /// [`PodVm::pci_layout`]), or bridges to have for hot-plugging.
+    pub pci: PciLayout,
+    /// The network namespace the VMM runs in (its taps are there).
+    pub netns: Option<PathBuf>,
     /// Where guest RAM lives (a file for templates and their clones).
     pub memory: MemoryBacking,
     /// Kill the VM when the process that started it dies (`podvisor run`).
@@ -80,9 +87,8 @@ impl PodVm {
     pub async fn boot(cfg: &NodeConfig, spec: PodVmSpec) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
         let vm_spec = vm_spec(cfg, &spec, &dir.path);
-        let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
-        let mut vm = hypervisor.launch(&vm_spec).await?;
+        let mut vm = cfg.hypervisor.launch(&vm_spec).await?;
         let (tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
             Ok(link) => link,
             Err(e) => {
@@ -239,9 +245,8 @@ impl PodVm {
         id: &str,
         record: &VmmProcess,
     ) -> Result<PodVm, PodVmError> {
-        let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
-        let mut vm = hypervisor.adopt(record).await?;
+        let mut vm = cfg.hypervisor.adopt(record).await?;
         let (mut tx, mut rx) = agent_link::connect(&vm.paths().agent_socket)
             .await
             .map_err(PodVmError::Link)?;
@@ -328,10 +333,15 @@ fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path) -> VmSpec {
         kernel: spec.guest.kernel.clone(),
         initramfs: spec.guest.initramfs.clone(),
         kernel_cmdline: kernel_cmdline(&cfg.extra_kernel_args),
-        disks: spec.disks.clone(),
+        devices: Device::pod_basics(podvisor_proto::AGENT_PORT_NAME)
+            .into_iter()
+            .chain(spec.devices.iter().cloned())
+            .collect(),
+        pci: spec.pci.clone(),
         run_dir: dir.to_path_buf(),
         accel: cfg.accel,
         die_with_parent: spec.die_with_parent,
+        netns: spec.netns.clone(),
     }
 }
 

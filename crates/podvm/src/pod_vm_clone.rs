@@ -1,27 +1,28 @@
-//! Pod VMs made from and into VM template states: [`PodVm::restore`] (a
-//! clone, given its own identity) and [`PodVm::save_state`].
+//! Pod VMs and saved states: [`PodVm::save_state`], [`PodVm::load`] (the
+//! saved VM again, identity and all) and [`PodVm::set_identity`] (what
+//! turns a VM loaded from a template into a clone of its own), as separate
+//! steps; and the devices of a running pod VM ([`PodVm::add_device`],
+//! [`PodVm::remove_device`]).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use podvisor_proto::{AgentInfo, CloneIdentity, GuestMessage, HostMessage};
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::{AfterSave, Device, PciAddress, PciLayout};
 
 use super::{PodDir, PodVm, PodVmSpec, died, hostile, link_failure, vm_spec};
 use crate::agent_link::{self, sanitize_guest_text};
 use crate::{NodeConfig, PodVmError};
 
-/// What a clone is restored from, besides its [`PodVmSpec`] (which must
-/// have the template's disks and RAM file).
-pub struct RestoreSpec {
-    /// The template's saved state, already checked by the caller.
+/// What a VM is loaded from, besides its [`PodVmSpec`] (which must have
+/// the saved VM's devices, PCI layout and RAM file).
+pub struct LoadSpec {
+    /// The saved state, already checked by the caller.
     pub state: Box<dyn Read + Send>,
-    /// What the template's agent said when it was ready; a clone's agent
+    /// What the saved VM's agent said when it was ready; a loaded agent
     /// need not say it again.
     pub agent: AgentInfo,
-    /// The clone's own hostname.
-    pub hostname: String,
 }
 
 /// How long a VM about to be saved runs after its host left.
@@ -35,22 +36,21 @@ const IDENTITY_ENTROPY: usize = 64;
 const MAX_EARLY_MESSAGES: usize = 1024;
 
 impl PodVm {
-    /// Makes a pod VM from a saved template state: restores it paused,
-    /// resumes it, and gives it its own identity (fresh entropy for its
-    /// RNG, the host's clock, its hostname). Returns once the agent has
-    /// confirmed the identity; a clone that cannot take it on is killed.
-    pub async fn restore(
+    /// Makes a pod VM from a saved state: loads it paused, connects the
+    /// agent channel and resumes it. The VM is the one that was saved,
+    /// with its hostname, RNG state and (stale) clock; a template's clone
+    /// gets its own with [`PodVm::set_identity`] next.
+    pub async fn load(
         cfg: &NodeConfig,
         spec: PodVmSpec,
-        restore: RestoreSpec,
+        load: LoadSpec,
     ) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
         let vm_spec = vm_spec(cfg, &spec, &dir.path);
-        let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
         let launched_at = Instant::now();
-        let mut vm = hypervisor.restore(&vm_spec, restore.state).await?;
+        let mut vm = cfg.hypervisor.load_state(&vm_spec, load.state).await?;
         tracing::debug!(pod = %spec.id, elapsed = ?launched_at.elapsed(), "state loaded");
-        let (mut tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
+        let (tx, rx) = match agent_link::connect(&vm.paths().agent_socket).await {
             Ok(link) => link,
             Err(e) => {
                 let _ = vm.kill().await;
@@ -61,29 +61,51 @@ impl PodVm {
             let _ = vm.kill().await;
             return Err(e.into());
         }
-        let identity = match podvisor_store::random_bytes(IDENTITY_ENTROPY) {
-            Ok(entropy) => CloneIdentity {
-                hostname: restore.hostname,
-                unix_time_ns: unix_time_ns(),
-                entropy,
-            },
-            Err(e) => {
-                let _ = vm.kill().await;
-                return Err(e.into());
-            }
+        Ok(PodVm {
+            id: spec.id,
+            agent: load.agent,
+            launched_at,
+            ready_at: Instant::now(),
+            vm,
+            tx,
+            rx,
+            pending: VecDeque::new(),
+            // The agent says Ready when it notices the new host.
+            adopted: true,
+            detached: false,
+            dir,
+        })
+    }
+
+    /// Gives a VM loaded from a template state its own identity: fresh
+    /// entropy for its RNG, the host's clock, `hostname`. Returns once the
+    /// agent has confirmed it (what it sent before is kept for
+    /// [`PodVm::next_event`]); a VM that cannot take it on within `timeout`
+    /// is killed.
+    pub async fn set_identity(
+        &mut self,
+        hostname: &str,
+        timeout: Duration,
+    ) -> Result<(), PodVmError> {
+        let identity = CloneIdentity {
+            hostname: hostname.to_string(),
+            unix_time_ns: unix_time_ns(),
+            entropy: podvisor_store::random_bytes(IDENTITY_ENTROPY)?,
         };
-        if let Err(e) = tx.send(&HostMessage::Identity(identity)).await {
+        let vm = &mut self.vm;
+        if let Err(e) = self.tx.send(&HostMessage::Identity(identity)).await {
             return Err(link_failure(vm.as_mut(), e).await);
         }
-        let mut agent = restore.agent;
-        let mut early = VecDeque::new();
+        let rx = &mut self.rx;
+        let agent = &mut self.agent;
+        let early = &mut self.pending;
         // The agent answers the identity whether or not it noticed that its
         // host changed; it may say Ready first if it did.
         let confirmed = async {
             loop {
                 tokio::select! {
                     msg = rx.recv() => match msg {
-                        Ok(GuestMessage::Ready(info)) => agent = info,
+                        Ok(GuestMessage::Ready(info)) => *agent = info,
                         Ok(GuestMessage::IdentitySet { errors }) if errors.is_empty() => return Ok(()),
                         Ok(GuestMessage::IdentitySet { errors }) => {
                             let errors = errors.iter().map(|e| sanitize_guest_text(e)).collect();
@@ -101,44 +123,50 @@ impl PodVm {
                 }
             }
         };
-        match tokio::time::timeout(cfg.boot_timeout, confirmed).await {
+        match tokio::time::timeout(timeout, confirmed).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                let console_tail = vm.console_tail(3000);
-                let _ = vm.kill().await;
+                let console_tail = self.vm.console_tail(3000);
+                let _ = self.vm.kill().await;
                 return Err(PodVmError::BootTimeout {
-                    timeout: cfg.boot_timeout,
+                    timeout,
                     console_tail,
                 });
             }
         }
-        tracing::debug!(pod = %spec.id, elapsed = ?launched_at.elapsed(), "clone has its own identity");
-        Ok(PodVm {
-            id: spec.id,
-            agent,
-            launched_at,
-            ready_at: Instant::now(),
-            vm,
-            tx,
-            rx,
-            pending: early,
-            adopted: true,
-            detached: false,
-            dir,
-        })
+        self.ready_at = Instant::now();
+        tracing::debug!(pod = %self.id, elapsed = ?self.launched_at.elapsed(), "clone has its own identity");
+        Ok(())
     }
 
-    /// Attaches a disk to the running VM as disk `index` (its position had
-    /// it been in [`PodVmSpec::disks`]).
-    pub async fn hotplug_disk(&mut self, index: usize, disk: &DiskSpec) -> Result<(), PodVmError> {
-        Ok(self.vm.hotplug_disk(index, disk).await?)
+    /// Attaches a device (a disk, a network card, pmem) to the running VM;
+    /// returns the PCI slot it got.
+    pub async fn add_device(&mut self, device: Device) -> Result<PciAddress, PodVmError> {
+        Ok(self.vm.add_device(device).await?)
     }
 
-    /// Turns this VM into a saved state for a template: closes the agent
-    /// channel (clones connect afresh), pauses the VM, streams its state
-    /// into `sink` and kills it. Returns the bytes written.
-    pub async fn save_state(mut self, sink: Box<dyn Write + Send>) -> Result<u64, PodVmError> {
+    /// Detaches device `id` from the running VM, once the guest let go.
+    pub async fn remove_device(&mut self, id: &str) -> Result<(), PodVmError> {
+        Ok(self.vm.remove_device(id).await?)
+    }
+
+    /// Where the VM's PCI devices are: what a VM loading a state saved now
+    /// must be given ([`PodVmSpec::pci`]).
+    pub fn pci_layout(&self) -> PciLayout {
+        self.vm.pci_layout()
+    }
+
+    /// Saves the VM's state into `sink`: closes the agent channel (whoever
+    /// loads the state connects afresh), pauses the VM and streams its
+    /// state. Then the VM stays paused (a template: kill it; its RAM file
+    /// must not change) or runs on with a new agent channel, as `after`
+    /// says. Returns the bytes written.
+    pub async fn save_state(
+        &mut self,
+        sink: Box<dyn Write + Send>,
+        after: AfterSave,
+    ) -> Result<u64, PodVmError> {
         self.tx.close().await;
         // QEMU closes its end once it has seen ours go.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -146,12 +174,21 @@ impl PodVm {
         })
         .await;
         // Let the agent see the host leave, so that it drops a frame it
-        // was half-way through writing rather than finish it to a clone's
-        // host (clones cope either way, answering their identity).
+        // was half-way through writing rather than finish it to the next
+        // host (which copes either way).
         tokio::time::sleep(SAVE_SETTLE).await;
-        let result = self.vm.save_state(sink).await;
-        let _ = self.vm.kill().await;
-        Ok(result?)
+        let written = self.vm.save_state(sink, after).await?;
+        if after == AfterSave::Running {
+            let (tx, rx) = match agent_link::connect(&self.vm.paths().agent_socket).await {
+                Ok(link) => link,
+                Err(e) => return Err(link_failure(self.vm.as_mut(), e).await),
+            };
+            self.tx = tx;
+            self.rx = rx;
+            // The agent says Ready again to the new connection.
+            self.adopted = true;
+        }
+        Ok(written)
     }
 }
 

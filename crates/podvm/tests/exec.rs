@@ -121,7 +121,12 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             cpus: 1,
             memory_mib: 192,
             guest,
-            disks: layer_disks(&layers),
+            devices: layer_disks(&layers)
+                .into_iter()
+                .map(podvisor_vmm::Device::Block)
+                .collect(),
+            pci: Default::default(),
+            netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },
@@ -365,7 +370,12 @@ async fn vm_mounts_inside_the_container_and_refused_mounts() {
             cpus: 1,
             memory_mib: 192,
             guest,
-            disks: layer_disks(&layers),
+            devices: layer_disks(&layers)
+                .into_iter()
+                .map(podvisor_vmm::Device::Block)
+                .collect(),
+            pci: Default::default(),
+            netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },

@@ -148,7 +148,12 @@ async fn boot(dir: &Path, id: &str) -> PodVm {
             cpus: 1,
             memory_mib: 192,
             guest,
-            disks: layer_disks(&layers),
+            devices: layer_disks(&layers)
+                .into_iter()
+                .map(podvisor_vmm::Device::Block)
+                .collect(),
+            pci: Default::default(),
+            netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
         },

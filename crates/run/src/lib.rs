@@ -162,7 +162,12 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
         cpus: req.cpus,
         memory_mib: req.memory_mib,
         guest,
-        disks: layer_disks(&layers),
+        devices: layer_disks(&layers)
+            .into_iter()
+            .map(podvisor_vmm::Device::Block)
+            .collect(),
+        pci: Default::default(),
+        netns: None,
         memory: podvisor_vmm::MemoryBacking::Anonymous,
         die_with_parent: true,
     };

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, image_mounts};
-use podvisor_vmm::MemoryBacking;
+use podvisor_vmm::{AfterSave, Device, MemoryBacking, PciLayout};
 
 use super::files::{self, TemplateDirs};
 use super::meta::{Inputs, META_FORMAT, Recipe, TemplateDisk, TemplateMeta};
 use super::{TemplateError, inputs};
 use podvisor_podvm::agent_link::sanitize_guest_text;
-use podvisor_podvm::pod_vm::{PodVm, PodVmSpec, RestoreSpec};
+use podvisor_podvm::pod_vm::{LoadSpec, PodVm, PodVmSpec};
 use podvisor_podvm::{NodeConfig, PodVmError};
 
 /// Id of the container of a warm template (and of the pod's container:
@@ -86,30 +86,43 @@ pub async fn base(
             .open(&ram)
             .map_err(|e| TemplateError::io("create", &ram, e))?;
     }
-    let spec = template_vm(&build, &gen_id, &ram);
+    let room = PciLayout {
+        bridges: BASE_BRIDGES,
+        slots: Default::default(),
+    };
+    let spec = template_vm(&build, &gen_id, &ram, room);
     // A base that does not boot is the pod's own boot failure.
     let pod = PodVm::boot(cfg, spec).await.map_err(TemplateError::Boot)?;
     let agent = pod.agent.clone();
+    let pci = pod.pci_layout();
     save(pod, &state).await?;
-    let meta = describe(build, agent, ram, state, vec![], started).await?;
+    let meta = describe(build, agent, ram, state, vec![], pci, started).await?;
     pending.committed = true;
     Ok(meta)
 }
 
+/// PCI bridges of a base template (and so of every template and clone
+/// made from it): room for the layer disks hot-plugged into image
+/// templates and clones beyond the root bus's 26 free slots.
+const BASE_BRIDGES: u8 = 1;
+
 /// The VM a template of `build` is made in: its RAM in the shared file
-/// `ram`, gone with podvisor if it dies mid-build.
-fn template_vm(build: &Build<'_>, gen_id: &str, ram: &Path) -> PodVmSpec {
+/// `ram`, its PCI devices as `pci` says, gone with podvisor if it dies
+/// mid-build.
+fn template_vm(build: &Build<'_>, gen_id: &str, ram: &Path, pci: PciLayout) -> PodVmSpec {
     PodVmSpec {
         id: format!("template-{gen_id}"),
         cpus: build.recipe.cpus,
         memory_mib: build.recipe.memory_mib,
         guest: build.guest.clone(),
-        disks: vec![],
+        devices: vec![],
+        pci,
         memory: MemoryBacking::File {
             path: ram.to_path_buf(),
             shared: true,
         },
         die_with_parent: true,
+        netns: None,
     }
 }
 
@@ -132,18 +145,22 @@ pub async fn child(
     let base_state = files::read_checked_state(base)?;
     files::check_ram_file(base)?;
     files::copy_sparse(&base.ram_file, &ram)?;
-    let spec = template_vm(&build, &gen_id, &ram);
-    let restore = RestoreSpec {
+    let spec = template_vm(&build, &gen_id, &ram, base.pci.clone());
+    let load = LoadSpec {
         state: Box::new(Cursor::new(base_state)),
         agent: base.agent.clone(),
-        hostname: build.name.to_string(),
     };
-    let mut pod = PodVm::restore(cfg, spec, restore)
+    let mut pod = PodVm::load(cfg, spec, load)
+        .await
+        .map_err(TemplateError::Vm)?;
+    pod.set_identity(build.name, cfg.boot_timeout)
         .await
         .map_err(TemplateError::Vm)?;
     let disks = inputs::layer_disk_specs(&build.inputs.layers);
-    for (i, disk) in disks.iter().enumerate() {
-        pod.hotplug_disk(i, disk).await.map_err(TemplateError::Vm)?;
+    for disk in &disks {
+        pod.add_device(Device::Block(disk.clone()))
+            .await
+            .map_err(TemplateError::Vm)?;
     }
     let serials: Vec<String> = disks.iter().map(|d| d.serial.clone()).collect();
     let mounts = image_mounts(&serials);
@@ -185,16 +202,18 @@ pub async fn child(
         .await?;
     }
     let agent = pod.agent.clone();
+    let pci = pod.pci_layout();
     save(pod, &state).await?;
     let disks = disks
         .into_iter()
         .map(|d| TemplateDisk {
+            id: d.id,
             path: d.path,
             serial: d.serial,
             read_only: d.read_only,
         })
         .collect();
-    let meta = describe(build, agent, ram, state, disks, started).await?;
+    let meta = describe(build, agent, ram, state, disks, pci, started).await?;
     pending.committed = true;
     Ok(meta)
 }
@@ -284,12 +303,13 @@ async fn warm_up(
     }
 }
 
-/// Saves the VM's state into a new file `state`.
-async fn save(pod: PodVm, state: &std::path::Path) -> Result<(), TemplateError> {
+/// Saves the VM's state into a new file `state` and kills the VM (its
+/// RAM file must stay as the state refers to it).
+async fn save(mut pod: PodVm, state: &std::path::Path) -> Result<(), TemplateError> {
     let file = files::create_state_file(state)?;
-    pod.save_state(Box::new(file))
-        .await
-        .map_err(TemplateError::Vm)?;
+    let saved = pod.save_state(Box::new(file), AfterSave::Paused).await;
+    pod.kill().await;
+    saved.map_err(TemplateError::Vm)?;
     std::fs::File::open(state)
         .and_then(|f| f.sync_all())
         .map_err(|e| TemplateError::io("sync", state, e))
@@ -302,6 +322,7 @@ async fn describe(
     ram: std::path::PathBuf,
     state: std::path::PathBuf,
     disks: Vec<TemplateDisk>,
+    pci: PciLayout,
     started: Instant,
 ) -> Result<TemplateMeta, TemplateError> {
     let (state_sha256, state_bytes) = files::hash_file(&state)?;
@@ -318,6 +339,7 @@ async fn describe(
         state_sha256,
         state_bytes,
         disks,
+        pci,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

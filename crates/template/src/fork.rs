@@ -22,7 +22,7 @@ pub fn pod_recipe(
     container: &ContainerSpec,
 ) -> Recipe {
     Recipe {
-        backend: cfg.hypervisor.clone(),
+        backend: cfg.hypervisor.name().to_string(),
         accel: cfg.accel.as_str().to_string(),
         kernel: cfg.kernel.clone(),
         agent: cfg.agent.clone(),
@@ -104,7 +104,7 @@ pub async fn from_template(
     let warm = chosen.meta.kind == TemplateKind::Warm;
     let started = Instant::now();
     let hostname = &container.hostname;
-    match select::fork(cfg, &chosen, &cold.id, hostname, &cold.guest, &cold.disks).await {
+    match select::fork(cfg, &chosen, &cold.id, hostname, &cold.guest, &cold.devices).await {
         Ok(pod) => {
             timings.fork = started.elapsed();
             timings.forked_from = Some(name);

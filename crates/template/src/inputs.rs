@@ -5,7 +5,7 @@ use std::path::Path;
 
 use podvisor_guest::{GuestArtifacts, GuestOptions};
 use podvisor_image::{ChainId, LayerAttachments, LayerCache};
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
 use super::TemplateError;
@@ -31,9 +31,9 @@ pub fn vmm_version(cfg: &NodeConfig, dir: &Path) -> Result<String, TemplateError
         fingerprint: String,
         version: String,
     }
-    let hypervisor = podvisor_vmm::hypervisor(&cfg.hypervisor)?;
+    let hypervisor = &cfg.hypervisor;
     let fingerprint = hypervisor.version_fingerprint()?;
-    let path = dir.join(format!("{}.version", cfg.hypervisor));
+    let path = dir.join(format!("{}.version", hypervisor.name()));
     if let Some(c) = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice::<Cached>(&b).ok())
@@ -85,7 +85,7 @@ pub fn layer_inputs(
 }
 
 /// The layer disks as VM disks with the serials the agent looks for.
-pub fn layer_disk_specs(layers: &[LayerInput]) -> Vec<DiskSpec> {
+pub fn layer_disk_specs(layers: &[LayerInput]) -> Vec<BlockDevice> {
     let mut attached = LayerAttachments::default();
     attached.add(layers.iter().map(|l| l.path.as_path()));
     podvisor_podvm::layer_disks(&attached)

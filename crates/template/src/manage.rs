@@ -51,7 +51,7 @@ pub async fn create(
         files::check_name(name)?;
     }
     let mut recipe = Recipe {
-        backend: cfg.hypervisor.clone(),
+        backend: cfg.hypervisor.name().to_string(),
         accel: cfg.accel.as_str().to_string(),
         kernel: cfg.kernel.clone(),
         agent: cfg.agent.clone(),

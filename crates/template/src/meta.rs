@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use podvisor_proto::{AgentInfo, ProcessSpec};
+use podvisor_vmm::{BlockDevice, Device, PciLayout};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -174,6 +175,10 @@ pub struct LayerInput {
 /// A disk a template's clones must be started with, in this order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateDisk {
+    /// The disk's device id (`layer<i>`; empty in metadata written
+    /// before devices had ids).
+    #[serde(default)]
+    pub id: String,
     pub path: PathBuf,
     pub serial: String,
     pub read_only: bool,
@@ -199,6 +204,10 @@ pub struct TemplateMeta {
     pub state_bytes: u64,
     /// Disks present when the state was saved.
     pub disks: Vec<TemplateDisk>,
+    /// The PCI addresses of the devices when the state was saved: a clone
+    /// must have them at the same ones.
+    #[serde(default)]
+    pub pci: PciLayout,
     /// Seconds since the epoch when it was made.
     pub created_unix: u64,
     /// How long making it took (milliseconds).
@@ -210,6 +219,27 @@ pub struct TemplateMeta {
 }
 
 impl TemplateMeta {
+    /// The devices a clone needs besides every pod VM's own: the disks
+    /// present when the state was saved.
+    pub fn devices(&self) -> Vec<Device> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                Device::Block(BlockDevice {
+                    id: if d.id.is_empty() {
+                        format!("layer{i}")
+                    } else {
+                        d.id.clone()
+                    },
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Reads and checks a metadata file.
     pub fn read(path: &Path) -> Result<TemplateMeta, TemplateError> {
         let bytes = std::fs::read(path).map_err(|e| TemplateError::io("read", path, e))?;

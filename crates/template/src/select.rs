@@ -7,14 +7,14 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
-use podvisor_vmm::{DiskSpec, MemoryBacking};
+use podvisor_vmm::{Device, MemoryBacking};
 
 use super::build::{self, Build};
 use super::files::{self, TemplateDirs, TemplateLock};
 use super::meta::{Recipe, TemplateKind, TemplateMeta};
 use super::{TemplateError, inputs};
 use podvisor_podvm::NodeConfig;
-use podvisor_podvm::{PodVm, PodVmSpec, RestoreSpec};
+use podvisor_podvm::{LoadSpec, PodVm, PodVmSpec};
 
 /// How a pod uses templates (`podvisor run --template`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -248,51 +248,49 @@ fn usable(
 }
 
 /// Forks a pod from a chosen template: checks the saved state (a corrupt
-/// or truncated one is never used), restores a clone mapping the
-/// template's RAM copy-on-write with the template's disks, gives it its
-/// identity, and hot-plugs the image's layer disks the template lacks.
+/// or truncated one is never used), loads a clone mapping the template's
+/// RAM copy-on-write with the template's disks at the template's PCI
+/// addresses, gives it its own identity, and hot-plugs the image's layer
+/// disks the template lacks.
 pub async fn fork(
     cfg: &NodeConfig,
     chosen: &Chosen,
     pod_id: &str,
     hostname: &str,
     guest: &GuestArtifacts,
-    layers: &[DiskSpec],
+    layers: &[Device],
 ) -> Result<PodVm, TemplateError> {
     let meta = &chosen.meta;
     let state = files::read_checked_state(meta)?;
     files::check_ram_file(meta)?;
-    let disks: Vec<DiskSpec> = meta
-        .disks
-        .iter()
-        .map(|d| DiskSpec {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            serial: d.serial.clone(),
-        })
-        .collect();
     let spec = PodVmSpec {
         id: pod_id.to_string(),
         cpus: meta.recipe.cpus,
         memory_mib: meta.recipe.memory_mib,
         guest: guest.clone(),
-        disks: disks.clone(),
+        devices: meta.devices(),
+        pci: meta.pci.clone(),
         memory: MemoryBacking::File {
             path: meta.ram_file.clone(),
             shared: false,
         },
         die_with_parent: true,
+        netns: None,
     };
-    let restore = RestoreSpec {
+    let load = LoadSpec {
         state: Box::new(Cursor::new(state)),
         agent: meta.agent.clone(),
-        hostname: hostname.to_string(),
     };
-    let mut pod = PodVm::restore(cfg, spec, restore)
+    let mut pod = PodVm::load(cfg, spec, load)
         .await
         .map_err(TemplateError::Vm)?;
-    for (i, disk) in layers.iter().enumerate().skip(disks.len()) {
-        pod.hotplug_disk(i, disk).await.map_err(TemplateError::Vm)?;
+    pod.set_identity(hostname, cfg.boot_timeout)
+        .await
+        .map_err(TemplateError::Vm)?;
+    for disk in layers.iter().skip(meta.disks.len()) {
+        pod.add_device(disk.clone())
+            .await
+            .map_err(TemplateError::Vm)?;
     }
     Ok(pod)
 }

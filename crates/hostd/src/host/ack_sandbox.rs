@@ -13,7 +13,7 @@ use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, ProcessInfo, ProcessSpec, StartError,
     StartErrorKind,
 };
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
 
 use super::error::RuntimeError;
@@ -69,7 +69,7 @@ impl Launcher for AckLauncher {
     async fn start(
         &self,
         _plan: &PodPlan,
-        _disks: Vec<DiskSpec>,
+        _disks: Vec<BlockDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         // No process: pid 0 is never a VMM, so nothing adopts or kills it.
         let process = VmmProcess {

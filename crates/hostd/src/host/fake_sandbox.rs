@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use podvisor_podvm::PodVmError;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_vmm::process::VmmProcess;
-use podvisor_vmm::{DiskSpec, VmExit};
+use podvisor_vmm::{BlockDevice, VmExit};
 use tokio::sync::mpsc;
 
 use super::error::RuntimeError;
@@ -171,7 +171,7 @@ impl Launcher for FakeLauncher {
     async fn start(
         &self,
         _plan: &PodPlan,
-        _disks: Vec<DiskSpec>,
+        _disks: Vec<BlockDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         if let Some(why) = self.boot_failure.lock().unwrap().clone() {
             return Err(PodVmError::Io {

@@ -13,7 +13,7 @@ use podvisor_image::{
     Catalog, ChainId, HoldFor, ImageSource, LayerAttachments, LayerCache, RelativePaths,
     RuntimeConfig,
 };
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
 use super::plan::PodPlan;
@@ -37,7 +37,7 @@ pub struct HeldLayers {
 /// The disks of a pod VM and what each container uses of them.
 #[derive(Debug, Clone)]
 pub struct PodImages {
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<BlockDevice>,
     /// In the order of the plan's containers.
     pub containers: Vec<ContainerImage>,
     /// One per container.

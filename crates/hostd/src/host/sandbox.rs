@@ -11,7 +11,7 @@ use std::time::Duration;
 use podvisor_podvm::PodVmError;
 use podvisor_podvm::container::ContainerSpecError;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
 
 use super::error::RuntimeError;
@@ -42,7 +42,7 @@ pub trait Sandbox: Send {
 /// What a pod's containers need before its sandbox starts.
 pub struct Prepared {
     /// The sandbox's disks (the layers of every container's image).
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<BlockDevice>,
     /// What each container of the plan runs, in the plan's order, or why
     /// that cannot be made from its image.
     pub containers: Vec<Result<ContainerSpec, ContainerSpecError>>,
@@ -67,7 +67,7 @@ pub trait Launcher: Send + Sync {
     async fn start(
         &self,
         plan: &PodPlan,
-        disks: Vec<DiskSpec>,
+        disks: Vec<BlockDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError>;
     /// Takes over the running sandbox `record` names (a previous daemon
     /// started it). Its first events are what the agent had queued, ending

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use podvisor_podvm::container::process_spec;
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
-use podvisor_vmm::DiskSpec;
+use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
 
 use super::HostConfig;
@@ -73,7 +73,7 @@ impl Launcher for VmLauncher {
     async fn start(
         &self,
         plan: &PodPlan,
-        disks: Vec<DiskSpec>,
+        disks: Vec<BlockDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         let opts = podvisor_guest::GuestOptions {
             kernel: self.node.kernel.clone(),
@@ -92,9 +92,11 @@ impl Launcher for VmLauncher {
             cpus: plan.cpus,
             memory_mib: plan.memory_mib,
             guest,
-            disks,
+            devices: disks.into_iter().map(podvisor_vmm::Device::Block).collect(),
+            pci: Default::default(),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
+            netns: None,
         };
         let vm = PodVm::boot(&self.node, spec).await?;
         let process = vm.vmm_process()?;
