@@ -4,8 +4,9 @@
 //! hosts, and a server in a container answers from the host. The NIC here
 //! is QEMU's user-mode network (`-netdev user,restrict=on` with a hostfwd
 //! on 127.0.0.1; no privileges, nothing leaves the VM but the forwarded
-//! port), added by a wrapper around QEMU until the VM's device model can
-//! express a NIC. A `--network none` pod has only `lo`.
+//! port), added by a wrapper around QEMU; and a card of the VM's device
+//! model on a tap in a network namespace the test makes, as pods get it.
+//! A `--network none` pod has only `lo`.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
@@ -126,6 +127,11 @@ async fn configure(pod: &mut PodVm, config: NetworkConfig) -> Vec<String> {
 
 /// Boots a pod VM from a busybox image.
 async fn boot(dir: &Path, id: &str) -> PodVm {
+    boot_with(dir, id, vec![]).await
+}
+
+/// Boots a pod VM from a busybox image with `cards` besides its disk.
+async fn boot_with(dir: &Path, id: &str, cards: Vec<podvisor_vmm::Device>) -> PodVm {
     let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
     cfg.cache_dir = dir.join("cache");
     cfg.run_dir = dir.join("run");
@@ -151,6 +157,7 @@ async fn boot(dir: &Path, id: &str) -> PodVm {
             devices: layer_disks(&layers)
                 .into_iter()
                 .map(podvisor_vmm::Device::Block)
+                .chain(cards)
                 .collect(),
             pci: Default::default(),
             netns: None,
@@ -184,20 +191,22 @@ const SHOW_NETWORK: &str = "ip link show; ip addr show; ip route show; \
 
 /// An HTTP GET of `/` on 127.0.0.1:`port`, retried until it answers.
 fn http_get(port: u16, deadline: Duration) -> String {
+    http_get_from(std::net::SocketAddr::from(([127, 0, 0, 1], port)), deadline)
+}
+
+/// An HTTP GET of `/` on `server`, retried until it answers.
+fn http_get_from(server: std::net::SocketAddr, deadline: Duration) -> String {
     let start = Instant::now();
     let mut last_error = String::new();
     while start.elapsed() < deadline {
-        let answer = TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(5),
-        )
-        .and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\nHost: webpod\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        });
+        let answer =
+            TcpStream::connect_timeout(&server, Duration::from_secs(5)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(b"GET / HTTP/1.0\r\nHost: webpod\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body)
+            });
         match answer {
             Ok(body) if !body.is_empty() => return body,
             Ok(_) => last_error = "empty answer".into(),
@@ -205,7 +214,7 @@ fn http_get(port: u16, deadline: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("no HTTP answer on 127.0.0.1:{port} within {deadline:?}: {last_error}")
+    panic!("no HTTP answer on {server} within {deadline:?}: {last_error}")
 }
 
 /// Makes every VM this test process starts get a user-mode NIC with MAC
@@ -437,4 +446,125 @@ fn vm_reconfigured_pod_takes_a_new_mac_and_address_under_a_running_container() {
         assert!(answer.contains("served-by-the-clone"), "{answer}");
         pod.kill().await;
     });
+}
+
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as the host side opens a pod's tap.
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// Opens (creates) tap `name` in the calling thread's network namespace.
+fn open_tap(name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: TAP_FLAGS,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads a struct ifreq, which IfReq lays out (name,
+    // then the flags union member, padded to the union's 24 bytes).
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    // SAFETY: we own the descriptor `tun` holds; into_raw_fd gives it up.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(tun)) }
+}
+
+fn run_ip(args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args}");
+}
+
+/// A pod VM with a virtio-net card on a tap, as the device model attaches
+/// one: the tap lives in a network namespace this test makes (its host
+/// side is the "gateway" 10.0.2.2), and the test reaches the container's
+/// server from inside that namespace.
+#[test]
+fn vm_pod_with_a_tap_nic_serves_inside_its_namespace() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    // The namespace's own thread: makes the tap, then fetches from the pod
+    // when asked.
+    let (tap_tx, tap_rx) = mpsc::channel();
+    let (get_tx, get_rx) = mpsc::channel::<()>();
+    let (answer_tx, answer_rx) = mpsc::channel();
+    let netns_thread = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): this test needs root");
+        let tap = open_tap("pvtap0");
+        run_ip("link set lo up");
+        run_ip(&format!("addr add {GATEWAY}/24 dev pvtap0"));
+        run_ip("link set pvtap0 up");
+        tap_tx.send(tap).unwrap();
+        if get_rx.recv().is_ok() {
+            let answer = http_get_from(
+                std::net::SocketAddr::from((
+                    GUEST_IP.parse::<std::net::Ipv4Addr>().unwrap(),
+                    SERVER_PORT,
+                )),
+                Duration::from_secs(60),
+            );
+            answer_tx.send(answer).unwrap();
+        }
+    });
+    let tap = std::sync::Arc::new(tap_rx.recv().unwrap());
+    runtime().block_on(async {
+        let card = podvisor_vmm::Device::Network(podvisor_vmm::NetworkDevice {
+            id: "eth0".into(),
+            tap: podvisor_vmm::Tap::Fd(tap),
+            mac: podvisor_vmm::MacAddress(NIC_MAC.parse::<podvisor_proto::MacAddr>().unwrap().0),
+            mtu: Some(1400),
+        });
+        let mut pod = boot_with(dir.path(), "nettap", vec![card]).await;
+        let warnings = configure(
+            &mut pod,
+            NetworkConfig {
+                interfaces: vec![nic(NIC_MAC, None, true)],
+                routes: default_route(),
+                dns: DnsConfig {
+                    nameservers: vec![ip("127.0.0.53"), ip(GATEWAY)],
+                    search: vec![],
+                    options: vec![],
+                },
+                hosts: hosts(Some(GUEST_IP)),
+            },
+        )
+        .await;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        pod.send(&container(&format!(
+            "{SHOW_NETWORK}; mkdir -p /www && echo hello-over-the-tap > /www/index.html && \
+             exec httpd -f -p {SERVER_PORT} -h /www"
+        )))
+        .await
+        .unwrap();
+        let seen = stdout_until(&mut pod, "web", "-- end").await;
+        let eth0 = seen.lines().find(|l| l.contains(": eth0:")).unwrap_or("");
+        assert!(eth0.contains("UP") && eth0.contains("mtu 1400"), "{seen}");
+        assert!(seen.contains(&format!("inet {GUEST_IP}/24")), "{seen}");
+        assert!(seen.contains(&format!("nameserver {GATEWAY}")), "{seen}");
+        assert!(!seen.contains("nameserver 127."), "{seen}");
+        get_tx.send(()).unwrap();
+        let answer = tokio::task::spawn_blocking(move || answer_rx.recv().unwrap())
+            .await
+            .unwrap();
+        assert!(answer.contains("hello-over-the-tap"), "{answer}");
+        pod.kill().await;
+    });
+    drop(get_tx);
+    netns_thread.join().unwrap();
 }
