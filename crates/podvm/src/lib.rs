@@ -10,8 +10,9 @@
 //! the host settings ([`NodeConfig`]), building a container's spec from its
 //! image config and the user's overrides ([`container`]), the layer disks
 //! as VM disks ([`layer_disks`]; the images themselves come from
-//! [`podvisor_image::acquire()`] through [`NodeConfig::open_images`]), and
-//! the time of each stage ([`Timings`]). What runs in a pod VM and for how
+//! [`podvisor_image::acquire()`] through [`NodeConfig::open_images`]), the
+//! time of each stage ([`Timings`]), and a pod VM's NIC and the network
+//! configuration its agent applies ([`network`]). What runs in a pod VM and for how
 //! long belongs to the crates above: `podvisor-run` (one container, the
 //! user's stdio), `podvisor-template` (templates, fork) and
 //! `podvisor-hostd` (the host runtime).
@@ -19,6 +20,7 @@
 pub mod agent_link;
 pub mod config;
 pub mod container;
+pub mod network;
 pub mod pod_vm;
 pub mod timings;
 
@@ -58,6 +60,11 @@ pub enum PodVmError {
     Link(agent_link::AgentLinkError),
     #[error("the clone could not take on its own identity: {}", .0.join("; "))]
     Identity(Vec<String>),
+    #[error("configuring the pod's network in the guest: {0}")]
+    Network(String),
+    /// The pod's network (CNI, its namespace, the tap) could not be set up.
+    #[error(transparent)]
+    PodNetwork(#[from] podvisor_net::pod_network::PodNetworkError),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -174,6 +174,11 @@ impl PodVm {
         }
     }
 
+    /// Puts a message back to be the next [`PodVm::next_event`] returns.
+    pub(crate) fn requeue_front(&mut self, msg: GuestMessage) {
+        self.pending.push_front(msg);
+    }
+
     /// Reports a message that makes no sense in the caller's state as a
     /// protocol violation, killing the VM.
     pub async fn reject(&mut self, what: String) -> PodVmError {

@@ -3,13 +3,17 @@
 //! from the host's busybox with no network ([`oci`]), a real etcd server
 //! on loopback ([`etcd`]), a real registry to push images to ([`registry`])
 //! and a slow proxy in front of it ([`throttle`]), and emulated hosts in
-//! network namespaces routed to each other ([`fabric`]).
+//! network namespaces routed to each other ([`fabric`]), and one emulated host
+//! for a pod-network test ([`net_host`]).
 
 /// Scratch directories and the `podvisor` command builder.
 pub mod cli;
 
 /// Background processes (servers, host daemons), free ports.
 pub mod daemon;
+
+/// An emulated host (network + mount namespace) for pod-network tests.
+pub mod net_host;
 
 /// OCI images built from scratch for tests (layers, layouts, archives).
 pub mod oci;
