@@ -57,8 +57,41 @@ pub struct HostDaemonArgs {
     /// containers are stopped.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Pod networking. `cni` (the default): each pod gets an address from
+    /// the first CNI configuration in --cni-conf-dir (podvisor writes a
+    /// bridge network on 10.87.0.0/24 there when it has none) and may
+    /// publish hostPorts. `none`: pods have only loopback.
+    #[arg(long, value_enum, default_value = "cni")]
+    pub pod_network: PodNetworkArg,
+    /// The CNI configuration directory.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
     #[command(flatten)]
     pub host: PodVmArgs,
+}
+
+/// `--pod-network`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNetworkArg {
+    /// Each pod gets its network from CNI.
+    Cni,
+    /// Pods have only loopback.
+    None,
+}
+
+/// The pod networking of a host daemon whose state lives in `state_dir`:
+/// its attachment records and namespace pins there, so that daemons with
+/// different state directories never touch each other's.
+pub fn pod_network_config(
+    state_dir: &std::path::Path,
+    conf_dir: PathBuf,
+) -> podvisor_net::pod_network::PodNetworkConfig {
+    podvisor_net::pod_network::PodNetworkConfig {
+        conf_dir,
+        netns_dir: state_dir.join("netns"),
+        state_dir: state_dir.join("net"),
+        ..Default::default()
+    }
 }
 
 /// `--runtime`.
@@ -113,6 +146,12 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
     };
     let mut host_cfg = HostConfig::new(node, args.state_dir.clone());
     host_cfg.delete_grace = Duration::from_secs(args.grace);
+    if runtime == RuntimeMode::Vm && args.pod_network == PodNetworkArg::Cni {
+        host_cfg.network = Some(pod_network_config(
+            &args.state_dir,
+            args.cni_conf_dir.clone(),
+        ));
+    }
     Ok(DaemonConfig {
         name,
         server: args.server.clone(),

@@ -50,6 +50,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         restart_policy: policy,
         cpus: 1,
         memory_mib: 160,
+        port_mappings: vec![],
     }
 }
 

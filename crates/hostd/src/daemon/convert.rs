@@ -6,6 +6,8 @@ use std::time::SystemTime;
 use chrono::{DateTime, Utc};
 use podvisor_api as api;
 
+use podvisor_net::host_ports::{PortMapping, Protocol};
+
 use crate::host::plan::vm_size;
 use crate::host::status::reasons;
 use crate::host::{ContainerPlan, ContainerState, PodPhase, PodPlan, PodState, RestartPolicy};
@@ -45,17 +47,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
                 format!("pod {} has no uid", pod.key()),
             )
         })?;
-    for (i, c) in pod.spec.containers.iter().enumerate() {
-        if let Some(j) = c.ports.iter().position(|p| p.host_port.is_some()) {
-            return Err(unrunnable(
-                UnrunnableReason::Unsupported,
-                format!(
-                    "spec.containers[{i}].ports[{j}].hostPort: publishing ports on the host \
-                     is not supported by podvisor's host daemon yet"
-                ),
-            ));
-        }
-    }
+    let port_mappings = port_mappings(pod)?;
     let size = pod.spec.vm_size().map_err(|e| {
         unrunnable(
             UnrunnableReason::InvalidPod,
@@ -93,7 +85,46 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         },
         cpus,
         memory_mib,
+        port_mappings,
     })
+}
+
+/// The pod's `hostPort`s as CNI port mappings (to the pod's address on
+/// `containerPort`). The API has refused a port published twice.
+fn port_mappings(pod: &api::Pod) -> Result<Vec<PortMapping>, Unrunnable> {
+    let mut out = Vec::new();
+    for (i, c) in pod.spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().enumerate() {
+            let Some(host_port) = p.host_port else {
+                continue;
+            };
+            let mapping = PortMapping {
+                host_port,
+                container_port: p.container_port,
+                protocol: match p.protocol.unwrap_or_default() {
+                    api::Protocol::Tcp => Protocol::Tcp,
+                    api::Protocol::Udp => Protocol::Udp,
+                },
+                host_ip: match &p.host_ip {
+                    None => None,
+                    Some(ip) => Some(ip.parse().map_err(|_| {
+                        unrunnable(
+                            UnrunnableReason::InvalidPod,
+                            format!("spec.containers[{i}].ports[{j}].hostIP: {ip:?} is not an IP address"),
+                        )
+                    })?),
+                },
+            };
+            mapping.validate().map_err(|e| {
+                unrunnable(
+                    UnrunnableReason::InvalidPod,
+                    format!("spec.containers[{i}].ports[{j}]: {e}"),
+                )
+            })?;
+            out.push(mapping);
+        }
+    }
+    Ok(out)
 }
 
 fn time(t: SystemTime) -> DateTime<Utc> {
@@ -102,6 +133,13 @@ fn time(t: SystemTime) -> DateTime<Utc> {
 
 /// The pod status to report for `state`.
 pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodStatus {
+    // IPv4 first, as Kubernetes lists them.
+    let mut ips = state.pod_ips.clone();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    let pod_ips: Vec<api::PodIp> = ips
+        .iter()
+        .map(|ip| api::PodIp { ip: ip.to_string() })
+        .collect();
     api::PodStatus {
         phase: match state.phase {
             PodPhase::Pending => api::PodPhase::Pending,
@@ -112,9 +150,8 @@ pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodSta
         reason: state.reason.map(|r| r.to_string()),
         message: state.message.clone(),
         host_ip: host_ip.map(str::to_string),
-        // Pods have no network yet: nothing to report.
-        pod_ip: None,
-        pod_ips: Vec::new(),
+        pod_ip: pod_ips.first().map(|p| p.ip.clone()),
+        pod_ips,
         start_time: state.started_at.map(time),
         container_statuses: state
             .containers
@@ -223,22 +260,18 @@ spec:
     }
 
     #[test]
-    fn host_ports_are_refused_by_name() {
+    fn host_ports_become_port_mappings() {
         let p = pod("
 metadata: {name: web}
 spec:
   containers:
   - name: app
     image: busybox
-    ports: [{containerPort: 80, hostPort: 8080}]
+    ports: [{containerPort: 80, hostPort: 8080}, {containerPort: 53, hostPort: 5353, protocol: UDP}, {containerPort: 9090}]
 ");
-        let e = plan_from_pod(&p).unwrap_err();
-        assert_eq!(e.reason, "Unsupported");
-        assert!(
-            e.message
-                .starts_with("spec.containers[0].ports[0].hostPort:"),
-            "{e}"
-        );
+        let plan = plan_from_pod(&p).unwrap();
+        let shown: Vec<String> = plan.port_mappings.iter().map(|m| m.to_string()).collect();
+        assert_eq!(shown, ["8080->80/tcp", "5353->53/udp"]);
     }
 
     #[test]
@@ -251,6 +284,7 @@ spec:
             reason: None,
             message: None,
             started_at: Some(t),
+            pod_ips: vec![],
             containers: vec![
                 waiting,
                 ContainerStatus {

@@ -128,7 +128,7 @@ pub async fn run(
             source,
         })?;
     let launcher: Arc<dyn Launcher> = match cfg.runtime {
-        RuntimeMode::Vm => Arc::new(VmLauncher::new(&cfg.host)),
+        RuntimeMode::Vm => Arc::new(VmLauncher::new(&cfg.host)?),
         RuntimeMode::AckWithoutVm => Arc::new(AckLauncher),
     };
     let (runtime, mut changes) = PodRuntime::open_with(cfg.host.clone(), launcher)?;

@@ -24,6 +24,10 @@ pub enum RuntimeError {
     Record(#[from] RecordError),
     #[error(transparent)]
     PodVm(#[from] PodVmError),
+    /// Pod networking could not be opened (its state directory is locked
+    /// by another process, its configuration is unreadable, ...).
+    #[error(transparent)]
+    Network(#[from] podvisor_net::pod_network::PodNetworkError),
     #[error("{what}: {source}")]
     Io {
         what: String,

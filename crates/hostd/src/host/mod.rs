@@ -16,6 +16,13 @@
 //! it finds recorded ([`PodRuntime::open`]) instead of starting duplicates,
 //! and stops VMs nothing records. [`PodRuntime`] is the daemon's handle on
 //! all of it.
+//!
+//! With [`HostConfig::network`] set, each pod also gets a network
+//! ([`podvisor_net`], through [`vm_sandbox`]): attached at its first VM
+//! start, kept across restarts and adoptions of its VM (each new VM gets a
+//! fresh tap in the same namespace), detached when the pod is deleted or
+//! has finished; at start-up and every [`NETWORK_RECONCILE_PERIOD`] the
+//! attachments of pods that are gone are removed.
 
 pub mod ack_sandbox;
 mod error;
@@ -52,7 +59,11 @@ pub use vm_sandbox::VmLauncher;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use podvisor_net::pod_network::PodNetworkConfig;
 use podvisor_podvm::NodeConfig;
+
+/// How often attachments of pods that are gone (or finished) are removed.
+pub const NETWORK_RECONCILE_PERIOD: Duration = Duration::from_secs(60);
 
 /// Settings of the host runtime.
 #[derive(Debug, Clone)]
@@ -69,6 +80,11 @@ pub struct HostConfig {
     /// Grace period between SIGTERM and SIGKILL when a pod is deleted
     /// (Kubernetes' default is 30 s).
     pub delete_grace: Duration,
+    /// Pod networking (CNI): each pod gets a network namespace and an
+    /// address at its first VM start, kept across VM restarts, removed
+    /// when the pod is deleted or finished. `None`: pods have only `lo`
+    /// and cannot publish host ports.
+    pub network: Option<PodNetworkConfig>,
 }
 
 impl HostConfig {
@@ -80,6 +96,7 @@ impl HostConfig {
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             backoff: Backoff::default(),
             delete_grace: Duration::from_secs(30),
+            network: None,
         }
     }
 }

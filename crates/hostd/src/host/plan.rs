@@ -1,6 +1,7 @@
 //! What the host daemon is asked to run: a pod as this crate sees it,
 //! independent of the REST object model it came from.
 
+use podvisor_net::host_ports::PortMapping;
 use podvisor_podvm::ContainerOverrides;
 use podvisor_proto::TerminalSize;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,9 @@ pub struct PodPlan {
     pub cpus: u32,
     /// RAM of the pod VM.
     pub memory_mib: u64,
+    /// The pod's `hostPort`s.
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -151,6 +155,7 @@ mod tests {
             restart_policy: RestartPolicy::Always,
             cpus: 1,
             memory_mib: 128,
+            port_mappings: vec![],
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

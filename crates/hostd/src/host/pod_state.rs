@@ -17,6 +17,7 @@ impl PodTask {
             message,
             started_at: self.record.state.started_at,
             containers: self.slots.iter().map(|s| s.track.status.clone()).collect(),
+            pod_ips: self.shared.launcher.pod_ips(&self.record.plan.uid),
         }
     }
 
@@ -59,9 +60,10 @@ impl PodTask {
         }
     }
 
-    /// The pod is deleted: releases its layers in the catalog and removes
-    /// its record and logs.
+    /// The pod is deleted: removes its network, releases its layers in the
+    /// catalog and removes its record and logs.
     pub(super) async fn remove_files(&self) {
+        self.shared.launcher.finished(&self.record.plan).await;
         self.shared.launcher.release(&self.record.holds).await;
         if let Err(e) = self.shared.state.remove(&self.record.plan.uid) {
             tracing::warn!(pod = %self.key(), "{e}");

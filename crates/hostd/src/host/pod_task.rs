@@ -201,7 +201,12 @@ impl PodTask {
     /// Runs until the pod is deleted or detached.
     pub(crate) async fn run(mut self) {
         let mut stage = self.initial_stage().await;
+        let mut told_finished = false;
         loop {
+            if matches!(stage, Stage::Finished) && !told_finished {
+                told_finished = true;
+                self.shared.launcher.finished(&self.record.plan).await;
+            }
             // A running sandbox's state is published by `supervise`, once
             // it has taken in what the sandbox already said.
             if !matches!(stage, Stage::Up(_)) {

@@ -221,6 +221,7 @@ mod tests {
                 restart_policy: RestartPolicy::Never,
                 cpus: 1,
                 memory_mib: 128,
+                port_mappings: vec![],
             },
             state: PodState::default(),
             vm: Some(VmRecord {

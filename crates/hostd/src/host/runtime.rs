@@ -1,8 +1,8 @@
 //! [`PodRuntime`]: the daemon's handle on every pod of this host: start,
 //! delete, state, logs and exec, and the adoption of VMs at start-up.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -41,7 +41,7 @@ impl PodRuntime {
     /// its VM is adopted if it still runs, else restarted as its policy
     /// says. Also returns the feed of state changes (pod uid, state).
     pub fn open(cfg: HostConfig) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
-        let launcher = Arc::new(VmLauncher::new(&cfg));
+        let launcher = Arc::new(VmLauncher::new(&cfg)?);
         PodRuntime::open_with(cfg, launcher)
     }
 
@@ -69,6 +69,7 @@ impl PodRuntime {
                 tracing::error!(pod = %uid, "cannot resume the pod: {e}");
             }
         }
+        tokio::spawn(reconcile_periodically(Arc::downgrade(&runtime.shared)));
         Ok((runtime, feed))
     }
 
@@ -246,5 +247,31 @@ impl PodRuntime {
                 let _ = wait.await;
             }
         }
+    }
+}
+
+/// Has the launcher free what pods that are gone or finished still keep
+/// (their networks): now, with every recorded pod that has not finished
+/// (adopted ones included) live, and then every
+/// [`super::NETWORK_RECONCILE_PERIOD`], until the runtime and its pods are
+/// gone.
+async fn reconcile_periodically(shared: Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match shared.state.load_all() {
+            Ok(records) => {
+                let live: HashSet<String> = records
+                    .into_iter()
+                    .filter(|r| !r.state.phase.is_terminal())
+                    .map(|r| r.plan.uid)
+                    .collect();
+                shared.launcher.reconcile(&live).await;
+            }
+            Err(e) => tracing::warn!("cannot list the pod records to reconcile networks: {e}"),
+        }
+        drop(shared);
+        tokio::time::sleep(super::NETWORK_RECONCILE_PERIOD).await;
     }
 }

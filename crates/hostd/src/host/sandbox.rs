@@ -5,6 +5,8 @@
 //! knows nothing else of VMs, so it runs as well against a fake in unit
 //! tests.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -76,6 +78,17 @@ pub trait Launcher: Send + Sync {
     /// Kills what is left of the sandbox `record` names and removes its
     /// files (it could not be adopted, or it stopped).
     fn discard(&self, record: &VmRecord);
+    /// The pod has finished for good, or is being deleted: frees what it
+    /// keeps between its sandboxes (its network). Failures are logged; a
+    /// later [`Launcher::reconcile`] retries.
+    async fn finished(&self, _plan: &PodPlan) {}
+    /// The pod's addresses, while it has a network.
+    fn pod_ips(&self, _uid: &str) -> Vec<IpAddr> {
+        vec![]
+    }
+    /// Frees what pods not in `live` (pod uids) still keep: left by a
+    /// daemon that died, or a [`Launcher::finished`] that failed.
+    async fn reconcile(&self, _live: &HashSet<String>) {}
     /// Why this host's sandboxes keep no logs and serve no exec, if so.
     fn without_logs_and_exec(&self) -> Option<&'static str> {
         None

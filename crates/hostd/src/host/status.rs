@@ -40,6 +40,9 @@ pub struct PodState {
     /// When the pod VM was up.
     pub started_at: Option<SystemTime>,
     pub containers: Vec<ContainerStatus>,
+    /// The pod's addresses (status.podIPs), while it has a network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<std::net::IpAddr>,
 }
 
 /// One container's state and restart count.

@@ -45,6 +45,7 @@ fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy) -> PodPla
         restart_policy,
         cpus: 1,
         memory_mib: 128,
+        port_mappings: vec![],
     }
 }
 

@@ -1,17 +1,24 @@
 //! Pod VMs as the host runtime's sandboxes: images through the global
 //! cache, one VM per pod booted in its own session (it outlives the
-//! daemon), adopted again by the next daemon.
+//! daemon), adopted again by the next daemon; with pod networking on, each
+//! pod's CNI attachment ([`podvisor_net`]) made at its first VM start and
+//! kept until the pod is finished, and each VM's NIC on a fresh tap in it.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use podvisor_net::PodNetworks;
+use podvisor_net::cni::PodIdentity;
+use podvisor_net::pod_network::AttachRequest;
 use podvisor_podvm::container::process_spec;
+use podvisor_podvm::network::{self, PodNic};
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
-use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
+use podvisor_vmm::{BlockDevice, Device};
 
 use super::HostConfig;
 use super::error::RuntimeError;
@@ -23,15 +30,55 @@ use super::sandbox::{Launcher, Prepared, Sandbox};
 /// Launches each pod in its own VM.
 pub struct VmLauncher {
     node: NodeConfig,
+    /// The pods' networks; `None`: pods have only `lo`.
+    networks: Option<PodNetworks>,
 }
 
 impl VmLauncher {
     /// VMs with `cfg`'s node settings, their run directories under its
-    /// state directory.
-    pub fn new(cfg: &HostConfig) -> VmLauncher {
+    /// state directory; opens pod networking if `cfg` has it (which locks
+    /// its state directory for this process).
+    pub fn new(cfg: &HostConfig) -> Result<VmLauncher, RuntimeError> {
         let mut node = cfg.node.clone();
         node.run_dir = StateDir::run_dir_under(&cfg.state_dir);
-        VmLauncher { node }
+        let networks = match &cfg.network {
+            Some(net) => Some(PodNetworks::open(net.clone())?),
+            None => None,
+        };
+        Ok(VmLauncher { node, networks })
+    }
+
+    /// The pod's NIC for its next VM: its network attached first if it
+    /// has none yet (the intent record is written before anything is
+    /// made; a host port another pod holds is refused before that), then
+    /// a fresh tap. `None` without pod networking.
+    async fn pod_nic(&self, plan: &PodPlan) -> Result<Option<PodNic>, PodVmError> {
+        let Some(networks) = &self.networks else {
+            if let Some(m) = plan.port_mappings.first() {
+                return Err(PodVmError::Network(format!(
+                    "host port {m} needs pod networking, which this host daemon runs without"
+                )));
+            }
+            return Ok(None);
+        };
+        if networks.attachment(&plan.uid).is_none() {
+            if networks.record(&plan.uid).is_some() {
+                // A half-made attachment (a daemon died during its ADD).
+                networks.detach(&plan.uid).await?;
+            }
+            let request = AttachRequest {
+                id: plan.uid.clone(),
+                pod: PodIdentity {
+                    namespace: plan.namespace.clone(),
+                    name: plan.name.clone(),
+                    uid: plan.uid.clone(),
+                },
+                port_mappings: plan.port_mappings.clone(),
+            };
+            networks.attach(request).await?;
+            tracing::info!(pod = %plan.key(), ips = ?networks.attachment(&plan.uid).map(|a| a.pod_ips()), "pod network attached");
+        }
+        Ok(Some(network::pod_nic(networks, &plan.uid).await?))
     }
 }
 
@@ -87,20 +134,71 @@ impl Launcher for VmLauncher {
                 what: "prepare the guest".into(),
                 source: std::io::Error::other(e),
             })??;
+        let nic = self.pod_nic(plan).await?;
+        let mut devices: Vec<Device> = disks.into_iter().map(Device::Block).collect();
+        devices.extend(nic.as_ref().map(PodNic::vm_device));
         let spec = PodVmSpec {
             id: plan.vm_id(),
             cpus: plan.cpus,
             memory_mib: plan.memory_mib,
             guest,
-            devices: disks.into_iter().map(podvisor_vmm::Device::Block).collect(),
+            devices,
             pci: Default::default(),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
             die_with_parent: false,
             netns: None,
         };
-        let vm = PodVm::boot(&self.node, spec).await?;
+        let mut vm = PodVm::boot(&self.node, spec).await?;
+        let hostname = plan.hostname();
+        let config = match &nic {
+            Some(nic) => network::guest_config(&nic.guest, &hostname, &network::host_dns()),
+            None => network::no_network(&hostname),
+        };
+        // The VMM has its copy of the tap: ours goes, so the tap goes with
+        // the VM.
+        drop(nic);
+        vm.configure_network(&config).await?;
         let process = vm.vmm_process()?;
         Ok((Box::new(vm), process))
+    }
+
+    async fn finished(&self, plan: &PodPlan) {
+        let Some(networks) = &self.networks else {
+            return;
+        };
+        if networks.record(&plan.uid).is_none() {
+            return;
+        }
+        match networks.detach(&plan.uid).await {
+            Ok(()) => tracing::info!(pod = %plan.key(), "pod network removed"),
+            Err(e) => {
+                tracing::warn!(pod = %plan.key(), "removing the pod network failed (reconcile retries): {e}")
+            }
+        }
+    }
+
+    fn pod_ips(&self, uid: &str) -> Vec<IpAddr> {
+        self.networks
+            .as_ref()
+            .and_then(|n| n.attachment(uid))
+            .map(|a| a.pod_ips())
+            .unwrap_or_default()
+    }
+
+    async fn reconcile(&self, live: &HashSet<String>) {
+        let Some(networks) = &self.networks else {
+            return;
+        };
+        let report = networks.reconcile(live).await;
+        for id in &report.removed {
+            tracing::info!(pod = %id, "removed the network of a pod that is gone");
+        }
+        for (id, e) in &report.failed {
+            tracing::warn!(pod = %id, "removing the network of a pod that is gone failed: {e}");
+        }
+        for ns in &report.stray_namespaces {
+            tracing::info!(netns = %ns.display(), "removed a network namespace nothing records");
+        }
     }
 
     async fn adopt(&self, record: &VmRecord) -> Result<Box<dyn Sandbox>, PodVmError> {
