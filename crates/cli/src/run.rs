@@ -1,12 +1,14 @@
 //! `podvisor run`: a command in a new pod VM, with docker's feel.
 
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use podvisor_image::{ImageSource, Platform};
+use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_podvm::ContainerOverrides;
-use podvisor_run::{Outcome, PodIo, PodRequest};
+use podvisor_run::{NetworkChoice, Outcome, PodIo, PodRequest};
 use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
 
@@ -56,6 +58,18 @@ pub struct RunArgs {
     /// cross-VM side channel, like KSM.
     #[arg(long)]
     isolated: bool,
+    /// Publish a container's port on the host, as docker does:
+    /// [IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp] (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "[IP:]HOSTPORT:CONTAINERPORT[/PROTO]", value_parser = parse_publish)]
+    publish: Vec<PortMapping>,
+    /// The pod's network: `default` (the host's CNI network: the first
+    /// configuration in --cni-conf-dir, or podvisor's bridge on
+    /// 10.87.0.0/24 written there) or `none` (only loopback).
+    #[arg(long, value_enum, default_value = "default", env = "PODVISOR_NETWORK")]
+    network: NetworkArg,
+    /// The CNI configuration directory.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
     /// The image: a registry reference (pulled unless cached), or an OCI
     /// layout directory or image archive (docker save, oci-archive) that
     /// exists, optionally followed by `:REF` to pick one of several.
@@ -71,6 +85,47 @@ pub struct RunArgs {
     command: Vec<String>,
     #[command(flatten)]
     host: PodVmArgs,
+}
+
+/// `--network`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkArg {
+    Default,
+    None,
+}
+
+/// Parses `[IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]` (an IPv6 address in
+/// brackets), as `docker run -p`.
+pub fn parse_publish(s: &str) -> Result<PortMapping, String> {
+    let bad = |why: &str| format!("{s:?}: {why} (expected [IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp])");
+    let (rest, protocol) = match s.rsplit_once('/') {
+        Some((rest, "tcp")) => (rest, Protocol::Tcp),
+        Some((rest, "udp")) => (rest, Protocol::Udp),
+        Some(_) => return Err(bad("the protocol must be tcp or udp")),
+        None => (s, Protocol::Tcp),
+    };
+    let (host, container) = rest.rsplit_once(':').ok_or_else(|| bad("no host port"))?;
+    let (ip, host_port) = match host.rsplit_once(':') {
+        Some((ip, port)) => {
+            let ip = ip
+                .strip_prefix('[')
+                .and_then(|i| i.strip_suffix(']'))
+                .unwrap_or(ip);
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("not an IP address"))?;
+            (Some(ip), port)
+        }
+        None => (None, host),
+    };
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(bad("ports are 1-65535")),
+    };
+    Ok(PortMapping {
+        host_port: port(host_port)?,
+        container_port: port(container)?,
+        protocol,
+        host_ip: ip,
+    })
 }
 
 /// Parses a memory size with a unit (K, M, G; optional trailing B/iB) into MiB.
@@ -142,6 +197,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         overrides,
         template: args.template,
         isolated: args.isolated,
+        network: match args.network {
+            NetworkArg::None if !args.publish.is_empty() => {
+                bail!(
+                    "-p publishes a port of the pod's network: it needs --network default, not none"
+                )
+            }
+            NetworkArg::None => NetworkChoice::None,
+            NetworkArg::Default => NetworkChoice::Cni {
+                conf_dir: args.cni_conf_dir,
+                ports: args.publish,
+            },
+        },
     };
     let mut cfg = args.host.node_config()?;
     cfg.platform = args.platform;
@@ -226,5 +293,20 @@ mod tests {
         );
         assert!(parse_memory_mib("32M").unwrap_err().contains("minimum"));
         assert!(parse_memory_mib("xM").unwrap_err().contains("invalid"));
+    }
+
+    #[test]
+    fn publish_is_parsed_as_docker_does() {
+        let shown = |s: &str| parse_publish(s).map(|m| m.to_string());
+        assert_eq!(shown("8080:80").unwrap(), "8080->80/tcp");
+        assert_eq!(
+            shown("127.0.0.1:8080:80/udp").unwrap(),
+            "127.0.0.1:8080->80/udp"
+        );
+        assert_eq!(shown("[::1]:8080:80").unwrap(), "[::1]:8080->80/tcp");
+        for bad in ["80", "0:80", "8080:80/sctp", "host:8080:80", "8080:99999"] {
+            let e = parse_publish(bad).unwrap_err();
+            assert!(e.contains("expected [IP:]HOSTPORT:CONTAINERPORT"), "{e}");
+        }
     }
 }

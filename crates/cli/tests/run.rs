@@ -195,6 +195,7 @@ fn vm_sigterm_to_podvisor_reaches_the_container() {
     let t = TestDir::new();
     let image = busybox_image(t.path());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .env("PODVISOR_NETWORK", "none")
         .env("PODVISOR_CACHE_DIR", t.cache_dir())
         .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())

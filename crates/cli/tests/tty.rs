@@ -91,7 +91,8 @@ fn vm_interactive_shell_with_resize_and_ctrl_c() {
     .unwrap();
     let slave = pty.slave;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    cmd.env("PODVISOR_CACHE_DIR", t.cache_dir())
+    cmd.env("PODVISOR_NETWORK", "none")
+        .env("PODVISOR_CACHE_DIR", t.cache_dir())
         .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
         .args(["run", "-it"])

@@ -9,7 +9,9 @@
 //! ([`podvisor_template::fork`], [`podvisor_podvm::PodVm`]), then starts the
 //! container, relays stdio, signals and terminal resizes, and reports how
 //! the container ended, with the time of each stage. Terminal handling and
-//! output formatting belong to the CLI.
+//! output formatting belong to the CLI. The pod's network (CNI, `-p`
+//! ports) is attached for the run and removed when it ends, also when the
+//! run fails ([`NetworkChoice`], [`RunNetwork`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +20,7 @@ use podvisor_image::progress::PullProgress;
 use podvisor_image::{HoldFor, ImageSource, LayerAttachments};
 use podvisor_podvm::agent_link::sanitize_guest_text;
 use podvisor_podvm::container::{ContainerOverrides, ContainerSpecError, process_spec};
+use podvisor_podvm::network;
 use podvisor_podvm::pod_vm::new_pod_id;
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
 use podvisor_proto::{
@@ -27,6 +30,9 @@ use podvisor_proto::{
 use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+mod network_choice;
+pub use network_choice::{NetworkChoice, RunNetwork, remove_abandoned};
 
 /// Id of the one container of a `podvisor run` pod (a warm template's
 /// container has it too: a clone attaches to it).
@@ -46,6 +52,8 @@ pub struct PodRequest {
     pub template: TemplateChoice,
     /// Share no memory with other pods: boot cold, never from a template.
     pub isolated: bool,
+    /// The pod's network: CNI (with published ports) or only `lo`.
+    pub network: NetworkChoice,
 }
 
 /// Errors of running a pod.
@@ -57,6 +65,8 @@ pub enum RunError {
     Guest(#[from] podvisor_guest::GuestError),
     #[error(transparent)]
     Spec(#[from] ContainerSpecError),
+    #[error(transparent)]
+    Network(#[from] podvisor_net::pod_network::PodNetworkError),
     /// A template the pod named does not fit, or templates are unusable in
     /// a way a cold boot would not help with.
     #[error(transparent)]
@@ -127,9 +137,33 @@ impl RunReport {
 /// files.
 pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunReport, RunError> {
     let t0 = Instant::now();
-    let mut timings = Timings::default();
-
     let pod_id = new_pod_id().map_err(PodVmError::from)?;
+    let hostname = req.name.clone().unwrap_or_else(|| pod_id.clone());
+    let network = match &req.network {
+        NetworkChoice::None => None,
+        NetworkChoice::Cni { conf_dir, ports } => {
+            Some(RunNetwork::attach(&cfg.run_dir, conf_dir, &pod_id, &hostname, ports).await?)
+        }
+    };
+    let result = run_pod(cfg, req, io, t0, &pod_id, &hostname, network.as_ref()).await;
+    if let Some(network) = network {
+        network.remove().await;
+    }
+    result
+}
+
+/// [`run`] once the pod's network (if any) is attached.
+async fn run_pod(
+    cfg: &NodeConfig,
+    req: PodRequest,
+    io: PodIo,
+    t0: Instant,
+    pod_id: &str,
+    hostname: &str,
+    network: Option<&RunNetwork>,
+) -> Result<RunReport, RunError> {
+    let mut timings = Timings::default();
+    let pod_id = pod_id.to_string();
     let (cache, catalog) = cfg.open_images().await.map_err(PodVmError::from)?;
     let held = podvisor_image::acquire(
         &cache,
@@ -153,10 +187,21 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     })?;
     let container = ContainerSpec {
         id: CONTAINER_ID.into(),
-        hostname: req.name.clone().unwrap_or_else(|| pod_id.clone()),
+        hostname: hostname.to_string(),
         mounts: image_mounts(&serials),
         process,
     };
+    let nic = match network {
+        Some(n) => Some(podvisor_podvm::network::pod_nic(&n.networks, &n.id).await?),
+        None => None,
+    };
+    let net_config = match &nic {
+        Some(nic) => network::guest_config(&nic.guest, hostname, &network::host_dns()),
+        None => network::no_network(hostname),
+    };
+    // The NIC is this pod's alone: never part of what a template is made
+    // from or chosen by. A clone gets it hot-plugged after it took on its
+    // identity (a template has no NIC); a cold boot has it from the start.
     let spec = PodVmSpec {
         id: pod_id.clone(),
         cpus: req.cpus,
@@ -183,15 +228,27 @@ pub async fn run(cfg: &NodeConfig, req: PodRequest, io: PodIo) -> Result<RunRepo
     };
     let forked = podvisor_template::from_template(cfg, &fork, &mut timings).await?;
     let (mut pod, warm) = match forked {
-        Some(forked) => forked,
+        Some((mut pod, warm)) => {
+            if let Some(nic) = &nic {
+                pod.add_device(nic.vm_device()).await?;
+            }
+            (pod, warm)
+        }
         None => {
+            let mut spec = spec;
+            spec.devices.extend(nic.as_ref().map(|n| n.vm_device()));
             let pod = PodVm::boot(cfg, spec).await?;
             timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);
             (pod, false)
         }
     };
+    // The VMM has its copy of the tap.
+    drop(nic);
 
-    let result = attach(cfg, &mut pod, container, io, &mut timings, warm).await;
+    let result = match pod.configure_network(&net_config).await {
+        Ok(_) => attach(cfg, &mut pod, container, io, &mut timings, warm).await,
+        Err(e) => Err(e),
+    };
     let ended_at = Instant::now();
     match &result {
         Ok(_) => pod.shutdown(std::time::Duration::ZERO).await,

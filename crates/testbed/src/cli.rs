@@ -72,6 +72,8 @@ impl TestDir {
             .env("PODVISOR_RUN_DIR", self.run_dir())
             .current_dir(self.path())
             .env("PODVISOR_TEMPLATE_RAM_DIR", self.template_ram_dir())
+            // Tests of pod networking ask for it, on a host of their own.
+            .env("PODVISOR_NETWORK", "none")
             .env_remove("PODVISOR_LOG");
         PodvisorCommand {
             cmd,

@@ -137,6 +137,7 @@ fn a_puller_killed_mid_layer_is_taken_over() {
 
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .env("PODVISOR_NETWORK", "none")
             .env("PODVISOR_CACHE_DIR", t.cache_dir())
             .env("DOCKER_CONFIG", t.path().join("docker"))
             .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))

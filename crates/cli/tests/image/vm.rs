@@ -62,6 +62,7 @@ fn vm_gc_never_removes_a_disk_a_running_pod_uses() {
     podvisor(&t).args(["image", "pull", &reference]).success();
 
     let mut pod = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .env("PODVISOR_NETWORK", "none")
         .env("PODVISOR_CACHE_DIR", t.cache_dir())
         .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_CONFIG", t.path().join("no-config.toml"))

@@ -175,6 +175,7 @@ fn vm_warm_template_clones_share_the_process_but_not_identity_or_memory() {
 /// A clone of the warm template whose stdin stays open for the test.
 fn spawn_clone(t: &TestDir, image: &Path, name: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .env("PODVISOR_NETWORK", "none")
         .env("PODVISOR_CACHE_DIR", t.cache_dir())
         .env("PODVISOR_RUN_DIR", t.run_dir())
         .env("PODVISOR_TEMPLATE_RAM_DIR", t.template_ram_dir())
