@@ -61,7 +61,7 @@ pub struct HostDaemonArgs {
     /// the first CNI configuration in --cni-conf-dir (podvisor writes a
     /// bridge network on 10.87.0.0/24 there when it has none) and may
     /// publish hostPorts. `none`: pods have only loopback.
-    #[arg(long, value_enum, default_value = "cni")]
+    #[arg(long, value_enum, default_value = "cni", env = "PODVISOR_POD_NETWORK")]
     pub pod_network: PodNetworkArg,
     /// The CNI configuration directory.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]

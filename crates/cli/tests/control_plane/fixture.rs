@@ -54,6 +54,9 @@ impl Scratch {
     pub fn daemon_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.env("PODVISOR_CACHE_DIR", self.dir.cache_dir())
+            // Host daemons here run pods without a network: the machine's
+            // own namespace is not a test's to change.
+            .env("PODVISOR_POD_NETWORK", "none")
             .arg("--log")
             .arg("info")
             .args(args)
