@@ -92,13 +92,17 @@ fn address_and_mac(ip_addr: &str) -> (String, String) {
     (word_after("inet"), word_after("link/ether"))
 }
 
-/// SIGTERM to `podvisor run` (forwarded to the container, whose httpd
-/// then exits), then its exit.
-fn stop(child: Child) -> String {
-    // SAFETY: kill(2) on the podvisor process this test spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// A `podvisor run` that gets SIGTERM (forwarded to the container, whose
+/// httpd then exits) when dropped, also when the test fails, and is waited
+/// for.
+struct RunningPod(Child);
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the podvisor process this test spawned.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }
 
 async fn warm_up(config: &PodNetworkConfig, dir: &Path) {
@@ -150,17 +154,23 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
         let serve = "exec httpd -f -p 80 -h /www";
 
         // Two pods forked from one warm template (made by the first).
-        let a = spawn_run(&t, &conf_dir, &["-p", "127.0.0.1:18091:80"], &image, serve);
+        let a = RunningPod(spawn_run(
+            &t,
+            &conf_dir,
+            &["-p", "127.0.0.1:18091:80"],
+            &image,
+            serve,
+        ));
         let info_a = tokio::task::spawn_blocking(|| http_get(18091, "/cgi-bin/eth0"))
             .await
             .unwrap();
-        let b = spawn_run(
+        let b = RunningPod(spawn_run(
             &t,
             &conf_dir,
             &["-p", "127.0.0.1:18092:80/tcp"],
             &image,
             serve,
-        );
+        ));
         let info_b = tokio::task::spawn_blocking(|| http_get(18092, "/cgi-bin/eth0"))
             .await
             .unwrap();
@@ -178,8 +188,8 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
             .await
             .unwrap();
         assert_eq!(address_and_mac(&again), (ip_a, mac_a));
-        stop(a);
-        stop(b);
+        drop(a);
+        drop(b);
 
         // --network none: only lo, and no resolver.
         let none = spawn_run(
