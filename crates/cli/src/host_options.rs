@@ -10,6 +10,12 @@ use podvisor_vmm::{Accel, AccelChoice};
 
 use crate::config::{CacheArgs, ConfigFile, RegistryArgs, Settings};
 
+/// The static guest agent built with this podvisor (see build.rs); empty
+/// when that build was skipped.
+static EMBEDDED_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/podvisor-agent"));
+/// Its length and hash, naming the file it is written to.
+const EMBEDDED_AGENT_ID: &str = env!("PODVISOR_EMBEDDED_AGENT_ID");
+
 /// `--run-dir` and `--template-ram-dir`: the runtime files of running pods
 /// and of VM templates.
 #[derive(clap::Args, Debug, Clone)]
@@ -43,8 +49,8 @@ pub struct VmArgs {
     /// Guest kernel image (default: newest /boot/vmlinuz-*-cloud-amd64).
     #[arg(long, env = "PODVISOR_KERNEL")]
     pub kernel: Option<PathBuf>,
-    /// Guest agent binary, statically linked (default: next to podvisor,
-    /// or /usr/local/lib/podvisor).
+    /// Guest agent binary, statically linked (default: the one built into
+    /// podvisor, else next to podvisor, else /usr/local/lib/podvisor).
     #[arg(long, env = "PODVISOR_AGENT")]
     pub agent: Option<PathBuf>,
     /// Seconds a pod VM may take to boot to a ready agent (default: 30 with
@@ -92,32 +98,46 @@ impl RuntimeDirArgs {
 
 impl VmArgs {
     /// The node configuration of a command that boots VMs. Tells the user
-    /// once when podvisor falls back to software emulation.
-    pub fn node_config(&self, settings: Settings, dirs: &RuntimeDirArgs) -> NodeConfig {
+    /// once when podvisor falls back to software emulation. The agent is
+    /// the one named, else the one built into podvisor (written to the
+    /// cache directory), else whatever `podvisor_guest::find_agent` finds.
+    pub fn node_config(
+        &self,
+        settings: Settings,
+        dirs: &RuntimeDirArgs,
+    ) -> anyhow::Result<NodeConfig> {
         let choice = AccelChoice::resolve(self.accel);
         if self.accel.is_none() && choice.accel == Accel::Tcg {
             eprintln!("podvisor: {}", choice.reason);
         }
         let mut cfg = dirs.node_config(settings, choice.accel);
         cfg.kernel = self.kernel.clone();
-        cfg.agent = self.agent.clone();
+        cfg.agent = match &self.agent {
+            Some(agent) => Some(agent.clone()),
+            None if !EMBEDDED_AGENT.is_empty() => Some(podvisor_guest::agent::store_embedded(
+                &cfg.cache_dir,
+                EMBEDDED_AGENT_ID,
+                EMBEDDED_AGENT,
+            )?),
+            None => None,
+        };
         if let Some(secs) = self.boot_timeout {
             cfg.boot_timeout = std::time::Duration::from_secs(secs);
         }
         cfg.extra_kernel_args = self.kernel_args.clone();
-        cfg
+        Ok(cfg)
     }
 }
 
 impl PodVmArgs {
     /// The node configuration with the config file read as `file`.
-    pub fn node_config_with(&self, file: ConfigFile) -> NodeConfig {
+    pub fn node_config_with(&self, file: ConfigFile) -> anyhow::Result<NodeConfig> {
         let settings = Settings::resolve(&self.cache, &self.registry, file);
         self.vm.node_config(settings, &self.dirs)
     }
 
     /// The node configuration these options and the config file describe.
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
-        Ok(self.node_config_with(ConfigFile::load()?))
+        self.node_config_with(ConfigFile::load()?)
     }
 }

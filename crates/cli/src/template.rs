@@ -103,7 +103,7 @@ pub async fn run(args: TemplateArgs) -> anyhow::Result<u8> {
     let cfg = match &command {
         TemplateCommand::Create(create_args) => {
             let settings = Settings::load(&cache, &create_args.registry)?;
-            create_args.vm.node_config(settings, &dirs)
+            create_args.vm.node_config(settings, &dirs)?
         }
         _ => dirs.quiet_node_config(&cache)?,
     };

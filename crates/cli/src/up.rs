@@ -124,7 +124,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
             ConfigFile::load_to_rewrite()
         }
     };
-    let node = args.host.node_config_with(file()?);
+    let node = args.host.node_config_with(file()?)?;
     let server_dir = args.state_dir.join("server");
     let mut config = ServerConfig::new(&args.listen.to_string(), &server_dir);
     config.host_ttl = Duration::from_secs(15);

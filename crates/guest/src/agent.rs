@@ -7,6 +7,7 @@
 //! -2)") and panics, so such a file is skipped by the search and refused
 //! when named.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::GuestError;
@@ -123,6 +124,38 @@ pub fn check_static(path: &Path, bytes: &[u8]) -> Result<(), GuestError> {
             reason,
         }),
     }
+}
+
+/// Writes an agent built into the calling program (`podvisor` embeds the
+/// one it was built with) to `<cache_dir>/guest/agents/podvisor-agent-<id>`
+/// unless a file of that name and length is there, and returns its path.
+/// `id` names the content (the build computes it); `bytes` must be a static
+/// agent.
+pub fn store_embedded(cache_dir: &Path, id: &str, bytes: &[u8]) -> Result<PathBuf, GuestError> {
+    let dir = cache_dir
+        .join(crate::cache::GUEST_CACHE_SUBDIR)
+        .join("agents");
+    let path = dir.join(format!("{AGENT_FILE_NAME}-{id}"));
+    check_static(&path, bytes)?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| GuestError::io("create directory", &dir, e))?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".agent-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| GuestError::io("create a temporary file in", &dir, e))?;
+    std::io::Write::write_all(&mut temp, bytes)
+        .map_err(|e| GuestError::io("write", temp.path(), e))?;
+    let file = temp.as_file();
+    file.set_permissions(std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| GuestError::io("set permissions of", temp.path(), e))?;
+    file.sync_all()
+        .map_err(|e| GuestError::io("sync", temp.path(), e))?;
+    temp.persist(&path)
+        .map_err(|e| GuestError::io("rename into place", &path, e.error))?;
+    Ok(path)
 }
 
 /// One place the agent may be.
@@ -331,6 +364,27 @@ mod tests {
         assert!(error.contains("target-release-agent"), "{error}");
         assert!(error.contains("statically linked"), "{error}");
         assert!(error.contains("crt-static"), "{error}");
+    }
+
+    #[test]
+    fn an_embedded_agent_is_stored_once_and_only_if_static() {
+        let cache = tempfile::tempdir().unwrap();
+        let agent = static_agent();
+        let path = store_embedded(cache.path(), "5-abc", &agent).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), agent);
+        assert!(path.starts_with(cache.path().join("guest/agents")));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(store_embedded(cache.path(), "5-abc", &agent).unwrap(), path);
+        // A truncated file (a writer that died) is replaced.
+        std::fs::write(&path, b"\x7fELF").unwrap();
+        store_embedded(cache.path(), "5-abc", &agent).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), agent);
+        let error = store_embedded(cache.path(), "6-def", &dynamic_agent()).unwrap_err();
+        assert!(
+            matches!(error, GuestError::AgentNotStatic { .. }),
+            "{error}"
+        );
     }
 
     fn place(path: PathBuf, explicit: bool) -> AgentPlace {
