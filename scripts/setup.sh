@@ -44,7 +44,7 @@ if [ "$want_test" = 1 ] && command -v systemctl >/dev/null && [ -d /run/systemd/
 fi
 
 if ! command -v cargo >/dev/null; then
-    echo "setup: cargo not found: install a Rust toolchain (rustup, Rust >= 1.85)" >&2
+    echo "setup: cargo not found: install a Rust toolchain (rustup, Rust >= 1.89)" >&2
     exit 1
 fi
 

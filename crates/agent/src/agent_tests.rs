@@ -315,6 +315,8 @@ fn stdin_that_does_not_fit_waits_for_pollout() {
     let mut total = 0;
     let mut buf = vec![0u8; 65536];
     while total < 200_000 {
+        // SAFETY: `r` is the fake process's end of its stdin pipe, which
+        // the launcher (owned by `agent`) keeps open for the whole loop.
         match nix::unistd::read(unsafe { std::os::fd::BorrowedFd::borrow_raw(r) }, &mut buf) {
             Ok(n) => total += n,
             Err(Errno::EAGAIN) => agent.ready(&Watch::Stdin { id: "c1".into() }),

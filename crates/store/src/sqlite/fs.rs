@@ -24,6 +24,7 @@ const NETWORK_FILESYSTEMS: &[(i64, &str)] = &[
 /// The name of the network filesystem `dir` is on, if it is on one.
 pub(super) fn network_filesystem(dir: &Path) -> Option<&'static str> {
     let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a valid C string and `stat` a writable statfs.
     if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
