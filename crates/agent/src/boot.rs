@@ -133,7 +133,7 @@ pub fn load_modules(sys: &dyn Syscall, release: &str) {
         }
     };
     for e in modules::load_all(sys, &modules::module_dir(release), &list) {
-        crate::log!("{e}");
+        crate::log!("{}", podvisor_errors::ErrorChain(&e));
     }
 }
 

@@ -11,13 +11,7 @@ fn main() {
     match std::panic::catch_unwind(podvisor_agent::run) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let mut msg = format!("fatal: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            log!("{msg}; powering off");
+            log!("fatal: {}; powering off", podvisor_errors::ErrorChain(&e));
         }
         Err(_) => log!("fatal: the agent panicked; powering off"),
     }

@@ -13,7 +13,7 @@ use crate::syscall::Syscall;
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
     /// The `.ko` file could not be read.
-    #[error("cannot read module {path}: {source}")]
+    #[error("cannot read module {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -119,7 +119,7 @@ pub async fn run(args: TemplateArgs) -> anyhow::Result<u8> {
                 match manage::remove(&cfg, &name).await {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
-                        eprintln!("podvisor: {e}");
+                        eprintln!("podvisor: {e}", e = podvisor_errors::ErrorChain(&e));
                         failed = true;
                     }
                 }
@@ -238,7 +238,10 @@ fn render_list(entries: &[(String, Result<TemplateStatus, TemplateError>)]) -> S
                     status
                 ));
             }
-            Err(e) => out.push_str(&format!("{name:<20} unreadable: {e}\n")),
+            Err(e) => out.push_str(&format!(
+                "{name:<20} unreadable: {e}\n",
+                e = podvisor_errors::ErrorChain(&e)
+            )),
         }
     }
     out

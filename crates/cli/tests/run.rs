@@ -491,3 +491,21 @@ fn template_ls_boots_nothing_and_says_nothing_about_the_accelerator() {
     assert!(!out.stderr.contains("TCG"), "{}", out.stderr);
     assert!(out.stderr.contains("no-such-template"), "{}", out.stderr);
 }
+
+#[test]
+fn an_error_prints_each_of_its_causes_once() {
+    let t = TestDir::new();
+    let file = t.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    // The cache directory cannot be made under a regular file: podvisor's
+    // context, then the system's reason, each once.
+    let out = podvisor(&t)
+        .args(["image", "ls", "--cache-dir"])
+        .arg(file.join("cache"))
+        .output();
+    assert_code(&out, 125);
+    let stderr = &out.stderr;
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

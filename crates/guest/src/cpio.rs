@@ -30,7 +30,7 @@ const S_IFCHR: u32 = 0o020_000;
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
     /// The underlying writer failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// The entry name is empty, contains a NUL byte or is the trailer's name.
     #[error("invalid entry name {0:?}")]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// An I/O operation failed; `context` says what was being done to what.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -95,7 +95,7 @@ pub enum ImageError {
     DecompressionLimit { layer: String, limit: u64 },
 
     /// The (decompressed) layer stream cannot be read as a tar archive.
-    #[error("layer {layer}: reading the layer stream: {source}")]
+    #[error("layer {layer}: reading the layer stream")]
     LayerStream {
         layer: String,
         #[source]
@@ -159,7 +159,7 @@ pub enum ImageError {
     BadRemoteImage { reference: String, reason: String },
 
     /// The catalog's store failed.
-    #[error("image catalog {url}: {source}")]
+    #[error("image catalog {url}")]
     Catalog {
         url: String,
         #[source]

@@ -771,10 +771,8 @@ mod tests {
             .open(config.state_dir.join("lock"))
             .unwrap();
         // SAFETY: flock on an fd we own.
-        assert_eq!(
-            unsafe { libc::flock(first.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-            0
-        );
+        let locked = unsafe { libc::flock(first.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
         match PodNetworks::open(config) {
             Err(PodNetworkError::StateLocked { .. }) => {}
             Err(e) => panic!("unexpected error {e}"),

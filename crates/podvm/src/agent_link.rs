@@ -15,15 +15,15 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 /// Errors on the agent channel.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentLinkError {
-    #[error("cannot connect to the agent socket {path}: {source}")]
+    #[error("cannot connect to the agent socket {path}")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("agent channel I/O: {0}")]
+    #[error("agent channel I/O")]
     Io(#[from] std::io::Error),
-    #[error("the guest sent an invalid message: {0}")]
+    #[error("the guest sent an invalid message")]
     Protocol(#[from] ProtoError),
     #[error("the agent channel closed")]
     Closed,

@@ -54,10 +54,10 @@ pub enum PodVmError {
         exit: podvisor_vmm::VmExit,
         console_tail: String,
     },
-    #[error("the guest broke the agent protocol, so its VM was killed: {0}")]
-    HostileGuest(agent_link::AgentLinkError),
-    #[error("agent channel: {0}")]
-    Link(agent_link::AgentLinkError),
+    #[error("the guest broke the agent protocol, so its VM was killed")]
+    HostileGuest(#[source] agent_link::AgentLinkError),
+    #[error("agent channel")]
+    Link(#[source] agent_link::AgentLinkError),
     #[error("the clone could not take on its own identity: {}", .0.join("; "))]
     Identity(Vec<String>),
     #[error("configuring the pod's network in the guest: {0}")]
@@ -65,7 +65,7 @@ pub enum PodVmError {
     /// The pod's network (CNI, its namespace, the tap) could not be set up.
     #[error(transparent)]
     PodNetwork(#[from] podvisor_net::pod_network::PodNetworkError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

@@ -95,7 +95,10 @@ pub async fn from_template(
                 | TemplateError::BadName(_)),
             ) => return Err(e),
             Err(e) => {
-                tracing::warn!("no VM template for this pod ({e}); booting it cold");
+                tracing::warn!(
+                    "no VM template for this pod ({e}); booting it cold",
+                    e = podvisor_errors::ErrorChain(&e)
+                );
                 return Ok(None);
             }
         };
@@ -111,7 +114,10 @@ pub async fn from_template(
             Ok(Some((pod, warm)))
         }
         Err(e) => {
-            tracing::warn!("cannot fork from template {name}: {e}; booting the pod cold instead");
+            tracing::warn!(
+                "cannot fork from template {name}: {e}; booting the pod cold instead",
+                e = podvisor_errors::ErrorChain(&e)
+            );
             drop(chosen);
             if matches!(e, TemplateError::Corrupt { .. }) && *choice == TemplateChoice::Auto {
                 // Made afresh by the next pod that needs it.

@@ -71,8 +71,13 @@ pub fn layer_inputs(
             let disk = cache
                 .get(&id)
                 .ok_or_else(|| missing("not in the layer cache".into()))?;
-            let md = std::fs::metadata(&disk.path)
-                .map_err(|e| missing(format!("{}: {e}", disk.path.display())))?;
+            let md = std::fs::metadata(&disk.path).map_err(|e| {
+                missing(format!(
+                    "{}: {e}",
+                    disk.path.display(),
+                    e = podvisor_errors::ErrorChain(&e)
+                ))
+            })?;
             Ok(LayerInput {
                 chain_id: chain.clone(),
                 path: disk.path,

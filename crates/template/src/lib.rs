@@ -56,7 +56,7 @@ pub fn dirs(cfg: &NodeConfig) -> TemplateDirs {
 /// Errors of making, finding, using and removing templates.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: String,
         path: PathBuf,
@@ -87,8 +87,8 @@ pub enum TemplateError {
     /// The base template's guest did not boot; a cold boot would fail alike.
     #[error(transparent)]
     Boot(PodVmError),
-    #[error("template VM: {0}")]
-    Vm(PodVmError),
+    #[error("template VM")]
+    Vm(#[source] PodVmError),
     #[error("the template's guest: {0}")]
     Guest(String),
     #[error("warming the template's process: {0}")]

@@ -152,10 +152,10 @@ fn status(cfg: &NodeConfig, dir: &std::path::Path, meta: TemplateMeta) -> Templa
         .and_then(|guest| inputs::current(cfg, dir, &meta.recipe, &guest))
     {
         Ok(now) => inputs::stale_reasons(&meta.inputs, &now),
-        Err(e) => vec![e.to_string()],
+        Err(e) => vec![podvisor_errors::chain(&e)],
     };
     if let Err(e) = files::check_ram_file(&meta) {
-        stale.push(e.to_string());
+        stale.push(podvisor_errors::chain(&e));
     }
     if !meta.state_file.is_file() {
         stale.push(format!(

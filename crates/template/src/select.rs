@@ -238,7 +238,7 @@ fn usable(
         reasons.push("it was made from another recipe".into());
     }
     if let Err(e) = files::check_ram_file(&meta) {
-        reasons.push(e.to_string());
+        reasons.push(podvisor_errors::chain(&e));
     }
     if reasons.is_empty() {
         Ok(meta)

@@ -142,7 +142,7 @@ pub enum VmExit {
 /// Errors of launching and controlling VMs.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("cannot start {binary}: {source} (is the qemu-system-x86 package installed?)")]
+    #[error("cannot start {binary} (is the qemu-system-x86 package installed?)")]
     Spawn {
         binary: String,
         #[source]
@@ -152,9 +152,9 @@ pub enum VmmError {
     InvalidSpec(String),
     #[error("the VM exited during start-up ({exit:?}); console tail:\n{console_tail}")]
     EarlyExit { exit: VmExit, console_tail: String },
-    #[error("control channel: {0}")]
+    #[error("control channel")]
     Control(#[from] qemu::qmp::QmpError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

@@ -11,7 +11,7 @@ pub enum ClientError {
     #[error("invalid server URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
     /// The server could not be reached or the connection broke.
-    #[error("{method} {url}: {source}")]
+    #[error("{method} {url}")]
     Http {
         method: &'static str,
         url: String,

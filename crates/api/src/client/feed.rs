@@ -120,10 +120,7 @@ async fn run(client: Client, filter: PodFilter, from: Option<i64>, tx: mpsc::Sen
 
 /// Sends a `Disconnected` event; false if the receiver is gone.
 async fn report(tx: &mpsc::Sender<PodFeedEvent>, e: &ClientError) -> bool {
-    tracing::debug!(error = %e, "pod feed: retrying");
-    tx.send(PodFeedEvent::Disconnected {
-        error: e.to_string(),
-    })
-    .await
-    .is_ok()
+    let error = podvisor_errors::chain(e);
+    tracing::debug!(%error, "pod feed: retrying");
+    tx.send(PodFeedEvent::Disconnected { error }).await.is_ok()
 }

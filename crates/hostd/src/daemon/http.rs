@@ -108,7 +108,7 @@ fn runtime_error(e: RuntimeError) -> Response {
         RuntimeError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
-    error(code, reason, e.to_string())
+    error(code, reason, podvisor_errors::chain(&e))
 }
 
 /// The query's pairs, repeated keys kept (`command=sh&command=-c`).

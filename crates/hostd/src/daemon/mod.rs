@@ -67,7 +67,7 @@ pub struct DaemonConfig {
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -234,7 +234,10 @@ async fn register(
                 });
             }
             Err(e) => {
-                tracing::warn!("registering with the server: {e}; retrying");
+                tracing::warn!(
+                    "registering with the server: {e}; retrying",
+                    e = podvisor_errors::ErrorChain(&e)
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -251,10 +254,13 @@ async fn heartbeat(client: Client, host: api::Host, endpoint_token: String, ever
             Ok(_) => {}
             Err(e) if e.is_not_found() => {
                 if let Err(e) = client.register_host(&host, &endpoint_token).await {
-                    tracing::warn!("registering again: {e}");
+                    tracing::warn!(
+                        "registering again: {e}",
+                        e = podvisor_errors::ErrorChain(&e)
+                    );
                 }
             }
-            Err(e) => tracing::warn!("heartbeat: {e}"),
+            Err(e) => tracing::warn!("heartbeat: {e}", e = podvisor_errors::ErrorChain(&e)),
         }
     }
 }

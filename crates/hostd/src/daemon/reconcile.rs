@@ -115,7 +115,7 @@ impl Reconciler {
         match plan_from_pod(pod) {
             Ok(plan) => {
                 if let Err(e) = rt.run(plan) {
-                    tracing::error!(pod = %pod.key(), "cannot run the pod: {e}");
+                    tracing::error!(pod = %pod.key(), "cannot run the pod: {e}", e = podvisor_errors::ErrorChain(&e));
                 }
             }
             Err(problem) => {
@@ -185,7 +185,7 @@ async fn finalize_pod(client: &Client, namespace: &str, name: &str) {
             Ok(()) => return,
             Err(e) if e.is_not_found() => return,
             Err(e) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), "finalizing: {e}; retrying");
+                tracing::warn!(pod = %format!("{namespace}/{name}"), "finalizing: {e}; retrying", e = podvisor_errors::ErrorChain(&e));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

@@ -58,10 +58,10 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Report>) {
                 Ok(_) => {}
                 // The pod is gone, or no longer this host's: nothing to report.
                 Err(e) if matches!(e.code(), Some(403 | 404 | 409)) => {
-                    tracing::debug!(pod = %r.name, "status not taken: {e}");
+                    tracing::debug!(pod = %r.name, "status not taken: {e}", e = podvisor_errors::ErrorChain(&e));
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %format!("{}/{}", r.namespace, r.name), "reporting status: {e}");
+                    tracing::warn!(pod = %format!("{}/{}", r.namespace, r.name), "reporting status: {e}", e = podvisor_errors::ErrorChain(&e));
                     retry = true;
                     pending.entry(r.uid.clone()).or_insert(r);
                 }

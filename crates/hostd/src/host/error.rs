@@ -28,7 +28,7 @@ pub enum RuntimeError {
     /// by another process, its configuration is unreadable, ...).
     #[error(transparent)]
     Network(#[from] podvisor_net::pod_network::PodNetworkError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

@@ -65,13 +65,21 @@ pub async fn resolve(cfg: &NodeConfig, plan: &PodPlan) -> Result<PodImages, Imag
     };
     let first = plan.containers.first();
     let (c0, i0) = first.map_or(("", ""), |c| (c.name.as_str(), c.image.as_str()));
-    let cache = LayerCache::open(&cfg.cache_dir).map_err(|e| problem(c0, i0, e.to_string()))?;
-    let catalog = Catalog::open(&cfg.catalog_url())
-        .await
-        .map_err(|e| problem(c0, i0, format!("the image catalog: {e}")))?;
+    let cache = LayerCache::open(&cfg.cache_dir)
+        .map_err(|e| problem(c0, i0, podvisor_errors::chain(&e)))?;
+    let catalog = Catalog::open(&cfg.catalog_url()).await.map_err(|e| {
+        problem(
+            c0,
+            i0,
+            format!(
+                "the image catalog: {e}",
+                e = podvisor_errors::ErrorChain(&e)
+            ),
+        )
+    })?;
     let result = resolve_with(cfg, plan, &cache, &catalog).await;
     if let Err(e) = &result {
-        tracing::debug!(pod = %plan.key(), "{e}");
+        tracing::debug!(pod = %plan.key(), "{e}", e = podvisor_errors::ErrorChain(&e));
     }
     catalog.close().await;
     result
@@ -147,11 +155,14 @@ pub async fn release(cfg: &NodeConfig, holds: &[HeldLayers]) {
         Ok(catalog) => {
             for h in holds {
                 if let Err(e) = catalog.release_hold(&h.chains, &h.id).await {
-                    tracing::warn!(hold = %h.id, "releasing a pod's layers: {e}");
+                    tracing::warn!(hold = %h.id, "releasing a pod's layers: {e}", e = podvisor_errors::ErrorChain(&e));
                 }
             }
             catalog.close().await;
         }
-        Err(e) => tracing::warn!("releasing a pod's layers: the image catalog: {e}"),
+        Err(e) => tracing::warn!(
+            "releasing a pod's layers: the image catalog: {e}",
+            e = podvisor_errors::ErrorChain(&e)
+        ),
     }
 }

@@ -56,7 +56,7 @@ impl PodTask {
 
     pub(super) fn save(&self) {
         if let Err(e) = self.shared.state.save(&self.record) {
-            tracing::error!(pod = %self.key(), "cannot save the pod record: {e}");
+            tracing::error!(pod = %self.key(), "cannot save the pod record: {e}", e = podvisor_errors::ErrorChain(&e));
         }
     }
 
@@ -66,7 +66,7 @@ impl PodTask {
         self.shared.launcher.finished(&self.record.plan).await;
         self.shared.launcher.release(&self.record.holds).await;
         if let Err(e) = self.shared.state.remove(&self.record.plan.uid) {
-            tracing::warn!(pod = %self.key(), "{e}");
+            tracing::warn!(pod = %self.key(), "{e}", e = podvisor_errors::ErrorChain(&e));
         }
     }
 }

@@ -244,9 +244,12 @@ impl PodTask {
                 return Stage::Up(vm);
             }
             Err(e) => {
-                tracing::warn!(pod = %self.key(), "cannot adopt the pod VM: {e}");
+                tracing::warn!(pod = %self.key(), "cannot adopt the pod VM: {e}", e = podvisor_errors::ErrorChain(&e));
                 self.vm_lost(
-                    format!("the pod VM was lost while no host daemon ran: {e}"),
+                    format!(
+                        "the pod VM was lost while no host daemon ran: {e}",
+                        e = podvisor_errors::ErrorChain(&e)
+                    ),
                     Some(&rec),
                 );
             }
@@ -373,7 +376,7 @@ impl PodTask {
                 Err(e) => {
                     let how = Ended::StartFailed(StartError {
                         kind: StartErrorKind::InvalidSpec,
-                        message: e.to_string(),
+                        message: podvisor_errors::chain(&e),
                     });
                     slot.track
                         .ended(how, plan.restart_policy, &backoff, Instant::now());
@@ -406,7 +409,13 @@ impl PodTask {
             if let Err(e) = self.start_container(vm.as_mut(), i).await {
                 let rec = self.record.vm.clone();
                 drop(vm);
-                self.vm_lost(format!("the pod VM stopped: {e}"), rec.as_ref());
+                self.vm_lost(
+                    format!(
+                        "the pod VM stopped: {e}",
+                        e = podvisor_errors::ErrorChain(&e)
+                    ),
+                    rec.as_ref(),
+                );
                 return self.after_vm();
             }
         }
@@ -414,7 +423,10 @@ impl PodTask {
     }
 
     fn boot_failed(&mut self, e: PodVmError) -> Stage {
-        let message = format!("the pod VM did not start: {e}");
+        let message = format!(
+            "the pod VM did not start: {e}",
+            e = podvisor_errors::ErrorChain(&e)
+        );
         tracing::warn!(pod = %self.key(), "{message}");
         if self.record.plan.restart_policy == RestartPolicy::Never {
             let now = Instant::now();
@@ -541,10 +553,16 @@ impl PodTask {
 
     /// The sandbox stopped with `e`: what comes next.
     fn vm_stopped(&mut self, vm: Box<dyn Sandbox>, e: PodVmError) -> Stage {
-        tracing::warn!(pod = %self.key(), "pod VM stopped: {e}");
+        tracing::warn!(pod = %self.key(), "pod VM stopped: {e}", e = podvisor_errors::ErrorChain(&e));
         let rec = self.record.vm.clone();
         drop(vm);
-        self.vm_lost(format!("the pod VM stopped: {e}"), rec.as_ref());
+        self.vm_lost(
+            format!(
+                "the pod VM stopped: {e}",
+                e = podvisor_errors::ErrorChain(&e)
+            ),
+            rec.as_ref(),
+        );
         self.after_vm()
     }
 }

@@ -29,14 +29,14 @@ use super::status::PodState;
 /// Errors reading or writing the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("pod record {path} is damaged: {source}")]
+    #[error("pod record {path} is damaged")]
     Damaged {
         path: PathBuf,
         #[source]

@@ -66,7 +66,7 @@ impl PodRuntime {
         for record in records {
             let uid = record.plan.uid.clone();
             if let Err(e) = runtime.spawn(record) {
-                tracing::error!(pod = %uid, "cannot resume the pod: {e}");
+                tracing::error!(pod = %uid, "cannot resume the pod: {e}", e = podvisor_errors::ErrorChain(&e));
             }
         }
         tokio::spawn(reconcile_periodically(Arc::downgrade(&runtime.shared)));

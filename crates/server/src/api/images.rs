@@ -41,7 +41,10 @@ impl ImageCatalog {
         self.catalog
             .get_or_try_init(|| async {
                 Catalog::open(url).await.map_err(|e| {
-                    ApiError::unavailable(format!("cannot open the image catalog {url}: {e}"))
+                    ApiError::unavailable(format!(
+                        "cannot open the image catalog {url}: {e}",
+                        e = podvisor_errors::ErrorChain(&e)
+                    ))
                 })
             })
             .await
@@ -61,8 +64,12 @@ pub async fn list(
     _caller: Caller,
 ) -> Result<Json<ImageList>, ApiError> {
     let catalog = state.images.get().await?;
-    let unavailable =
-        |e: podvisor_image::ImageError| ApiError::unavailable(format!("image catalog: {e}"));
+    let unavailable = |e: podvisor_image::ImageError| {
+        ApiError::unavailable(format!(
+            "image catalog: {e}",
+            e = podvisor_errors::ErrorChain(&e)
+        ))
+    };
     let mut items = Vec::new();
     for r in catalog.refs().await.map_err(unavailable)? {
         let Some(manifest) = catalog.manifest(&r.manifest).await.map_err(unavailable)? else {

@@ -22,13 +22,13 @@ const MAX_LINE: usize = 4 << 20;
 /// Errors of the QMP conversation.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("QMP socket {path}: {source}")]
+    #[error("QMP socket {path}")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("QMP I/O: {0}")]
+    #[error("QMP I/O")]
     Io(#[from] std::io::Error),
     #[error("QMP connection closed by QEMU")]
     Closed,
