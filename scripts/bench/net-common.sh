@@ -5,7 +5,17 @@
 # of what pod networking leaves (the same categories as
 # podvisor_net::census::HostNetworkCensus).
 #
-# Needs: $work (a scratch directory). Defines: $hostns, in_host, census.
+# Run from the repository root. Builds podvisor and the test image tool,
+# makes a scratch $work (removed on exit) holding a busybox image
+# ($work/busybox.tar). Defines: $target, $podvisor, $accel, $work, $hostns,
+# in_host, census.
+cargo build --release --locked -q --bin podvisor -p podvisor-cli
+cargo build --release --locked -q --bin busybox-image -p podvisor-testbed
+target=${CARGO_TARGET_DIR:-target}
+podvisor=$PWD/$target/release/podvisor
+export PODVISOR_AGENT=${PODVISOR_AGENT:-$PWD/$target/x86_64-unknown-linux-gnu/release/podvisor-agent}
+accel=${PODVISOR_ACCEL:-$(grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] && echo kvm || echo tcg)}
+work=$(mktemp -d)
 hostns=pvnet$$
 ip netns add "$hostns"
 ip -n "$hostns" link set lo up
@@ -37,3 +47,5 @@ census() {
         find "$work/ipam" -type f -name '[0-9]*.*' | sed 's/^/ipam /' | sort
     } >"$1"
 }
+trap 'net_cleanup; rm -rf "$work"' EXIT
+"$target/release/busybox-image" "$work/busybox.tar" >/dev/null

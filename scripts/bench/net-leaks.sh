@@ -15,17 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cycles=${1:-100}
 
-cargo build --release --locked -q --bin podvisor -p podvisor-cli
-cargo build --release --locked -q --bin busybox-image -p podvisor-testbed
-target=${CARGO_TARGET_DIR:-target}
-podvisor=$PWD/$target/release/podvisor
-export PODVISOR_AGENT=${PODVISOR_AGENT:-$PWD/$target/x86_64-unknown-linux-gnu/release/podvisor-agent}
-accel=${PODVISOR_ACCEL:-$(grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] && echo kvm || echo tcg)}
-
-work=$(mktemp -d)
 . scripts/bench/net-common.sh
-trap 'net_cleanup; rm -rf "$work"' EXIT
-"$target/release/busybox-image" "$work/busybox.tar" >/dev/null
 
 run_pod() { # seconds the pod sleeps (in the foreground; see the loop for &)
     ip netns exec "$hostns" "$podvisor" run --accel "$accel" --cache-dir "$work/cache" --run-dir "$work/run" \
