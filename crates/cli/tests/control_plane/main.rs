@@ -5,4 +5,5 @@
 mod ack;
 mod cluster;
 mod fixture;
+mod two_hosts;
 mod up;
