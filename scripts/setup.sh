@@ -24,8 +24,9 @@ packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zst
           protobuf-compiler libprotobuf-dev containernetworking-plugins iptables)
 if [ "$want_test" = 1 ]; then
     # openssl signs the bearer tokens of the token-auth registry tests;
-    # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh.
-    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3)
+    # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh;
+    # socat is the UDP peer of the pod-to-pod tests (busybox has none).
+    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3 socat)
 fi
 missing=()
 for p in "${packages[@]}"; do

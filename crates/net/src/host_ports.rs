@@ -1,9 +1,20 @@
 //! Published ports (`hostPort`, `run -p`) and the rule that one host port
 //! belongs to one pod: the portmap plugin itself is last-write-wins, so
-//! podvisor checks before anything is set up.
+//! podvisor checks before anything is set up. Within one process the
+//! registry of attachments knows every pod's ports; across processes (two
+//! `podvisor run -p`, a host daemon and a run, any other program on the
+//! host) each published port is held by a socket bound to it for as long as
+//! the pod has it, as the kubelet's hostport manager and docker's proxy do:
+//! whoever binds the port next gets `EADDRINUSE`. The socket is bound
+//! without `SO_REUSEADDR` and never listens, so nothing can share the port
+//! and a connection that is not redirected to the pod is refused rather
+//! than accepted by podvisor.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use socket2::{Domain, Socket, Type};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +90,49 @@ impl PortMapping {
     }
 }
 
+/// The sockets holding a pod's published ports; dropping it frees them.
+#[derive(Debug, Default)]
+pub struct PortHold {
+    _sockets: Vec<Socket>,
+}
+
+impl PortHold {
+    /// Binds each mapping's host address and port (TCP or UDP; SCTP ports
+    /// are not held). The first that cannot be bound fails the whole hold
+    /// and frees what was bound.
+    pub fn bind(mappings: &[PortMapping]) -> Result<PortHold, (PortMapping, io::Error)> {
+        let mut sockets = Vec::with_capacity(mappings.len());
+        for pm in mappings {
+            let ty = match pm.protocol {
+                Protocol::Tcp => Type::STREAM,
+                Protocol::Udp => Type::DGRAM,
+                Protocol::Sctp => continue,
+            };
+            let ip = match pm.host_ip {
+                Some(ip) => ip,
+                None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            };
+            let addr = SocketAddr::new(ip, pm.host_port);
+            let socket = Socket::new(Domain::for_address(addr), ty, None)
+                .and_then(|s| {
+                    if ip.is_ipv6() {
+                        s.set_only_v6(true)?;
+                    }
+                    // Datagrams that reach it (none should: portmap
+                    // redirects them) are never read; keep that queue small.
+                    if pm.protocol == Protocol::Udp {
+                        s.set_recv_buffer_size(4096)?;
+                    }
+                    s.bind(&addr.into())?;
+                    Ok(s)
+                })
+                .map_err(|e| (*pm, e))?;
+            sockets.push(socket);
+        }
+        Ok(PortHold { _sockets: sockets })
+    }
+}
+
 /// The first pair (wanted, held) that collides, if any.
 pub fn first_collision<'a>(
     wanted: &'a [PortMapping],
@@ -121,6 +175,30 @@ mod tests {
                 Protocol::Tcp
             ))
         );
+    }
+
+    #[test]
+    fn a_held_port_cannot_be_bound_by_anyone_else() {
+        // Port 0 lets the kernel pick a free port; hold that one again.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let tcp = pm(Some("127.0.0.1"), port, Protocol::Tcp);
+        let hold = PortHold::bind(&[tcp]).unwrap();
+        // std's listener sets SO_REUSEADDR: still refused.
+        let err = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let (which, err) = PortHold::bind(&[pm(None, port, Protocol::Tcp)]).unwrap_err();
+        assert_eq!(
+            (which, err.kind()),
+            (pm(None, port, Protocol::Tcp), io::ErrorKind::AddrInUse)
+        );
+        // UDP on that port is another port.
+        let udp = PortHold::bind(&[pm(Some("127.0.0.1"), port, Protocol::Udp)]).unwrap();
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_err());
+        drop((hold, udp));
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
     }
 
     #[test]

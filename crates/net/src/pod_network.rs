@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::atomic_file::{remove_durably, write_atomically};
 use crate::cni::conf::{DefaultNetwork, NetworkConfList, load_or_write_default};
 use crate::cni::{CniAttachment, CniError, CniResult, CniRuntime, IpPrefix, PodIdentity};
-use crate::host_ports::{PortMapping, first_collision};
+use crate::host_ports::{PortHold, PortMapping, first_collision};
 use crate::netns::{self, NetnsError};
 use crate::plugin_quirks;
 use crate::vm_nic::{self, TapMode, VmNic, VmNicError};
@@ -44,6 +44,13 @@ pub enum PodNetworkError {
         wanted: PortMapping,
         holder: String,
         held: PortMapping,
+    },
+    #[error("host port {wanted} of pod {pod} is in use on this host")]
+    HostPortInUse {
+        pod: String,
+        wanted: PortMapping,
+        #[source]
+        source: io::Error,
     },
     #[error("the network state directory {dir} is used by another podvisor process")]
     StateLocked { dir: PathBuf },
@@ -206,6 +213,9 @@ pub struct ReconcileReport {
 
 struct Registry {
     records: HashMap<String, AttachmentRecord>,
+    /// The sockets holding each pod's published ports (see
+    /// [`crate::host_ports`]), for as long as its record exists.
+    holds: HashMap<String, PortHold>,
     busy: HashSet<String>,
 }
 
@@ -279,10 +289,25 @@ impl PodNetworks {
                 }
             }
         }
+        // Hold the ports of the pods this process takes over again (a
+        // restarted host daemon). One that something else took meanwhile
+        // stays redirected to its pod by portmap, but is not held.
+        let mut holds = HashMap::new();
+        for r in records.values() {
+            match PortHold::bind(&r.port_mappings) {
+                Ok(hold) => {
+                    holds.insert(r.id.clone(), hold);
+                }
+                Err((pm, e)) => {
+                    tracing::warn!(pod = %r.id, port = %pm, error = %e, "cannot hold a published port again")
+                }
+            }
+        }
         Ok(Self {
             config,
             registry: Mutex::new(Registry {
                 records,
+                holds,
                 busy: HashSet::new(),
             }),
             _lock: lock,
@@ -313,7 +338,9 @@ impl PodNetworks {
     fn forget(&self, id: &str) -> Result<(), PodNetworkError> {
         let path = self.record_path(id);
         remove_durably(&path).map_err(|source| PodNetworkError::State { path, source })?;
-        self.registry.lock().unwrap().records.remove(id);
+        let mut reg = self.registry.lock().unwrap();
+        reg.records.remove(id);
+        reg.holds.remove(id);
         Ok(())
     }
 
@@ -493,8 +520,9 @@ impl PodNetworks {
     }
 
     /// Inserts a new record in the registry, refusing an id that has one or
-    /// a host port another pod holds (both checked under the registry lock),
-    /// and writes it.
+    /// a host port another pod holds (both checked under the registry lock)
+    /// or that cannot be held on the host (another process has it), and
+    /// writes it.
     fn store_reserving(&self, record: &AttachmentRecord) -> Result<(), PodNetworkError> {
         {
             let mut reg = self.registry.lock().unwrap();
@@ -521,12 +549,22 @@ impl PodNetworks {
                     held: *h,
                 });
             }
+            let hold = PortHold::bind(&record.port_mappings).map_err(|(wanted, source)| {
+                PodNetworkError::HostPortInUse {
+                    pod: record.id.clone(),
+                    wanted,
+                    source,
+                }
+            })?;
             reg.records.insert(record.id.clone(), record.clone());
+            reg.holds.insert(record.id.clone(), hold);
         }
         let path = self.record_path(&record.id);
         let bytes = serde_json::to_vec_pretty(record).expect("a record serializes");
         if let Err(source) = write_atomically(&path, &bytes, 0o600) {
-            self.registry.lock().unwrap().records.remove(&record.id);
+            let mut reg = self.registry.lock().unwrap();
+            reg.records.remove(&record.id);
+            reg.holds.remove(&record.id);
             return Err(PodNetworkError::State { path, source });
         }
         Ok(())

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{first_ipv4, listen_in, on_test_host, ping_pong, request};
 use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_net::netns;
-use podvisor_net::pod_network::{AttachmentPhase, PodNetworkError, PodNetworks};
+use podvisor_net::pod_network::{AttachmentPhase, PodNetworkConfig, PodNetworkError, PodNetworks};
 use serde_json::json;
 
 /// One pod that comes and goes, so that the shared state the plugins keep
@@ -237,6 +237,49 @@ fn a_taken_host_port_is_refused_before_anything_is_set_up() {
             host.census().await,
             during,
             "the refused pod set something up"
+        );
+
+        // Another process's pods (another `podvisor run`, another state
+        // directory) cannot take the port either: pod-a's is held by a
+        // bound socket. Nor can a pod take a port a plain program listens on.
+        let other = PodNetworks::open(PodNetworkConfig {
+            state_dir: host.dir.path().join("other-state"),
+            netns_dir: host.dir.path().join("other-netns"),
+            ..host.config.clone()
+        })
+        .unwrap();
+        let err = other
+            .attach(request("pod-x", vec![web(None)]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            podvisor_errors::chain(&err),
+            "host port 8080->80/tcp of pod pod-x is in use on this host: Address already in use (os error 98)"
+        );
+        let program = std::net::TcpListener::bind("0.0.0.0:9090").unwrap();
+        let err = other
+            .attach(request(
+                "pod-y",
+                vec![PortMapping {
+                    host_port: 9090,
+                    ..web(None)
+                }],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PodNetworkError::HostPortInUse { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            host.census().await,
+            during,
+            "a pod refused its port set something up"
+        );
+        drop((other, program));
+        let _ = nix::mount::umount2(
+            &host.dir.path().join("other-netns"),
+            nix::mount::MntFlags::MNT_DETACH,
         );
 
         // The reservation survives a restart of the host process.
