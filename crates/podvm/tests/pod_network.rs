@@ -19,13 +19,15 @@ use podvisor_podvm::network::{self, PodNic};
 use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_testbed::net_host::{Outside, TestHost, on_test_host};
-use podvisor_testbed::oci::ImageBuilder;
+use podvisor_testbed::oci::{ImageBuilder, host_program_entries};
 use podvisor_vmm::Device;
 
 struct Node {
     cfg: NodeConfig,
     guest: podvisor_guest::GuestArtifacts,
     disks: Vec<Device>,
+    /// The image's layer serials, bottom first.
+    serials: Vec<String>,
 }
 
 struct VmReaper(std::path::PathBuf);
@@ -41,8 +43,14 @@ fn node(dir: &Path) -> Node {
     cfg.cache_dir = dir.join("cache");
     cfg.run_dir = dir.join("run");
     let archive = dir.join("img.tar");
+    // busybox has no UDP client or server: the host's socat (and its
+    // libraries) is a layer of its own.
     ImageBuilder::new()
         .busybox_layer()
+        .layer(
+            host_program_entries(Path::new("/usr/bin/socat"))
+                .expect("socat (scripts/setup.sh --test)"),
+        )
         .write_oci_archive(&archive)
         .unwrap();
     let cache = LayerCache::open(&cfg.cache_dir).unwrap();
@@ -50,10 +58,11 @@ fn node(dir: &Path) -> Node {
     let guest =
         podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
     let mut layers = podvisor_image::LayerAttachments::default();
-    layers.add_image(&image);
+    let serials = layers.add_image(&image);
     Node {
         cfg,
         guest,
+        serials,
         disks: layer_disks(&layers)
             .into_iter()
             .map(Device::Block)
@@ -98,11 +107,11 @@ async fn boot(node: &Node, id: &str, nic: Option<PodNic>) -> PodVm {
     pod
 }
 
-fn container(id: &str, script: &str) -> HostMessage {
+fn container(node: &Node, id: &str, script: &str) -> HostMessage {
     HostMessage::StartContainer(ContainerSpec {
         id: id.into(),
         hostname: id.into(),
-        mounts: podvisor_proto::image_mounts(&["pvl0".into()]),
+        mounts: podvisor_proto::image_mounts(&node.serials),
         process: ProcessSpec {
             args: vec!["sh".into(), "-c".into(), script.into()],
             env: vec![],
@@ -167,11 +176,13 @@ fn first_ipv4(ips: &[IpAddr]) -> IpAddr {
     *ips.iter().find(|ip| ip.is_ipv4()).expect("an IPv4 address")
 }
 
-/// A server pod: prints its network, then serves `hello from NAME` over
-/// HTTP on port 80.
+/// A server pod: prints its network, then answers each UDP datagram on
+/// port 7001 with `udp from NAME` and serves `hello from NAME` over HTTP
+/// on port 80.
 fn server_script(name: &str) -> String {
     format!(
         "cat /proc/net/dev; ip addr show eth0; echo '-- resolv.conf'; cat /etc/resolv.conf; \
+         /usr/bin/socat UDP-RECVFROM:7001,fork SYSTEM:'echo udp from {name}' & \
          echo '-- end'; mkdir -p /www && echo hello from {name} > /www/index.html && \
          exec httpd -f -p 80 -h /www"
     )
@@ -232,7 +243,7 @@ fn vm_pods_on_a_cni_network_reach_each_other_the_outside_and_a_host_port_and_lea
                 Some(network::pod_nic(&networks, "pod-b").await.unwrap())
             ),
         );
-        vm_a.send(&container("web", &server_script("pod-a")))
+        vm_a.send(&container(&node, "web", &server_script("pod-a")))
             .await
             .unwrap();
         let seen = stdout_until(&mut vm_a, "web", "-- end").await;
@@ -245,12 +256,15 @@ fn vm_pods_on_a_cni_network_reach_each_other_the_outside_and_a_host_port_and_lea
         assert!(resolv.contains("nameserver"), "{resolv}");
         assert!(!resolv.contains("nameserver 127."), "{resolv}");
 
-        // pod-b: pod-a by pod IP (TCP), then the outside through the
-        // masquerade: the outside sees the host's address, not pod-b's.
+        // pod-b: pod-a by pod IP (TCP, then UDP: a datagram and its
+        // answer), then the outside through the masquerade: the outside
+        // sees the host's address, not pod-b's.
         vm_b.send(&container(
+            &node,
             "client",
             &format!(
-                "wget -q -O - http://{ip_a}/; nc {} {} </dev/null; echo '-- end'",
+                "wget -q -O - http://{ip_a}/; echo ping | /usr/bin/socat -t 5 - UDP:{ip_a}:7001; \
+                 nc {} {} </dev/null; echo '-- end'",
                 Outside::ADDRESS,
                 Outside::PORT
             ),
@@ -259,6 +273,7 @@ fn vm_pods_on_a_cni_network_reach_each_other_the_outside_and_a_host_port_and_lea
         .unwrap();
         let seen = stdout_until(&mut vm_b, "client", "-- end").await;
         assert!(seen.contains("hello from pod-a"), "pod to pod: {seen}");
+        assert!(seen.contains("udp from pod-a"), "pod to pod, UDP: {seen}");
         assert!(
             seen.contains(&format!("from {}", Outside::HOST_SIDE)),
             "egress, masqueraded: {seen}"
@@ -280,7 +295,7 @@ fn vm_pods_on_a_cni_network_reach_each_other_the_outside_and_a_host_port_and_lea
         drop(vm_a);
         let nic = network::pod_nic(&networks, "pod-a").await.unwrap();
         let mut vm_a = boot(&node, "pod-a", Some(nic)).await;
-        vm_a.send(&container("web", &server_script("pod-a again")))
+        vm_a.send(&container(&node, "web", &server_script("pod-a again")))
             .await
             .unwrap();
         stdout_until(&mut vm_a, "web", "-- end").await;
@@ -303,7 +318,7 @@ fn vm_pod_without_a_network_has_only_lo() {
         let _vms = VmReaper(host.dir.path().to_path_buf());
         let node = node(host.dir.path());
         let mut vm = boot(&node, "alone", None).await;
-        vm.send(&container("c", "cat /proc/net/dev; echo '-- end'"))
+        vm.send(&container(&node, "c", "cat /proc/net/dev; echo '-- end'"))
             .await
             .unwrap();
         let seen = stdout_until(&mut vm, "c", "-- end").await;
