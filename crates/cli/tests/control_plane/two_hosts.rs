@@ -1,15 +1,26 @@
 //! Issue 9, several hosts: a server and two host daemons, each in its own
 //! network namespace with its own pod subnet and conflist, routed to each
 //! other (testbed's HostFabric). A pod pinned to each host; each reaches a
-//! TCP listener in the other by its pod IP (status.podIP). Nothing is left
-//! afterwards: no pod namespace pin, no IPAM allocation, nothing in the
-//! caller's namespace.
+//! TCP listener in the other by its pod IP (status.podIP). Then host0's
+//! daemon is killed with SIGKILL and started again: its pod keeps running
+//! with the same IP, its hostPort still answers and is still held, and
+//! exec reaches it. Nothing is left afterwards: each host has the
+//! namespace pins, links, iptables rules and IPAM files it had before (a
+//! census, taken after one CNI attachment came and went), and the
+//! caller's namespace its links.
 
-use std::net::Ipv4Addr;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use podvisor_api::PodPhase;
+use podvisor_net::PodNetworks;
+use podvisor_net::census::HostNetworkCensus;
+use podvisor_net::cni::PodIdentity;
+use podvisor_net::host_ports::{PortMapping, Protocol};
+use podvisor_net::pod_network::{AttachRequest, PodNetworkConfig};
 use podvisor_testbed::cli::PodvisorCommand;
 use podvisor_testbed::daemon::Daemon;
 use podvisor_testbed::fabric::{EmulatedHost, HostFabric};
@@ -68,6 +79,85 @@ fn ipam_allocations(dir: &std::path::Path) -> Vec<String> {
     found
 }
 
+/// `f` on a current-thread runtime inside `host`'s namespace.
+fn block_on_host<T: Send + 'static, F: std::future::Future<Output = T>>(
+    host: &EmulatedHost,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    host.run(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
+    })
+}
+
+/// What pod networking has left in `host`: the daemon's namespace pins,
+/// the namespace's links and iptables rules, host-local's allocations.
+fn census(host: &EmulatedHost) -> HostNetworkCensus {
+    let pins = host.state_dir().join("netns");
+    let ipam: Vec<PathBuf> = std::fs::read_dir(host.ipam_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    block_on_host(host, move || async move {
+        HostNetworkCensus::take(&pins, &ipam).await.unwrap()
+    })
+}
+
+/// One attachment with a host port, made and removed with the host's
+/// conflist, so that the plugins' shared state (the bridge, the chains
+/// firewall and portmap keep) exists before the census, as on a host that
+/// has run pods.
+fn warm_up(host: &EmulatedHost) {
+    let dir = host.dir.join("warm-up");
+    let config = PodNetworkConfig {
+        conf_dir: host.cni_conf_dir(),
+        netns_dir: dir.join("netns"),
+        state_dir: dir.join("net"),
+        ..Default::default()
+    };
+    block_on_host(host, move || async move {
+        let networks = PodNetworks::open(config).unwrap();
+        let request = AttachRequest {
+            id: "warm-up".into(),
+            pod: PodIdentity {
+                namespace: "default".into(),
+                name: "warm-up".into(),
+                uid: "warm-up".into(),
+            },
+            port_mappings: vec![PortMapping {
+                host_port: 18079,
+                container_port: 80,
+                protocol: Protocol::Tcp,
+                host_ip: None,
+            }],
+        };
+        networks.attach(request).await.unwrap();
+        networks.detach("warm-up").await.unwrap();
+    });
+    let _ = nix::mount::umount2(&dir.join("netns"), nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// What a TCP connection to `port` on the host's own 127.0.0.1 reads.
+fn read_host_port(host: &EmulatedHost, port: u16) -> String {
+    host.run(move || {
+        let mut s = match TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_secs(5),
+        ) {
+            Ok(s) => s,
+            Err(e) => return format!("connect: {e}"),
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        match s.read_to_string(&mut out) {
+            Ok(_) => out,
+            Err(e) => format!("{out} read: {e}"),
+        }
+    })
+}
+
 fn in_subnet(ip: &str, (net, len): (Ipv4Addr, u8)) -> bool {
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return false;
@@ -76,10 +166,11 @@ fn in_subnet(ip: &str, (net, len): (Ipv4Addr, u8)) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
-/// A pod on `node` answering `from-NAME` on TCP 7000. The test image
-/// links only some busybox applets in /bin (no `nc`), so commands go
-/// through busybox's sh, which runs any applet.
-fn listener_yaml(name: &str, node: &str, image: &str) -> String {
+/// A pod on `node` answering `from-NAME` on TCP 7000, published on the
+/// host as `host_port`. The test image links only some busybox applets
+/// in /bin (no `nc`), so commands go through busybox's sh, which runs any
+/// applet.
+fn listener_yaml(name: &str, node: &str, image: &str, host_port: u16) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -91,6 +182,9 @@ spec:
   - name: main
     image: {image}
     command: [sh, -c, 'exec nc -ll -p 7000 -e echo from-{name}']
+    ports:
+    - containerPort: 7000
+      hostPort: {host_port}
     resources:
       limits:
         cpu: 500m
@@ -113,6 +207,14 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
         .stdout
         .trim()
         .to_string();
+    let before: Vec<HostNetworkCensus> = fabric
+        .hosts()
+        .iter()
+        .map(|h| {
+            warm_up(h);
+            census(h)
+        })
+        .collect();
     let url = format!("http://{}:{SERVER_PORT}", fabric.server().address);
     let listen = format!("{}:{SERVER_PORT}", fabric.server().address);
     let _server = spawn_in(
@@ -120,7 +222,7 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
         fabric.server(),
         &["server", "--listen", &listen, "--state-dir", &server_dir],
     );
-    let mut daemons = Vec::new();
+    let mut host_args = Vec::new();
     for h in fabric.hosts() {
         let token = s
             .podvisor()
@@ -138,10 +240,8 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
         // The server reaches the daemon's logs/exec endpoint across the
         // fabric, not on the host namespace's loopback.
         let listen = format!("{}:0", h.address);
-        daemons.push(spawn_in(
-            &s,
-            h,
-            &[
+        host_args.push(
+            [
                 "host",
                 "--server",
                 &url,
@@ -163,9 +263,15 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
                 "5",
                 "--listen",
                 &listen,
-            ],
-        ));
+            ]
+            .map(String::from),
+        );
     }
+    let start_daemon = |i: usize| {
+        let args: Vec<&str> = host_args[i].iter().map(String::as_str).collect();
+        spawn_in(&s, fabric.host(i), &args)
+    };
+    let mut daemons: Vec<Daemon> = (0..fabric.hosts().len()).map(start_daemon).collect();
     // The CLI talks to the server from the server's namespace.
     let cli = || {
         PodvisorCommand::bare("ip")
@@ -192,8 +298,8 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
 
     let image = image.display().to_string();
     let yaml = [
-        listener_yaml("a", &fabric.host(0).name, &image),
-        listener_yaml("b", &fabric.host(1).name, &image),
+        listener_yaml("a", &fabric.host(0).name, &image, 17000),
+        listener_yaml("b", &fabric.host(1).name, &image, 17000),
     ];
     cli()
         .args(["apply", "-f", "-"])
@@ -222,7 +328,7 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
         "b's IP {ip_b} is from host1's subnet"
     );
 
-    for (from, to, to_ip) in [("a", "b", &ip_b), ("b", "a", &ip_a)] {
+    let reach = |daemons: &[Daemon], from: &str, to: &str, to_ip: &str| {
         let out = wait_for(
             &format!("{from} reaching {to} at {to_ip}"),
             Duration::from_secs(30),
@@ -239,20 +345,72 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
                     Err(format!(
                         "{out:?}\n{}\nlogs: {log:?}\n{}",
                         describe.stdout,
-                        logs(&daemons)
+                        logs(daemons)
                     ))
                 }
             },
         );
         assert_code(&out, 0);
-    }
+    };
+    reach(&daemons, "a", "b", &ip_b);
+    reach(&daemons, "b", "a", &ip_a);
+    let hosts_port = |i: usize| {
+        let host = fabric.host(i);
+        wait_for(
+            &format!("{}'s host port 17000", host.name),
+            Duration::from_secs(30),
+            || match read_host_port(host, 17000) {
+                answer if answer.contains(&format!("from-{}", ["a", "b"][i])) => Ok(()),
+                answer => Err(answer),
+            },
+        );
+    };
+    hosts_port(0);
+    hosts_port(1);
+
+    // kill -9 of host0's daemon: its pod VM runs on; a new daemon adopts
+    // it with the same address, serves its exec, and holds its host port
+    // again (nothing else on the host can bind it).
+    daemons[0].kill9();
+    daemons[0] = start_daemon(0);
+    let adopted = wait_for("a adopted by host0's new daemon", POD_TIMEOUT, || {
+        let out = cli().args(["get", "hosts"]).output();
+        let pods = crate::fixture::pods(cli())?;
+        match find(&pods, "a") {
+            Some(p)
+                if out.stdout.lines().filter(|l| l.contains(" Ready ")).count() == 2
+                    && p.status.phase == PodPhase::Running =>
+            {
+                Ok(p.clone())
+            }
+            _ => Err(format!(
+                "{}{}
+{}",
+                out.stdout,
+                summary(&pods),
+                logs(&daemons)
+            )),
+        }
+    });
+    assert_eq!(adopted.status.pod_ip.as_deref(), Some(ip_a.as_str()));
+    assert_eq!(
+        adopted.status.container_statuses[0].restart_count, 0,
+        "the container ran on through the daemon's death"
+    );
+    reach(&daemons, "b", "a", &ip_a);
+    reach(&daemons, "a", "b", &ip_b);
+    hosts_port(0);
+    let taken = fabric
+        .host(0)
+        .run(|| TcpListener::bind("0.0.0.0:17000").map(|_| ()));
+    assert!(taken.is_err(), "host port 17000 is held by host0's daemon");
 
     for n in ["a", "b"] {
         cli()
             .args(["delete", "pod", n, "--wait", "--timeout", "120"])
             .success();
     }
-    for h in fabric.hosts() {
+    for (i, h) in fabric.hosts().iter().enumerate() {
         wait_for(
             &format!("{}'s pod networks released", h.name),
             Duration::from_secs(30),
@@ -268,6 +426,7 @@ fn vm_pods_on_two_hosts_reach_each_other_by_pod_ip() {
                 }
             },
         );
+        assert_eq!(census(h), before[i], "what {} has left", h.name);
     }
     for d in &mut daemons {
         d.terminate(Duration::from_secs(20));
