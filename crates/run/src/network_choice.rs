@@ -120,7 +120,9 @@ impl RunNetwork {
                 drop(self.networks);
                 remove_dir(&self.dir);
             }
-            Err(e) => tracing::warn!(pod = %self.id, "removing the pod's network failed: {e}"),
+            Err(e) => {
+                tracing::warn!(pod = %self.id, "removing the pod's network failed: {e}", e = podvisor_errors::ErrorChain(&e))
+            }
         }
     }
 }

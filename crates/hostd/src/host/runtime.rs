@@ -269,7 +269,10 @@ async fn reconcile_periodically(shared: Weak<Shared>) {
                     .collect();
                 shared.launcher.reconcile(&live).await;
             }
-            Err(e) => tracing::warn!("cannot list the pod records to reconcile networks: {e}"),
+            Err(e) => tracing::warn!(
+                "cannot list the pod records to reconcile networks: {e}",
+                e = podvisor_errors::ErrorChain(&e)
+            ),
         }
         drop(shared);
         tokio::time::sleep(super::NETWORK_RECONCILE_PERIOD).await;

@@ -172,7 +172,7 @@ impl Launcher for VmLauncher {
         match networks.detach(&plan.uid).await {
             Ok(()) => tracing::info!(pod = %plan.key(), "pod network removed"),
             Err(e) => {
-                tracing::warn!(pod = %plan.key(), "removing the pod network failed (reconcile retries): {e}")
+                tracing::warn!(pod = %plan.key(), "removing the pod network failed (reconcile retries): {e}", e = podvisor_errors::ErrorChain(&e))
             }
         }
     }
@@ -194,7 +194,7 @@ impl Launcher for VmLauncher {
             tracing::info!(pod = %id, "removed the network of a pod that is gone");
         }
         for (id, e) in &report.failed {
-            tracing::warn!(pod = %id, "removing the network of a pod that is gone failed: {e}");
+            tracing::warn!(pod = %id, "removing the network of a pod that is gone failed: {e}", e = podvisor_errors::ErrorChain(e));
         }
         for ns in &report.stray_namespaces {
             tracing::info!(netns = %ns.display(), "removed a network namespace nothing records");
