@@ -9,6 +9,7 @@ use anyhow::Context;
 use podvisor_api::Quantity;
 use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
 use podvisor_hostd::host::HostConfig;
+use podvisor_net::pod_network::PodNetworkConfig;
 
 use crate::host_options::PodVmArgs;
 
@@ -57,6 +58,15 @@ pub struct HostDaemonArgs {
     /// containers are stopped.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    #[command(flatten)]
+    pub network: PodNetworkArgs,
+    #[command(flatten)]
+    pub host: PodVmArgs,
+}
+
+/// How a host's pods get their network (`podvisor host`, `podvisor up`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PodNetworkArgs {
     /// Pod networking. `cni` (the default): each pod gets an address from
     /// the first CNI configuration in --cni-conf-dir (podvisor writes a
     /// bridge network on 10.87.0.0/24 there when it has none) and may
@@ -66,8 +76,17 @@ pub struct HostDaemonArgs {
     /// The CNI configuration directory.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
-    #[command(flatten)]
-    pub host: PodVmArgs,
+}
+
+impl PodNetworkArgs {
+    /// The pod networking of a host daemon whose state lives in
+    /// `state_dir`, or `None` for `--pod-network none`.
+    pub fn config(&self, state_dir: &std::path::Path) -> Option<PodNetworkConfig> {
+        match self.pod_network {
+            PodNetworkArg::Cni => Some(pod_network_config(state_dir, self.cni_conf_dir.clone())),
+            PodNetworkArg::None => None,
+        }
+    }
 }
 
 /// `--pod-network`.
@@ -82,11 +101,8 @@ pub enum PodNetworkArg {
 /// The pod networking of a host daemon whose state lives in `state_dir`:
 /// its attachment records and namespace pins there, so that daemons with
 /// different state directories never touch each other's.
-pub fn pod_network_config(
-    state_dir: &std::path::Path,
-    conf_dir: PathBuf,
-) -> podvisor_net::pod_network::PodNetworkConfig {
-    podvisor_net::pod_network::PodNetworkConfig {
+pub fn pod_network_config(state_dir: &std::path::Path, conf_dir: PathBuf) -> PodNetworkConfig {
+    PodNetworkConfig {
         conf_dir,
         netns_dir: state_dir.join("netns"),
         state_dir: state_dir.join("net"),
@@ -146,11 +162,8 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
     };
     let mut host_cfg = HostConfig::new(node, args.state_dir.clone());
     host_cfg.delete_grace = Duration::from_secs(args.grace);
-    if runtime == RuntimeMode::Vm && args.pod_network == PodNetworkArg::Cni {
-        host_cfg.network = Some(pod_network_config(
-            &args.state_dir,
-            args.cni_conf_dir.clone(),
-        ));
+    if runtime == RuntimeMode::Vm {
+        host_cfg.network = args.network.config(&args.state_dir);
     }
     Ok(DaemonConfig {
         name,

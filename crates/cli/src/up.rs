@@ -1,6 +1,8 @@
 //! `podvisor up`: a whole podvisor on this machine in one process: the
 //! management server (SQLite) and one host daemon, with the CLI config
-//! written so that `podvisor apply/get/logs/exec` work right away.
+//! written so that `podvisor apply/get/logs/exec` work right away. Its
+//! pods are on the host's CNI network, as `podvisor host`'s are
+//! (`--pod-network none` for loopback only).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,7 +15,7 @@ use podvisor_hostd::host::HostConfig;
 use podvisor_server::{Role, ServerConfig};
 
 use crate::config::ConfigFile;
-use crate::host::shutdown_signal;
+use crate::host::{PodNetworkArgs, shutdown_signal};
 use crate::host_options::PodVmArgs;
 
 /// Default root of `podvisor up`'s state.
@@ -42,6 +44,8 @@ pub struct UpArgs {
     /// Do not write the CLI config file.
     #[arg(long)]
     pub no_config: bool,
+    #[command(flatten)]
+    pub network: PodNetworkArgs,
     #[command(flatten)]
     pub host: PodVmArgs,
 }
@@ -153,6 +157,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
             .bytes()
             .context("--memory")?;
     }
+    let host_dir = args.state_dir.join("host");
+    let mut host = HostConfig::new(node, host_dir.clone());
+    host.network = args.network.config(&host_dir);
     let cfg = DaemonConfig {
         name: name.clone(),
         server: url.clone(),
@@ -161,7 +168,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         advertise: None,
         capacity,
         runtime: RuntimeMode::Vm,
-        host: HostConfig::new(node, args.state_dir.join("host")),
+        host,
         heartbeat: Duration::from_secs(5),
     };
     let admin_token = server.admin_token_path().to_path_buf();

@@ -1,39 +1,51 @@
 //! One machine through `podvisor up`: apply, get, logs, exec, delete, with
-//! nothing but the CLI config `up` writes.
+//! nothing but the CLI config `up` writes, and pods on the default pod
+//! network.
 
+use std::io::Write;
+use std::net::TcpListener;
 use std::time::Duration;
 
 use podvisor_api::PodPhase;
+use podvisor_testbed::cli::PodvisorCommand;
 use podvisor_testbed::daemon::{Daemon, free_port, pids_mentioning};
+use podvisor_testbed::fabric::HostFabric;
 
 use crate::fixture::*;
 
+/// `podvisor up` as a user starts it, pod network included, on an
+/// emulated host (its own network namespace, pod subnet and conflist, so
+/// the machine's namespace is untouched).
 #[test]
 fn vm_up_runs_a_pod_applied_from_yaml() {
+    let fabric = HostFabric::new(1);
+    let host = fabric.host(0);
     let s = Scratch::new();
     let image = s.busybox();
     let config = s.config();
     let state = s.path().join("state");
-    let port = free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
-    let mut up = s.spawn(
-        "up",
-        &[
-            "up",
-            "--state-dir",
-            &state.display().to_string(),
-            "--listen",
-            &listen,
-            "--name",
-            "node-1",
-            "--cpu",
-            "2",
-            "--memory",
-            "1Gi",
-        ],
-    );
-    // Only the config file `up` wrote tells the CLI where the server is.
-    let cli = || s.podvisor();
+    let listen = "127.0.0.1:7443";
+    let mut cmd = host.command(BIN);
+    cmd.env("PODVISOR_CACHE_DIR", s.dir.cache_dir())
+        .args(["--log", "info", "up", "--state-dir"])
+        .arg(&state)
+        .args(["--listen", listen, "--name", "node-1", "--cpu", "2"])
+        .args(["--memory", "1Gi", "--cni-conf-dir"])
+        .arg(host.cni_conf_dir())
+        .current_dir(s.path())
+        .env("PODVISOR_CONFIG", &config)
+        .env_remove("PODVISOR_POD_NETWORK")
+        .env_remove("PODVISOR_LOG");
+    let mut up = Daemon::spawn("up", cmd, &s.path().join("up.log"));
+    // Only the config file `up` wrote tells the CLI where the server is;
+    // the CLI runs on the same (emulated) host.
+    let cli = || {
+        PodvisorCommand::bare("ip")
+            .args(["netns", "exec", &host.netns, BIN])
+            .env("PODVISOR_CONFIG", &config)
+            .env("PODVISOR_CACHE_DIR", s.dir.cache_dir())
+            .timeout(Duration::from_secs(120))
+    };
     wait_for("the host to be Ready", Duration::from_secs(60), || {
         let out = cli().args(["get", "hosts"]).output();
         if out.code == Some(0) && out.stdout.contains("node-1") && out.stdout.contains(" Ready ") {
@@ -81,6 +93,46 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     assert_eq!(pod.status.host_ip.as_deref(), Some("127.0.0.1"));
     assert!(pod.status.container_statuses[0].state.running.is_some());
 
+    // The pod is on the host's pod network: an address from the host's
+    // conflist, shown by `get -o wide`, and it reaches a server on the
+    // host (egress through the bridge's masquerade).
+    let pod_ip = pod.status.pod_ip.clone().expect("a pod IP");
+    let (net, len) = host.pod_subnet.unwrap();
+    let ip: std::net::Ipv4Addr = pod_ip.parse().unwrap();
+    assert_eq!(
+        u32::from(ip) >> (32 - len),
+        u32::from(net) >> (32 - len),
+        "{pod_ip} is in the host's pod subnet"
+    );
+    let wide = cli().args(["get", "pods", "-o", "wide"]).success().stdout;
+    assert!(
+        wide.lines()
+            .any(|l| l.starts_with("web ") && l.contains(&pod_ip)),
+        "{wide}"
+    );
+    let address = host.address;
+    let server = host.spawn(move || {
+        let listener = TcpListener::bind((address, 7080)).unwrap();
+        let (mut conn, peer) = listener.accept().unwrap();
+        conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello from the host\n")
+            .unwrap();
+        peer
+    });
+    let out = wait_for("the pod to reach the host", Duration::from_secs(30), || {
+        let out = cli()
+            // The test image links only some applets; sh runs any.
+            .args(["exec", "web", "--", "sh", "-c"])
+            .arg(format!("wget -q -O - http://{address}:7080/"))
+            .output();
+        if out.stdout.contains("hello from the host") {
+            Ok(out)
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    });
+    assert_code(&out, 0);
+    server.join().unwrap();
+
     // The output it wrote, from the host's log file through the server.
     let logs = wait_for("the greeting in the log", Duration::from_secs(30), || {
         let out = cli().args(["logs", "web"]).output();
@@ -97,14 +149,18 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     let hosts = cli().args(["get", "hosts", "-o", "json"]).success().stdout;
     let hosts: serde_json::Value = serde_json::from_str(&hosts).unwrap();
     assert_eq!(hosts["kind"], "HostList", "{hosts}");
-    let address = hosts["items"][0]["spec"]["address"].as_str().unwrap();
-    let address = address.strip_prefix("http://").unwrap();
+    let endpoint = hosts["items"][0]["spec"]["address"].as_str().unwrap();
+    let endpoint = endpoint.strip_prefix("http://").unwrap().to_string();
+    let get = |path: &'static str, authorization: Option<&'static str>| {
+        let endpoint = endpoint.clone();
+        host.run(move || raw_get(&endpoint, path, authorization))
+    };
     for authorization in [None, Some("Bearer not-the-secret")] {
-        let answer = raw_get(address, "/pods/default/web/log", authorization);
+        let answer = get("/pods/default/web/log", authorization);
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
         assert!(!answer.contains("hello from web"), "{answer}");
     }
-    assert!(raw_get(address, "/healthz", None).starts_with("HTTP/1.1 200"));
+    assert!(get("/healthz", None).starts_with("HTTP/1.1 200"));
 
     // Exec: in the container's PID namespace, with its exit code; and with
     // stdin. (The greeting is written just before the shell execs sleep.)
@@ -237,6 +293,11 @@ spec:
         "{out:?}"
     );
     assert!(pids_mentioning(&vms).is_empty(), "the VM is gone");
+    assert_eq!(
+        std::fs::read_dir(state.join("host/netns")).unwrap().count(),
+        0,
+        "the pod's network namespace is gone"
+    );
     assert!(
         std::fs::read_dir(state.join("host/pods"))
             .unwrap()
