@@ -1,7 +1,8 @@
 //! `podvisor run` on a real CNI network (the plugins of /usr/lib/cni), on
 //! an emulated host of its own ([`podvisor_testbed::net_host`]): `-p`
 //! answers on 127.0.0.1; two forks of one VM template get different
-//! addresses and MACs and both serve; `--network none` has only `lo`; and
+//! addresses and MACs and both serve; a third run asking for a port one
+//! of them publishes is refused; `--network none` has only `lo`; and
 //! when the runs end, the host has what it had before.
 
 use std::io::{Read, Write};
@@ -188,6 +189,16 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
             .await
             .unwrap();
         assert_eq!(address_and_mac(&again), (ip_a, mac_a));
+        // A third run asking for a's port is refused before it sets
+        // anything up: a's podvisor holds the port.
+        let thief = spawn_run(&t, &conf_dir, &["-p", "18091:80"], &image, serve);
+        let out = thief.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("host port 18091->80/tcp") && stderr.contains("in use on this host"),
+            "{stderr}"
+        );
         drop(a);
         drop(b);
 
