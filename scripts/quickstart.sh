@@ -60,7 +60,7 @@ spec:
   - name: hello
     image: busybox
     command: [sh, -c]
-    args: ['echo "hello from pod \$(hostname), in a VM running \$(uname -s) \$(uname -r) with \$(nproc) CPU"']
+    args: ['echo "hello from pod \$(hostname) at \$(hostname -i), in a VM running \$(uname -s) \$(uname -r) with \$(nproc) CPU"']
     resources:
       limits:
         cpu: "1"
