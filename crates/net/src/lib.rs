@@ -85,5 +85,6 @@ pub mod netns;
 mod plugin_quirks;
 pub mod pod_network;
 pub mod vm_nic;
+pub mod wake_tap;
 
 pub use pod_network::PodNetworks;

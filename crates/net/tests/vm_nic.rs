@@ -149,3 +149,91 @@ fn the_tap_and_eth0_forward_frames_to_each_other() {
         networks.detach("pod-a").await.unwrap();
     });
 }
+
+/// Reads every frame queued on the tap now (without waiting).
+fn drain(tap: &OwnedFd) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 2048];
+    while podvisor_net::wake_tap::has_frame(tap.as_fd()).unwrap() {
+        let n = nix::unistd::read(tap, &mut buf).unwrap();
+        frames.push(buf[VNET_HDR_LEN..n].to_vec());
+    }
+    frames
+}
+
+/// A datagram from the host to `to`: the host ARPs for it on the bridge
+/// first, a broadcast every pod's port gets.
+fn send_from_host(to: Ipv4Addr) {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.send_to(b"wake up", (to, 9)).unwrap();
+}
+
+#[test]
+fn a_sleeping_pods_tap_queues_only_the_frames_meant_for_it() {
+    use podvisor_net::wake_tap::{self, WakeFilter};
+    on_test_host(|host| async move {
+        let networks = PodNetworks::open(host.config.clone()).unwrap();
+        networks.attach(request("pod-a", vec![])).await.unwrap();
+        let (nic, guest) = networks
+            .attach_vm_nic("pod-a", "tap0", TapMode::Fd)
+            .await
+            .unwrap();
+        let IpAddr::V4(pod_ip) = guest.addresses[0].addr else {
+            panic!()
+        };
+        let tap = nic.tap_fd.as_ref().unwrap();
+        drain(tap);
+        let filter = WakeFilter {
+            mac: nic.mac,
+            ipv4: vec![pod_ip],
+        };
+        wake_tap::attach(tap.as_fd(), &filter).unwrap();
+        drain(tap);
+
+        // Another address on the pod network: its ARP broadcast reaches the
+        // pod's port but not the queue.
+        send_from_host(Ipv4Addr::new(10, 87, 0, 250));
+        assert!(
+            !wake_tap::wait_for_frame(tap.as_fd(), Some(Duration::from_millis(1500)))
+                .await
+                .unwrap(),
+            "another address's ARP reached the sleeping pod's queue: {:?}",
+            drain(tap)
+        );
+
+        // The pod's address: the ARP request waits in the queue, unread.
+        send_from_host(pod_ip);
+        assert!(
+            wake_tap::wait_for_frame(tap.as_fd(), Some(Duration::from_secs(5)))
+                .await
+                .unwrap(),
+            "nothing for the pod reached its queue"
+        );
+        assert!(wake_tap::has_frame(tap.as_fd()).unwrap(), "still queued");
+        let frames = drain(tap);
+        assert!(!frames.is_empty());
+        for f in &frames {
+            let arp_for_pod = f[12..14] == [0x08, 0x06] && f[38..42] == pod_ip.octets();
+            assert!(
+                arp_for_pod || f[..6] == nic.mac,
+                "a frame not meant for the pod: {f:02x?}"
+            );
+        }
+
+        // Without the filter the pod's port gets everything again.
+        wake_tap::detach(tap.as_fd()).unwrap();
+        send_from_host(Ipv4Addr::new(10, 87, 0, 251));
+        assert!(
+            wake_tap::wait_for_frame(tap.as_fd(), Some(Duration::from_secs(5)))
+                .await
+                .unwrap(),
+            "the broadcast did not arrive once the filter was gone"
+        );
+
+        podvisor_net::vm_nic::detach(&networks.attachment("pod-a").unwrap().netns, "eth0", "tap0")
+            .await
+            .unwrap();
+        drop(nic);
+        networks.detach("pod-a").await.unwrap();
+    });
+}

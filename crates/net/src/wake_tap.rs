@@ -1,0 +1,335 @@
+//! The tap of a sleeping pod (hibernated: no VMM reads its tap), kept so
+//! that the first packet for the pod waits in the tap's queue and tells
+//! the host to wake it. A classic BPF program on the tap
+//! (`TUNATTACHFILTER`) lets through only frames meant for the pod: those
+//! sent to its MAC, and ARP requests for one of its addresses. Everything
+//! else on the pod's network (other pods' ARP, broadcasts, multicast)
+//! is dropped before it reaches the queue, so it neither wakes the pod nor
+//! fills the queue (500 frames) ahead of the request that matters. The
+//! host polls the tap for readability without reading it, removes the
+//! program (`TUNDETACHFILTER`) and hands the tap to the restored VMM,
+//! which finds the waiting frames (the ARP request, the first SYN) in
+//! order.
+//!
+//! IPv6 neighbour solicitations go to a multicast address and are not
+//! let through: a pod reached only over IPv6 does not wake by itself.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+const ETH_P_ARP: u32 = 0x0806;
+/// Offsets in an Ethernet frame (the filter sees frames without the
+/// `virtio_net_hdr` a reader of the tap gets).
+const OFF_ETHERTYPE: u32 = 12;
+const OFF_ARP_TARGET_IP: u32 = 14 + 24;
+
+/// Frames meant for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeFilter {
+    /// The pod's MAC (its CNI interface's, which its VM's NIC has).
+    pub mac: [u8; 6],
+    /// Its IPv4 addresses (ARP requests for them pass). At most 16.
+    pub ipv4: Vec<Ipv4Addr>,
+}
+
+// Classic BPF opcodes (linux/bpf_common.h).
+const BPF_LD: u16 = 0x00;
+const BPF_JMP: u16 = 0x05;
+const BPF_RET: u16 = 0x06;
+const BPF_W: u16 = 0x00;
+const BPF_H: u16 = 0x08;
+const BPF_ABS: u16 = 0x20;
+const BPF_JEQ: u16 = 0x10;
+const BPF_K: u16 = 0x00;
+
+/// One instruction before its jumps are resolved.
+enum Insn {
+    Load {
+        size: u16,
+        offset: u32,
+    },
+    /// If the accumulator equals `k` go on with the next instruction, else
+    /// jump to `otherwise`.
+    JeqElse {
+        k: u32,
+        otherwise: Label,
+    },
+    /// If the accumulator equals `k` jump to `then`, else go on.
+    JeqThen {
+        k: u32,
+        then: Label,
+    },
+    Ret(u32),
+    Here(Label),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Label {
+    Ip,
+    Accept,
+    Drop,
+}
+
+impl WakeFilter {
+    /// The program: accept (the whole frame) or drop (length 0).
+    pub fn program(&self) -> Vec<libc::sock_filter> {
+        use Insn::*;
+        let mac_hi = u32::from_be_bytes(self.mac[..4].try_into().expect("4 bytes"));
+        let mac_lo = u32::from(u16::from_be_bytes([self.mac[4], self.mac[5]]));
+        let mut insns = vec![
+            Load {
+                size: BPF_H,
+                offset: OFF_ETHERTYPE,
+            },
+            JeqElse {
+                k: ETH_P_ARP,
+                otherwise: Label::Ip,
+            },
+            Load {
+                size: BPF_W,
+                offset: OFF_ARP_TARGET_IP,
+            },
+        ];
+        for ip in self.ipv4.iter().take(16) {
+            insns.push(JeqThen {
+                k: u32::from(*ip),
+                then: Label::Accept,
+            });
+        }
+        insns.extend([
+            // An ARP frame for nobody of ours; but one sent to the pod's
+            // MAC (a unicast ARP probe) is the pod's.
+            Here(Label::Ip),
+            Load {
+                size: BPF_W,
+                offset: 0,
+            },
+            JeqElse {
+                k: mac_hi,
+                otherwise: Label::Drop,
+            },
+            Load {
+                size: BPF_H,
+                offset: 4,
+            },
+            JeqElse {
+                k: mac_lo,
+                otherwise: Label::Drop,
+            },
+            Here(Label::Accept),
+            Ret(u32::MAX),
+            Here(Label::Drop),
+            Ret(0),
+        ]);
+        assemble(&insns)
+    }
+}
+
+/// Resolves labels into classic BPF's forward jump counts.
+fn assemble(insns: &[Insn]) -> Vec<libc::sock_filter> {
+    // Index of each real instruction, and where each label points.
+    let mut index = Vec::with_capacity(insns.len());
+    let mut labels = Vec::new();
+    let mut n = 0u8;
+    for insn in insns {
+        index.push(n);
+        match insn {
+            Insn::Here(l) => labels.push((*l, n)),
+            _ => n += 1,
+        }
+    }
+    let at = |l: Label| {
+        labels
+            .iter()
+            .find(|(x, _)| *x == l)
+            .map(|(_, i)| *i)
+            .expect("a defined label")
+    };
+    let mut out = Vec::with_capacity(n as usize);
+    for (insn, &i) in insns.iter().zip(&index) {
+        let jump = |target: Label| at(target) - i - 1;
+        let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+        match insn {
+            Insn::Load { size, offset } => out.push(op(BPF_LD | size | BPF_ABS, 0, 0, *offset)),
+            Insn::JeqElse { k, otherwise } => {
+                out.push(op(BPF_JMP | BPF_JEQ | BPF_K, 0, jump(*otherwise), *k))
+            }
+            Insn::JeqThen { k, then } => {
+                out.push(op(BPF_JMP | BPF_JEQ | BPF_K, jump(*then), 0, *k))
+            }
+            Insn::Ret(k) => out.push(op(BPF_RET | BPF_K, 0, 0, *k)),
+            Insn::Here(_) => {}
+        }
+    }
+    out
+}
+
+nix::ioctl_write_ptr_bad!(
+    tun_attach_filter,
+    nix::request_code_write!(b'T', 213, std::mem::size_of::<libc::sock_fprog>()),
+    libc::sock_fprog
+);
+nix::ioctl_write_ptr_bad!(
+    tun_detach_filter,
+    nix::request_code_write!(b'T', 214, std::mem::size_of::<libc::sock_fprog>()),
+    libc::sock_fprog
+);
+
+/// Lets only `filter`'s frames into the tap's queue from now on.
+pub fn attach(tap: BorrowedFd<'_>, filter: &WakeFilter) -> io::Result<()> {
+    let mut program = filter.program();
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: TUNATTACHFILTER copies the program out of `fprog`, which
+    // points at `program`, alive for the call; `tap` is an open tap fd.
+    unsafe { tun_attach_filter(tap.as_raw_fd(), &fprog) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Removes the program: every frame reaches the queue again.
+pub fn detach(tap: BorrowedFd<'_>) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: 0,
+        filter: std::ptr::null_mut(),
+    };
+    // SAFETY: TUNDETACHFILTER reads nothing behind the (empty) program;
+    // `tap` is an open tap fd.
+    unsafe { tun_detach_filter(tap.as_raw_fd(), &fprog) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Waits until a frame is in the tap's queue, without taking it, or until
+/// `timeout` (`Ok(false)`).
+pub async fn wait_for_frame(tap: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    // A duplicate of the fd for the reactor: the caller keeps the tap, and
+    // the registration ends with the duplicate.
+    let dup: OwnedFd = tap.try_clone_to_owned()?;
+    // SAFETY: `dup` is an open fd that the AsyncFd owns from here on and
+    // never replaces or closes before it is dropped.
+    let watched = unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    let ready = async {
+        let guard = watched.readable().await?;
+        // Leave the readiness set: nothing was read.
+        drop(guard);
+        Ok::<(), io::Error>(())
+    };
+    match timeout {
+        Some(t) => match tokio::time::timeout(t, ready).await {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Ok(false),
+        },
+        None => ready.await.map(|()| true),
+    }
+}
+
+/// Whether the tap has a frame queued now.
+pub fn has_frame(tap: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fds = [nix::poll::PollFd::new(
+        tap.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(io::Error::from)?;
+    Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a classic BPF program over `frame` the way the kernel does for
+    /// these instructions (absolute loads, jeq, ret); returns what it
+    /// returns (0 = drop).
+    fn run(program: &[libc::sock_filter], frame: &[u8]) -> u32 {
+        let mut acc = 0u32;
+        let mut pc = 0usize;
+        loop {
+            let insn = program[pc];
+            match insn.code {
+                c if c == BPF_LD | BPF_H | BPF_ABS => {
+                    let o = insn.k as usize;
+                    let Some(b) = frame.get(o..o + 2) else {
+                        return 0;
+                    };
+                    acc = u32::from(u16::from_be_bytes([b[0], b[1]]));
+                }
+                c if c == BPF_LD | BPF_W | BPF_ABS => {
+                    let o = insn.k as usize;
+                    let Some(b) = frame.get(o..o + 4) else {
+                        return 0;
+                    };
+                    acc = u32::from_be_bytes(b.try_into().unwrap());
+                }
+                c if c == BPF_JMP | BPF_JEQ | BPF_K => {
+                    let skip = if acc == insn.k { insn.jt } else { insn.jf };
+                    pc += skip as usize;
+                }
+                c if c == BPF_RET | BPF_K => return insn.k,
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x57, 0x00, 0x05];
+
+    fn filter() -> WakeFilter {
+        WakeFilter {
+            mac: POD_MAC,
+            ipv4: vec![Ipv4Addr::new(10, 87, 0, 5), Ipv4Addr::new(10, 87, 1, 5)],
+        }
+    }
+
+    fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0x08, 0x06]);
+        f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[10, 87, 0, 1]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target.octets());
+        f
+    }
+
+    fn ipv4_to(mac: [u8; 6]) -> Vec<u8> {
+        let mut f = mac.to_vec();
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        f.extend_from_slice(&[0x45; 40]);
+        f
+    }
+
+    #[test]
+    fn only_frames_for_the_pod_pass() {
+        let p = filter().program();
+        assert!(p.len() < 20, "{}", p.len());
+        assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 0, 5))), u32::MAX);
+        assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 1, 5))), u32::MAX);
+        assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 0, 6))), 0);
+        assert_eq!(run(&p, &ipv4_to(POD_MAC)), u32::MAX);
+        let mut other = POD_MAC;
+        other[5] ^= 1;
+        assert_eq!(run(&p, &ipv4_to(other)), 0);
+        other = POD_MAC;
+        other[0] ^= 1;
+        assert_eq!(run(&p, &ipv4_to(other)), 0);
+        assert_eq!(run(&p, &ipv4_to([0xff; 6])), 0, "broadcast");
+        assert_eq!(run(&p, &ipv4_to([0x33, 0x33, 0, 0, 0, 1])), 0, "multicast");
+        assert_eq!(run(&p, &[0u8; 4]), 0, "a runt");
+        // No addresses: only frames to the MAC.
+        let none = WakeFilter {
+            mac: POD_MAC,
+            ipv4: vec![],
+        }
+        .program();
+        assert_eq!(run(&none, &arp_request(Ipv4Addr::new(10, 87, 0, 5))), 0);
+        assert_eq!(run(&none, &ipv4_to(POD_MAC)), u32::MAX);
+    }
+}
