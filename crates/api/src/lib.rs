@@ -24,9 +24,10 @@ pub use meta::{DEFAULT_NAMESPACE, ListMeta, ObjectMeta, Time};
 pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
 pub use pod::{
     Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, EnvVar,
-    HostPort, Pod, PodIp, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList,
-    ResourceRequirements, Resources, RestartPolicy, labels_text,
+    ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, DnsPolicy,
+    EnvVar, HostAlias, HostPort, Pod, PodDnsConfig, PodDnsConfigOption, PodIp, PodList, PodPhase,
+    PodSpec, PodStatus, Protocol, ResourceList, ResourceRequirements, Resources, RestartPolicy,
+    labels_text,
 };
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};

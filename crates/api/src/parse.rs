@@ -339,6 +339,63 @@ spec:
     }
 
     #[test]
+    fn dns_settings_are_read_and_written_in_kubernetes_shapes() {
+        // As kubectl writes it.
+        let yaml = format!(
+            "{GOOD}  dnsPolicy: ClusterFirst\n  dnsConfig:\n    nameservers: [192.0.2.53]\n    searches: [corp.example]\n    options:\n    - name: ndots\n      value: '2'\n    - name: edns0\n  hostAliases:\n  - ip: 192.0.2.7\n    hostnames: [db.test, db]\n"
+        );
+        let pod = parse_pod(&yaml, Format::Yaml).unwrap();
+        assert_eq!(pod.spec.dns_policy, crate::DnsPolicy::ClusterFirst);
+        let json = serde_json::to_value(&pod).unwrap();
+        assert_eq!(json["spec"]["dnsPolicy"], "ClusterFirst");
+        assert_eq!(
+            json["spec"]["dnsConfig"],
+            serde_json::json!({
+                "nameservers": ["192.0.2.53"],
+                "searches": ["corp.example"],
+                "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}],
+            })
+        );
+        assert_eq!(
+            json["spec"]["hostAliases"],
+            serde_json::json!([{"ip": "192.0.2.7", "hostnames": ["db.test", "db"]}])
+        );
+        assert_eq!(parse_pod(&json.to_string(), Format::Json).unwrap(), pod);
+        // Left out or empty, it is Kubernetes' default.
+        let pod = parse_pod(GOOD, Format::Yaml).unwrap();
+        assert_eq!(pod.spec.dns_policy, crate::DnsPolicy::ClusterFirst);
+        let empty = format!("{GOOD}  dnsPolicy: ''\n");
+        assert_eq!(
+            parse_pod(&empty, Format::Yaml).unwrap().spec.dns_policy,
+            crate::DnsPolicy::ClusterFirst
+        );
+        let err = parse_pod(&format!("{GOOD}  dnsPolicy: Cluster\n"), Format::Yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("spec.dnsPolicy: unknown variant"), "{err}");
+        let err = parse_pod(
+            &format!("{GOOD}  dnsConfig: {{nameservers: [1.1.1.1], domain: x}}\n"),
+            Format::Yaml,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("spec.dnsConfig.domain: not supported by podvisor"),
+            "{err}"
+        );
+        let err = parse_pod(
+            &format!("{GOOD}  dnsPolicy: None\n  dnsConfig: {{searches: [a.b]}}\n"),
+            Format::Yaml,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("spec.dnsConfig.nameservers: must provide at least one DNS nameserver"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn several_documents() {
         let text = format!("{GOOD}\n---\n{}", GOOD.replace("name: web", "name: web2"));
         let pods = parse_pods(&text, Format::Yaml).unwrap();

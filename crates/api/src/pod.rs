@@ -54,6 +54,85 @@ pub struct PodSpec {
     /// scheduler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// Where the containers' `resolv.conf` starts from. podvisor has no
+    /// cluster DNS service: `ClusterFirst` (the default) and
+    /// `ClusterFirstWithHostNet` are `Default` there, as for a kubelet
+    /// without `clusterDNS`.
+    #[serde(default)]
+    pub dns_policy: DnsPolicy,
+    /// Resolver settings merged into those of `dnsPolicy` (all of them
+    /// with `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_config: Option<PodDnsConfig>,
+    /// Extra `/etc/hosts` lines, after the pod's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_aliases: Vec<HostAlias>,
+}
+
+/// A pod's DNS policy, as in Kubernetes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum DnsPolicy {
+    /// The cluster's DNS service; without one (podvisor), as `Default`.
+    /// An empty value means this, as Kubernetes' defaulting does.
+    #[default]
+    #[serde(alias = "")]
+    ClusterFirst,
+    /// As `ClusterFirst` (podvisor runs no `hostNetwork` pods).
+    ClusterFirstWithHostNet,
+    /// The node's resolvers (the pod network's DNS, else the host's).
+    Default,
+    /// Only `dnsConfig`.
+    None,
+}
+
+impl DnsPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsPolicy::ClusterFirst => "ClusterFirst",
+            DnsPolicy::ClusterFirstWithHostNet => "ClusterFirstWithHostNet",
+            DnsPolicy::Default => "Default",
+            DnsPolicy::None => "None",
+        }
+    }
+}
+
+/// A pod's own resolver settings (`spec.dnsConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodDnsConfig {
+    /// Nameserver IP addresses, at most 3 (with the policy's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Search domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub searches: Vec<String>,
+    /// Resolver options; one the policy has too takes this value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<PodDnsConfigOption>,
+}
+
+/// One resolver option (`ndots` with value `"2"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodDnsConfigOption {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Host names for an IP address, written into the pod's `/etc/hosts`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostAlias {
+    #[serde(default)]
+    pub ip: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 /// When the host restarts a container that exited.

@@ -140,6 +140,7 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
     if pod.spec.containers.is_empty() {
         errors.add("spec.containers", "a pod needs at least one container");
     }
+    validate_dns(&pod.spec, &mut errors);
     let mut names = HashSet::new();
     let mut host_ports = Vec::new();
     for (i, c) in pod.spec.containers.iter().enumerate() {
@@ -278,6 +279,113 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
         Ok(())
     } else {
         Err(errors.0)
+    }
+}
+
+/// Most nameservers of a pod (glibc's resolver uses three).
+pub const MAX_DNS_NAMESERVERS: usize = 3;
+/// Most search domains of a pod.
+pub const MAX_DNS_SEARCH_PATHS: usize = 32;
+/// Longest search list of a pod, spaces included.
+pub const MAX_DNS_SEARCH_LIST_CHARS: usize = 2048;
+/// Most `/etc/hosts` lines host aliases may take (the agent writes 256,
+/// three of them the pod's own); an alias line holds up to 32 names.
+pub const MAX_HOST_ALIAS_LINES: usize = 250;
+
+/// `dnsPolicy`, `dnsConfig` and `hostAliases` as Kubernetes validates them
+/// (`validatePodDNSConfig`, `ValidateHostAliases`), and what podvisor's
+/// agent can write: resolver options are `resolv.conf` words.
+fn validate_dns(spec: &crate::pod::PodSpec, errors: &mut Errors) {
+    use crate::pod::DnsPolicy;
+    if spec.dns_policy == DnsPolicy::None {
+        match &spec.dns_config {
+            None => errors.add(
+                "spec.dnsConfig",
+                "must provide `dnsConfig` when `dnsPolicy` is None",
+            ),
+            Some(c) if c.nameservers.is_empty() => errors.add(
+                "spec.dnsConfig.nameservers",
+                "must provide at least one DNS nameserver when `dnsPolicy` is None",
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(c) = &spec.dns_config {
+        if c.nameservers.len() > MAX_DNS_NAMESERVERS {
+            errors.add(
+                "spec.dnsConfig.nameservers",
+                format!("must not have more than {MAX_DNS_NAMESERVERS} nameservers"),
+            );
+        }
+        for (i, ns) in c.nameservers.iter().enumerate() {
+            if ns.parse::<std::net::IpAddr>().is_err() {
+                errors.add(
+                    format!("spec.dnsConfig.nameservers[{i}]"),
+                    format!("{ns:?} must be a valid IP address"),
+                );
+            }
+        }
+        if c.searches.len() > MAX_DNS_SEARCH_PATHS {
+            errors.add(
+                "spec.dnsConfig.searches",
+                format!("must not have more than {MAX_DNS_SEARCH_PATHS} search paths"),
+            );
+        }
+        if c.searches.join(" ").len() > MAX_DNS_SEARCH_LIST_CHARS {
+            errors.add(
+                "spec.dnsConfig.searches",
+                format!(
+                    "must not have more than {MAX_DNS_SEARCH_LIST_CHARS} characters (including spaces) in the search list"
+                ),
+            );
+        }
+        for (i, search) in c.searches.iter().enumerate() {
+            // A trailing dot is fine.
+            let name = search.strip_suffix('.').unwrap_or(search);
+            if let Some(p) = dns_subdomain_problem(name) {
+                errors.add(format!("spec.dnsConfig.searches[{i}]"), p);
+            }
+        }
+        for (i, o) in c.options.iter().enumerate() {
+            let at = format!("spec.dnsConfig.options[{i}]");
+            let word = match &o.value {
+                Some(v) if !v.is_empty() => format!("{}:{v}", o.name),
+                _ => o.name.clone(),
+            };
+            if o.name.is_empty() {
+                errors.add(format!("{at}.name"), "must not be empty");
+            } else if word.len() > 64 || !word.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+                errors.add(
+                    at,
+                    format!(
+                        "{word:?} cannot be a resolv.conf option: at most 64 printable characters without spaces or '#'"
+                    ),
+                );
+            }
+        }
+    }
+    let mut lines = 0;
+    for (i, alias) in spec.host_aliases.iter().enumerate() {
+        if alias.ip.parse::<std::net::IpAddr>().is_err() {
+            errors.add(
+                format!("spec.hostAliases[{i}].ip"),
+                format!("{:?} must be a valid IP address", alias.ip),
+            );
+        }
+        for (j, name) in alias.hostnames.iter().enumerate() {
+            if let Some(p) = dns_subdomain_problem(name) {
+                errors.add(format!("spec.hostAliases[{i}].hostnames[{j}]"), p);
+            }
+        }
+        lines += alias.hostnames.len().div_ceil(32);
+    }
+    if lines > MAX_HOST_ALIAS_LINES {
+        errors.add(
+            "spec.hostAliases",
+            format!(
+                "takes {lines} /etc/hosts lines (32 names a line): podvisor writes at most {MAX_HOST_ALIAS_LINES}"
+            ),
+        );
     }
 }
 
@@ -433,6 +541,87 @@ mod tests {
             e.contains("ports[3].hostIP: is only meaningful with hostPort"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn dns_settings_are_checked_as_kubernetes_checks_them() {
+        use crate::pod::{DnsPolicy, HostAlias, PodDnsConfig, PodDnsConfigOption};
+        let mut p = pod();
+        p.spec.dns_policy = DnsPolicy::None;
+        assert!(
+            problems(&p)
+                .contains("spec.dnsConfig: must provide `dnsConfig` when `dnsPolicy` is None"),
+            "{}",
+            problems(&p)
+        );
+        p.spec.dns_config = Some(PodDnsConfig::default());
+        assert!(problems(&p).contains(
+            "spec.dnsConfig.nameservers: must provide at least one DNS nameserver when `dnsPolicy` is None"
+        ));
+        p.spec.dns_config = Some(PodDnsConfig {
+            nameservers: vec!["1.1.1.1".into(), "2001:db8::1".into()],
+            searches: vec!["svc.cluster.local".into(), "example.com.".into()],
+            options: vec![
+                PodDnsConfigOption {
+                    name: "ndots".into(),
+                    value: Some("2".into()),
+                },
+                PodDnsConfigOption {
+                    name: "edns0".into(),
+                    value: None,
+                },
+            ],
+        });
+        p.spec.host_aliases = vec![HostAlias {
+            ip: "10.1.2.3".into(),
+            hostnames: vec!["foo.local".into(), "bar".into()],
+        }];
+        assert!(validate_pod(&p).is_ok(), "{}", problems(&p));
+
+        p.spec.dns_config = Some(PodDnsConfig {
+            nameservers: vec![
+                "1.1.1.1".into(),
+                "a.b".into(),
+                "3.3.3.3".into(),
+                "4.4.4.4".into(),
+            ],
+            searches: vec!["Bad_Domain".into()],
+            options: vec![
+                PodDnsConfigOption::default(),
+                PodDnsConfigOption {
+                    name: "ndots 5".into(),
+                    value: None,
+                },
+            ],
+        });
+        p.spec.host_aliases = vec![HostAlias {
+            ip: "nope".into(),
+            hostnames: vec!["ok".into(), "-bad".into()],
+        }];
+        let e = problems(&p);
+        for want in [
+            "spec.dnsConfig.nameservers: must not have more than 3 nameservers",
+            "spec.dnsConfig.nameservers[1]: \"a.b\" must be a valid IP address",
+            "spec.dnsConfig.searches[0]: \"Bad_Domain\" is not a valid name",
+            "spec.dnsConfig.options[0].name: must not be empty",
+            "spec.dnsConfig.options[1]: \"ndots 5\" cannot be a resolv.conf option",
+            "spec.hostAliases[0].ip: \"nope\" must be a valid IP address",
+            "spec.hostAliases[0].hostnames[1]: \"-bad\" is not a valid name",
+        ] {
+            assert!(e.contains(want), "{want}\n{e}");
+        }
+
+        let mut p = pod();
+        p.spec.dns_config = Some(PodDnsConfig {
+            searches: (0..33).map(|i| format!("d{i}.example")).collect(),
+            ..Default::default()
+        });
+        assert!(problems(&p).contains("must not have more than 32 search paths"));
+        p.spec.dns_config = Some(PodDnsConfig {
+            searches: (0..9).map(|i| format!("{i}{}", "a".repeat(250))).collect(),
+            ..Default::default()
+        });
+        assert!(problems(&p).contains("must not have more than 2048 characters"));
     }
 
     #[test]
