@@ -51,6 +51,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         cpus: 1,
         memory_mib: 160,
         port_mappings: vec![],
+        dns: Default::default(),
     }
 }
 

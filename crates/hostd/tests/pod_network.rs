@@ -65,6 +65,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         cpus: 1,
         memory_mib: 160,
         port_mappings: ports,
+        dns: Default::default(),
     }
 }
 

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use podvisor_api as api;
 
 use podvisor_net::host_ports::{PortMapping, Protocol};
+use podvisor_podvm::network::{DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig};
 
 use crate::host::plan::vm_size;
 use crate::host::status::reasons;
@@ -48,6 +49,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
             )
         })?;
     let port_mappings = port_mappings(pod)?;
+    let dns = pod_dns(pod)?;
     let size = pod.spec.vm_size().map_err(|e| {
         unrunnable(
             UnrunnableReason::InvalidPod,
@@ -86,6 +88,64 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         cpus,
         memory_mib,
         port_mappings,
+        dns,
+    })
+}
+
+/// `dnsPolicy`, `dnsConfig` and `hostAliases` for the pod VM (merged with
+/// the pod network's DNS by [`podvisor_podvm::network::apply_pod_dns`]).
+/// The API has checked the addresses.
+fn pod_dns(pod: &api::Pod) -> Result<PodDns, Unrunnable> {
+    let ip = |field: String, text: &str| {
+        text.parse::<std::net::IpAddr>().map_err(|_| {
+            unrunnable(
+                UnrunnableReason::InvalidPod,
+                format!("{field}: {text:?} is not an IP address"),
+            )
+        })
+    };
+    let spec = &pod.spec;
+    let config = match &spec.dns_config {
+        None => None,
+        Some(c) => Some(PodDnsConfig {
+            nameservers: c
+                .nameservers
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| ip(format!("spec.dnsConfig.nameservers[{i}]"), ns))
+                .collect::<Result<_, _>>()?,
+            searches: c.searches.clone(),
+            options: c
+                .options
+                .iter()
+                .map(|o| DnsOption {
+                    name: o.name.clone(),
+                    value: o.value.clone(),
+                })
+                .collect(),
+        }),
+    };
+    let host_aliases = spec
+        .host_aliases
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            Ok(HostAlias {
+                ip: ip(format!("spec.hostAliases[{i}].ip"), &a.ip)?,
+                hostnames: a.hostnames.clone(),
+            })
+        })
+        .collect::<Result<_, Unrunnable>>()?;
+    Ok(PodDns {
+        policy: match spec.dns_policy {
+            api::DnsPolicy::ClusterFirst => DnsPolicy::ClusterFirst,
+            api::DnsPolicy::ClusterFirstWithHostNet => DnsPolicy::ClusterFirstWithHostNet,
+            api::DnsPolicy::Default => DnsPolicy::Default,
+            api::DnsPolicy::None => DnsPolicy::None,
+        },
+        merge: Default::default(),
+        config,
+        host_aliases,
     })
 }
 
@@ -272,6 +332,43 @@ spec:
         let plan = plan_from_pod(&p).unwrap();
         let shown: Vec<String> = plan.port_mappings.iter().map(|m| m.to_string()).collect();
         assert_eq!(shown, ["8080->80/tcp", "5353->53/udp"]);
+    }
+
+    #[test]
+    fn dns_settings_reach_the_plan_and_the_guest_config() {
+        use podvisor_podvm::network::{apply_pod_dns, no_network};
+        let p = pod("
+metadata: {name: web}
+spec:
+  containers: [{name: app, image: busybox}]
+  dnsPolicy: None
+  dnsConfig:
+    nameservers: [192.0.2.53]
+    searches: [corp.example]
+    options: [{name: ndots, value: '2'}, {name: edns0}]
+  hostAliases: [{ip: 192.0.2.7, hostnames: [db.test, db]}]
+");
+        let plan = plan_from_pod(&p).unwrap();
+        assert_eq!(plan.dns.policy, DnsPolicy::None);
+        let mut config = no_network(&plan.hostname());
+        assert!(apply_pod_dns(&mut config, &plan.dns).is_empty());
+        assert_eq!(
+            config.dns.nameservers,
+            ["192.0.2.53".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(config.dns.search, ["corp.example"]);
+        assert_eq!(config.dns.options, ["ndots:2", "edns0"]);
+        let last = config.hosts.last().unwrap();
+        assert_eq!(last.address.to_string(), "192.0.2.7");
+        assert_eq!(last.names, ["db.test", "db"]);
+        // A pod that states nothing is ClusterFirst: the base as it is.
+        let plan = plan_from_pod(&pod("
+metadata: {name: web}
+spec:
+  containers: [{name: app, image: busybox}]
+"))
+        .unwrap();
+        assert_eq!(plan.dns, PodDns::default());
     }
 
     #[test]

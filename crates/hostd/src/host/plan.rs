@@ -3,6 +3,7 @@
 
 use podvisor_net::host_ports::PortMapping;
 use podvisor_podvm::ContainerOverrides;
+use podvisor_podvm::network::PodDns;
 use podvisor_proto::TerminalSize;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,10 @@ pub struct PodPlan {
     /// The pod's `hostPort`s.
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// `dnsPolicy`, `dnsConfig` and `hostAliases` (records written before
+    /// they existed load as a pod that states none).
+    #[serde(default)]
+    pub dns: PodDns,
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -156,8 +161,17 @@ mod tests {
             cpus: 1,
             memory_mib: 128,
             port_mappings: vec![],
+            dns: PodDns::default(),
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");
+    }
+
+    #[test]
+    fn a_plan_recorded_before_dns_settings_loads() {
+        let old = r#"{"uid":"u","namespace":"default","name":"web","containers":[],
+            "restart_policy":"Always","cpus":1,"memory_mib":128}"#;
+        let plan: PodPlan = serde_json::from_str(old).unwrap();
+        assert_eq!(plan.dns, PodDns::default());
     }
 }

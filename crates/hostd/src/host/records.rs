@@ -222,6 +222,7 @@ mod tests {
                 cpus: 1,
                 memory_mib: 128,
                 port_mappings: vec![],
+                dns: Default::default(),
             },
             state: PodState::default(),
             vm: Some(VmRecord {

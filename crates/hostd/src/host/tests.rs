@@ -46,6 +46,7 @@ fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy) -> PodPla
         cpus: 1,
         memory_mib: 128,
         port_mappings: vec![],
+        dns: Default::default(),
     }
 }
 

@@ -150,10 +150,13 @@ impl Launcher for VmLauncher {
         };
         let mut vm = PodVm::boot(&self.node, spec).await?;
         let hostname = plan.hostname();
-        let config = match &nic {
+        let mut config = match &nic {
             Some(nic) => network::guest_config(&nic.guest, &hostname, &network::host_dns()),
             None => network::no_network(&hostname),
         };
+        for w in network::apply_pod_dns(&mut config, &plan.dns) {
+            tracing::warn!(pod = %plan.key(), "dns: {w}");
+        }
         // The VMM has its copy of the tap: ours goes, so the tap goes with
         // the VM.
         drop(nic);
