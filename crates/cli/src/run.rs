@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use podvisor_image::{ImageSource, Platform};
 use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_podvm::ContainerOverrides;
+use podvisor_podvm::network::{DnsMerge, DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig};
 use podvisor_run::{NetworkChoice, Outcome, PodIo, PodRequest};
 use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
@@ -70,6 +71,21 @@ pub struct RunArgs {
     /// The CNI configuration directory.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// A nameserver for the container's resolv.conf, replacing the
+    /// network's (repeatable; the resolver uses the first three).
+    #[arg(long = "dns", value_name = "IP", value_parser = parse_dns_server)]
+    dns: Vec<std::net::IpAddr>,
+    /// A search domain, replacing the network's (repeatable; `.` for none).
+    #[arg(long = "dns-search", value_name = "DOMAIN", value_parser = parse_dns_search)]
+    dns_search: Vec<String>,
+    /// A resolver option such as ndots:2, replacing the network's
+    /// (repeatable).
+    #[arg(long = "dns-option", value_name = "OPT", value_parser = parse_dns_option)]
+    dns_option: Vec<String>,
+    /// An /etc/hosts line: NAME:IP or NAME=IP (an IPv6 address may be in
+    /// brackets), as docker takes it (repeatable).
+    #[arg(long = "add-host", value_name = "NAME:IP", value_parser = parse_add_host)]
+    add_host: Vec<HostAlias>,
     /// The image: a registry reference (pulled unless cached), or an OCI
     /// layout directory or image archive (docker save, oci-archive) that
     /// exists, optionally followed by `:REF` to pick one of several.
@@ -126,6 +142,106 @@ pub fn parse_publish(s: &str) -> Result<PortMapping, String> {
         protocol,
         host_ip: ip,
     })
+}
+
+/// Parses `--dns`: an IP address, as docker takes it.
+pub fn parse_dns_server(s: &str) -> Result<std::net::IpAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address"))
+}
+
+/// Parses `--dns-search`: a domain name (a trailing dot allowed), or `.`
+/// for no search domains, as docker takes it.
+pub fn parse_dns_search(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "." {
+        return Ok(s.into());
+    }
+    let name = s.strip_suffix('.').unwrap_or(s);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253
+        || !name.split('.').all(label_ok)
+        || !name.bytes().any(|b| b.is_ascii_alphabetic())
+    {
+        return Err(format!(
+            "{s:?} is not a valid domain (letters, digits and '-' in dot-separated labels; `.` for none)"
+        ));
+    }
+    Ok(s.into())
+}
+
+/// A word `resolv.conf` and `/etc/hosts` hold as it is.
+fn file_word(word: &str, max: usize) -> bool {
+    !word.is_empty() && word.len() <= max && word.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
+}
+
+/// Parses `--dns-option`: one resolver option (`ndots:2`, `edns0`).
+pub fn parse_dns_option(s: &str) -> Result<String, String> {
+    if !file_word(s, 64) || s.starts_with(':') {
+        return Err(format!(
+            "{s:?} is not a resolver option (NAME or NAME:VALUE: at most 64 printable characters, no spaces or '#')"
+        ));
+    }
+    Ok(s.into())
+}
+
+/// Parses `--add-host NAME:IP` or `NAME=IP` (the address may be in
+/// brackets: `NAME=[::1]`), as docker does: split at the first `=`, else
+/// at the first `:`. docker's `host-gateway` has no meaning for a pod VM.
+pub fn parse_add_host(s: &str) -> Result<HostAlias, String> {
+    let (name, ip) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .ok_or_else(|| format!("bad format for add-host: {s:?} (expected NAME:IP or NAME=IP)"))?;
+    if !file_word(name, 253) || name.contains(':') {
+        return Err(format!(
+            "bad format for add-host: {s:?}: {name:?} is not a host name"
+        ));
+    }
+    if ip == "host-gateway" {
+        return Err(format!(
+            "add-host {s:?}: host-gateway is not supported by podvisor run; give the address"
+        ));
+    }
+    let bare = ip
+        .strip_prefix('[')
+        .and_then(|i| i.strip_suffix(']'))
+        .unwrap_or(ip);
+    let ip = bare
+        .parse()
+        .map_err(|_| format!("invalid IP address in add-host: {ip:?}"))?;
+    Ok(HostAlias {
+        ip,
+        hostnames: vec![name.to_string()],
+    })
+}
+
+/// docker's DNS flags as the pod's DNS settings: each flag given replaces
+/// that part of the network's resolver settings.
+pub fn docker_dns(
+    servers: Vec<std::net::IpAddr>,
+    search: Vec<String>,
+    options: Vec<String>,
+    hosts: Vec<HostAlias>,
+) -> PodDns {
+    let given = !(servers.is_empty() && search.is_empty() && options.is_empty());
+    PodDns {
+        policy: DnsPolicy::Default,
+        merge: DnsMerge::Replace,
+        config: given.then(|| PodDnsConfig {
+            nameservers: servers,
+            searches: search,
+            options: options.iter().map(|o| DnsOption::parse(o)).collect(),
+        }),
+        host_aliases: hosts,
+    }
 }
 
 /// Parses a memory size with a unit (K, M, G; optional trailing B/iB) into MiB.
@@ -209,6 +325,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
                 ports: args.publish,
             },
         },
+        dns: docker_dns(args.dns, args.dns_search, args.dns_option, args.add_host),
     };
     let mut cfg = args.host.node_config()?;
     cfg.platform = args.platform;
@@ -293,6 +410,57 @@ mod tests {
         );
         assert!(parse_memory_mib("32M").unwrap_err().contains("minimum"));
         assert!(parse_memory_mib("xM").unwrap_err().contains("invalid"));
+    }
+
+    #[test]
+    fn dns_flags_are_parsed_as_docker_does() {
+        let host = |s: &str| parse_add_host(s).map(|h| format!("{} {}", h.ip, h.hostnames[0]));
+        assert_eq!(host("db.test:192.0.2.7").unwrap(), "192.0.2.7 db.test");
+        assert_eq!(host("db=192.0.2.7").unwrap(), "192.0.2.7 db");
+        assert_eq!(host("v6:2001:db8::7").unwrap(), "2001:db8::7 v6");
+        assert_eq!(host("v6=[2001:db8::7]").unwrap(), "2001:db8::7 v6");
+        assert_eq!(host("v6:[::1]").unwrap(), "::1 v6");
+        for (bad, why) in [
+            ("db", "bad format for add-host"),
+            (":192.0.2.7", "bad format for add-host"),
+            ("db:nope", "invalid IP address in add-host"),
+            ("db=", "invalid IP address in add-host"),
+            ("db:host-gateway", "host-gateway is not supported"),
+            ("a#b:192.0.2.7", "is not a host name"),
+        ] {
+            let e = parse_add_host(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(parse_dns_server(" 1.1.1.1").unwrap().to_string(), "1.1.1.1");
+        assert!(
+            parse_dns_server("dns.google")
+                .unwrap_err()
+                .contains("not an IP address")
+        );
+        assert_eq!(parse_dns_search("corp.example.").unwrap(), "corp.example.");
+        assert_eq!(parse_dns_search(".").unwrap(), ".");
+        for bad in ["-a.b", "a..b", "1.2.3", "a b", ""] {
+            assert!(
+                parse_dns_search(bad)
+                    .unwrap_err()
+                    .contains("not a valid domain"),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_dns_option("ndots:2").unwrap(), "ndots:2");
+        assert!(parse_dns_option("ndots 2").is_err());
+        assert!(parse_dns_option("").is_err());
+
+        let dns = docker_dns(
+            vec!["192.0.2.53".parse().unwrap()],
+            vec![],
+            vec!["ndots:2".into()],
+            vec![],
+        );
+        assert_eq!(dns.merge, DnsMerge::Replace);
+        let config = dns.config.unwrap();
+        assert_eq!(config.options[0].to_string(), "ndots:2");
+        assert_eq!(docker_dns(vec![], vec![], vec![], vec![]).config, None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `podvisor run` on a real CNI network (the plugins of /usr/lib/cni), on
 //! an emulated host of its own ([`podvisor_testbed::net_host`]): `-p`
 //! answers on 127.0.0.1; two forks of one VM template get different
-//! addresses and MACs and both serve; a third run asking for a port one
+//! addresses and MACs and both serve, the first with the `--dns`,
+//! `--dns-search`, `--dns-option` and `--add-host` it was given (the
+//! second, from the same template, without them); a third run asking for a port one
 //! of them publishes is refused; `--network none` has only `lo`; and
 //! when the runs end, the host has what it had before.
 
@@ -20,7 +22,8 @@ use podvisor_testbed::net_host::{TestHost, on_test_host};
 use podvisor_testbed::oci::{Entry, ImageBuilder};
 
 /// A busybox image whose httpd answers `/cgi-bin/eth0` with the pod's
-/// eth0 as the pod sees it now (a clone's, not its template's).
+/// eth0 as the pod sees it now (a clone's, not its template's), and
+/// `/cgi-bin/dns` with its resolv.conf and hosts.
 fn image(dir: &Path) -> PathBuf {
     let path = dir.join("web.tar");
     ImageBuilder::new()
@@ -31,6 +34,11 @@ fn image(dir: &Path) -> PathBuf {
             Entry::file(
                 "www/cgi-bin/eth0",
                 "#!/bin/sh\necho Content-Type: text/plain\necho\nip addr show eth0\n",
+                0o755,
+            ),
+            Entry::file(
+                "www/cgi-bin/dns",
+                "#!/bin/sh\necho Content-Type: text/plain\necho\ncat /etc/resolv.conf /etc/hosts\n",
                 0o755,
             ),
         ])
@@ -158,7 +166,20 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
         let a = RunningPod(spawn_run(
             &t,
             &conf_dir,
-            &["-p", "127.0.0.1:18091:80"],
+            &[
+                "-p",
+                "127.0.0.1:18091:80",
+                "--dns",
+                "192.0.2.53",
+                "--dns-search",
+                "corp.example",
+                "--dns-option",
+                "ndots:2",
+                "--add-host",
+                "db.test:192.0.2.7",
+                "--add-host",
+                "v6.test=[2001:db8::7]",
+            ],
             &image,
             serve,
         ));
@@ -184,6 +205,33 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
             .map(|d| d.count())
             .unwrap_or(0);
         assert!(templates > 0, "the runs forked from templates");
+        // a's DNS flags replaced the network's resolver settings and added
+        // hosts lines after the pod's own; b, a fork of the same template,
+        // has none of them.
+        let dns_a = tokio::task::spawn_blocking(|| http_get(18091, "/cgi-bin/dns"))
+            .await
+            .unwrap();
+        let lines: Vec<&str> = dns_a.lines().map(str::trim).collect();
+        let nameservers: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("nameserver"))
+            .collect();
+        assert_eq!(nameservers, [&"nameserver 192.0.2.53"], "{dns_a}");
+        assert!(lines.contains(&"search corp.example"), "{dns_a}");
+        assert!(lines.contains(&"options ndots:2"), "{dns_a}");
+        let own = lines
+            .iter()
+            .position(|l| l.starts_with(ip_a.split('/').next().unwrap()))
+            .unwrap_or_else(|| panic!("no line for the pod's own address: {dns_a}"));
+        assert_eq!(lines[own + 1], "192.0.2.7\tdb.test", "{dns_a}");
+        assert_eq!(lines[own + 2], "2001:db8::7\tv6.test", "{dns_a}");
+        let dns_b = tokio::task::spawn_blocking(|| http_get(18092, "/cgi-bin/dns"))
+            .await
+            .unwrap();
+        assert!(
+            !dns_b.contains("192.0.2.53") && !dns_b.contains("db.test"),
+            "{dns_b}"
+        );
         // Both still serve.
         let again = tokio::task::spawn_blocking(|| http_get(18091, "/cgi-bin/eth0"))
             .await

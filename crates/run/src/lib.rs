@@ -54,6 +54,10 @@ pub struct PodRequest {
     pub isolated: bool,
     /// The pod's network: CNI (with published ports) or only `lo`.
     pub network: NetworkChoice,
+    /// The pod's resolver settings and `/etc/hosts` aliases (docker's
+    /// `--dns`, `--dns-search`, `--dns-option`, `--add-host`), applied to
+    /// the network's DNS by [`network::apply_pod_dns`].
+    pub dns: network::PodDns,
 }
 
 /// Errors of running a pod.
@@ -195,10 +199,13 @@ async fn run_pod(
         Some(n) => Some(podvisor_podvm::network::pod_nic(&n.networks, &n.id).await?),
         None => None,
     };
-    let net_config = match &nic {
+    let mut net_config = match &nic {
         Some(nic) => network::guest_config(&nic.guest, hostname, &network::host_dns()),
         None => network::no_network(hostname),
     };
+    for w in network::apply_pod_dns(&mut net_config, &req.dns) {
+        tracing::warn!("dns: {w}");
+    }
     // The NIC is this pod's alone: never part of what a template is made
     // from or chosen by. A clone gets it hot-plugged after it took on its
     // identity (a template has no NIC); a cold boot has it from the start.
