@@ -219,6 +219,19 @@ pub fn describe_pod(pod: &Pod) -> String {
         "Restart Policy",
         &format!("{:?}", pod.spec.restart_policy),
     );
+    let policy = pod.spec.dns_policy;
+    line(
+        &mut s,
+        "DNS Policy",
+        &match policy {
+            podvisor_api::DnsPolicy::ClusterFirst
+            | podvisor_api::DnsPolicy::ClusterFirstWithHostNet => format!(
+                "{} (no cluster DNS: the node's resolvers, as Default)",
+                policy.as_str()
+            ),
+            _ => policy.as_str().to_string(),
+        },
+    );
     if let Ok(size) = pod.spec.vm_size() {
         line(
             &mut s,
@@ -419,6 +432,10 @@ mod tests {
         assert_eq!(value("IP"), "10.89.0.5");
         assert_eq!(value("IPs"), "10.89.0.5, fd00::5");
         assert_eq!(value("Host IP"), "192.0.2.7");
+        assert_eq!(
+            value("DNS Policy"),
+            "ClusterFirst (no cluster DNS: the node's resolvers, as Default)"
+        );
         let mut p = pod_with_ip();
         p.status.pod_ip = None;
         p.status.pod_ips.clear();
