@@ -83,6 +83,12 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a host is NotReady.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     host_ttl: u64,
+    /// The key-encryption key: secrets the server keeps for hosts (the keys
+    /// of hibernated pods' snapshots) are stored wrapped by it. Made (mode
+    /// 0600) if missing; every replica must have the same file (default:
+    /// STATE_DIR/key-encryption.key).
+    #[arg(long, value_name = "FILE", env = "PODVISOR_KEY_ENCRYPTION_KEY")]
+    key_encryption_key: Option<PathBuf>,
     #[command(flatten)]
     cache: CacheArgs,
 }
@@ -178,6 +184,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<u8> {
     config.catalog_url = Some(Settings::load(&args.cache, &RegistryArgs::default())?.catalog);
     config.store_url = args.state.store.clone();
     config.host_ttl = Duration::from_secs(args.host_ttl.max(1));
+    config.kek_file = args.key_encryption_key.clone();
     let server = podvisor_server::start(config)
         .await
         .context("start the server")?;

@@ -472,7 +472,24 @@ fn two_replicas_on_one_etcd_never_double_assign_and_survive_kill9() {
     let store = etcd.url();
     let (state_a, state_b) = (t.path().join("a"), t.path().join("b"));
     let mut a = ServerProcess::start(&state_a, Some(&store));
-    let b = ServerProcess::start(&state_b, Some(&store));
+    // A replica with a key-encryption key of its own is refused: the
+    // cluster's secrets are wrapped with A's. Given A's file, it runs.
+    let refused = podvisor(&t)
+        .args(["server", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state_b)
+        .args(["--store", &store])
+        .timeout(Duration::from_secs(60))
+        .output();
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("give every server replica the same key file"),
+        "{}",
+        refused.stderr
+    );
+    let kek_a = state_a.join("key-encryption.key").display().to_string();
+    let b = ServerProcess::start_with(&state_b, Some(&store), &["--key-encryption-key", &kek_a]);
     let both = format!("{},{}", a.url, b.url);
     let user = token_create(&t, &state_a, Some(&store), "--user", "alice");
 

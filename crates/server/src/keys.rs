@@ -12,6 +12,12 @@ pub const HOST_LEASES: &str = "/registry/host-leases/";
 pub const HOST_ENDPOINT_TOKENS: &str = "/registry/host-endpoint-tokens/";
 /// Prefix of API tokens: `/registry/tokens/SHA256-HEX`.
 pub const TOKENS: &str = "/registry/tokens/";
+/// Prefix of the keys of hibernated pods' snapshots, wrapped by the
+/// server's key-encryption key: `/registry/snapshot-keys/NAMESPACE/NAME`
+/// (never served by the API but to the pod's host).
+pub const SNAPSHOT_KEYS: &str = "/registry/snapshot-keys/";
+/// The id of the key-encryption key the cluster's secrets are wrapped with.
+pub const KEK_ID: &str = "/registry/key-encryption-key-id";
 /// The key whose holder runs the scheduler and the liveness checks.
 pub const LEADER: &str = "/registry/leader/controllers";
 
@@ -21,6 +27,10 @@ pub fn pod(namespace: &str, name: &str) -> String {
 
 pub fn pods_in(namespace: &str) -> String {
     format!("{PODS}{namespace}/")
+}
+
+pub fn snapshot_key(namespace: &str, name: &str) -> String {
+    format!("{SNAPSHOT_KEYS}{namespace}/{name}")
 }
 
 pub fn host(name: &str) -> String {

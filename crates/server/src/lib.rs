@@ -7,6 +7,7 @@
 
 pub mod api;
 mod error;
+mod kek;
 mod keys;
 mod leader;
 mod liveness;
@@ -49,6 +50,9 @@ pub struct ServerConfig {
     /// The global image cache's catalog (`sqlite:CACHE_DIR/catalog.db` or
     /// an etcd URL), served at `/api/v1/images`; `None`: not served.
     pub catalog_url: Option<String>,
+    /// The key-encryption key file (made if missing); `None` is
+    /// `STATE_DIR/key-encryption.key`. Replicas must share it.
+    pub kek_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -62,7 +66,15 @@ impl ServerConfig {
             leader_ttl: Duration::from_secs(5),
             watch_history: 20_000,
             catalog_url: None,
+            kek_file: None,
         }
+    }
+
+    /// The key-encryption key file in use.
+    pub fn kek_file(&self) -> PathBuf {
+        self.kek_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("key-encryption.key"))
     }
 
     /// The store URL in use.
@@ -244,6 +256,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     make_state_dir(&config.state_dir)?;
     let store: Arc<dyn Store> = podvisor_store::open(&config.store_url()).await?;
     let admin = init_with(store.as_ref(), &config.state_dir).await?;
+    let kek = kek::KeyEncryptionKey::load_or_create(&config.kek_file())?;
+    kek.check_against(store.as_ref()).await?;
     let cache = pod_cache::PodCache::start(store.clone(), config.watch_history).await?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -256,6 +270,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         http,
         host_ttl: config.host_ttl,
         images: api::ImageCatalog::new(config.catalog_url.clone()),
+        kek: Arc::new(kek),
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

@@ -597,3 +597,122 @@ async fn host_ports_are_a_resource_of_their_host() {
     .await;
     assert_eq!(web2.spec.node_name.as_deref(), Some("h2"));
 }
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_keys_go_only_to_the_pods_host_and_are_never_stored_in_the_clear() {
+    use podvisor_api::client::SnapshotKey;
+    let ts = TestServer::sqlite().await;
+    let user = ts.client(Role::User, "alice").await;
+    let h1 = ts.host("h1", 2000, GI).await;
+    let h2 = ts.host("h2", 2000, GI).await;
+    let mut sleepy = pod("sleepy", "1", "128Mi");
+    sleepy.spec.node_name = Some("h1".into());
+    user.create_pod(&sleepy).await.unwrap();
+    let secret: Vec<u8> = (0u8..32)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    let key = SnapshotKey {
+        snapshot: "s1".into(),
+        key: hex_of(&secret),
+    };
+
+    h1.put_snapshot_key("default", "sleepy", &key)
+        .await
+        .unwrap();
+    assert_eq!(
+        h1.get_snapshot_key("default", "sleepy", "s1")
+            .await
+            .unwrap(),
+        key
+    );
+    // Only for the snapshot it was kept for.
+    let err = h1
+        .get_snapshot_key("default", "sleepy", "s2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(404), "{err}");
+    // Nobody else: another host, the user, not even the admin.
+    for (who, client) in [("h2", &h2), ("alice", &user), ("admin", &ts.admin)] {
+        let err = client
+            .get_snapshot_key("default", "sleepy", "s1")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(403), "{who}: {err}");
+        assert!(
+            err.to_string().contains("only the token of host \"h1\""),
+            "{err}"
+        );
+        let err = client
+            .put_snapshot_key("default", "sleepy", &key)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(403), "{who}: {err}");
+    }
+    let bad = SnapshotKey {
+        snapshot: "s1".into(),
+        key: "not hex".into(),
+    };
+    let err = h1
+        .put_snapshot_key("default", "sleepy", &bad)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(400), "{err}");
+    assert_eq!(
+        h1.get_snapshot_key("default", "sleepy", "s1")
+            .await
+            .unwrap(),
+        key,
+        "a refused key changes nothing"
+    );
+
+    // On disk (the store, its journal, the server's files): wrapped only.
+    let hex = key.key.as_bytes();
+    for (path, bytes) in files_under(&ts.dir.path().join("state")) {
+        assert!(
+            !bytes.windows(32).any(|w| w == secret.as_slice())
+                && !bytes.windows(hex.len()).any(|w| w == hex),
+            "{} holds the key in the clear",
+            path.display()
+        );
+    }
+
+    // The pod's end takes its key along.
+    let store = podvisor_store::open(&format!(
+        "sqlite:{}",
+        ts.dir.path().join("state/state.db").display()
+    ))
+    .await
+    .unwrap();
+    let stored = "/registry/snapshot-keys/default/sleepy";
+    assert!(store.get(stored).await.unwrap().is_some());
+    h1.delete_snapshot_key("default", "sleepy").await.unwrap();
+    assert!(store.get(stored).await.unwrap().is_none());
+    h1.put_snapshot_key("default", "sleepy", &key)
+        .await
+        .unwrap();
+    h1.finalize_pod("default", "sleepy").await.unwrap();
+    assert!(store.get(stored).await.unwrap().is_none());
+    let err = h1
+        .get_snapshot_key("default", "sleepy", "s1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(404), "{err}");
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -5,6 +5,7 @@ mod error;
 pub mod exec;
 mod feed;
 mod options;
+mod snapshot_key;
 mod watch;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use error::ClientError;
 pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession, ExecStatus};
 pub use feed::PodFeedEvent;
 pub use options::{Applied, LogOptions, LogStream, PodFilter};
+pub use snapshot_key::SnapshotKey;
 pub use watch::{PodEvent, PodWatch};
 
 use crate::host::{Host, HostList};

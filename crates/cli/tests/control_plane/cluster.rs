@@ -60,14 +60,17 @@ impl Cluster {
             host_tokens.insert(h.to_string(), token);
         }
         let ports = [free_port(), free_port()];
+        let kek = s.path().join("key-encryption.key").display().to_string();
         let servers = (0..2)
             .map(|i| {
                 let listen = format!("127.0.0.1:{}", ports[i]);
+                // Replicas share the key-encryption key, as they must.
                 s.spawn(
                     &format!("server{}", i + 1),
                     &["server", "--listen", &listen, "--state-dir", &state(i + 1)]
                         .into_iter()
                         .chain(["--store", &store, "--host-ttl", "8"])
+                        .chain(["--key-encryption-key", &kek])
                         .collect::<Vec<_>>(),
                 )
             })

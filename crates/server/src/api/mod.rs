@@ -6,6 +6,7 @@ mod hosts;
 mod images;
 mod pods;
 mod proxy;
+mod snapshot_keys;
 mod watch;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub host_ttl: Duration,
     /// The image catalog, if this server has one.
     pub images: ImageCatalog,
+    /// What secrets kept for others are wrapped with.
+    pub kek: Arc<crate::kek::KeyEncryptionKey>,
 }
 
 impl axum::extract::FromRef<AppState> for TokenCheck {
@@ -95,6 +98,21 @@ pub fn routes() -> Vec<Route> {
             Method::PUT,
             "/api/v1/namespaces/{namespace}/pods/{name}/status",
             put(pods::update_status),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/namespaces/{namespace}/pods/{name}/snapshotkey",
+            put(snapshot_keys::put),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/pods/{name}/snapshotkey",
+            get(snapshot_keys::get),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/namespaces/{namespace}/pods/{name}/snapshotkey",
+            delete(snapshot_keys::delete),
         ),
         route(
             Method::GET,
@@ -175,6 +193,9 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         pods::apply,
         pods::delete,
         pods::update_status,
+        snapshot_keys::put,
+        snapshot_keys::get,
+        snapshot_keys::delete,
         proxy::log,
         proxy::exec,
         hosts::list,
@@ -183,7 +204,7 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         hosts::heartbeat,
         images::list,
     ),
-    components(schemas(podvisor_api::Status, podvisor_api::WatchEvent, podvisor_api::EventType)),
+    components(schemas(podvisor_api::Status, podvisor_api::WatchEvent, podvisor_api::EventType, podvisor_api::client::SnapshotKey)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;

@@ -370,6 +370,9 @@ pub async fn delete(
         };
         if remove_now {
             if store.delete_if(&key, kv.mod_revision).await? {
+                // Its snapshot's key goes with it (a server dying right
+                // here leaves a wrapped key bound to a uid nothing has).
+                store.delete(&keys::snapshot_key(&namespace, &name)).await?;
                 let status = Status::new(200, "Success", format!("pod {namespace}/{name} deleted"));
                 return Ok((StatusCode::OK, Json(status)).into_response());
             }

@@ -1,0 +1,196 @@
+//! The server's key-encryption key: secrets the server keeps for others
+//! (the keys of hibernated pods' snapshots) are stored wrapped by it
+//! (AES-256-GCM, a random nonce per secret, the secret's owner as
+//! associated data), never in the clear. The key itself is a file outside
+//! the store, readable by the server only (mode 0600; one readable by
+//! anyone else is refused): copying the store does not give the secrets.
+//! Replicas sharing an etcd must share the file; the store keeps the
+//! key's id (a hash of it) and a server started with another key refuses
+//! to run instead of failing to unwrap later.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use podvisor_store::Store;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use sha2::{Digest, Sha256};
+
+use crate::ServerError;
+use crate::keys;
+
+/// The key-encryption key, loaded.
+pub struct KeyEncryptionKey {
+    key: LessSafeKey,
+    /// `sha256:` and the hex SHA-256 of a constant derived with the key:
+    /// names the key without revealing it.
+    id: String,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for KeyEncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEncryptionKey")
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn config(message: String) -> ServerError {
+    ServerError::Config(message)
+}
+
+impl KeyEncryptionKey {
+    /// Reads the key file (32 bytes as 64 hex digits), creating it with a
+    /// random key (mode 0600) if it does not exist.
+    pub fn load_or_create(path: &Path) -> Result<KeyEncryptionKey, ServerError> {
+        let io = |source| ServerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !path.exists() {
+            let mut bytes = [0u8; 32];
+            podvisor_store::fill_random(&mut bytes)
+                .map_err(|e| config(format!("making a key-encryption key: {e}")))?;
+            let tmp = path.with_extension("tmp");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            writeln!(file, "{}", hex::encode(bytes)).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, path).map_err(io)?;
+        }
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(config(format!(
+                "the key-encryption key {} may be read by others (mode {:o}): chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| {
+                config(format!(
+                    "the key-encryption key {} is not 64 hex digits",
+                    path.display()
+                ))
+            })?;
+        let key =
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &bytes).expect("a 32-byte AES key"));
+        let mut id_input = Vec::from(&b"podvisor key-encryption key id\0"[..]);
+        id_input.extend_from_slice(&bytes);
+        let id = format!("sha256:{}", hex::encode(Sha256::digest(&id_input)));
+        Ok(KeyEncryptionKey {
+            key,
+            id,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Records this key's id in the store, or checks it against the one
+    /// there: all replicas must wrap with the same key.
+    pub async fn check_against(&self, store: &dyn Store) -> Result<(), ServerError> {
+        let stored = match store.create(keys::KEK_ID, self.id.as_bytes(), None).await? {
+            Ok(_) => return Ok(()),
+            Err(existing) => existing.value,
+        };
+        if stored == self.id.as_bytes() {
+            return Ok(());
+        }
+        Err(config(format!(
+            "the key-encryption key {} ({}) is not the one this cluster's secrets are wrapped with ({}): give every server replica the same key file",
+            self.path.display(),
+            self.id,
+            String::from_utf8_lossy(&stored)
+        )))
+    }
+
+    /// `secret` sealed under the key, bound to `owner`: nonce, ciphertext
+    /// and tag.
+    pub fn wrap(&self, secret: &[u8], owner: &[u8]) -> Result<Vec<u8>, ServerError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        podvisor_store::fill_random(&mut nonce)
+            .map_err(|e| config(format!("making a nonce: {e}")))?;
+        let mut sealed = secret.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(owner),
+                &mut sealed,
+            )
+            .map_err(|_| config("AES-GCM sealing failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The secret [`KeyEncryptionKey::wrap`] sealed for `owner`; `None` if
+    /// it does not open (changed, another owner's, another key's).
+    pub fn unwrap(&self, wrapped: &[u8], owner: &[u8]) -> Option<Vec<u8>> {
+        if wrapped.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(owner), &mut buf)
+            .ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_secrets_open_only_for_their_owner_under_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let kek = KeyEncryptionKey::load_or_create(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let secret = [7u8; 32];
+        let wrapped = kek.wrap(&secret, b"pod a").unwrap();
+        assert!(!wrapped.windows(32).any(|w| w == secret));
+        assert_eq!(kek.unwrap(&wrapped, b"pod a").unwrap(), secret);
+        assert!(kek.unwrap(&wrapped, b"pod b").is_none());
+        let mut changed = wrapped.clone();
+        changed[20] ^= 1;
+        assert!(kek.unwrap(&changed, b"pod a").is_none());
+        // The same file loads the same key; another file is another key.
+        let again = KeyEncryptionKey::load_or_create(&path).unwrap();
+        assert_eq!(again.id(), kek.id());
+        assert_eq!(again.unwrap(&wrapped, b"pod a").unwrap(), secret);
+        let other = KeyEncryptionKey::load_or_create(&dir.path().join("other")).unwrap();
+        assert_ne!(other.id(), kek.id());
+        assert!(other.unwrap(&wrapped, b"pod a").is_none());
+        // A key file others may read is refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = KeyEncryptionKey::load_or_create(&path).unwrap_err();
+        assert!(err.to_string().contains("may be read by others"), "{err}");
+        std::fs::write(dir.path().join("short"), "abcd\n").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("short"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert!(KeyEncryptionKey::load_or_create(&dir.path().join("short")).is_err());
+    }
+}
