@@ -13,10 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use podvisor_net::PodNetworks;
-use podvisor_net::cni::PodIdentity;
-use podvisor_net::host_ports::{PortMapping, Protocol};
-use podvisor_net::pod_network::{AttachRequest, PodNetworkConfig};
 use podvisor_testbed::cli::TestDir;
 use podvisor_testbed::net_host::{TestHost, on_test_host};
 use podvisor_testbed::oci::{Entry, ImageBuilder};
@@ -114,38 +110,6 @@ impl Drop for RunningPod {
     }
 }
 
-async fn warm_up(config: &PodNetworkConfig, dir: &Path) {
-    // The bridge and portmap's shared chains, as on a host that has run
-    // pods before; in a state directory of its own.
-    let config = PodNetworkConfig {
-        state_dir: dir.join("warm-state"),
-        netns_dir: dir.join("warm-netns"),
-        ..config.clone()
-    };
-    {
-        {
-            let n = PodNetworks::open(config.clone()).unwrap();
-            let req = AttachRequest {
-                id: "warm-up".into(),
-                pod: PodIdentity {
-                    namespace: "default".into(),
-                    name: "warm-up".into(),
-                    uid: "warm-up".into(),
-                },
-                port_mappings: vec![PortMapping {
-                    host_port: 18079,
-                    container_port: 80,
-                    protocol: Protocol::Tcp,
-                    host_ip: None,
-                }],
-            };
-            n.attach(req).await.unwrap();
-            n.detach("warm-up").await.unwrap();
-        }
-    }
-    let _ = nix::mount::umount2(&config.netns_dir, nix::mount::MntFlags::MNT_DETACH);
-}
-
 #[test]
 fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
     on_test_host(|host: TestHost| async move {
@@ -158,7 +122,7 @@ fn vm_run_publishes_ports_forks_get_their_own_address_and_none_has_only_lo() {
             host.config.default_network.conflist_json().to_string(),
         )
         .unwrap();
-        warm_up(&host.config, host.dir.path()).await;
+        podvisor_testbed::net_host::warm_up_cni(&host.config, host.dir.path()).await;
         let before = host.census().await;
         let serve = "exec httpd -f -p 80 -h /www";
 

@@ -16,10 +16,8 @@ use podvisor_hostd::host::{
     Backoff, ContainerPlan, ContainerState, HostConfig, PodPhase, PodPlan, PodRuntime, PodState,
     RestartPolicy,
 };
-use podvisor_net::PodNetworks;
-use podvisor_net::cni::PodIdentity;
 use podvisor_net::host_ports::{PortMapping, Protocol};
-use podvisor_net::pod_network::{AttachRequest, PodNetworkConfig};
+use podvisor_net::pod_network::PodNetworkConfig;
 use podvisor_podvm::NodeConfig;
 use podvisor_testbed::net_host::{TestHost, on_test_host};
 use podvisor_testbed::oci::ImageBuilder;
@@ -163,26 +161,7 @@ fn vm_pods_get_addresses_and_host_ports_keep_them_across_adoption_and_vm_kills_a
             .busybox_layer()
             .write_oci_archive(&image)
             .unwrap();
-        {
-            let warm = PodNetworks::open(host.config.clone()).unwrap();
-            let req = AttachRequest {
-                id: "warm-up".into(),
-                pod: PodIdentity {
-                    namespace: "default".into(),
-                    name: "warm-up".into(),
-                    uid: "warm-up".into(),
-                },
-                // portmap makes its shared chains on first use.
-                port_mappings: vec![PortMapping {
-                    host_port: 18079,
-                    container_port: 80,
-                    protocol: Protocol::Tcp,
-                    host_ip: None,
-                }],
-            };
-            warm.attach(req).await.unwrap();
-            warm.detach("warm-up").await.unwrap();
-        }
+        podvisor_testbed::net_host::warm_up_cni(&host.config, &dir).await;
         let before = host.census().await;
         let cfg = config(&dir, &host.config);
         let (rt, _feed) = PodRuntime::open(cfg.clone()).unwrap();

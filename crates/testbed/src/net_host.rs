@@ -22,6 +22,43 @@ use podvisor_net::census::HostNetworkCensus;
 use podvisor_net::cni::{CniRuntime, DefaultNetwork};
 use podvisor_net::pod_network::PodNetworkConfig;
 
+/// One attachment with a host port, made and removed with `config`'s CNI
+/// configuration but records and namespace pins of its own under `dir`:
+/// afterwards the plugins' shared state (the bridge, the chains firewall
+/// and portmap keep) exists, as on a host that has run pods, so a census
+/// taken then is the one to compare with after a test's pods are gone.
+pub async fn warm_up_cni(config: &PodNetworkConfig, dir: &Path) {
+    use podvisor_net::PodNetworks;
+    use podvisor_net::cni::PodIdentity;
+    use podvisor_net::host_ports::{PortMapping, Protocol};
+    use podvisor_net::pod_network::AttachRequest;
+    let config = PodNetworkConfig {
+        state_dir: dir.join("warm-state"),
+        netns_dir: dir.join("warm-netns"),
+        ..config.clone()
+    };
+    {
+        let networks = PodNetworks::open(config.clone()).unwrap();
+        let request = AttachRequest {
+            id: "warm-up".into(),
+            pod: PodIdentity {
+                namespace: "default".into(),
+                name: "warm-up".into(),
+                uid: "warm-up".into(),
+            },
+            port_mappings: vec![PortMapping {
+                host_port: 18079,
+                container_port: 80,
+                protocol: Protocol::Tcp,
+                host_ip: None,
+            }],
+        };
+        networks.attach(request).await.unwrap();
+        networks.detach("warm-up").await.unwrap();
+    }
+    let _ = nix::mount::umount2(&config.netns_dir, nix::mount::MntFlags::MNT_DETACH);
+}
+
 /// The test's host.
 pub struct TestHost {
     pub dir: tempfile::TempDir,

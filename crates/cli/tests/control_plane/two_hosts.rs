@@ -16,11 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use podvisor_api::PodPhase;
-use podvisor_net::PodNetworks;
 use podvisor_net::census::HostNetworkCensus;
-use podvisor_net::cni::PodIdentity;
-use podvisor_net::host_ports::{PortMapping, Protocol};
-use podvisor_net::pod_network::{AttachRequest, PodNetworkConfig};
+use podvisor_net::pod_network::PodNetworkConfig;
 use podvisor_testbed::cli::PodvisorCommand;
 use podvisor_testbed::daemon::Daemon;
 use podvisor_testbed::fabric::{EmulatedHost, HostFabric};
@@ -113,30 +110,11 @@ fn warm_up(host: &EmulatedHost) {
     let dir = host.dir.join("warm-up");
     let config = PodNetworkConfig {
         conf_dir: host.cni_conf_dir(),
-        netns_dir: dir.join("netns"),
-        state_dir: dir.join("net"),
         ..Default::default()
     };
     block_on_host(host, move || async move {
-        let networks = PodNetworks::open(config).unwrap();
-        let request = AttachRequest {
-            id: "warm-up".into(),
-            pod: PodIdentity {
-                namespace: "default".into(),
-                name: "warm-up".into(),
-                uid: "warm-up".into(),
-            },
-            port_mappings: vec![PortMapping {
-                host_port: 18079,
-                container_port: 80,
-                protocol: Protocol::Tcp,
-                host_ip: None,
-            }],
-        };
-        networks.attach(request).await.unwrap();
-        networks.detach("warm-up").await.unwrap();
+        podvisor_testbed::net_host::warm_up_cni(&config, &dir).await;
     });
-    let _ = nix::mount::umount2(&dir.join("netns"), nix::mount::MntFlags::MNT_DETACH);
 }
 
 /// What a TCP connection to `port` on the host's own 127.0.0.1 reads.
