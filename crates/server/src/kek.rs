@@ -8,8 +8,7 @@
 //! key's id (a hash of it) and a server started with another key refuses
 //! to run instead of failing to unwrap later.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use podvisor_store::Store;
@@ -53,17 +52,7 @@ impl KeyEncryptionKey {
             let mut bytes = [0u8; 32];
             podvisor_store::fill_random(&mut bytes)
                 .map_err(|e| config(format!("making a key-encryption key: {e}")))?;
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            writeln!(file, "{}", hex::encode(bytes)).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, path).map_err(io)?;
+            crate::write_private_file(path, &hex::encode(bytes))?;
         }
         let meta = std::fs::metadata(path).map_err(io)?;
         if meta.permissions().mode() & 0o077 != 0 {

@@ -104,6 +104,24 @@ fn make_state_dir(state_dir: &Path) -> Result<(), ServerError> {
         .map_err(io_err(state_dir))
 }
 
+/// Writes `line` and a newline into a new file `path` readable by its
+/// owner only (mode 0600): to a temporary file, synced, then renamed.
+fn write_private_file(path: &Path, line: &str) -> Result<(), ServerError> {
+    use std::io::Write;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    writeln!(file, "{line}").map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
 /// What [`init`] did.
 #[derive(Debug)]
 pub struct InitOutcome {
@@ -131,20 +149,7 @@ async fn init_with(store: &dyn Store, state_dir: &Path) -> Result<InitOutcome, S
         });
     }
     let token = tokens::create(store, Role::Admin, "admin").await?;
-    let tmp = state_dir.join(format!(".{ADMIN_TOKEN_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        writeln!(file, "{token}").map_err(io_err(&tmp))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    write_private_file(&path, &token)?;
     Ok(InitOutcome {
         admin_token_path: path,
         new_token: Some(token),
