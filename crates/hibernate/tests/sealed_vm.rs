@@ -1,21 +1,24 @@
-//! A real pod VM saved into a sealed snapshot, its QEMU gone, and loaded
-//! back from it: the container's state in guest memory (a counter a shell
-//! keeps) is there, the guest clock is the host's again once the identity
-//! step has run, a marker string that the guest holds in memory is in the
-//! state but not in the file, and a snapshot with one changed byte is
-//! refused before any VM starts. Prints the sizes and times.
+//! A real pod VM hibernated into a sealed snapshot and woken from it: a
+//! snapshot that cannot be written (a full file system) leaves the pod
+//! running; hibernated, its QEMU is gone and the file is its owner's only;
+//! woken, the container's state in guest memory (a counter a shell keeps)
+//! is there and the guest clock is the host's; a marker string that the
+//! guest holds in memory is in the state but not in the file; a snapshot
+//! with one changed byte is refused before any VM starts. Prints the sizes
+//! and times.
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use podvisor_hibernate::{OpenedSnapshot, SealedWriter, SnapshotKey};
+use podvisor_hibernate::OpenedSnapshot;
 use podvisor_image::LayerCache;
-use podvisor_podvm::{LoadSpec, NodeConfig, PodVm, PodVmSpec, layer_disks};
+use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_testbed::oci::ImageBuilder;
-use podvisor_vmm::{AfterSave, Device, MemoryBacking};
+use podvisor_vmm::{Device, MemoryBacking};
 
 const MEMORY_MIB: u64 = 192;
 const CONTEXT: &[u8] = b"pod default/counter uid-counter";
@@ -102,7 +105,7 @@ fn count_and_time(line: &str) -> (u32, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
+async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() {
     let dir = tempfile::tempdir().unwrap();
     let _vms = VmReaper(dir.path().to_path_buf());
     let (cfg, spec, serials) = node(dir.path());
@@ -137,35 +140,62 @@ async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
     let line = line_with(&mut pod, "c", "count 2 ").await;
     assert!(line.contains("HIBERNATE-MARKER-42"), "{line}");
 
+    // A snapshot that cannot be written (a 1 MiB file system): the pod
+    // runs on, its memory as it was, and nothing is left behind.
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    let _unmount = Unmount(full.clone());
+    nix::mount::mount(
+        Some("tmpfs"),
+        &full,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m,mode=0700"),
+    )
+    .unwrap();
+    let failed = podvisor_hibernate::hibernate(pod, &full, CONTEXT)
+        .await
+        .expect_err("1 MiB cannot hold the snapshot");
+    let message = podvisor_errors::chain(&failed.error);
+    assert!(
+        message.contains("the pod runs on") && message.contains("No space left on device"),
+        "{message}"
+    );
+    let mut pod = failed.pod.expect("the pod still runs");
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 0, "no file left");
+    pod.send(&HostMessage::Stdin {
+        id: "c".into(),
+        data: b"tick\n".to_vec(),
+    })
+    .await
+    .unwrap();
+    line_with(&mut pod, "c", "count 3 ").await;
+
     // Hibernate: the state into a sealed file, the VM gone.
-    let key = SnapshotKey::generate().unwrap();
-    let path = dir.path().join("snapshot.sealed");
-    let writer = SealedWriter::new(File::create(&path).unwrap(), &key, CONTEXT)
-        .unwrap()
-        .shared();
+    let snapshots = dir.path().join("snapshots");
     let started = Instant::now();
-    let saved = pod
-        .save_state(Box::new(writer.clone()), AfterSave::Paused)
+    let pid = pod.vmm_pid();
+    let (snapshot, key) = podvisor_hibernate::hibernate(pod, &snapshots, CONTEXT)
         .await
         .unwrap();
-    let (file, summary) = writer.finish().unwrap();
-    file.sync_all().unwrap();
     let save_time = started.elapsed();
-    assert_eq!(summary.state_bytes, saved);
-    let pci = pod.pci_layout();
-    let agent = pod.agent.clone();
-    let pid = pod.vmm_pid();
-    pod.kill().await;
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the VM's QEMU is gone"
     );
+    let path = snapshot.path.clone();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&snapshots), mode(&path)), (0o700, 0o600));
     println!(
         "hibernate: guest RAM {MEMORY_MIB} MiB, state {:.1} MiB, sealed file {:.1} MiB, saved in {save_time:?}",
-        summary.state_bytes as f64 / 1048576.0,
-        summary.sealed_bytes as f64 / 1048576.0,
+        snapshot.state_bytes as f64 / 1048576.0,
+        snapshot.sealed_bytes as f64 / 1048576.0,
     );
-    assert!(summary.sealed_bytes < summary.state_bytes);
+    assert!(snapshot.sealed_bytes < snapshot.state_bytes);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        snapshot.sealed_bytes
+    );
 
     // The marker is in the state the VMM wrote, not in the file.
     let sealed = std::fs::read(&path).unwrap();
@@ -176,7 +206,7 @@ async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
         .unwrap()
         .read_to_end(&mut state)
         .unwrap();
-    assert_eq!(state.len() as u64, summary.state_bytes);
+    assert_eq!(state.len() as u64, snapshot.state_bytes);
     assert!(
         state.windows(marker.len()).any(|w| w == marker),
         "the guest's memory holds the marker"
@@ -194,26 +224,47 @@ async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
         .expect("a tampered snapshot is refused");
     assert!(err.to_string().contains("authentication"), "{err}");
 
-    // Asleep a while, then woken: same VM, same memory.
+    // The tampered copy in the snapshot's place: refused before any VM.
+    let tampered_snapshot = podvisor_hibernate::Snapshot {
+        path: tampered_path.clone(),
+        ..snapshot.clone()
+    };
+    let err = podvisor_hibernate::wake(
+        &cfg,
+        spec.clone(),
+        &tampered_snapshot,
+        &key,
+        CONTEXT,
+        "counter",
+        Duration::from_secs(30),
+    )
+    .await
+    .err()
+    .expect("a tampered snapshot does not wake");
+    assert!(
+        matches!(err, podvisor_hibernate::HibernateError::Refused { .. }),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&cfg.run_dir.join("pods").join("counter")).exists(),
+        "no VM was started for it"
+    );
+
+    // Asleep a while, then woken: same VM, same memory, its own identity
+    // again (which steps the clock).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let started = Instant::now();
-    let opened = OpenedSnapshot::open(File::open(&path).unwrap(), &key, CONTEXT).unwrap();
-    let mut spec = spec;
-    spec.pci = pci;
-    let mut pod = PodVm::load(
+    let mut pod = podvisor_hibernate::wake(
         &cfg,
         spec,
-        LoadSpec {
-            state: Box::new(opened),
-            agent,
-        },
+        &snapshot,
+        &key,
+        CONTEXT,
+        "counter",
+        Duration::from_secs(30),
     )
     .await
     .unwrap();
-    // Its own identity again (same hostname), which steps the clock.
-    pod.set_identity("counter", Duration::from_secs(30))
-        .await
-        .unwrap();
     let wake_time = started.elapsed();
     pod.send(&HostMessage::Stdin {
         id: "c".into(),
@@ -221,9 +272,9 @@ async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
     })
     .await
     .unwrap();
-    let line = line_with(&mut pod, "c", "count 3 ").await;
+    let line = line_with(&mut pod, "c", "count 4 ").await;
     let (n, guest_time) = count_and_time(&line);
-    assert_eq!(n, 3, "{line}");
+    assert_eq!(n, 4, "{line}");
     let host_time = now();
     assert!(
         guest_time.abs_diff(host_time) <= 2,
@@ -231,4 +282,15 @@ async fn vm_a_sealed_snapshot_brings_the_pod_vm_back_with_its_memory() {
     );
     println!("wake: sealed snapshot opened and loaded, identity set in {wake_time:?}");
     pod.kill().await;
+    podvisor_hibernate::pod::remove(&snapshot).unwrap();
+    assert!(!path.exists());
+}
+
+/// Unmounts a test's file system when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

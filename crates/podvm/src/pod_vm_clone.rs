@@ -179,16 +179,33 @@ impl PodVm {
         tokio::time::sleep(SAVE_SETTLE).await;
         let written = self.vm.save_state(sink, after).await?;
         if after == AfterSave::Running {
-            let (tx, rx) = match agent_link::connect(&self.vm.paths().agent_socket).await {
-                Ok(link) => link,
-                Err(e) => return Err(link_failure(self.vm.as_mut(), e).await),
-            };
-            self.tx = tx;
-            self.rx = rx;
-            // The agent says Ready again to the new connection.
-            self.adopted = true;
+            self.reconnect().await?;
         }
         Ok(written)
+    }
+
+    /// Lets a VM whose saving failed (its sink could not take the state:
+    /// a full disk, say) run on: resumes it and connects a new agent
+    /// channel. A VM that cannot is killed and the error says why.
+    pub async fn resume_after_failed_save(&mut self) -> Result<(), PodVmError> {
+        if let Err(e) = self.vm.resume().await {
+            let _ = self.vm.kill().await;
+            return Err(e.into());
+        }
+        self.reconnect().await
+    }
+
+    /// A new agent channel after the old one was closed for a save.
+    async fn reconnect(&mut self) -> Result<(), PodVmError> {
+        let (tx, rx) = match agent_link::connect(&self.vm.paths().agent_socket).await {
+            Ok(link) => link,
+            Err(e) => return Err(link_failure(self.vm.as_mut(), e).await),
+        };
+        self.tx = tx;
+        self.rx = rx;
+        // The agent says Ready again to the new connection.
+        self.adopted = true;
+        Ok(())
     }
 }
 
