@@ -73,6 +73,47 @@ impl PodNic {
     pub fn vm_device(&self) -> Device {
         Device::Network(self.device.clone())
     }
+
+    fn tap(&self) -> std::io::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match &self.device.tap {
+            Tap::Fd(fd) => Ok(fd.as_fd()),
+            Tap::Name(_) => Err(std::io::Error::other("the pod's tap is not held by an fd")),
+        }
+    }
+
+    /// The pod's VM is gone for a while (hibernated) and this NIC is kept
+    /// for the one that wakes: from now on only frames meant for the pod
+    /// (to its MAC, ARP for its IPv4 addresses) wait in the tap's queue
+    /// ([`podvisor_net::wake_tap`]).
+    pub fn sleep(&self) -> std::io::Result<()> {
+        let ipv4 = self
+            .guest
+            .addresses
+            .iter()
+            .filter_map(|a| match a.addr {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let filter = podvisor_net::wake_tap::WakeFilter {
+            mac: self.device.mac.0,
+            ipv4,
+        };
+        podvisor_net::wake_tap::attach(self.tap()?, &filter)
+    }
+
+    /// Waits until a frame for the sleeping pod is queued (not taking it),
+    /// or `timeout` passes (`false`).
+    pub async fn first_frame(&self, timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
+        podvisor_net::wake_tap::wait_for_frame(self.tap()?, timeout).await
+    }
+
+    /// Every frame reaches the tap again: the NIC is ready for the VM that
+    /// wakes, which finds the queued frames first.
+    pub fn wake(&self) -> std::io::Result<()> {
+        podvisor_net::wake_tap::detach(self.tap()?)
+    }
 }
 
 /// What the guest of a pod without a network is told: no interfaces, no
