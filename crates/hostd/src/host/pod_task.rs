@@ -230,9 +230,11 @@ impl PodTask {
     }
 
     /// Adopts the recorded VM, if any; otherwise decides when to boot one.
+    /// A pod whose deletion began before a crash gets no new VM: the
+    /// deletion the server repeats finishes it.
     async fn initial_stage(&mut self) -> Stage {
         let Some(rec) = self.record.vm.clone() else {
-            return if self.record.state.phase.is_terminal() {
+            return if self.record.state.phase.is_terminal() || self.record.deleting {
                 Stage::Finished
             } else {
                 Stage::NeedVm(Instant::now())
@@ -253,6 +255,10 @@ impl PodTask {
                     Some(&rec),
                 );
             }
+        }
+        if self.record.deleting {
+            self.save();
+            return Stage::Finished;
         }
         self.after_vm()
     }
@@ -317,6 +323,8 @@ impl PodTask {
                         return Flow::Exit;
                     }
                     Some(PodCommand::Delete { done, .. }) => {
+                        self.record.deleting = true;
+                        self.save();
                         self.remove_files().await;
                         let _ = done.send(());
                         return Flow::Exit;
@@ -506,6 +514,8 @@ impl PodTask {
                     }
                     Some(PodCommand::Delete { grace, done }) => {
                         tracing::info!(pod = %self.key(), "deleting: stopping containers and the VM");
+                        self.record.deleting = true;
+                        self.save();
                         vm.shutdown(grace).await;
                         self.remove_files().await;
                         let _ = done.send(());

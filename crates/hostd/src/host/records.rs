@@ -68,6 +68,10 @@ pub struct PodRecord {
     /// Layers held in the image catalog for the pod (released on delete).
     #[serde(default)]
     pub holds: Vec<HeldLayers>,
+    /// Its deletion began: a daemon that finds this after a crash never
+    /// starts the pod again, it only finishes the deletion.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// What the daemon itself keeps.
@@ -236,6 +240,7 @@ mod tests {
                 containers: vec![],
             }),
             holds: vec![],
+            deleting: false,
         }
     }
 

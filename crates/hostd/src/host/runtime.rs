@@ -109,6 +109,7 @@ impl PodRuntime {
             state,
             vm: None,
             holds: vec![],
+            deleting: false,
         };
         self.shared.state.save(&record)?;
         self.spawn(record)?;

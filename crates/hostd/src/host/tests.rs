@@ -391,3 +391,39 @@ async fn ack_without_vm_reports_pods_running_at_once_and_has_no_logs_or_exec() {
     assert!(rt.delete("u9", None).await);
     assert!(!dir.path().join("pods").join("u9").exists());
 }
+
+#[tokio::test]
+async fn a_pod_whose_deletion_began_before_a_crash_gets_no_new_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, mut vms) = FakeLauncher::new();
+    let (rt, _launcher) = runtime(dir.path(), fake, Duration::from_millis(50));
+    rt.run(plan("u9", &["app"], RestartPolicy::Always)).unwrap();
+    let mut vm = next_vm(&mut vms).await;
+    vm.next_start().await;
+    started(&vm, "app");
+    state_when(&rt, "u9", |s| running(s, 0)).await;
+    rt.detach_all().await;
+    drop(rt);
+    // The daemon died while it stopped the pod's VM for a deletion: the
+    // record says so, and the VM cannot be adopted any more.
+    let path = dir.path().join("pods/u9/pod.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record["deleting"] = true.into();
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let (mut fake, mut vms) = FakeLauncher::new();
+    fake.adopt_fails = true;
+    let (rt, launcher) = runtime(dir.path(), fake, Duration::from_millis(50));
+    let s = state_when(&rt, "u9", |s| s.phase.is_terminal()).await;
+    assert_eq!(launcher.discarded.lock().unwrap().len(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), next_vm(&mut vms))
+            .await
+            .is_err(),
+        "no new VM for a pod being deleted: {s:#?}"
+    );
+    // The deletion the server repeats finishes it.
+    assert!(rt.delete("u9", None).await);
+    assert!(!dir.path().join("pods/u9").exists());
+}
