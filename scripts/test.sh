@@ -42,6 +42,12 @@ RUSTFLAGS="-C target-feature=+crt-static" \
     --target x86_64-unknown-linux-gnu
 export PODVISOR_AGENT="$PWD/target/x86_64-unknown-linux-gnu/release/podvisor-agent"
 
+# crates/cli/tests/workspace.rs reads the whole locked dependency graph
+# offline (`cargo metadata --offline`), which needs every locked package
+# downloaded, also those only other targets build (a build fetches only
+# what it compiles).
+cargo fetch --locked
+
 echo "test: cargo nextest"
 if ! command -v cargo-nextest >/dev/null; then
     cargo install --locked cargo-nextest

@@ -42,7 +42,8 @@ fn config(message: String) -> ServerError {
 
 impl KeyEncryptionKey {
     /// Reads the key file (32 bytes as 64 hex digits), creating it with a
-    /// random key (mode 0600) if it does not exist.
+    /// random key (mode 0600) if it does not exist. Replicas started
+    /// together on one file all end up with the key the first one wrote.
     pub fn load_or_create(path: &Path) -> Result<KeyEncryptionKey, ServerError> {
         let io = |source| ServerError::Io {
             path: path.to_path_buf(),
@@ -52,7 +53,7 @@ impl KeyEncryptionKey {
             let mut bytes = [0u8; 32];
             podvisor_store::fill_random(&mut bytes)
                 .map_err(|e| config(format!("making a key-encryption key: {e}")))?;
-            crate::write_private_file(path, &hex::encode(bytes))?;
+            crate::write_private_file(path, &hex::encode(bytes), crate::Replace::No)?;
         }
         let meta = std::fs::metadata(path).map_err(io)?;
         if meta.permissions().mode() & 0o077 != 0 {
@@ -170,6 +171,22 @@ mod tests {
         let other = KeyEncryptionKey::load_or_create(&dir.path().join("other")).unwrap();
         assert_ne!(other.id(), kek.id());
         assert!(other.unwrap(&wrapped, b"pod a").is_none());
+        // Made by many at once, it is one key.
+        let shared = dir.path().join("shared");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        KeyEncryptionKey::load_or_create(&shared)
+                            .unwrap()
+                            .id()
+                            .to_string()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
         // A key file others may read is refused.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = KeyEncryptionKey::load_or_create(&path).unwrap_err();

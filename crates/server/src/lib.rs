@@ -104,12 +104,15 @@ fn make_state_dir(state_dir: &Path) -> Result<(), ServerError> {
         .map_err(io_err(state_dir))
 }
 
-/// Writes `line` and a newline into a new file `path` readable by its
-/// owner only (mode 0600): to a temporary file, synced, then renamed.
-fn write_private_file(path: &Path, line: &str) -> Result<(), ServerError> {
+/// Writes `line` and a newline into a file `path` readable by its owner
+/// only (mode 0600), complete or not at all: into a temporary file of its
+/// own (a random name), synced, then put in place. `Replace::No` leaves a file
+/// that is already there (another process made it first) and says so
+/// with `Ok(false)`.
+fn write_private_file(path: &Path, line: &str, replace: Replace) -> Result<bool, ServerError> {
     use std::io::Write;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", podvisor_store::random_hex(8)?));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -119,7 +122,24 @@ fn write_private_file(path: &Path, line: &str) -> Result<(), ServerError> {
         .map_err(io_err(&tmp))?;
     writeln!(file, "{line}").map_err(io_err(&tmp))?;
     file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    let placed = match replace {
+        Replace::Yes => std::fs::rename(&tmp, path).map(|()| true),
+        // A link fails if the name exists: two processes never both win.
+        Replace::No => match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        },
+    };
+    let _ = std::fs::remove_file(&tmp);
+    placed.map_err(io_err(path))
+}
+
+/// Whether [`write_private_file`] replaces a file already there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Yes,
+    No,
 }
 
 /// What [`init`] did.
@@ -149,7 +169,7 @@ async fn init_with(store: &dyn Store, state_dir: &Path) -> Result<InitOutcome, S
         });
     }
     let token = tokens::create(store, Role::Admin, "admin").await?;
-    write_private_file(&path, &token)?;
+    write_private_file(&path, &token, Replace::Yes)?;
     Ok(InitOutcome {
         admin_token_path: path,
         new_token: Some(token),
