@@ -11,12 +11,25 @@
 //! which finds the waiting frames (the ARP request, the first SYN) in
 //! order.
 //!
+//! The restored VMM must not be the one to read the waiting frames: left
+//! in the tap for the QEMU that loads the state, the first SYN went
+//! unanswered and only TCP's retransmission a second later was served
+//! (seen in a capture; QEMU reads its tap from the start, likely before
+//! the saved device state, with its different virtio-net header size, is
+//! loaded). So the host takes the waiting frames out
+//! ([`take_queued`]) before the VMM starts and, once the VM runs, sends
+//! them again through the pod's veth ([`replay`]): they come back in on
+//! the pod's interface and the tc redirect delivers them to the tap, now
+//! read by the running VM. While asleep the tap has no checksum offload,
+//! so the frames it keeps carry complete checksums.
+//!
 //! IPv6 neighbour solicitations go to a multicast address and are not
 //! let through: a pod reached only over IPv6 does not wake by itself.
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -180,8 +193,105 @@ nix::ioctl_write_ptr_bad!(
     libc::sock_fprog
 );
 
-/// Lets only `filter`'s frames into the tap's queue from now on.
+nix::ioctl_write_int_bad!(
+    tun_set_offload,
+    nix::request_code_write!(b'T', 208, std::mem::size_of::<libc::c_uint>())
+);
+nix::ioctl_read_bad!(
+    tun_get_vnet_hdr_size,
+    nix::request_code_read!(b'T', 215, std::mem::size_of::<libc::c_int>()),
+    libc::c_int
+);
+
+/// Most frames taken out of a sleeping pod's tap (its queue holds 500).
+const MAX_QUEUED: usize = 500;
+
+/// Takes the frames waiting in the tap (without their virtio-net header),
+/// oldest first, for [`replay`].
+pub fn take_queued(tap: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut hdr: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int to `hdr`; `tap` is a tap fd.
+    unsafe { tun_get_vnet_hdr_size(tap.as_raw_fd(), &mut hdr) }.map_err(io::Error::from)?;
+    let hdr = usize::try_from(hdr).unwrap_or(0);
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 65536 + 64];
+    while frames.len() < MAX_QUEUED && has_frame(tap)? {
+        let n = nix::unistd::read(tap, &mut buf).map_err(io::Error::from)?;
+        if n > hdr {
+            frames.push(buf[hdr..n].to_vec());
+        }
+    }
+    Ok(frames)
+}
+
+/// Sends `frames` (Ethernet frames for the pod) out of the host side of
+/// the pod's veth, the peer of `ifname` in the namespace `netns_path`:
+/// they arrive on the pod's interface as they first did, and its tc
+/// redirect gives them to the tap. The caller must be in the namespace
+/// of that peer (the host's).
+pub async fn replay(netns_path: &Path, ifname: &str, frames: &[Vec<u8>]) -> io::Result<()> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let name = ifname.to_string();
+    let peer = crate::netns::run_netlink_in(netns_path, move |handle| async move {
+        use futures_util::TryStreamExt;
+        let link = handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+            .ok()
+            .flatten()?;
+        link.attributes.iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        })
+    })
+    .await
+    .map_err(io::Error::other)?
+    .ok_or_else(|| io::Error::other(format!("{ifname} in {} has no peer", netns_path.display())))?;
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let socket = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    for frame in frames {
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields set below are
+        // the family and the interface to send on.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = peer as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&frame[..6.min(frame.len())]);
+        // SAFETY: sendto(2) reads `frame` and `to` for the lengths given;
+        // both live for the call.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Lets only `filter`'s frames into the tap's queue from now on, with
+/// their checksums complete (no offload while asleep).
 pub fn attach(tap: BorrowedFd<'_>, filter: &WakeFilter) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; `tap` is a tap fd.
+    unsafe { tun_set_offload(tap.as_raw_fd(), 0) }.map_err(io::Error::from)?;
     let mut program = filter.program();
     let fprog = libc::sock_fprog {
         len: program.len() as u16,

@@ -42,15 +42,20 @@ pub struct PodNic {
     pub device: NetworkDevice,
     /// What the NIC gets in the guest (addresses, routes, DNS).
     pub guest: GuestNetwork,
+    /// The pod's network namespace and its CNI interface there (where
+    /// frames kept while the pod slept are sent in again).
+    pub netns: std::path::PathBuf,
+    pub ifname: String,
 }
 
 /// Makes a fresh tap for the pod's VM in its (already attached) network
 /// namespace, joined to the CNI interface, replacing any tap a previous VM
 /// of the pod left there (a VM that was killed, a restart).
 pub async fn pod_nic(networks: &PodNetworks, id: &str) -> Result<PodNic, PodNetworkError> {
-    if let Some(att) = networks.attachment(id) {
-        vm_nic::detach(&att.netns, &att.ifname, TAP_NAME).await?;
-    }
+    let att = networks
+        .attachment(id)
+        .ok_or_else(|| PodNetworkError::NotAttached(id.to_string()))?;
+    vm_nic::detach(&att.netns, &att.ifname, TAP_NAME).await?;
     let (nic, guest) = networks.attach_vm_nic(id, TAP_NAME, TapMode::Fd).await?;
     let fd = nic.tap_fd.ok_or_else(|| PodNetworkError::BadResult {
         pod: id.to_string(),
@@ -65,6 +70,8 @@ pub async fn pod_nic(networks: &PodNetworks, id: &str) -> Result<PodNic, PodNetw
             mtu,
         },
         guest,
+        netns: att.netns.clone(),
+        ifname: att.ifname.clone(),
     })
 }
 
@@ -109,10 +116,20 @@ impl PodNic {
         podvisor_net::wake_tap::wait_for_frame(self.tap()?, timeout).await
     }
 
-    /// Every frame reaches the tap again: the NIC is ready for the VM that
-    /// wakes, which finds the queued frames first.
-    pub fn wake(&self) -> std::io::Result<()> {
-        podvisor_net::wake_tap::detach(self.tap()?)
+    /// Every frame reaches the tap again, and the frames that waited for
+    /// the pod are taken out: give them to [`PodNic::replay`] once the VM
+    /// that wakes runs (a VMM that is still loading its state would garble
+    /// them; see [`podvisor_net::wake_tap`]).
+    pub fn wake(&self) -> std::io::Result<Vec<Vec<u8>>> {
+        let tap = self.tap()?;
+        podvisor_net::wake_tap::detach(tap)?;
+        podvisor_net::wake_tap::take_queued(tap)
+    }
+
+    /// Sends the frames [`PodNic::wake`] took to the running VM, the way
+    /// they first came (through the pod's interface).
+    pub async fn replay(&self, frames: &[Vec<u8>]) -> std::io::Result<()> {
+        podvisor_net::wake_tap::replay(&self.netns, &self.ifname, frames).await
     }
 }
 
