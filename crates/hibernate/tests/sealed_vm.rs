@@ -14,11 +14,10 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podvisor_hibernate::OpenedSnapshot;
-use podvisor_image::LayerCache;
-use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
+use podvisor_podvm::image_boot::ImageBoot;
+use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_testbed::oci::ImageBuilder;
-use podvisor_vmm::{Device, MemoryBacking};
 
 const MEMORY_MIB: u64 = 192;
 const CONTEXT: &[u8] = b"pod default/counter uid-counter";
@@ -32,35 +31,14 @@ impl Drop for VmReaper {
 }
 
 fn node(dir: &Path) -> (NodeConfig, PodVmSpec, Vec<String>) {
-    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
-    cfg.cache_dir = dir.join("cache");
-    cfg.run_dir = dir.join("run");
     let archive = dir.join("img.tar");
     ImageBuilder::new()
         .busybox_layer()
         .write_oci_archive(&archive)
         .unwrap();
-    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
-    let image = podvisor_image::import(&cache, &archive, None).unwrap();
-    let guest =
-        podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
-    let mut layers = podvisor_image::LayerAttachments::default();
-    let serials = layers.add_image(&image);
-    let spec = PodVmSpec {
-        id: "counter".into(),
-        cpus: 1,
-        memory_mib: MEMORY_MIB,
-        guest,
-        devices: layer_disks(&layers)
-            .into_iter()
-            .map(Device::Block)
-            .collect(),
-        pci: Default::default(),
-        netns: None,
-        memory: MemoryBacking::Anonymous,
-        die_with_parent: true,
-    };
-    (cfg, spec, serials)
+    let boot = ImageBoot::prepare(dir, &archive).unwrap();
+    let spec = boot.spec("counter", MEMORY_MIB, vec![]);
+    (boot.cfg, spec, boot.serials)
 }
 
 /// Output of container `id` until a line containing `until`; that line.

@@ -15,17 +15,16 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use podvisor_image::LayerCache;
 use podvisor_net::PodNetworks;
 use podvisor_net::cni::PodIdentity;
 use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_net::pod_network::AttachRequest;
+use podvisor_podvm::PodVm;
+use podvisor_podvm::image_boot::ImageBoot;
 use podvisor_podvm::network::{self, PodNic};
-use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_testbed::net_host::{TestHost, on_test_host};
 use podvisor_testbed::oci::ImageBuilder;
-use podvisor_vmm::{Device, MemoryBacking};
 
 const CONTEXT: &[u8] = b"pod default/web uid-web";
 
@@ -100,24 +99,13 @@ async fn output_until(pod: &mut PodVm, id: &str, until: &str) {
     .unwrap_or_else(|_| panic!("no {until:?} from {id}: {out}"));
 }
 
-fn node(dir: &Path) -> (NodeConfig, Vec<Device>, Vec<String>) {
-    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
-    cfg.cache_dir = dir.join("cache");
-    cfg.run_dir = dir.join("run");
+fn node(dir: &Path) -> ImageBoot {
     let archive = dir.join("img.tar");
     ImageBuilder::new()
         .busybox_layer()
         .write_oci_archive(&archive)
         .unwrap();
-    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
-    let image = podvisor_image::import(&cache, &archive, None).unwrap();
-    let mut layers = podvisor_image::LayerAttachments::default();
-    let serials = layers.add_image(&image);
-    let disks = layer_disks(&layers)
-        .into_iter()
-        .map(Device::Block)
-        .collect();
-    (cfg, disks, serials)
+    ImageBoot::prepare(dir, &archive).unwrap()
 }
 
 #[test]
@@ -125,9 +113,8 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
     on_test_host(|host: TestHost| async move {
         let dir = host.dir.path().to_path_buf();
         let _vms = VmReaper(dir.clone());
-        let (cfg, disks, serials) = node(&dir);
-        let guest =
-            podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
+        let boot = node(&dir);
+        let (cfg, serials) = (&boot.cfg, &boot.serials);
         let networks = PodNetworks::open(host.config.clone()).unwrap();
         let port = PortMapping {
             host_port: 18090,
@@ -155,20 +142,8 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
         // The NIC is kept here across the pod's VMs: its tap lives on
         // while the pod sleeps.
         let nic: PodNic = network::pod_nic(&networks, "web").await.unwrap();
-        let mut devices = disks.clone();
-        devices.push(nic.vm_device());
-        let spec = PodVmSpec {
-            id: "web".into(),
-            cpus: 1,
-            memory_mib: 192,
-            guest,
-            devices,
-            pci: Default::default(),
-            netns: None,
-            memory: MemoryBacking::Anonymous,
-            die_with_parent: true,
-        };
-        let mut pod = PodVm::boot(&cfg, spec.clone()).await.unwrap();
+        let spec = boot.spec("web", 192, vec![nic.vm_device()]);
+        let mut pod = PodVm::boot(cfg, spec.clone()).await.unwrap();
         pod.configure_network(&network::guest_config(
             &nic.guest,
             "web",
@@ -179,7 +154,7 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
         pod.send(&HostMessage::StartContainer(ContainerSpec {
             id: "web".into(),
             hostname: "web".into(),
-            mounts: podvisor_proto::image_mounts(&serials),
+            mounts: podvisor_proto::image_mounts(serials),
             process: ProcessSpec {
                 args: vec![
                     "sh".into(),
@@ -243,7 +218,7 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
             let waiting = nic.wake().unwrap();
             assert!(!waiting.is_empty(), "the request's frames waited");
             pod = podvisor_hibernate::wake(
-                &cfg,
+                cfg,
                 spec.clone(),
                 &snapshot,
                 &key,

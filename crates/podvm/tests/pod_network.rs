@@ -10,25 +10,19 @@ use std::net::{IpAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use podvisor_image::LayerCache;
 use podvisor_net::PodNetworks;
 use podvisor_net::cni::PodIdentity;
 use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_net::pod_network::{AttachRequest, PodNetworkError};
+use podvisor_podvm::PodVm;
+use podvisor_podvm::image_boot::ImageBoot;
 use podvisor_podvm::network::{self, PodNic};
-use podvisor_podvm::{NodeConfig, PodVm, PodVmSpec, layer_disks};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage, ProcessSpec};
 use podvisor_testbed::net_host::{Outside, TestHost, on_test_host};
 use podvisor_testbed::oci::{ImageBuilder, host_program_entries};
-use podvisor_vmm::Device;
 
-struct Node {
-    cfg: NodeConfig,
-    guest: podvisor_guest::GuestArtifacts,
-    disks: Vec<Device>,
-    /// The image's layer serials, bottom first.
-    serials: Vec<String>,
-}
+/// The test host's pod VMs: one busybox image with socat.
+type Node = ImageBoot;
 
 struct VmReaper(std::path::PathBuf);
 
@@ -39,9 +33,6 @@ impl Drop for VmReaper {
 }
 
 fn node(dir: &Path) -> Node {
-    let mut cfg = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
-    cfg.cache_dir = dir.join("cache");
-    cfg.run_dir = dir.join("run");
     let archive = dir.join("img.tar");
     // busybox has no UDP client or server: the host's socat (and its
     // libraries) is a layer of its own.
@@ -53,21 +44,7 @@ fn node(dir: &Path) -> Node {
         )
         .write_oci_archive(&archive)
         .unwrap();
-    let cache = LayerCache::open(&cfg.cache_dir).unwrap();
-    let image = podvisor_image::import(&cache, &archive, None).unwrap();
-    let guest =
-        podvisor_guest::prepare(&podvisor_guest::GuestOptions::new(&cfg.cache_dir)).unwrap();
-    let mut layers = podvisor_image::LayerAttachments::default();
-    let serials = layers.add_image(&image);
-    Node {
-        cfg,
-        guest,
-        serials,
-        disks: layer_disks(&layers)
-            .into_iter()
-            .map(Device::Block)
-            .collect(),
-    }
+    ImageBoot::prepare(dir, &archive).unwrap()
 }
 
 fn request(id: &str, ports: Vec<PortMapping>) -> AttachRequest {
@@ -84,19 +61,7 @@ fn request(id: &str, ports: Vec<PortMapping>) -> AttachRequest {
 
 /// Boots a VM for pod `id` with `nic` (or none) and applies its network.
 async fn boot(node: &Node, id: &str, nic: Option<PodNic>) -> PodVm {
-    let mut devices: Vec<Device> = node.disks.clone();
-    devices.extend(nic.as_ref().map(PodNic::vm_device));
-    let spec = PodVmSpec {
-        id: id.into(),
-        cpus: 1,
-        memory_mib: 192,
-        guest: node.guest.clone(),
-        devices,
-        pci: Default::default(),
-        netns: None,
-        memory: podvisor_vmm::MemoryBacking::Anonymous,
-        die_with_parent: true,
-    };
+    let spec = node.spec(id, 192, nic.iter().map(PodNic::vm_device).collect());
     let mut pod = PodVm::boot(&node.cfg, spec).await.unwrap();
     let config = match &nic {
         Some(nic) => network::guest_config(&nic.guest, id, &network::host_dns()),
