@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use podvisor_image::{ImageSource, Platform};
 use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_podvm::ContainerOverrides;
-use podvisor_podvm::network::{DnsMerge, DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig};
+use podvisor_podvm::network::{
+    DnsMerge, DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig, resolv_word,
+};
 use podvisor_run::{NetworkChoice, Outcome, PodIo, PodRequest};
 use podvisor_template::TemplateChoice;
 use tokio::sync::mpsc;
@@ -177,14 +179,9 @@ pub fn parse_dns_search(s: &str) -> Result<String, String> {
     Ok(s.into())
 }
 
-/// A word `resolv.conf` and `/etc/hosts` hold as it is.
-fn file_word(word: &str, max: usize) -> bool {
-    !word.is_empty() && word.len() <= max && word.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
-}
-
 /// Parses `--dns-option`: one resolver option (`ndots:2`, `edns0`).
 pub fn parse_dns_option(s: &str) -> Result<String, String> {
-    if !file_word(s, 64) || s.starts_with(':') {
+    if !resolv_word(s, 64) || s.starts_with(':') {
         return Err(format!(
             "{s:?} is not a resolver option (NAME or NAME:VALUE: at most 64 printable characters, no spaces or '#')"
         ));
@@ -200,7 +197,7 @@ pub fn parse_add_host(s: &str) -> Result<HostAlias, String> {
         .split_once('=')
         .or_else(|| s.split_once(':'))
         .ok_or_else(|| format!("bad format for add-host: {s:?} (expected NAME:IP or NAME=IP)"))?;
-    if !file_word(name, 253) || name.contains(':') {
+    if !resolv_word(name, 253) || name.contains(':') {
         return Err(format!(
             "bad format for add-host: {s:?}: {name:?} is not a host name"
         ));
