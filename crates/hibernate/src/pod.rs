@@ -202,7 +202,7 @@ pub async fn wake(
         source,
     })?;
     let opened = tokio::task::spawn_blocking({
-        let key = SnapshotKey::from_bytes(key.as_bytes()).expect("a key of 32 bytes");
+        let key = key.clone();
         let context = context.to_vec();
         move || OpenedSnapshot::open(file, &key, &context)
     })

@@ -104,8 +104,10 @@ impl From<SealError> for io::Error {
     }
 }
 
-/// The key of one snapshot. Its bytes are zeroed when it is dropped; they
-/// leave the process only to the management server, which keeps them.
+/// The key of one snapshot. Its bytes are zeroed when it is dropped (each
+/// clone's too); they leave the process only to the management server,
+/// which keeps them.
+#[derive(Clone)]
 pub struct SnapshotKey(Box<[u8; 32]>);
 
 impl SnapshotKey {

@@ -91,7 +91,7 @@ impl PortMapping {
 }
 
 /// The sockets holding a pod's published ports; dropping it frees them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PortHold {
     _sockets: Vec<Socket>,
 }
