@@ -69,6 +69,13 @@ pub enum HibernateError {
     },
     #[error("making a snapshot")]
     Key(#[source] SealError),
+    /// This kind of sandbox cannot be hibernated.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("the hibernation was abandoned")]
+    Abandoned(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the snapshot's key was not taken into custody")]
+    KeyNotKept(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A hibernation that did not happen: why, and the pod VM if it still
@@ -93,15 +100,72 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// A pod VM whose state is saved in a sealed snapshot, paused: either
+/// [`Saved::commit`] (its QEMU exits; the snapshot is now the pod) once
+/// the key is in safe hands, or [`Saved::abort`] (the snapshot goes; the
+/// VM runs on).
+pub struct Saved {
+    pod: PodVm,
+    pub snapshot: Snapshot,
+    pub key: SnapshotKey,
+}
+
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saved")
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Saved {
+    /// Stops the paused VM: from now on the pod lives in the snapshot.
+    /// Returns the snapshot and its key (hand it to whoever keeps it, then
+    /// drop it).
+    pub async fn commit(self) -> (Snapshot, SnapshotKey) {
+        self.pod.kill().await;
+        (self.snapshot, self.key)
+    }
+
+    /// Deletes the snapshot and lets the VM run on (with a new agent
+    /// channel); `why` is what stopped the hibernation.
+    pub async fn abort(mut self, why: HibernateError) -> NotHibernated {
+        if let Err(e) = remove(&self.snapshot) {
+            tracing::warn!(path = %self.snapshot.path.display(), "cannot remove an abandoned snapshot: {e}");
+        }
+        match self.pod.resume_after_failed_save().await {
+            Ok(()) => NotHibernated {
+                pod: Some(self.pod),
+                error: why,
+            },
+            Err(e) => {
+                tracing::warn!(error = %podvisor_errors::ErrorChain(&why), "hibernation abandoned");
+                NotHibernated {
+                    pod: None,
+                    error: HibernateError::Lost(e),
+                }
+            }
+        }
+    }
+}
+
 /// Saves `pod` into a new sealed snapshot in `dir` (made 0700 if missing),
 /// bound to `context` (who the pod is), and stops its VM. Returns the
 /// snapshot and its key, which the caller hands to whoever keeps it and
 /// then drops.
 pub async fn hibernate(
-    mut pod: PodVm,
+    pod: PodVm,
     dir: &Path,
     context: &[u8],
 ) -> Result<(Snapshot, SnapshotKey), NotHibernated> {
+    Ok(save(pod, dir, context).await?.commit().await)
+}
+
+/// Saves `pod` into a new sealed snapshot in `dir` (made 0700 if missing)
+/// under a fresh key, bound to `context` (who the pod is), and leaves it
+/// paused ([`Saved`]). A snapshot that cannot be written leaves the pod
+/// running and says why.
+pub async fn save(mut pod: PodVm, dir: &Path, context: &[u8]) -> Result<Saved, NotHibernated> {
     let fail = |pod, error| NotHibernated {
         pod: Some(pod),
         error,
@@ -178,8 +242,7 @@ pub async fn hibernate(
         sealed_bytes: summary.sealed_bytes,
         taken_unix_ms: unix_ms(SystemTime::now()),
     };
-    pod.kill().await;
-    Ok((snapshot, key))
+    Ok(Saved { pod, snapshot, key })
 }
 
 /// Brings the pod back from `snapshot`: authenticates it whole (nothing of

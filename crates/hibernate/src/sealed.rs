@@ -130,6 +130,25 @@ impl SnapshotKey {
         &self.0
     }
 
+    /// The key as 64 lowercase hex digits (as the API carries it).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A key as [`SnapshotKey::to_hex`] gave it.
+    pub fn from_hex(hex: &str) -> Result<SnapshotKey, SealError> {
+        let digits = hex.as_bytes();
+        if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(SealError::KeyLength(digits.len() / 2));
+        }
+        let mut key = Box::new([0u8; 32]);
+        for (byte, pair) in key.iter_mut().zip(digits.chunks(2)) {
+            let pair = std::str::from_utf8(pair).expect("hex digits are ASCII");
+            *byte = u8::from_str_radix(pair, 16).expect("two hex digits");
+        }
+        Ok(SnapshotKey(key))
+    }
+
     fn aead(&self) -> LessSafeKey {
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0[..]).expect("a 32-byte AES key"))
     }
@@ -797,5 +816,18 @@ mod tests {
             Err(SealError::KeyLength(16))
         ));
         assert_eq!(format!("{key:?}"), "SnapshotKey(..)");
+        let hex = key.to_hex();
+        assert_eq!(hex.len(), 64);
+        let from_hex = SnapshotKey::from_hex(&hex).unwrap();
+        assert_eq!(from_hex.as_bytes(), key.as_bytes());
+        for bad in [
+            "",
+            "zz",
+            &hex[..62],
+            &format!("{}g", &hex[..63]),
+            &format!("{hex}00"),
+        ] {
+            assert!(SnapshotKey::from_hex(bad).is_err(), "{bad:?}");
+        }
     }
 }
