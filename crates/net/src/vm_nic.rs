@@ -39,6 +39,8 @@ pub enum VmNicError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("reading the interface counters")]
+    Counters(#[source] io::Error),
 }
 
 /// How the tap is handed to the hypervisor.
@@ -106,6 +108,33 @@ pub async fn attach(
         attach_here(&handle, &ns, &ifname, &tap_name, mode).await
     })
     .await?
+}
+
+/// How many frames the tap `tap_name` in the namespace at `netns_path` has
+/// handed to its VM so far (its transmit count: what came for the pod), or
+/// `None` if there is no such tap. A change between two readings is
+/// traffic for the pod.
+pub async fn frames_to_vm(netns_path: &Path, tap_name: &str) -> Result<Option<u64>, VmNicError> {
+    let tap_name = tap_name.to_string();
+    let dev = netns::run_in(netns_path, || {
+        // Per thread: this thread's network namespace.
+        std::fs::read_to_string("/proc/thread-self/net/dev")
+    })
+    .await?
+    .map_err(VmNicError::Counters)?;
+    Ok(transmitted_frames(&dev, &tap_name))
+}
+
+/// The transmitted-packets count of `ifname` in a `/proc/net/dev` text.
+fn transmitted_frames(dev: &str, ifname: &str) -> Option<u64> {
+    dev.lines().skip(2).find_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        if name.trim() != ifname {
+            return None;
+        }
+        // 8 receive counters, then bytes and packets transmitted.
+        counters.split_whitespace().nth(9)?.parse().ok()
+    })
 }
 
 /// Undoes [`attach`]: removes the redirect on `ifname` and the tap (a tap
@@ -285,6 +314,20 @@ fn open_tap(name: &str, mode: TapMode) -> Result<Option<OwnedFd>, VmNicError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_taps_transmit_count_is_read_from_proc_net_dev() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  tap0:    1534      11    0    0    0     0          0         0     9120      42    0    0    0     0       0          0
+  eth0: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+";
+        assert_eq!(transmitted_frames(dev, "tap0"), Some(42));
+        assert_eq!(transmitted_frames(dev, "eth0"), Some(10));
+        assert_eq!(transmitted_frames(dev, "tap1"), None);
+        assert_eq!(transmitted_frames("garbage", "tap0"), None);
+    }
 
     #[test]
     fn tap_names_are_checked_and_macs_formatted() {

@@ -191,7 +191,7 @@ impl fmt::Display for DeviceKind {
 }
 
 /// A raw disk image attached as a virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDevice {
     /// Device id, unique in the VM (see [`Device::id`]).
     pub id: String,
