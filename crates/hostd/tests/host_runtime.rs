@@ -52,6 +52,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         memory_mib: 160,
         port_mappings: vec![],
         dns: Default::default(),
+        hibernate_after: None,
     }
 }
 

@@ -64,6 +64,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         memory_mib: 160,
         port_mappings: ports,
         dns: Default::default(),
+        hibernate_after: None,
     }
 }
 

@@ -58,6 +58,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
     })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
     Ok(PodPlan {
+        hibernate_after: None,
         uid,
         namespace: pod.metadata.namespace().to_string(),
         name: pod.metadata.name.clone(),
@@ -382,6 +383,7 @@ spec:
             message: None,
             started_at: Some(t),
             pod_ips: vec![],
+            hibernation: None,
             containers: vec![
                 waiting,
                 ContainerStatus {

@@ -3,7 +3,10 @@
 //! followed) and `GET /pods/{ns}/{name}/exec` (a WebSocket with Kubernetes'
 //! `channel.k8s.io` framing: 0 stdin, 1 stdout, 2 stderr, 3 status JSON
 //! `{"exitCode": N}` then close, 4 resize JSON `{"Width", "Height"}`,
-//! `[255, 0]` closes stdin). Errors are Status JSON bodies.
+//! `[255, 0]` closes stdin), `POST /pods/{ns}/{name}/hibernate` and
+//! `POST /pods/{ns}/{name}/wake` (answered when done, with a Status whose
+//! message says what was saved or how the pod woke). Errors are Status
+//! JSON bodies.
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use podvisor_api::Status;
@@ -29,6 +32,8 @@ pub fn router(runtime: Arc<PodRuntime>, secret: EndpointSecret) -> Router {
     let pods = Router::new()
         .route("/pods/{ns}/{name}/log", get(log))
         .route("/pods/{ns}/{name}/exec", get(exec))
+        .route("/pods/{ns}/{name}/hibernate", post(hibernate))
+        .route("/pods/{ns}/{name}/wake", post(wake))
         .with_state(runtime)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(secret),
@@ -164,6 +169,32 @@ async fn log(
         .header("content-type", "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .expect("a valid response")
+}
+
+/// A 200 Status: `reason` (`Hibernated`, `Woken`) and `message`.
+fn success(reason: &str, message: String) -> Response {
+    let status = Status::new(200, reason, message);
+    (StatusCode::OK, axum::Json(status)).into_response()
+}
+
+async fn hibernate(
+    State(rt): State<Arc<PodRuntime>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    match rt.hibernate(&ns, &name).await {
+        Ok(message) => success("Hibernated", message),
+        Err(e) => runtime_error(e),
+    }
+}
+
+async fn wake(
+    State(rt): State<Arc<PodRuntime>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    match rt.wake(&ns, &name).await {
+        Ok(message) => success("Woken", message),
+        Err(e) => runtime_error(e),
+    }
 }
 
 async fn exec(

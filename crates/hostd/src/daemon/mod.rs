@@ -30,6 +30,7 @@ use podvisor_api::client::PodFeedEvent;
 use podvisor_api::{Client, ClientError, PodFilter};
 use tokio::sync::oneshot;
 
+use crate::host::hibernation::{KeyCustody, ServerCustody};
 use crate::host::{AckLauncher, HostConfig, Launcher, PodRuntime, RuntimeError, VmLauncher};
 use reconcile::Reconciler;
 
@@ -131,7 +132,10 @@ pub async fn run(
         RuntimeMode::Vm => Arc::new(VmLauncher::new(&cfg.host)?),
         RuntimeMode::AckWithoutVm => Arc::new(AckLauncher),
     };
-    let (runtime, mut changes) = PodRuntime::open_with(cfg.host.clone(), launcher)?;
+    // The server keeps the keys of hibernated pods' snapshots.
+    let keys: Arc<dyn KeyCustody> = Arc::new(ServerCustody(client.clone()));
+    let (runtime, mut changes) =
+        PodRuntime::open_with_keys(cfg.host.clone(), launcher, Some(keys))?;
     let runtime = Arc::new(runtime);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use podvisor_hibernate::{HibernateError, SnapshotKey};
 use podvisor_podvm::PodVmError;
 use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, ProcessInfo, ProcessSpec, StartError,
@@ -17,14 +18,19 @@ use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
 
 use super::error::RuntimeError;
+use super::hibernation::Hibernated;
 use super::images::{HeldLayers, ImageProblem};
 use super::plan::{DEFAULT_TERMINAL, PodPlan};
 use super::records::{PodRecord, VmRecord};
-use super::sandbox::{Launcher, Prepared, Sandbox};
+use super::sandbox::{Launcher, NotSaved, Paused, Prepared, Sandbox};
 
 /// What logs and exec requests are told.
 const NOTHING_RUNS: &str = "this host runs with --runtime ack-without-vm: its pods run nothing, \
      so there are no logs and no exec";
+
+/// What a hibernation is told.
+const NOTHING_TO_HIBERNATE: &str = "this host runs with --runtime ack-without-vm: its pods have \
+     no VM to hibernate";
 
 /// Launches sandboxes that run nothing.
 pub struct AckLauncher;
@@ -103,6 +109,20 @@ impl Launcher for AckLauncher {
     fn without_logs_and_exec(&self) -> Option<&'static str> {
         Some(NOTHING_RUNS)
     }
+
+    fn without_hibernation(&self) -> Option<&'static str> {
+        Some(NOTHING_TO_HIBERNATE)
+    }
+
+    async fn wake(
+        &self,
+        _plan: &PodPlan,
+        _hibernated: &Hibernated,
+        _key: &SnapshotKey,
+        _timeout: Duration,
+    ) -> Result<(Box<dyn Sandbox>, VmmProcess), HibernateError> {
+        Err(HibernateError::Unsupported(NOTHING_TO_HIBERNATE))
+    }
 }
 
 /// A sandbox that answers as an agent whose processes never end by
@@ -157,4 +177,15 @@ impl Sandbox for AckSandbox {
     async fn shutdown(self: Box<Self>, _grace: Duration) {}
 
     fn detach(self: Box<Self>) {}
+
+    async fn save(
+        self: Box<Self>,
+        _dir: &Path,
+        _context: &[u8],
+    ) -> Result<Box<dyn Paused>, NotSaved> {
+        Err(NotSaved {
+            sandbox: Some(self),
+            error: HibernateError::Unsupported(NOTHING_TO_HIBERNATE),
+        })
+    }
 }

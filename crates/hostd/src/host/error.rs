@@ -24,6 +24,8 @@ pub enum RuntimeError {
     Record(#[from] RecordError),
     #[error(transparent)]
     PodVm(#[from] PodVmError),
+    #[error(transparent)]
+    Hibernate(Box<podvisor_hibernate::HibernateError>),
     /// Pod networking could not be opened (its state directory is locked
     /// by another process, its configuration is unreadable, ...).
     #[error(transparent)]

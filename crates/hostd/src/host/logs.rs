@@ -101,6 +101,11 @@ impl ContainerLog {
     }
 
     /// A receiver of this log's signals, for a [`LogReader`] that follows it.
+    /// How many follow the log now (the runtime's own receiver aside).
+    pub fn followers(&self) -> usize {
+        self.signal.receiver_count().saturating_sub(1)
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<LogSignal> {
         self.signal.subscribe()
     }

@@ -29,10 +29,14 @@ mod error;
 mod exec;
 #[cfg(test)]
 pub(crate) mod fake_sandbox;
+pub mod hibernation;
+#[cfg(test)]
+mod hibernation_tests;
 pub mod images;
 pub mod logs;
 pub mod plan;
 mod pod_events;
+mod pod_sleep;
 mod pod_state;
 pub mod pod_task;
 pub mod records;
@@ -85,6 +89,9 @@ pub struct HostConfig {
     /// when the pod is deleted or finished. `None`: pods have only `lo`
     /// and cannot publish host ports.
     pub network: Option<PodNetworkConfig>,
+    /// How long a wake from hibernation may take before the pod is
+    /// restarted cold instead.
+    pub wake_timeout: Duration,
 }
 
 impl HostConfig {
@@ -97,6 +104,7 @@ impl HostConfig {
             backoff: Backoff::default(),
             delete_grace: Duration::from_secs(30),
             network: None,
+            wake_timeout: Duration::from_secs(30),
         }
     }
 }

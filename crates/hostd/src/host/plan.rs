@@ -30,6 +30,10 @@ pub struct PodPlan {
     /// they existed load as a pod that states none).
     #[serde(default)]
     pub dns: PodDns,
+    /// Hibernate the pod after this long without use (its
+    /// `podvisor.io/hibernate-after` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernate_after: Option<std::time::Duration>,
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -162,6 +166,7 @@ mod tests {
             memory_mib: 128,
             port_mappings: vec![],
             dns: PodDns::default(),
+            hibernate_after: None,
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

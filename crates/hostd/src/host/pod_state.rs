@@ -18,6 +18,7 @@ impl PodTask {
             started_at: self.record.state.started_at,
             containers: self.slots.iter().map(|s| s.track.status.clone()).collect(),
             pod_ips: self.shared.launcher.pod_ips(&self.record.plan.uid),
+            hibernation: self.hibernation.clone(),
         }
     }
 
@@ -28,7 +29,7 @@ impl PodTask {
     pub(super) fn publish(&mut self, stage: &Stage) {
         let phase = match stage {
             Stage::NeedVm(_) => PodPhase::Pending,
-            Stage::Up(_) => self.running_phase(),
+            Stage::Up(_) | Stage::Hibernated => self.running_phase(),
             Stage::Finished => match self.running_phase() {
                 PodPhase::Running => PodPhase::Failed,
                 p => p,

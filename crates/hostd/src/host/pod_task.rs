@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::HostConfig;
 use super::error::RuntimeError;
 use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+use super::hibernation::{self, Activity, HibernationStatus, KeyCustody};
 use super::logs::{ContainerLog, LogSignal};
 use super::plan::RestartPolicy;
 use super::records::{PodRecord, StateDir, VmRecord};
@@ -44,6 +45,14 @@ pub(crate) enum PodCommand {
     },
     /// Let go of the VM, leaving it running (the daemon is exiting).
     Detach { done: oneshot::Sender<()> },
+    /// Hibernate the pod now; answers what was saved.
+    Hibernate {
+        reply: oneshot::Sender<Result<String, RuntimeError>>,
+    },
+    /// Wake the pod if it is hibernated (`reply`: how it went).
+    Wake {
+        reply: Option<oneshot::Sender<Result<String, RuntimeError>>>,
+    },
 }
 
 /// What every pod task shares.
@@ -54,14 +63,28 @@ pub(crate) struct Shared {
     pub changes: mpsc::UnboundedSender<(String, PodState)>,
     /// Makes the pods' sandboxes.
     pub launcher: Arc<dyn Launcher>,
+    /// Keeps the keys of hibernated pods' snapshots; `None`: pods are
+    /// not hibernated.
+    pub keys: Option<Arc<dyn KeyCustody>>,
 }
 
 pub(super) enum Stage {
     /// No VM; get one at this time.
     NeedVm(Instant),
     Up(Box<dyn Sandbox>),
+    /// The VM is in a snapshot ([`PodRecord::hibernated`]), waiting for
+    /// its first request.
+    Hibernated,
     /// Nothing runs or will run again.
     Finished,
+}
+
+/// What a running pod does next.
+enum Step {
+    /// Go on serving it (or it stopped with this error).
+    Go(Result<(), PodVmError>),
+    /// Hibernate it (`None`: by its idle policy).
+    Hibernate(Option<oneshot::Sender<Result<String, RuntimeError>>>),
 }
 
 /// A command handled without a VM: go on, or the task is over.
@@ -124,7 +147,19 @@ pub(crate) struct PodTask {
     pub(super) retry_delay: Option<Duration>,
     /// Why the pod has no VM, if something failed.
     pub(super) vm_problem: Option<(PodReason, String)>,
+    /// Hibernated now, or how the last wake went.
+    pub(super) hibernation: Option<HibernationStatus>,
+    /// When the running pod was last used (its `hibernate-after`).
+    pub(super) activity: Activity,
+    /// Exec requests that woke the pod, served once it runs.
+    pub(super) pending_execs: Vec<PendingExec>,
 }
+
+/// An exec request waiting for its pod to wake.
+pub(super) type PendingExec = (
+    ExecRequest,
+    oneshot::Sender<Result<ExecSession, RuntimeError>>,
+);
 
 impl PodTask {
     /// A task for `record`, with its logs opened. Returns the task and the
@@ -175,6 +210,7 @@ impl PodTask {
             });
         }
         let (state_tx, state_rx) = watch::channel(record.state.clone());
+        let hibernation = record.state.hibernation.clone();
         let (exec_tx, exec_rx) = mpsc::channel(64);
         Ok((
             PodTask {
@@ -188,6 +224,9 @@ impl PodTask {
                 sessions: HashMap::new(),
                 retry_delay: None,
                 vm_problem: None,
+                hibernation,
+                activity: Activity::new(),
+                pending_execs: vec![],
             },
             state_rx,
             signals,
@@ -221,6 +260,10 @@ impl PodTask {
                     Some(next) => next,
                     None => return,
                 },
+                Stage::Hibernated => match self.sleep().await {
+                    Some(next) => next,
+                    None => return,
+                },
                 Stage::Finished => match self.idle_until(None).await {
                     Flow::Exit => return,
                     Flow::Continue => Stage::Finished,
@@ -233,6 +276,9 @@ impl PodTask {
     /// A pod whose deletion began before a crash gets no new VM: the
     /// deletion the server repeats finishes it.
     async fn initial_stage(&mut self) -> Stage {
+        if self.record.hibernated.is_some() {
+            return self.still_hibernated().await;
+        }
         let Some(rec) = self.record.vm.clone() else {
             return if self.record.state.phase.is_terminal() || self.record.deleting {
                 Stage::Finished
@@ -265,7 +311,7 @@ impl PodTask {
 
     /// What comes after the VM is gone: a new one when a container is to be
     /// restarted, else the end.
-    fn after_vm(&self) -> Stage {
+    pub(super) fn after_vm(&self) -> Stage {
         if self.all_done() {
             return Stage::Finished;
         }
@@ -285,7 +331,7 @@ impl PodTask {
 
     /// The VM is gone: every container that was running or starting ended
     /// with `why`; what is left of the sandbox `rec` names is discarded.
-    fn vm_lost(&mut self, why: String, rec: Option<&VmRecord>) {
+    pub(super) fn vm_lost(&mut self, why: String, rec: Option<&VmRecord>) {
         if let Some(rec) = rec {
             self.shared.launcher.discard(rec);
         }
@@ -335,6 +381,20 @@ impl PodTask {
                             "pod {} has no running container {name}: its VM is not running",
                             self.key()
                         ))));
+                    }
+                    Some(PodCommand::Hibernate { reply }) => {
+                        let _ = reply.send(Err(RuntimeError::Conflict(format!(
+                            "pod {} has no running VM to hibernate",
+                            self.key()
+                        ))));
+                    }
+                    Some(PodCommand::Wake { reply }) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(RuntimeError::Conflict(format!(
+                                "pod {} is not hibernated, and its VM is not running",
+                                self.key()
+                            ))));
+                        }
                     }
                 },
             }
@@ -392,7 +452,7 @@ impl PodTask {
                 }
             };
         }
-        let (mut vm, process) = match launcher.start(&plan, prepared.disks).await {
+        let (mut vm, process) = match launcher.start(&plan, prepared.disks.clone()).await {
             Ok(ok) => ok,
             Err(e) => return self.boot_failed(e),
         };
@@ -404,7 +464,9 @@ impl PodTask {
             process,
             booted_at: SystemTime::now(),
             containers: self.slots.iter().map(|s| s.spec.clone()).collect(),
+            disks: prepared.disks,
         });
+        self.activity = Activity::new();
         self.record
             .state
             .started_at
@@ -477,10 +539,18 @@ impl PodTask {
         }
     }
 
-    /// Serves a running VM until it is gone (next stage) or the task ends
-    /// (`None`).
+    /// Serves a running VM until it is gone or hibernated (next stage) or
+    /// the task ends (`None`).
     async fn supervise(&mut self, vm: Box<dyn Sandbox>) -> Option<Stage> {
         let mut vm = vm;
+        for (request, reply) in std::mem::take(&mut self.pending_execs) {
+            let _ = reply.send(self.start_exec(vm.as_mut(), request).await);
+        }
+        let idle_after = self.record.plan.hibernate_after;
+        let mut idle_check = tokio::time::interval(hibernation::idle_check_period(
+            idle_after.unwrap_or(Duration::from_secs(60)),
+        ));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.take_ready(vm.as_mut()).await {
                 return Some(self.vm_stopped(vm, e));
@@ -499,11 +569,19 @@ impl PodTask {
                     None => std::future::pending().await,
                 }
             };
-            let result: Result<(), PodVmError> = tokio::select! {
-                event = vm.next_event() => match event {
+            let idle_tick = async {
+                match idle_after {
+                    Some(_) => {
+                        idle_check.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let step: Step = tokio::select! {
+                event = vm.next_event() => Step::Go(match event {
                     Ok(msg) => self.on_message(vm.as_mut(), msg).await,
                     Err(e) => Err(e),
-                },
+                }),
                 cmd = self.commands.recv() => match cmd {
                     None | Some(PodCommand::Detach { .. }) => {
                         vm.detach();
@@ -522,13 +600,25 @@ impl PodTask {
                         return None;
                     }
                     Some(PodCommand::Exec { request, reply }) => {
+                        self.activity.touch();
                         // A send that failed means the VM is going: the
                         // next event says how.
                         let _ = reply.send(self.start_exec(vm.as_mut(), request).await);
-                        Ok(())
+                        Step::Go(Ok(()))
+                    }
+                    Some(PodCommand::Hibernate { reply }) => Step::Hibernate(Some(reply)),
+                    Some(PodCommand::Wake { reply }) => {
+                        self.activity.touch();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(format!("pod {} is running (it was not hibernated)", self.key())));
+                        }
+                        Step::Go(Ok(()))
                     }
                 },
-                Some((id, input)) = self.exec_rx.recv() => self.on_exec_input(vm.as_mut(), id, input).await,
+                Some((id, input)) = self.exec_rx.recv() => {
+                    self.activity.touch();
+                    Step::Go(self.on_exec_input(vm.as_mut(), id, input).await)
+                }
                 _ = restart_due => {
                     let now = Instant::now();
                     let mut result = Ok(());
@@ -538,11 +628,49 @@ impl PodTask {
                             if result.is_err() { break; }
                         }
                     }
-                    result
+                    Step::Go(result)
                 }
+                _ = idle_tick => match self.idle_for().await {
+                    idle if idle_after.is_some_and(|after| idle >= after) => Step::Hibernate(None),
+                    _ => Step::Go(Ok(())),
+                },
             };
-            if let Err(e) = result {
-                return Some(self.vm_stopped(vm, e));
+            match step {
+                Step::Go(Ok(())) => {}
+                Step::Go(Err(e)) => return Some(self.vm_stopped(vm, e)),
+                Step::Hibernate(reply) => {
+                    let by_policy = reply.is_none();
+                    match self.hibernate(vm, by_policy).await {
+                        Ok(done) => {
+                            tracing::info!(pod = %self.key(), "{done}");
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Ok(done));
+                            }
+                            return Some(Stage::Hibernated);
+                        }
+                        Err((still, e)) => {
+                            tracing::warn!(pod = %self.key(), "not hibernated: {e}", e = podvisor_errors::ErrorChain(&e));
+                            // The policy tries again after another idle
+                            // period.
+                            self.activity.touch();
+                            let lost = format!(
+                                "the pod VM was lost while it was being hibernated: {e}",
+                                e = podvisor_errors::ErrorChain(&e)
+                            );
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(e));
+                            }
+                            match still {
+                                Some(v) => vm = v,
+                                None => {
+                                    let rec = self.record.vm.clone();
+                                    self.vm_lost(lost, rec.as_ref());
+                                    return Some(self.after_vm());
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -562,7 +690,7 @@ impl PodTask {
     }
 
     /// The sandbox stopped with `e`: what comes next.
-    fn vm_stopped(&mut self, vm: Box<dyn Sandbox>, e: PodVmError) -> Stage {
+    pub(super) fn vm_stopped(&mut self, vm: Box<dyn Sandbox>, e: PodVmError) -> Stage {
         tracing::warn!(pod = %self.key(), "pod VM stopped: {e}", e = podvisor_errors::ErrorChain(&e));
         let rec = self.record.vm.clone();
         drop(vm);

@@ -6,6 +6,8 @@
 //!   host.json                  the last pod revision seen (watch resume)
 //!   pods/<pod-uid>/pod.json    PodRecord: the plan, the last state, the VM
 //!   pods/<pod-uid>/logs/       container logs (see `logs`)
+//!   pods/<pod-uid>/snapshots/  a hibernated pod's sealed snapshot (0700;
+//!                              the file 0600, its key on the server)
 //!   run/pods/<vm-id>/          the VM's run directory: QMP and agent
 //!                              sockets, console and QEMU logs
 //! ```
@@ -19,9 +21,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use podvisor_proto::ContainerSpec;
-use podvisor_vmm::VmmProcess;
+use podvisor_vmm::{BlockDevice, VmmProcess};
 use serde::{Deserialize, Serialize};
 
+use super::hibernation::Hibernated;
 use super::images::HeldLayers;
 use super::plan::PodPlan;
 use super::status::PodState;
@@ -56,6 +59,10 @@ pub struct VmRecord {
     /// What each container of the plan runs in this VM (`None`: its spec
     /// could not be made), for restarts and exec after an adoption.
     pub containers: Vec<Option<ContainerSpec>>,
+    /// The VM's disks, for a hibernation (records written before they
+    /// were kept have none, and such a VM is not hibernated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<BlockDevice>,
 }
 
 /// Everything the host keeps about one pod.
@@ -72,6 +79,10 @@ pub struct PodRecord {
     /// starts the pod again, it only finishes the deletion.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// The pod is hibernated: its VM is in this snapshot (and `vm` is
+    /// `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernated: Option<Hibernated>,
 }
 
 /// What the daemon itself keeps.
@@ -134,6 +145,11 @@ impl StateDir {
     /// Where pod `uid`'s container logs go.
     pub fn log_dir(&self, uid: &str) -> Result<PathBuf, RecordError> {
         Ok(self.pod_dir(uid)?.join("logs"))
+    }
+
+    /// Where pod `uid`'s snapshots go.
+    pub fn snapshot_dir(&self, uid: &str) -> Result<PathBuf, RecordError> {
+        Ok(self.pod_dir(uid)?.join("snapshots"))
     }
 
     /// The runtime directory of this host's VMs (their run directories
@@ -227,6 +243,7 @@ mod tests {
                 memory_mib: 128,
                 port_mappings: vec![],
                 dns: Default::default(),
+                hibernate_after: None,
             },
             state: PodState::default(),
             vm: Some(VmRecord {
@@ -238,9 +255,11 @@ mod tests {
                 },
                 booted_at: SystemTime::UNIX_EPOCH,
                 containers: vec![],
+                disks: vec![],
             }),
             holds: vec![],
             deleting: false,
+            hibernated: None,
         }
     }
 

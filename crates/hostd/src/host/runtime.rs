@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::error::RuntimeError;
 use super::exec::{ExecRequest, ExecSession};
+use super::hibernation::KeyCustody;
 use super::logs::{LogReader, LogSignal};
 use super::pod_task::{PodCommand, PodTask, Shared};
 use super::records::{PodRecord, StateDir};
@@ -45,10 +46,21 @@ impl PodRuntime {
         PodRuntime::open_with(cfg, launcher)
     }
 
-    /// [`PodRuntime::open`] with the pods' sandboxes made by `launcher`.
+    /// [`PodRuntime::open`] with the pods' sandboxes made by `launcher`
+    /// (pods are not hibernated).
     pub fn open_with(
         cfg: HostConfig,
         launcher: Arc<dyn Launcher>,
+    ) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
+        PodRuntime::open_with_keys(cfg, launcher, None)
+    }
+
+    /// [`PodRuntime::open_with`], pods hibernated with their snapshots'
+    /// keys kept by `keys`.
+    pub fn open_with_keys(
+        cfg: HostConfig,
+        launcher: Arc<dyn Launcher>,
+        keys: Option<Arc<dyn KeyCustody>>,
     ) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
         let state = StateDir::open(&cfg.state_dir)?;
         let records = state.load_all()?;
@@ -60,6 +72,7 @@ impl PodRuntime {
                 state,
                 changes,
                 launcher,
+                keys,
             }),
             pods: Mutex::new(HashMap::new()),
         };
@@ -110,6 +123,7 @@ impl PodRuntime {
             vm: None,
             holds: vec![],
             deleting: false,
+            hibernated: None,
         };
         self.shared.state.save(&record)?;
         self.spawn(record)?;
@@ -199,6 +213,17 @@ impl PodRuntime {
             ))
         })?;
         let dir = self.shared.state.log_dir(&uid)?;
+        let asleep = handle
+            .state
+            .borrow()
+            .hibernation
+            .as_ref()
+            .is_some_and(|h| h.asleep);
+        if follow && asleep {
+            // A follower wakes the pod (if the task is busy, it is awake
+            // or waking anyway).
+            let _ = handle.commands.try_send(PodCommand::Wake { reply: None });
+        }
         LogReader::open(&dir, container, tail, follow.then(|| signal.clone())).map_err(|source| {
             RuntimeError::Io {
                 what: format!("read the log of {container}"),
@@ -224,6 +249,41 @@ impl PodRuntime {
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+
+    /// Hibernates pod `namespace/name` now; returns what was saved.
+    pub async fn hibernate(&self, namespace: &str, name: &str) -> Result<String, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(namespace, name, PodCommand::Hibernate { reply })
+            .await?;
+        answer.await.map_err(|_| self.gone(namespace, name))?
+    }
+
+    /// Wakes pod `namespace/name` if it is hibernated; returns how.
+    pub async fn wake(&self, namespace: &str, name: &str) -> Result<String, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(namespace, name, PodCommand::Wake { reply: Some(reply) })
+            .await?;
+        answer.await.map_err(|_| self.gone(namespace, name))?
+    }
+
+    fn gone(&self, namespace: &str, name: &str) -> RuntimeError {
+        RuntimeError::NotFound(format!("pod {namespace}/{name} is being deleted"))
+    }
+
+    /// Sends `command` to the task of pod `namespace/name`.
+    async fn ask(
+        &self,
+        namespace: &str,
+        name: &str,
+        command: PodCommand,
+    ) -> Result<(), RuntimeError> {
+        let uid = self.lookup(namespace, name)?;
+        let commands = self.pods.lock().unwrap()[&uid].commands.clone();
+        commands
+            .send(command)
+            .await
+            .map_err(|_| self.gone(namespace, name))
     }
 
     fn check_logs_and_exec(&self) -> Result<(), RuntimeError> {

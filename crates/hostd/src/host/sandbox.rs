@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use podvisor_hibernate::{HibernateError, Snapshot, SnapshotKey};
 use podvisor_podvm::PodVmError;
 use podvisor_podvm::container::ContainerSpecError;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
@@ -17,6 +18,7 @@ use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
 
 use super::error::RuntimeError;
+use super::hibernation::Hibernated;
 use super::images::{HeldLayers, ImageProblem};
 use super::plan::PodPlan;
 use super::records::{PodRecord, VmRecord};
@@ -39,6 +41,30 @@ pub trait Sandbox: Send {
     /// Lets go of the sandbox, leaving it running for the next host
     /// daemon to adopt.
     fn detach(self: Box<Self>);
+    /// Saves the sandbox's state into a new sealed snapshot in `dir`,
+    /// bound to `context`, and leaves it paused. A snapshot that cannot be
+    /// made leaves it running (or says it was lost).
+    async fn save(self: Box<Self>, dir: &Path, context: &[u8])
+    -> Result<Box<dyn Paused>, NotSaved>;
+}
+
+/// A sandbox whose state is in a snapshot, paused.
+#[async_trait::async_trait]
+pub trait Paused: Send {
+    fn snapshot(&self) -> &Snapshot;
+    fn key(&self) -> &SnapshotKey;
+    /// Stops the sandbox: the pod now lives in the snapshot.
+    async fn stop(self: Box<Self>);
+    /// Deletes the snapshot and lets the sandbox run on; `why` is what
+    /// stopped the hibernation.
+    async fn resume(self: Box<Self>, why: HibernateError) -> NotSaved;
+}
+
+/// A hibernation that did not happen: why, and the sandbox if it still
+/// runs.
+pub struct NotSaved {
+    pub sandbox: Option<Box<dyn Sandbox>>,
+    pub error: HibernateError,
 }
 
 /// What a pod's containers need before its sandbox starts.
@@ -93,4 +119,37 @@ pub trait Launcher: Send + Sync {
     fn without_logs_and_exec(&self) -> Option<&'static str> {
         None
     }
+    /// Why this host's sandboxes cannot be hibernated, if so.
+    fn without_hibernation(&self) -> Option<&'static str> {
+        None
+    }
+    /// How many frames the pod's network has handed its sandbox so far
+    /// (`None`: it has no network): a change is traffic for the pod.
+    async fn frames_in(&self, _plan: &PodPlan) -> Option<u64> {
+        None
+    }
+    /// The pod's sandbox was stopped for a hibernation, or a daemon
+    /// restarted while it slept: from now on its network waits for the
+    /// first request for it.
+    async fn sleep(&self, _plan: &PodPlan) -> Result<(), PodVmError> {
+        Ok(())
+    }
+    /// Returns when a request for the sleeping pod arrived (its first
+    /// frame waits); never without a [`Launcher::sleep`]. Cancel-safe.
+    async fn requested(&self, _plan: &PodPlan) -> Result<(), PodVmError> {
+        std::future::pending().await
+    }
+    /// Brings the pod back from `hibernated` with `key`: a running
+    /// sandbox with the state it was saved with (the requests that waited
+    /// are let in once it runs), its identity set again within `timeout`.
+    async fn wake(
+        &self,
+        plan: &PodPlan,
+        hibernated: &Hibernated,
+        key: &SnapshotKey,
+        timeout: Duration,
+    ) -> Result<(Box<dyn Sandbox>, VmmProcess), HibernateError>;
+    /// The pod no longer sleeps without having woken (it is deleted, or
+    /// its wake failed): forget what waited for its first request.
+    fn forget_sleep(&self, _plan: &PodPlan) {}
 }

@@ -43,6 +43,9 @@ pub struct PodState {
     /// The pod's addresses (status.podIPs), while it has a network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pod_ips: Vec<std::net::IpAddr>,
+    /// Hibernated now, or how the last wake went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hibernation: Option<super::hibernation::HibernationStatus>,
 }
 
 /// One container's state and restart count.

@@ -13,7 +13,7 @@ use super::{
     RestartPolicy,
 };
 
-fn config(dir: &std::path::Path, base: Duration) -> HostConfig {
+pub(super) fn config(dir: &std::path::Path, base: Duration) -> HostConfig {
     let node = podvisor_podvm::NodeConfig::with_defaults(podvisor_vmm::Accel::Tcg);
     let mut cfg = HostConfig::new(node, dir.to_path_buf());
     cfg.backoff = Backoff {
@@ -24,7 +24,7 @@ fn config(dir: &std::path::Path, base: Duration) -> HostConfig {
     cfg
 }
 
-fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy) -> PodPlan {
+pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy) -> PodPlan {
     PodPlan {
         uid: uid.into(),
         namespace: "default".into(),
@@ -47,11 +47,16 @@ fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy) -> PodPla
         memory_mib: 128,
         port_mappings: vec![],
         dns: Default::default(),
+        hibernate_after: None,
     }
 }
 
 /// The state of pod `uid` once `ok` holds for it (within 5 s).
-async fn state_when(rt: &PodRuntime, uid: &str, ok: impl Fn(&PodState) -> bool) -> PodState {
+pub(super) async fn state_when(
+    rt: &PodRuntime,
+    uid: &str,
+    ok: impl Fn(&PodState) -> bool,
+) -> PodState {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let state = rt
@@ -67,11 +72,11 @@ async fn state_when(rt: &PodRuntime, uid: &str, ok: impl Fn(&PodState) -> bool) 
     }
 }
 
-fn running(s: &PodState, i: usize) -> bool {
+pub(super) fn running(s: &PodState, i: usize) -> bool {
     matches!(s.containers[i].state, ContainerState::Running { .. })
 }
 
-fn started(vm: &FakeVm, id: &str) {
+pub(super) fn started(vm: &FakeVm, id: &str) {
     vm.say(GuestMessage::Started {
         id: id.into(),
         pid: 1,

@@ -4,15 +4,18 @@
 //! pod's CNI attachment ([`podvisor_net`]) made at its first VM start and
 //! kept until the pod is finished, and each VM's NIC on a fresh tap in it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use podvisor_hibernate::{HibernateError, Snapshot, SnapshotKey};
 use podvisor_net::PodNetworks;
 use podvisor_net::cni::PodIdentity;
 use podvisor_net::pod_network::AttachRequest;
+use podvisor_net::vm_nic;
 use podvisor_podvm::container::process_spec;
 use podvisor_podvm::network::{self, PodNic};
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
@@ -22,16 +25,20 @@ use podvisor_vmm::{BlockDevice, Device};
 
 use super::HostConfig;
 use super::error::RuntimeError;
+use super::hibernation::{self, Hibernated};
 use super::images::{self, HeldLayers, ImageProblem};
 use super::plan::PodPlan;
 use super::records::{PodRecord, StateDir, VmRecord};
-use super::sandbox::{Launcher, Prepared, Sandbox};
+use super::sandbox::{Launcher, NotSaved, Paused, Prepared, Sandbox};
 
 /// Launches each pod in its own VM.
 pub struct VmLauncher {
     node: NodeConfig,
     /// The pods' networks; `None`: pods have only `lo`.
     networks: Option<PodNetworks>,
+    /// The NICs of hibernated pods, waiting for their first request (by
+    /// pod uid).
+    sleeping: Mutex<HashMap<String, Arc<PodNic>>>,
 }
 
 impl VmLauncher {
@@ -41,11 +48,64 @@ impl VmLauncher {
     pub fn new(cfg: &HostConfig) -> Result<VmLauncher, RuntimeError> {
         let mut node = cfg.node.clone();
         node.run_dir = StateDir::run_dir_under(&cfg.state_dir);
+        // Any pod may be hibernated: a guest that zeroes the pages it
+        // frees makes a snapshot a fraction of the size (QEMU sends a zero
+        // page as a flag), at no cost seen at boot (docs/ARCHITECTURE.md,
+        // "Hibernation").
+        if !node
+            .extra_kernel_args
+            .iter()
+            .any(|a| a.starts_with("init_on_free="))
+        {
+            node.extra_kernel_args.push("init_on_free=1".into());
+        }
         let networks = match &cfg.network {
             Some(net) => Some(PodNetworks::open(net.clone())?),
             None => None,
         };
-        Ok(VmLauncher { node, networks })
+        Ok(VmLauncher {
+            node,
+            networks,
+            sleeping: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The guest's kernel and initramfs.
+    async fn guest(&self) -> Result<podvisor_guest::GuestArtifacts, PodVmError> {
+        let opts = podvisor_guest::GuestOptions {
+            kernel: self.node.kernel.clone(),
+            agent: self.node.agent.clone(),
+            extra_modules: vec![],
+            cache_dir: self.node.cache_dir.clone(),
+        };
+        Ok(
+            tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts))
+                .await
+                .map_err(|e| PodVmError::Io {
+                    what: "prepare the guest".into(),
+                    source: std::io::Error::other(e),
+                })??,
+        )
+    }
+
+    /// The VM spec of pod `plan` with `devices`.
+    fn spec(
+        &self,
+        plan: &PodPlan,
+        guest: podvisor_guest::GuestArtifacts,
+        devices: Vec<Device>,
+    ) -> PodVmSpec {
+        PodVmSpec {
+            id: plan.vm_id(),
+            cpus: plan.cpus,
+            memory_mib: plan.memory_mib,
+            guest,
+            devices,
+            pci: Default::default(),
+            memory: podvisor_vmm::MemoryBacking::Anonymous,
+            die_with_parent: false,
+            netns: None,
+        }
     }
 
     /// The pod's NIC for its next VM: its network attached first if it
@@ -122,32 +182,11 @@ impl Launcher for VmLauncher {
         plan: &PodPlan,
         disks: Vec<BlockDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
-        let opts = podvisor_guest::GuestOptions {
-            kernel: self.node.kernel.clone(),
-            agent: self.node.agent.clone(),
-            extra_modules: vec![],
-            cache_dir: self.node.cache_dir.clone(),
-        };
-        let guest = tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts))
-            .await
-            .map_err(|e| PodVmError::Io {
-                what: "prepare the guest".into(),
-                source: std::io::Error::other(e),
-            })??;
+        let guest = self.guest().await?;
         let nic = self.pod_nic(plan).await?;
         let mut devices: Vec<Device> = disks.into_iter().map(Device::Block).collect();
         devices.extend(nic.as_ref().map(PodNic::vm_device));
-        let spec = PodVmSpec {
-            id: plan.vm_id(),
-            cpus: plan.cpus,
-            memory_mib: plan.memory_mib,
-            guest,
-            devices,
-            pci: Default::default(),
-            memory: podvisor_vmm::MemoryBacking::Anonymous,
-            die_with_parent: false,
-            netns: None,
-        };
+        let spec = self.spec(plan, guest, devices);
         let mut vm = PodVm::boot(&self.node, spec).await?;
         let hostname = plan.hostname();
         let mut config = match &nic {
@@ -213,6 +252,139 @@ impl Launcher for VmLauncher {
         kill_recorded(&record.process);
         let _ = std::fs::remove_dir_all(&record.process.run_dir);
     }
+
+    async fn frames_in(&self, plan: &PodPlan) -> Option<u64> {
+        let att = self.networks.as_ref()?.attachment(&plan.uid)?;
+        match vm_nic::frames_to_vm(&att.netns, network::TAP_NAME).await {
+            Ok(frames) => frames,
+            Err(e) => {
+                tracing::debug!(pod = %plan.key(), "cannot read the NIC's counters: {e}", e = podvisor_errors::ErrorChain(&e));
+                None
+            }
+        }
+    }
+
+    async fn sleep(&self, plan: &PodPlan) -> Result<(), PodVmError> {
+        let Some(networks) = &self.networks else {
+            return Ok(());
+        };
+        if networks.attachment(&plan.uid).is_none() {
+            return Ok(());
+        }
+        // A fresh tap (the VM's went with its QEMU), kept here with only
+        // the pod's frames let in.
+        let nic = network::pod_nic(networks, &plan.uid).await?;
+        nic.sleep().map_err(|source| PodVmError::Io {
+            what: "let only the pod's frames wait in its tap".into(),
+            source,
+        })?;
+        self.sleeping
+            .lock()
+            .unwrap()
+            .insert(plan.uid.clone(), Arc::new(nic));
+        Ok(())
+    }
+
+    async fn requested(&self, plan: &PodPlan) -> Result<(), PodVmError> {
+        let nic = self.sleeping.lock().unwrap().get(&plan.uid).cloned();
+        let Some(nic) = nic else {
+            return std::future::pending().await;
+        };
+        nic.first_frame(None)
+            .await
+            .map(|_| ())
+            .map_err(|source| PodVmError::Io {
+                what: "wait for a request for the pod".into(),
+                source,
+            })
+    }
+
+    async fn wake(
+        &self,
+        plan: &PodPlan,
+        hibernated: &Hibernated,
+        key: &SnapshotKey,
+        timeout: Duration,
+    ) -> Result<(Box<dyn Sandbox>, VmmProcess), HibernateError> {
+        let load_error = |source| HibernateError::Load {
+            id: hibernated.snapshot.id.clone(),
+            source,
+        };
+        let guest = self.guest().await.map_err(load_error)?;
+        let sleeping = self.sleeping.lock().unwrap().remove(&plan.uid);
+        let nic = match sleeping {
+            Some(nic) => Some(nic),
+            // Nothing waited (pod networking is off, or making the
+            // sleeping tap failed): a fresh tap.
+            None => self.pod_nic(plan).await.map_err(load_error)?.map(Arc::new),
+        };
+        // Every frame reaches the tap again; those that waited are sent in
+        // once the VM runs (a loading VMM would garble them).
+        let waiting = match &nic {
+            Some(nic) => nic.wake().unwrap_or_else(|e| {
+                tracing::warn!(pod = %plan.key(), "cannot take the frames that waited: {e}");
+                vec![]
+            }),
+            None => vec![],
+        };
+        let mut devices: Vec<Device> = hibernated
+            .disks
+            .iter()
+            .cloned()
+            .map(Device::Block)
+            .collect();
+        devices.extend(nic.as_deref().map(PodNic::vm_device));
+        let spec = self.spec(plan, guest, devices);
+        let context = hibernation::snapshot_context(plan);
+        let vm = podvisor_hibernate::wake(
+            &self.node,
+            spec,
+            &hibernated.snapshot,
+            key,
+            &context,
+            &plan.hostname(),
+            timeout,
+        )
+        .await?;
+        if let Some(nic) = &nic
+            && !waiting.is_empty()
+            && let Err(e) = nic.replay(&waiting).await
+        {
+            tracing::warn!(pod = %plan.key(), "the frames that waited for the pod were not sent in again (clients send them again): {e}");
+        }
+        let process = vm.vmm_process().map_err(load_error)?;
+        Ok((Box::new(vm), process))
+    }
+
+    fn forget_sleep(&self, plan: &PodPlan) {
+        self.sleeping.lock().unwrap().remove(&plan.uid);
+    }
+}
+
+/// A pod VM whose state is in a snapshot, paused.
+struct PausedVm(podvisor_hibernate::Saved);
+
+#[async_trait]
+impl Paused for PausedVm {
+    fn snapshot(&self) -> &Snapshot {
+        &self.0.snapshot
+    }
+
+    fn key(&self) -> &SnapshotKey {
+        &self.0.key
+    }
+
+    async fn stop(self: Box<Self>) {
+        self.0.commit().await;
+    }
+
+    async fn resume(self: Box<Self>, why: HibernateError) -> NotSaved {
+        let not = self.0.abort(why).await;
+        NotSaved {
+            sandbox: not.pod.map(|p| Box::new(p) as Box<dyn Sandbox>),
+            error: not.error,
+        }
+    }
 }
 
 #[async_trait]
@@ -235,6 +407,20 @@ impl Sandbox for PodVm {
 
     fn detach(self: Box<Self>) {
         PodVm::detach(*self)
+    }
+
+    async fn save(
+        self: Box<Self>,
+        dir: &Path,
+        context: &[u8],
+    ) -> Result<Box<dyn Paused>, NotSaved> {
+        match podvisor_hibernate::save(*self, dir, context).await {
+            Ok(saved) => Ok(Box::new(PausedVm(saved))),
+            Err(not) => Err(NotSaved {
+                sandbox: not.pod.map(|p| Box::new(p) as Box<dyn Sandbox>),
+                error: not.error,
+            }),
+        }
     }
 }
 
