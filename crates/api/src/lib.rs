@@ -25,9 +25,9 @@ pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
 pub use pod::{
     Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, DnsPolicy,
-    EnvVar, HostAlias, HostPort, Pod, PodDnsConfig, PodDnsConfigOption, PodIp, PodList, PodPhase,
-    PodSpec, PodStatus, Protocol, ResourceList, ResourceRequirements, Resources, RestartPolicy,
-    labels_text,
+    EnvVar, HIBERNATED_CONDITION, HostAlias, HostPort, Pod, PodCondition, PodDnsConfig,
+    PodDnsConfigOption, PodIp, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList,
+    ResourceRequirements, Resources, RestartPolicy, labels_text,
 };
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};
