@@ -5,6 +5,8 @@
 //! [`Client`]. It depends on no other podvisor crate.
 
 pub mod client;
+mod duration;
+mod hibernate;
 mod host;
 mod image;
 mod meta;
@@ -15,6 +17,8 @@ mod status;
 pub mod validate;
 
 pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
+pub use duration::parse_duration;
+pub use hibernate::{HIBERNATE_AFTER_ANNOTATION, hibernate_after};
 pub use host::{
     ENDPOINT_TOKEN_HEADER, Host, HostCapacity, HostList, HostSpec, HostStatus,
     validate_endpoint_token,
