@@ -5,6 +5,8 @@
 //! [`Client`]. It depends on no other podvisor crate.
 
 pub mod client;
+mod duration;
+mod hibernate;
 mod host;
 mod image;
 mod meta;
@@ -15,6 +17,8 @@ mod status;
 pub mod validate;
 
 pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
+pub use duration::parse_duration;
+pub use hibernate::{HIBERNATE_AFTER_ANNOTATION, hibernate_after};
 pub use host::{
     ENDPOINT_TOKEN_HEADER, Host, HostCapacity, HostList, HostSpec, HostStatus,
     validate_endpoint_token,
@@ -25,9 +29,9 @@ pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
 pub use pod::{
     Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, DnsPolicy,
-    EnvVar, HostAlias, HostPort, Pod, PodDnsConfig, PodDnsConfigOption, PodIp, PodList, PodPhase,
-    PodSpec, PodStatus, Protocol, ResourceList, ResourceRequirements, Resources, RestartPolicy,
-    labels_text,
+    EnvVar, HIBERNATED_CONDITION, HostAlias, HostPort, Pod, PodCondition, PodDnsConfig,
+    PodDnsConfigOption, PodIp, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList,
+    ResourceRequirements, Resources, RestartPolicy, labels_text,
 };
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};

@@ -371,6 +371,66 @@ pub struct PodStatus {
     pub start_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerStatus>,
+    /// What is true of the pod now, one condition per type (podvisor's:
+    /// [`HIBERNATED_CONDITION`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// The type of the condition a host reports while a pod is hibernated
+/// (status `True`: its VM's state is saved to disk and its QEMU has
+/// exited; it wakes on the first network request, on exec or `logs -f`,
+/// or when asked). `lastTransitionTime` is when it went to sleep, the
+/// message says what the snapshot holds (`snapshot 15.1 MiB of 192 MiB
+/// guest memory`).
+pub const HIBERNATED_CONDITION: &str = "Hibernated";
+
+/// One condition of a pod, in Kubernetes' shape: a type, whether it holds
+/// (`True`, `False` or `Unknown`), and since when and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodCondition {
+    /// What the condition is about: `Hibernated`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word saying why the condition last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Details for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<DateTime<Utc>>,
+}
+
+impl PodStatus {
+    /// The condition of type `type_`, if the pod has one.
+    pub fn condition(&self, type_: &str) -> Option<&PodCondition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// Puts `condition` in place of the one of its type (or adds it).
+    pub fn set_condition(&mut self, condition: PodCondition) {
+        match self
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == condition.type_)
+        {
+            Some(c) => *c = condition,
+            None => self.conditions.push(condition),
+        }
+    }
+
+    /// Whether the pod is hibernated: its [`HIBERNATED_CONDITION`] is
+    /// `True`.
+    pub fn is_hibernated(&self) -> bool {
+        self.condition(HIBERNATED_CONDITION)
+            .is_some_and(|c| c.status == "True")
+    }
 }
 
 /// One address of a pod (an entry of `status.podIPs`).
@@ -549,11 +609,15 @@ impl Pod {
     }
 
     /// The STATUS column of `get pods`, as kubectl shows it: `Terminating`
-    /// while being deleted, else a waiting/terminated container's reason,
-    /// else the pod's reason, else its phase.
+    /// while being deleted, else `Hibernated` while hibernated, else a
+    /// waiting/terminated container's reason, else the pod's reason, else
+    /// its phase.
     pub fn display_status(&self) -> String {
         if self.metadata.deletion_timestamp.is_some() {
             return "Terminating".into();
+        }
+        if self.status.is_hibernated() {
+            return HIBERNATED_CONDITION.into();
         }
         for c in &self.status.container_statuses {
             if let Some(w) = &c.state.waiting
@@ -604,4 +668,95 @@ pub fn labels_text(labels: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hibernated() -> PodCondition {
+        PodCondition {
+            type_: HIBERNATED_CONDITION.into(),
+            status: "True".into(),
+            reason: Some("Idle".into()),
+            message: Some("snapshot 15.1 MiB of 192 MiB guest memory".into()),
+            last_transition_time: Some("2026-12-07T18:00:00Z".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn conditions_have_kubernetes_json_names() {
+        let mut status = PodStatus::default();
+        assert!(
+            !serde_json::to_string(&status)
+                .unwrap()
+                .contains("conditions"),
+            "no conditions, no field"
+        );
+        status.conditions.push(hibernated());
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json["conditions"],
+            serde_json::json!([{
+                "type": "Hibernated",
+                "status": "True",
+                "reason": "Idle",
+                "message": "snapshot 15.1 MiB of 192 MiB guest memory",
+                "lastTransitionTime": "2026-12-07T18:00:00Z",
+            }])
+        );
+        let back: PodStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+        let bare: PodCondition =
+            serde_json::from_str(r#"{"type":"Hibernated","status":"False"}"#).unwrap();
+        assert_eq!(bare.reason, None);
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap(),
+            r#"{"type":"Hibernated","status":"False"}"#
+        );
+        let unknown =
+            serde_json::from_str::<PodCondition>(r#"{"type":"Ready","status":"True","x":1}"#);
+        assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn a_hibernated_pod_says_so() {
+        let mut pod = Pod::new(
+            "web",
+            vec![Container {
+                name: "main".into(),
+                image: "busybox".into(),
+                ..Default::default()
+            }],
+        );
+        pod.status.phase = PodPhase::Running;
+        assert!(!pod.status.is_hibernated());
+        assert_eq!(pod.status.condition(HIBERNATED_CONDITION), None);
+        pod.status.set_condition(hibernated());
+        pod.status.set_condition(PodCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            ..Default::default()
+        });
+        assert!(pod.status.is_hibernated());
+        assert_eq!(pod.display_status(), "Hibernated");
+        assert_eq!(
+            pod.status.condition("Ready").map(|c| c.status.as_str()),
+            Some("False")
+        );
+        // Woken: the same condition, now False; still one of its type.
+        pod.status.set_condition(PodCondition {
+            status: "False".into(),
+            ..hibernated()
+        });
+        assert_eq!(pod.status.conditions.len(), 2);
+        assert!(!pod.status.is_hibernated());
+        assert_eq!(pod.display_status(), "Running");
+        pod.status.conditions[0].status = "Unknown".into();
+        assert!(!pod.status.is_hibernated());
+        // Being deleted wins.
+        pod.status.conditions[0].status = "True".into();
+        pod.metadata.deletion_timestamp = Some(chrono::Utc::now());
+        assert_eq!(pod.display_status(), "Terminating");
+    }
 }

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The body of every error response:
-/// `{"kind":"Status","code":404,"reason":"NotFound","message":"..."}`.
+/// `{"kind":"Status","code":404,"reason":"NotFound","message":"..."}`,
+/// and of answers that carry no object (a pod removed, hibernated,
+/// woken): code 200, reason `Success` (see [`Status::success`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
@@ -27,6 +29,11 @@ impl Status {
             reason: reason.into(),
             message: message.into(),
         }
+    }
+
+    /// An answer saying something was done: code 200, reason `Success`.
+    pub fn success(message: impl Into<String>) -> Status {
+        Status::new(200, "Success", message)
     }
 }
 

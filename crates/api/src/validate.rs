@@ -132,6 +132,15 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
             errors.add(format!("metadata.labels.{k}"), p);
         }
     }
+    if let Err(p) = crate::hibernate_after(meta) {
+        errors.add(
+            format!(
+                "metadata.annotations[{}]",
+                crate::HIBERNATE_AFTER_ANNOTATION
+            ),
+            p,
+        );
+    }
     if let Some(node) = &pod.spec.node_name
         && let Some(p) = dns_subdomain_problem(node)
     {
@@ -622,6 +631,47 @@ mod tests {
             ..Default::default()
         });
         assert!(problems(&p).contains("must not have more than 2048 characters"));
+    }
+
+    #[test]
+    fn hibernate_after_annotation() {
+        let mut p = pod();
+        let at = "metadata.annotations[podvisor.io/hibernate-after]";
+        for good in ["30s", "5m", "1h30m", "1.5h", "500ms", "90s"] {
+            p.metadata
+                .annotations
+                .insert(crate::HIBERNATE_AFTER_ANNOTATION.into(), good.into());
+            assert!(validate_pod(&p).is_ok(), "{good}: {}", problems(&p));
+        }
+        for (bad, why) in [
+            ("5", "a number needs a unit"),
+            ("5 min", "unknown unit \" min\""),
+            ("1d", "unknown unit \"d\""),
+            ("-5s", "a duration has no sign"),
+            ("", "the duration is empty"),
+            ("1e9h", "unknown unit \"e\""),
+            ("9999999h", "longer than Go can hold"),
+            ("0s", "is zero"),
+        ] {
+            p.metadata
+                .annotations
+                .insert(crate::HIBERNATE_AFTER_ANNOTATION.into(), bad.into());
+            let errors = validate_pod(&p).unwrap_err();
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert_eq!(errors[0].field, at);
+            let e = &errors[0].message;
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(
+                e.contains("such as 30s, 5m, 1h30m, 1.5h or 500ms"),
+                "says what is accepted: {e}"
+            );
+        }
+        // Other annotations stay free-form.
+        let mut p = pod();
+        p.metadata
+            .annotations
+            .insert("example.com/after".into(), "5x".into());
+        assert!(validate_pod(&p).is_ok());
     }
 
     #[test]

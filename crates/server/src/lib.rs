@@ -2,7 +2,7 @@
 //! (`podvisor-store`: SQLite by default, etcd for several replicas), bearer
 //! tokens, the pod watch cache, the scheduler and host liveness checks (run
 //! by the elected leader replica), the OpenAPI document, and the proxy of
-//! logs and exec to host daemons. Replicas keep no state of their own
+//! logs, exec, hibernation and wake to host daemons. Replicas keep no state of their own
 //! beyond caches derived from the store, so any replica serves any request.
 
 pub mod api;

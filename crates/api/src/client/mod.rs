@@ -33,6 +33,11 @@ use crate::status::Status;
 
 /// How long a plain (non-streaming) request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a hibernation or a wake may take: the server gives the pod's
+/// host 90 s (a VM under TCG saves or loads in 1-3 s, a wake that falls
+/// back to a cold restart takes longer), and its answer must still
+/// arrive.
+const HIBERNATE_TIMEOUT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client of a podvisor server, or of several replicas of one: requests
@@ -165,11 +170,24 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&(dyn erased::Body + Sync)>,
     ) -> Result<T, ClientError> {
+        self.call_within(method, path, query, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`Client::call`] with its own timeout.
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&(dyn erased::Body + Sync)>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let name = method_name(&method);
         let body = body.map(|b| b.to_json());
         let (url, resp) = self
             .execute(method, path, |mut req| {
-                req = req.timeout(REQUEST_TIMEOUT);
+                req = req.timeout(timeout);
                 if !query.is_empty() {
                     req = req.query(query);
                 }
@@ -359,6 +377,26 @@ impl Client {
                 source,
             })
         })))
+    }
+
+    /// Hibernates a pod: its host saves the VM's state (sealed, on its
+    /// disk) and stops its QEMU; the pod wakes on the first network
+    /// request, on exec or `logs -f`, or on [`Client::wake_pod`]. Returns
+    /// the server's Status once it is done (`pod default/web hibernated:
+    /// ...`); may take up to two minutes.
+    pub async fn hibernate_pod(&self, namespace: &str, name: &str) -> Result<Status, ClientError> {
+        let path = format!("{}/hibernate", pod_path(namespace, name));
+        self.call_within(reqwest::Method::POST, &path, &[], None, HIBERNATE_TIMEOUT)
+            .await
+    }
+
+    /// Wakes a hibernated pod: its host loads the VM's state again.
+    /// Returns the server's Status once the pod runs again; may take up to
+    /// two minutes.
+    pub async fn wake_pod(&self, namespace: &str, name: &str) -> Result<Status, ClientError> {
+        let path = format!("{}/wake", pod_path(namespace, name));
+        self.call_within(reqwest::Method::POST, &path, &[], None, HIBERNATE_TIMEOUT)
+            .await
     }
 
     /// Watches pods from after `resource_version` (or, with `None`, from

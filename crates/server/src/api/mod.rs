@@ -30,7 +30,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub pods: PodCache,
     pub tokens: TokenCheck,
-    /// For proxying logs to host daemons.
+    /// For proxying logs, exec, hibernation and wake to host daemons.
     pub http: reqwest::Client,
     /// TTL of a host's heartbeat lease.
     pub host_ttl: Duration,
@@ -124,6 +124,16 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/namespaces/{namespace}/pods/{name}/exec",
             get(proxy::exec),
         ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/pods/{name}/hibernate",
+            post(proxy::hibernate),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/pods/{name}/wake",
+            post(proxy::wake),
+        ),
         route(Method::GET, "/api/v1/hosts", get(hosts::list)),
         route(Method::POST, "/api/v1/hosts", post(hosts::register)),
         route(Method::GET, "/api/v1/hosts/{name}", get(hosts::get_one)),
@@ -198,6 +208,8 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         snapshot_keys::delete,
         proxy::log,
         proxy::exec,
+        proxy::hibernate,
+        proxy::wake,
         hosts::list,
         hosts::register,
         hosts::get_one,

@@ -1,5 +1,8 @@
-//! Logs and exec, proxied to the host daemon running the pod
-//! (`{address}/pods/{ns}/{name}/log|exec`, same query).
+//! Logs, exec, hibernation and wake, proxied to the host daemon running
+//! the pod (`{address}/pods/{ns}/{name}/log|exec|hibernate|wake`, same
+//! query).
+
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::{Message as AxMessage, WebSocket, WebSocketUpgrade};
@@ -27,28 +30,63 @@ struct Upstream {
     authorization: String,
 }
 
-/// The daemon URL of the host running a pod, for `what` (`log`, `exec`),
-/// and the secret its endpoint accepts.
+/// What is asked of the pod's host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Log,
+    Exec,
+    Hibernate,
+    Wake,
+}
+
+impl Action {
+    /// The last part of the daemon's path.
+    fn path(self) -> &'static str {
+        match self {
+            Action::Log => "log",
+            Action::Exec => "exec",
+            Action::Hibernate => "hibernate",
+            Action::Wake => "wake",
+        }
+    }
+
+    /// Why it cannot be done for a pod that has no host yet.
+    fn nothing_yet(self) -> &'static str {
+        match self {
+            Action::Log => "it has no logs yet",
+            Action::Exec => "there is nothing to exec into yet",
+            Action::Hibernate => "it has no VM to hibernate yet",
+            Action::Wake => "it has not started, so there is nothing to wake",
+        }
+    }
+}
+
+/// The daemon URL of the host running a pod, for `action`, and the
+/// secret its endpoint accepts.
 async fn host_url(
     state: &AppState,
     namespace: &str,
     name: &str,
-    what: &str,
+    action: Action,
     query: Option<&str>,
 ) -> Result<Upstream, ApiError> {
     let store = state.store.as_ref();
     let pod = objects::get::<Pod>(store, &keys::pod(namespace, name))
         .await?
         .ok_or_else(|| super::pods::not_found(namespace, name))?;
+    if matches!(action, Action::Hibernate | Action::Wake)
+        && pod.metadata.deletion_timestamp.is_some()
+    {
+        return Err(ApiError::conflict(format!(
+            "pod {namespace}/{name} is being deleted: it cannot {} now",
+            action.path()
+        )));
+    }
     let host_name = pod.spec.node_name.ok_or_else(|| {
-        let nothing = if what == "log" {
-            "it has no logs yet"
-        } else {
-            "there is nothing to exec into yet"
-        };
         ApiError::bad_request(format!(
-            "pod {namespace}/{name} is not assigned to a host yet ({}): {nothing}",
-            pod.status.reason.as_deref().unwrap_or("Pending")
+            "pod {namespace}/{name} is not assigned to a host yet ({}): {}",
+            pod.status.reason.as_deref().unwrap_or("Pending"),
+            action.nothing_yet()
         ))
     })?;
     let host = objects::get::<Host>(store, &keys::host(&host_name))
@@ -65,6 +103,7 @@ async fn host_url(
         )));
     }
     let base = host.spec.address.trim_end_matches('/');
+    let what = action.path();
     let mut url =
         url::Url::parse(&format!("{base}/pods/{namespace}/{name}/{what}")).map_err(|e| {
             ApiError::internal(format!(
@@ -113,7 +152,7 @@ pub async fn log(
         host,
         url,
         authorization,
-    } = host_url(&state, &namespace, &name, "log", query.as_deref()).await?;
+    } = host_url(&state, &namespace, &name, Action::Log, query.as_deref()).await?;
     let resp = state
         .http
         .get(url.clone())
@@ -171,7 +210,7 @@ pub async fn exec(
         host,
         mut url,
         authorization,
-    } = host_url(&state, &namespace, &name, "exec", query.as_deref()).await?;
+    } = host_url(&state, &namespace, &name, Action::Exec, query.as_deref()).await?;
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
     let _ = url.set_scheme(scheme);
     let mut request = url
@@ -208,6 +247,144 @@ pub async fn exec(
         }
     };
     Ok(upgrade.on_upgrade(move |client| pump(client, upstream)))
+}
+
+/// How long the host may take to hibernate or wake a pod: a VM under TCG
+/// saves or loads in 1-3 s; a wake that falls back to a cold restart
+/// takes longer.
+const HOST_ACTION_TIMEOUT: Duration = Duration::from_secs(90);
+/// The most the server reads of the host's answer (a Status).
+const MAX_HOST_ANSWER: usize = 64 << 10;
+
+/// Hibernates a pod: its host saves the VM's state, sealed, to its disk
+/// and stops the VM's QEMU. The pod wakes on the first network request
+/// for it, on exec or `logs -f`, or on `.../wake`; while it sleeps its
+/// status has the condition `Hibernated` (`True`). The host's answer is
+/// relayed: a Status (`pod default/web hibernated: ...`) once it is
+/// done, or the host's refusal.
+#[utoipa::path(post, path = "/api/v1/namespaces/{namespace}/pods/{name}/hibernate", tag = "pods",
+    params(("namespace" = String, Path), ("name" = String, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Hibernated", body = Status),
+        (status = 400, description = "The pod is not on a host", body = Status),
+        (status = 403, description = "Not a user's or the admin's token", body = Status),
+        (status = 404, body = Status),
+        (status = 409, description = "The pod is being deleted", body = Status),
+        (status = 502, description = "The host daemon cannot be reached, or its answer is unusable", body = Status),
+        (status = 503, description = "The pod's host is NotReady", body = Status),
+        (status = 504, description = "The host daemon did not answer within 90 s", body = Status),
+        (status = "default", description = "The host daemon's refusal, relayed", body = Status)))]
+pub async fn hibernate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    caller.require_user()?;
+    let upstream = host_url(&state, &namespace, &name, Action::Hibernate, None).await?;
+    let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
+    Ok((code, axum::Json(status)).into_response())
+}
+
+/// Wakes a hibernated pod: its host loads the VM's state again (or, if
+/// that fails, restarts the pod). The host's answer is relayed: a Status
+/// (`pod default/web woken: ...`) once the pod runs, or the host's
+/// refusal.
+#[utoipa::path(post, path = "/api/v1/namespaces/{namespace}/pods/{name}/wake", tag = "pods",
+    params(("namespace" = String, Path), ("name" = String, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Awake", body = Status),
+        (status = 400, description = "The pod is not on a host", body = Status),
+        (status = 403, description = "Not a user's or the admin's token", body = Status),
+        (status = 404, body = Status),
+        (status = 409, description = "The pod is being deleted", body = Status),
+        (status = 502, description = "The host daemon cannot be reached, or its answer is unusable", body = Status),
+        (status = 503, description = "The pod's host is NotReady", body = Status),
+        (status = 504, description = "The host daemon did not answer within 90 s", body = Status),
+        (status = "default", description = "The host daemon's refusal, relayed", body = Status)))]
+pub async fn wake(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    caller.require_user()?;
+    let upstream = host_url(&state, &namespace, &name, Action::Wake, None).await?;
+    let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
+    Ok((code, axum::Json(status)).into_response())
+}
+
+/// POSTs to the host daemon (no body) and reads its answer, a Status of
+/// at most [`MAX_HOST_ANSWER`] bytes, within `timeout`. An answer that is
+/// not a Status becomes one (its text the message); the host refusing the
+/// server's secret is the server's problem (502), not the caller's (401).
+async fn post_to_host(
+    http: &reqwest::Client,
+    upstream: &Upstream,
+    timeout: Duration,
+) -> Result<(StatusCode, Status), ApiError> {
+    let Upstream {
+        host,
+        url,
+        authorization,
+    } = upstream;
+    let failed = |e: reqwest::Error| {
+        if e.is_timeout() {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "host {host:?} did not answer POST {url} within {} s",
+                    timeout.as_secs_f32()
+                ),
+            )
+        } else {
+            ApiError::bad_gateway(format!(
+                "cannot reach host {host:?} at {url}: {}",
+                podvisor_errors::ErrorChain(&e)
+            ))
+        }
+    };
+    let mut resp = http
+        .post(url.clone())
+        .header(reqwest::header::AUTHORIZATION, authorization)
+        .header(reqwest::header::CONTENT_LENGTH, "0")
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(failed)?;
+    let code = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > MAX_HOST_ANSWER {
+            return Err(ApiError::bad_gateway(format!(
+                "host {host:?} answered POST {url} with more than {} KiB",
+                MAX_HOST_ANSWER >> 10
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if code == StatusCode::UNAUTHORIZED {
+        return Err(ApiError::bad_gateway(format!(
+            "host {host:?} refused the server's endpoint secret (its daemon may have restarted \
+             without registering again)"
+        )));
+    }
+    let status = serde_json::from_slice::<Status>(&body).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(&body);
+        let text: String = text.trim().chars().take(500).collect();
+        let text = if text.is_empty() {
+            format!("HTTP {code}")
+        } else {
+            text
+        };
+        if code.is_success() {
+            Status::new(code.as_u16(), "Success", text)
+        } else {
+            Status::new(code.as_u16(), "HostError", format!("host {host:?}: {text}"))
+        }
+    });
+    Ok((code, status))
 }
 
 type HostSocket =
@@ -263,7 +440,7 @@ mod tests {
 
     use axum::Router;
     use axum::extract::ws::{Message, WebSocketUpgrade};
-    use axum::routing::get;
+    use axum::routing::{get, post};
     use futures_util::StreamExt;
     use podvisor_api::client::{ExecOptions, ExecOutput};
     use podvisor_api::{Client, Container, Host, HostCapacity, LogOptions, Pod};
@@ -334,6 +511,42 @@ mod tests {
                         )),
                     )
                 }),
+            )
+            .route(
+                "/pods/default/web/hibernate",
+                post(|body: axum::body::Bytes| async move {
+                    if !body.is_empty() {
+                        return Err(axum::http::StatusCode::BAD_REQUEST);
+                    }
+                    Ok(axum::Json(podvisor_api::Status::success(
+                        "pod default/web hibernated: snapshot 15.1 MiB of 192 MiB guest memory",
+                    )))
+                }),
+            )
+            .route(
+                "/pods/default/web/wake",
+                post(|| async {
+                    axum::Json(podvisor_api::Status::success(
+                        "pod default/web woken in 1.2 s",
+                    ))
+                }),
+            )
+            .route(
+                "/pods/default/gone/hibernate",
+                post(|| async {
+                    (
+                        axum::http::StatusCode::CONFLICT,
+                        axum::Json(podvisor_api::Status::new(
+                            409,
+                            "Conflict",
+                            "pod default/gone is not running (Succeeded): nothing to hibernate",
+                        )),
+                    )
+                }),
+            )
+            .route(
+                "/pods/default/gone/wake",
+                post(|| async { (axum::http::StatusCode::NOT_IMPLEMENTED, "no VMs here\n") }),
             )
             .layer(axum::middleware::from_fn(require_secret));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -445,5 +658,182 @@ mod tests {
             Ok(_) => panic!("a host token could exec"),
         };
         assert_eq!(err.code(), Some(403), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hibernate_and_wake_reach_the_pods_host() {
+        let address = fake_host().await;
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::start(ServerConfig::new("127.0.0.1:0", dir.path()))
+            .await
+            .unwrap();
+        let host_token = crate::create_token(dir.path(), None, Role::Host, "h1")
+            .await
+            .unwrap();
+        let user_token = crate::create_token(dir.path(), None, Role::User, "u")
+            .await
+            .unwrap();
+        let host = Client::new(&server.url(), Some(&host_token)).unwrap();
+        host.register_host(&h1(&address), SECRET).await.unwrap();
+        let user = Client::new(&server.url(), Some(&user_token)).unwrap();
+        user.create_pod(&pinned("web")).await.unwrap();
+        user.create_pod(&pinned("gone")).await.unwrap();
+
+        // The host's Status comes back as it was given.
+        let done = user.hibernate_pod("default", "web").await.unwrap();
+        assert_eq!(
+            done,
+            podvisor_api::Status::success(
+                "pod default/web hibernated: snapshot 15.1 MiB of 192 MiB guest memory"
+            )
+        );
+        let done = user.wake_pod("default", "web").await.unwrap();
+        assert_eq!(done.message, "pod default/web woken in 1.2 s");
+
+        // Its refusal too, with its code.
+        let err = user.hibernate_pod("default", "gone").await.unwrap_err();
+        assert_eq!(err.code(), Some(409), "{err}");
+        assert!(
+            err.to_string()
+                .contains("409 Conflict: pod default/gone is not running (Succeeded)"),
+            "{err}"
+        );
+        // An answer that is not a Status becomes one.
+        let err = user.wake_pod("default", "gone").await.unwrap_err();
+        assert_eq!(err.code(), Some(501), "{err}");
+        assert!(
+            err.to_string()
+                .contains("501 HostError: host \"h1\": no VMs here"),
+            "{err}"
+        );
+
+        // Host tokens may not hibernate or wake pods.
+        for result in [
+            host.hibernate_pod("default", "web").await,
+            host.wake_pod("default", "web").await,
+        ] {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), Some(403), "{err}");
+        }
+
+        // A pod without a host (h1 is full), a pod being deleted, no pod.
+        let mut pending = pinned("pending");
+        pending.spec.node_name = None;
+        user.create_pod(&pending).await.unwrap();
+        let err = user.hibernate_pod("default", "pending").await.unwrap_err();
+        assert_eq!(err.code(), Some(400), "{err}");
+        assert!(
+            err.to_string()
+                .contains("pod default/pending is not assigned to a host yet (")
+                && err
+                    .to_string()
+                    .ends_with("): it has no VM to hibernate yet"),
+            "{err}"
+        );
+        let err = user.wake_pod("default", "pending").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("it has not started, so there is nothing to wake"),
+            "{err}"
+        );
+        assert!(user.delete_pod("default", "web").await.unwrap().is_some());
+        let err = user.wake_pod("default", "web").await.unwrap_err();
+        assert_eq!(err.code(), Some(409), "{err}");
+        assert!(
+            err.to_string()
+                .contains("pod default/web is being deleted: it cannot wake now"),
+            "{err}"
+        );
+        let err = user.hibernate_pod("default", "nope").await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+    }
+
+    /// A stand-in host at `app`'s address.
+    async fn serve(app: Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
+    fn upstream(addr: std::net::SocketAddr, what: &str) -> super::Upstream {
+        super::Upstream {
+            host: "h1".into(),
+            url: format!("http://{addr}/pods/default/web/{what}")
+                .parse()
+                .unwrap(),
+            authorization: format!("Bearer {SECRET}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_that_is_slow_silent_or_verbose_is_a_clear_error() {
+        use std::time::Duration;
+        let app = Router::new()
+            .route(
+                "/pods/default/web/slow",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/pods/default/web/verbose",
+                post(|| async { "x".repeat(100 << 10) }),
+            )
+            .route(
+                "/pods/default/web/stale",
+                post(|| async { axum::http::StatusCode::UNAUTHORIZED }),
+            )
+            .route("/pods/default/web/empty", post(|| async {}))
+            .layer(axum::middleware::from_fn(require_secret));
+        let addr = serve(app).await;
+        crate::rustls_provider();
+        let http = reqwest::Client::new();
+        let short = Duration::from_millis(300);
+
+        let err = super::post_to_host(&http, &upstream(addr, "slow"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_u16(), 504, "{err}");
+        assert!(
+            err.message
+                .contains("host \"h1\" did not answer POST http://"),
+            "{err}"
+        );
+        let err = super::post_to_host(&http, &upstream(addr, "verbose"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_u16(), 502, "{err}");
+        assert!(err.message.contains("with more than 64 KiB"), "{err}");
+        let err = super::post_to_host(&http, &upstream(addr, "stale"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_u16(), 502, "{err}");
+        assert!(
+            err.message.contains("refused the server's endpoint secret"),
+            "{err}"
+        );
+        let (code, status) = super::post_to_host(&http, &upstream(addr, "empty"), short)
+            .await
+            .unwrap();
+        assert_eq!(code.as_u16(), 200);
+        assert_eq!(status, podvisor_api::Status::success("HTTP 200 OK"));
+
+        // Nothing listens there any more.
+        let gone = {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let err = super::post_to_host(&http, &upstream(gone, "hibernate"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_u16(), 502, "{err}");
+        assert!(
+            err.message
+                .contains(&format!("cannot reach host \"h1\" at http://{gone}/")),
+            "{err}"
+        );
+        assert!(err.message.contains("onnection refused"), "{err}");
     }
 }
