@@ -57,8 +57,14 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         )
     })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
+    let hibernate_after = api::hibernate_after(&pod.metadata).map_err(|e| {
+        unrunnable(
+            UnrunnableReason::InvalidPod,
+            format!("pod {}: {e}", pod.key()),
+        )
+    })?;
     Ok(PodPlan {
-        hibernate_after: None,
+        hibernate_after,
         uid,
         namespace: pod.metadata.namespace().to_string(),
         name: pod.metadata.name.clone(),
@@ -223,6 +229,17 @@ pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodSta
                 ready: c.ready(),
                 restart_count: c.restart_count,
                 state: container_state(&c.state),
+            })
+            .collect(),
+        conditions: state
+            .hibernation
+            .iter()
+            .map(|h| api::PodCondition {
+                type_: api::HIBERNATED_CONDITION.into(),
+                status: if h.asleep { "True" } else { "False" }.into(),
+                reason: Some(h.reason.clone()),
+                message: Some(h.message.clone()),
+                last_transition_time: Some(time(h.since)),
             })
             .collect(),
     }
@@ -414,5 +431,59 @@ spec:
             json["containerStatuses"][1]["state"]["running"]["startedAt"],
             "2023-11-14T22:13:20Z"
         );
+    }
+
+    #[test]
+    fn a_hibernated_pod_has_the_hibernated_condition() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut state = PodState {
+            phase: PodPhase::Running,
+            hibernation: Some(crate::host::hibernation::HibernationStatus {
+                asleep: true,
+                since: t,
+                reason: "Idle".into(),
+                message: "snapshot 15.1 MiB of 192 MiB guest memory".into(),
+            }),
+            ..Default::default()
+        };
+        let s = status_from_state(&state, None);
+        assert!(s.is_hibernated());
+        let c = s.condition(api::HIBERNATED_CONDITION).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("True", Some("Idle"))
+        );
+        assert_eq!(c.last_transition_time, Some(time(t)));
+        state.hibernation.as_mut().unwrap().asleep = false;
+        let s = status_from_state(&state, None);
+        assert!(!s.is_hibernated());
+        assert_eq!(
+            s.condition(api::HIBERNATED_CONDITION).unwrap().status,
+            "False"
+        );
+        state.hibernation = None;
+        assert!(status_from_state(&state, None).conditions.is_empty());
+    }
+
+    #[test]
+    fn the_hibernate_after_annotation_becomes_the_plans_idle_time() {
+        let mut pod: api::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "uid": "u-1",
+                         "annotations": {"podvisor.io/hibernate-after": "1m30s"}},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        }))
+        .unwrap();
+        let plan = plan_from_pod(&pod).unwrap();
+        assert_eq!(
+            plan.hibernate_after,
+            Some(std::time::Duration::from_secs(90))
+        );
+        pod.metadata
+            .annotations
+            .insert(api::HIBERNATE_AFTER_ANNOTATION.into(), "soon".into());
+        let e = plan_from_pod(&pod).unwrap_err();
+        assert_eq!(e.reason, UnrunnableReason::InvalidPod);
+        assert!(e.message.contains("soon"), "{}", e.message);
     }
 }
