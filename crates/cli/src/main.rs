@@ -53,6 +53,12 @@ enum Command {
     Logs(kube::LogsArgs),
     /// Run a command in a pod's container.
     Exec(kube::ExecArgs),
+    /// Hibernate a pod: its host saves the VM's state to disk and stops
+    /// the VM; the pod wakes on the first network request, on exec or
+    /// logs -f, or on `podvisor wake`.
+    Hibernate(kube::PodArgs),
+    /// Wake a hibernated pod: its host loads the VM's state again.
+    Wake(kube::PodArgs),
     /// Run the host daemon: the pods the management server assigns to
     /// this machine, each in its own VM.
     Host(host::HostDaemonArgs),
@@ -100,6 +106,8 @@ fn main() -> ExitCode {
             Command::Delete(args) => kube::delete(args).await,
             Command::Logs(args) => kube::logs(args).await,
             Command::Exec(args) => kube::exec(args).await,
+            Command::Hibernate(args) => kube::hibernate(args).await,
+            Command::Wake(args) => kube::wake(args).await,
             Command::Host(args) => host::run(args).await,
             Command::Up(args) => up::run(args).await,
             Command::Image(args) => image::run(args).await,

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use podvisor_api::client::{PodEvent, PodFeedEvent};
 use podvisor_api::{
-    Client, Container, ContainerState, ContainerStateRunning, ContainerStatus, Host, HostCapacity,
-    Pod, PodFilter, PodPhase, PodStatus, Quantity, ResourceList,
+    Client, Container, ContainerState, ContainerStateRunning, ContainerStatus,
+    HIBERNATED_CONDITION, Host, HostCapacity, Pod, PodCondition, PodFilter, PodPhase, PodStatus,
+    Quantity, ResourceList,
 };
 use podvisor_testbed::cli::{PodvisorCommand, TestDir};
 use podvisor_testbed::etcd::EtcdServer;
@@ -328,6 +329,57 @@ fn kubectl_like_commands_against_a_server_process() {
             out.stdout
         );
     }
+
+    // hibernate and wake go to the pod's host (nothing listens at h1's
+    // address here): the server's error, exit code 125.
+    let out = kube(&["hibernate", "web"]).output();
+    assert_eq!(out.code, Some(125), "{out:?}");
+    assert!(
+        out.stderr.contains("hibernate pod default/web: POST ")
+            && out
+                .stderr
+                .contains("502 BadGateway: cannot reach host \"h1\""),
+        "{}",
+        out.stderr
+    );
+    let out = kube(&["wake", "nope", "-n", "other"]).output();
+    assert_eq!(out.code, Some(125), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("404 NotFound: pod \"nope\" not found in namespace \"other\""),
+        "{}",
+        out.stderr
+    );
+    // A pod its host reports hibernated.
+    let since = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let mut asleep = running("registry.local/web:1");
+    asleep.conditions = vec![PodCondition {
+        type_: HIBERNATED_CONDITION.into(),
+        status: "True".into(),
+        reason: Some("Idle".into()),
+        message: Some("snapshot 15.1 MiB of 192 MiB guest memory".into()),
+        last_transition_time: Some(since),
+    }];
+    block(h1.update_pod_status("default", "web", &asleep)).unwrap();
+    let out = kube(&["get", "pods"]).success();
+    let web = cols(out.stdout.lines().find(|l| l.starts_with("web")).unwrap());
+    assert_eq!(web[2], "Hibernated", "{}", out.stdout);
+    let out = kube(&["describe", "pod", "web"]).success();
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for expected in [
+        "Status:         Hibernated".to_string(),
+        format!(
+            "Hibernated:     since {since} (5m ago); snapshot 15.1 MiB of 192 MiB guest memory"
+        ),
+        "Conditions:\n  Type         Status   Since".to_string(),
+    ] {
+        assert!(
+            out.stdout.contains(&expected),
+            "{expected:?} in:\n{}",
+            out.stdout
+        );
+    }
+    block(h1.update_pod_status("default", "web", &running("registry.local/web:1"))).unwrap();
 
     // Clear errors, and nothing is created by a bad file.
     std::fs::write(

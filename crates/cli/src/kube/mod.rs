@@ -1,5 +1,5 @@
 //! kubectl-like commands against a podvisor server: apply, get, describe,
-//! delete, logs, exec. The server URL and token come from `--server` /
+//! delete, logs, exec, and podvisor's hibernate and wake. The server URL and token come from `--server` /
 //! `--token`, else `PODVISOR_SERVER` / `PODVISOR_TOKEN`, else the `[server]`
 //! section of the config file.
 
@@ -327,6 +327,48 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<u8> {
         stdout.flush().context("write to stdout")?;
     }
     Ok(0)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PodArgs {
+    #[command(flatten)]
+    conn: ServerConn,
+    /// The pod.
+    pod: String,
+    #[command(flatten)]
+    ns: NamespaceArgs,
+}
+
+/// `podvisor hibernate POD`: the pod's host saves its VM and stops it.
+pub async fn hibernate(args: PodArgs) -> anyhow::Result<u8> {
+    let client = args.conn.client()?;
+    let (ns, name) = (&args.ns.namespace, &args.pod);
+    let done = client
+        .hibernate_pod(ns, name)
+        .await
+        .with_context(|| format!("hibernate pod {ns}/{name}"))?;
+    println!("{}", said(&done, name, "hibernated"));
+    Ok(0)
+}
+
+/// `podvisor wake POD`: the pod's host loads its VM again.
+pub async fn wake(args: PodArgs) -> anyhow::Result<u8> {
+    let client = args.conn.client()?;
+    let (ns, name) = (&args.ns.namespace, &args.pod);
+    let done = client
+        .wake_pod(ns, name)
+        .await
+        .with_context(|| format!("wake pod {ns}/{name}"))?;
+    println!("{}", said(&done, name, "woken"));
+    Ok(0)
+}
+
+/// The server's message, or `pod/NAME DONE` if it gave none.
+fn said(status: &podvisor_api::Status, name: &str, done: &str) -> String {
+    match status.message.trim() {
+        "" => format!("pod/{name} {done}"),
+        message => message.to_string(),
+    }
 }
 
 pub async fn exec(args: ExecArgs) -> anyhow::Result<u8> {

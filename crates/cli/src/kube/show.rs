@@ -3,7 +3,9 @@
 use std::fmt::Write;
 
 use podvisor_api::quantity::format_bytes;
-use podvisor_api::{Host, Image, Pod, Quantity, ResourceList, Time, labels_text};
+use podvisor_api::{
+    HIBERNATED_CONDITION, Host, Image, Pod, PodCondition, Quantity, ResourceList, Time, labels_text,
+};
 
 pub fn json<T: serde::Serialize>(value: &T) -> String {
     let mut s = serde_json::to_string_pretty(value).expect("API objects serialize");
@@ -199,6 +201,18 @@ pub fn describe_pod(pod: &Pod) -> String {
     if let Some(msg) = &pod.status.message {
         line(&mut s, "Message", msg);
     }
+    if pod.status.is_hibernated()
+        && let Some(c) = pod.status.condition(HIBERNATED_CONDITION)
+    {
+        let mut text = match c.last_transition_time {
+            Some(t) => format!("since {} ({} ago)", stamp(t), age(Some(t))),
+            None => "since an unknown time".into(),
+        };
+        if let Some(msg) = &c.message {
+            let _ = write!(text, "; {msg}");
+        }
+        line(&mut s, "Hibernated", &text);
+    }
     if let Some(ip) = &pod.status.host_ip {
         line(&mut s, "Host IP", ip);
     }
@@ -320,7 +334,34 @@ pub fn describe_pod(pod: &Pod) -> String {
             );
         }
     }
+    if !pod.status.conditions.is_empty() {
+        s.push_str("Conditions:\n");
+        s.push_str(&conditions_table(&pod.status.conditions));
+    }
     s
+}
+
+/// The conditions of a pod as `describe` shows them: type, status, since
+/// when, why (`-` where the host said nothing), indented.
+fn conditions_table(conditions: &[PodCondition]) -> String {
+    let mut rows = vec![
+        ["Type", "Status", "Since", "Reason", "Message"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    for c in conditions {
+        rows.push(vec![
+            c.type_.clone(),
+            c.status.clone(),
+            c.last_transition_time
+                .map(|t| format!("{} ({} ago)", stamp(t), age(Some(t))))
+                .unwrap_or_else(|| "-".into()),
+            or_dash(&c.reason),
+            or_dash(&c.message),
+        ]);
+    }
+    table(rows).lines().map(|l| format!("  {l}\n")).collect()
 }
 
 pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
@@ -445,5 +486,74 @@ mod tests {
                 .any(|l| l.starts_with("IP:") && l.ends_with("<none>")),
             "{text}"
         );
+    }
+
+    fn hibernated(since: Time) -> Pod {
+        let mut p = pod_with_ip();
+        p.status.phase = podvisor_api::PodPhase::Running;
+        p.status.conditions = vec![PodCondition {
+            type_: HIBERNATED_CONDITION.into(),
+            status: "True".into(),
+            reason: Some("Idle".into()),
+            message: Some("snapshot 15.1 MiB of 192 MiB guest memory".into()),
+            last_transition_time: Some(since),
+        }];
+        p
+    }
+
+    #[test]
+    fn a_hibernated_pod_shows_as_such() {
+        let since = chrono::Utc::now() - chrono::Duration::minutes(5);
+        let table = pods_table(&[hibernated(since)], false, false);
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[..3], ["web", "0/1", "Hibernated"], "{table}");
+
+        let text = describe_pod(&hibernated(since));
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+        };
+        assert_eq!(value("Status"), "Hibernated");
+        assert_eq!(
+            value("Hibernated"),
+            format!(
+                "since {} (5m ago); snapshot 15.1 MiB of 192 MiB guest memory",
+                stamp(since)
+            )
+        );
+        let conditions: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "Conditions:")
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .collect();
+        assert_eq!(conditions.len(), 2, "{text}");
+        let header: Vec<&str> = conditions[0].split_whitespace().collect();
+        assert_eq!(header, ["Type", "Status", "Since", "Reason", "Message"]);
+        assert!(
+            conditions[1].starts_with(&format!(
+                "  Hibernated   True     {} (5m ago)   Idle     snapshot 15.1 MiB",
+                stamp(since)
+            )),
+            "{text}"
+        );
+
+        // Awake again: no Hibernated line, the condition still listed.
+        let mut awake = hibernated(since);
+        awake.status.conditions[0].status = "False".into();
+        awake.status.conditions[0].reason = None;
+        awake.status.conditions[0].message = None;
+        awake.status.conditions[0].last_transition_time = None;
+        let text = describe_pod(&awake);
+        assert!(!text.contains("Hibernated:"), "{text}");
+        assert!(text.contains("Status:         Running"), "{text}");
+        assert!(
+            text.contains("  Hibernated   False    -       -        -\n"),
+            "{text}"
+        );
+        // No conditions, no block.
+        assert!(!describe_pod(&pod_with_ip()).contains("Conditions:"));
     }
 }

@@ -271,6 +271,7 @@ const MAX_HOST_ANSWER: usize = 64 << 10;
         (status = 403, description = "Not a user's or the admin's token", body = Status),
         (status = 404, body = Status),
         (status = 409, description = "The pod is being deleted", body = Status),
+        (status = 501, description = "The host daemon has no such endpoint", body = Status),
         (status = 502, description = "The host daemon cannot be reached, or its answer is unusable", body = Status),
         (status = 503, description = "The pod's host is NotReady", body = Status),
         (status = 504, description = "The host daemon did not answer within 90 s", body = Status),
@@ -299,6 +300,7 @@ pub async fn hibernate(
         (status = 403, description = "Not a user's or the admin's token", body = Status),
         (status = 404, body = Status),
         (status = 409, description = "The pod is being deleted", body = Status),
+        (status = 501, description = "The host daemon has no such endpoint", body = Status),
         (status = 502, description = "The host daemon cannot be reached, or its answer is unusable", body = Status),
         (status = 503, description = "The pod's host is NotReady", body = Status),
         (status = 504, description = "The host daemon did not answer within 90 s", body = Status),
@@ -370,7 +372,20 @@ async fn post_to_host(
              without registering again)"
         )));
     }
-    let status = serde_json::from_slice::<Status>(&body).unwrap_or_else(|_| {
+    let status = serde_json::from_slice::<Status>(&body);
+    if status.is_err() && matches!(code.as_u16(), 404 | 405) {
+        // The daemon's router, not its handler: no such endpoint.
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "NotImplemented",
+            format!(
+                "host {host:?} does not serve POST {} (HTTP {code}): its daemon may be older \
+                 than this server",
+                url.path()
+            ),
+        ));
+    }
+    let status = status.unwrap_or_else(|_| {
         let text = String::from_utf8_lossy(&body);
         let text: String = text.trim().chars().take(500).collect();
         let text = if text.is_empty() {
@@ -819,6 +834,17 @@ mod tests {
             .unwrap();
         assert_eq!(code.as_u16(), 200);
         assert_eq!(status, podvisor_api::Status::success("HTTP 200 OK"));
+        // A daemon without the endpoint (no Status: its router's 404).
+        let err = super::post_to_host(&http, &upstream(addr, "hibernate"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code.as_u16(), 501, "{err}");
+        assert!(
+            err.message.contains(
+                "host \"h1\" does not serve POST /pods/default/web/hibernate (HTTP 404 Not Found)"
+            ),
+            "{err}"
+        );
 
         // Nothing listens there any more.
         let gone = {
