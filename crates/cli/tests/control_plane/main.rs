@@ -5,5 +5,6 @@
 mod ack;
 mod cluster;
 mod fixture;
+mod hibernate;
 mod two_hosts;
 mod up;

@@ -171,10 +171,9 @@ async fn log(
         .expect("a valid response")
 }
 
-/// A 200 Status: `reason` (`Hibernated`, `Woken`) and `message`.
-fn success(reason: &str, message: String) -> Response {
-    let status = Status::new(200, reason, message);
-    (StatusCode::OK, axum::Json(status)).into_response()
+/// A 200 Status with `message`.
+fn success(message: String) -> Response {
+    (StatusCode::OK, axum::Json(Status::success(message))).into_response()
 }
 
 async fn hibernate(
@@ -182,7 +181,7 @@ async fn hibernate(
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
     match rt.hibernate(&ns, &name).await {
-        Ok(message) => success("Hibernated", message),
+        Ok(message) => success(message),
         Err(e) => runtime_error(e),
     }
 }
@@ -192,7 +191,7 @@ async fn wake(
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
     match rt.wake(&ns, &name).await {
-        Ok(message) => success("Woken", message),
+        Ok(message) => success(message),
         Err(e) => runtime_error(e),
     }
 }
