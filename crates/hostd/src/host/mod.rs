@@ -23,6 +23,12 @@
 //! fresh tap in the same namespace), detached when the pod is deleted or
 //! has finished; at start-up and every [`NETWORK_RECONCILE_PERIOD`] the
 //! attachments of pods that are gone are removed.
+//!
+//! Pods are hibernated on request or after their idle time
+//! ([`hibernation`], [`pod_sleep`]): the VM saved into a sealed snapshot in
+//! the pod's directory, its key handed to the management server, the QEMU
+//! gone; the first request for the pod, an exec, a log follower or a wake
+//! command brings it back.
 
 pub mod ack_sandbox;
 mod error;
@@ -36,7 +42,7 @@ pub mod images;
 pub mod logs;
 pub mod plan;
 mod pod_events;
-mod pod_sleep;
+pub mod pod_sleep;
 mod pod_state;
 pub mod pod_task;
 pub mod records;
