@@ -31,7 +31,7 @@ n=${2:-10}
 . scripts/bench/net-common.sh
 
 server_start
-host_start h1 --pod-network cni
+HOST_LOG=${HOST_LOG:-info} host_start h1 --pod-network cni
 wait_hosts_ready 1
 web='[sh, -c, "mkdir -p /www; echo hello from web > /www/index.html; exec httpd -f -p 80 -h /www"]'
 

@@ -8,7 +8,7 @@
 pub mod pod;
 pub mod sealed;
 
-pub use pod::{HibernateError, NotHibernated, Saved, Snapshot, hibernate, save, wake};
+pub use pod::{HibernateError, NotHibernated, Saved, Snapshot, WakeFrom, hibernate, save, wake};
 
 pub use sealed::{
     OpenedSnapshot, SealError, SealSummary, SealedWriter, SharedSealedWriter, SnapshotKey,

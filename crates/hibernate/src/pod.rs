@@ -245,20 +245,41 @@ pub async fn save(mut pod: PodVm, dir: &Path, context: &[u8]) -> Result<Saved, N
     Ok(Saved { pod, snapshot, key })
 }
 
+/// What a pod wakes from, and as whom.
+#[derive(Debug, Clone, Copy)]
+pub struct WakeFrom<'a> {
+    pub snapshot: &'a Snapshot,
+    pub key: &'a SnapshotKey,
+    /// Who the pod is, as it was bound into the snapshot.
+    pub context: &'a [u8],
+    /// The pod's hostname, set again.
+    pub hostname: &'a str,
+    /// How long the agent may take to confirm its identity.
+    pub timeout: Duration,
+}
+
 /// Brings the pod back from `snapshot`: authenticates it whole (nothing of
 /// a changed file reaches the VMM), loads it with `spec`'s devices at the
 /// snapshot's PCI slots, and gives it its identity again within
-/// `timeout`.
+/// `timeout`. `once_running` runs as soon as the VM runs and its identity
+/// is on its way to the agent, before the agent confirms it (sending in
+/// the frames that waited for the pod there saves the guest a round trip;
+/// the agent reads the identity first).
 pub async fn wake(
     cfg: &NodeConfig,
     mut spec: PodVmSpec,
-    snapshot: &Snapshot,
-    key: &SnapshotKey,
-    context: &[u8],
-    hostname: &str,
-    timeout: Duration,
+    from: WakeFrom<'_>,
+    once_running: impl std::future::Future<Output = ()> + Send,
 ) -> Result<PodVm, HibernateError> {
+    let WakeFrom {
+        snapshot,
+        key,
+        context,
+        hostname,
+        timeout,
+    } = from;
     let id = snapshot.id.clone();
+    let started = std::time::Instant::now();
     let file = File::open(&snapshot.path).map_err(|source| HibernateError::Missing {
         id: id.clone(),
         path: snapshot.path.clone(),
@@ -275,6 +296,7 @@ pub async fn wake(
         id: id.clone(),
         source,
     })?;
+    tracing::debug!(snapshot = %id, elapsed = ?started.elapsed(), "snapshot authenticated");
     spec.pci = snapshot.pci.clone();
     let load = LoadSpec {
         state: Box::new(opened),
@@ -285,9 +307,9 @@ pub async fn wake(
         source,
     };
     let mut pod = PodVm::load(cfg, spec, load).await.map_err(load_error)?;
-    pod.set_identity(hostname, timeout)
-        .await
-        .map_err(load_error)?;
+    pod.send_identity(hostname).await.map_err(load_error)?;
+    once_running.await;
+    pod.identity_confirmed(timeout).await.map_err(load_error)?;
     Ok(pod)
 }
 

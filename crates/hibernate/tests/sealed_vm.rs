@@ -210,11 +210,14 @@ async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() 
     let err = podvisor_hibernate::wake(
         &cfg,
         spec.clone(),
-        &tampered_snapshot,
-        &key,
-        CONTEXT,
-        "counter",
-        Duration::from_secs(30),
+        podvisor_hibernate::WakeFrom {
+            snapshot: &tampered_snapshot,
+            key: &key,
+            context: CONTEXT,
+            hostname: "counter",
+            timeout: Duration::from_secs(30),
+        },
+        async {},
     )
     .await
     .err()
@@ -235,11 +238,14 @@ async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() 
     let mut pod = podvisor_hibernate::wake(
         &cfg,
         spec,
-        &snapshot,
-        &key,
-        CONTEXT,
-        "counter",
-        Duration::from_secs(30),
+        podvisor_hibernate::WakeFrom {
+            snapshot: &snapshot,
+            key: &key,
+            context: CONTEXT,
+            hostname: "counter",
+            timeout: Duration::from_secs(30),
+        },
+        async {},
     )
     .await
     .unwrap();

@@ -217,18 +217,18 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
             let woke_at = Instant::now();
             let waiting = nic.wake().unwrap();
             assert!(!waiting.is_empty(), "the request's frames waited");
-            pod = podvisor_hibernate::wake(
-                cfg,
-                spec.clone(),
-                &snapshot,
-                &key,
-                CONTEXT,
-                "web",
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap();
-            nic.replay(&waiting).await.unwrap();
+            let from = podvisor_hibernate::WakeFrom {
+                snapshot: &snapshot,
+                key: &key,
+                context: CONTEXT,
+                hostname: "web",
+                timeout: Duration::from_secs(30),
+            };
+            // The frames go in once the VM runs, its identity on the way.
+            let replay = async { nic.replay(&waiting).await.unwrap() };
+            pod = podvisor_hibernate::wake(cfg, spec.clone(), from, replay)
+                .await
+                .unwrap();
             podvisor_hibernate::pod::remove(&snapshot).unwrap();
             let woken_in = woke_at.elapsed();
             let (answer, first_byte, resent) = client.await.unwrap();

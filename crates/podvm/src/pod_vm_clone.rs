@@ -87,15 +87,28 @@ impl PodVm {
         hostname: &str,
         timeout: Duration,
     ) -> Result<(), PodVmError> {
+        self.send_identity(hostname).await?;
+        self.identity_confirmed(timeout).await
+    }
+
+    /// The first half of [`PodVm::set_identity`]: sends the identity (the
+    /// agent takes it on as soon as it reads it), without waiting.
+    pub async fn send_identity(&mut self, hostname: &str) -> Result<(), PodVmError> {
         let identity = CloneIdentity {
             hostname: hostname.to_string(),
             unix_time_ns: unix_time_ns(),
             entropy: podvisor_store::random_bytes(IDENTITY_ENTROPY)?,
         };
-        let vm = &mut self.vm;
         if let Err(e) = self.tx.send(&HostMessage::Identity(identity)).await {
-            return Err(link_failure(vm.as_mut(), e).await);
+            return Err(link_failure(self.vm.as_mut(), e).await);
         }
+        Ok(())
+    }
+
+    /// The second half of [`PodVm::set_identity`]: waits for the agent to
+    /// confirm the identity [`PodVm::send_identity`] sent.
+    pub async fn identity_confirmed(&mut self, timeout: Duration) -> Result<(), PodVmError> {
+        let vm = &mut self.vm;
         let rx = &mut self.rx;
         let agent = &mut self.agent;
         let early = &mut self.pending;

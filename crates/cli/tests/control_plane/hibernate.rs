@@ -78,6 +78,24 @@ fn pod(cli: &dyn Fn() -> PodvisorCommand, name: &str) -> Pod {
         .clone()
 }
 
+/// Pod `name` once `ok` holds for it (the host reports its state to the
+/// server a moment after the command that changed it has returned).
+fn pod_when(
+    cli: &dyn Fn() -> PodvisorCommand,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&Pod) -> bool,
+) -> Pod {
+    wait_for(what, Duration::from_secs(30), || {
+        let p = pod(cli, name);
+        if ok(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{:?}", p.status))
+        }
+    })
+}
+
 fn status_column(cli: &dyn Fn() -> PodvisorCommand, name: &str) -> String {
     let table = cli().args(["get", "pods"]).success().stdout;
     let row = table
@@ -209,12 +227,13 @@ spec:
         pids_mentioning(&vms).is_empty(),
         "no QEMU runs: both pods sleep"
     );
+    let web = pod_when(&cli, "web", "web to be reported hibernated", |p| {
+        p.status.is_hibernated()
+    });
     assert_eq!(status_column(&cli, "web"), "Hibernated");
     let described = cli().args(["describe", "pod", "web"]).success().stdout;
     assert!(described.contains("Hibernated"), "{described}");
     assert!(described.contains("snapshot"), "{described}");
-    let web = pod(&cli, "web");
-    assert!(web.status.is_hibernated());
     let web_ip = web.status.pod_ip.clone().expect("web keeps its IP");
     // The snapshot is the host's alone.
     let sealed = sealed_files(&state.join("host/pods"));
@@ -239,8 +258,9 @@ spec:
         after >= before,
         "count {after} after waking, {before} before: the state was lost"
     );
-    let web = pod(&cli, "web");
-    assert!(!web.status.is_hibernated());
+    let web = pod_when(&cli, "web", "web to be reported awake", |p| {
+        !p.status.is_hibernated()
+    });
     assert_eq!(web.restart_count(), 0, "nothing started again");
     assert_eq!(
         web.status
@@ -268,6 +288,9 @@ spec:
     // The daemon (here: `podvisor up`, server and host in one) is killed
     // and started again while web sleeps; web still wakes.
     cli().args(["hibernate", "web"]).success();
+    pod_when(&cli, "web", "web to be reported hibernated", |p| {
+        p.status.is_hibernated()
+    });
     daemon.kill9();
     let mut daemon = up(&s, host, &state, "up-again.log");
     wait_for(

@@ -228,6 +228,7 @@ impl PodTask {
                 .get(&plan, &h.snapshot.id)
                 .await
                 .map_err(|e| podvisor_errors::chain(&e))?;
+            tracing::debug!(pod = %plan.key(), elapsed = ?started.elapsed(), "wake: key given back");
             launcher
                 .wake(&plan, &h, &key, timeout)
                 .await

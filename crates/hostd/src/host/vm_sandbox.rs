@@ -39,6 +39,10 @@ pub struct VmLauncher {
     /// The NICs of hibernated pods, waiting for their first request (by
     /// pod uid).
     sleeping: Mutex<HashMap<String, Arc<PodNic>>>,
+    /// The guest the last VM booted with: a wake loads the snapshot's
+    /// memory over it, so any will do, and looking it up again (hashing
+    /// the kernel and agent) would delay the wake.
+    last_guest: Mutex<Option<podvisor_guest::GuestArtifacts>>,
 }
 
 impl VmLauncher {
@@ -67,6 +71,7 @@ impl VmLauncher {
             node,
             networks,
             sleeping: Mutex::new(HashMap::new()),
+            last_guest: Mutex::new(None),
         })
     }
 
@@ -78,14 +83,24 @@ impl VmLauncher {
             extra_modules: vec![],
             cache_dir: self.node.cache_dir.clone(),
         };
-        Ok(
-            tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts))
-                .await
-                .map_err(|e| PodVmError::Io {
-                    what: "prepare the guest".into(),
-                    source: std::io::Error::other(e),
-                })??,
-        )
+        let guest = tokio::task::spawn_blocking(move || podvisor_guest::prepare(&opts))
+            .await
+            .map_err(|e| PodVmError::Io {
+                what: "prepare the guest".into(),
+                source: std::io::Error::other(e),
+            })??;
+        *self.last_guest.lock().unwrap() = Some(guest.clone());
+        Ok(guest)
+    }
+
+    /// The guest for a VM loaded from a snapshot: the last one booted, if
+    /// its files are still there.
+    async fn guest_to_load(&self) -> Result<podvisor_guest::GuestArtifacts, PodVmError> {
+        let last = self.last_guest.lock().unwrap().clone();
+        match last {
+            Some(g) if g.kernel.exists() && g.initramfs.exists() => Ok(g),
+            _ => self.guest().await,
+        }
     }
 
     /// The VM spec of pod `plan` with `devices`.
@@ -310,7 +325,8 @@ impl Launcher for VmLauncher {
             id: hibernated.snapshot.id.clone(),
             source,
         };
-        let guest = self.guest().await.map_err(load_error)?;
+        let started = std::time::Instant::now();
+        let guest = self.guest_to_load().await.map_err(load_error)?;
         let sleeping = self.sleeping.lock().unwrap().remove(&plan.uid);
         let nic = match sleeping {
             Some(nic) => Some(nic),
@@ -336,22 +352,23 @@ impl Launcher for VmLauncher {
         devices.extend(nic.as_deref().map(PodNic::vm_device));
         let spec = self.spec(plan, guest, devices);
         let context = hibernation::snapshot_context(plan);
-        let vm = podvisor_hibernate::wake(
-            &self.node,
-            spec,
-            &hibernated.snapshot,
+        let from = podvisor_hibernate::WakeFrom {
+            snapshot: &hibernated.snapshot,
             key,
-            &context,
-            &plan.hostname(),
+            context: &context,
+            hostname: &plan.hostname(),
             timeout,
-        )
-        .await?;
-        if let Some(nic) = &nic
-            && !waiting.is_empty()
-            && let Err(e) = nic.replay(&waiting).await
-        {
-            tracing::warn!(pod = %plan.key(), "the frames that waited for the pod were not sent in again (clients send them again): {e}");
-        }
+        };
+        let replay = async {
+            if let Some(nic) = &nic
+                && !waiting.is_empty()
+                && let Err(e) = nic.replay(&waiting).await
+            {
+                tracing::warn!(pod = %plan.key(), "the frames that waited for the pod were not sent in again (clients send them again): {e}");
+            }
+        };
+        let vm = podvisor_hibernate::wake(&self.node, spec, from, replay).await?;
+        tracing::debug!(pod = %plan.key(), elapsed = ?started.elapsed(), frames = waiting.len(), "wake: VM runs, waiting frames sent in");
         let process = vm.vmm_process().map_err(load_error)?;
         Ok((Box::new(vm), process))
     }
