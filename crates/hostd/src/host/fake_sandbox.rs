@@ -333,6 +333,7 @@ impl MemoryCustody {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(CustodyError {
                 what: "the fake custody refuses".into(),
+                retryable: true,
                 source: "unreachable".into(),
             });
         }
@@ -362,6 +363,7 @@ impl KeyCustody for MemoryCustody {
             Some((id, key)) if id == snapshot => Ok(key.clone()),
             _ => Err(CustodyError {
                 what: format!("no key for snapshot {snapshot}"),
+                retryable: false,
                 source: "not found".into(),
             }),
         }

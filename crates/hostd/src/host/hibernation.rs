@@ -57,6 +57,9 @@ pub fn snapshot_context(plan: &PodPlan) -> Vec<u8> {
 #[error("{what}")]
 pub struct CustodyError {
     pub what: String,
+    /// The keeper could not be reached (or failed on its side): asking
+    /// again may work. Otherwise it answered no.
+    pub retryable: bool,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
@@ -87,6 +90,8 @@ pub struct ServerCustody(pub podvisor_api::Client);
 fn custody_error(what: String) -> impl FnOnce(podvisor_api::ClientError) -> CustodyError {
     move |e| CustodyError {
         what,
+        // No answer, or the server's own failure (5xx).
+        retryable: e.code().is_none_or(|c| c >= 500),
         source: Box::new(e),
     }
 }
@@ -121,11 +126,13 @@ impl KeyCustody for ServerCustody {
         if key.snapshot != snapshot {
             return Err(CustodyError {
                 what,
+                retryable: false,
                 source: format!("it answered with the key of snapshot {}", key.snapshot).into(),
             });
         }
         SnapshotKey::from_hex(&key.key).map_err(|e| CustodyError {
             what,
+            retryable: false,
             source: Box::new(e),
         })
     }

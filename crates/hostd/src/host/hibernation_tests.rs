@@ -263,3 +263,23 @@ async fn a_restarted_runtime_keeps_the_pod_asleep_and_delete_removes_its_snapsho
     assert!(!dir.path().join("pods/h7").exists());
     assert!(rig.vms.try_recv().is_err(), "delete woke nothing");
 }
+
+#[tokio::test]
+async fn a_server_out_of_reach_for_a_while_does_not_cost_the_pod_its_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig_on(dir.path(), Arc::default());
+    let _vm = running_pod(&mut rig, plan("h8", &["app"], RestartPolicy::Always)).await;
+    rig.rt.hibernate("default", "pod-h8").await.unwrap();
+    rig.keys.fail.store(true, Ordering::SeqCst);
+    assert!(rig.launcher.request("h8"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        rig.vms.try_recv().is_err(),
+        "no VM while the key is out of reach"
+    );
+    rig.keys.fail.store(false, Ordering::SeqCst);
+    let woken = next_vm(&mut rig.vms).await;
+    assert!(woken.woken, "woken from the snapshot, not started cold");
+    let s = state_when(&rig.rt, "h8", |s| !asleep(s)).await;
+    assert_eq!(s.hibernation.unwrap().reason, "Woken");
+}

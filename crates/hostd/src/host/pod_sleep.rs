@@ -224,10 +224,20 @@ impl PodTask {
         let woken = tokio::time::timeout(timeout, async {
             let keys =
                 keys.ok_or_else(|| "no management server keeps the snapshot's key".to_string())?;
-            let key = keys
-                .get(&plan, &h.snapshot.id)
-                .await
-                .map_err(|e| podvisor_errors::chain(&e))?;
+            // A server that cannot be reached is asked again until the
+            // deadline (its pod's memory is at stake); a no is final.
+            let mut delay = Duration::from_millis(100);
+            let key = loop {
+                match keys.get(&plan, &h.snapshot.id).await {
+                    Ok(key) => break key,
+                    Err(e) if e.retryable => {
+                        tracing::warn!(pod = %plan.key(), "asking again: {e}", e = podvisor_errors::ErrorChain(&e));
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(podvisor_errors::chain(&e)),
+                }
+            };
             tracing::debug!(pod = %plan.key(), elapsed = ?started.elapsed(), "wake: key given back");
             launcher
                 .wake(&plan, &h, &key, timeout)
