@@ -21,8 +21,8 @@
 #   - delete.
 # Then host memory: N pods running (PSS of their QEMU processes plus the
 # daemon's) against the same N pods hibernated (the daemon's PSS; no QEMU
-# is left), for N = 1 and N (default 10), with the daemon's PSS before any
-# pod as the baseline.
+# is left), for N = 1 and N (default 10; 0 skips this), with the daemon's
+# PSS before any pod as the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-5}
@@ -95,7 +95,8 @@ echo "| of which the daemon's save (\"saved in\") | $(pct 4 50) / $(pct 4 90) s 
 echo "| sealed snapshot, of 256 MiB RAM | $(awk "BEGIN {printf \"%.1f MiB (%.1f %%)\", $(pct 5 50) / 1048576, $(pct 5 50) / 2684354.56}") |"
 echo "| VM state before compression | $(pct 6 50) MiB |"
 
-# Host memory, N running against N hibernated.
+# Host memory, N running against N hibernated (N=0: not measured).
+[ "$n" -gt 0 ] || exit 0
 sleep 2
 base=$(pss_kb "$daemon_pid")
 mem_row() { # COUNT

@@ -251,18 +251,7 @@ impl PodTask {
                 timeout.as_secs_f64()
             ))
         });
-        if let Err(e) = podvisor_hibernate::pod::remove(&h.snapshot) {
-            tracing::warn!(pod = %self.key(), "cannot remove the snapshot: {e}");
-        }
         self.record.hibernated = None;
-        if let Some(keys) = self.shared.keys.clone() {
-            let (plan, key) = (plan.clone(), self.key());
-            tokio::spawn(async move {
-                if let Err(e) = keys.delete(&plan).await {
-                    tracing::warn!(pod = %key, "{e}", e = podvisor_errors::ErrorChain(&e));
-                }
-            });
-        }
         let asleep = h
             .since
             .elapsed()
@@ -289,7 +278,9 @@ impl PodTask {
                     message: message.clone(),
                 });
                 self.activity = hibernation::Activity::new();
+                // The record names the running VM before the snapshot goes.
                 self.save();
+                self.forget_snapshot(&h.snapshot);
                 // What runs in the VM now, as after an adoption.
                 if let Err(e) = vm.send(&HostMessage::ListProcesses).await {
                     return (
@@ -316,6 +307,7 @@ impl PodTask {
                 });
                 self.vm_lost(why.clone(), None);
                 self.save();
+                self.forget_snapshot(&h.snapshot);
                 for (_, reply) in self.pending_execs.drain(..) {
                     let _ = reply.send(Err(RuntimeError::Conflict(why.clone())));
                 }
@@ -324,6 +316,24 @@ impl PodTask {
                     Err(RuntimeError::Conflict(format!("pod {}: {why}", self.key()))),
                 )
             }
+        }
+    }
+}
+
+impl PodTask {
+    /// Removes the snapshot (woken from, or given up) and has the server
+    /// forget its key.
+    fn forget_snapshot(&self, snapshot: &Snapshot) {
+        if let Err(e) = podvisor_hibernate::pod::remove(snapshot) {
+            tracing::warn!(pod = %self.key(), "cannot remove the snapshot: {e}");
+        }
+        if let Some(keys) = self.shared.keys.clone() {
+            let (plan, key) = (self.record.plan.clone(), self.key());
+            tokio::spawn(async move {
+                if let Err(e) = keys.delete(&plan).await {
+                    tracing::warn!(pod = %key, "{e}", e = podvisor_errors::ErrorChain(&e));
+                }
+            });
         }
     }
 }
