@@ -286,7 +286,17 @@ spec:
     assert!(count(&out.stdout) >= after, "{}", out.stdout);
 
     // The daemon (here: `podvisor up`, server and host in one) is killed
-    // and started again while web sleeps; web still wakes.
+    // and started again while web sleeps; web still wakes. First the
+    // client goes back to sleep: the end of its connection to web (a FIN
+    // sent again, say) is traffic for web and would wake it.
+    wait_for("client to hibernate again", Duration::from_secs(60), || {
+        let status = status_column(&cli, "client");
+        if status == "Hibernated" {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    });
     cli().args(["hibernate", "web"]).success();
     pod_when(&cli, "web", "web to be reported hibernated", |p| {
         p.status.is_hibernated()
@@ -305,7 +315,13 @@ spec:
             }
         },
     );
-    assert_eq!(status_column(&cli, "web"), "Hibernated");
+    let web = pod(&cli, "web");
+    assert!(
+        web.status.is_hibernated(),
+        "web still sleeps after the restart: {:?}\n{}",
+        web.status.conditions,
+        daemon.log()
+    );
     let body = wait_for(
         "web to answer after the restart",
         Duration::from_secs(60),
@@ -350,14 +366,6 @@ spec:
 
     // Deleting hibernated pods leaves no snapshot, no VM, no record.
     cli().args(["hibernate", "web"]).success();
-    wait_for("client to hibernate again", Duration::from_secs(60), || {
-        let status = status_column(&cli, "client");
-        if status == "Hibernated" {
-            Ok(())
-        } else {
-            Err(status)
-        }
-    });
     cli().args(["delete", "pod", "web", "--wait"]).success();
     cli().args(["delete", "pod", "client", "--wait"]).success();
     assert!(sealed_files(&state.join("host")).is_empty());
