@@ -91,6 +91,8 @@ pub struct FakeLauncher {
     pub discarded: Mutex<Vec<String>>,
     /// `wake` refuses the snapshot.
     pub wake_refused: std::sync::atomic::AtomicBool,
+    /// `wake` never finishes.
+    pub wake_hangs: std::sync::atomic::AtomicBool,
     /// Pods whose network waits for a request, and the bell that rings it.
     pub sleeping: Mutex<HashMap<String, Arc<Notify>>>,
     /// Frames the pods' networks took in (a change is traffic).
@@ -113,6 +115,7 @@ impl FakeLauncher {
             released: Mutex::new(vec![]),
             discarded: Mutex::new(vec![]),
             wake_refused: Default::default(),
+            wake_hangs: Default::default(),
             sleeping: Mutex::new(HashMap::new()),
             frames: Mutex::new(HashMap::new()),
         };
@@ -263,6 +266,9 @@ impl Launcher for FakeLauncher {
         _timeout: Duration,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), HibernateError> {
         self.sleeping.lock().unwrap().remove(&plan.uid);
+        if self.wake_hangs.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.wake_refused.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(HibernateError::Refused {
                 id: hibernated.snapshot.id.clone(),

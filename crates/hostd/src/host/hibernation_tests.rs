@@ -283,3 +283,58 @@ async fn a_server_out_of_reach_for_a_while_does_not_cost_the_pod_its_memory() {
     let s = state_when(&rig.rt, "h8", |s| !asleep(s)).await;
     assert_eq!(s.hibernation.unwrap().reason, "Woken");
 }
+
+#[tokio::test]
+async fn a_wake_past_its_deadline_restarts_the_pod_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, vms) = FakeLauncher::new();
+    let launcher = Arc::new(fake);
+    let keys: Arc<MemoryCustody> = Arc::default();
+    let mut cfg = config(dir.path(), Duration::from_millis(100));
+    cfg.wake_timeout = Duration::from_millis(300);
+    let (rt, _changes) =
+        PodRuntime::open_with_keys(cfg, launcher.clone(), Some(keys.clone())).unwrap();
+    let mut rig = Rig {
+        rt,
+        launcher,
+        keys,
+        vms,
+    };
+    let _vm = running_pod(&mut rig, plan("h9", &["app"], RestartPolicy::Always)).await;
+    rig.rt.hibernate("default", "pod-h9").await.unwrap();
+    rig.launcher.wake_hangs.store(true, Ordering::SeqCst);
+    let err = rig.rt.wake("default", "pod-h9").await.unwrap_err();
+    let err = podvisor_errors::chain(&err);
+    assert!(err.contains("deadline"), "{err}");
+    let cold = next_vm(&mut rig.vms).await;
+    assert!(!cold.woken);
+    let s = state_when(&rig.rt, "h9", |s| {
+        s.hibernation
+            .as_ref()
+            .is_some_and(|h| h.reason == "WakeFailed")
+    })
+    .await;
+    assert!(s.hibernation.unwrap().message.contains("deadline"));
+    assert!(snapshots(dir.path(), "h9").is_empty());
+}
+
+#[tokio::test]
+async fn a_log_follower_wakes_the_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig_on(dir.path(), Arc::default());
+    let _vm = running_pod(&mut rig, plan("h10", &["app"], RestartPolicy::Always)).await;
+    rig.rt.hibernate("default", "pod-h10").await.unwrap();
+    state_when(&rig.rt, "h10", asleep).await;
+    // Reading the log wakes nothing; following it does.
+    let _past = rig
+        .rt
+        .logs("default", "pod-h10", None, None, false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rig.vms.try_recv().is_err());
+    let _follower = rig.rt.logs("default", "pod-h10", None, None, true).unwrap();
+    let woken = next_vm(&mut rig.vms).await;
+    assert!(woken.woken);
+    let s = state_when(&rig.rt, "h10", |s| !asleep(s)).await;
+    assert!(s.hibernation.unwrap().message.contains("log follower"));
+}
