@@ -205,18 +205,66 @@ pub async fn restore(
     }
 }
 
-/// Copies `state` into the pipe and closes it.
-fn feed(mut state: Box<dyn Read + Send>, write_end: OwnedFd) -> Result<(), FeedError> {
+/// Blocks of the state read ahead of QEMU: at most this many wait, each
+/// [`FEED_BLOCK`] bytes.
+const FEED_DEPTH: usize = 4;
+const FEED_BLOCK: usize = 256 << 10;
+
+/// Copies `state` into the pipe and closes it. A thread of its own reads
+/// (decrypts, decompresses) the next blocks while QEMU takes in the last
+/// one: both take about as long, and one after the other they took twice
+/// as long (a 256 MiB pod's wake under TCG: ~100 ms each).
+fn feed(state: Box<dyn Read + Send>, write_end: OwnedFd) -> Result<(), FeedError> {
     let mut pipe = std::fs::File::from(write_end);
-    let mut buf = vec![0u8; 1 << 16];
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(FEED_DEPTH);
+    let reader = std::thread::Builder::new()
+        .name("state-reader".into())
+        .spawn(move || read_ahead(state, tx))
+        .map_err(FeedError::Source)?;
+    let mut written = Ok(());
+    for block in rx.iter() {
+        if let Err(e) = pipe.write_all(&block) {
+            written = Err(FeedError::Pipe(e));
+            break;
+        }
+    }
+    // The reader's next send fails, and it stops.
+    drop(rx);
+    let read = reader.join().unwrap_or_else(|_| {
+        Err(FeedError::Source(std::io::Error::other(
+            "the state reader panicked",
+        )))
+    });
+    // What the source said first: a state that cannot be read explains
+    // why QEMU stopped.
+    read.and(written)
+}
+
+/// Reads `state` in blocks into `tx` until its end (or until nobody
+/// takes the blocks any more).
+fn read_ahead(
+    mut state: Box<dyn Read + Send>,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<(), FeedError> {
     loop {
-        let n = match state.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(FeedError::Source(e)),
-        };
-        pipe.write_all(&buf[..n]).map_err(FeedError::Pipe)?;
+        let mut block = vec![0u8; FEED_BLOCK];
+        let mut filled = 0;
+        while filled < block.len() {
+            match state.read(&mut block[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FeedError::Source(e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        block.truncate(filled);
+        let last = filled < FEED_BLOCK;
+        if tx.send(block).is_err() || last {
+            return Ok(());
+        }
     }
 }
 
