@@ -3,8 +3,8 @@
 //! the host to wake it. A classic BPF program on the tap
 //! (`TUNATTACHFILTER`) lets through only frames meant for the pod: those
 //! sent to its MAC, and ARP requests for one of its addresses. Everything
-//! else on the pod's network (other pods' ARP, broadcasts, multicast)
-//! is dropped before it reaches the queue, so it neither wakes the pod nor
+//! else on the pod's network (other pods' ARP, broadcasts, multicast, and
+//! ARP replies, to what the pod asked before it slept) is dropped before it reaches the queue, so it neither wakes the pod nor
 //! fills the queue (500 frames) ahead of the request that matters. The
 //! host polls the tap for readability without reading it, removes the
 //! program (`TUNDETACHFILTER`) and hands the tap to the restored VMM,
@@ -40,6 +40,8 @@ const ETH_P_ARP: u32 = 0x0806;
 /// `virtio_net_hdr` a reader of the tap gets).
 const OFF_ETHERTYPE: u32 = 12;
 const OFF_ARP_TARGET_IP: u32 = 14 + 24;
+const OFF_ARP_OPCODE: u32 = 14 + 6;
+const ARP_REQUEST: u32 = 1;
 
 /// Frames meant for one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +104,16 @@ impl WakeFilter {
             JeqElse {
                 k: ETH_P_ARP,
                 otherwise: Label::Ip,
+            },
+            // Only requests: a reply (to what the pod asked before it
+            // slept) is no reason to wake it.
+            Load {
+                size: BPF_H,
+                offset: OFF_ARP_OPCODE,
+            },
+            JeqElse {
+                k: ARP_REQUEST,
+                otherwise: Label::Drop,
             },
             Load {
                 size: BPF_W,
@@ -423,6 +435,12 @@ mod tests {
         assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 0, 5))), u32::MAX);
         assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 1, 5))), u32::MAX);
         assert_eq!(run(&p, &arp_request(Ipv4Addr::new(10, 87, 0, 6))), 0);
+        // The answer to the pod's own ARP request (sent to its MAC, its
+        // address the target) does not wake it.
+        let mut reply = arp_request(Ipv4Addr::new(10, 87, 0, 5));
+        reply[..6].copy_from_slice(&POD_MAC);
+        reply[14 + 7] = 2;
+        assert_eq!(run(&p, &reply), 0, "an ARP reply");
         assert_eq!(run(&p, &ipv4_to(POD_MAC)), u32::MAX);
         let mut other = POD_MAC;
         other[5] ^= 1;
