@@ -110,7 +110,12 @@ mem_row() { # COUNT
     running_d=$(pss_kb "$daemon_pid")
     for i in $(seq "$k"); do pv hibernate "m$k-$i" >/dev/null; done
     sleep 2
-    [ -z "$(qemu_pids)" ] || { echo "QEMU still runs after hibernating all" >&2; exit 1; }
+    [ -z "$(qemu_pids)" ] || {
+        echo "QEMU still runs after hibernating all:" >&2
+        pv get pods >&2
+        grep -E 'woken|WARN' "$work/h1.log" | tail -n 20 >&2
+        exit 1
+    }
     slept_d=$(pss_kb "$daemon_pid")
     awk -v k="$k" -v q="$running_q" -v d="$running_d" -v s="$slept_d" -v b="$base" 'BEGIN {
         printf "| %d | %.1f MiB (QEMU %.1f + daemon %.1f) | %.1f MiB | %.2f MiB |\n",
