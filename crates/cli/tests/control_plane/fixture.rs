@@ -191,3 +191,20 @@ spec:
 ",
     )
 }
+
+/// The files under `dir` (recursively) that `keep` keeps.
+pub fn files_under(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            found.extend(files_under(&path, keep));
+        } else if keep(&path) {
+            found.push(path);
+        }
+    }
+    found
+}

@@ -110,19 +110,7 @@ fn status_column(cli: &dyn Fn() -> PodvisorCommand, name: &str) -> String {
 
 /// The sealed snapshot files under `dir`.
 fn sealed_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() {
-            found.extend(sealed_files(&path));
-        } else if path.extension().is_some_and(|x| x == "sealed") {
-            found.push(path);
-        }
-    }
-    found
+    files_under(dir, &|p| p.extension().is_some_and(|x| x == "sealed"))
 }
 
 #[test]

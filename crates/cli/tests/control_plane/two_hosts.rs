@@ -56,24 +56,14 @@ fn root_links() -> Vec<String> {
 /// Files in `dir` (recursively) whose name is an address: host-local's
 /// allocations.
 fn ipam_allocations(dir: &std::path::Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
+    let is_address = |p: &std::path::Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().parse::<std::net::IpAddr>().is_ok())
     };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.is_dir() {
-            found.extend(ipam_allocations(&path));
-        } else if e
-            .file_name()
-            .to_string_lossy()
-            .parse::<std::net::IpAddr>()
-            .is_ok()
-        {
-            found.push(path.display().to_string());
-        }
-    }
-    found
+    files_under(dir, &is_address)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// `f` on a current-thread runtime inside `host`'s namespace.
