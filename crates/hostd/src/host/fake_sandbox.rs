@@ -194,7 +194,12 @@ impl Launcher for FakeLauncher {
             })
             .collect();
         Ok(Prepared {
-            disks: vec![],
+            disks: vec![BlockDevice {
+                id: "layer0".into(),
+                path: "/nonexistent/layer0.erofs".into(),
+                read_only: true,
+                serial: "layer0".into(),
+            }],
             containers,
             holds: self.holds.clone(),
         })

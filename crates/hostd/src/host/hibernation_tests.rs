@@ -338,3 +338,34 @@ async fn a_log_follower_wakes_the_pod() {
     let s = state_when(&rig.rt, "h10", |s| !asleep(s)).await;
     assert!(s.hibernation.unwrap().message.contains("log follower"));
 }
+
+#[tokio::test]
+async fn a_vm_whose_record_has_no_disks_is_not_hibernated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig_on(dir.path(), Arc::default());
+    let mut vm = running_pod(&mut rig, plan("h11", &["app"], RestartPolicy::Always)).await;
+    rig.rt.detach_all().await;
+    assert_eq!(vm.ended().await, Ending::Detached);
+    drop(rig);
+    // The record as an older podvisor wrote it: no disks.
+    let path = dir.path().join("pods/h11/pod.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(record["vm"]["disks"].is_array(), "{record}");
+    record["vm"].as_object_mut().unwrap().remove("disks");
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let mut rig = rig_on(dir.path(), Arc::default());
+    let adopted = next_vm(&mut rig.vms).await;
+    assert!(adopted.adopted);
+    adopted.say(GuestMessage::Processes {
+        processes: vec![podvisor_proto::ProcessInfo {
+            id: "app".into(),
+            exec_in: None,
+        }],
+    });
+    let err = rig.rt.hibernate("default", "pod-h11").await.unwrap_err();
+    let err = podvisor_errors::chain(&err);
+    assert!(err.contains("older podvisor"), "{err}");
+    assert!(snapshots(dir.path(), "h11").is_empty());
+}

@@ -71,6 +71,16 @@ impl PodTask {
             let e = RuntimeError::Conflict(format!("pod {} has no VM record", self.key()));
             return Err((Some(vm), e));
         };
+        if vm_record.disks.is_empty() {
+            // Adopted from a record of a podvisor that did not keep them:
+            // the VM could not be loaded again.
+            let e = RuntimeError::Conflict(format!(
+                "pod {}'s VM was started by an older podvisor that did not record its disks: \
+                 it can be hibernated once it has been restarted",
+                self.key()
+            ));
+            return Err((Some(vm), e));
+        }
         let plan = self.record.plan.clone();
         let dir = match self.shared.state.snapshot_dir(&plan.uid) {
             Ok(d) => d,
