@@ -207,21 +207,18 @@ async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() 
         path: tampered_path.clone(),
         ..snapshot.clone()
     };
-    let err = podvisor_hibernate::wake(
-        &cfg,
-        spec.clone(),
-        podvisor_hibernate::WakeFrom {
-            snapshot: &tampered_snapshot,
-            key: &key,
-            context: CONTEXT,
-            hostname: "counter",
-            timeout: Duration::from_secs(30),
-        },
-        async {},
-    )
-    .await
-    .err()
-    .expect("a tampered snapshot does not wake");
+    // The pod wakes as itself, with the snapshot's key.
+    let wake_from = |snapshot| podvisor_hibernate::WakeFrom {
+        snapshot,
+        key: &key,
+        context: CONTEXT,
+        hostname: "counter",
+        timeout: Duration::from_secs(30),
+    };
+    let err = podvisor_hibernate::wake(&cfg, spec.clone(), wake_from(&tampered_snapshot), async {})
+        .await
+        .err()
+        .expect("a tampered snapshot does not wake");
     assert!(
         matches!(err, podvisor_hibernate::HibernateError::Refused { .. }),
         "{err}"
@@ -235,20 +232,9 @@ async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() 
     // again (which steps the clock).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let started = Instant::now();
-    let mut pod = podvisor_hibernate::wake(
-        &cfg,
-        spec,
-        podvisor_hibernate::WakeFrom {
-            snapshot: &snapshot,
-            key: &key,
-            context: CONTEXT,
-            hostname: "counter",
-            timeout: Duration::from_secs(30),
-        },
-        async {},
-    )
-    .await
-    .unwrap();
+    let mut pod = podvisor_hibernate::wake(&cfg, spec, wake_from(&snapshot), async {})
+        .await
+        .unwrap();
     let wake_time = started.elapsed();
     pod.send(&HostMessage::Stdin {
         id: "c".into(),

@@ -23,14 +23,14 @@ struct Rig {
 }
 
 fn rig_on(dir: &std::path::Path, keys: Arc<MemoryCustody>) -> Rig {
+    rig_with(config(dir, Duration::from_millis(100)), keys)
+}
+
+fn rig_with(cfg: super::HostConfig, keys: Arc<MemoryCustody>) -> Rig {
     let (fake, vms) = FakeLauncher::new();
     let launcher = Arc::new(fake);
-    let (rt, _changes) = PodRuntime::open_with_keys(
-        config(dir, Duration::from_millis(100)),
-        launcher.clone(),
-        Some(keys.clone()),
-    )
-    .unwrap();
+    let (rt, _changes) =
+        PodRuntime::open_with_keys(cfg, launcher.clone(), Some(keys.clone())).unwrap();
     Rig {
         rt,
         launcher,
@@ -287,19 +287,9 @@ async fn a_server_out_of_reach_for_a_while_does_not_cost_the_pod_its_memory() {
 #[tokio::test]
 async fn a_wake_past_its_deadline_restarts_the_pod_cold() {
     let dir = tempfile::tempdir().unwrap();
-    let (fake, vms) = FakeLauncher::new();
-    let launcher = Arc::new(fake);
-    let keys: Arc<MemoryCustody> = Arc::default();
     let mut cfg = config(dir.path(), Duration::from_millis(100));
     cfg.wake_timeout = Duration::from_millis(300);
-    let (rt, _changes) =
-        PodRuntime::open_with_keys(cfg, launcher.clone(), Some(keys.clone())).unwrap();
-    let mut rig = Rig {
-        rt,
-        launcher,
-        keys,
-        vms,
-    };
+    let mut rig = rig_with(cfg, Arc::default());
     let _vm = running_pod(&mut rig, plan("h9", &["app"], RestartPolicy::Always)).await;
     rig.rt.hibernate("default", "pod-h9").await.unwrap();
     rig.launcher.wake_hangs.store(true, Ordering::SeqCst);

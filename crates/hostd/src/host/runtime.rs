@@ -240,50 +240,38 @@ impl PodRuntime {
         request: ExecRequest,
     ) -> Result<ExecSession, RuntimeError> {
         self.check_logs_and_exec()?;
-        let uid = self.lookup(namespace, name)?;
-        let commands = self.pods.lock().unwrap()[&uid].commands.clone();
-        let (reply, answer) = oneshot::channel();
-        let gone = || RuntimeError::NotFound(format!("pod {namespace}/{name} is being deleted"));
-        commands
-            .send(PodCommand::Exec { request, reply })
+        self.ask(namespace, name, |reply| PodCommand::Exec { request, reply })
             .await
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
     }
 
     /// Hibernates pod `namespace/name` now; returns what was saved.
     pub async fn hibernate(&self, namespace: &str, name: &str) -> Result<String, RuntimeError> {
-        let (reply, answer) = oneshot::channel();
-        self.ask(namespace, name, PodCommand::Hibernate { reply })
-            .await?;
-        answer.await.map_err(|_| self.gone(namespace, name))?
+        self.ask(namespace, name, |reply| PodCommand::Hibernate { reply })
+            .await
     }
 
     /// Wakes pod `namespace/name` if it is hibernated; returns how.
     pub async fn wake(&self, namespace: &str, name: &str) -> Result<String, RuntimeError> {
-        let (reply, answer) = oneshot::channel();
-        self.ask(namespace, name, PodCommand::Wake { reply: Some(reply) })
-            .await?;
-        answer.await.map_err(|_| self.gone(namespace, name))?
+        self.ask(namespace, name, |reply| PodCommand::Wake {
+            reply: Some(reply),
+        })
+        .await
     }
 
-    fn gone(&self, namespace: &str, name: &str) -> RuntimeError {
-        RuntimeError::NotFound(format!("pod {namespace}/{name} is being deleted"))
-    }
-
-    /// Sends `command` to the task of pod `namespace/name`.
-    async fn ask(
+    /// Sends the task of pod `namespace/name` the command `command` makes
+    /// around its reply channel, and waits for the reply.
+    async fn ask<T>(
         &self,
         namespace: &str,
         name: &str,
-        command: PodCommand,
-    ) -> Result<(), RuntimeError> {
+        command: impl FnOnce(oneshot::Sender<Result<T, RuntimeError>>) -> PodCommand,
+    ) -> Result<T, RuntimeError> {
         let uid = self.lookup(namespace, name)?;
         let commands = self.pods.lock().unwrap()[&uid].commands.clone();
-        commands
-            .send(command)
-            .await
-            .map_err(|_| self.gone(namespace, name))
+        let (reply, answer) = oneshot::channel();
+        let gone = || RuntimeError::NotFound(format!("pod {namespace}/{name} is being deleted"));
+        commands.send(command(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     fn check_logs_and_exec(&self) -> Result<(), RuntimeError> {

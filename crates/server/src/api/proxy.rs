@@ -281,10 +281,7 @@ pub async fn hibernate(
     caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.require_user()?;
-    let upstream = host_url(&state, &namespace, &name, Action::Hibernate, None).await?;
-    let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
-    Ok((code, axum::Json(status)).into_response())
+    host_action(&state, &caller, &namespace, &name, Action::Hibernate).await
 }
 
 /// Wakes a hibernated pod: its host loads the VM's state again (or, if
@@ -310,8 +307,20 @@ pub async fn wake(
     caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    host_action(&state, &caller, &namespace, &name, Action::Wake).await
+}
+
+/// Has the pod's host do `action` (hibernate, wake) for a user or the
+/// admin, and relays its answer.
+async fn host_action(
+    state: &AppState,
+    caller: &Caller,
+    namespace: &str,
+    name: &str,
+    action: Action,
+) -> Result<Response, ApiError> {
     caller.require_user()?;
-    let upstream = host_url(&state, &namespace, &name, Action::Wake, None).await?;
+    let upstream = host_url(state, namespace, name, action, None).await?;
     let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
     Ok((code, axum::Json(status)).into_response())
 }
