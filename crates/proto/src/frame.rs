@@ -5,7 +5,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Version of this protocol; carried in every frame header. A peer speaking
 /// another version is rejected, never half-understood. Version 2: a
 /// container spec lists mounts, `MountShared` replaces `MountLayers`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: volumes (ext4, encrypted and sub-path mounts; the volume-key
+/// messages).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest payload one frame may carry (1 MiB). Output chunks are far smaller.
 pub const MAX_PAYLOAD: usize = 1 << 20;

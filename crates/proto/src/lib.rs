@@ -15,6 +15,7 @@
 pub mod frame;
 pub mod messages;
 pub mod mounts;
+pub mod volumes;
 
 pub use frame::{FrameDecoder, MAX_PAYLOAD, PROTOCOL_VERSION, ProtoError, encode};
 pub use messages::*;

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::mounts::Mount;
+use crate::volumes::EncryptedVolume;
 
 /// A message from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,36 @@ pub enum HostMessage {
     /// replaces the previous configuration. Answered by
     /// [`GuestMessage::NetworkConfigured`].
     ConfigureNetwork(NetworkConfig),
+    /// Ask the server, through the host, for the keys of these encrypted
+    /// volumes (at most [`MAX_VOLUMES`](crate::volumes::MAX_VOLUMES)).
+    /// `context` names this start of the pod (`namespace/name/uid/instance`,
+    /// the instance id issued by the server; at most 512 bytes) and is
+    /// bound into the sealed answer. The agent makes a fresh key pair and
+    /// answers [`GuestMessage::VolumeKeyRequest`]. Sent after the pod has
+    /// its identity, again after a wake from hibernation. See
+    /// [`volumes`](crate::volumes).
+    RequestVolumeKeys {
+        context: String,
+        volumes: Vec<EncryptedVolume>,
+    },
+    /// The server's sealed answer to the last [`GuestMessage::VolumeKeyRequest`]
+    /// (opened with that request's key pair and context). The agent opens
+    /// a dm-crypt mapping for each released volume (formatting it first
+    /// when the answer says so; a mapping suspended by
+    /// [`HostMessage::SuspendVolumes`] gets its key back and resumes) and
+    /// answers [`GuestMessage::VolumesOpened`]. Volumes the server refused
+    /// are not in it; the host keeps their containers waiting.
+    VolumeKeys { sealed: Vec<u8> },
+    /// The pod is about to be saved (hibernation): suspend every open
+    /// volume mapping (file systems frozen, writes flushed), wipe its key
+    /// from the kernel (`key wipe`) and from the agent. Answered by
+    /// [`GuestMessage::VolumesSuspended`]; after a wake the host runs the
+    /// key request again and the mappings resume.
+    SuspendVolumes,
+    /// The volume's key was revoked: stop the containers that mount it
+    /// (SIGTERM, SIGKILL after `grace_ms`), unmount it, remove its mapping
+    /// and wipe its key. Answered by [`GuestMessage::VolumeClosed`].
+    CloseVolume { name: String, grace_ms: u64 },
 }
 
 /// What makes a clone of a VM template its own machine. Every clone resumes
@@ -105,6 +136,32 @@ pub enum GuestMessage {
         error: Option<String>,
         warnings: Vec<String>,
     },
+    /// The answer to [`HostMessage::RequestVolumeKeys`]: the guest's
+    /// ephemeral X25519 public key
+    /// ([`PUBLIC_KEY_LEN`](crate::volumes::PUBLIC_KEY_LEN) bytes), to which
+    /// the server seals the keys. `error` instead when the agent cannot
+    /// take part (a bad request, no randomness).
+    VolumeKeyRequest {
+        public_key: Vec<u8>,
+        error: Option<String>,
+    },
+    /// The answer to [`HostMessage::VolumeKeys`]: one entry per volume
+    /// the answer released, `error` `None` when its mapping is open (and,
+    /// if asked, formatted). An envelope that does not open is one entry
+    /// with an empty name.
+    VolumesOpened { results: Vec<VolumeOpened> },
+    /// The answer to [`HostMessage::SuspendVolumes`].
+    VolumesSuspended { error: Option<String> },
+    /// The answer to [`HostMessage::CloseVolume`], after the containers
+    /// that mounted it have been reported `Exited`.
+    VolumeClosed { name: String, error: Option<String> },
+}
+
+/// How opening one encrypted volume went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeOpened {
+    pub name: String,
+    pub error: Option<String>,
 }
 
 /// A process the agent runs, as listed in [`GuestMessage::Processes`].

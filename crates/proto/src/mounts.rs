@@ -25,8 +25,9 @@ pub const MAX_SERIAL_LEN: usize = 20;
 pub struct Mount {
     /// Where the file system comes from.
     pub source: MountSource,
-    /// The file system type: `erofs`, `tmpfs`, `overlay`, or `bind` for a
-    /// bind mount of a shared mount.
+    /// The file system type: `erofs`, `tmpfs`, `overlay`, `ext4` (a
+    /// volume: a disk or an encrypted volume's mapping), or `bind` for a
+    /// bind mount of a shared mount (or a path inside one).
     pub fstype: String,
     /// Where it goes.
     pub target: MountTarget,
@@ -54,6 +55,17 @@ pub enum MountSource {
     Overlay { lower: Vec<String> },
     /// A shared mount listed earlier, by name (the source of a `bind`).
     Shared { name: String },
+    /// The open dm-crypt mapping of the encrypted volume `volume` (see
+    /// [`volumes`](crate::volumes)); `ext4`. A mapping that is not open
+    /// (no key yet, refused, revoked) is a `StartFailed` (`Mount`): the
+    /// host starts such a container only after the volume opened.
+    Encrypted { volume: String },
+    /// The directory `path` inside the shared mount `name` listed earlier
+    /// (a Kubernetes `subPath`; the source of a `bind`): relative, without
+    /// `.` or `..` components, at most 4096 bytes; resolved inside that
+    /// mount (a symlink there never leads out of it); created, with its
+    /// parents, if missing.
+    SharedPath { name: String, path: String },
 }
 
 /// Where a mount goes.
@@ -110,6 +122,10 @@ impl Mount {
         }
     }
 }
+
+/// Name prefix of the shared mount of a pod volume: a volume `data` is
+/// shared as `vol-data`.
+pub const VOLUME_MOUNT_PREFIX: &str = "vol-";
 
 /// The mounts of a container made from an image whose layer disks have
 /// `serials`, bottom layer first: each layer, then the overlay root over
