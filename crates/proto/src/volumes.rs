@@ -141,6 +141,12 @@ impl GuestKeyPair {
     }
 }
 
+/// The context of one start of a pod, as both the server (sealing) and
+/// the host (telling the agent) write it: `namespace/name/uid/instance`.
+pub fn context(namespace: &str, pod: &str, pod_uid: &str, instance: &str) -> String {
+    format!("{namespace}/{pod}/{pod_uid}/{instance}")
+}
+
 fn info(context: &str) -> Vec<u8> {
     let mut info = INFO_PREFIX.to_vec();
     info.extend_from_slice(context.as_bytes());
