@@ -15,6 +15,7 @@ mod pod;
 pub mod quantity;
 mod status;
 pub mod validate;
+mod volume;
 
 pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
 pub use duration::parse_duration;
@@ -36,3 +37,9 @@ pub use pod::{
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};
 pub use validate::{FieldError, validate_host, validate_pod};
+pub use volume::{
+    ENCRYPTED_ANNOTATION, EmptyDirVolumeSource, PersistentVolumeClaim, PersistentVolumeClaimList,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PersistentVolumeClaimVolumeSource,
+    PodInstance, RefusedVolume, ReleasedVolume, Volume, VolumeAttachment, VolumeAuditEntry,
+    VolumeAuditLog, VolumeKeyRequest, VolumeKeyResponse, VolumeMount, VolumeResourceRequirements,
+};

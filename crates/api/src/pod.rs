@@ -67,6 +67,9 @@ pub struct PodSpec {
     /// Extra `/etc/hosts` lines, after the pod's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_aliases: Vec<HostAlias>,
+    /// The pod's volumes, which its containers mount by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::Volume>,
 }
 
 /// A pod's DNS policy, as in Kubernetes.
@@ -170,6 +173,8 @@ pub struct Container {
     pub tty: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<crate::volume::VolumeMount>,
 }
 
 /// An environment variable with a literal value.

@@ -187,9 +187,8 @@ pub fn open(pair: &GuestKeyPair, context: &str, sealed: &[u8]) -> Result<Release
     if sealed.len() < ENC_LEN {
         return Err(SealError::Open);
     }
-    let encapped =
-        <X25519HkdfSha256 as hpke::Kem>::EncappedKey::from_bytes(&sealed[..ENC_LEN])
-            .map_err(|_| SealError::Open)?;
+    let encapped = <X25519HkdfSha256 as hpke::Kem>::EncappedKey::from_bytes(&sealed[..ENC_LEN])
+        .map_err(|_| SealError::Open)?;
     let mut plaintext = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
         &OpModeR::Base,
         &pair.private,
