@@ -58,6 +58,10 @@ pub struct HostDaemonArgs {
     /// containers are stopped.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// Where persistent volumes' data files are kept (default: `volumes`
+    /// in the state directory).
+    #[arg(long, value_name = "DIR")]
+    pub volume_dir: Option<PathBuf>,
     #[command(flatten)]
     pub network: PodNetworkArgs,
     #[command(flatten)]
@@ -162,6 +166,9 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
     };
     let mut host_cfg = HostConfig::new(node, args.state_dir.clone());
     host_cfg.delete_grace = Duration::from_secs(args.grace);
+    if let Some(dir) = &args.volume_dir {
+        host_cfg.volume_dirs.volumes = dir.clone();
+    }
     if runtime == RuntimeMode::Vm {
         host_cfg.network = args.network.config(&args.state_dir);
     }

@@ -18,6 +18,10 @@ use tokio::sync::mpsc;
 use crate::host_options::PodVmArgs;
 use crate::terminal;
 
+
+/// Where `podvisor run` keeps named volumes (`-v NAME:/path`).
+pub const DEFAULT_VOLUME_DIR: &str = "/var/lib/podvisor/volumes";
+
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Number of virtual CPUs of the pod VM.
@@ -88,6 +92,15 @@ pub struct RunArgs {
     /// brackets), as docker takes it (repeatable).
     #[arg(long = "add-host", value_name = "NAME:IP", value_parser = parse_add_host)]
     add_host: Vec<HostAlias>,
+    /// A named volume at a path in the container: NAME:/path[:ro]
+    /// (repeatable). Made as an empty ext4 disk on first use and kept
+    /// after the run, as docker's local volumes are; one run uses a
+    /// volume at a time. Host directories cannot be shared into the VM.
+    #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH[:ro]", value_parser = podvisor_run::parse_volume_arg)]
+    volume: Vec<podvisor_run::NamedVolume>,
+    /// Where named volumes' disks are kept.
+    #[arg(long, value_name = "DIR", env = "PODVISOR_VOLUME_DIR", default_value = DEFAULT_VOLUME_DIR)]
+    volume_dir: PathBuf,
     /// The image: a registry reference (pulled unless cached), or an OCI
     /// layout directory or image archive (docker save, oci-archive) that
     /// exists, optionally followed by `:REF` to pick one of several.
@@ -323,6 +336,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
             },
         },
         dns: docker_dns(args.dns, args.dns_search, args.dns_option, args.add_host),
+        volumes: args.volume,
+        volume_dir: args.volume_dir,
     };
     let mut cfg = args.host.node_config()?;
     cfg.platform = args.platform;

@@ -509,3 +509,49 @@ fn an_error_prints_each_of_its_causes_once() {
     assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// `-v NAME:/path`: a named volume outlives the run that wrote it, cold or
+/// forked from a template (its disk hot-plugged into the clone); `:ro`
+/// refuses writes; a host directory is refused with the reason; a volume
+/// in use by another run is refused.
+#[test]
+fn vm_named_volumes_keep_data_between_runs() {
+    let t = TestDir::new();
+    let image = busybox_image(t.path());
+    let volumes = t.path().join("volumes");
+    let run = || {
+        podvisor(&t)
+            .env("PODVISOR_VOLUME_DIR", &volumes)
+            .args(["run"])
+    };
+    let out = run()
+        .args(["--template", "none", "-v", "data:/data"])
+        .arg(&image)
+        .args(["sh", "-c", "echo kept > /data/f && grep ' /data ' /proc/mounts"])
+        .output();
+    assert_code(&out, 0);
+    assert!(out.stdout.contains("ext4"), "{}", out.stdout);
+    assert!(volumes.join("data.img").exists());
+    // Forked from a template this time (made on demand): the volume's disk
+    // is the clone's own.
+    let out = run()
+        .args(["-v", "data:/data:ro"])
+        .arg(&image)
+        .args(["sh", "-c", "cat /data/f; echo x > /data/g && echo wrote"])
+        .output();
+    assert_eq!(out.stdout, "kept\n", "{}", out.stderr);
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
+    let out = run().args(["-v", "/etc:/host-etc"]).arg(&image).output();
+    assert_code(&out, 2);
+    assert!(out.stderr.contains("a host directory cannot be shared"), "{}", out.stderr);
+    // Held by a run: another is refused at once.
+    let file = std::fs::File::open(volumes.join("data.img")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) }, 0);
+    let out = run().args(["-v", "data:/data"]).arg(&image).args(["true"]).output();
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("in use by another podvisor run"), "{}", out.stderr);
+    drop(file);
+    assert_pod_cleaned_up(&t);
+}

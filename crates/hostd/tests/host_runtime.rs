@@ -38,6 +38,7 @@ fn container(name: &str, image: &Path, script: &str) -> ContainerPlan {
         working_dir: None,
         tty: false,
         stdin: false,
+        volume_mounts: vec![],
     }
 }
 
@@ -53,6 +54,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         port_mappings: vec![],
         dns: Default::default(),
         hibernate_after: None,
+        volumes: vec![],
     }
 }
 
@@ -185,6 +187,7 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
                 ],
                 tty: false,
                 stdin: true,
+                volume_mounts: vec![],
                 size: None,
             },
         )
@@ -214,6 +217,7 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
                 command: vec!["true".into()],
                 tty: false,
                 stdin: false,
+                volume_mounts: vec![],
                 size: None,
             },
         )

@@ -58,6 +58,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
             working_dir: None,
             tty: false,
             stdin: false,
+            volume_mounts: vec![],
         }],
         restart_policy: RestartPolicy::Always,
         cpus: 1,
@@ -65,6 +66,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         port_mappings: ports,
         dns: Default::default(),
         hibernate_after: None,
+        volumes: vec![],
     }
 }
 

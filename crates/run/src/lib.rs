@@ -32,7 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 mod network_choice;
+mod volumes;
 pub use network_choice::{NetworkChoice, RunNetwork, remove_abandoned};
+pub use volumes::{DEFAULT_VOLUME_BYTES, NamedVolume, RunVolumeError, RunVolumes, parse_volume_arg};
 
 /// Id of the one container of a `podvisor run` pod (a warm template's
 /// container has it too: a clone attaches to it).
@@ -58,6 +60,10 @@ pub struct PodRequest {
     /// `--dns`, `--dns-search`, `--dns-option`, `--add-host`), applied to
     /// the network's DNS by [`network::apply_pod_dns`].
     pub dns: network::PodDns,
+    /// Named volumes (`-v NAME:/path[:ro]`), kept in `volume_dir`.
+    pub volumes: Vec<NamedVolume>,
+    /// Where named volumes' disks are kept.
+    pub volume_dir: std::path::PathBuf,
 }
 
 /// Errors of running a pod.
@@ -71,6 +77,8 @@ pub enum RunError {
     Spec(#[from] ContainerSpecError),
     #[error(transparent)]
     Network(#[from] podvisor_net::pod_network::PodNetworkError),
+    #[error(transparent)]
+    Volume(#[from] RunVolumeError),
     /// A template the pod named does not fit, or templates are unusable in
     /// a way a cold boot would not help with.
     #[error(transparent)]
@@ -183,16 +191,19 @@ async fn run_pod(
     let mut layers = LayerAttachments::default();
     let serials = layers.add_image(image);
     let process = process_spec(&image.config, &req.overrides)?;
+    let volumes = RunVolumes::open(&req.volume_dir, &req.volumes)?;
     let guest = podvisor_guest::prepare(&podvisor_guest::GuestOptions {
         kernel: cfg.kernel.clone(),
         agent: cfg.agent.clone(),
         extra_modules: vec![],
         cache_dir: cfg.cache_dir.clone(),
     })?;
+    let mut mounts = image_mounts(&serials);
+    volumes.add_mounts(&mut mounts);
     let container = ContainerSpec {
         id: CONTAINER_ID.into(),
         hostname: hostname.to_string(),
-        mounts: image_mounts(&serials),
+        mounts,
         process,
     };
     let nic = match network {
@@ -236,6 +247,12 @@ async fn run_pod(
     let forked = podvisor_template::from_template(cfg, &fork, &mut timings).await?;
     let (mut pod, warm) = match forked {
         Some((mut pod, warm)) => {
+            // A clone gets the volumes' disks hot-plugged: they are this
+            // pod's, never a template's.
+            for disk in &volumes.disks {
+                pod.add_device(podvisor_vmm::Device::Block(disk.clone()))
+                    .await?;
+            }
             if let Some(nic) = &nic {
                 pod.add_device(nic.vm_device()).await?;
             }
@@ -243,6 +260,13 @@ async fn run_pod(
         }
         None => {
             let mut spec = spec;
+            spec.devices.extend(
+                volumes
+                    .disks
+                    .iter()
+                    .cloned()
+                    .map(podvisor_vmm::Device::Block),
+            );
             spec.devices.extend(nic.as_ref().map(|n| n.vm_device()));
             let pod = PodVm::boot(cfg, spec).await?;
             timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);

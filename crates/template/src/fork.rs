@@ -34,12 +34,22 @@ pub fn pod_recipe(
             .iter()
             .map(|l| l.chain_id.to_string())
             .collect(),
-        warm: Some(WarmRecipe {
+        // A warm template's container runs with its image's mounts only: a
+        // pod that mounts volumes too cannot take it over.
+        warm: only_image_mounts(container).then(|| WarmRecipe {
             process: container.process.clone(),
             until: None,
             settle_ms: 0,
         }),
     }
+}
+
+/// Whether the container mounts nothing but its image (layers and root).
+fn only_image_mounts(container: &ContainerSpec) -> bool {
+    container.mounts.iter().all(|m| {
+        matches!(m.target, podvisor_proto::MountTarget::Root)
+            || (m.fstype == "erofs" && matches!(m.source, podvisor_proto::MountSource::Disk { .. }))
+    })
 }
 
 /// A pod that may fork from a template.

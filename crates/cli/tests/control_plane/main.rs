@@ -8,3 +8,4 @@ mod fixture;
 mod hibernate;
 mod two_hosts;
 mod up;
+mod volumes;

@@ -10,6 +10,7 @@ use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_podvm::network::{DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig};
 
 use crate::host::plan::vm_size;
+use crate::host::volumes::{DEFAULT_EMPTY_DIR_BYTES, MountPlan, VolumePlan, VolumeSource};
 use crate::host::status::reasons;
 use crate::host::{ContainerPlan, ContainerState, PodPhase, PodPlan, PodState, RestartPolicy};
 
@@ -57,6 +58,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         )
     })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
+    let volumes = volumes(pod)?;
     let hibernate_after = api::hibernate_after(&pod.metadata).map_err(|e| {
         unrunnable(
             UnrunnableReason::InvalidPod,
@@ -85,6 +87,16 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
                 working_dir: c.working_dir.clone(),
                 tty: c.tty,
                 stdin: c.stdin,
+                volume_mounts: c
+                    .volume_mounts
+                    .iter()
+                    .map(|m| MountPlan {
+                        volume: m.name.clone(),
+                        path: m.mount_path.clone(),
+                        read_only: m.read_only,
+                        sub_path: (!m.sub_path.is_empty()).then(|| m.sub_path.clone()),
+                    })
+                    .collect(),
             })
             .collect(),
         restart_policy: match pod.spec.restart_policy {
@@ -96,7 +108,55 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         memory_mib,
         port_mappings,
         dns,
+        volumes,
     })
+}
+
+/// The pod's volumes as the host runs them.
+fn volumes(pod: &api::Pod) -> Result<Vec<VolumePlan>, Unrunnable> {
+    let invalid = |message: String| unrunnable(UnrunnableReason::InvalidPod, message);
+    pod.spec
+        .volumes
+        .iter()
+        .map(|v| {
+            let source = match (&v.empty_dir, &v.persistent_volume_claim) {
+                (Some(e), None) => {
+                    let size = match &e.size_limit {
+                        Some(q) => Some(q.bytes().map_err(|err| {
+                            invalid(format!(
+                                "pod {}: volume {}: sizeLimit: {err}",
+                                pod.key(),
+                                v.name
+                            ))
+                        })?),
+                        None => None,
+                    };
+                    match e.medium.as_str() {
+                        "Memory" => VolumeSource::Memory { size_bytes: size },
+                        _ => VolumeSource::ScratchDisk {
+                            size_bytes: size.unwrap_or(DEFAULT_EMPTY_DIR_BYTES),
+                        },
+                    }
+                }
+                (None, Some(c)) => VolumeSource::Claim {
+                    claim: c.claim_name.clone(),
+                    read_only: c.read_only,
+                },
+                _ => {
+                    return Err(invalid(format!(
+                        "pod {}: volume {} needs exactly one of emptyDir and \
+                         persistentVolumeClaim",
+                        pod.key(),
+                        v.name
+                    )));
+                }
+            };
+            Ok(VolumePlan {
+                name: v.name.clone(),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// `dnsPolicy`, `dnsConfig` and `hostAliases` for the pod VM (merged with

@@ -5,7 +5,9 @@
 //! `{"exitCode": N}` then close, 4 resize JSON `{"Width", "Height"}`,
 //! `[255, 0]` closes stdin), `POST /pods/{ns}/{name}/hibernate` and
 //! `POST /pods/{ns}/{name}/wake` (answered when done, with a Status whose
-//! message says what was saved or how the pod woke). Errors are Status
+//! message says what was saved or how the pod woke), `POST
+//! /pods/{ns}/{name}/volumes/{volume}/close` (a revoked encrypted volume:
+//! the guest closes it and the containers using it stop). Errors are Status
 //! JSON bodies.
 
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub fn router(runtime: Arc<PodRuntime>, secret: EndpointSecret) -> Router {
         .route("/pods/{ns}/{name}/exec", get(exec))
         .route("/pods/{ns}/{name}/hibernate", post(hibernate))
         .route("/pods/{ns}/{name}/wake", post(wake))
+        .route("/pods/{ns}/{name}/volumes/{volume}/close", post(close_volume))
         .with_state(runtime)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(secret),
@@ -191,6 +194,16 @@ async fn wake(
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
     match rt.wake(&ns, &name).await {
+        Ok(message) => success(message),
+        Err(e) => runtime_error(e),
+    }
+}
+
+async fn close_volume(
+    State(rt): State<Arc<PodRuntime>>,
+    Path((ns, name, volume)): Path<(String, String, String)>,
+) -> Response {
+    match rt.close_volume(&ns, &name, &volume).await {
         Ok(message) => success(message),
         Err(e) => runtime_error(e),
     }

@@ -19,6 +19,7 @@ pub mod convert;
 pub mod http;
 mod reconcile;
 mod reporter;
+mod volume_files;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use podvisor_api::{Client, ClientError, PodFilter};
 use tokio::sync::oneshot;
 
 use crate::host::hibernation::{KeyCustody, ServerCustody};
+use crate::host::volumes::{ServerAuthority, VolumeAuthority};
 use crate::host::{AckLauncher, HostConfig, Launcher, PodRuntime, RuntimeError, VmLauncher};
 use reconcile::Reconciler;
 
@@ -134,8 +136,9 @@ pub async fn run(
     };
     // The server keeps the keys of hibernated pods' snapshots.
     let keys: Arc<dyn KeyCustody> = Arc::new(ServerCustody(client.clone()));
+    let volumes: Arc<dyn VolumeAuthority> = Arc::new(ServerAuthority(client.clone()));
     let (runtime, mut changes) =
-        PodRuntime::open_with_keys(cfg.host.clone(), launcher, Some(keys))?;
+        PodRuntime::open_with_server(cfg.host.clone(), launcher, Some(keys), Some(volumes))?;
     let runtime = Arc::new(runtime);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -189,6 +192,10 @@ pub async fn run(
     let reports = reporter::start(client.clone());
     let mut reconciler = Reconciler::new(client.clone(), runtime.clone(), host_ip, reports);
     let mut feed = client.pod_feed(PodFilter::on_host(&cfg.name), None);
+    let volume_gc = tokio::spawn(volume_files::collect_periodically(
+        client.clone(),
+        cfg.host.volume_dirs.volumes.clone(),
+    ));
 
     tokio::pin!(shutdown);
     loop {
@@ -209,6 +216,7 @@ pub async fn run(
         }
     }
     heartbeat.abort();
+    volume_gc.abort();
     let _ = stop_http.send(());
     let _ = server.await;
     runtime.detach_all().await;

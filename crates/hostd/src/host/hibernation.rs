@@ -26,6 +26,10 @@ pub struct Hibernated {
     pub disks: Vec<BlockDevice>,
     /// What each container runs (as in [`super::records::VmRecord`]).
     pub containers: Vec<Option<ContainerSpec>>,
+    /// The VM's encrypted volumes: their keys were wiped before the save,
+    /// and are asked for again after the wake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encrypted: Vec<podvisor_proto::volumes::EncryptedVolume>,
 }
 
 /// The pod's hibernation, as its state reports it (the API's `Hibernated`

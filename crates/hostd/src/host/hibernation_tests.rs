@@ -30,7 +30,7 @@ fn rig_with(cfg: super::HostConfig, keys: Arc<MemoryCustody>) -> Rig {
     let (fake, vms) = FakeLauncher::new();
     let launcher = Arc::new(fake);
     let (rt, _changes) =
-        PodRuntime::open_with_keys(cfg, launcher.clone(), Some(keys.clone())).unwrap();
+        PodRuntime::open_with_server(cfg, launcher.clone(), Some(keys.clone()), None).unwrap();
     Rig {
         rt,
         launcher,

@@ -45,6 +45,7 @@ mod pod_events;
 pub mod pod_sleep;
 mod pod_state;
 pub mod pod_task;
+mod pod_volumes;
 pub mod records;
 pub mod runtime;
 pub mod sandbox;
@@ -52,6 +53,9 @@ pub mod status;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod vm_sandbox;
+#[cfg(test)]
+mod volume_tests;
+pub mod volumes;
 
 pub use ack_sandbox::AckLauncher;
 pub use error::RuntimeError;
@@ -98,6 +102,12 @@ pub struct HostConfig {
     /// How long a wake from hibernation may take before the pod is
     /// restarted cold instead.
     pub wake_timeout: Duration,
+    /// Where persistent volumes' data files and encrypted volumes' format
+    /// images are kept.
+    pub volume_dirs: volumes::VolumeDirs,
+    /// How long the key release of a start's encrypted volumes may take
+    /// before the containers waiting for it are left with `KeyTimeout`.
+    pub key_timeout: Duration,
 }
 
 impl HostConfig {
@@ -105,12 +115,17 @@ impl HostConfig {
     pub fn new(node: NodeConfig, state_dir: PathBuf) -> Self {
         Self {
             node,
-            state_dir,
             log_max_bytes: logs::DEFAULT_MAX_BYTES,
             backoff: Backoff::default(),
             delete_grace: Duration::from_secs(30),
             network: None,
             wake_timeout: Duration::from_secs(30),
+            key_timeout: Duration::from_secs(60),
+            volume_dirs: volumes::VolumeDirs {
+                volumes: state_dir.join("volumes"),
+                format_images: state_dir.join("volume-format-images"),
+            },
+            state_dir,
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct PodPlan {
     /// `podvisor.io/hibernate-after` annotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hibernate_after: Option<std::time::Duration>,
+    /// The pod's volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<super::volumes::VolumePlan>,
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -54,6 +57,9 @@ pub struct ContainerPlan {
     pub tty: bool,
     /// Keep the container's stdin open.
     pub stdin: bool,
+    /// The pod volumes it mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<super::volumes::MountPlan>,
 }
 
 impl ContainerPlan {
@@ -167,6 +173,7 @@ mod tests {
             port_mappings: vec![],
             dns: PodDns::default(),
             hibernate_after: None,
+            volumes: vec![],
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

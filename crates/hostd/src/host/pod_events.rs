@@ -38,7 +38,14 @@ impl PodTask {
         match msg {
             GuestMessage::Started { id, .. } => {
                 if let Some(i) = self.container_index(&id) {
+                    if let Some(ready) = self.vm_ready_at
+                        && !self.slots[i].started_once_in_vm
+                    {
+                        let ms = ready.elapsed().as_secs_f64() * 1000.0;
+                        tracing::info!(pod = %self.key(), container = %id, after_vm_ready_ms = ms, "container started");
+                    }
                     let slot = &mut self.slots[i];
+                    slot.started_once_in_vm = true;
                     slot.track.started(now);
                     slot.log.set_running(true);
                 }
@@ -82,6 +89,11 @@ impl PodTask {
                 }
             }
             GuestMessage::Processes { processes } => self.reconcile_adopted(vm, processes).await?,
+            GuestMessage::VolumeKeyRequest { public_key, error } => {
+                self.on_volume_key_request(public_key, error)
+            }
+            GuestMessage::VolumesOpened { results } => self.on_volumes_opened(vm, results).await?,
+            GuestMessage::VolumeClosed { name, error } => self.on_volume_closed(name, error),
             GuestMessage::Error { message } => {
                 tracing::debug!(pod = %self.key(), "agent: {}", sanitize_guest_text(&message));
             }

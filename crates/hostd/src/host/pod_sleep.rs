@@ -52,7 +52,7 @@ impl PodTask {
     /// the pod as hibernated and stops the VM. Returns what was saved.
     pub(super) async fn hibernate(
         &mut self,
-        vm: Box<dyn Sandbox>,
+        mut vm: Box<dyn Sandbox>,
         by_policy: bool,
     ) -> Result<String, NotHibernated> {
         let keys = match self.custody() {
@@ -88,14 +88,30 @@ impl PodTask {
         };
         remove_snapshots_except(&dir, None);
         let started = Instant::now();
+        if self.volume_keys.in_flight() {
+            let e = RuntimeError::Conflict(format!(
+                "pod {} is opening its encrypted volumes",
+                self.key()
+            ));
+            return Err((Some(vm), e));
+        }
+        // No volume key may be in the snapshot: the guest wipes them.
+        if let Err(e) = self.suspend_volumes(vm.as_mut()).await {
+            self.begin_key_flow();
+            return Err((Some(vm), e));
+        }
         let context = hibernation::snapshot_context(&plan);
         let paused = match vm.save(&dir, &context).await {
             Ok(p) => p,
-            Err(not) => return Err((not.sandbox, hibernate_error(not.error))),
+            Err(not) => {
+                self.begin_key_flow();
+                return Err((not.sandbox, hibernate_error(not.error)));
+            }
         };
         let snapshot = paused.snapshot().clone();
         if let Err(e) = keys.put(&plan, &snapshot.id, paused.key()).await {
             let not = paused.resume(HibernateError::KeyNotKept(Box::new(e))).await;
+            self.begin_key_flow();
             return Err((not.sandbox, hibernate_error(not.error)));
         }
         let saved_in = started.elapsed();
@@ -106,6 +122,7 @@ impl PodTask {
             booted_at: vm_record.booted_at,
             disks: vm_record.disks.clone(),
             containers: vm_record.containers.clone(),
+            encrypted: self.volume_keys.encrypted.clone(),
         });
         self.record.vm = None;
         if let Err(e) = self.shared.state.save(&self.record) {
@@ -114,6 +131,7 @@ impl PodTask {
             self.record.hibernated = None;
             self.record.vm = Some(vm_record);
             let not = paused.resume(HibernateError::Abandoned(Box::new(e))).await;
+            self.begin_key_flow();
             return Err((not.sandbox, hibernate_error(not.error)));
         }
         paused.stop().await;
@@ -211,6 +229,14 @@ impl PodTask {
                     Some(PodCommand::Hibernate { reply }) => {
                         let _ = reply.send(Ok(format!("pod {} is already hibernated", self.key())));
                     }
+                    Some(PodCommand::CloseVolume { name, reply }) => {
+                        // Its key was wiped before the save; the wake asks
+                        // the server, which refuses a revoked volume.
+                        let _ = reply.send(Ok(format!(
+                            "pod {} is hibernated: volume {name} is not open",
+                            self.key()
+                        )));
+                    }
                 },
             }
         }
@@ -280,7 +306,12 @@ impl PodTask {
                     booted_at: h.booted_at,
                     containers: h.containers,
                     disks: h.disks,
+                    encrypted: h.encrypted.clone(),
+                    open_volumes: vec![],
                 });
+                // The guest wiped its volume keys before the save: ask again.
+                self.volume_keys = super::pod_volumes::VolumeKeys::new(h.encrypted, vec![]);
+                self.begin_key_flow();
                 self.hibernation = Some(HibernationStatus {
                     asleep: false,
                     since: SystemTime::now(),

@@ -21,6 +21,8 @@ use super::logs::{ContainerLog, LogSignal};
 use super::plan::RestartPolicy;
 use super::records::{PodRecord, StateDir, VmRecord};
 use super::sandbox::{Launcher, Sandbox};
+use super::pod_volumes::VolumeKeys;
+use super::volumes::VolumeAuthority;
 use super::status::{
     Backoff, ContainerState, ContainerStatus, ContainerTrack, Ended, PodReason, PodState,
     WaitingReason,
@@ -53,6 +55,12 @@ pub(crate) enum PodCommand {
     Wake {
         reply: Option<oneshot::Sender<Result<String, RuntimeError>>>,
     },
+    /// The encrypted volume `name` was revoked: close it in the guest and
+    /// stop the containers using it.
+    CloseVolume {
+        name: String,
+        reply: oneshot::Sender<Result<String, RuntimeError>>,
+    },
 }
 
 /// What every pod task shares.
@@ -66,6 +74,9 @@ pub(crate) struct Shared {
     /// Keeps the keys of hibernated pods' snapshots; `None`: pods are
     /// not hibernated.
     pub keys: Option<Arc<dyn KeyCustody>>,
+    /// The server's part in the pods' volumes; `None`: pods get only
+    /// `emptyDir` volumes.
+    pub volumes: Option<Arc<dyn VolumeAuthority>>,
 }
 
 pub(super) enum Stage {
@@ -107,6 +118,8 @@ pub(super) struct ContainerSlot {
     pub track: ContainerTrack,
     /// It has been started before: its next start is a restart.
     pub started_once: bool,
+    /// It has run in the current VM (its first start there is logged).
+    pub started_once_in_vm: bool,
     pub log: ContainerLog,
     /// What it runs, once its image is resolved.
     pub spec: Option<ContainerSpec>,
@@ -153,6 +166,11 @@ pub(crate) struct PodTask {
     pub(super) activity: Activity,
     /// Exec requests that woke the pod, served once it runs.
     pub(super) pending_execs: Vec<PendingExec>,
+    /// The VM's encrypted volumes and their keys' conversation.
+    pub(super) volume_keys: VolumeKeys,
+    /// When the running VM booted (its agent ready), for the log line
+    /// that says how long each container's first start took after it.
+    pub(super) vm_ready_at: Option<Instant>,
 }
 
 /// An exec request waiting for its pod to wake.
@@ -205,12 +223,17 @@ impl PodTask {
             slots.push(ContainerSlot {
                 track,
                 started_once: ran,
+                started_once_in_vm: ran,
                 log,
                 spec: specs.get(i).cloned().flatten(),
             });
         }
         let (state_tx, state_rx) = watch::channel(record.state.clone());
         let hibernation = record.state.hibernation.clone();
+        let record_vm = record
+            .vm
+            .as_ref()
+            .map(|v| (v.encrypted.clone(), v.open_volumes.clone()));
         let (exec_tx, exec_rx) = mpsc::channel(64);
         Ok((
             PodTask {
@@ -227,6 +250,11 @@ impl PodTask {
                 hibernation,
                 activity: Activity::new(),
                 pending_execs: vec![],
+                vm_ready_at: None,
+                volume_keys: match &record_vm {
+                    Some((encrypted, open)) => VolumeKeys::new(encrypted.clone(), open.clone()),
+                    None => VolumeKeys::default(),
+                },
             },
             state_rx,
             signals,
@@ -396,6 +424,14 @@ impl PodTask {
                             ))));
                         }
                     }
+                    Some(PodCommand::CloseVolume { name, reply }) => {
+                        // No VM holds it; the next start asks the server,
+                        // which refuses a revoked volume.
+                        let _ = reply.send(Ok(format!(
+                            "pod {} has no running VM: volume {name} is not open",
+                            self.key()
+                        )));
+                    }
                 },
             }
         }
@@ -438,9 +474,32 @@ impl PodTask {
                 return Stage::NeedVm(self.retry_at());
             }
         };
-        for (slot, spec) in self.slots.iter_mut().zip(prepared.containers) {
+        let scratch = match self.shared.state.pod_dir(&plan.uid) {
+            Ok(d) => d.join("volumes"),
+            Err(e) => {
+                return self.volumes_failed(podvisor_errors::chain(&e), false);
+            }
+        };
+        let volumes = match super::volumes::prepare(
+            &plan,
+            &self.shared.cfg.volume_dirs,
+            &scratch,
+            self.shared.volumes.as_deref(),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let retry = e.retryable();
+                return self.volumes_failed(podvisor_errors::chain(&e), retry);
+            }
+        };
+        for (i, (slot, spec)) in self.slots.iter_mut().zip(prepared.containers).enumerate() {
             slot.spec = match spec {
-                Ok(spec) => Some(spec),
+                Ok(mut spec) => {
+                    volumes.add_mounts(&plan.containers[i], &mut spec.mounts);
+                    Some(spec)
+                }
                 Err(e) => {
                     let how = Ended::StartFailed(StartError {
                         kind: StartErrorKind::InvalidSpec,
@@ -452,11 +511,17 @@ impl PodTask {
                 }
             };
         }
-        let (mut vm, process) = match launcher.start(&plan, prepared.disks.clone()).await {
+        let mut disks = prepared.disks;
+        disks.extend(volumes.disks.iter().cloned());
+        let (mut vm, process) = match launcher.start(&plan, disks.clone()).await {
             Ok(ok) => ok,
             Err(e) => return self.boot_failed(e),
         };
         tracing::info!(pod = %self.key(), pid = process.pid, "pod VM up");
+        self.vm_ready_at = Some(Instant::now());
+        for slot in &mut self.slots {
+            slot.started_once_in_vm = false;
+        }
         self.retry_delay = None;
         self.vm_problem = None;
         self.record.vm = Some(VmRecord {
@@ -464,8 +529,11 @@ impl PodTask {
             process,
             booted_at: SystemTime::now(),
             containers: self.slots.iter().map(|s| s.spec.clone()).collect(),
-            disks: prepared.disks,
+            disks,
+            encrypted: volumes.encrypted.clone(),
+            open_volumes: vec![],
         });
+        self.volume_keys = VolumeKeys::new(volumes.encrypted, vec![]);
         self.activity = Activity::new();
         self.record
             .state
@@ -474,6 +542,10 @@ impl PodTask {
         self.save();
         for i in 0..self.slots.len() {
             if self.slots[i].track.is_done() {
+                continue;
+            }
+            if let Some((reason, message)) = self.volume_gate(i) {
+                self.slots[i].track.status.state = ContainerState::waiting(reason, Some(message));
                 continue;
             }
             if let Err(e) = self.start_container(vm.as_mut(), i).await {
@@ -489,7 +561,22 @@ impl PodTask {
                 return self.after_vm();
             }
         }
+        self.begin_key_flow();
         Stage::Up(vm)
+    }
+
+    /// The pod's volumes could not be made ready: its containers wait
+    /// with the reason; a retry comes after a back-off (`retry`: the
+    /// server did not answer) or after the usual retry delay.
+    fn volumes_failed(&mut self, message: String, retry: bool) -> Stage {
+        tracing::warn!(pod = %self.key(), retry, "volumes: {message}");
+        for slot in &mut self.slots {
+            if !slot.track.is_done() {
+                slot.track.status.state =
+                    ContainerState::waiting(WaitingReason::FailedMount, Some(message.clone()));
+            }
+        }
+        Stage::NeedVm(self.retry_at())
     }
 
     fn boot_failed(&mut self, e: PodVmError) -> Stage {
@@ -520,6 +607,13 @@ impl PodTask {
         vm: &mut dyn Sandbox,
         i: usize,
     ) -> Result<(), PodVmError> {
+        if let Some((reason, message)) = self.volume_gate(i) {
+            // Its encrypted volume is not open (yet, or any more).
+            let slot = &mut self.slots[i];
+            slot.track.restart_at = None;
+            slot.track.status.state = ContainerState::waiting(reason, Some(message));
+            return Ok(());
+        }
         let slot = &mut self.slots[i];
         let restart = slot.started_once;
         slot.started_once = true;
@@ -607,6 +701,9 @@ impl PodTask {
                         Step::Go(Ok(()))
                     }
                     Some(PodCommand::Hibernate { reply }) => Step::Hibernate(Some(reply)),
+                    Some(PodCommand::CloseVolume { name, reply }) => {
+                        Step::Go(self.close_volume(vm.as_mut(), name, reply).await)
+                    }
                     Some(PodCommand::Wake { reply }) => {
                         self.activity.touch();
                         if let Some(reply) = reply {
@@ -629,6 +726,9 @@ impl PodTask {
                         }
                     }
                     Step::Go(result)
+                }
+                answer = self.volume_keys.next_answer() => {
+                    Step::Go(self.on_server_answer(vm.as_mut(), answer).await)
                 }
                 _ = idle_tick => match self.idle_for().await {
                     idle if idle_after.is_some_and(|after| idle >= after) => Step::Hibernate(None),

@@ -63,6 +63,13 @@ pub struct VmRecord {
     /// were kept have none, and such a VM is not hibernated).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<BlockDevice>,
+    /// The VM's encrypted volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encrypted: Vec<podvisor_proto::volumes::EncryptedVolume>,
+    /// Those open in the guest (an adopting daemon starts the containers
+    /// that wait for them without asking for keys again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open_volumes: Vec<String>,
 }
 
 /// Everything the host keeps about one pod.
@@ -244,6 +251,7 @@ mod tests {
                 port_mappings: vec![],
                 dns: Default::default(),
                 hibernate_after: None,
+                volumes: vec![],
             },
             state: PodState::default(),
             vm: Some(VmRecord {

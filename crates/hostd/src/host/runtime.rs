@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::error::RuntimeError;
 use super::exec::{ExecRequest, ExecSession};
 use super::hibernation::KeyCustody;
+use super::volumes::VolumeAuthority;
 use super::logs::{LogReader, LogSignal};
 use super::pod_task::{PodCommand, PodTask, Shared};
 use super::records::{PodRecord, StateDir};
@@ -52,15 +53,16 @@ impl PodRuntime {
         cfg: HostConfig,
         launcher: Arc<dyn Launcher>,
     ) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
-        PodRuntime::open_with_keys(cfg, launcher, None)
+        PodRuntime::open_with_server(cfg, launcher, None, None)
     }
 
     /// [`PodRuntime::open_with`], pods hibernated with their snapshots'
     /// keys kept by `keys`.
-    pub fn open_with_keys(
+    pub fn open_with_server(
         cfg: HostConfig,
         launcher: Arc<dyn Launcher>,
         keys: Option<Arc<dyn KeyCustody>>,
+        volumes: Option<Arc<dyn VolumeAuthority>>,
     ) -> Result<(PodRuntime, ChangeFeed), RuntimeError> {
         let state = StateDir::open(&cfg.state_dir)?;
         let records = state.load_all()?;
@@ -73,6 +75,7 @@ impl PodRuntime {
                 changes,
                 launcher,
                 keys,
+                volumes,
             }),
             pods: Mutex::new(HashMap::new()),
         };
@@ -254,6 +257,22 @@ impl PodRuntime {
     pub async fn wake(&self, namespace: &str, name: &str) -> Result<String, RuntimeError> {
         self.ask(namespace, name, |reply| PodCommand::Wake {
             reply: Some(reply),
+        })
+        .await
+    }
+
+    /// Closes the revoked encrypted volume `volume` in pod
+    /// `namespace/name` and stops the containers using it.
+    pub async fn close_volume(
+        &self,
+        namespace: &str,
+        name: &str,
+        volume: &str,
+    ) -> Result<String, RuntimeError> {
+        let name_of = volume.to_string();
+        self.ask(namespace, name, |reply| PodCommand::CloseVolume {
+            name: name_of,
+            reply,
         })
         .await
     }

@@ -154,6 +154,13 @@ reasons! {
         ErrImagePull = "ErrImagePull",
         /// It ended and waits for its back-off to restart.
         CrashLoopBackOff = "CrashLoopBackOff",
+        /// The management server refused the key of an encrypted volume
+        /// it mounts (another namespace's, revoked, ...).
+        KeyDenied = "KeyDenied",
+        /// The key of an encrypted volume it mounts did not come in time.
+        KeyTimeout = "KeyTimeout",
+        /// A volume it mounts could not be made ready or opened.
+        FailedMount = "FailedMount",
     }
 }
 

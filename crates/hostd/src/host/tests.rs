@@ -40,6 +40,7 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
                 working_dir: None,
                 tty: false,
                 stdin: false,
+                volume_mounts: vec![],
             })
             .collect(),
         restart_policy,
@@ -48,6 +49,7 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         port_mappings: vec![],
         dns: Default::default(),
         hibernate_after: None,
+        volumes: vec![],
     }
 }
 
@@ -376,6 +378,7 @@ async fn ack_without_vm_reports_pods_running_at_once_and_has_no_logs_or_exec() {
         command: vec!["true".into()],
         tty: false,
         stdin: false,
+        volume_mounts: vec![],
         size: None,
     };
     let no = rt.exec("default", "pod-u9", request).await.err();
