@@ -511,3 +511,127 @@ async fn volume_apply_creates_and_refuses_spec_changes() {
     let err = user.get_volume("default", "v").await.unwrap_err();
     assert_eq!(err.code(), Some(404), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_keeps_keys_and_refuses_the_old_key_file() {
+    use podvisor_api::client::SnapshotKey;
+    use podvisor_server::ServerConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = || {
+        let mut c = ServerConfig::new("127.0.0.1:0", &state);
+        c.host_ttl = Duration::from_secs(2);
+        c.leader_ttl = Duration::from_secs(1);
+        c
+    };
+    let token = |role, name: &'static str| {
+        let state = state.clone();
+        async move {
+            podvisor_server::create_token(&state, None, role, name)
+                .await
+                .unwrap()
+        }
+    };
+    let server = podvisor_server::start(config()).await.unwrap();
+    let (user_token, host_token) = (
+        token(Role::User, "alice").await,
+        token(Role::Host, "h1").await,
+    );
+    let user = Client::new(&server.url(), Some(&user_token)).unwrap();
+    let h1 = Client::new(&server.url(), Some(&host_token)).unwrap();
+    h1.register_host(
+        &podvisor_api::Host::new(
+            "h1",
+            podvisor_api::HostCapacity {
+                cpu: 4000,
+                memory: 4 * GI,
+            },
+            "http://127.0.0.1:9",
+        ),
+        "test-host-endpoint-secret-0123456789",
+    )
+    .await
+    .unwrap();
+    let beats = beat(&h1, "h1");
+    user.create_volume(&PersistentVolumeClaim::new("default", "data", "1Gi", true))
+        .await
+        .unwrap();
+    user.create_pod(&with_claims("web", &["data"]))
+        .await
+        .unwrap();
+    let web = pod_where(&user, "web", "web to be scheduled", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
+    let uid = web.metadata.uid.clone().unwrap();
+    let snapshot = SnapshotKey {
+        snapshot: "s1".into(),
+        key: "ab".repeat(32),
+    };
+    h1.put_snapshot_key("default", "web", &snapshot)
+        .await
+        .unwrap();
+    let release = |client: Client| {
+        let uid = uid.clone();
+        async move {
+            let i = client.new_pod_instance("default", "web").await.unwrap();
+            let pair = GuestKeyPair::derive(&[3; 32]);
+            let resp = ask(&client, "web", &i.instance, &pair, &["data"])
+                .await
+                .unwrap();
+            let sealed = base64::engine::general_purpose::STANDARD
+                .decode(resp.sealed.as_deref().expect("a key is released"))
+                .unwrap();
+            open(
+                &pair,
+                &context("default", "web", &uid, &i.instance),
+                &sealed,
+            )
+            .unwrap()
+            .keys[0]
+                .key
+                .clone()
+        }
+    };
+    let before = release(h1.clone()).await;
+    beats.abort();
+    drop(server);
+
+    let kek_file = state.join("key-encryption.key");
+    let old_file = dir.path().join("old.key");
+    std::fs::copy(&kek_file, &old_file).unwrap();
+    let rotated = podvisor_server::rotate_kek(&state, None, None)
+        .await
+        .unwrap();
+    assert_ne!(rotated.old_id, rotated.new_id);
+    assert_eq!((rotated.snapshot_keys, rotated.volume_keys), (1, 1));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kek_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_ne!(
+        std::fs::read(&kek_file).unwrap(),
+        std::fs::read(&old_file).unwrap()
+    );
+
+    // A server with the old key file is refused.
+    let mut old = config();
+    old.kek_file = Some(old_file.clone());
+    let err = podvisor_server::start(old).await.err().expect("refused");
+    assert!(err.to_string().contains("is not the one"), "{err}");
+
+    // With the new one, what was wrapped before still opens.
+    let server = podvisor_server::start(config()).await.unwrap();
+    let h1 = Client::new(&server.url(), Some(&host_token)).unwrap();
+    let after = release(h1.clone()).await;
+    assert_eq!(after, before, "the volume's data key did not change");
+    let kept = h1.get_snapshot_key("default", "web", "s1").await.unwrap();
+    assert_eq!(kept.key, snapshot.key);
+    // Rotating again works from the new key.
+    drop(server);
+    let again = podvisor_server::rotate_kek(&state, None, None)
+        .await
+        .unwrap();
+    assert_eq!(again.old_id, rotated.new_id);
+}

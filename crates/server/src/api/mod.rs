@@ -6,7 +6,7 @@ mod hosts;
 mod images;
 mod pods;
 mod proxy;
-mod snapshot_keys;
+pub(crate) mod snapshot_keys;
 mod volume_keys;
 pub(crate) mod volumes;
 mod watch;
