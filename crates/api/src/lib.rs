@@ -16,6 +16,8 @@ pub mod quantity;
 mod status;
 pub mod validate;
 mod volume;
+#[cfg(test)]
+mod volume_tests;
 
 pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter};
 pub use duration::parse_duration;
@@ -26,7 +28,10 @@ pub use host::{
 };
 pub use image::{Image, ImageList};
 pub use meta::{DEFAULT_NAMESPACE, ListMeta, ObjectMeta, Time};
-pub use parse::{Format, ParseError, parse_object, parse_pod, parse_pods};
+pub use parse::{
+    Format, Object, ParseError, parse_any, parse_object, parse_objects, parse_pod, parse_pods,
+    parse_volume,
+};
 pub use pod::{
     Container, ContainerPort, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, DnsPolicy,
@@ -36,7 +41,7 @@ pub use pod::{
 };
 pub use quantity::{Quantity, QuantityError};
 pub use status::{EventType, Status, WatchEvent};
-pub use validate::{FieldError, validate_host, validate_pod};
+pub use validate::{FieldError, validate_host, validate_pod, validate_volume};
 pub use volume::{
     ENCRYPTED_ANNOTATION, EmptyDirVolumeSource, PersistentVolumeClaim, PersistentVolumeClaimList,
     PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PersistentVolumeClaimVolumeSource,

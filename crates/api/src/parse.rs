@@ -1,11 +1,12 @@
 //! Reading objects from YAML or JSON. A field podvisor does not support is
-//! an error naming its path (`spec.containers[0].volumeMounts: not
-//! supported by podvisor`), never silently dropped.
+//! an error naming its path (`spec.volumes[0].hostPath: not supported by
+//! podvisor`), never silently dropped.
 
 use serde::de::DeserializeOwned;
 
 use crate::pod::Pod;
-use crate::validate::{FieldError, validate_pod};
+use crate::validate::{FieldError, validate_pod, validate_volume};
+use crate::volume::PersistentVolumeClaim;
 
 /// The text format of a request body or file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,18 +84,7 @@ pub fn parse_pods(text: &str, format: Format) -> Result<Vec<Pod>, ParseError> {
     }
     let mut pods = Vec::new();
     for (first_line, doc) in yaml_documents(text) {
-        let pod = parse_pod(&doc, Format::Yaml).map_err(|e| match e {
-            ParseError::Syntax {
-                field,
-                message,
-                location,
-            } => ParseError::Syntax {
-                field,
-                message,
-                location: location.map(|(line, column)| (line + first_line - 1, column)),
-            },
-            other => other,
-        })?;
+        let pod = parse_pod(&doc, Format::Yaml).map_err(|e| shift(e, first_line))?;
         pods.push(pod);
     }
     if pods.is_empty() {
@@ -105,6 +95,83 @@ pub fn parse_pods(text: &str, format: Format) -> Result<Vec<Pod>, ParseError> {
         });
     }
     Ok(pods)
+}
+
+/// Reads and validates one PersistentVolumeClaim (its `status`, the
+/// server's, is read but not checked).
+pub fn parse_volume(text: &str, format: Format) -> Result<PersistentVolumeClaim, ParseError> {
+    let pvc: PersistentVolumeClaim = parse_object(text, format)?;
+    validate_volume(&pvc).map_err(ParseError::Invalid)?;
+    Ok(pvc)
+}
+
+/// An object of a file `podvisor apply` reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Pod(Box<Pod>),
+    PersistentVolumeClaim(Box<PersistentVolumeClaim>),
+}
+
+/// The `kind` of a document, read before the rest.
+#[derive(serde::Deserialize)]
+struct KindOnly {
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// Reads and validates one object, Pod or PersistentVolumeClaim by its
+/// `kind` (a document without one is a Pod).
+pub fn parse_any(text: &str, format: Format) -> Result<Object, ParseError> {
+    let kind = parse_object::<KindOnly>(text, format)?.kind;
+    match kind.as_deref() {
+        None | Some("Pod") => Ok(Object::Pod(Box::new(parse_pod(text, format)?))),
+        Some("PersistentVolumeClaim") => Ok(Object::PersistentVolumeClaim(Box::new(parse_volume(
+            text, format,
+        )?))),
+        Some(other) => Err(ParseError::Invalid(vec![FieldError {
+            field: "kind".into(),
+            message: format!(
+                "{other:?} is not supported by podvisor: only Pod and PersistentVolumeClaim"
+            ),
+        }])),
+    }
+}
+
+/// Reads and validates every object of a YAML stream (or one JSON
+/// document): Pods and PersistentVolumeClaims, in the stream's order.
+pub fn parse_objects(text: &str, format: Format) -> Result<Vec<Object>, ParseError> {
+    if format == Format::Json {
+        return Ok(vec![parse_any(text, format)?]);
+    }
+    let mut objects = Vec::new();
+    for (first_line, doc) in yaml_documents(text) {
+        objects.push(parse_any(&doc, Format::Yaml).map_err(|e| shift(e, first_line))?);
+    }
+    if objects.is_empty() {
+        return Err(ParseError::Syntax {
+            field: None,
+            message: "the document is empty: expected a Pod or a PersistentVolumeClaim".into(),
+            location: None,
+        });
+    }
+    Ok(objects)
+}
+
+/// `e` with its line counted from the stream's start, for a document
+/// starting on line `first_line`.
+fn shift(e: ParseError, first_line: usize) -> ParseError {
+    match e {
+        ParseError::Syntax {
+            field,
+            message,
+            location,
+        } => ParseError::Syntax {
+            field,
+            message,
+            location: location.map(|(line, column)| (line + first_line - 1, column)),
+        },
+        other => other,
+    }
 }
 
 /// The non-empty documents of a YAML stream with the line each starts on.
@@ -292,11 +359,11 @@ spec:
     fn an_unknown_field_names_its_path() {
         let yaml = GOOD.replace(
             "    command: [sh, -c]\n",
-            "    command: [sh, -c]\n    volumeMounts: []\n",
+            "    command: [sh, -c]\n    livenessProbe: {}\n",
         );
         let err = parse_pod(&yaml, Format::Yaml).unwrap_err().to_string();
         assert!(
-            err.starts_with("spec.containers[0].volumeMounts: not supported by podvisor"),
+            err.starts_with("spec.containers[0].livenessProbe: not supported by podvisor"),
             "{err}"
         );
         assert!(err.contains("line 13, column 5"), "{err}");

@@ -150,6 +150,7 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
         errors.add("spec.containers", "a pod needs at least one container");
     }
     validate_dns(&pod.spec, &mut errors);
+    let volume_names = validate_volumes(&pod.spec.volumes, &mut errors);
     let mut names = HashSet::new();
     let mut host_ports = Vec::new();
     for (i, c) in pod.spec.containers.iter().enumerate() {
@@ -173,6 +174,7 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
                 "must not be an empty list (leave it out to use the image's entrypoint)",
             );
         }
+        validate_mounts(i, &c.volume_mounts, &volume_names, &mut errors);
         let mut env_names = HashSet::new();
         for (j, e) in c.env.iter().enumerate() {
             if e.name.is_empty() || e.name.contains('=') || e.name.contains('\0') {
@@ -395,6 +397,273 @@ fn validate_dns(spec: &crate::pod::PodSpec, errors: &mut Errors) {
                 "takes {lines} /etc/hosts lines (32 names a line): podvisor writes at most {MAX_HOST_ALIAS_LINES}"
             ),
         );
+    }
+}
+
+/// Most volumes of a pod.
+pub const MAX_POD_VOLUMES: usize = 64;
+/// Most persistentVolumeClaim volumes of a pod (the agent opens at most
+/// this many encrypted volumes at once).
+pub const MAX_POD_CLAIMS: usize = 16;
+/// Smallest persistent volume: 1Mi.
+pub const MIN_VOLUME_BYTES: u64 = 1 << 20;
+/// Largest persistent volume: 16Ti.
+pub const MAX_VOLUME_BYTES: u64 = 16 << 40;
+
+/// `spec.volumes` as Kubernetes checks them (names, one source each) and
+/// what podvisor supports (emptyDir, persistentVolumeClaim; other sources
+/// are refused when the pod is parsed). Returns the declared names.
+fn validate_volumes<'a>(
+    volumes: &'a [crate::volume::Volume],
+    errors: &mut Errors,
+) -> HashSet<&'a str> {
+    let mut names = HashSet::new();
+    let mut claims: Vec<(&str, usize)> = Vec::new();
+    if volumes.len() > MAX_POD_VOLUMES {
+        errors.add(
+            "spec.volumes",
+            format!(
+                "has {} volumes: podvisor allows at most {MAX_POD_VOLUMES} per pod",
+                volumes.len()
+            ),
+        );
+    }
+    for (i, v) in volumes.iter().enumerate() {
+        let at = |f: &str| format!("spec.volumes[{i}].{f}");
+        if let Some(p) = dns_label_problem(&v.name) {
+            errors.add(at("name"), p);
+        } else if !names.insert(v.name.as_str()) {
+            errors.add(
+                at("name"),
+                format!("{:?} is the name of another volume of this pod", v.name),
+            );
+        }
+        match (&v.empty_dir, &v.persistent_volume_claim) {
+            (None, None) => errors.add(
+                format!("spec.volumes[{i}]"),
+                "must have exactly one source: emptyDir or persistentVolumeClaim (none given)",
+            ),
+            (Some(_), Some(_)) => errors.add(
+                format!("spec.volumes[{i}]"),
+                "must have exactly one source: emptyDir or persistentVolumeClaim (both given)",
+            ),
+            _ => {}
+        }
+        if let Some(e) = &v.empty_dir {
+            if !matches!(e.medium.as_str(), "" | "Memory") {
+                errors.add(
+                    at("emptyDir.medium"),
+                    format!(
+                        "{:?} is not supported: use \"\" (the host's disk) or \"Memory\"",
+                        e.medium
+                    ),
+                );
+            }
+            if let Some(q) = &e.size_limit {
+                match q.bytes() {
+                    Ok(0) => errors.add(at("emptyDir.sizeLimit"), "must be more than 0"),
+                    Ok(_) => {}
+                    Err(err) => errors.add(at("emptyDir.sizeLimit"), err.to_string()),
+                }
+            }
+        }
+        if let Some(c) = &v.persistent_volume_claim {
+            if let Some(p) = dns_subdomain_problem(&c.claim_name) {
+                errors.add(at("persistentVolumeClaim.claimName"), p);
+            } else if let Some((_, j)) = claims.iter().find(|(n, _)| *n == c.claim_name) {
+                errors.add(
+                    at("persistentVolumeClaim.claimName"),
+                    format!(
+                        "{:?} is already volume spec.volumes[{j}]: a claim is attached once",
+                        c.claim_name
+                    ),
+                );
+            }
+            claims.push((c.claim_name.as_str(), i));
+        }
+    }
+    if claims.len() > MAX_POD_CLAIMS {
+        errors.add(
+            "spec.volumes",
+            format!(
+                "has {} persistentVolumeClaim volumes: podvisor allows at most {MAX_POD_CLAIMS} per pod",
+                claims.len()
+            ),
+        );
+    }
+    names
+}
+
+/// Whether `path` has a `..` component.
+fn has_dot_dot(path: &str) -> bool {
+    path.split('/').any(|c| c == "..")
+}
+
+/// A container's `volumeMounts`: each names a declared volume; mount
+/// paths absolute, without `..`, not `/`, unique; subPaths relative
+/// without `..`.
+fn validate_mounts(
+    container: usize,
+    mounts: &[crate::volume::VolumeMount],
+    volumes: &HashSet<&str>,
+    errors: &mut Errors,
+) {
+    let mut paths: Vec<String> = Vec::new();
+    for (j, m) in mounts.iter().enumerate() {
+        let at = |f: &str| format!("spec.containers[{container}].volumeMounts[{j}].{f}");
+        if m.name.is_empty() {
+            errors.add(at("name"), "must not be empty");
+        } else if !volumes.contains(m.name.as_str()) {
+            errors.add(
+                at("name"),
+                format!("{:?} is not a volume of this pod (spec.volumes)", m.name),
+            );
+        }
+        let path = m.mount_path.as_str();
+        if path.is_empty() {
+            errors.add(at("mountPath"), "must not be empty");
+        } else if !path.starts_with('/') {
+            errors.add(
+                at("mountPath"),
+                format!("{path:?} must be an absolute path"),
+            );
+        } else if has_dot_dot(path) {
+            errors.add(at("mountPath"), format!("{path:?} must not contain '..'"));
+        } else if path.contains('\0') {
+            errors.add(at("mountPath"), "must not contain NUL");
+        } else if path.trim_end_matches('/').is_empty() {
+            errors.add(at("mountPath"), "must not be \"/\" (the container's root)");
+        } else {
+            let clean = path.trim_end_matches('/').to_string();
+            if paths.contains(&clean) {
+                errors.add(
+                    at("mountPath"),
+                    format!("{path:?} is mounted twice in this container"),
+                );
+            } else {
+                paths.push(clean);
+            }
+        }
+        let sub = m.sub_path.as_str();
+        if sub.starts_with('/') {
+            errors.add(at("subPath"), format!("{sub:?} must be a relative path"));
+        } else if has_dot_dot(sub) {
+            errors.add(at("subPath"), format!("{sub:?} must not contain '..'"));
+        } else if sub.contains('\0') {
+            errors.add(at("subPath"), "must not contain NUL");
+        }
+    }
+}
+
+/// Checks a PersistentVolumeClaim as a user submits it (its status is the
+/// server's and is not checked). All problems are returned.
+pub fn validate_volume(pvc: &crate::volume::PersistentVolumeClaim) -> Result<(), Vec<FieldError>> {
+    use crate::volume::ENCRYPTED_ANNOTATION;
+    let mut errors = Errors(Vec::new());
+    if pvc.api_version != "v1" {
+        errors.add(
+            "apiVersion",
+            format!(
+                "{:?} is not supported: podvisor serves PersistentVolumeClaims of apiVersion v1",
+                pvc.api_version
+            ),
+        );
+    }
+    if pvc.kind != "PersistentVolumeClaim" {
+        errors.add(
+            "kind",
+            format!(
+                "{:?} is not supported here: expected PersistentVolumeClaim",
+                pvc.kind
+            ),
+        );
+    }
+    let meta = &pvc.metadata;
+    if meta.name.is_empty() {
+        errors.add("metadata.name", "is required");
+    } else if let Some(p) = dns_subdomain_problem(&meta.name) {
+        errors.add("metadata.name", p);
+    }
+    if let Some(ns) = &meta.namespace
+        && let Some(p) = dns_label_problem(ns)
+    {
+        errors.add("metadata.namespace", p);
+    }
+    for (k, v) in &meta.labels {
+        if let Some(p) = label_key_problem(k) {
+            errors.add(format!("metadata.labels.{k}"), p);
+        }
+        if let Some(p) = label_value_problem(v) {
+            errors.add(format!("metadata.labels.{k}"), p);
+        }
+    }
+    if let Some(v) = meta.annotations.get(ENCRYPTED_ANNOTATION)
+        && !matches!(v.as_str(), "true" | "false")
+    {
+        errors.add(
+            format!("metadata.annotations[{ENCRYPTED_ANNOTATION}]"),
+            format!("{v:?} must be \"true\" or \"false\""),
+        );
+    }
+    let spec = &pvc.spec;
+    for (i, mode) in spec.access_modes.iter().enumerate() {
+        if !matches!(mode.as_str(), "ReadWriteOnce" | "ReadWriteOncePod") {
+            errors.add(
+                format!("spec.accessModes[{i}]"),
+                format!(
+                    "{mode:?} is not supported: a podvisor volume is attached to one pod at a time (ReadWriteOnce or ReadWriteOncePod)"
+                ),
+            );
+        }
+    }
+    if let Some(mode) = &spec.volume_mode
+        && mode != "Filesystem"
+    {
+        errors.add(
+            "spec.volumeMode",
+            format!("{mode:?} is not supported: podvisor volumes are Filesystem volumes"),
+        );
+    }
+    if let Some(class) = &spec.storage_class_name
+        && !matches!(class.as_str(), "" | "podvisor")
+    {
+        errors.add(
+            "spec.storageClassName",
+            format!(
+                "{class:?} is not a storage class of podvisor: leave it out or use \"podvisor\""
+            ),
+        );
+    }
+    for key in spec.resources.requests.keys() {
+        if key != "storage" {
+            errors.add(
+                format!("spec.resources.requests.{key}"),
+                "not supported by podvisor (supported here: storage)",
+            );
+        }
+    }
+    match spec.resources.requests.get("storage") {
+        None => errors.add(
+            "spec.resources.requests.storage",
+            "is required: the volume's size (e.g. 1Gi)",
+        ),
+        Some(q) => match q.bytes() {
+            Err(e) => errors.add("spec.resources.requests.storage", e.to_string()),
+            Ok(b) if b < MIN_VOLUME_BYTES => errors.add(
+                "spec.resources.requests.storage",
+                format!("{q} is less than the smallest volume, 1Mi"),
+            ),
+            Ok(b) if b > MAX_VOLUME_BYTES => errors.add(
+                "spec.resources.requests.storage",
+                format!("{q} is more than the largest volume, 16Ti"),
+            ),
+            Ok(_) => {}
+        },
+    }
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.0)
     }
 }
 

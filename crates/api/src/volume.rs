@@ -285,3 +285,117 @@ pub struct VolumeAuditLog {
     pub namespace: String,
     pub entries: Vec<VolumeAuditEntry>,
 }
+
+impl PersistentVolumeClaim {
+    /// An empty claim named `name` in `namespace` of `storage` bytes
+    /// (a quantity such as `1Gi`).
+    pub fn new(namespace: &str, name: &str, storage: &str, encrypted: bool) -> Self {
+        let mut metadata = ObjectMeta {
+            name: name.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        };
+        if encrypted {
+            metadata
+                .annotations
+                .insert(ENCRYPTED_ANNOTATION.into(), "true".into());
+        }
+        let mut requests = BTreeMap::new();
+        requests.insert("storage".to_string(), Quantity::new(storage));
+        PersistentVolumeClaim {
+            api_version: v1(),
+            kind: pvc_kind(),
+            metadata,
+            spec: PersistentVolumeClaimSpec {
+                access_modes: vec!["ReadWriteOnce".into()],
+                resources: VolumeResourceRequirements { requests },
+                ..Default::default()
+            },
+            status: PersistentVolumeClaimStatus::default(),
+        }
+    }
+
+    /// `NAMESPACE/NAME`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+
+    /// Whether the user asked for an encrypted volume (the annotation).
+    pub fn wants_encryption(&self) -> bool {
+        self.metadata
+            .annotations
+            .get(ENCRYPTED_ANNOTATION)
+            .is_some_and(|v| v == "true")
+    }
+
+    /// `spec.resources.requests.storage`, if set.
+    pub fn storage(&self) -> Option<&Quantity> {
+        self.spec.resources.requests.get("storage")
+    }
+
+    /// The size in bytes (0 if unset or unreadable).
+    pub fn size_bytes(&self) -> u64 {
+        self.storage().and_then(|q| q.bytes().ok()).unwrap_or(0)
+    }
+
+    /// Why `self` (as applied) may not replace `current` (as stored):
+    /// the spec and the encryption annotation are immutable, and resizing
+    /// is not supported. `None` if only labels and other annotations
+    /// changed.
+    pub fn change_problem(&self, current: &PersistentVolumeClaim) -> Option<String> {
+        if self.storage() != current.storage() && self.size_bytes() != current.size_bytes() {
+            return Some(format!(
+                "spec.resources.requests.storage: resizing is not supported (the volume is {}, asked for {})",
+                current
+                    .storage()
+                    .map_or("unset".to_string(), |q| q.to_string()),
+                self.storage()
+                    .map_or("unset".to_string(), |q| q.to_string())
+            ));
+        }
+        let mut a = self.spec.clone();
+        a.resources = current.spec.resources.clone();
+        if a != current.spec {
+            return Some(
+                "spec: a PersistentVolumeClaim's spec is immutable: delete and re-create it".into(),
+            );
+        }
+        if self.wants_encryption() != current.wants_encryption() {
+            return Some(format!(
+                "metadata.annotations[{ENCRYPTED_ANNOTATION}]: a volume cannot change between plain and encrypted"
+            ));
+        }
+        None
+    }
+}
+
+impl VolumeAuditEntry {
+    /// An entry of `action` now, by `by`, saying `message`.
+    pub fn new(action: &str, by: &str, message: impl Into<String>) -> Self {
+        VolumeAuditEntry {
+            time: Utc::now(),
+            action: action.to_string(),
+            pod: None,
+            pod_uid: None,
+            instance: None,
+            by: Some(by.to_string()),
+            message: Some(message.into()),
+        }
+    }
+}
+
+impl Volume {
+    /// The claim this volume names, if it is a persistentVolumeClaim volume.
+    pub fn claim(&self) -> Option<&str> {
+        self.persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str())
+    }
+}
+
+impl crate::pod::PodSpec {
+    /// The claims the pod's volumes name, in order.
+    pub fn claims(&self) -> Vec<&str> {
+        self.volumes.iter().filter_map(Volume::claim).collect()
+    }
+}

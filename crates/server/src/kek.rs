@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use podvisor_store::Store;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 use crate::ServerError;
 use crate::keys;
@@ -73,16 +74,22 @@ impl KeyEncryptionKey {
                     path.display()
                 ))
             })?;
+        Ok(KeyEncryptionKey::from_bytes(&bytes, path))
+    }
+
+    /// The key of `bytes` (32), kept in `path`.
+    fn from_bytes(bytes: &[u8], path: &Path) -> KeyEncryptionKey {
         let key =
-            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &bytes).expect("a 32-byte AES key"));
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("a 32-byte AES key"));
         let mut id_input = Vec::from(&b"podvisor key-encryption key id\0"[..]);
-        id_input.extend_from_slice(&bytes);
+        id_input.extend_from_slice(bytes);
         let id = format!("sha256:{}", hex::encode(Sha256::digest(&id_input)));
-        Ok(KeyEncryptionKey {
+        id_input.zeroize();
+        KeyEncryptionKey {
             key,
             id,
             path: path.to_path_buf(),
-        })
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -141,6 +148,147 @@ impl KeyEncryptionKey {
             .ok()?;
         Some(plain.to_vec())
     }
+}
+
+/// What [`rotate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    pub old_id: String,
+    pub new_id: String,
+    /// Snapshot keys rewrapped.
+    pub snapshot_keys: usize,
+    /// Volume keys rewrapped.
+    pub volume_keys: usize,
+}
+
+/// The file the next key is kept in while a rotation runs.
+fn next_file(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{name}.next"))
+}
+
+/// Replaces the key-encryption key in `path` with a new random one and
+/// rewraps every secret wrapped by it (snapshot keys, volume keys) with
+/// a compare-and-swap per record; the disks' data keys do not change.
+/// Resumable: the new key is first written to `PATH.next` (mode 0600),
+/// records already rewrapped (their `kek` is the new id) are skipped, the
+/// store's key id changes once all are done, and only then the new key
+/// replaces the file (a rename). Run with the servers stopped: a server
+/// still holding the old key cannot unwrap what was rewrapped.
+pub async fn rotate(store: &dyn Store, path: &Path) -> Result<Rotated, ServerError> {
+    if !path.exists() {
+        return Err(config(format!(
+            "there is no key-encryption key at {}",
+            path.display()
+        )));
+    }
+    let old = KeyEncryptionKey::load_or_create(path)?;
+    let next_path = next_file(path);
+    if !next_path.exists() {
+        let mut bytes = [0u8; 32];
+        podvisor_store::fill_random(&mut bytes)
+            .map_err(|e| config(format!("making a key-encryption key: {e}")))?;
+        crate::write_private_file(&next_path, &hex::encode(bytes), crate::Replace::No)?;
+        bytes.zeroize();
+    }
+    let next = KeyEncryptionKey::load_or_create(&next_path)?;
+    let next = KeyEncryptionKey {
+        path: path.to_path_buf(),
+        ..next
+    };
+    let stored_id = store.get(keys::KEK_ID).await?.map(|kv| kv.value);
+    match stored_id.as_deref() {
+        Some(id) if id == next.id.as_bytes() => {} // records done, the file not yet
+        Some(id) if id != old.id.as_bytes() => {
+            return Err(config(format!(
+                "the key-encryption key {} ({}) is not the one this cluster's secrets are wrapped with ({}): nothing rotated",
+                path.display(),
+                old.id,
+                String::from_utf8_lossy(id)
+            )));
+        }
+        _ => {}
+    }
+    let snapshot_keys = rewrap_all(store, keys::SNAPSHOT_KEYS, &old, &next, |key, v| {
+        let rest = key.strip_prefix(keys::SNAPSHOT_KEYS)?;
+        let (ns, name) = rest.split_once('/')?;
+        let uid = v.get("podUid")?.as_str()?;
+        let snapshot = v.get("snapshot")?.as_str()?;
+        Some(crate::api::snapshot_keys::owner(ns, name, uid, snapshot))
+    })
+    .await?;
+    let volume_keys = rewrap_all(store, keys::VOLUME_KEYS, &old, &next, |key, v| {
+        let rest = key.strip_prefix(keys::VOLUME_KEYS)?;
+        let (ns, name) = rest.split_once('/')?;
+        let uid = v.get("volumeUid")?.as_str()?;
+        Some(crate::api::volumes::key_owner(ns, name, uid))
+    })
+    .await?;
+    store.put(keys::KEK_ID, next.id.as_bytes(), None).await?;
+    std::fs::rename(&next_path, path).map_err(|source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Rotated {
+        old_id: old.id,
+        new_id: next.id,
+        snapshot_keys,
+        volume_keys,
+    })
+}
+
+/// Rewraps every record under `prefix` wrapped by `old` with `next`
+/// (`owner` gives a record's associated data): how many were rewrapped.
+async fn rewrap_all(
+    store: &dyn Store,
+    prefix: &str,
+    old: &KeyEncryptionKey,
+    next: &KeyEncryptionKey,
+    owner: impl Fn(&str, &serde_json::Value) -> Option<Vec<u8>>,
+) -> Result<usize, ServerError> {
+    let corrupt = |key: &str, reason: &str| ServerError::Corrupt {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    };
+    let (kvs, _) = store.list(prefix).await?;
+    let mut count = 0;
+    for first in kvs {
+        let mut kv = Some(first);
+        while let Some(current) = kv.take() {
+            let mut value: serde_json::Value = serde_json::from_slice(&current.value)
+                .map_err(|e| corrupt(&current.key, &e.to_string()))?;
+            if value.get("kek").and_then(|k| k.as_str()) == Some(next.id()) {
+                break;
+            }
+            let aad = owner(&current.key, &value)
+                .ok_or_else(|| corrupt(&current.key, "not a wrapped key record"))?;
+            let wrapped = value
+                .get("wrapped")
+                .and_then(|w| w.as_str())
+                .and_then(|w| hex::decode(w).ok())
+                .ok_or_else(|| corrupt(&current.key, "no wrapped key"))?;
+            let mut secret = old.unwrap(&wrapped, &aad).ok_or_else(|| {
+                corrupt(
+                    &current.key,
+                    &format!("does not unwrap with the key-encryption key {}", old.id()),
+                )
+            })?;
+            let rewrapped = next.wrap(&secret, &aad);
+            secret.zeroize();
+            value["wrapped"] = serde_json::Value::String(hex::encode(rewrapped?));
+            value["kek"] = serde_json::Value::String(next.id().to_string());
+            let bytes = serde_json::to_vec(&value).expect("JSON serializes");
+            match store
+                .update(&current.key, &bytes, current.mod_revision)
+                .await?
+            {
+                Ok(_) => count += 1,
+                // Changed meanwhile: rewrap what is there now (or it is gone).
+                Err(now) => kv = now,
+            }
+        }
+    }
+    Ok(count)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{ApiError, ServerError};
+pub use kek::Rotated;
 pub use tokens::{Revoke, Role, TokenEntry, TokenRecord};
 
 use podvisor_store::Store;
@@ -215,6 +216,23 @@ pub async fn revoke_tokens(
             tokens::RevokeError::Store(e) => e.into(),
             other => ServerError::Config(other.to_string()),
         })
+}
+
+/// Rotates the key-encryption key (`kek_file`, default
+/// `STATE_DIR/key-encryption.key`) of the store of `state_dir` (or
+/// `store_url`): a new key, every wrapped secret rewrapped with it, the
+/// store's key id updated, the file replaced. Run it with every server
+/// replica stopped, then give them all the new file.
+pub async fn rotate_kek(
+    state_dir: &Path,
+    store_url: Option<&str>,
+    kek_file: Option<&Path>,
+) -> Result<Rotated, ServerError> {
+    let store = existing_store(state_dir, store_url).await?;
+    let path = kek_file
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| state_dir.join("key-encryption.key"));
+    kek::rotate(store.as_ref(), &path).await
 }
 
 /// The store of an initialized state directory (or `store_url`).

@@ -3,14 +3,14 @@
 //! read-modify-write updates by compare-and-swap, so that several server
 //! replicas on one store never overwrite each other's changes.
 
-use podvisor_api::{Host, ObjectMeta, Pod};
+use podvisor_api::{Host, ObjectMeta, PersistentVolumeClaim, Pod};
 use podvisor_store::{KeyValue, Revision, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// A pod or a host.
+/// A pod, a host or a volume.
 pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     /// `pod` or `host`, for messages.
     const KIND: &'static str;
@@ -26,6 +26,13 @@ impl Object for Pod {
 
 impl Object for Host {
     const KIND: &'static str = "host";
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Object for PersistentVolumeClaim {
+    const KIND: &'static str = "persistentvolumeclaim";
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
     }

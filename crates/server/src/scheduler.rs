@@ -6,6 +6,18 @@
 //! compare-and-swap on the pod, so no pod is ever assigned twice. A pod that
 //! fits nowhere stays Pending with reason `Unschedulable` and a message
 //! saying why for each host.
+//!
+//! Persistent volumes: a pod naming persistentVolumeClaims is bound only
+//! when every claim exists in its namespace, none is attached to another
+//! live pod, and then only to the host holding the volumes' data
+//! (`status.host`, once set). Before the pod is bound, each volume is
+//! attached to it (a compare-and-swap on the volume: `attachedTo`, the
+//! host, phase Bound); a pass also attaches the volumes of pods pinned
+//! with `spec.nodeName` (or leaves them Pending with the reason), and
+//! detaches volumes whose pod is gone, was made again (another uid) or
+//! has ended. Every attach and detach is in the volume's audit log. A
+//! leader dying between the steps leaves nothing the next pass does not
+//! finish or undo.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +25,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use podvisor_api::quantity::format_bytes;
-use podvisor_api::{Host, HostPort, Pod, PodPhase, PodStatus, Quantity, Resources};
+use podvisor_api::{
+    Host, HostPort, PersistentVolumeClaim, Pod, PodPhase, PodStatus, Quantity, Resources,
+    VolumeAttachment, VolumeAuditEntry,
+};
 use podvisor_store::Store;
 
 use crate::error::ApiError;
@@ -170,6 +185,17 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
         .into_iter()
         .map(|h| (h.metadata.name.clone(), Room::new(h)))
         .collect();
+    let mut volumes = Volumes::load(store, &pods).await?;
+    for pod in &pods {
+        if pod.spec.node_name.is_some()
+            && !pod.spec.claims().is_empty()
+            && !pod.status.phase.is_terminal()
+            && pod.metadata.deletion_timestamp.is_none()
+            && let Some(w) = volumes.attach_pinned(store, pod).await?
+        {
+            written = written.max(w);
+        }
+    }
     let mut pending = Vec::new();
     for pod in &pods {
         match &pod.spec.node_name {
@@ -204,14 +230,26 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 continue;
             }
         };
+        let on_host = match volumes.constraint(&pod) {
+            Ok(on_host) => on_host,
+            Err(message) => {
+                writes.push(unschedulable(key, &pod, message));
+                continue;
+            }
+        };
         let best = names
             .iter()
+            .filter(|n| on_host.as_ref().is_none_or(|h| h == *n))
             .filter_map(|n| rooms.get(n))
             .filter(|r| r.host.status.ready && r.fits(&demand))
             .max_by(|a, b| a.score(demand.size).total_cmp(&b.score(demand.size)))
             .map(|r| r.host.metadata.name.clone());
         match best {
             Some(host) => {
+                if let Err(message) = volumes.attach_all(store, &pod, &host).await? {
+                    writes.push(unschedulable(key, &pod, message));
+                    continue;
+                }
                 let mut bound = (*pod).clone();
                 bound.spec.node_name = Some(host.clone());
                 if bound.status.reason.as_deref() == Some(UNSCHEDULABLE) {
@@ -222,6 +260,18 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 let room = rooms.get_mut(&host).expect("chosen host is known");
                 room.take(&pod.key(), demand);
                 writes.push(Some((key, bound, pod.metadata.revision())));
+            }
+            None if on_host.is_some() => {
+                let host = on_host.unwrap_or_default();
+                let why = match rooms.get(&host) {
+                    Some(room) => room.why_not(&demand),
+                    None => format!("{host}: not registered"),
+                };
+                writes.push(unschedulable(
+                    key,
+                    &pod,
+                    format!("its volumes are on host {host}, which has no room: {why}"),
+                ));
             }
             None => {
                 let reasons: Vec<String> = names
@@ -275,4 +325,277 @@ fn unschedulable(key: String, pod: &Pod, message: String) -> Option<(String, Pod
         ..Default::default()
     };
     Some((key, marked, pod.metadata.revision()))
+}
+
+/// The volumes as a pass sees them, by `NAMESPACE/NAME`, with the claims
+/// this pass gave to pods.
+struct Volumes {
+    by_key: HashMap<String, PersistentVolumeClaim>,
+}
+
+fn volume_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl Volumes {
+    /// Lists the volumes and detaches those whose pod is gone, was made
+    /// again or has ended.
+    async fn load(store: &dyn Store, pods: &[Arc<Pod>]) -> Result<Volumes, ApiError> {
+        let (list, _) = objects::list::<PersistentVolumeClaim>(store, keys::VOLUMES).await?;
+        let live: HashMap<String, &Pod> = pods.iter().map(|p| (p.key(), p.as_ref())).collect();
+        let mut by_key = HashMap::new();
+        for mut pvc in list {
+            let ns = pvc.metadata.namespace().to_string();
+            if let Some(a) = pvc.status.attached_to.clone() {
+                let why = match live.get(&volume_key(&ns, &a.pod)) {
+                    None => Some("the pod is gone"),
+                    Some(p) if p.metadata.uid.as_deref() != Some(a.pod_uid.as_str()) => {
+                        Some("the pod was deleted and made again")
+                    }
+                    Some(p) if p.status.phase.is_terminal() => Some("the pod has ended"),
+                    Some(_) => None,
+                };
+                if let Some(why) = why
+                    && let Some(detached) = detach(store, &pvc, &a, why).await?
+                {
+                    pvc = detached;
+                }
+            }
+            by_key.insert(volume_key(&ns, &pvc.metadata.name), pvc);
+        }
+        Ok(Volumes { by_key })
+    }
+
+    /// The host a pending pod must go to (its volumes' host), or why it
+    /// cannot be bound now.
+    fn constraint(&self, pod: &Pod) -> Result<Option<String>, String> {
+        let ns = pod.metadata.namespace();
+        let uid = pod.metadata.uid.as_deref().unwrap_or("");
+        let mut host: Option<(String, &str)> = None;
+        for claim in pod.spec.claims() {
+            let Some(pvc) = self.by_key.get(&volume_key(ns, claim)) else {
+                return Err(format!("persistentvolumeclaim {claim:?} not found"));
+            };
+            if let Some(a) = &pvc.status.attached_to
+                && a.pod_uid != uid
+            {
+                return Err(format!("volume {claim:?} is in use by pod {ns}/{}", a.pod));
+            }
+            if let Some(h) = &pvc.status.host {
+                match &host {
+                    Some((other, first)) if other != h => {
+                        return Err(format!(
+                            "volumes {first:?} and {claim:?} are on different hosts ({other}, {h})"
+                        ));
+                    }
+                    Some(_) => {}
+                    None => host = Some((h.clone(), claim)),
+                }
+            }
+        }
+        Ok(host.map(|(h, _)| h))
+    }
+
+    /// Attaches every volume of `pod` to it on `host`, or none: why not.
+    async fn attach_all(
+        &mut self,
+        store: &dyn Store,
+        pod: &Pod,
+        host: &str,
+    ) -> Result<Result<(), String>, ApiError> {
+        let ns = pod.metadata.namespace().to_string();
+        let mut done: Vec<(PersistentVolumeClaim, VolumeAttachment)> = Vec::new();
+        for claim in pod.spec.claims() {
+            match attach(store, &ns, claim, pod, host).await? {
+                Ok((pvc, newly)) => {
+                    if newly && let Some(a) = pvc.status.attached_to.clone() {
+                        done.push((pvc.clone(), a));
+                    }
+                    self.by_key.insert(volume_key(&ns, claim), pvc);
+                }
+                Err(message) => {
+                    // Undo this pod's attachments: another pod may wait
+                    // for one of them.
+                    for (pvc, a) in done {
+                        if let Some(detached) =
+                            detach(store, &pvc, &a, "the pod could not get all its volumes").await?
+                        {
+                            self.by_key
+                                .insert(volume_key(&ns, &detached.metadata.name), detached);
+                        }
+                    }
+                    return Ok(Err(message));
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// For a pod bound to a host already (pinned with `spec.nodeName`):
+    /// attaches its volumes there, or marks it Pending with the reason
+    /// (clearing that reason once they are attached). The revision of
+    /// its write, if any.
+    async fn attach_pinned(
+        &mut self,
+        store: &dyn Store,
+        pod: &Pod,
+    ) -> Result<Option<i64>, ApiError> {
+        let ns = pod.metadata.namespace();
+        let uid = pod.metadata.uid.as_deref().unwrap_or("");
+        let host = pod.spec.node_name.clone().unwrap_or_default();
+        let attached = pod.spec.claims().iter().all(|c| {
+            self.by_key
+                .get(&volume_key(ns, c))
+                .and_then(|v| v.status.attached_to.as_ref())
+                .is_some_and(|a| a.pod_uid == uid)
+        });
+        let key = keys::pod(ns, &pod.metadata.name);
+        let outcome = if attached {
+            Ok(())
+        } else {
+            match self.constraint(pod) {
+                Err(message) => Err(message),
+                Ok(Some(h)) if h != host => Err(format!(
+                    "its volumes are on host {h}, not on host {host} (its spec.nodeName)"
+                )),
+                Ok(_) => self.attach_all(store, pod, &host).await?,
+            }
+        };
+        let write = match outcome {
+            Ok(()) if pod.status.reason.as_deref() == Some(UNSCHEDULABLE) => {
+                let mut cleared = pod.clone();
+                cleared.status = PodStatus::default();
+                Some((key, cleared, pod.metadata.revision()))
+            }
+            Ok(()) => None,
+            Err(message) if pod.status.phase == PodPhase::Pending => {
+                unschedulable(key, pod, message)
+            }
+            Err(message) => {
+                tracing::warn!(pod = %pod.key(), %message, "a running pod's volumes cannot be attached");
+                None
+            }
+        };
+        match write {
+            Some((key, pod, expected)) => Ok(objects::update_if(store, &key, &pod, expected)
+                .await?
+                .map(|p| p.metadata.revision())),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Attaches volume `namespace/claim` to `pod` on `host` (a
+/// compare-and-swap on the volume): the volume and whether it was newly
+/// attached, or why not.
+async fn attach(
+    store: &dyn Store,
+    namespace: &str,
+    claim: &str,
+    pod: &Pod,
+    host: &str,
+) -> Result<Result<(PersistentVolumeClaim, bool), String>, ApiError> {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone();
+    let mut problem = None;
+    let mut newly = false;
+    let updated =
+        objects::update::<PersistentVolumeClaim>(store, &keys::volume(namespace, claim), |pvc| {
+            newly = false;
+            problem = None;
+            if let Some(a) = &pvc.status.attached_to {
+                if a.pod_uid != uid {
+                    problem = Some(format!(
+                        "volume {claim:?} is in use by pod {namespace}/{}",
+                        a.pod
+                    ));
+                } else if a.host != host {
+                    problem = Some(format!(
+                        "volume {claim:?} is attached to this pod on host {}",
+                        a.host
+                    ));
+                }
+                return Ok(objects::Change::Keep);
+            }
+            if let Some(h) = &pvc.status.host
+                && h != host
+            {
+                problem = Some(format!("volume {claim:?} is on host {h}, not {host}"));
+                return Ok(objects::Change::Keep);
+            }
+            pvc.status.attached_to = Some(VolumeAttachment {
+                pod: name.clone(),
+                pod_uid: uid.clone(),
+                host: host.to_string(),
+            });
+            pvc.status.host = Some(host.to_string());
+            pvc.status.phase = "Bound".into();
+            newly = true;
+            Ok(objects::Change::Write)
+        })
+        .await?;
+    let Some(pvc) = updated else {
+        return Ok(Err(format!("persistentvolumeclaim {claim:?} not found")));
+    };
+    if let Some(problem) = problem {
+        return Ok(Err(problem));
+    }
+    if newly {
+        let mut entry = VolumeAuditEntry::new(
+            "attach",
+            "scheduler",
+            format!("attached to pod {namespace}/{name} on host {host}"),
+        );
+        entry.pod = Some(name);
+        entry.pod_uid = Some(uid);
+        crate::api::volumes::audit_or_warn(
+            store,
+            namespace,
+            claim,
+            &crate::api::volumes::uid_of(&pvc),
+            &entry,
+        )
+        .await;
+    }
+    Ok(Ok((pvc, newly)))
+}
+
+/// Detaches `pvc` if it is still attached as `was`: the volume after.
+async fn detach(
+    store: &dyn Store,
+    pvc: &PersistentVolumeClaim,
+    was: &VolumeAttachment,
+    why: &str,
+) -> Result<Option<PersistentVolumeClaim>, ApiError> {
+    let ns = pvc.metadata.namespace().to_string();
+    let name = pvc.metadata.name.clone();
+    let mut changed = false;
+    let updated =
+        objects::update::<PersistentVolumeClaim>(store, &keys::volume(&ns, &name), |now| {
+            changed = now.status.attached_to.as_ref() == Some(was);
+            if !changed {
+                return Ok(objects::Change::Keep);
+            }
+            now.status.attached_to = None;
+            Ok(objects::Change::Write)
+        })
+        .await?;
+    if changed && let Some(after) = &updated {
+        let mut entry = VolumeAuditEntry::new(
+            "detach",
+            "scheduler",
+            format!("detached from pod {ns}/{}: {why}", was.pod),
+        );
+        entry.pod = Some(was.pod.clone());
+        entry.pod_uid = Some(was.pod_uid.clone());
+        crate::api::volumes::audit_or_warn(
+            store,
+            &ns,
+            &name,
+            &crate::api::volumes::uid_of(after),
+            &entry,
+        )
+        .await;
+    }
+    Ok(updated)
 }

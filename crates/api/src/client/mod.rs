@@ -6,6 +6,7 @@ pub mod exec;
 mod feed;
 mod options;
 mod snapshot_key;
+mod volume;
 mod watch;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use exec::{ExecOptions, ExecOutput, ExecReceiver, ExecSender, ExecSession, E
 pub use feed::PodFeedEvent;
 pub use options::{Applied, LogOptions, LogStream, PodFilter};
 pub use snapshot_key::SnapshotKey;
+pub use volume::AppliedVolume;
 pub use watch::{PodEvent, PodWatch};
 
 use crate::host::{Host, HostList};

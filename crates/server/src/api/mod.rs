@@ -6,7 +6,9 @@ mod hosts;
 mod images;
 mod pods;
 mod proxy;
-mod snapshot_keys;
+pub(crate) mod snapshot_keys;
+mod volume_keys;
+pub(crate) mod volumes;
 mod watch;
 
 use std::sync::Arc;
@@ -134,6 +136,61 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/namespaces/{namespace}/pods/{name}/wake",
             post(proxy::wake),
         ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/pods/{name}/instances",
+            post(volume_keys::new_instance),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/pods/{name}/volumekeys",
+            post(volume_keys::release),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/persistentvolumeclaims",
+            get(volumes::list_all),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+            get(volumes::list_namespaced),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+            post(volumes::create),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}",
+            get(volumes::get_one),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}",
+            put(volumes::apply),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}",
+            delete(volumes::delete),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}/revoke",
+            post(volumes::revoke),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}/audit",
+            get(volumes::audit_log),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}/formatted",
+            post(volumes::formatted),
+        ),
         route(Method::GET, "/api/v1/hosts", get(hosts::list)),
         route(Method::POST, "/api/v1/hosts", post(hosts::register)),
         route(Method::GET, "/api/v1/hosts/{name}", get(hosts::get_one)),
@@ -192,7 +249,7 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 /// The OpenAPI document, from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "podvisor", description = "podvisor's management API: pods, hosts and images, Kubernetes-style."),
+    info(title = "podvisor", description = "podvisor's management API: pods, volumes, hosts and images, Kubernetes-style."),
     paths(
         healthz,
         openapi_json,
@@ -210,6 +267,17 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
         proxy::exec,
         proxy::hibernate,
         proxy::wake,
+        volume_keys::new_instance,
+        volume_keys::release,
+        volumes::list_all,
+        volumes::list_namespaced,
+        volumes::create,
+        volumes::get_one,
+        volumes::apply,
+        volumes::delete,
+        volumes::revoke,
+        volumes::audit_log,
+        volumes::formatted,
         hosts::list,
         hosts::register,
         hosts::get_one,

@@ -373,6 +373,7 @@ pub async fn delete(
                 // Its snapshot's key goes with it (a server dying right
                 // here leaves a wrapped key bound to a uid nothing has).
                 store.delete(&keys::snapshot_key(&namespace, &name)).await?;
+                store.delete(&keys::pod_instance(&namespace, &name)).await?;
                 let status = Status::new(200, "Success", format!("pod {namespace}/{name} deleted"));
                 return Ok((StatusCode::OK, Json(status)).into_response());
             }

@@ -37,6 +37,8 @@ enum Action {
     Exec,
     Hibernate,
     Wake,
+    /// Close a volume (it was revoked).
+    CloseVolume,
 }
 
 impl Action {
@@ -47,6 +49,7 @@ impl Action {
             Action::Exec => "exec",
             Action::Hibernate => "hibernate",
             Action::Wake => "wake",
+            Action::CloseVolume => "volumes",
         }
     }
 
@@ -57,6 +60,7 @@ impl Action {
             Action::Exec => "there is nothing to exec into yet",
             Action::Hibernate => "it has no VM to hibernate yet",
             Action::Wake => "it has not started, so there is nothing to wake",
+            Action::CloseVolume => "it has no volume open",
         }
     }
 }
@@ -68,6 +72,18 @@ async fn host_url(
     namespace: &str,
     name: &str,
     action: Action,
+    query: Option<&str>,
+) -> Result<Upstream, ApiError> {
+    host_url_at(state, namespace, name, action, action.path(), query).await
+}
+
+/// [`host_url`] for the daemon path `{address}/pods/NS/NAME/{what}`.
+async fn host_url_at(
+    state: &AppState,
+    namespace: &str,
+    name: &str,
+    action: Action,
+    what: &str,
     query: Option<&str>,
 ) -> Result<Upstream, ApiError> {
     let store = state.store.as_ref();
@@ -103,7 +119,6 @@ async fn host_url(
         )));
     }
     let base = host.spec.address.trim_end_matches('/');
-    let what = action.path();
     let mut url =
         url::Url::parse(&format!("{base}/pods/{namespace}/{name}/{what}")).map_err(|e| {
             ApiError::internal(format!(
@@ -324,6 +339,24 @@ async fn host_action(
     let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
     Ok((code, axum::Json(status)).into_response())
 }
+
+/// Tells the host running pod `namespace/pod` to close its volume
+/// `volume` (`POST {address}/pods/NS/POD/volumes/VOLUME/close`): the
+/// daemon's code and Status.
+pub(super) async fn close_volume(
+    state: &AppState,
+    namespace: &str,
+    pod: &str,
+    volume: &str,
+) -> Result<(StatusCode, Status), ApiError> {
+    let what = format!("volumes/{volume}/close");
+    let upstream = host_url_at(state, namespace, pod, Action::CloseVolume, &what, None).await?;
+    post_to_host(&state.http, &upstream, CLOSE_VOLUME_TIMEOUT).await
+}
+
+/// How long a host has to close a revoked volume before the revocation
+/// answers without it.
+const CLOSE_VOLUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// POSTs to the host daemon (no body) and reads its answer, a Status of
 /// at most [`MAX_HOST_ANSWER`] bytes, within `timeout`. An answer that is

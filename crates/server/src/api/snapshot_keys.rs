@@ -21,18 +21,18 @@ use crate::tokens::{Caller, Role};
 /// A key as stored: wrapped, with what it is bound to.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredKey {
-    pod_uid: String,
-    host: String,
-    snapshot: String,
+pub(crate) struct StoredKey {
+    pub pod_uid: String,
+    pub host: String,
+    pub snapshot: String,
     /// Id of the key-encryption key that wrapped it.
-    kek: String,
+    pub kek: String,
     /// Nonce, ciphertext and tag, hex.
-    wrapped: String,
+    pub wrapped: String,
 }
 
 /// What a wrapped key is bound to (the associated data).
-fn owner(namespace: &str, name: &str, uid: &str, snapshot: &str) -> Vec<u8> {
+pub(crate) fn owner(namespace: &str, name: &str, uid: &str, snapshot: &str) -> Vec<u8> {
     format!("podvisor snapshot key\0{namespace}/{name}\0{uid}\0{snapshot}").into_bytes()
 }
 
