@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use crate::host_options::PodVmArgs;
 use crate::terminal;
 
-
 /// Where `podvisor run` keeps named volumes (`-v NAME:/path`).
 pub const DEFAULT_VOLUME_DIR: &str = "/var/lib/podvisor/volumes";
 

@@ -527,7 +527,11 @@ fn vm_named_volumes_keep_data_between_runs() {
     let out = run()
         .args(["--template", "none", "-v", "data:/data"])
         .arg(&image)
-        .args(["sh", "-c", "echo kept > /data/f && grep ' /data ' /proc/mounts"])
+        .args([
+            "sh",
+            "-c",
+            "echo kept > /data/f && grep ' /data ' /proc/mounts",
+        ])
         .output();
     assert_code(&out, 0);
     assert!(out.stdout.contains("ext4"), "{}", out.stdout);
@@ -541,17 +545,36 @@ fn vm_named_volumes_keep_data_between_runs() {
         .output();
     assert_eq!(out.stdout, "kept\n", "{}", out.stderr);
     assert_ne!(out.code, Some(0));
-    assert!(out.stderr.contains("Read-only file system"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
     let out = run().args(["-v", "/etc:/host-etc"]).arg(&image).output();
     assert_code(&out, 2);
-    assert!(out.stderr.contains("a host directory cannot be shared"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("a host directory cannot be shared"),
+        "{}",
+        out.stderr
+    );
     // Held by a run: another is refused at once.
     let file = std::fs::File::open(volumes.join("data.img")).unwrap();
     // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) }, 0);
-    let out = run().args(["-v", "data:/data"]).arg(&image).args(["true"]).output();
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) },
+        0
+    );
+    let out = run()
+        .args(["-v", "data:/data"])
+        .arg(&image)
+        .args(["true"])
+        .output();
     assert_ne!(out.code, Some(0));
-    assert!(out.stderr.contains("in use by another podvisor run"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("in use by another podvisor run"),
+        "{}",
+        out.stderr
+    );
     drop(file);
     assert_pod_cleaned_up(&t);
 }

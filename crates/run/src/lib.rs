@@ -34,7 +34,9 @@ use tokio::sync::mpsc;
 mod network_choice;
 mod volumes;
 pub use network_choice::{NetworkChoice, RunNetwork, remove_abandoned};
-pub use volumes::{DEFAULT_VOLUME_BYTES, NamedVolume, RunVolumeError, RunVolumes, parse_volume_arg};
+pub use volumes::{
+    DEFAULT_VOLUME_BYTES, NamedVolume, RunVolumeError, RunVolumes, parse_volume_arg,
+};
 
 /// Id of the one container of a `podvisor run` pod (a warm template's
 /// container has it too: a clone attaches to it).

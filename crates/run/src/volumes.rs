@@ -51,7 +51,10 @@ pub fn parse_volume_arg(s: &str) -> Result<NamedVolume, String> {
     }
     let ok_name = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -211,7 +214,17 @@ mod tests {
         assert!(!parse_volume_arg("data:/d:rw").unwrap().read_only);
         let e = parse_volume_arg("/etc:/host-etc").unwrap_err();
         assert!(e.contains("a host directory cannot be shared"), "{e}");
-        for bad in ["data", "data:rel", "data:/", "data:/a/../b", "data:/d:rx", "-x:/d", ":/d", "a b:/d", "d:/x:ro:z"] {
+        for bad in [
+            "data",
+            "data:rel",
+            "data:/",
+            "data:/a/../b",
+            "data:/d:rx",
+            "-x:/d",
+            ":/d",
+            "a b:/d",
+            "d:/x:ro:z",
+        ] {
             assert!(parse_volume_arg(bad).is_err(), "{bad}");
         }
     }
@@ -221,20 +234,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // No mkfs needed for the mount layout: an existing file is used as is.
         std::fs::write(dir.path().join("v.img"), b"").unwrap();
-        let vols = RunVolumes::open(
-            dir.path(),
-            &[parse_volume_arg("v:/data:ro").unwrap()],
-        )
-        .unwrap();
+        let vols =
+            RunVolumes::open(dir.path(), &[parse_volume_arg("v:/data:ro").unwrap()]).unwrap();
         let mut mounts = podvisor_proto::image_mounts(&["pvl0".into()]);
         vols.add_mounts(&mut mounts);
-        assert_eq!(mounts[1].target, MountTarget::Shared { name: "vol-v".into() });
+        assert_eq!(
+            mounts[1].target,
+            MountTarget::Shared {
+                name: "vol-v".into()
+            }
+        );
         assert_eq!(mounts[2].target, MountTarget::Root);
-        assert_eq!(mounts[3].target, MountTarget::Container { path: "/data".into() });
+        assert_eq!(
+            mounts[3].target,
+            MountTarget::Container {
+                path: "/data".into()
+            }
+        );
         assert!(mounts[3].read_only);
         // A second run cannot take it while this one holds it.
         let again = RunVolumes::open(dir.path(), &[parse_volume_arg("v:/d").unwrap()]);
-        assert!(matches!(again, Err(RunVolumeError::InUse { .. })), "{:?}", again.err());
+        assert!(
+            matches!(again, Err(RunVolumeError::InUse { .. })),
+            "{:?}",
+            again.err()
+        );
         drop(vols);
         assert!(RunVolumes::open(dir.path(), &[parse_volume_arg("v:/d").unwrap()]).is_ok());
     }

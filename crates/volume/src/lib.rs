@@ -88,7 +88,9 @@ fn finish(temp: &Path, path: &Path) -> Result<(), VolumeError> {
 fn ensure_dir(path: &Path) -> Result<(), VolumeError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-        let mut perms = std::fs::metadata(dir).map_err(io("stat", dir))?.permissions();
+        let mut perms = std::fs::metadata(dir)
+            .map_err(io("stat", dir))?
+            .permissions();
         perms.set_mode(0o700);
         std::fs::set_permissions(dir, perms).map_err(io("restrict", dir))?;
     }
@@ -211,12 +213,14 @@ pub fn copy_extents(image: &FormatImage, target: &Path) -> Result<(), VolumeErro
         .map_err(io("open", target))?;
     let mut buf = vec![0u8; 1 << 20];
     for &(off, len) in &image.extents {
-        src.seek(SeekFrom::Start(off)).map_err(io("seek", &image.path))?;
+        src.seek(SeekFrom::Start(off))
+            .map_err(io("seek", &image.path))?;
         dst.seek(SeekFrom::Start(off)).map_err(io("seek", target))?;
         let mut left = len;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n]).map_err(io("read", &image.path))?;
+            src.read_exact(&mut buf[..n])
+                .map_err(io("read", &image.path))?;
             dst.write_all(&buf[..n]).map_err(io("write", target))?;
             left -= n as u64;
         }

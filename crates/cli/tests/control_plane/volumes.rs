@@ -150,10 +150,11 @@ fn running(p: &Pod) -> bool {
 }
 
 fn exec(cli: &dyn Fn() -> PodvisorCommand, pod: &str, script: &str) -> (i32, String) {
-    let out = cli()
-        .args(["exec", pod, "--", "sh", "-c", script])
-        .output();
-    (out.code.unwrap_or(-1), format!("{}{}", out.stdout, out.stderr))
+    let out = cli().args(["exec", pod, "--", "sh", "-c", script]).output();
+    (
+        out.code.unwrap_or(-1),
+        format!("{}{}", out.stdout, out.stderr),
+    )
 }
 
 /// Files under `dir` whose bytes contain `needle`.
@@ -203,7 +204,11 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
         .output();
     assert_code(&out, 0);
     // A pod of another namespace cannot name it.
-    cli().args(["volume", "create", "-n", "other", "theirs", "--size", "16Mi"]).success();
+    cli()
+        .args([
+            "volume", "create", "-n", "other", "theirs", "--size", "16Mi",
+        ])
+        .success();
     let out = cli()
         .args(["apply", "-f", "-"])
         .stdin(reader("intruder", "other"))
@@ -218,10 +223,17 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
     let logs = cli().args(["logs", "writer"]).success().stdout;
     assert!(logs.contains("run 1") && logs.contains("run 2"), "{logs}");
     let (code, out) = exec(&cli, "writer", "cat /data/canary; cat /data/inner/dir/f");
-    assert_eq!((code, out.as_str()), (0, format!("{CANARY}\nfrom-sub\n").as_str()));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("{CANARY}\nfrom-sub\n").as_str())
+    );
     let (code, out) = exec(&cli, "writer", "touch /ro/x");
     assert_ne!(code, 0, "a read-only mount took a write: {out}");
-    let (code, out) = exec(&cli, "writer", "grep ' /mem ' /proc/mounts; grep ' /data ' /proc/mounts");
+    let (code, out) = exec(
+        &cli,
+        "writer",
+        "grep ' /mem ' /proc/mounts; grep ' /data ' /proc/mounts",
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("tmpfs"), "{out}");
     assert!(out.contains("/dev/mapper/") || out.contains("dm-"), "{out}");
@@ -264,16 +276,25 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
     // Revoked: the container using it stops and waits with KeyDenied.
     let out = cli().args(["volume", "revoke", "secret"]).output();
     assert_code(&out, 0);
-    pod_when(&cli, "default", "second", "KeyDenied after the revoke", |p| {
-        p.status
-            .container_statuses
-            .first()
-            .and_then(|c| c.state.waiting.as_ref())
-            .is_some_and(|w| w.reason == "KeyDenied")
-    });
+    pod_when(
+        &cli,
+        "default",
+        "second",
+        "KeyDenied after the revoke",
+        |p| {
+            p.status
+                .container_statuses
+                .first()
+                .and_then(|c| c.state.waiting.as_ref())
+                .is_some_and(|w| w.reason == "KeyDenied")
+        },
+    );
     let audit = cli().args(["volume", "audit", "secret"]).success().stdout;
     for action in ["release", "revoke"] {
-        assert!(audit.contains(action), "no {action} in the audit log:\n{audit}");
+        assert!(
+            audit.contains(action),
+            "no {action} in the audit log:\n{audit}"
+        );
     }
     let ls = cli().args(["volume", "ls"]).success().stdout;
     assert!(ls.contains("secret") && ls.contains("Revoked"), "{ls}");

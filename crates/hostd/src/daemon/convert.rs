@@ -10,8 +10,8 @@ use podvisor_net::host_ports::{PortMapping, Protocol};
 use podvisor_podvm::network::{DnsOption, DnsPolicy, HostAlias, PodDns, PodDnsConfig};
 
 use crate::host::plan::vm_size;
-use crate::host::volumes::{DEFAULT_EMPTY_DIR_BYTES, MountPlan, VolumePlan, VolumeSource};
 use crate::host::status::reasons;
+use crate::host::volumes::{DEFAULT_EMPTY_DIR_BYTES, MountPlan, VolumePlan, VolumeSource};
 use crate::host::{ContainerPlan, ContainerState, PodPhase, PodPlan, PodState, RestartPolicy};
 
 /// Why a pod cannot run on this host; reported as the pod's status.

@@ -36,7 +36,10 @@ pub fn router(runtime: Arc<PodRuntime>, secret: EndpointSecret) -> Router {
         .route("/pods/{ns}/{name}/exec", get(exec))
         .route("/pods/{ns}/{name}/hibernate", post(hibernate))
         .route("/pods/{ns}/{name}/wake", post(wake))
-        .route("/pods/{ns}/{name}/volumes/{volume}/close", post(close_volume))
+        .route(
+            "/pods/{ns}/{name}/volumes/{volume}/close",
+            post(close_volume),
+        )
         .with_state(runtime)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(secret),

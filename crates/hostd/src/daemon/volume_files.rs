@@ -97,7 +97,11 @@ mod tests {
         // Listed before the files were made: nothing goes.
         let before = SystemTime::now() - Duration::from_secs(60);
         assert!(remove_stale(dir.path(), &live, before).is_empty());
-        let removed = remove_stale(dir.path(), &live, SystemTime::now() + Duration::from_secs(1));
+        let removed = remove_stale(
+            dir.path(),
+            &live,
+            SystemTime::now() + Duration::from_secs(1),
+        );
         assert_eq!(removed, vec![dir.path().join("default/gone-2.img")]);
         assert!(dir.path().join("default/a-1.img").exists());
         assert!(dir.path().join("default/notes.txt").exists());

@@ -19,14 +19,14 @@ use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
 use super::hibernation::{self, Activity, HibernationStatus, KeyCustody};
 use super::logs::{ContainerLog, LogSignal};
 use super::plan::RestartPolicy;
+use super::pod_volumes::VolumeKeys;
 use super::records::{PodRecord, StateDir, VmRecord};
 use super::sandbox::{Launcher, Sandbox};
-use super::pod_volumes::VolumeKeys;
-use super::volumes::VolumeAuthority;
 use super::status::{
     Backoff, ContainerState, ContainerStatus, ContainerTrack, Ended, PodReason, PodState,
     WaitingReason,
 };
+use super::volumes::VolumeAuthority;
 
 /// Most events of a sandbox taken in at once before its pod's state is
 /// published.

@@ -331,7 +331,9 @@ impl PodTask {
                 .collect(),
         };
         let (tx, deadline) = (flow.answers_tx.clone(), flow.deadline);
-        let authority = self.authority().expect("a flow runs only with an authority");
+        let authority = self
+            .authority()
+            .expect("a flow runs only with an authority");
         let plan = self.record.plan.clone();
         tokio::spawn(async move {
             let r = until_deadline(deadline, || authority.request_keys(&plan, &request)).await;
@@ -380,7 +382,11 @@ impl PodTask {
         // Start what waited.
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
-            let gated = slot.track.status.state.is_waiting(WaitingReason::ContainerCreating)
+            let gated = slot
+                .track
+                .status
+                .state
+                .is_waiting(WaitingReason::ContainerCreating)
                 && slot.track.restart_at.is_none()
                 && !slot.track.is_done();
             if gated && self.volume_gate(i).is_none() {
@@ -401,7 +407,10 @@ impl PodTask {
 
     /// Before a save: the guest suspends its mappings and wipes the keys.
     /// Messages that arrive meanwhile are handled as usual.
-    pub(super) async fn suspend_volumes(&mut self, vm: &mut dyn Sandbox) -> Result<(), RuntimeError> {
+    pub(super) async fn suspend_volumes(
+        &mut self,
+        vm: &mut dyn Sandbox,
+    ) -> Result<(), RuntimeError> {
         if self.volume_keys.open.is_empty() {
             return Ok(());
         }
@@ -457,13 +466,19 @@ impl PodTask {
         }
         self.volume_keys.closed.insert(
             name.clone(),
-            (WaitingReason::KeyDenied, format!("volume {name} was revoked")),
+            (
+                WaitingReason::KeyDenied,
+                format!("volume {name} was revoked"),
+            ),
         );
         let was_open = self.volume_keys.open.remove(&name);
         self.remember_volumes();
         if !was_open {
             self.show_gates();
-            let _ = reply.send(Ok(format!("volume {name} was not open in pod {}", self.key())));
+            let _ = reply.send(Ok(format!(
+                "volume {name} was not open in pod {}",
+                self.key()
+            )));
             return Ok(());
         }
         let grace = self.shared.cfg.delete_grace.as_millis() as u64;

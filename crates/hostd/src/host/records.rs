@@ -264,6 +264,8 @@ mod tests {
                 booted_at: SystemTime::UNIX_EPOCH,
                 containers: vec![],
                 disks: vec![],
+                encrypted: vec![],
+                open_volumes: vec![],
             }),
             holds: vec![],
             deleting: false,

@@ -10,13 +10,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::error::RuntimeError;
 use super::exec::{ExecRequest, ExecSession};
 use super::hibernation::KeyCustody;
-use super::volumes::VolumeAuthority;
 use super::logs::{LogReader, LogSignal};
 use super::pod_task::{PodCommand, PodTask, Shared};
 use super::records::{PodRecord, StateDir};
 use super::sandbox::Launcher;
 use super::status::ContainerStatus;
 use super::vm_sandbox::VmLauncher;
+use super::volumes::VolumeAuthority;
 use super::{HostConfig, PodPlan, PodState};
 
 pub use super::vm_sandbox::processes_mentioning;

@@ -378,7 +378,6 @@ async fn ack_without_vm_reports_pods_running_at_once_and_has_no_logs_or_exec() {
         command: vec!["true".into()],
         tty: false,
         stdin: false,
-        volume_mounts: vec![],
         size: None,
     };
     let no = rt.exec("default", "pod-u9", request).await.err();

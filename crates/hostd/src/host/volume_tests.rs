@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use podvisor_api::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PodInstance,
-    Quantity, RefusedVolume, ReleasedVolume, VolumeAttachment, VolumeKeyRequest,
-    VolumeKeyResponse,
+    Quantity, RefusedVolume, ReleasedVolume, VolumeAttachment, VolumeKeyRequest, VolumeKeyResponse,
 };
 use podvisor_proto::{GuestMessage, HostMessage, MountSource, VolumeOpened};
 
@@ -150,7 +149,11 @@ fn volume_plan() -> PodPlan {
     p
 }
 
-fn runtime(dir: &std::path::Path, authority: Arc<FakeAuthority>, key_timeout: Duration) -> (PodRuntime, tokio::sync::mpsc::UnboundedReceiver<FakeVm>) {
+fn runtime(
+    dir: &std::path::Path,
+    authority: Arc<FakeAuthority>,
+    key_timeout: Duration,
+) -> (PodRuntime, tokio::sync::mpsc::UnboundedReceiver<FakeVm>) {
     let (fake, vms) = FakeLauncher::new();
     let mut cfg = config(dir, Duration::from_millis(200));
     cfg.key_timeout = key_timeout;
@@ -198,7 +201,10 @@ async fn a_container_on_an_encrypted_volume_starts_once_the_guest_opened_it() {
     let image = volumes[0].format_image.as_ref().expect("a format image");
     assert!(!image.extents.is_empty());
     let s = state_when(&rt, "u1", |s| waiting_reason(s, 0).is_some()).await;
-    assert!(format!("{:?}", s.containers[0].state).contains("waiting for the key"), "{s:?}");
+    assert!(
+        format!("{:?}", s.containers[0].state).contains("waiting for the key"),
+        "{s:?}"
+    );
 
     vm.say(GuestMessage::VolumeKeyRequest {
         public_key: vec![9; 32],
@@ -223,7 +229,10 @@ async fn a_container_on_an_encrypted_volume_starts_once_the_guest_opened_it() {
         HostMessage::StartContainer(spec) => {
             assert_eq!(spec.id, "app");
             assert!(
-                spec.mounts.iter().any(|m| m.source == MountSource::Encrypted { volume: "secret".into() }),
+                spec.mounts.iter().any(|m| m.source
+                    == MountSource::Encrypted {
+                        volume: "secret".into()
+                    }),
                 "{:?}",
                 spec.mounts
             );
@@ -257,8 +266,14 @@ async fn a_container_on_an_encrypted_volume_starts_once_the_guest_opened_it() {
     });
     let (answer, rt) = close.await.unwrap();
     assert!(answer.unwrap().contains("closed"));
-    let s = state_when(&rt, "u1", |s| waiting_reason(s, 0).as_deref() == Some("KeyDenied")).await;
-    assert!(format!("{:?}", s.containers[0].state).contains("revoked"), "{s:?}");
+    let s = state_when(&rt, "u1", |s| {
+        waiting_reason(s, 0).as_deref() == Some("KeyDenied")
+    })
+    .await;
+    assert!(
+        format!("{:?}", s.containers[0].state).contains("revoked"),
+        "{s:?}"
+    );
     // No restart is sent for it.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(vm.sent.try_recv().is_err());
@@ -276,8 +291,14 @@ async fn a_refused_key_leaves_the_container_waiting_with_key_denied() {
         public_key: vec![9; 32],
         error: None,
     });
-    let s = state_when(&rt, "u1", |s| waiting_reason(s, 0).as_deref() == Some("KeyDenied")).await;
-    assert!(format!("{:?}", s.containers[0].state).contains("revoked"), "{s:?}");
+    let s = state_when(&rt, "u1", |s| {
+        waiting_reason(s, 0).as_deref() == Some("KeyDenied")
+    })
+    .await;
+    assert!(
+        format!("{:?}", s.containers[0].state).contains("revoked"),
+        "{s:?}"
+    );
     assert!(super::tests::running(&s, 1) || waiting_reason(&s, 1).is_none());
     // Nothing is sent to the guest: no keys, no start on an empty directory.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -296,7 +317,10 @@ async fn a_server_that_does_not_answer_leaves_key_timeout() {
         public_key: vec![9; 32],
         error: None,
     });
-    state_when(&rt, "u1", |s| waiting_reason(s, 0).as_deref() == Some("KeyTimeout")).await;
+    state_when(&rt, "u1", |s| {
+        waiting_reason(s, 0).as_deref() == Some("KeyTimeout")
+    })
+    .await;
     assert!(vm.sent.try_recv().is_err());
 }
 

@@ -147,6 +147,7 @@ impl VolumeAuthority for ServerAuthority {
             .map_err(authority_error(format!(
                 "record volume {namespace}/{name} as formatted"
             )))
+            .map(|_| ())
     }
 
     async fn new_instance(&self, plan: &PodPlan) -> Result<PodInstance, AuthorityError> {
@@ -278,7 +279,14 @@ pub async fn prepare(
                         .await
                         .map_err(disk_err(&v.name, "make its scratch disk".into()))?;
                 }
-                out.add_disk(&v.name, path, serial, MountSource::Disk { serial: String::new() });
+                out.add_disk(
+                    &v.name,
+                    path,
+                    serial,
+                    MountSource::Disk {
+                        serial: String::new(),
+                    },
+                );
             }
             VolumeSource::Claim { claim, read_only } => {
                 let Some(authority) = authority else {
@@ -341,9 +349,10 @@ pub async fn prepare(
                         None
                     } else {
                         let dir = dirs.format_images.clone();
-                        let image = blocking(move || podvisor_volume::FormatImage::make(&dir, size))
-                            .await
-                            .map_err(disk_err(&v.name, "make its format image".into()))?;
+                        let image =
+                            blocking(move || podvisor_volume::FormatImage::make(&dir, size))
+                                .await
+                                .map_err(disk_err(&v.name, "make its format image".into()))?;
                         let fserial = format!("pvf{i}");
                         out.disks.push(BlockDevice {
                             id: format!("fmt{i}"),
@@ -386,7 +395,14 @@ pub async fn prepare(
                                 source,
                             })?;
                     }
-                    out.add_disk(&v.name, path, serial, MountSource::Disk { serial: String::new() });
+                    out.add_disk(
+                        &v.name,
+                        path,
+                        serial,
+                        MountSource::Disk {
+                            serial: String::new(),
+                        },
+                    );
                 }
                 if *read_only {
                     out.read_only.push(v.name.clone());
