@@ -187,7 +187,6 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
                 ],
                 tty: false,
                 stdin: true,
-                volume_mounts: vec![],
                 size: None,
             },
         )
@@ -217,7 +216,6 @@ async fn vm_pods_run_restart_log_exec_survive_the_runtime_and_are_deleted() {
                 command: vec!["true".into()],
                 tty: false,
                 stdin: false,
-                volume_mounts: vec![],
                 size: None,
             },
         )
