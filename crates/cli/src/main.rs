@@ -41,7 +41,7 @@ enum Command {
     Run(run::RunArgs),
     /// Run the management server (or: server init, server token create).
     Server(server_cmd::ServerArgs),
-    /// Create or update pods from YAML/JSON files.
+    /// Create or update pods and volumes from YAML/JSON files.
     Apply(kube::ApplyArgs),
     /// List pods, hosts or images (a table, or -o json|yaml).
     Get(kube::GetArgs),
@@ -49,6 +49,8 @@ enum Command {
     Describe(kube::DescribeArgs),
     /// Delete a pod.
     Delete(kube::DeleteArgs),
+    /// Manage persistent volumes (create, ls, inspect, rm, revoke, audit).
+    Volume(kube::volume::VolumeArgs),
     /// Print a container's output.
     Logs(kube::LogsArgs),
     /// Run a command in a pod's container.
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
             Command::Get(args) => kube::get(args).await,
             Command::Describe(args) => kube::describe(args).await,
             Command::Delete(args) => kube::delete(args).await,
+            Command::Volume(args) => kube::volume::run(args).await,
             Command::Logs(args) => kube::logs(args).await,
             Command::Exec(args) => kube::exec(args).await,
             Command::Hibernate(args) => kube::hibernate(args).await,

@@ -29,8 +29,21 @@ enum ServerCommand {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Replace the key-encryption key with a new one, rewrapping every
+    /// secret wrapped by it (snapshot and volume keys; no disk changes).
+    /// Stop every server replica first, then give them all the new file.
+    RotateKek(RotateKekArgs),
     /// Serve the API (the default).
     Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RotateKekArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// The key-encryption key file (default: STATE_DIR/key-encryption.key).
+    #[arg(long, value_name = "FILE", env = "PODVISOR_KEY_ENCRYPTION_KEY")]
+    key_encryption_key: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -128,6 +141,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
                     outcome.admin_token_path.display()
                 ),
             }
+            Ok(0)
+        }
+        Some(ServerCommand::RotateKek(args)) => {
+            let rotated = podvisor_server::rotate_kek(
+                &args.state.state_dir,
+                args.state.store.as_deref(),
+                args.key_encryption_key.as_deref(),
+            )
+            .await
+            .context("rotate the key-encryption key")?;
+            println!(
+                "key-encryption key rotated: {} -> {} ({} snapshot keys, {} volume keys rewrapped)",
+                rotated.old_id, rotated.new_id, rotated.snapshot_keys, rotated.volume_keys
+            );
+            eprintln!(
+                "podvisor: give every server replica the new key file before starting them again"
+            );
             Ok(0)
         }
         Some(ServerCommand::Token(TokenCommand::Create(args))) => {

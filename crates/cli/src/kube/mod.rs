@@ -5,13 +5,14 @@
 
 mod exec;
 pub(crate) mod show;
+pub mod volume;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use podvisor_api::{Client, Format, LogOptions, PodFilter, parse_pods};
+use podvisor_api::{Client, Format, LogOptions, Object, PodFilter, parse_objects};
 
 pub use exec::ExecArgs;
 
@@ -75,11 +76,12 @@ pub struct NamespaceArgs {
 pub struct ApplyArgs {
     #[command(flatten)]
     conn: ServerConn,
-    /// A YAML or JSON file of Pods (several YAML documents are fine), or -
-    /// for stdin. Repeatable.
+    /// A YAML or JSON file of Pods and PersistentVolumeClaims (several
+    /// YAML documents are fine; volumes are applied first), or - for
+    /// stdin. Repeatable.
     #[arg(long = "filename", short = 'f', required = true, value_name = "FILE")]
     files: Vec<String>,
-    /// Namespace of pods that name none.
+    /// Namespace of objects that name none.
     #[arg(long, short = 'n')]
     namespace: Option<String>,
 }
@@ -87,6 +89,7 @@ pub struct ApplyArgs {
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<u8> {
     let client = args.conn.client()?;
     let mut pods = Vec::new();
+    let mut volumes = Vec::new();
     for file in &args.files {
         let text = if file == "-" {
             let mut s = String::new();
@@ -103,7 +106,28 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<u8> {
             Format::Yaml
         };
         let name = if file == "-" { "stdin" } else { file.as_str() };
-        pods.extend(parse_pods(&text, format).with_context(|| format!("{name}: not a valid Pod"))?);
+        let objects = parse_objects(&text, format)
+            .with_context(|| format!("{name}: not a valid Pod or PersistentVolumeClaim"))?;
+        for object in objects {
+            match object {
+                Object::Pod(pod) => pods.push(*pod),
+                Object::PersistentVolumeClaim(pvc) => volumes.push(*pvc),
+            }
+        }
+    }
+    // Volumes first: the pods naming them are scheduled once they exist.
+    for mut pvc in volumes {
+        if pvc.metadata.namespace.is_none() {
+            pvc.metadata.namespace = args.namespace.clone();
+        }
+        let applied = client
+            .apply_volume(&pvc)
+            .await
+            .with_context(|| format!("apply persistentvolumeclaim {}", pvc.key()))?;
+        println!(
+            "persistentvolumeclaim/{} {}",
+            applied.volume.metadata.name, applied.outcome
+        );
     }
     for mut pod in pods {
         if pod.metadata.namespace.is_none() {
@@ -127,6 +151,16 @@ pub enum Kind {
     Hosts,
     #[value(alias = "image")]
     Images,
+    /// Persistent volumes.
+    #[value(
+        name = "persistentvolumeclaims",
+        alias = "persistentvolumeclaim",
+        alias = "pvc",
+        alias = "pvcs",
+        alias = "volumes",
+        alias = "volume"
+    )]
+    Volumes,
 }
 
 /// Output format.
@@ -141,7 +175,7 @@ pub enum Output {
 pub struct GetArgs {
     #[command(flatten)]
     conn: ServerConn,
-    /// pods, hosts or images.
+    /// pods, hosts, images or pvc (persistentvolumeclaims).
     kind: Kind,
     /// One object by name.
     name: Option<String>,
@@ -208,6 +242,30 @@ pub async fn get(args: GetArgs) -> anyhow::Result<u8> {
                 _ => show::hosts_table(&hosts.items),
             }
         }
+        (Kind::Volumes, Some(name)) => {
+            let pvc = client.get_volume(&args.ns.namespace, name).await?;
+            match out {
+                Some(Output::Json) => show::json(&pvc),
+                Some(Output::Yaml) => show::yaml(&pvc),
+                _ => show::volumes_table(std::slice::from_ref(&pvc), false),
+            }
+        }
+        (Kind::Volumes, None) => {
+            let namespace = (!args.all_namespaces).then_some(args.ns.namespace.as_str());
+            let list = client.list_volumes(namespace).await?;
+            match out {
+                Some(Output::Json) => show::json(&list),
+                Some(Output::Yaml) => show::yaml(&list),
+                _ if list.items.is_empty() => {
+                    eprintln!(
+                        "No volumes found{}.",
+                        namespace.map_or(String::new(), |ns| format!(" in namespace {ns}"))
+                    );
+                    String::new()
+                }
+                _ => show::volumes_table(&list.items, args.all_namespaces),
+            }
+        }
         (Kind::Images, _) => {
             let images = client.list_images().await?;
             match out {
@@ -242,6 +300,7 @@ pub async fn describe(args: DescribeArgs) -> anyhow::Result<u8> {
             show::describe_host(&host, &pods.items)
         }
         Kind::Images => bail!("describe images is not supported: use `podvisor get images`"),
+        Kind::Volumes => show::yaml(&client.get_volume(&args.ns.namespace, &args.name).await?),
     };
     print!("{text}");
     Ok(0)
@@ -265,8 +324,14 @@ pub struct DeleteArgs {
 }
 
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<u8> {
+    if args.kind == Kind::Volumes {
+        let client = args.conn.client()?;
+        client.delete_volume(&args.ns.namespace, &args.name).await?;
+        println!("persistentvolumeclaim \"{}\" deleted", args.name);
+        return Ok(0);
+    }
     if args.kind != Kind::Pods {
-        bail!("only pods can be deleted (hosts leave by stopping their daemon)");
+        bail!("only pods and volumes can be deleted (hosts leave by stopping their daemon)");
     }
     let client = args.conn.client()?;
     let (ns, name) = (&args.ns.namespace, &args.name);

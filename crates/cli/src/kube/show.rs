@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use podvisor_api::quantity::format_bytes;
 use podvisor_api::{
-    HIBERNATED_CONDITION, Host, Image, Pod, PodCondition, Quantity, ResourceList, Time, labels_text,
+    HIBERNATED_CONDITION, Host, Image, PersistentVolumeClaim, Pod, PodCondition, Quantity,
+    ResourceList, Time, VolumeAuditEntry, labels_text,
 };
 
 pub fn json<T: serde::Serialize>(value: &T) -> String {
@@ -112,6 +113,73 @@ pub fn pods_table(pods: &[Pod], namespaces: bool, wide: bool) -> String {
             row.push(pod.labels_text());
         }
         rows.push(row);
+    }
+    table(rows)
+}
+
+/// A volume's STATUS: `Revoked`, `In use by POD`, or `Available`.
+pub fn volume_status(pvc: &PersistentVolumeClaim) -> String {
+    if pvc.status.revoked_at.is_some() {
+        "Revoked".into()
+    } else if let Some(a) = &pvc.status.attached_to {
+        format!("In use by {}", a.pod)
+    } else {
+        "Available".into()
+    }
+}
+
+/// `podvisor volume ls` and `get pvc`.
+pub fn volumes_table(volumes: &[PersistentVolumeClaim], namespaces: bool) -> String {
+    let mut header: Vec<String> = Vec::new();
+    if namespaces {
+        header.push("NAMESPACE".into());
+    }
+    header.extend(["NAME", "SIZE", "ENCRYPTED", "STATUS", "HOST", "AGE"].map(String::from));
+    let mut rows = vec![header];
+    let mut volumes: Vec<&PersistentVolumeClaim> = volumes.iter().collect();
+    volumes.sort_by_key(|v| v.key());
+    for v in volumes {
+        let mut row = Vec::new();
+        if namespaces {
+            row.push(v.metadata.namespace().to_string());
+        }
+        row.extend([
+            v.metadata.name.clone(),
+            v.storage()
+                .map_or_else(|| "<none>".into(), |q| q.to_string()),
+            if v.status.encrypted || v.wants_encryption() {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+            volume_status(v),
+            v.status.host.clone().unwrap_or_else(|| "<none>".into()),
+            age(v.metadata.creation_timestamp),
+        ]);
+        rows.push(row);
+    }
+    table(rows)
+}
+
+/// `podvisor volume audit`: TIME ACTION POD INSTANCE BY MESSAGE.
+pub fn audit_table(entries: &[VolumeAuditEntry]) -> String {
+    let mut rows = vec![
+        ["TIME", "ACTION", "POD", "INSTANCE", "BY", "MESSAGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    for e in entries {
+        rows.push(vec![
+            stamp(e.time),
+            e.action.clone(),
+            or_none(&e.pod),
+            e.instance
+                .as_deref()
+                .map_or_else(|| "-".into(), |i| i.chars().take(12).collect()),
+            or_none(&e.by),
+            or_none(&e.message),
+        ]);
     }
     table(rows)
 }
@@ -333,6 +401,41 @@ pub fn describe_pod(pod: &Pod) -> String {
                 &format!("tty={} stdin={}", c.tty, c.stdin),
             );
         }
+        for m in &c.volume_mounts {
+            let mut text = format!("{} from {}", m.mount_path, m.name);
+            if !m.sub_path.is_empty() {
+                let _ = write!(text, " (subPath {})", m.sub_path);
+            }
+            if m.read_only {
+                text.push_str(" (ro)");
+            }
+            field(&mut s, "Mount", &text);
+        }
+    }
+    if !pod.spec.volumes.is_empty() {
+        s.push_str("Volumes:\n");
+        for v in &pod.spec.volumes {
+            let text = if let Some(c) = &v.persistent_volume_claim {
+                format!(
+                    "PersistentVolumeClaim {}{}",
+                    c.claim_name,
+                    if c.read_only { " (read-only)" } else { "" }
+                )
+            } else if let Some(e) = &v.empty_dir {
+                let medium = if e.medium == "Memory" {
+                    "EmptyDir in memory"
+                } else {
+                    "EmptyDir on the host's disk"
+                };
+                match &e.size_limit {
+                    Some(limit) => format!("{medium}, at most {limit}"),
+                    None => medium.to_string(),
+                }
+            } else {
+                "<no source>".into()
+            };
+            let _ = writeln!(s, "  {}: {text}", v.name);
+        }
     }
     if !pod.status.conditions.is_empty() {
         s.push_str("Conditions:\n");
@@ -444,6 +547,94 @@ mod tests {
             },
         ];
         p
+    }
+
+    #[test]
+    fn volumes_show_size_encryption_user_and_host() {
+        use podvisor_api::VolumeAttachment;
+        let free = PersistentVolumeClaim::new("default", "data", "1Gi", true);
+        let mut used = PersistentVolumeClaim::new("default", "cache", "64Mi", false);
+        used.status.attached_to = Some(VolumeAttachment {
+            pod: "web".into(),
+            pod_uid: "u".into(),
+            host: "h1".into(),
+        });
+        used.status.host = Some("h1".into());
+        let mut revoked = PersistentVolumeClaim::new("team", "old", "2Gi", true);
+        revoked.status.revoked_at = Some(chrono::Utc::now());
+        let text = volumes_table(&[free, used, revoked], true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAMESPACE   NAME    SIZE   ENCRYPTED   STATUS          HOST     AGE"
+        );
+        assert!(
+            lines[1].starts_with("default     cache   64Mi   no          In use by web   h1 "),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("default     data    1Gi    yes         Available       <none>"),
+            "{text}"
+        );
+        assert!(lines[3].contains("Revoked"), "{text}");
+    }
+
+    #[test]
+    fn the_audit_log_is_a_table() {
+        let time = chrono::DateTime::parse_from_rfc3339("2025-01-02T03:04:05Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let mut release = VolumeAuditEntry::new("release", "h1", "key released");
+        release.time = time;
+        release.pod = Some("web".into());
+        release.instance = Some("0123456789abcdef0123".into());
+        let mut create = VolumeAuditEntry::new("create", "user alice", "encrypted volume of 1Gi");
+        create.time = time;
+        let text = audit_table(&[create, release]);
+        assert_eq!(
+            text,
+            "TIME                   ACTION    POD   INSTANCE       BY           MESSAGE\n\
+             2025-01-02T03:04:05Z   create    -     -              user alice   encrypted volume of 1Gi\n\
+             2025-01-02T03:04:05Z   release   web   0123456789ab   h1           key released\n"
+        );
+    }
+
+    #[test]
+    fn describe_lists_the_pods_volumes() {
+        use podvisor_api::{
+            EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
+        };
+        let mut pod = pod_with_ip();
+        pod.spec.volumes = vec![
+            Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: "db-data".into(),
+                    read_only: false,
+                }),
+                ..Default::default()
+            },
+            Volume {
+                name: "scratch".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: "Memory".into(),
+                    size_limit: Some(Quantity::new("64Mi")),
+                }),
+                ..Default::default()
+            },
+        ];
+        pod.spec.containers[0].volume_mounts = vec![VolumeMount {
+            name: "data".into(),
+            mount_path: "/var/lib/db".into(),
+            read_only: true,
+            sub_path: "pg".into(),
+        }];
+        let text = describe_pod(&pod);
+        assert!(
+            text.contains("Mount:        /var/lib/db from data (subPath pg) (ro)"),
+            "{text}"
+        );
+        assert!(text.contains("Volumes:\n  data: PersistentVolumeClaim db-data\n  scratch: EmptyDir in memory, at most 64Mi\n"), "{text}");
     }
 
     #[test]
