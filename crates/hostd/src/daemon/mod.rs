@@ -195,6 +195,8 @@ pub async fn run(
     let volume_gc = tokio::spawn(volume_files::collect_periodically(
         client.clone(),
         cfg.host.volume_dirs.volumes.clone(),
+        cfg.name.clone(),
+        runtime.clone(),
     ));
 
     tokio::pin!(shutdown);

@@ -1,25 +1,54 @@
-//! Removing the data files of persistent volumes that are gone: every
-//! [`VOLUME_GC_PERIOD`] the daemon lists the cluster's volumes and
-//! deletes the files in its volume directory (`<ns>/<name>-<uid>.img`)
-//! that no volume names, if they are older than the list (a volume made
-//! and first attached meanwhile keeps its file). Files that do not follow
-//! the naming are left alone.
+//! What the host learns from the cluster's volume list, every
+//! [`VOLUME_GC_PERIOD`]: the data files in its volume directory
+//! (`<ns>/<name>-<uid>.img`) that no volume names any more are deleted, if
+//! they are older than the list (a volume made and first attached
+//! meanwhile keeps its file; files that do not follow the naming are left
+//! alone); and a revoked volume still attached to one of its pods is
+//! closed there (the server also says so when it revokes, but a host it
+//! could not reach then learns it here).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::sync::Arc;
+
 use podvisor_api::Client;
+
+use crate::host::PodRuntime;
 
 /// How often the files of deleted volumes are looked for.
 pub const VOLUME_GC_PERIOD: Duration = Duration::from_secs(60);
 
 /// Runs forever: removes the files of volumes that are gone.
-pub async fn collect_periodically(client: Client, dir: PathBuf) {
+pub async fn collect_periodically(
+    client: Client,
+    dir: PathBuf,
+    host: String,
+    runtime: Arc<PodRuntime>,
+) {
     loop {
         let listed_at = SystemTime::now();
         match client.list_volumes(None).await {
             Ok(list) => {
+                for v in &list.items {
+                    let (Some(_), Some(a)) = (&v.status.revoked_at, &v.status.attached_to) else {
+                        continue;
+                    };
+                    if a.host != host {
+                        continue;
+                    }
+                    let ns = v.metadata.namespace();
+                    match runtime.close_volume(ns, &a.pod, &v.metadata.name).await {
+                        Ok(m) if m.contains("closed") => tracing::info!("{m}"),
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(
+                            "closing revoked volume {ns}/{}: {e}",
+                            v.metadata.name,
+                            e = podvisor_errors::ErrorChain(&e)
+                        ),
+                    }
+                }
                 let live: HashSet<String> = list
                     .items
                     .iter()
