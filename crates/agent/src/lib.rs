@@ -26,6 +26,7 @@ pub mod boot;
 pub mod child;
 pub mod container;
 pub mod disks;
+pub mod dm_crypt;
 pub mod event_loop;
 pub mod exec;
 pub mod identity;
@@ -42,6 +43,7 @@ pub mod spec;
 pub mod storage;
 pub mod syscall;
 pub mod user;
+pub mod volumes;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
