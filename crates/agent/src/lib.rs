@@ -82,6 +82,7 @@ pub fn run() -> Result<(), AgentError> {
     let release = boot::kernel_release();
     boot::load_modules(&sys, &release);
     steps.push(("modules".to_string(), boot::uptime_ms()));
+    boot::keep_initramfs(&sys);
     boot::switch_root(&sys)?;
     // Always, even without a NIC: containers expect a working localhost.
     if let Err(e) = netlink::RouteSocket::open()

@@ -507,10 +507,17 @@ impl VolumeEnv for LinuxVolumeEnv {
         if aes {
             lists.push(MODULES_VOLUMES_AESNI_LIST);
         }
-        let dir = crate::modules::module_dir(&self.release);
+        // The initramfs, where the lists and modules are, is kept there.
+        let initramfs = Path::new(crate::boot::INITRAMFS_DIR);
+        let dir = initramfs.join(
+            crate::modules::module_dir(&self.release)
+                .strip_prefix("/")
+                .unwrap_or(Path::new("")),
+        );
         let mut errors = Vec::new();
         for list in lists {
-            match std::fs::read_to_string(list) {
+            let list = initramfs.join(list.trim_start_matches('/'));
+            match std::fs::read_to_string(&list) {
                 Ok(text) => errors.extend(
                     crate::modules::load_all(
                         &crate::syscall::LinuxSyscall,
@@ -520,7 +527,7 @@ impl VolumeEnv for LinuxVolumeEnv {
                     .iter()
                     .map(|e| podvisor_errors::ErrorChain(e).to_string()),
                 ),
-                Err(e) => errors.push(format!("reading {list}: {e}")),
+                Err(e) => errors.push(format!("reading {}: {e}", list.display())),
             }
         }
         errors
