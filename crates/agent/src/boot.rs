@@ -236,4 +236,20 @@ mod tests {
             "boot: mount proc on /proc: ENODEV: No such device"
         );
     }
+
+    #[test]
+    fn the_initramfs_stays_bound_under_run_for_lazy_modules() {
+        let sys = RecordingSyscall::new();
+        keep_initramfs(&sys);
+        assert_eq!(
+            sys.calls(),
+            [
+                "mkdir /run/podvisor 755",
+                "mkdir /run/podvisor/initramfs 700",
+                "mount / /run/podvisor/initramfs - BIND -",
+            ]
+        );
+        // A failure is only logged.
+        keep_initramfs(&RecordingSyscall::new().fail("mount", Errno::EPERM));
+    }
 }

@@ -340,3 +340,53 @@ fn a_sub_path_is_bound_through_its_descriptor_and_staged() {
     ));
     let _ = std::fs::remove_dir(shared.join("sub"));
 }
+
+#[test]
+fn closing_a_volume_unmounts_only_its_shared_mounts() {
+    let encrypted = Mount {
+        source: MountSource::Encrypted {
+            volume: "secret".into(),
+        },
+        fstype: "ext4".into(),
+        target: MountTarget::Shared {
+            name: "vol-secret".into(),
+        },
+        options: vec![],
+        read_only: false,
+    };
+    struct Mapped;
+    impl DiskFinder for Mapped {
+        fn find(&self, serial: &str) -> Result<PathBuf, DiskNotFound> {
+            FakeDisks::with(&["pvl0"]).find(serial)
+        }
+        fn mapping(&self, volume: &str) -> Option<PathBuf> {
+            Some(PathBuf::from(format!("/dev/mapper/pv-{volume}")))
+        }
+    }
+    let layer = Mount::layer("pvl0");
+    let mut shared = SharedMounts::default();
+    let sys = RecordingSyscall::new();
+    shared.make(&sys, &Mapped, &[&layer, &encrypted]).unwrap();
+    assert!(sys.calls().contains(
+        &"mount /dev/mapper/pv-secret /run/podvisor/layers/vol-secret ext4 NODEV -".to_string()
+    ));
+    let sys = RecordingSyscall::new().fail("umount /run/podvisor/layers/vol-secret", Errno::EBUSY);
+    let errors = shared.unmake_volume(&sys, "secret");
+    assert_eq!(
+        sys.calls(),
+        [
+            "umount /run/podvisor/layers/vol-secret",
+            "umount /run/podvisor/layers/vol-secret detach",
+        ]
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(
+        shared
+            .unmake_volume(&RecordingSyscall::new(), "secret")
+            .is_empty()
+    );
+    // Made again once the volume is open again.
+    let sys = RecordingSyscall::new();
+    shared.make(&sys, &Mapped, &[&encrypted]).unwrap();
+    assert!(!sys.calls().is_empty());
+}
