@@ -21,6 +21,6 @@ RUSTFLAGS="-C target-feature=+crt-static" \
 export PODVISOR_AGENT=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/podvisor-agent
 for i in $(seq "$runs"); do
     echo "== run $i"
-    cargo nextest run --offline -q -p podvisor-podvm --test volumes --no-capture 2>&1 |
+    cargo nextest run --offline -p podvisor-podvm --test volumes --no-capture 2>&1 |
         grep '^volumes:'
 done
