@@ -20,8 +20,10 @@ fi
 # etcd-client, which the podvisor binary links for its etcd state store.
 # containernetworking-plugins (bridge, host-local, firewall, portmap, tuning
 # in /usr/lib/cni) and iptables (which they run) give pods their network.
+# e2fsprogs (mkfs.ext4) formats volume disks and encrypted volumes' format
+# images (crates/volume).
 packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zstd cpio ca-certificates
-          protobuf-compiler libprotobuf-dev containernetworking-plugins iptables)
+          protobuf-compiler libprotobuf-dev containernetworking-plugins iptables e2fsprogs)
 if [ "$want_test" = 1 ]; then
     # openssl signs the bearer tokens of the token-auth registry tests;
     # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh;

@@ -3,7 +3,7 @@
 //! ends of every container's stdio but does no polling itself; the
 //! event loop tells it what is ready.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,15 @@ struct Container {
     /// For an exec process: the container it runs in. Only containers are
     /// unmounted when they end.
     exec_in: Option<String>,
+    /// The encrypted volumes the container's mounts use.
+    volumes: BTreeSet<String>,
+}
+
+/// A `CloseVolume` waiting for the containers using the volume to end.
+#[derive(Debug)]
+struct Closing {
+    volume: String,
+    waiting: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +83,7 @@ pub struct Agent<L: Launcher> {
     containers: BTreeMap<String, Container>,
     outbox: VecDeque<GuestMessage>,
     shutdown: Option<Shutdown>,
+    closing: Vec<Closing>,
 }
 
 impl<L: Launcher> Agent<L> {
@@ -83,6 +93,7 @@ impl<L: Launcher> Agent<L> {
             containers: BTreeMap::new(),
             outbox: VecDeque::new(),
             shutdown: None,
+            closing: Vec::new(),
         }
     }
 
@@ -204,6 +215,32 @@ impl<L: Launcher> Agent<L> {
                     warnings: outcome.warnings,
                 });
             }
+            HostMessage::RequestVolumeKeys { context, volumes } => {
+                let msg = match self.launcher.request_volume_keys(&context, &volumes) {
+                    Ok(public_key) => GuestMessage::VolumeKeyRequest {
+                        public_key,
+                        error: None,
+                    },
+                    Err(e) => GuestMessage::VolumeKeyRequest {
+                        public_key: vec![],
+                        error: Some(e),
+                    },
+                };
+                self.outbox.push_back(msg);
+            }
+            HostMessage::VolumeKeys { sealed } => {
+                let results = self.launcher.volume_keys(&sealed);
+                self.outbox
+                    .push_back(GuestMessage::VolumesOpened { results });
+            }
+            HostMessage::SuspendVolumes => {
+                let error = self.launcher.suspend_volumes();
+                self.outbox
+                    .push_back(GuestMessage::VolumesSuspended { error });
+            }
+            HostMessage::CloseVolume { name, grace_ms } => {
+                self.close_volume(name, now, now + Duration::from_millis(grace_ms));
+            }
             HostMessage::Shutdown { grace_ms } => {
                 let grace = Duration::from_millis(grace_ms);
                 self.shutdown = Some(Shutdown {
@@ -214,6 +251,31 @@ impl<L: Launcher> Agent<L> {
                     self.stop(&id, now, now + grace);
                 }
             }
+        }
+    }
+
+    /// Stops every container using `volume` and closes it once they are
+    /// all reported `Exited` (see [`Agent::finish_if_done`]).
+    fn close_volume(&mut self, volume: String, now: Instant, kill_at: Instant) {
+        let waiting: BTreeSet<String> = self
+            .containers
+            .iter()
+            .filter(|(_, c)| c.volumes.contains(&volume))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &waiting {
+            self.stop(id, now, kill_at);
+        }
+        if waiting.is_empty() {
+            let error = self.launcher.close_volume(&volume);
+            self.outbox.push_back(GuestMessage::VolumeClosed {
+                name: volume,
+                error,
+            });
+        } else if let Some(c) = self.closing.iter_mut().find(|c| c.volume == volume) {
+            c.waiting.extend(waiting);
+        } else {
+            self.closing.push(Closing { volume, waiting });
         }
     }
 
@@ -257,8 +319,22 @@ impl<L: Launcher> Agent<L> {
             self.outbox.push_back(msg);
             return;
         }
+        let volumes = crate::mount_spec::volumes_used(&spec.mounts);
+        if let Some(c) = self.closing.iter().find(|c| volumes.contains(&c.volume)) {
+            let msg = fail(
+                StartErrorKind::Mount,
+                format!("encrypted volume {} is being closed", c.volume),
+            );
+            self.outbox.push_back(msg);
+            return;
+        }
         match self.launcher.start(&spec) {
-            Ok(l) => self.track(&id, l, None),
+            Ok(l) => {
+                self.track(&id, l, None);
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.volumes = volumes;
+                }
+            }
             Err(error) => self
                 .outbox
                 .push_back(GuestMessage::StartFailed { id, error }),
@@ -330,6 +406,7 @@ impl<L: Launcher> Agent<L> {
                 exit: None,
                 kill_at: None,
                 exec_in,
+                volumes: BTreeSet::new(),
             },
         );
         self.outbox.push_back(GuestMessage::Started {
@@ -468,6 +545,23 @@ impl<L: Launcher> Agent<L> {
             });
             if c.exec_in.is_none() {
                 self.launcher.cleanup(id);
+            }
+            let mut done = Vec::new();
+            self.closing.retain_mut(|closing| {
+                closing.waiting.remove(id);
+                if closing.waiting.is_empty() {
+                    done.push(std::mem::take(&mut closing.volume));
+                    false
+                } else {
+                    true
+                }
+            });
+            for volume in done {
+                let error = self.launcher.close_volume(&volume);
+                self.outbox.push_back(GuestMessage::VolumeClosed {
+                    name: volume,
+                    error,
+                });
             }
         }
     }

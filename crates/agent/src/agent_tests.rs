@@ -40,6 +40,9 @@ struct FakeLauncher {
     mounted: Vec<Vec<Mount>>,
     /// Network configurations applied.
     networks: Vec<NetworkConfig>,
+    /// Volume calls, in order (`request <context>`, `keys <n>`,
+    /// `suspend`, `close <volume>`).
+    volume_calls: Vec<String>,
 }
 
 fn nonblocking_pipe() -> (OwnedFd, OwnedFd) {
@@ -116,6 +119,36 @@ impl Launcher for FakeLauncher {
         });
         let dir = tempfile::tempdir().unwrap();
         crate::network::configure(&mut kernel, config, dir.path(), Duration::ZERO)
+    }
+
+    fn request_volume_keys(
+        &mut self,
+        context: &str,
+        _volumes: &[podvisor_proto::volumes::EncryptedVolume],
+    ) -> Result<Vec<u8>, String> {
+        self.volume_calls.push(format!("request {context}"));
+        if context.is_empty() {
+            return Err("bad context".into());
+        }
+        Ok(vec![1; 32])
+    }
+
+    fn volume_keys(&mut self, sealed: &[u8]) -> Vec<podvisor_proto::VolumeOpened> {
+        self.volume_calls.push(format!("keys {}", sealed.len()));
+        vec![podvisor_proto::VolumeOpened {
+            name: "data".into(),
+            error: None,
+        }]
+    }
+
+    fn suspend_volumes(&mut self) -> Option<String> {
+        self.volume_calls.push("suspend".into());
+        None
+    }
+
+    fn close_volume(&mut self, volume: &str) -> Option<String> {
+        self.volume_calls.push(format!("close {volume}"));
+        None
     }
 
     fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError> {
@@ -754,11 +787,155 @@ fn only_shared_mounts_are_made_ahead() {
             GuestMessage::SharedMounted {
                 error: Some(
                     "shared mount \"pvl0\": unknown mount type \"xfs\" \
-                     (the agent mounts erofs, tmpfs, overlay and bind)"
+                     (the agent mounts erofs, tmpfs, overlay, ext4 and bind)"
                         .into()
                 )
             },
         ]
     );
     assert!(agent.launcher.mounted.is_empty());
+}
+
+/// A container whose spec binds the encrypted volume `data` (shared as
+/// `vol-data`).
+fn volume_spec(id: &str) -> ContainerSpec {
+    let mut s = spec(id, &["sh"], false);
+    s.mounts.push(Mount {
+        source: MountSource::Encrypted {
+            volume: "data".into(),
+        },
+        fstype: "ext4".into(),
+        target: MountTarget::Shared {
+            name: "vol-data".into(),
+        },
+        options: vec![],
+        read_only: false,
+    });
+    s.mounts.push(Mount {
+        source: MountSource::SharedPath {
+            name: "vol-data".into(),
+            path: "sub".into(),
+        },
+        fstype: "bind".into(),
+        target: MountTarget::Container {
+            path: "/data".into(),
+        },
+        options: vec![],
+        read_only: false,
+    });
+    s
+}
+
+#[test]
+fn the_key_conversation_is_answered() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::RequestVolumeKeys {
+            context: "ns/p/u/i".into(),
+            volumes: vec![],
+        },
+        now,
+    );
+    agent.handle(
+        HostMessage::VolumeKeys {
+            sealed: vec![0; 80],
+        },
+        now,
+    );
+    agent.handle(HostMessage::SuspendVolumes, now);
+    agent.handle(
+        HostMessage::RequestVolumeKeys {
+            context: String::new(),
+            volumes: vec![],
+        },
+        now,
+    );
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::VolumeKeyRequest {
+                public_key: vec![1; 32],
+                error: None
+            },
+            GuestMessage::VolumesOpened {
+                results: vec![podvisor_proto::VolumeOpened {
+                    name: "data".into(),
+                    error: None
+                }]
+            },
+            GuestMessage::VolumesSuspended { error: None },
+            GuestMessage::VolumeKeyRequest {
+                public_key: vec![],
+                error: Some("bad context".into())
+            },
+        ]
+    );
+    assert_eq!(
+        agent.launcher.volume_calls,
+        ["request ns/p/u/i", "keys 80", "suspend", "request "]
+    );
+}
+
+#[test]
+fn close_volume_stops_its_containers_and_closes_after_their_exit() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(HostMessage::StartContainer(volume_spec("uses")), now);
+    agent.handle(
+        HostMessage::StartContainer(spec("other", &["sh"], false)),
+        now,
+    );
+    outbox(&mut agent);
+    agent.handle(
+        HostMessage::CloseVolume {
+            name: "data".into(),
+            grace_ms: 1000,
+        },
+        now,
+    );
+    // SIGTERM to the container using it only; nothing closed yet.
+    assert_eq!(agent.launcher.signals, [(100, libc::SIGTERM)]);
+    assert!(outbox(&mut agent).is_empty());
+    assert!(agent.launcher.volume_calls.is_empty());
+    // A new container using it is refused meanwhile.
+    agent.handle(HostMessage::StartContainer(volume_spec("late")), now);
+    assert!(matches!(
+        &outbox(&mut agent)[..],
+        [GuestMessage::StartFailed { error, .. }] if error.message.contains("being closed")
+    ));
+    // SIGKILL after the grace period.
+    agent.tick(now + Duration::from_millis(1000));
+    assert_eq!(agent.launcher.signals[1], (100, libc::SIGKILL));
+    agent.reaped(WaitStatus::Signaled(
+        Pid::from_raw(100),
+        nix::sys::signal::Signal::SIGKILL,
+        false,
+    ));
+    let p = agent.launcher.procs.get_mut("uses").unwrap();
+    p.stdout = None;
+    p.stderr = None;
+    pump(&mut agent);
+    let out = outbox(&mut agent);
+    assert!(matches!(&out[0], GuestMessage::Exited { id, .. } if id == "uses"));
+    assert_eq!(
+        out[1],
+        GuestMessage::VolumeClosed {
+            name: "data".into(),
+            error: None
+        }
+    );
+    assert_eq!(agent.launcher.volume_calls, ["close data"]);
+    // With no container using it, it closes at once.
+    agent.handle(
+        HostMessage::CloseVolume {
+            name: "data".into(),
+            grace_ms: 0,
+        },
+        now,
+    );
+    assert!(matches!(
+        &outbox(&mut agent)[..],
+        [GuestMessage::VolumeClosed { .. }]
+    ));
 }

@@ -45,6 +45,37 @@ pub fn mount_basics(sys: &dyn Syscall) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Where the initramfs stays visible to the agent after [`switch_root`]
+/// (a bind mount under `/run`, which containers never see): the module
+/// lists loaded later ([`podvisor_proto::MODULES_VOLUMES_LIST`]) and their
+/// modules are read from here.
+pub const INITRAMFS_DIR: &str = "/run/podvisor/initramfs";
+
+/// Binds the initramfs root onto [`INITRAMFS_DIR`], before [`switch_root`]
+/// moves `/run`; failures are logged (only lazily loaded modules need it).
+pub fn keep_initramfs(sys: &dyn Syscall) {
+    let plan = [
+        Op::Mkdir {
+            path: "/run/podvisor".into(),
+            mode: 0o755,
+        },
+        Op::Mkdir {
+            path: INITRAMFS_DIR.into(),
+            mode: 0o700,
+        },
+        Op::Mount(Mount {
+            source: Some("/".into()),
+            target: INITRAMFS_DIR.into(),
+            fstype: None,
+            flags: MsFlags::MS_BIND,
+            data: None,
+        }),
+    ];
+    if let Err((i, errno)) = mounts::apply(sys, &plan) {
+        crate::log!("keeping the initramfs: {}: {errno}", plan[i].describe());
+    }
+}
+
 /// Moves the agent off the initramfs onto a fresh tmpfs, taking the
 /// mounted `/proc`, `/sys`, `/dev` and `/run` along (what `switch_root`
 /// does). The initramfs root cannot be `pivot_root`ed away from, so
@@ -204,5 +235,21 @@ mod tests {
             mount_basics(&sys).unwrap_err().to_string(),
             "boot: mount proc on /proc: ENODEV: No such device"
         );
+    }
+
+    #[test]
+    fn the_initramfs_stays_bound_under_run_for_lazy_modules() {
+        let sys = RecordingSyscall::new();
+        keep_initramfs(&sys);
+        assert_eq!(
+            sys.calls(),
+            [
+                "mkdir /run/podvisor 755",
+                "mkdir /run/podvisor/initramfs 700",
+                "mount / /run/podvisor/initramfs - BIND -",
+            ]
+        );
+        // A failure is only logged.
+        keep_initramfs(&RecordingSyscall::new().fail("mount", Errno::EPERM));
     }
 }

@@ -58,6 +58,11 @@ pub fn wait_for_disk(serial: &str, timeout: Duration) -> Result<PathBuf, DiskNot
 /// guest, a fake in tests.
 pub trait DiskFinder {
     fn find(&self, serial: &str) -> Result<PathBuf, DiskNotFound>;
+    /// The node of the open (not suspended) dm-crypt mapping of encrypted
+    /// volume `volume`, if any.
+    fn mapping(&self, _volume: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// The guest's disks: `/sys/block`, waiting up to `timeout` for each.

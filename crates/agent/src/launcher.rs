@@ -8,17 +8,21 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::mount::MntFlags;
 use nix::unistd::Pid;
+use podvisor_proto::volumes::EncryptedVolume;
 use podvisor_proto::{
     CloneIdentity, ContainerSpec, ExecSpec, Mount, NetworkConfig, StartError, StartErrorKind,
+    VolumeOpened,
 };
 
-use crate::disks::{self, SysBlock};
+use crate::disks::{self, DiskFinder, SysBlock};
+use crate::dm_crypt::{DeviceMapper, DmControl};
 use crate::mounts::{self, ContainerDirs, Op};
 use crate::network;
 use crate::process::{Launched, err};
 use crate::spec;
 use crate::storage::{self, SharedMounts};
 use crate::syscall::{LinuxSyscall, Syscall};
+use crate::volumes::{LinuxVolumeEnv, Volumes};
 
 /// What the agent needs to run containers; [`LinuxLauncher`] in the guest,
 /// a fake in tests.
@@ -43,6 +47,20 @@ pub trait Launcher {
     /// every container started gets its `/etc/resolv.conf` and
     /// `/etc/hosts`.
     fn configure_network(&mut self, config: &NetworkConfig) -> network::Outcome;
+    /// `RequestVolumeKeys` ([`crate::volumes::Volumes::request`]): the
+    /// public key of a fresh key pair, or why not.
+    fn request_volume_keys(
+        &mut self,
+        context: &str,
+        volumes: &[EncryptedVolume],
+    ) -> Result<Vec<u8>, String>;
+    /// `VolumeKeys`: opens the released volumes.
+    fn volume_keys(&mut self, sealed: &[u8]) -> Vec<VolumeOpened>;
+    /// `SuspendVolumes`: suspends every open mapping, keys wiped.
+    fn suspend_volumes(&mut self) -> Option<String>;
+    /// Unmounts the shared mounts of `volume` and removes its mapping
+    /// (its containers are gone).
+    fn close_volume(&mut self, volume: &str) -> Option<String>;
 }
 
 /// The real launcher: mounts, `clone`, namespaces.
@@ -54,6 +72,11 @@ pub struct LinuxLauncher {
     /// The directory holding the pod's `resolv.conf` and `hosts`, once a
     /// network configuration has written them.
     network_files: Option<PathBuf>,
+    /// Encrypted volumes.
+    volumes: Volumes,
+    volume_env: LinuxVolumeEnv,
+    /// Device-mapper, opened with the first volume keys.
+    dm: Option<DmControl>,
 }
 
 impl Default for LinuxLauncher {
@@ -64,18 +87,40 @@ impl Default for LinuxLauncher {
                 timeout: disks::DISK_WAIT,
             },
             network_files: None,
+            volumes: Volumes::default(),
+            volume_env: LinuxVolumeEnv {
+                release: crate::boot::kernel_release(),
+            },
+            dm: None,
         }
+    }
+}
+
+/// Disks by serial, and the open mappings of encrypted volumes.
+struct Sources<'a> {
+    disks: &'a SysBlock,
+    volumes: &'a Volumes,
+}
+
+impl DiskFinder for Sources<'_> {
+    fn find(&self, serial: &str) -> Result<PathBuf, disks::DiskNotFound> {
+        self.disks.find(serial)
+    }
+    fn mapping(&self, volume: &str) -> Option<PathBuf> {
+        self.volumes.node(volume)
     }
 }
 
 impl Launcher for LinuxLauncher {
     fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
         let mounts = spec::validate(spec)?;
-        self.shared
-            .make(&LinuxSyscall, &self.disks, &mounts.shared)?;
+        let sources = Sources {
+            disks: &self.disks,
+            volumes: &self.volumes,
+        };
+        self.shared.make(&LinuxSyscall, &sources, &mounts.shared)?;
         let dirs = ContainerDirs::new(&spec.id);
-        let plan =
-            mounts::container_plan(&dirs, storage::root_plan(&self.disks, mounts.root, &dirs)?);
+        let plan = mounts::container_plan(&dirs, storage::root_plan(&sources, mounts.root, &dirs)?);
         if let Err((i, errno)) = mounts::apply(&LinuxSyscall, &plan) {
             self.cleanup(&spec.id);
             return Err(err(
@@ -83,7 +128,8 @@ impl Launcher for LinuxLauncher {
                 format!("{}: {errno}", plan[i].describe()),
             ));
         }
-        let result = storage::inside_plan(&self.disks, &mounts.inside, &dirs)
+        let result = storage::stage_shared_paths(&LinuxSyscall, &mounts.inside, &dirs)
+            .and_then(|staged| storage::inside_plan(&sources, &mounts.inside, &dirs, &staged))
             .and_then(|mut extra| {
                 extra.extend(self.network_file_mounts(&dirs)?);
                 Ok(extra)
@@ -121,7 +167,46 @@ impl Launcher for LinuxLauncher {
 
     fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError> {
         let mounts: Vec<&Mount> = mounts.iter().collect();
-        self.shared.make(&LinuxSyscall, &self.disks, &mounts)
+        let sources = Sources {
+            disks: &self.disks,
+            volumes: &self.volumes,
+        };
+        self.shared.make(&LinuxSyscall, &sources, &mounts)
+    }
+
+    fn request_volume_keys(
+        &mut self,
+        context: &str,
+        volumes: &[EncryptedVolume],
+    ) -> Result<Vec<u8>, String> {
+        self.volumes.request(&mut self.volume_env, context, volumes)
+    }
+
+    fn volume_keys(&mut self, sealed: &[u8]) -> Vec<VolumeOpened> {
+        if self.dm.is_none() {
+            match DmControl::open() {
+                Ok(dm) => self.dm = Some(dm),
+                Err(e) => crate::log!("opening {}: {e}", crate::dm_crypt::CONTROL),
+            }
+        }
+        let dm = self.dm.as_ref().map(|d| d as &dyn DeviceMapper);
+        self.volumes
+            .open_sealed(dm, &self.volume_env, &self.disks, sealed)
+    }
+
+    fn suspend_volumes(&mut self) -> Option<String> {
+        let dm = self.dm.as_ref().map(|d| d as &dyn DeviceMapper);
+        self.volumes.suspend_all(dm)
+    }
+
+    fn close_volume(&mut self, volume: &str) -> Option<String> {
+        let mut errors = Vec::new();
+        for name in self.shared.unmake_volume(&LinuxSyscall, volume) {
+            errors.push(name);
+        }
+        let dm = self.dm.as_ref().map(|d| d as &dyn DeviceMapper);
+        errors.extend(self.volumes.close(dm, volume));
+        (!errors.is_empty()).then(|| errors.join("; "))
     }
 
     fn configure_network(&mut self, config: &NetworkConfig) -> network::Outcome {

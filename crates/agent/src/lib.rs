@@ -26,6 +26,7 @@ pub mod boot;
 pub mod child;
 pub mod container;
 pub mod disks;
+pub mod dm_crypt;
 pub mod event_loop;
 pub mod exec;
 pub mod identity;
@@ -42,6 +43,7 @@ pub mod spec;
 pub mod storage;
 pub mod syscall;
 pub mod user;
+pub mod volumes;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -80,6 +82,7 @@ pub fn run() -> Result<(), AgentError> {
     let release = boot::kernel_release();
     boot::load_modules(&sys, &release);
     steps.push(("modules".to_string(), boot::uptime_ms()));
+    boot::keep_initramfs(&sys);
     boot::switch_root(&sys)?;
     // Always, even without a NIC: containers expect a working localhost.
     if let Err(e) = netlink::RouteSocket::open()

@@ -13,10 +13,11 @@
 //! | `erofs` (read-only) | a disk by serial | `dax`, `dax=always`, `dax=never` |
 //! | `tmpfs` | none | `size=`, `nr_inodes=`, `mode=` |
 //! | `overlay` (the root only) | shared mounts, bottom first; a fresh upper | none |
-//! | `bind` (not shared) | a shared mount | none |
+//! | `ext4` (shared only) | a disk by serial (a plain volume), or an encrypted volume's open mapping | none |
+//! | `bind` (not shared) | a shared mount, or a relative path inside one (`SharedPath`) | none |
 //!
 //! Every type also takes the flags `nosuid`, `nodev` and `noexec`; a
-//! mount from a disk is always `nodev`.
+//! mount from a disk or a mapping is always `nodev`.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
@@ -168,13 +169,34 @@ fn check_one(m: &Mount, shared: &HashSet<&str>) -> Result<(), StartError> {
                 known(name)?;
             }
         }
+        ("ext4", MountSource::Disk { serial }) => {
+            disk_serial(serial).map_err(bad)?;
+            if m.shared_name().is_none() {
+                return Err(bad("an ext4 volume can only be a shared mount".into()));
+            }
+        }
+        ("ext4", MountSource::Encrypted { volume }) => {
+            if !is_safe_name(volume) {
+                return Err(bad(format!("invalid volume name {volume:?}")));
+            }
+            if m.shared_name().is_none() {
+                return Err(bad("an ext4 volume can only be a shared mount".into()));
+            }
+        }
         ("bind", MountSource::Shared { name }) => {
             if m.shared_name().is_some() {
                 return Err(bad("a bind mount cannot be shared".into()));
             }
             known(name)?;
         }
-        ("erofs" | "tmpfs" | "overlay" | "bind", source) => {
+        ("bind", MountSource::SharedPath { name, path }) => {
+            if m.shared_name().is_some() {
+                return Err(bad("a bind mount cannot be shared".into()));
+            }
+            known(name)?;
+            sub_path(path).map_err(bad)?;
+        }
+        ("erofs" | "tmpfs" | "overlay" | "bind" | "ext4", source) => {
             return Err(bad(format!(
                 "a {} mount cannot come from {}",
                 m.fstype,
@@ -183,7 +205,7 @@ fn check_one(m: &Mount, shared: &HashSet<&str>) -> Result<(), StartError> {
         }
         (other, _) => {
             return Err(bad(format!(
-                "unknown mount type {other:?} (the agent mounts erofs, tmpfs, overlay and bind)"
+                "unknown mount type {other:?} (the agent mounts erofs, tmpfs, overlay, ext4 and bind)"
             )));
         }
     }
@@ -196,7 +218,29 @@ fn describe_source(source: &MountSource) -> String {
         MountSource::Anonymous => "nothing".into(),
         MountSource::Overlay { .. } => "an overlay of layers".into(),
         MountSource::Shared { name } => format!("shared mount {name:?}"),
+        MountSource::Encrypted { volume } => format!("encrypted volume {volume:?}"),
+        MountSource::SharedPath { name, path } => {
+            format!("path {path:?} of shared mount {name:?}")
+        }
     }
+}
+
+/// Longest `SharedPath` path.
+const MAX_SUB_PATH_LEN: usize = 4096;
+
+/// A path inside a shared mount (a `subPath`): relative, only normal
+/// components, at most [`MAX_SUB_PATH_LEN`] bytes.
+fn sub_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > MAX_SUB_PATH_LEN || path.contains('\0') {
+        return Err("the sub-path is empty, too long or not a usable path".into());
+    }
+    if path.starts_with('/') {
+        return Err(format!("the sub-path {path:?} is not relative"));
+    }
+    if path.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!("the sub-path {path:?} has a `.` or `..` component"));
+    }
+    Ok(())
 }
 
 /// A virtio-blk serial: a safe name of at most [`MAX_SERIAL_LEN`] bytes.
@@ -251,7 +295,10 @@ pub fn options(m: &Mount) -> Result<Options, StartError> {
     if m.read_only {
         flags |= MsFlags::MS_RDONLY;
     }
-    if matches!(m.source, MountSource::Disk { .. }) {
+    if matches!(
+        m.source,
+        MountSource::Disk { .. } | MountSource::Encrypted { .. }
+    ) {
         flags |= MsFlags::MS_NODEV;
     }
     let mut data = Vec::new();
@@ -310,8 +357,10 @@ pub fn shared_dir(name: &str) -> PathBuf {
 }
 
 /// The `mount(2)` calls of checked mount `m` on `target`. `device` is the
-/// node of its disk (for a disk source); `dirs` are the container's (for
-/// an overlay's upper and work directories).
+/// node of its disk (for a disk source) or mapping (an encrypted volume),
+/// or the staged directory of a `SharedPath` (see
+/// [`crate::storage::stage_shared_paths`]); `dirs` are the container's
+/// (for an overlay's upper and work directories).
 pub fn ops(
     m: &Mount,
     device: Option<&Path>,
@@ -329,9 +378,12 @@ pub fn ops(
         })
     };
     let ops = match &m.source {
-        MountSource::Disk { serial } => {
+        MountSource::Disk { .. } | MountSource::Encrypted { .. } => {
             let device = device.ok_or_else(|| {
-                invalid(format!("disk {serial:?} has not been looked up (a bug)"))
+                invalid(format!(
+                    "{} has not been looked up (a bug)",
+                    describe_source(&m.source)
+                ))
             })?;
             vec![call(device.to_path_buf(), Some(&m.fstype), o.flags, o.data)]
         }
@@ -361,9 +413,15 @@ pub fn ops(
             }
             vec![call("overlay".into(), Some("overlay"), o.flags, Some(data))]
         }
-        MountSource::Shared { name } => {
+        MountSource::Shared { .. } | MountSource::SharedPath { .. } => {
+            let source = match &m.source {
+                MountSource::Shared { name } => shared_dir(name),
+                _ => device
+                    .ok_or_else(|| invalid("the sub-path has not been staged (a bug)".into()))?
+                    .to_path_buf(),
+            };
             let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
-            let mut ops = vec![call(shared_dir(name), None, bind, None)];
+            let mut ops = vec![call(source, None, bind, None)];
             // A bind takes its flags only when remounted.
             if !o.flags.is_empty() {
                 ops.push(Op::Mount(mounts::Mount {
@@ -378,6 +436,49 @@ pub fn ops(
         }
     };
     Ok(ops)
+}
+
+/// The encrypted volumes `mounts` (one container's spec) use: as the
+/// source of a mount, or through a shared mount made from one (or named
+/// `vol-<volume>`) that a bind or overlay uses.
+pub fn volumes_used(mounts: &[Mount]) -> std::collections::BTreeSet<String> {
+    use podvisor_proto::VOLUME_MOUNT_PREFIX;
+    let mut of_shared: std::collections::HashMap<&str, &str> = Default::default();
+    let mut used = std::collections::BTreeSet::new();
+    for m in mounts {
+        if let MountSource::Encrypted { volume } = &m.source {
+            used.insert(volume.clone());
+            if let Some(name) = m.shared_name() {
+                of_shared.insert(name, volume);
+            }
+        }
+    }
+    let mut via = |name: &str| {
+        if let Some(v) = of_shared.get(name) {
+            used.insert(v.to_string());
+        } else if let Some(v) = name.strip_prefix(VOLUME_MOUNT_PREFIX) {
+            used.insert(v.to_string());
+        }
+    };
+    for m in mounts {
+        match &m.source {
+            MountSource::Shared { name } | MountSource::SharedPath { name, .. } => via(name),
+            MountSource::Overlay { lower } => lower.iter().for_each(|n| via(n)),
+            _ => {}
+        }
+        if let Some(name) = m.shared_name() {
+            via(name);
+        }
+    }
+    used
+}
+
+/// The encrypted volume a mount comes from, if any.
+pub fn encrypted(m: &Mount) -> Option<&str> {
+    match &m.source {
+        MountSource::Encrypted { volume } => Some(volume),
+        _ => None,
+    }
 }
 
 /// The disk a mount comes from, if any.

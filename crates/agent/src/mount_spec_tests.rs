@@ -119,7 +119,7 @@ fn unknown_types_and_sources_that_do_not_fit_are_refused() {
     assert_eq!(
         refusal(&with(vec![xfs])),
         "the mount on \"/data\": unknown mount type \"xfs\" \
-         (the agent mounts erofs, tmpfs, overlay and bind)"
+         (the agent mounts erofs, tmpfs, overlay, ext4 and bind)"
     );
     let tmpfs_from_disk = Mount {
         source: MountSource::Disk {
@@ -274,5 +274,136 @@ fn an_overlay_of_too_many_layers_for_one_page_is_refused() {
         e.message.contains("longer than 4095 bytes (200 layers)"),
         "{}",
         e.message
+    );
+}
+
+fn volume(source: MountSource, name: &str) -> Mount {
+    Mount {
+        source,
+        fstype: "ext4".into(),
+        target: MountTarget::Shared { name: name.into() },
+        options: vec!["nosuid".into(), "noexec".into()],
+        read_only: false,
+    }
+}
+
+fn sub_path(name: &str, path: &str, target: &str, read_only: bool) -> Mount {
+    Mount {
+        source: MountSource::SharedPath {
+            name: name.into(),
+            path: path.into(),
+        },
+        fstype: "bind".into(),
+        target: MountTarget::Container {
+            path: target.into(),
+        },
+        options: vec![],
+        read_only,
+    }
+}
+
+#[test]
+fn volumes_are_shared_ext4_mounts_of_a_disk_or_a_mapping() {
+    let plain = volume(
+        MountSource::Disk {
+            serial: "pvv0".into(),
+        },
+        "vol-plain",
+    );
+    let secret = volume(
+        MountSource::Encrypted {
+            volume: "secret".into(),
+        },
+        "vol-secret",
+    );
+    let mounts = with(vec![
+        plain.clone(),
+        secret.clone(),
+        bind("vol-plain", "/plain", true),
+        sub_path("vol-secret", "a/b", "/sub", false),
+    ]);
+    check_container(&mounts).unwrap();
+    let dirs = ContainerDirs::new("c1");
+    let target = Path::new("/run/podvisor/layers/vol-secret");
+    let plan = ops(
+        &secret,
+        Some(Path::new("/dev/mapper/pv-secret")),
+        target,
+        &dirs,
+    )
+    .unwrap();
+    assert_eq!(
+        calls(&plan),
+        ["mount /dev/mapper/pv-secret /run/podvisor/layers/vol-secret ext4 NOSUID|NODEV|NOEXEC -"]
+    );
+    // A sub-path binds its staged directory, read-only by a remount.
+    let staged = Path::new("/run/podvisor/containers/c1/subpaths/0");
+    let ro = sub_path("vol-secret", "a/b", "/sub", true);
+    assert_eq!(
+        calls(&ops(&ro, Some(staged), Path::new("/r/sub"), &dirs).unwrap()),
+        [
+            "mount /run/podvisor/containers/c1/subpaths/0 /r/sub - BIND|REC -",
+            "mount - /r/sub - RDONLY|REMOUNT|BIND -",
+        ]
+    );
+    assert_eq!(
+        volumes_used(&mounts).into_iter().collect::<Vec<_>>(),
+        ["plain", "secret"]
+    );
+}
+
+#[test]
+fn bad_volume_mounts_and_sub_paths_are_refused() {
+    let inside = Mount {
+        target: MountTarget::Container {
+            path: "/data".into(),
+        },
+        ..volume(MountSource::Encrypted { volume: "v".into() }, "x")
+    };
+    assert!(refusal(&with(vec![inside])).contains("can only be a shared mount"));
+    let bad_name = volume(
+        MountSource::Encrypted {
+            volume: "../v".into(),
+        },
+        "vol-v",
+    );
+    assert!(refusal(&with(vec![bad_name])).contains("invalid volume name"));
+    let option = Mount {
+        options: vec!["data=journal".into()],
+        ..volume(
+            MountSource::Disk {
+                serial: "pvv0".into(),
+            },
+            "vol-v",
+        )
+    };
+    assert!(refusal(&with(vec![option])).contains("not one the agent takes"));
+    let tmp = Mount {
+        target: MountTarget::Shared {
+            name: "vol-t".into(),
+        },
+        ..tmpfs("/x", &["size=1m"])
+    };
+    for (path, why) in [
+        ("/etc", "is not relative"),
+        ("a/../../etc", "`.` or `..`"),
+        ("./a", "`.` or `..`"),
+        ("", "empty"),
+    ] {
+        let m = with(vec![tmp.clone(), sub_path("vol-t", path, "/d", false)]);
+        let e = refusal(&m);
+        assert!(e.contains(why), "{path:?}: {e}");
+    }
+    let long = "a/".repeat(2049);
+    assert!(
+        refusal(&with(vec![
+            tmp.clone(),
+            sub_path("vol-t", &long, "/d", false)
+        ]))
+        .contains("too long")
+    );
+    // The shared mount must be listed before.
+    assert!(
+        refusal(&with(vec![sub_path("vol-t", "a", "/d", false)])).contains("not listed before")
     );
 }

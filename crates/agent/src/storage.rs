@@ -8,7 +8,12 @@
 //! and mounts made through [`Syscall`], so all of it is unit-tested.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::MntFlags;
+use nix::sys::stat::Mode;
 
 use podvisor_proto::{Mount, StartError, StartErrorKind};
 
@@ -25,8 +30,16 @@ fn mount_error(message: String) -> StartError {
     }
 }
 
-/// The node of `m`'s disk, if it comes from one.
+/// The node of `m`'s disk or encrypted volume mapping, if it comes from one.
 fn find_disk(disks: &dyn DiskFinder, m: &Mount) -> Result<Option<PathBuf>, StartError> {
+    if let Some(volume) = mount_spec::encrypted(m) {
+        return disks.mapping(volume).map(Some).ok_or_else(|| {
+            mount_error(format!(
+                "{}: encrypted volume {volume} is not open",
+                describe_target(&m.target)
+            ))
+        });
+    }
     match mount_spec::disk(m) {
         None => Ok(None),
         Some(serial) => disks
@@ -106,6 +119,165 @@ impl SharedMounts {
     }
 }
 
+impl SharedMounts {
+    /// Unmounts the shared mounts made from encrypted volume `volume` and
+    /// forgets them; returns what failed.
+    pub fn unmake_volume(&mut self, sys: &dyn Syscall, volume: &str) -> Vec<String> {
+        let names: Vec<String> = self
+            .made
+            .iter()
+            .filter(|(_, m)| mount_spec::encrypted(m) == Some(volume))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut errors = Vec::new();
+        for name in names {
+            let dir = mount_spec::shared_dir(&name);
+            let r = match sys.umount2(&dir, MntFlags::empty()) {
+                Err(Errno::EBUSY) => sys.umount2(&dir, MntFlags::MNT_DETACH),
+                r => r,
+            };
+            if let Err(e) = r {
+                errors.push(format!("unmounting {}: {e}", dir.display()));
+            }
+            self.made.remove(&name);
+        }
+        errors
+    }
+}
+
+/// Opens `rel` (a checked sub-path: relative, no `.`/`..`) inside the
+/// directory `root` as an `O_PATH` descriptor, creating missing
+/// directories (mode 0755) on the way. Every step is resolved with
+/// `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from `root`, so a
+/// symbolic link there (`../../etc`, `/etc`) is followed as if `root` were
+/// `/` and never leads out of it.
+pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    let root_fd = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    if comps.is_empty() {
+        return Err(Errno::EINVAL.into());
+    }
+    let mut last = None;
+    for i in 0..comps.len() {
+        let prefix = comps[..=i].join("/");
+        let dir_only = i + 1 < comps.len();
+        match openat2_in_root(&root_fd, &prefix, dir_only) {
+            Ok(fd) => last = Some(fd),
+            Err(Errno::ENOENT) => {
+                let parent = if i == 0 {
+                    root_fd.try_clone()?
+                } else {
+                    openat2_in_root(&root_fd, &comps[..i].join("/"), true)?
+                };
+                match nix::sys::stat::mkdirat(&parent, comps[i], Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                last = Some(openat2_in_root(&root_fd, &prefix, dir_only)?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    last.ok_or_else(|| Errno::EINVAL.into())
+}
+
+fn openat2_in_root(root: &OwnedFd, path: &str, dir: bool) -> Result<OwnedFd, Errno> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let path = std::ffi::CString::new(path).map_err(|_| Errno::EINVAL)?;
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
+    if dir {
+        flags |= libc::O_DIRECTORY;
+    }
+    // SAFETY: `open_how` is plain data; zero is valid for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    loop {
+        // SAFETY: valid descriptor, NUL-terminated path and `how` of the
+        // size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        match Errno::result(fd) {
+            // SAFETY: the kernel returned a new descriptor we now own.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Where the `k`-th staged sub-path of a container is bound.
+pub fn staged_dir(dirs: &ContainerDirs, k: usize) -> PathBuf {
+    dirs.base.join("subpaths").join(k.to_string())
+}
+
+/// For each `SharedPath` bind of `inside` (in order): opens the path in its
+/// shared mount ([`open_beneath`]) and binds what it found, through
+/// `/proc/self/fd/N`, onto a directory (or file) of the container's own
+/// tmpfs, which the container's child then binds onto the target. Nothing
+/// can swap a symbolic link in between: the bind is of the opened inode.
+/// Returns the staged paths, in order.
+pub fn stage_shared_paths(
+    sys: &dyn Syscall,
+    inside: &[&Mount],
+    dirs: &ContainerDirs,
+) -> Result<Vec<PathBuf>, StartError> {
+    use std::os::fd::AsRawFd;
+    let mut staged = Vec::new();
+    for m in inside {
+        let podvisor_proto::MountSource::SharedPath { name, path } = &m.source else {
+            continue;
+        };
+        let fail = |e: String| {
+            mount_error(format!(
+                "{}: path {path:?} of shared mount {name:?}: {e}",
+                describe_target(&m.target)
+            ))
+        };
+        let fd =
+            open_beneath(&mount_spec::shared_dir(name), path).map_err(|e| fail(e.to_string()))?;
+        let is_dir = nix::sys::stat::fstat(&fd)
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            .map_err(|e| fail(e.to_string()))?;
+        let at = staged_dir(dirs, staged.len());
+        let mut plan = vec![Op::Mkdir {
+            path: dirs.base.join("subpaths"),
+            mode: 0o700,
+        }];
+        if is_dir {
+            plan.push(Op::Mkdir {
+                path: at.clone(),
+                mode: 0o755,
+            });
+        } else {
+            std::fs::File::create(&at).map_err(|e| fail(e.to_string()))?;
+        }
+        plan.push(Op::Mount(mounts::Mount {
+            source: Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).into()),
+            target: at.clone(),
+            fstype: None,
+            flags: nix::mount::MsFlags::MS_BIND,
+            data: None,
+        }));
+        mounts::apply(sys, &plan)
+            .map_err(|(i, errno)| fail(format!("{}: {errno}", plan[i].describe())))?;
+        staged.push(at);
+    }
+    Ok(staged)
+}
+
 /// The mount calls of the container's root on `dirs.rootfs` (its disk, if
 /// it comes from one, found first).
 pub fn root_plan(
@@ -121,12 +293,17 @@ pub fn root_plan(
 /// order: the directories each target needs, then its mount calls. Targets
 /// are resolved in the mounted root (`dirs.rootfs`) as the container would
 /// see them, so a symlink in the image never leads out of it.
+///
+/// `staged` are the staged `SharedPath` sources ([`stage_shared_paths`]),
+/// in order.
 pub fn inside_plan(
     disks: &dyn DiskFinder,
     inside: &[&Mount],
     dirs: &ContainerDirs,
+    staged: &[PathBuf],
 ) -> Result<Vec<Op>, StartError> {
     let mut plan = Vec::new();
+    let mut staged = staged.iter();
     for m in inside {
         let podvisor_proto::MountTarget::Container { path } = &m.target else {
             continue;
@@ -142,7 +319,15 @@ pub fn inside_plan(
                 message: format!("the mount target {path:?} resolves to the container's root"),
             });
         }
-        let device = find_disk(disks, m)?;
+        let device = match &m.source {
+            podvisor_proto::MountSource::SharedPath { .. } => Some(
+                staged
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| mount_error("a sub-path was not staged (a bug)".into()))?,
+            ),
+            _ => find_disk(disks, m)?,
+        };
         plan.extend(mounts::mkdirs_under(&dirs.rootfs, &target));
         plan.extend(mount_spec::ops(m, device.as_deref(), &target, dirs)?);
     }

@@ -5,6 +5,8 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use std::os::fd::OwnedFd;
+
 use podvisor_proto::{MountSource, MountTarget, image_mounts};
 
 use super::*;
@@ -189,7 +191,7 @@ fn mounts_inside_make_their_directories_and_follow_symlinks_inside_the_root() {
             read_only: true,
         },
     ];
-    let plan = inside_plan(&FakeDisks::default(), &[&mounts[0], &mounts[1]], &dirs).unwrap();
+    let plan = inside_plan(&FakeDisks::default(), &[&mounts[0], &mounts[1]], &dirs, &[]).unwrap();
     let r = dirs.rootfs.display();
     let sys = RecordingSyscall::new();
     mounts::apply(&sys, &plan).unwrap();
@@ -219,7 +221,7 @@ fn a_mount_inside_on_the_root_itself_or_from_a_missing_disk_is_refused() {
         options: vec![],
         read_only: false,
     };
-    let e = inside_plan(&FakeDisks::default(), &[&on("/top")], &dirs).unwrap_err();
+    let e = inside_plan(&FakeDisks::default(), &[&on("/top")], &dirs, &[]).unwrap_err();
     assert_eq!(e.kind, StartErrorKind::InvalidSpec);
     assert_eq!(
         e.message,
@@ -233,7 +235,7 @@ fn a_mount_inside_on_the_root_itself_or_from_a_missing_disk_is_refused() {
         read_only: true,
         ..on("/data")
     };
-    let e = inside_plan(&FakeDisks::default(), &[&volume], &dirs).unwrap_err();
+    let e = inside_plan(&FakeDisks::default(), &[&volume], &dirs, &[]).unwrap_err();
     assert_eq!(e.kind, StartErrorKind::Mount);
     assert!(
         e.message
@@ -244,4 +246,147 @@ fn a_mount_inside_on_the_root_itself_or_from_a_missing_disk_is_refused() {
     let mut spec = image_mounts(&["pvl0".into()]);
     spec.extend([on("/top"), volume]);
     assert!(crate::mount_spec::check_container(&spec).is_ok());
+}
+
+#[test]
+fn an_encrypted_volume_that_is_not_open_is_a_mount_failure() {
+    let m = Mount {
+        source: MountSource::Encrypted {
+            volume: "secret".into(),
+        },
+        fstype: "ext4".into(),
+        target: MountTarget::Shared {
+            name: "vol-secret".into(),
+        },
+        options: vec![],
+        read_only: false,
+    };
+    let sys = RecordingSyscall::new();
+    let e = SharedMounts::default()
+        .make(&sys, &FakeDisks::default(), &[&m])
+        .unwrap_err();
+    assert_eq!(e.kind, StartErrorKind::Mount);
+    assert_eq!(
+        e.message,
+        "shared mount \"vol-secret\": encrypted volume secret is not open"
+    );
+    assert!(sys.calls().is_empty());
+}
+
+/// Kubernetes CVE-2017-1002101: a sub-path through a symbolic link the
+/// container planted in the volume must not lead out of it.
+#[test]
+fn sub_paths_never_leave_their_shared_mount() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let volume = tmp.path().join("volume");
+    let outside = tmp.path().join("etc");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("shadow"), "secret").unwrap();
+    symlink("../../etc", volume.join("up")).unwrap();
+    symlink(&outside, volume.join("abs")).unwrap();
+    symlink("/proc/self/root", volume.join("magic")).unwrap();
+    let proc_path = |fd: &OwnedFd| {
+        use std::os::fd::AsRawFd;
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+    };
+    // Missing directories are made inside the volume.
+    let fd = open_beneath(&volume, "a/b/c").unwrap();
+    assert_eq!(proc_path(&fd), volume.join("a/b/c"));
+    assert!(volume.join("a/b/c").is_dir());
+    // `../../etc` stays inside: the volume's own `etc`; while that does not
+    // exist the link dangles and the sub-path is refused.
+    assert!(open_beneath(&volume, "up/x").is_err());
+    std::fs::create_dir(volume.join("etc")).unwrap();
+    let fd = open_beneath(&volume, "up/x").unwrap();
+    assert_eq!(proc_path(&fd), volume.join("etc/x"));
+    // An absolute link to the real directory's path is looked up inside
+    // the volume, where it does not exist: refused, nothing made outside.
+    assert!(open_beneath(&volume, "abs/x").is_err());
+    assert!(!outside.join("x").exists());
+    // Magic links are refused outright.
+    assert!(open_beneath(&volume, "magic/etc").is_err());
+}
+
+#[test]
+fn a_sub_path_is_bound_through_its_descriptor_and_staged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = dirs_in(tmp.path());
+    // The shared mount as the agent would have made it.
+    let shared = crate::mount_spec::shared_dir("vol-t");
+    let Ok(()) = std::fs::create_dir_all(&shared) else {
+        return; // not root: /run/podvisor is not ours
+    };
+    let m = Mount {
+        source: MountSource::SharedPath {
+            name: "vol-t".into(),
+            path: "sub".into(),
+        },
+        fstype: "bind".into(),
+        target: MountTarget::Container { path: "/d".into() },
+        options: vec![],
+        read_only: true,
+    };
+    let sys = RecordingSyscall::new();
+    let staged = stage_shared_paths(&sys, &[&m], &dirs).unwrap();
+    assert_eq!(staged, [dirs.base.join("subpaths/0")]);
+    let calls = sys.calls();
+    assert!(calls[2].starts_with("mount /proc/self/fd/"), "{calls:?}");
+    assert!(calls[2].ends_with("subpaths/0 - BIND -"), "{calls:?}");
+    let plan = inside_plan(&FakeDisks::default(), &[&m], &dirs, &staged).unwrap();
+    assert!(plan.iter().any(
+        |op| matches!(op, Op::Mount(mm) if mm.source.as_deref() == Some(staged[0].as_path()))
+    ));
+    let _ = std::fs::remove_dir(shared.join("sub"));
+}
+
+#[test]
+fn closing_a_volume_unmounts_only_its_shared_mounts() {
+    let encrypted = Mount {
+        source: MountSource::Encrypted {
+            volume: "secret".into(),
+        },
+        fstype: "ext4".into(),
+        target: MountTarget::Shared {
+            name: "vol-secret".into(),
+        },
+        options: vec![],
+        read_only: false,
+    };
+    struct Mapped;
+    impl DiskFinder for Mapped {
+        fn find(&self, serial: &str) -> Result<PathBuf, DiskNotFound> {
+            FakeDisks::with(&["pvl0"]).find(serial)
+        }
+        fn mapping(&self, volume: &str) -> Option<PathBuf> {
+            Some(PathBuf::from(format!("/dev/mapper/pv-{volume}")))
+        }
+    }
+    let layer = Mount::layer("pvl0");
+    let mut shared = SharedMounts::default();
+    let sys = RecordingSyscall::new();
+    shared.make(&sys, &Mapped, &[&layer, &encrypted]).unwrap();
+    assert!(sys.calls().contains(
+        &"mount /dev/mapper/pv-secret /run/podvisor/layers/vol-secret ext4 NODEV -".to_string()
+    ));
+    let sys = RecordingSyscall::new().fail("umount /run/podvisor/layers/vol-secret", Errno::EBUSY);
+    let errors = shared.unmake_volume(&sys, "secret");
+    assert_eq!(
+        sys.calls(),
+        [
+            "umount /run/podvisor/layers/vol-secret",
+            "umount /run/podvisor/layers/vol-secret detach",
+        ]
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(
+        shared
+            .unmake_volume(&RecordingSyscall::new(), "secret")
+            .is_empty()
+    );
+    // Made again once the volume is open again.
+    let sys = RecordingSyscall::new();
+    shared.make(&sys, &Mapped, &[&encrypted]).unwrap();
+    assert!(!sys.calls().is_empty());
 }

@@ -59,6 +59,15 @@ pub fn inputs_digest(kernel: &Kernel, contents: &InitramfsContents) -> Result<St
         frame(&mut hasher, "module-path", module.relative_path.as_bytes());
         frame(&mut hasher, "module", &module.data);
     }
+    // Nothing for initramfs images without lazy lists: their digest stays.
+    for lazy in &contents.lazy {
+        frame(&mut hasher, "lazy-list", lazy.list.as_bytes());
+        hasher.update(format!("modules {}\n", lazy.modules.len()));
+        for module in &lazy.modules {
+            frame(&mut hasher, "module-path", module.relative_path.as_bytes());
+            frame(&mut hasher, "module", &module.data);
+        }
+    }
     Ok(format!("{:x}", hasher.finalize()))
 }
 
@@ -159,6 +168,7 @@ mod tests {
                 relative_path: "kernel/a.ko".to_owned(),
                 data: b"a".to_vec(),
             }],
+            lazy: vec![],
         }
     }
 

@@ -10,7 +10,10 @@
 //! - `/lib/modules/<release>/<path>` for each module, `<path>` as in
 //!   `modules.dep`;
 //! - [`MODULES_LOAD_LIST`] (`/etc/podvisor/modules.load`): those `<path>`s,
-//!   one per line, in load order (dependencies first).
+//!   one per line, in load order (dependencies first);
+//! - lists of modules the agent loads later, when it needs them (each a
+//!   [`LazyModules`], e.g. `/etc/podvisor/modules.volumes`), in the same
+//!   format, their modules in `/lib/modules/<release>/` too.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -80,6 +83,16 @@ pub fn strip_module_signature(mut data: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// Modules the agent loads only when it needs them, and the list file
+/// naming them (same format as [`MODULES_LOAD_LIST`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyModules {
+    /// Absolute path of the list inside the initramfs.
+    pub list: String,
+    /// The modules, in load order.
+    pub modules: Vec<ModuleFile>,
+}
+
 /// Everything an initramfs is built from, read into memory so that the bytes
 /// hashed for the cache key are exactly the bytes archived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +103,50 @@ pub struct InitramfsContents {
     pub agent: Vec<u8>,
     /// The modules, in load order.
     pub modules: Vec<ModuleFile>,
+    /// Module lists the agent loads later.
+    pub lazy: Vec<LazyModules>,
+}
+
+fn read_modules(modules: &[ResolvedModule]) -> Result<Vec<ModuleFile>, GuestError> {
+    modules
+        .iter()
+        .map(|module| {
+            let data = std::fs::read(&module.path)
+                .map_err(|e| GuestError::io("read kernel module", &module.path, e))?;
+            Ok(ModuleFile {
+                relative_path: module.relative_path.clone(),
+                data: strip_module_signature(data),
+            })
+        })
+        .collect()
+}
+
+fn load_list(modules: &[ModuleFile]) -> String {
+    modules
+        .iter()
+        .map(|module| format!("{}\n", module.relative_path))
+        .collect()
 }
 
 impl InitramfsContents {
+    /// [`InitramfsContents::load`] plus module lists to load later:
+    /// `(list path, modules)`.
+    pub fn load_with_lazy(
+        kernel_release: &str,
+        agent: &Path,
+        modules: &[ResolvedModule],
+        lazy: &[(&str, Vec<ResolvedModule>)],
+    ) -> Result<InitramfsContents, GuestError> {
+        let mut contents = InitramfsContents::load(kernel_release, agent, modules)?;
+        for (list, modules) in lazy {
+            contents.lazy.push(LazyModules {
+                list: list.to_string(),
+                modules: read_modules(modules)?,
+            });
+        }
+        Ok(contents)
+    }
+
     /// Reads the agent binary at `agent` and every module in `modules` (in
     /// load order) for a kernel of release `kernel_release`.
     pub fn load(
@@ -101,30 +155,28 @@ impl InitramfsContents {
         modules: &[ResolvedModule],
     ) -> Result<InitramfsContents, GuestError> {
         let agent = std::fs::read(agent).map_err(|e| GuestError::io("read agent", agent, e))?;
-        let modules = modules
-            .iter()
-            .map(|module| {
-                let data = std::fs::read(&module.path)
-                    .map_err(|e| GuestError::io("read kernel module", &module.path, e))?;
-                Ok(ModuleFile {
-                    relative_path: module.relative_path.clone(),
-                    data: strip_module_signature(data),
-                })
-            })
-            .collect::<Result<Vec<_>, GuestError>>()?;
+        let modules = read_modules(modules)?;
         Ok(InitramfsContents {
             kernel_release: kernel_release.to_owned(),
             agent,
             modules,
+            lazy: Vec::new(),
         })
     }
 
     /// The text of [`MODULES_LOAD_LIST`]: each module's relative path on a
     /// line of its own, in load order.
     pub fn modules_load_list(&self) -> String {
+        load_list(&self.modules)
+    }
+
+    /// Every module file to archive, each path once.
+    fn all_modules(&self) -> Vec<&ModuleFile> {
+        let mut seen = BTreeSet::new();
         self.modules
             .iter()
-            .map(|module| format!("{}\n", module.relative_path))
+            .chain(self.lazy.iter().flat_map(|l| &l.modules))
+            .filter(|m| seen.insert(m.relative_path.as_str()))
             .collect()
     }
 
@@ -139,10 +191,15 @@ impl InitramfsContents {
     /// Writes the archive to `out`, returning `out` when the trailer is written.
     pub fn write<W: Write>(&self, out: W) -> Result<W, CpioError> {
         let load_list_path = MODULES_LOAD_LIST.trim_start_matches('/');
-        let module_paths: Vec<String> = self
-            .modules
+        let all_modules = self.all_modules();
+        let module_paths: Vec<String> = all_modules
             .iter()
             .map(|module| self.module_archive_path(module))
+            .collect();
+        let lazy_lists: Vec<&str> = self
+            .lazy
+            .iter()
+            .map(|l| l.list.trim_start_matches('/'))
             .collect();
 
         // Every directory that holds something, parents before children:
@@ -152,7 +209,8 @@ impl InitramfsContents {
         let files = module_paths
             .iter()
             .map(String::as_str)
-            .chain([load_list_path, release_dir.as_str()]);
+            .chain([load_list_path, release_dir.as_str()])
+            .chain(lazy_lists.iter().copied());
         for file in files {
             let mut rest = file;
             while let Some((parent, _)) = rest.rsplit_once('/') {
@@ -178,10 +236,13 @@ impl InitramfsContents {
         let (major, minor) = CONSOLE_DEVICE;
         cpio.char_device("dev/console", 0o600, major, minor)?;
         cpio.file(INIT_PATH, 0o755, &self.agent)?;
-        for (module, path) in self.modules.iter().zip(&module_paths) {
+        for (module, path) in all_modules.iter().zip(&module_paths) {
             cpio.file(path, 0o644, &module.data)?;
         }
         cpio.file(load_list_path, 0o644, self.modules_load_list().as_bytes())?;
+        for (lazy, path) in self.lazy.iter().zip(&lazy_lists) {
+            cpio.file(path, 0o644, load_list(&lazy.modules).as_bytes())?;
+        }
         cpio.finish()
     }
 }

@@ -21,6 +21,7 @@ fn sample() -> InitramfsContents {
                 data: b"blk".to_vec(),
             },
         ],
+        lazy: vec![],
     }
 }
 
@@ -249,4 +250,46 @@ fn a_real_signed_module_becomes_its_elf_image() {
         let elf_end = u64_at(0x28) + u64::from(u16_at(0x3C)) * u64::from(u16_at(0x3A));
         assert_eq!(elf_end, stripped.len() as u64);
     }
+}
+
+#[test]
+fn lazy_lists_are_written_and_shared_modules_archived_once() {
+    let contents = InitramfsContents {
+        lazy: vec![LazyModules {
+            list: "/etc/podvisor/modules.volumes".into(),
+            modules: vec![
+                ModuleFile {
+                    relative_path: "kernel/drivers/virtio/virtio.ko".to_owned(),
+                    data: b"virtio".to_vec(),
+                },
+                ModuleFile {
+                    relative_path: "kernel/drivers/md/dm-mod.ko".to_owned(),
+                    data: b"dm".to_vec(),
+                },
+            ],
+        }],
+        ..sample()
+    };
+    let entries = parse(&contents.write(Vec::new()).unwrap());
+    let named = |name: &str| entries.iter().filter(|e| e.name == name).count();
+    let list = entries
+        .iter()
+        .find(|e| e.name == "etc/podvisor/modules.volumes")
+        .unwrap();
+    assert_eq!(
+        list.data,
+        b"kernel/drivers/virtio/virtio.ko\nkernel/drivers/md/dm-mod.ko\n"
+    );
+    assert_eq!(
+        named("lib/modules/6.1.0-56-cloud-amd64/kernel/drivers/virtio/virtio.ko"),
+        1
+    );
+    assert_eq!(
+        named("lib/modules/6.1.0-56-cloud-amd64/kernel/drivers/md/dm-mod.ko"),
+        1
+    );
+    assert_eq!(
+        named("lib/modules/6.1.0-56-cloud-amd64/kernel/drivers/md"),
+        1
+    );
 }

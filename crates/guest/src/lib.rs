@@ -46,6 +46,38 @@ pub const BASE_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// Modules of encrypted volumes (device-mapper, dm-crypt and AES-XTS from
+/// the generic pieces), loaded by the agent with the first volume key
+/// request ([`podvisor_proto::MODULES_VOLUMES_LIST`]). AES itself is built
+/// into Debian's kernel; a module of these the kernel does not list in
+/// `modules.dep` is taken as built in.
+pub const VOLUME_MODULES: &[&str] = &["dm_mod", "dm_crypt", "xts", "ecb"];
+
+/// The AES-NI driver and what it needs, loaded after [`VOLUME_MODULES`]
+/// when the guest's CPU has the `aes` flag
+/// ([`podvisor_proto::MODULES_VOLUMES_AESNI_LIST`]).
+pub const VOLUME_AESNI_MODULES: &[&str] = &["cryptd", "crypto_simd", "aesni_intel"];
+
+/// The modules of `names` that `index` lists (others are taken as built
+/// in), resolved with their dependencies, without those in `loaded`
+/// already (the boot list).
+pub fn resolve_lazy(
+    index: &ModuleIndex,
+    names: &[&str],
+    loaded: &[modules::ResolvedModule],
+) -> Result<Vec<modules::ResolvedModule>, GuestError> {
+    let present: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| index.contains(n))
+        .collect();
+    Ok(index
+        .resolve(&present)?
+        .into_iter()
+        .filter(|m| !loaded.iter().any(|l| l.name == m.name))
+        .collect())
+}
+
 /// What to build a pod VM's boot artifacts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestOptions {
@@ -117,7 +149,17 @@ pub fn prepare_with(
         .chain(opts.extra_modules.iter().map(String::as_str))
         .collect();
     let resolved = index.resolve(&wanted)?;
-    let contents = InitramfsContents::load(&kernel.release, &agent, &resolved)?;
+    let volumes = resolve_lazy(&index, VOLUME_MODULES, &resolved)?;
+    let aesni = resolve_lazy(&index, VOLUME_AESNI_MODULES, &resolved)?;
+    let contents = InitramfsContents::load_with_lazy(
+        &kernel.release,
+        &agent,
+        &resolved,
+        &[
+            (podvisor_proto::MODULES_VOLUMES_LIST, volumes),
+            (podvisor_proto::MODULES_VOLUMES_AESNI_LIST, aesni),
+        ],
+    )?;
     // Never an agent the guest cannot execute as /init.
     agent::check_static(&agent, &contents.agent)?;
     let inputs_digest = cache::inputs_digest(&kernel, &contents)?;

@@ -257,3 +257,35 @@ fn resolves_base_modules_on_the_real_kernel() {
         );
     }
 }
+
+#[test]
+fn volume_modules_resolve_without_built_ins_or_boot_modules() {
+    let (_dir, index) = fake_index();
+    let boot = index.resolve(&["virtio_blk"]).unwrap();
+    // xts, ecb: not listed here, taken as built in.
+    let lazy = crate::resolve_lazy(&index, crate::VOLUME_MODULES, &boot).unwrap();
+    assert_eq!(names(&lazy), ["dm_mod", "dm_crypt"]);
+    let boot = index.resolve(&["dm_mod"]).unwrap();
+    let lazy = crate::resolve_lazy(&index, crate::VOLUME_MODULES, &boot).unwrap();
+    assert_eq!(names(&lazy), ["dm_crypt"]);
+}
+
+#[test]
+fn the_hosts_kernel_has_the_volume_modules() {
+    let Some(dir) = std::fs::read_dir("/lib/modules").ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.join("modules.dep").is_file())
+    }) else {
+        eprintln!("skipped: no modules.dep under /lib/modules");
+        return;
+    };
+    let index = ModuleIndex::load(&dir).unwrap();
+    let lazy = crate::resolve_lazy(&index, crate::VOLUME_MODULES, &[]).unwrap();
+    let got = names(&lazy);
+    for m in ["dm_mod", "dm_crypt"] {
+        assert!(got.contains(&m), "{got:?}");
+    }
+    let aesni = crate::resolve_lazy(&index, crate::VOLUME_AESNI_MODULES, &[]).unwrap();
+    assert_eq!(names(&aesni).last(), Some(&"aesni_intel"));
+}

@@ -31,3 +31,13 @@ pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
 /// Path inside the initramfs of the module load list: one path per line,
 /// relative to `/lib/modules/<kernel release>/`, in dependency order.
 pub const MODULES_LOAD_LIST: &str = "/etc/podvisor/modules.load";
+
+/// Like [`MODULES_LOAD_LIST`], the modules of encrypted volumes (device
+/// mapper, dm-crypt, the generic AES-XTS pieces): loaded by the agent only
+/// when the first `RequestVolumeKeys` arrives, so pods without encrypted
+/// volumes pay nothing for them at boot.
+pub const MODULES_VOLUMES_LIST: &str = "/etc/podvisor/modules.volumes";
+
+/// Like [`MODULES_VOLUMES_LIST`], the AES-NI driver and what it needs:
+/// loaded after it only when the CPU has the `aes` flag.
+pub const MODULES_VOLUMES_AESNI_LIST: &str = "/etc/podvisor/modules.volumes-aesni";
