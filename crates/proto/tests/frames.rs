@@ -398,16 +398,19 @@ fn shared_mount_answers_round_trip() {
     assert_eq!(got, msgs);
 }
 
-/// A peer built before mounts were data (protocol 1) would misread a
-/// container spec: its frames are refused by version, not half-decoded.
+/// A peer built before mounts were data (protocol 1), or before volumes
+/// (protocol 2), would misread a container spec or the volume messages:
+/// its frames are refused by version, not half-decoded.
 #[test]
-fn a_protocol_1_peer_is_refused() {
-    let mut frame = encode(&GuestMessage::SharedMounted { error: None }).unwrap();
-    frame[2..4].copy_from_slice(&1u16.to_be_bytes());
-    let mut dec = FrameDecoder::new();
-    dec.push(&frame);
-    assert_eq!(
-        dec.next_message::<GuestMessage>().unwrap_err(),
-        ProtoError::Version { got: 1, want: 2 }
-    );
+fn older_protocol_peers_are_refused() {
+    for old in [1u16, 2] {
+        let mut frame = encode(&GuestMessage::SharedMounted { error: None }).unwrap();
+        frame[2..4].copy_from_slice(&old.to_be_bytes());
+        let mut dec = FrameDecoder::new();
+        dec.push(&frame);
+        assert_eq!(
+            dec.next_message::<GuestMessage>().unwrap_err(),
+            ProtoError::Version { got: old, want: 3 }
+        );
+    }
 }
