@@ -539,11 +539,12 @@ fn vm_named_volumes_keep_data_between_runs() {
     // Forked from a template this time (made on demand): the volume's disk
     // is the clone's own.
     let out = run()
-        .args(["-v", "data:/data:ro"])
+        .args(["--timings", "-v", "data:/data:ro"])
         .arg(&image)
         .args(["sh", "-c", "cat /data/f; echo x > /data/g && echo wrote"])
         .output();
     assert_eq!(out.stdout, "kept\n", "{}", out.stderr);
+    assert!(out.stderr.contains("fork from template"), "{}", out.stderr);
     assert_ne!(out.code, Some(0));
     assert!(
         out.stderr.contains("Read-only file system"),

@@ -177,7 +177,7 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
     let s = Scratch::new();
     let image = s.busybox();
     let state = s.path().join("state");
-    let mut daemon = up(&s, host, &state);
+    let daemon = up(&s, host, &state);
     let cli = || {
         PodvisorCommand::bare("ip")
             .args(["netns", "exec", &host.netns, BIN])
@@ -240,11 +240,19 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
 
     let second = pod_in(&cli, "default", "second").unwrap();
     assert_eq!(second.status.phase, podvisor_api::PodPhase::Pending);
-    let why = format!("{:?}", second.status);
-    assert!(why.contains("in use by pod default/writer"), "{why}");
+    let why = second.status.message.clone().unwrap_or_default();
+    assert!(
+        why.contains("in use by pod default/writer"),
+        "{:?}",
+        second.status
+    );
     let intruder = pod_in(&cli, "other", "intruder").unwrap();
-    let why = format!("{:?}", intruder.status);
-    assert!(why.contains("\"secret\" not found"), "{why}");
+    let why = intruder.status.message.clone().unwrap_or_default();
+    assert!(
+        why.contains("\"secret\" not found"),
+        "{:?}",
+        intruder.status
+    );
 
     // Hibernation: the key leaves the guest before the save and is asked
     // for again on the wake.
@@ -252,8 +260,17 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
     assert_code(&out, 0);
     let out = cli().args(["wake", "writer"]).output();
     assert_code(&out, 0);
-    let (code, out) = exec(&cli, "writer", "cat /data/canary");
-    assert_eq!((code, out.trim()), (0, CANARY));
+    // A write that reaches the disk (sync) proves the mapping was given
+    // its key back and resumed: a suspended one would hold it forever.
+    let (code, out) = exec(
+        &cli,
+        "writer",
+        "echo after-wake > /data/w && sync && cat /data/canary /data/w",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("{CANARY}\nafter-wake\n").as_str())
+    );
 
     // Once the writer is gone, the second pod gets the volume and reads
     // what the writer wrote (opened, not formatted again).

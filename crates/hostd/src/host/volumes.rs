@@ -435,15 +435,13 @@ fn private_dir(dir: &Path) -> Result<(), podvisor_volume::VolumeError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, podvisor_volume::VolumeError> + Send + 'static,
 ) -> Result<T, podvisor_volume::VolumeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| {
-            Err(podvisor_volume::VolumeError::Io {
-                what: "a task making a volume disk failed",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e),
-            })
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(podvisor_volume::VolumeError::Io {
+            what: "a task making a volume disk failed",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e),
         })
+    })
 }
 
 impl PreparedVolumes {
