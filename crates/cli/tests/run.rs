@@ -560,11 +560,10 @@ fn vm_named_volumes_keep_data_between_runs() {
     );
     // Held by a run: another is refused at once.
     let file = std::fs::File::open(volumes.join("data.img")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     // SAFETY: flock on a descriptor this test owns.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) },
-        0
-    );
+    let locked = unsafe { libc::flock(fd, libc::LOCK_EX) };
+    assert_eq!(locked, 0);
     let out = run()
         .args(["-v", "data:/data"])
         .arg(&image)
