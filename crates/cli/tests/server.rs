@@ -384,14 +384,14 @@ fn kubectl_like_commands_against_a_server_process() {
     // Clear errors, and nothing is created by a bad file.
     std::fs::write(
         t.path().join("bad.yaml"),
-        "metadata: {name: bad}\nspec:\n  containers:\n  - name: c\n    image: busybox\n    volumeMounts: []\n",
+        "metadata: {name: bad}\nspec:\n  containers:\n  - name: c\n    image: busybox\n    livenessProbe: {exec: {command: [\"true\"]}}\n",
     )
     .unwrap();
     let out = kube(&["apply", "-f", "bad.yaml"]).output();
     assert_eq!(out.code, Some(125));
     assert!(
         out.stderr
-            .contains("spec.containers[0].volumeMounts: not supported by podvisor"),
+            .contains("spec.containers[0].livenessProbe: not supported by podvisor"),
         "{}",
         out.stderr
     );

@@ -330,11 +330,11 @@ async fn bad_requests_get_clear_errors() {
     assert!(msg.contains("line"), "{msg}");
 
     // A field podvisor does not support: its path is named.
-    let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: web\n    image: busybox\n    volumeMounts:\n    - {name: data, mountPath: /data}\n";
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: web\n    image: busybox\n    livenessProbe:\n      exec: {command: [\"true\"]}\n";
     let (code, msg) = status(send(yaml, "application/yaml", admin.clone()).await.unwrap()).await;
     assert_eq!(code, 400);
     assert!(
-        msg.starts_with("spec.containers[0].volumeMounts: not supported by podvisor"),
+        msg.starts_with("spec.containers[0].livenessProbe: not supported by podvisor"),
         "{msg}"
     );
 

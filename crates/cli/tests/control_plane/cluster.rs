@@ -183,11 +183,11 @@ fn vm_cluster_spreads_pods_adopts_vms_and_survives_a_replica() {
         "{}",
         out.stderr
     );
-    let unknown = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - name: a\n    image: busybox\n    volumeMounts: []\n";
+    let unknown = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - name: a\n    image: busybox\n    livenessProbe: {exec: {command: [\"true\"]}}\n";
     let out = c.cli(0).args(["apply", "-f", "-"]).stdin(unknown).output();
     assert_ne!(out.code, Some(0));
     assert!(
-        out.stderr.contains("spec.containers[0].volumeMounts"),
+        out.stderr.contains("spec.containers[0].livenessProbe"),
         "{}",
         out.stderr
     );
