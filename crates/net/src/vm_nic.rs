@@ -229,6 +229,22 @@ async fn attach_here(
             netns: netns_path.to_path_buf(),
         })?;
     let (eth_index, tap_index) = (eth.header.index, tap.header.index);
+    // The tap is a pipe to the VM, not an interface of the host: with IPv6
+    // on it the host's own stack would send router solicitations and DAD
+    // out of it, to a running guest as if from the network, and into a
+    // sleeping pod's queue, where they would wake it. (This thread is in
+    // the pod's namespace, whose sysctls /proc/sys/net shows.)
+    let knob = format!("/proc/sys/net/ipv6/conf/{tap_name}/disable_ipv6");
+    match std::fs::write(&knob, "1") {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(VmNicError::Tap {
+                tap: tap_name.to_string(),
+                step: "turning IPv6 off on it",
+                source: e,
+            });
+        }
+        _ => {}
+    }
     handle
         .link()
         .set(LinkUnspec::new_with_index(tap_index).mtu(mtu).up().build())
