@@ -40,7 +40,7 @@ pub async fn collect_periodically(
                     }
                     let ns = v.metadata.namespace();
                     match runtime.close_volume(ns, &a.pod, &v.metadata.name).await {
-                        Ok(m) if m.contains("closed") => tracing::info!("{m}"),
+                        Ok(m) if m.contains(" closed in ") => tracing::info!("{m}"),
                         Ok(_) => {}
                         Err(e) => tracing::debug!(
                             "closing revoked volume {ns}/{}: {e}",

@@ -637,6 +637,10 @@ impl PodTask {
     /// the task ends (`None`).
     async fn supervise(&mut self, vm: Box<dyn Sandbox>) -> Option<Stage> {
         let mut vm = vm;
+        // Volumes not open yet (an adopted VM whose conversation a
+        // previous daemon did not finish): ask now. Nothing if all are
+        // open, or a conversation runs.
+        self.begin_key_flow();
         for (request, reply) in std::mem::take(&mut self.pending_execs) {
             let _ = reply.send(self.start_exec(vm.as_mut(), request).await);
         }

@@ -464,13 +464,21 @@ impl PodTask {
             )));
             return Ok(());
         }
-        self.volume_keys.closed.insert(
-            name.clone(),
-            (
-                WaitingReason::KeyDenied,
-                format!("volume {name} was revoked"),
-            ),
+        let revoked = (
+            WaitingReason::KeyDenied,
+            format!("volume {name} was revoked"),
         );
+        if !self.volume_keys.open.contains(&name)
+            && self.volume_keys.closed.get(&name) == Some(&revoked)
+        {
+            // Told again (the periodic pass over the volume list).
+            let _ = reply.send(Ok(format!(
+                "volume {name} of pod {} was closed before",
+                self.key()
+            )));
+            return Ok(());
+        }
+        self.volume_keys.closed.insert(name.clone(), revoked);
         let was_open = self.volume_keys.open.remove(&name);
         self.remember_volumes();
         if !was_open {
