@@ -195,6 +195,7 @@ pub async fn run(
     let volume_gc = tokio::spawn(volume_files::collect_periodically(
         client.clone(),
         cfg.host.volume_dirs.volumes.clone(),
+        cfg.host.volume_dirs.format_images.clone(),
         cfg.name.clone(),
         runtime.clone(),
     ));

@@ -5,7 +5,9 @@
 //! meanwhile keeps its file; files that do not follow the naming are left
 //! alone); and a revoked volume still attached to one of its pods is
 //! closed there (the server also says so when it revokes, but a host it
-//! could not reach then learns it here).
+//! could not reach then learns it here). Temporary files a killed daemon
+//! left while making a disk (`.NAME.tmp-*`, here and among the format
+//! images) go once they are older than [`STALE_TEMP_AGE`].
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,14 +22,35 @@ use crate::host::PodRuntime;
 /// How often the files of deleted volumes are looked for.
 pub const VOLUME_GC_PERIOD: Duration = Duration::from_secs(60);
 
+/// Age after which a disk's temporary file is a leftover: making one
+/// (`mkfs.ext4` of a sparse file) takes seconds.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+
 /// Runs forever: removes the files of volumes that are gone.
 pub async fn collect_periodically(
     client: Client,
     dir: PathBuf,
+    format_images: PathBuf,
     host: String,
     runtime: Arc<PodRuntime>,
 ) {
     loop {
+        let (d, f) = (dir.clone(), format_images.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            let before = SystemTime::now() - STALE_TEMP_AGE;
+            let mut removed = remove_temporaries(&f, before);
+            if let Ok(namespaces) = std::fs::read_dir(&d) {
+                for ns in namespaces.flatten() {
+                    removed.extend(remove_temporaries(&ns.path(), before));
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or_default();
+        for f in removed {
+            tracing::info!(file = %f.display(), "removed a disk a daemon did not finish making");
+        }
         let listed_at = SystemTime::now();
         match client.list_volumes(None).await {
             Ok(list) => {
@@ -77,6 +100,29 @@ pub async fn collect_periodically(
         }
         tokio::time::sleep(VOLUME_GC_PERIOD).await;
     }
+}
+
+/// Removes the temporary files of unfinished disks (`.NAME.tmp-*`) in
+/// `dir` last changed before `before`.
+pub fn remove_temporaries(dir: &Path, before: SystemTime) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for f in files.flatten() {
+        let name = f.file_name().to_string_lossy().to_string();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let old = f
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < before);
+        if old && std::fs::remove_file(f.path()).is_ok() {
+            removed.push(f.path());
+        }
+    }
+    removed
 }
 
 /// Removes the volume files under `dir` that `live` (`ns/name-uid.img`)
@@ -134,5 +180,22 @@ mod tests {
         assert_eq!(removed, vec![dir.path().join("default/gone-2.img")]);
         assert!(dir.path().join("default/a-1.img").exists());
         assert!(dir.path().join("default/notes.txt").exists());
+    }
+
+    #[test]
+    fn only_old_temporaries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [".a-1.img.tmp-42-0", "a-1.img", "b.tmp-1"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let before = SystemTime::now() - Duration::from_secs(60);
+        assert!(remove_temporaries(dir.path(), before).is_empty());
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(
+            remove_temporaries(dir.path(), later),
+            vec![dir.path().join(".a-1.img.tmp-42-0")]
+        );
+        assert!(dir.path().join("a-1.img").exists());
+        assert!(dir.path().join("b.tmp-1").exists());
     }
 }
