@@ -39,6 +39,12 @@ pub struct HostSpec {
     pub capacity: HostCapacity,
     /// The daemon's HTTP endpoint for logs and exec, `http://IP:PORT`.
     pub address: String,
+    /// The shared filesystem its volume directory is on, by a name the
+    /// hosts sharing it agree on: a volume first attached on such a host
+    /// lives there, and its pods may run on any host naming the same
+    /// storage. `None`: volumes live on this host's own storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_storage: Option<String>,
 }
 
 /// Resources of a host.
@@ -142,6 +148,7 @@ impl Host {
             spec: HostSpec {
                 capacity,
                 address: address.to_string(),
+                volume_storage: None,
             },
             status: HostStatus::default(),
         }

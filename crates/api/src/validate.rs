@@ -679,6 +679,11 @@ pub fn validate_host(host: &Host) -> Result<(), Vec<FieldError>> {
     if host.spec.capacity.memory == 0 {
         errors.add("spec.capacity.memory", "must be more than 0 bytes");
     }
+    if let Some(s) = &host.spec.volume_storage
+        && let Some(p) = dns_subdomain_problem(s)
+    {
+        errors.add("spec.volumeStorage", p);
+    }
     match url::Url::parse(&host.spec.address) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
         _ => errors.add(

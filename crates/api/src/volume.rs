@@ -156,9 +156,15 @@ pub struct PersistentVolumeClaimStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
     /// The host whose storage holds the volume's data (set when it is
-    /// first attached); pods using it run there.
+    /// first attached on a host with storage of its own); pods using it
+    /// run there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The shared storage holding the volume's data (set when it is first
+    /// attached on a host whose `volumeStorage` names one); pods using it
+    /// run on any host naming that storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
     /// The pod it is attached to (read-write, at most one at a time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<VolumeAttachment>,

@@ -62,6 +62,11 @@ pub struct HostDaemonArgs {
     /// in the state directory).
     #[arg(long, value_name = "DIR")]
     pub volume_dir: Option<PathBuf>,
+    /// The --volume-dir is on a shared filesystem, named NAME by every
+    /// host that mounts it: a volume first used on such a host lives
+    /// there, and its pods may run on any host naming the same storage.
+    #[arg(long, value_name = "NAME", requires = "volume_dir")]
+    pub volume_storage: Option<String>,
     #[command(flatten)]
     pub network: PodNetworkArgs,
     #[command(flatten)]
@@ -182,6 +187,7 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
         runtime,
         host: host_cfg,
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
+        volume_storage: args.volume_storage.clone(),
     })
 }
 

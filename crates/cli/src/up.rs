@@ -170,6 +170,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         runtime: RuntimeMode::Vm,
         host,
         heartbeat: Duration::from_secs(5),
+        volume_storage: None,
     };
     let admin_token = server.admin_token_path().to_path_buf();
     let config_note = if args.no_config {

@@ -9,10 +9,12 @@
 //!
 //! Persistent volumes: a pod naming persistentVolumeClaims is bound only
 //! when every claim exists in its namespace, none is attached to another
-//! live pod, and then only to the host holding the volumes' data
-//! (`status.host`, once set). Before the pod is bound, each volume is
-//! attached to it (a compare-and-swap on the volume: `attachedTo`, the
-//! host, phase Bound); a pass also attaches the volumes of pods pinned
+//! live pod, and then only to a host that reaches the volumes' data: the
+//! host holding it (`status.host`, once set), or any host whose
+//! `volumeStorage` names the shared storage holding it (`status.storage`,
+//! set instead when the volume is first attached on such a host). Before
+//! the pod is bound, each volume is attached to it (a compare-and-swap on
+//! the volume: `attachedTo`, where its data is, phase Bound); a pass also attaches the volumes of pods pinned
 //! with `spec.nodeName` (or leaves them Pending with the reason), and
 //! detaches volumes whose pod is gone, was made again (another uid) or
 //! has ended. Every attach and detach is in the volume's audit log. A
@@ -181,6 +183,10 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
     let mut written = 0;
     let (hosts, _) = objects::list::<Host>(store, keys::HOSTS).await?;
     let (pods, _) = cache.snapshot();
+    let storage: HashMap<String, Option<String>> = hosts
+        .iter()
+        .map(|h| (h.metadata.name.clone(), h.spec.volume_storage.clone()))
+        .collect();
     let mut rooms: HashMap<String, Room> = hosts
         .into_iter()
         .map(|h| (h.metadata.name.clone(), Room::new(h)))
@@ -191,7 +197,7 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
             && !pod.spec.claims().is_empty()
             && !pod.status.phase.is_terminal()
             && pod.metadata.deletion_timestamp.is_none()
-            && let Some(w) = volumes.attach_pinned(store, pod).await?
+            && let Some(w) = volumes.attach_pinned(store, pod, &storage).await?
         {
             written = written.max(w);
         }
@@ -239,14 +245,22 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
         };
         let best = names
             .iter()
-            .filter(|n| on_host.as_ref().is_none_or(|h| h == *n))
+            .filter(|n| {
+                on_host
+                    .as_ref()
+                    .is_none_or(|p| p.admits(n, storage.get(*n).cloned().flatten().as_deref()))
+            })
             .filter_map(|n| rooms.get(n))
             .filter(|r| r.host.status.ready && r.fits(&demand))
             .max_by(|a, b| a.score(demand.size).total_cmp(&b.score(demand.size)))
             .map(|r| r.host.metadata.name.clone());
         match best {
             Some(host) => {
-                if let Err(message) = volumes.attach_all(store, &pod, &host).await? {
+                let host_storage = storage.get(&host).cloned().flatten();
+                if let Err(message) = volumes
+                    .attach_all(store, &pod, &host, host_storage.as_deref())
+                    .await?
+                {
                     writes.push(unschedulable(key, &pod, message));
                     continue;
                 }
@@ -261,8 +275,10 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                 room.take(&pod.key(), demand);
                 writes.push(Some((key, bound, pod.metadata.revision())));
             }
-            None if on_host.is_some() => {
-                let host = on_host.unwrap_or_default();
+            None if matches!(on_host, Some(Placement::Host(_))) => {
+                let Some(Placement::Host(host)) = on_host else {
+                    unreachable!("matched above")
+                };
                 let why = match rooms.get(&host) {
                     Some(room) => room.why_not(&demand),
                     None => format!("{host}: not registered"),
@@ -272,6 +288,26 @@ pub async fn pass(store: &dyn Store, cache: &PodCache) -> Result<i64, ApiError> 
                     &pod,
                     format!("its volumes are on host {host}, which has no room: {why}"),
                 ));
+            }
+            None if matches!(on_host, Some(Placement::Storage(_))) => {
+                let Some(Placement::Storage(s)) = on_host else {
+                    unreachable!("matched above")
+                };
+                let reasons: Vec<String> = names
+                    .iter()
+                    .filter(|n| storage.get(*n).cloned().flatten().as_deref() == Some(s.as_str()))
+                    .filter_map(|n| rooms.get(n))
+                    .map(|r| r.why_not(&demand))
+                    .collect();
+                let message = if reasons.is_empty() {
+                    format!("its volumes are on storage {s}, which no registered host has")
+                } else {
+                    format!(
+                        "its volumes are on storage {s}, and no host with it has room: {}",
+                        reasons.join("; ")
+                    )
+                };
+                writes.push(unschedulable(key, &pod, message));
             }
             None => {
                 let reasons: Vec<String> = names
@@ -366,12 +402,12 @@ impl Volumes {
         Ok(Volumes { by_key })
     }
 
-    /// The host a pending pod must go to (its volumes' host), or why it
-    /// cannot be bound now.
-    fn constraint(&self, pod: &Pod) -> Result<Option<String>, String> {
+    /// Where a pending pod must go (its volumes' host or shared storage),
+    /// or why it cannot be bound now.
+    fn constraint(&self, pod: &Pod) -> Result<Option<Placement>, String> {
         let ns = pod.metadata.namespace();
         let uid = pod.metadata.uid.as_deref().unwrap_or("");
-        let mut host: Option<(String, &str)> = None;
+        let mut host: Option<(Placement, &str)> = None;
         for claim in pod.spec.claims() {
             let Some(pvc) = self.by_key.get(&volume_key(ns, claim)) else {
                 return Err(format!("persistentvolumeclaim {claim:?} not found"));
@@ -381,15 +417,20 @@ impl Volumes {
             {
                 return Err(format!("volume {claim:?} is in use by pod {ns}/{}", a.pod));
             }
-            if let Some(h) = &pvc.status.host {
+            let here = match (&pvc.status.host, &pvc.status.storage) {
+                (Some(h), _) => Some(Placement::Host(h.clone())),
+                (None, Some(s)) => Some(Placement::Storage(s.clone())),
+                (None, None) => None,
+            };
+            if let Some(h) = here {
                 match &host {
-                    Some((other, first)) if other != h => {
+                    Some((other, first)) if *other != h => {
                         return Err(format!(
-                            "volumes {first:?} and {claim:?} are on different hosts ({other}, {h})"
+                            "volumes {first:?} and {claim:?} are in different places ({other}, {h})"
                         ));
                     }
                     Some(_) => {}
-                    None => host = Some((h.clone(), claim)),
+                    None => host = Some((h, claim)),
                 }
             }
         }
@@ -402,11 +443,12 @@ impl Volumes {
         store: &dyn Store,
         pod: &Pod,
         host: &str,
+        host_storage: Option<&str>,
     ) -> Result<Result<(), String>, ApiError> {
         let ns = pod.metadata.namespace().to_string();
         let mut done: Vec<(PersistentVolumeClaim, VolumeAttachment)> = Vec::new();
         for claim in pod.spec.claims() {
-            match attach(store, &ns, claim, pod, host).await? {
+            match attach(store, &ns, claim, pod, host, host_storage).await? {
                 Ok((pvc, newly)) => {
                     if newly && let Some(a) = pvc.status.attached_to.clone() {
                         done.push((pvc.clone(), a));
@@ -439,6 +481,7 @@ impl Volumes {
         &mut self,
         store: &dyn Store,
         pod: &Pod,
+        storage: &HashMap<String, Option<String>>,
     ) -> Result<Option<i64>, ApiError> {
         let ns = pod.metadata.namespace();
         let uid = pod.metadata.uid.as_deref().unwrap_or("");
@@ -453,12 +496,16 @@ impl Volumes {
         let outcome = if attached {
             Ok(())
         } else {
+            let host_storage = storage.get(&host).cloned().flatten();
             match self.constraint(pod) {
                 Err(message) => Err(message),
-                Ok(Some(h)) if h != host => Err(format!(
-                    "its volumes are on host {h}, not on host {host} (its spec.nodeName)"
+                Ok(Some(p)) if !p.admits(&host, host_storage.as_deref()) => Err(format!(
+                    "its volumes are on {p}, not on host {host} (its spec.nodeName)"
                 )),
-                Ok(_) => self.attach_all(store, pod, &host).await?,
+                Ok(_) => {
+                    self.attach_all(store, pod, &host, host_storage.as_deref())
+                        .await?
+                }
             }
         };
         let write = match outcome {
@@ -485,6 +532,34 @@ impl Volumes {
     }
 }
 
+/// Where a pod's volumes are: on one host's own storage, or on shared
+/// storage any host naming it can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    Host(String),
+    Storage(String),
+}
+
+impl Placement {
+    /// Whether host `name`, whose volume storage is `storage`, can reach
+    /// the volumes.
+    fn admits(&self, name: &str, storage: Option<&str>) -> bool {
+        match self {
+            Placement::Host(h) => h == name,
+            Placement::Storage(s) => storage == Some(s.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Placement::Host(h) => write!(f, "host {h}"),
+            Placement::Storage(s) => write!(f, "storage {s}"),
+        }
+    }
+}
+
 /// Attaches volume `namespace/claim` to `pod` on `host` (a
 /// compare-and-swap on the volume): the volume and whether it was newly
 /// attached, or why not.
@@ -494,6 +569,7 @@ async fn attach(
     claim: &str,
     pod: &Pod,
     host: &str,
+    host_storage: Option<&str>,
 ) -> Result<Result<(PersistentVolumeClaim, bool), String>, ApiError> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let name = pod.metadata.name.clone();
@@ -523,12 +599,27 @@ async fn attach(
                 problem = Some(format!("volume {claim:?} is on host {h}, not {host}"));
                 return Ok(objects::Change::Keep);
             }
+            if let Some(s) = &pvc.status.storage
+                && host_storage != Some(s.as_str())
+            {
+                problem = Some(format!(
+                    "volume {claim:?} is on storage {s}, which host {host} does not have"
+                ));
+                return Ok(objects::Change::Keep);
+            }
             pvc.status.attached_to = Some(VolumeAttachment {
                 pod: name.clone(),
                 pod_uid: uid.clone(),
                 host: host.to_string(),
             });
-            pvc.status.host = Some(host.to_string());
+            // Where its data will be: the shared storage of the host, or
+            // the host itself.
+            if pvc.status.host.is_none() && pvc.status.storage.is_none() {
+                match host_storage {
+                    Some(s) => pvc.status.storage = Some(s.to_string()),
+                    None => pvc.status.host = Some(host.to_string()),
+                }
+            }
             pvc.status.phase = "Bound".into();
             newly = true;
             Ok(objects::Change::Write)

@@ -635,3 +635,83 @@ async fn kek_rotation_keeps_keys_and_refuses_the_old_key_file() {
         .unwrap();
     assert_eq!(again.old_id, rotated.new_id);
 }
+
+/// Hosts that name the same shared storage share its volumes: a volume
+/// first attached on one of them lives on the storage (not the host), the
+/// next pod using it may run on another such host, never on one without
+/// that storage.
+#[tokio::test]
+async fn volumes_on_shared_storage_follow_their_pods_to_any_host_that_has_it() {
+    let ts = TestServer::sqlite().await;
+    let user = ts.client(Role::User, "alice").await;
+    let h1 = ts
+        .host_with_storage("h1", 4000, 4 * GI, Some("nfs-a"))
+        .await;
+    let _b1 = beat(&h1, "h1");
+    let h2 = ts
+        .host_with_storage("h2", 4000, 4 * GI, Some("nfs-a"))
+        .await;
+    let _b2 = beat(&h2, "h2");
+    let h3 = ts.host("h3", 4000, 4 * GI).await;
+    let _b3 = beat(&h3, "h3");
+    user.create_volume(&PersistentVolumeClaim::new("default", "data", "1Gi", false))
+        .await
+        .unwrap();
+
+    let mut first = with_claims("first", &["data"]);
+    first.spec.node_name = Some("h1".into());
+    user.create_pod(&first).await.unwrap();
+    let data = eventually(20, "data to be attached to first", || async {
+        let v = user.get_volume("default", "data").await.ok()?;
+        v.status.attached_to.is_some().then_some(v)
+    })
+    .await;
+    assert_eq!(data.status.storage.as_deref(), Some("nfs-a"));
+    assert_eq!(data.status.host, None);
+    assert_eq!(data.status.attached_to.unwrap().host, "h1");
+
+    // Once the first pod is gone, a pod on the other host with that
+    // storage gets the volume.
+    user.delete_pod("default", "first").await.unwrap();
+    h1.finalize_pod("default", "first").await.unwrap();
+    let mut second = with_claims("second", &["data"]);
+    second.spec.node_name = Some("h2".into());
+    user.create_pod(&second).await.unwrap();
+    let data = eventually(20, "data to be attached to second on h2", || async {
+        let v = user.get_volume("default", "data").await.ok()?;
+        v.status
+            .attached_to
+            .as_ref()
+            .is_some_and(|a| a.pod == "second" && a.host == "h2")
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(data.status.storage.as_deref(), Some("nfs-a"));
+
+    // A host without that storage cannot have it.
+    user.delete_pod("default", "second").await.unwrap();
+    h2.finalize_pod("default", "second").await.unwrap();
+    let mut third = with_claims("third", &["data"]);
+    third.spec.node_name = Some("h3".into());
+    user.create_pod(&third).await.unwrap();
+    let third = pod_where(&user, "third", "third to be held back", |p| {
+        p.status.reason.as_deref() == Some("Unschedulable")
+    })
+    .await;
+    assert_eq!(
+        third.status.message.as_deref(),
+        Some("its volumes are on storage nfs-a, not on host h3 (its spec.nodeName)")
+    );
+    // Left to the scheduler, a pod goes to a host with the storage.
+    user.delete_pod("default", "third").await.unwrap();
+    h3.finalize_pod("default", "third").await.unwrap();
+    user.create_pod(&with_claims("fourth", &["data"]))
+        .await
+        .unwrap();
+    let fourth = pod_where(&user, "fourth", "fourth to be bound", |p| {
+        p.spec.node_name.is_some()
+    })
+    .await;
+    let host = fourth.spec.node_name.unwrap();
+    assert!(host == "h1" || host == "h2", "{host}");
+}

@@ -65,6 +65,9 @@ pub struct DaemonConfig {
     pub host: HostConfig,
     /// How often the heartbeat renews the host's lease.
     pub heartbeat: Duration,
+    /// The shared storage the volume directory is on (hosts naming the
+    /// same one share volumes); `None`: this host's own.
+    pub volume_storage: Option<String>,
 }
 
 /// Errors that stop the daemon.
@@ -171,7 +174,8 @@ pub async fn run(
             .await;
     });
 
-    let host = api::Host::new(&cfg.name, cfg.capacity, &address);
+    let mut host = api::Host::new(&cfg.name, cfg.capacity, &address);
+    host.spec.volume_storage = cfg.volume_storage.clone();
     let registered = register(&client, &host, &endpoint_token).await?;
     tracing::info!(host = %cfg.name, %address, "registered");
     // Renew the lease at least three times per TTL, as the server asks.

@@ -68,8 +68,21 @@ impl TestServer {
     /// Registers host `name` with `cpu` millicores and `memory` bytes, and
     /// returns its client.
     pub async fn host(&self, name: &str, cpu: u64, memory: u64) -> Client {
+        self.host_with_storage(name, cpu, memory, None).await
+    }
+
+    /// As [`TestServer::host`], its volume directory on the shared
+    /// storage `storage`.
+    pub async fn host_with_storage(
+        &self,
+        name: &str,
+        cpu: u64,
+        memory: u64,
+        storage: Option<&str>,
+    ) -> Client {
         let client = self.client(Role::Host, name).await;
-        let host = Host::new(name, HostCapacity { cpu, memory }, "http://127.0.0.1:9");
+        let mut host = Host::new(name, HostCapacity { cpu, memory }, "http://127.0.0.1:9");
+        host.spec.volume_storage = storage.map(str::to_string);
         client
             .register_host(&host, "test-host-endpoint-secret-0123456789")
             .await
