@@ -316,3 +316,127 @@ fn vm_an_encrypted_volume_opens_only_for_the_pod_entitled_to_it() {
     let ls = cli().args(["volume", "ls"]).success().stdout;
     assert!(ls.contains("secret") && ls.contains("Revoked"), "{ls}");
 }
+
+/// Two host daemons whose volume directory is one shared directory
+/// (`--volume-storage shared1`): an encrypted volume written by a pod on
+/// h1 is read by a pod on h2 once the first is gone (its key released to
+/// the new host's pod, the data opened there, not formatted again).
+#[test]
+fn vm_a_volume_on_shared_storage_follows_its_pod_to_another_host() {
+    let s = Scratch::new();
+    let image = s.busybox();
+    let state = s.path().join("server").display().to_string();
+    let admin = s
+        .podvisor()
+        .args(["server", "init", "--state-dir", &state])
+        .success()
+        .stdout
+        .trim()
+        .to_string();
+    let port = podvisor_testbed::daemon::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let _server = s.spawn("server", &["server", "--listen", &listen, "--state-dir", &state]);
+    let shared = s.path().join("shared").display().to_string();
+    let mut hosts = Vec::new();
+    for h in ["h1", "h2"] {
+        let token = s
+            .podvisor()
+            .args(["server", "token", "create", "--host", h, "--state-dir", &state])
+            .success()
+            .stdout
+            .trim()
+            .to_string();
+        let dir = s.path().join(h).display().to_string();
+        hosts.push(s.spawn(
+            h,
+            &[
+                "host", "--server", &url, "--token", &token, "--name", h, "--state-dir", &dir,
+                "--cpu", "2", "--memory", "2Gi", "--grace", "5", "--volume-dir", &shared,
+                "--volume-storage", "shared1",
+            ],
+        ));
+    }
+    let cli = || {
+        s.podvisor()
+            .env("PODVISOR_SERVER", &url)
+            .env("PODVISOR_TOKEN", &admin)
+            .timeout(Duration::from_secs(180))
+    };
+    wait_for("both hosts Ready", Duration::from_secs(60), || {
+        let out = cli().args(["get", "hosts"]).output();
+        match out.stdout.matches(" Ready ").count() {
+            2 => Ok(()),
+            _ => Err(format!("{}{}", out.stdout, out.stderr)),
+        }
+    });
+    cli().args(["image", "import"]).arg(&image).success();
+    cli()
+        .args(["volume", "create", "data", "--size", "32Mi", "--encrypted"])
+        .success();
+    let pod = |name: &str, host: &str, script: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {host}
+  restartPolicy: Never
+  volumes:
+  - name: data
+    persistentVolumeClaim: {{claimName: data}}
+  containers:
+  - name: main
+    image: busybox
+    resources: {{limits: {{cpu: 500m, memory: 160Mi}}}}
+    volumeMounts:
+    - {{name: data, mountPath: /data}}
+    command: [sh, -c, "{script}"]
+"#
+        )
+    };
+    let succeeded = |name: &str| {
+        let name = name.to_string();
+        let cli = &cli;
+        move || {
+            let pods = pods(cli())?;
+            let p = find(&pods, &name).ok_or_else(|| format!("no pod {name}"))?;
+            match p.status.phase {
+                podvisor_api::PodPhase::Succeeded => Ok(()),
+                _ => Err(format!("{:?}", p.status)),
+            }
+        }
+    };
+    let out = cli()
+        .args(["apply", "-f", "-"])
+        .stdin(pod("w", "h1", "echo moved-$((6*7)) > /data/f && sync"))
+        .output();
+    assert_code(&out, 0);
+    wait_for("the writer on h1 to finish", POD_TIMEOUT, succeeded("w"));
+    let ls = cli().args(["volume", "ls"]).success().stdout;
+    assert!(ls.contains("data"), "{ls}");
+    cli().args(["delete", "pod", "w"]).success();
+    let out = cli()
+        .args(["apply", "-f", "-"])
+        .stdin(pod("r", "h2", "cat /data/f"))
+        .output();
+    assert_code(&out, 0);
+    wait_for("the reader on h2 to finish", POD_TIMEOUT, succeeded("r"));
+    let logs = cli().args(["logs", "r"]).success().stdout;
+    assert_eq!(logs, "moved-42\n");
+    let audit = cli().args(["volume", "audit", "data"]).success().stdout;
+    let released_to: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("release"))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(released_to, vec!["h1", "h2"], "{audit}");
+    // One file on the shared storage, ciphertext only.
+    let files = files_under(&s.path().join("shared"), &|p| {
+        p.extension().is_some_and(|x| x == "img")
+    });
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    assert!(!bytes.windows(8).any(|w| w == b"moved-42"));
+}
