@@ -336,13 +336,24 @@ fn vm_a_volume_on_shared_storage_follows_its_pod_to_another_host() {
     let port = podvisor_testbed::daemon::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
-    let _server = s.spawn("server", &["server", "--listen", &listen, "--state-dir", &state]);
+    let _server = s.spawn(
+        "server",
+        &["server", "--listen", &listen, "--state-dir", &state],
+    );
     let shared = s.path().join("shared").display().to_string();
     let mut hosts = Vec::new();
     for h in ["h1", "h2"] {
         let token = s
             .podvisor()
-            .args(["server", "token", "create", "--host", h, "--state-dir", &state])
+            .args([
+                "server",
+                "token",
+                "create",
+                "--host",
+                h,
+                "--state-dir",
+                &state,
+            ])
             .success()
             .stdout
             .trim()
@@ -351,9 +362,25 @@ fn vm_a_volume_on_shared_storage_follows_its_pod_to_another_host() {
         hosts.push(s.spawn(
             h,
             &[
-                "host", "--server", &url, "--token", &token, "--name", h, "--state-dir", &dir,
-                "--cpu", "2", "--memory", "2Gi", "--grace", "5", "--volume-dir", &shared,
-                "--volume-storage", "shared1",
+                "host",
+                "--server",
+                &url,
+                "--token",
+                &token,
+                "--name",
+                h,
+                "--state-dir",
+                &dir,
+                "--cpu",
+                "2",
+                "--memory",
+                "2Gi",
+                "--grace",
+                "5",
+                "--volume-dir",
+                &shared,
+                "--volume-storage",
+                "shared1",
             ],
         ));
     }
