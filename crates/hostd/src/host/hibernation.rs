@@ -12,6 +12,7 @@ use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
 use super::plan::PodPlan;
+use super::server_call::server_call_error as custody_error;
 
 /// A hibernated pod as its record keeps it: the snapshot (not its key)
 /// and what its VM is loaded with again.
@@ -57,16 +58,7 @@ pub fn snapshot_context(plan: &PodPlan) -> Vec<u8> {
 }
 
 /// A key that was not handed over or given back.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}")]
-pub struct CustodyError {
-    pub what: String,
-    /// The keeper could not be reached (or failed on its side): asking
-    /// again may work. Otherwise it answered no.
-    pub retryable: bool,
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
-}
+pub type CustodyError = super::server_call::ServerCallError;
 
 /// Keeps the keys of the pods' snapshots off this host: the host hands a
 /// key over when it hibernates a pod and asks for it when it wakes the pod
@@ -90,15 +82,6 @@ pub trait KeyCustody: Send + Sync {
 /// The management server as the keys' keeper, through its API with the
 /// host's token.
 pub struct ServerCustody(pub podvisor_api::Client);
-
-fn custody_error(what: String) -> impl FnOnce(podvisor_api::ClientError) -> CustodyError {
-    move |e| CustodyError {
-        what,
-        // No answer, or the server's own failure (5xx).
-        retryable: e.code().is_none_or(|c| c >= 500),
-        source: Box::new(e),
-    }
-}
 
 #[async_trait::async_trait]
 impl KeyCustody for ServerCustody {

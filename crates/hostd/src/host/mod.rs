@@ -49,6 +49,7 @@ mod pod_volumes;
 pub mod records;
 pub mod runtime;
 pub mod sandbox;
+pub mod server_call;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -17,6 +17,7 @@ use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{ContainerPlan, PodPlan};
+use super::server_call::server_call_error as authority_error;
 
 /// Size of an `emptyDir` disk without a `sizeLimit` (a sparse file: only
 /// what is written takes space).
@@ -81,16 +82,8 @@ impl VolumeError {
     }
 }
 
-/// A failed call to the management server.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}")]
-pub struct AuthorityError {
-    pub what: String,
-    /// No answer, or the server's own failure: try again.
-    pub retryable: bool,
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
-}
+/// A failed call to the management server about volumes.
+pub type AuthorityError = super::server_call::ServerCallError;
 
 /// The management server's part in a pod's volumes.
 #[async_trait::async_trait]
@@ -116,14 +109,6 @@ pub trait VolumeAuthority: Send + Sync {
 /// The management server as the authority, through its API with the
 /// host's token.
 pub struct ServerAuthority(pub podvisor_api::Client);
-
-fn authority_error(what: String) -> impl FnOnce(podvisor_api::ClientError) -> AuthorityError {
-    move |e| AuthorityError {
-        what,
-        retryable: e.code().is_none_or(|c| c >= 500),
-        source: Box::new(e),
-    }
-}
 
 #[async_trait::async_trait]
 impl VolumeAuthority for ServerAuthority {
