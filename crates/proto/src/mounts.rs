@@ -127,6 +127,47 @@ impl Mount {
 /// shared as `vol-data`.
 pub const VOLUME_MOUNT_PREFIX: &str = "vol-";
 
+/// The shared mount name of pod volume `volume` (`vol-<volume>`).
+pub fn volume_mount_name(volume: &str) -> String {
+    format!("{VOLUME_MOUNT_PREFIX}{volume}")
+}
+
+impl Mount {
+    /// A bind of pod volume `volume` (or of the directory `sub_path`
+    /// inside it) at `path` in the container.
+    pub fn volume_bind(volume: &str, sub_path: Option<&str>, path: &str, read_only: bool) -> Mount {
+        let name = volume_mount_name(volume);
+        let source = match sub_path {
+            Some(p) => MountSource::SharedPath {
+                name,
+                path: p.to_string(),
+            },
+            None => MountSource::Shared { name },
+        };
+        Mount {
+            source,
+            fstype: "bind".into(),
+            target: MountTarget::Container {
+                path: path.to_string(),
+            },
+            options: vec![],
+            read_only,
+        }
+    }
+}
+
+/// Adds a container's volume mounts to its image's (layers, then the
+/// root): the volumes' shared mounts before the root, their binds after
+/// it, as the agent makes them.
+pub fn add_volume_mounts(mounts: &mut Vec<Mount>, shared: Vec<Mount>, binds: Vec<Mount>) {
+    let root = mounts
+        .iter()
+        .position(|m| m.target == MountTarget::Root)
+        .unwrap_or(mounts.len());
+    mounts.splice(root..root, shared);
+    mounts.extend(binds);
+}
+
 /// The mounts of a container made from an image whose layer disks have
 /// `serials`, bottom layer first: each layer, then the overlay root over
 /// them.

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use podvisor_proto::{Mount, MountSource, MountTarget, VOLUME_MOUNT_PREFIX};
+use podvisor_proto::{Mount, MountSource, MountTarget, add_volume_mounts, volume_mount_name};
 use podvisor_vmm::BlockDevice;
 
 /// Size of a new named volume: a sparse file, so only what is written
@@ -162,37 +162,24 @@ impl RunVolumes {
                 read_only: false,
                 serial: serial.clone(),
             });
-            let shared = format!("{VOLUME_MOUNT_PREFIX}{}", v.name);
             out.shared.push(Mount {
                 source: MountSource::Disk { serial },
                 fstype: "ext4".into(),
                 target: MountTarget::Shared {
-                    name: shared.clone(),
+                    name: volume_mount_name(&v.name),
                 },
                 options: vec!["nosuid".into(), "nodev".into()],
                 read_only: false,
             });
-            out.binds.push(Mount {
-                source: MountSource::Shared { name: shared },
-                fstype: "bind".into(),
-                target: MountTarget::Container {
-                    path: v.path.clone(),
-                },
-                options: vec![],
-                read_only: v.read_only,
-            });
+            out.binds
+                .push(Mount::volume_bind(&v.name, None, &v.path, v.read_only));
         }
         Ok(out)
     }
 
     /// Adds the volumes' mounts to a container's image mounts.
     pub fn add_mounts(&self, mounts: &mut Vec<Mount>) {
-        let root = mounts
-            .iter()
-            .position(|m| m.target == MountTarget::Root)
-            .unwrap_or(mounts.len());
-        mounts.splice(root..root, self.shared.iter().cloned());
-        mounts.extend(self.binds.iter().cloned());
+        add_volume_mounts(mounts, self.shared.clone(), self.binds.clone());
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use podvisor_api::{PersistentVolumeClaim, PodInstance, VolumeKeyRequest, VolumeKeyResponse};
 use podvisor_proto::volumes::{EncryptedVolume, FormatImage};
-use podvisor_proto::{Mount, MountSource, MountTarget, VOLUME_MOUNT_PREFIX};
+use podvisor_proto::{Mount, MountSource, MountTarget, add_volume_mounts, volume_mount_name};
 use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
@@ -182,11 +182,6 @@ pub struct VolumeDirs {
     pub format_images: PathBuf,
 }
 
-/// The shared mount name of pod volume `name`.
-pub fn shared_name(volume: &str) -> String {
-    format!("{VOLUME_MOUNT_PREFIX}{volume}")
-}
-
 /// The data file of persistent volume `claim` (uid `uid`).
 pub fn claim_file(dirs: &VolumeDirs, claim: &PersistentVolumeClaim) -> Result<PathBuf, String> {
     let ns = claim.metadata.namespace();
@@ -239,7 +234,7 @@ pub async fn prepare(
     };
     for (i, v) in plan.volumes.iter().enumerate() {
         let serial = format!("pvv{i}");
-        let shared = shared_name(&v.name);
+        let shared = volume_mount_name(&v.name);
         match &v.source {
             VolumeSource::Memory { size_bytes } => {
                 let mut options = vec!["nosuid".into(), "nodev".into(), "mode=1777".into()];
@@ -452,7 +447,7 @@ impl PreparedVolumes {
                 source,
                 fstype: "ext4".into(),
                 target: MountTarget::Shared {
-                    name: shared_name(volume),
+                    name: volume_mount_name(volume),
                 },
                 options: vec!["nosuid".into(), "nodev".into()],
                 read_only: false,
@@ -464,10 +459,6 @@ impl PreparedVolumes {
     /// layers, then the root): each volume's shared mount before the root,
     /// the binds after it.
     pub fn add_mounts(&self, container: &ContainerPlan, mounts: &mut Vec<Mount>) {
-        let root = mounts
-            .iter()
-            .position(|m| m.target == MountTarget::Root)
-            .unwrap_or(mounts.len());
         let mut shared = Vec::new();
         let mut binds = Vec::new();
         for m in &container.volume_mounts {
@@ -477,31 +468,14 @@ impl PreparedVolumes {
             if !shared.contains(s) {
                 shared.push(s.clone());
             }
-            let name = shared_name(&m.volume);
-            let source = match &m.sub_path {
-                Some(path) => MountSource::SharedPath {
-                    name,
-                    path: path.clone(),
-                },
-                None => MountSource::Shared { name },
-            };
-            binds.push(Mount {
-                source,
-                fstype: "bind".into(),
-                target: MountTarget::Container {
-                    path: m.path.clone(),
-                },
-                options: vec![],
-                read_only: m.read_only || self.read_only.contains(&m.volume),
-            });
+            binds.push(Mount::volume_bind(
+                &m.volume,
+                m.sub_path.as_deref(),
+                &m.path,
+                m.read_only || self.read_only.contains(&m.volume),
+            ));
         }
-        mounts.splice(root..root, shared);
-        mounts.extend(binds);
-    }
-
-    /// The encrypted volumes (claim names) `container` mounts.
-    pub fn encrypted_of(&self, plan: &PodPlan, container: &ContainerPlan) -> Vec<String> {
-        encrypted_claims_of(plan, container, &self.encrypted)
+        add_volume_mounts(mounts, shared, binds);
     }
 }
 
