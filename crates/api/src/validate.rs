@@ -30,6 +30,29 @@ impl Errors {
             message: message.into(),
         });
     }
+
+    /// An object's name (a DNS-1123 subdomain, required), namespace (a
+    /// label) and labels.
+    fn metadata(&mut self, meta: &crate::meta::ObjectMeta) {
+        if meta.name.is_empty() {
+            self.add("metadata.name", "is required");
+        } else if let Some(p) = dns_subdomain_problem(&meta.name) {
+            self.add("metadata.name", p);
+        }
+        if let Some(ns) = &meta.namespace
+            && let Some(p) = dns_label_problem(ns)
+        {
+            self.add("metadata.namespace", p);
+        }
+        for (k, v) in &meta.labels {
+            if let Some(p) = label_key_problem(k) {
+                self.add(format!("metadata.labels.{k}"), p);
+            }
+            if let Some(p) = label_value_problem(v) {
+                self.add(format!("metadata.labels.{k}"), p);
+            }
+        }
+    }
 }
 
 /// A DNS-1123 label: at most 63 lowercase letters, digits and '-', starting
@@ -114,24 +137,7 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
         );
     }
     let meta = &pod.metadata;
-    if meta.name.is_empty() {
-        errors.add("metadata.name", "is required");
-    } else if let Some(p) = dns_subdomain_problem(&meta.name) {
-        errors.add("metadata.name", p);
-    }
-    if let Some(ns) = &meta.namespace
-        && let Some(p) = dns_label_problem(ns)
-    {
-        errors.add("metadata.namespace", p);
-    }
-    for (k, v) in &meta.labels {
-        if let Some(p) = label_key_problem(k) {
-            errors.add(format!("metadata.labels.{k}"), p);
-        }
-        if let Some(p) = label_value_problem(v) {
-            errors.add(format!("metadata.labels.{k}"), p);
-        }
-    }
+    errors.metadata(meta);
     if let Err(p) = crate::hibernate_after(meta) {
         errors.add(
             format!(
@@ -579,24 +585,7 @@ pub fn validate_volume(pvc: &crate::volume::PersistentVolumeClaim) -> Result<(),
         );
     }
     let meta = &pvc.metadata;
-    if meta.name.is_empty() {
-        errors.add("metadata.name", "is required");
-    } else if let Some(p) = dns_subdomain_problem(&meta.name) {
-        errors.add("metadata.name", p);
-    }
-    if let Some(ns) = &meta.namespace
-        && let Some(p) = dns_label_problem(ns)
-    {
-        errors.add("metadata.namespace", p);
-    }
-    for (k, v) in &meta.labels {
-        if let Some(p) = label_key_problem(k) {
-            errors.add(format!("metadata.labels.{k}"), p);
-        }
-        if let Some(p) = label_value_problem(v) {
-            errors.add(format!("metadata.labels.{k}"), p);
-        }
-    }
+    errors.metadata(meta);
     if let Some(v) = meta.annotations.get(ENCRYPTED_ANNOTATION)
         && !matches!(v.as_str(), "true" | "false")
     {
