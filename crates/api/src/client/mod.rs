@@ -241,9 +241,21 @@ impl Client {
     /// [`Client::apply_pod`], also saying what happened.
     pub async fn apply(&self, pod: &Pod) -> Result<Applied, ClientError> {
         let path = pod_path(pod.metadata.namespace(), &pod.metadata.name);
-        let body = serde_json::to_vec(pod).expect("pods serialize");
+        let (pod, outcome) = self.put_applied(&path, pod).await?;
+        Ok(Applied { pod, outcome })
+    }
+
+    /// PUTs `object` to `path` (an apply): the object as stored, and what
+    /// happened (the `X-Podvisor-Apply` header: `created`, `configured` or
+    /// `unchanged`).
+    async fn put_applied<T: serde::Serialize + DeserializeOwned>(
+        &self,
+        path: &str,
+        object: &T,
+    ) -> Result<(T, String), ClientError> {
+        let body = serde_json::to_vec(object).expect("API objects serialize");
         let (url, resp) = self
-            .execute(reqwest::Method::PUT, &path, |r| {
+            .execute(reqwest::Method::PUT, path, |r| {
                 r.timeout(REQUEST_TIMEOUT)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone())
@@ -255,11 +267,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("configured")
             .to_string();
-        let pod = resp.json().await.map_err(|e| ClientError::Decode {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(Applied { pod, outcome })
+        Ok((decode("PUT", &url, resp).await?, outcome))
     }
 
     /// Asks for a pod's deletion. Returns the pod as it is now: with a

@@ -42,21 +42,7 @@ impl Client {
         pvc: &PersistentVolumeClaim,
     ) -> Result<AppliedVolume, ClientError> {
         let path = volume_path(pvc.metadata.namespace(), &pvc.metadata.name);
-        let body = serde_json::to_vec(pvc).expect("volumes serialize");
-        let (url, resp) = self
-            .execute(reqwest::Method::PUT, &path, |r| {
-                r.timeout(super::REQUEST_TIMEOUT)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-            })
-            .await?;
-        let outcome = resp
-            .headers()
-            .get("x-podvisor-apply")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("configured")
-            .to_string();
-        let volume = super::decode("PUT", &url, resp).await?;
+        let (volume, outcome) = self.put_applied(&path, pvc).await?;
         Ok(AppliedVolume { volume, outcome })
     }
 
