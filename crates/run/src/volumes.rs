@@ -132,7 +132,6 @@ impl RunVolumes {
                 let (name, what) = (v.name.clone(), what.to_string());
                 move |source| RunVolumeError::Io { name, what, source }
             };
-            std::fs::create_dir_all(dir).map_err(io("make the volume directory"))?;
             let path: PathBuf = dir.join(format!("{}.img", v.name));
             if !path.exists() {
                 podvisor_volume::format_ext4(&path, DEFAULT_VOLUME_BYTES).map_err(|source| {

@@ -31,7 +31,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -178,10 +178,23 @@ fn sparse_at(path: &Path, size: u64) -> Result<(), VolumeError> {
     f.set_len(size).map_err(io_err("sizing", path))
 }
 
+/// Makes the directory `path` goes in (and its parents), that one mode
+/// 0700: a volume's data is its owner's only.
+fn private_parent(path: &Path) -> Result<(), VolumeError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("restricting", dir))
+}
+
 /// Makes `path` an empty sparse file of `size` bytes, mode 0600 (an
-/// encrypted volume's disk). Replaces a file already there.
+/// encrypted volume's disk), in a 0700 directory made if missing.
+/// Replaces a file already there.
 pub fn create_sparse(path: &Path, size: u64) -> Result<(), VolumeError> {
     check_size(size)?;
+    private_parent(path)?;
     let temp = Temp::beside(path);
     sparse_at(&temp.path, size)?;
     temp.commit(path)
@@ -219,9 +232,11 @@ fn run_mkfs(path: &Path) -> Result<(), VolumeError> {
 }
 
 /// Makes `path` a plain volume: an empty ext4 file system of `size` bytes
-/// in a sparse file, mode 0600. Replaces a file already there.
+/// in a sparse file, mode 0600, in a 0700 directory made if missing.
+/// Replaces a file already there.
 pub fn format_ext4(path: &Path, size: u64) -> Result<(), VolumeError> {
     check_size(size)?;
+    private_parent(path)?;
     let temp = Temp::beside(path);
     sparse_at(&temp.path, size)?;
     run_mkfs(&temp.path)?;

@@ -255,8 +255,6 @@ pub async fn prepare(
             VolumeSource::ScratchDisk { size_bytes } => {
                 let path = scratch_dir.join(format!("{}.img", v.name));
                 if !path.exists() {
-                    private_dir(scratch_dir)
-                        .map_err(disk_err(&v.name, "make the pod's volume directory".into()))?;
                     let (p, size) = (path.clone(), podvisor_volume::disk_size(*size_bytes));
                     blocking(move || podvisor_volume::format_ext4(&p, size))
                         .await
@@ -314,10 +312,6 @@ pub async fn prepare(
                 let size = size_of(&pvc).map_err(|m| refused(format!("{claim}: {m}")))?;
                 let path = claim_file(dirs, &pvc).map_err(refused)?;
                 let exists = path.exists();
-                if let Some(parent) = path.parent() {
-                    private_dir(parent)
-                        .map_err(disk_err(&v.name, "make the volume directory".into()))?;
-                }
                 if !exists && pvc.status.formatted {
                     return Err(refused(format!(
                         "the data of persistentvolumeclaim {claim} is missing ({}); it held a \
@@ -398,18 +392,6 @@ pub async fn prepare(
         }
     }
     Ok(out)
-}
-
-/// Makes `dir` (and its parents), the last one mode 0700.
-fn private_dir(dir: &Path) -> Result<(), podvisor_volume::VolumeError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |source| podvisor_volume::VolumeError::Io {
-        what: "creating",
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
 async fn blocking<T: Send + 'static>(
