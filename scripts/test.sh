@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh --test
 
+# CI builds once: incremental state would only double what the test build
+# leaves on disk.
+export CARGO_INCREMENTAL=0
+
 echo "test: formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

@@ -164,6 +164,7 @@ fn main() {
                 terminal: o.terminal,
                 stdin: o.stdin,
             },
+            runtime: None,
         };
         let t0 = Instant::now();
         send(&mut sock, &HostMessage::StartContainer(spec));

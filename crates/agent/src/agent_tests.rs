@@ -176,6 +176,7 @@ fn spec(id: &str, args: &[&str], stdin: bool) -> ContainerSpec {
             terminal: None,
             stdin,
         },
+        runtime: None,
     }
 }
 

@@ -215,6 +215,7 @@ fn check_one(m: &Mount, shared: &HashSet<&str>) -> Result<(), StartError> {
 fn describe_source(source: &MountSource) -> String {
     match source {
         MountSource::Disk { serial } => format!("a disk ({serial:?})"),
+        MountSource::Pmem { uuid } => format!("a pmem device ({uuid})"),
         MountSource::Anonymous => "nothing".into(),
         MountSource::Overlay { .. } => "an overlay of layers".into(),
         MountSource::Shared { name } => format!("shared mount {name:?}"),
@@ -378,7 +379,7 @@ pub fn ops(
         })
     };
     let ops = match &m.source {
-        MountSource::Disk { .. } | MountSource::Encrypted { .. } => {
+        MountSource::Disk { .. } | MountSource::Pmem { .. } | MountSource::Encrypted { .. } => {
             let device = device.ok_or_else(|| {
                 invalid(format!(
                     "{} has not been looked up (a bug)",

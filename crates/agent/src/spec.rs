@@ -109,6 +109,7 @@ mod tests {
                 terminal: None,
                 stdin: false,
             },
+            runtime: None,
         }
     }
 

@@ -13,6 +13,7 @@ mod meta;
 pub mod parse;
 mod pod;
 pub mod quantity;
+mod sharing;
 mod status;
 pub mod validate;
 mod volume;
@@ -37,9 +38,10 @@ pub use pod::{
     ContainerStateWaiting, ContainerStatus, DEFAULT_POD_MEMORY, DEFAULT_POD_MILLICORES, DnsPolicy,
     EnvVar, HIBERNATED_CONDITION, HostAlias, HostPort, Pod, PodCondition, PodDnsConfig,
     PodDnsConfigOption, PodIp, PodList, PodPhase, PodSpec, PodStatus, Protocol, ResourceList,
-    ResourceRequirements, Resources, RestartPolicy, labels_text,
+    ResourceRequirements, Resources, RestartPolicy, RuntimeProfile, labels_text,
 };
 pub use quantity::{Quantity, QuantityError};
+pub use sharing::{ISOLATED_ANNOTATION, RUNTIME_PROFILE_ANNOTATION, isolated, runtime_profile};
 pub use status::{EventType, Status, WatchEvent};
 pub use validate::{FieldError, validate_host, validate_pod, validate_volume};
 pub use volume::{

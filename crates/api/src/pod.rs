@@ -491,6 +491,26 @@ pub struct ContainerStatus {
     pub restart_count: u32,
     #[serde(default)]
     pub state: ContainerState,
+    /// What podvisor set for the container's language runtime and why, as
+    /// the guest agent reported it when the container last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_profile: Option<RuntimeProfile>,
+}
+
+/// The settings chosen for a container's language runtime (a JVM, Go,
+/// Node.js, CPython), sized to its share of the pod VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuntimeProfile {
+    /// The runtime found, with its version where known (`JVM 17.0.15`).
+    pub runtime: String,
+    /// The environment set, as `NAME=VALUE`.
+    #[serde(default)]
+    pub settings: Vec<String>,
+    /// What was chosen and why, one line each.
+    #[serde(default)]
+    pub reasons: Vec<String>,
 }
 
 /// At most one of the three is set.

@@ -147,6 +147,21 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
             p,
         );
     }
+    if let Err(p) = crate::isolated(meta) {
+        errors.add(
+            format!("metadata.annotations[{}]", crate::ISOLATED_ANNOTATION),
+            p,
+        );
+    }
+    if let Err(p) = crate::runtime_profile(meta) {
+        errors.add(
+            format!(
+                "metadata.annotations[{}]",
+                crate::RUNTIME_PROFILE_ANNOTATION
+            ),
+            p,
+        );
+    }
     if let Some(node) = &pod.spec.node_name
         && let Some(p) = dns_subdomain_problem(node)
     {

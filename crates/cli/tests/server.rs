@@ -188,6 +188,7 @@ fn running(image: &str) -> PodStatus {
                 }),
                 ..Default::default()
             },
+            runtime_profile: None,
         }],
         ..Default::default()
     }

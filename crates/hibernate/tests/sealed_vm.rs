@@ -104,6 +104,7 @@ async fn vm_a_pod_hibernates_into_a_sealed_snapshot_and_wakes_with_its_memory() 
             terminal: None,
             stdin: true,
         },
+        runtime: None,
     }))
     .await
     .unwrap();

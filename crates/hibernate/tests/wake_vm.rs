@@ -169,6 +169,7 @@ fn vm_a_hibernated_pod_wakes_on_its_first_request_and_serves_it() {
                 terminal: None,
                 stdin: false,
             },
+            runtime: None,
         }))
         .await
         .unwrap();

@@ -38,6 +38,7 @@ async fn run(pod: &mut PodVm, id: &str, layers: &[&str], script: &str) -> (Strin
             terminal: None,
             stdin: false,
         },
+        runtime: None,
     };
     pod.send(&HostMessage::StartContainer(container))
         .await

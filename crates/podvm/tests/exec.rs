@@ -143,6 +143,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             "if [ -e /tmp/marker ]; then echo stale; else echo fresh; fi; \
              echo data > /tmp/m.new && mv /tmp/m.new /tmp/marker; exec sleep 1000",
         ]),
+        runtime: None,
     };
     let mut others = Vec::new();
     pod.send(&HostMessage::StartContainer(container.clone()))
@@ -429,6 +430,7 @@ async fn vm_mounts_inside_the_container_and_refused_mounts() {
                 user: String::new(),
                 ..process(args)
             },
+            runtime: None,
         }
     };
     pod.send(&HostMessage::StartContainer(spec(

@@ -182,6 +182,7 @@ fn container(script: &str) -> HostMessage {
             terminal: None,
             stdin: false,
         },
+        runtime: None,
     })
 }
 

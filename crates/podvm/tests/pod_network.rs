@@ -85,6 +85,7 @@ fn container(node: &Node, id: &str, script: &str) -> HostMessage {
             terminal: None,
             stdin: false,
         },
+        runtime: None,
     })
 }
 

@@ -100,6 +100,7 @@ fn container(id: &str, serials: &[String], mounts: Vec<Mount>, script: &str) -> 
             terminal: None,
             stdin: false,
         },
+        runtime: None,
     }
 }
 

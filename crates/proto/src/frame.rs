@@ -6,8 +6,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// another version is rejected, never half-understood. Version 2: a
 /// container spec lists mounts, `MountShared` replaces `MountLayers`.
 /// Version 3: volumes (ext4, encrypted and sub-path mounts; the volume-key
-/// messages).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// messages). Version 4: runtime sizing (`ContainerSpec::runtime`,
+/// `ProfileApplied`) and layers on virtio-pmem (`MountSource::Pmem`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest payload one frame may carry (1 MiB). Output chunks are far smaller.
 pub const MAX_PAYLOAD: usize = 1 << 20;

@@ -15,11 +15,13 @@
 pub mod frame;
 pub mod messages;
 pub mod mounts;
+pub mod runtime;
 pub mod volumes;
 
 pub use frame::{FrameDecoder, MAX_PAYLOAD, PROTOCOL_VERSION, ProtoError, encode};
 pub use messages::*;
 pub use mounts::*;
+pub use runtime::{AppliedProfile, RuntimeSizing};
 
 /// Largest chunk of stdout/stderr/stdin data the sender puts in one frame.
 pub const MAX_CHUNK: usize = 32 * 1024;

@@ -106,6 +106,12 @@ pub enum GuestMessage {
     Ready(AgentInfo),
     /// Process `id` is running, as `pid` in the agent's PID namespace.
     Started { id: String, pid: u32 },
+    /// Sent just before `Started` for a container whose spec asked for
+    /// runtime sizing and whose runtime the agent recognised: what it set.
+    ProfileApplied {
+        id: String,
+        profile: crate::AppliedProfile,
+    },
     /// Process `id` could not be started.
     StartFailed { id: String, error: StartError },
     /// Output of process `id`, in the order it was written.
@@ -341,6 +347,9 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     /// The main process.
     pub process: ProcessSpec,
+    /// Size the container's language runtime to its share of the VM
+    /// (see [`runtime`](crate::runtime)); `None` leaves it alone.
+    pub runtime: Option<crate::RuntimeSizing>,
 }
 
 /// A process to start inside a running container: it joins the container's

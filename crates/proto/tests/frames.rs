@@ -14,6 +14,7 @@ fn spec() -> HostMessage {
             terminal: Some(TerminalSize { rows: 24, cols: 80 }),
             stdin: true,
         },
+        runtime: None,
     })
 }
 
@@ -182,6 +183,7 @@ fn messages_round_trip_through_frames() {
                 terminal: None,
                 stdin: false,
             },
+            runtime: None,
         }),
     ];
     let mut wire = Vec::new();
@@ -403,14 +405,14 @@ fn shared_mount_answers_round_trip() {
 /// its frames are refused by version, not half-decoded.
 #[test]
 fn older_protocol_peers_are_refused() {
-    for old in [1u16, 2] {
+    for old in [1u16, 2, 3] {
         let mut frame = encode(&GuestMessage::SharedMounted { error: None }).unwrap();
         frame[2..4].copy_from_slice(&old.to_be_bytes());
         let mut dec = FrameDecoder::new();
         dec.push(&frame);
         assert_eq!(
             dec.next_message::<GuestMessage>().unwrap_err(),
-            ProtoError::Version { got: old, want: 3 }
+            ProtoError::Version { got: old, want: 4 }
         );
     }
 }

@@ -207,6 +207,7 @@ async fn run_pod(
         hostname: hostname.to_string(),
         mounts,
         process,
+        runtime: None,
     };
     let nic = match network {
         Some(n) => Some(podvisor_podvm::network::pod_nic(&n.networks, &n.id).await?),

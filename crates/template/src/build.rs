@@ -191,6 +191,7 @@ pub async fn child(
             hostname: build.name.to_string(),
             mounts,
             process: warm.process.clone(),
+            runtime: None,
         };
         warm_up(
             &mut pod,

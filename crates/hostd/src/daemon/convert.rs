@@ -289,6 +289,11 @@ pub fn status_from_state(state: &PodState, host_ip: Option<&str>) -> api::PodSta
                 ready: c.ready(),
                 restart_count: c.restart_count,
                 state: container_state(&c.state),
+                runtime_profile: c.runtime_profile.as_ref().map(|p| api::RuntimeProfile {
+                    runtime: p.runtime.clone(),
+                    settings: p.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                    reasons: p.reasons.clone(),
+                }),
             })
             .collect(),
         conditions: state
@@ -468,6 +473,7 @@ spec:
                     image: "busybox".into(),
                     restart_count: 0,
                     state: ContainerState::Running { started_at: t },
+                    runtime_profile: None,
                 },
             ],
         };

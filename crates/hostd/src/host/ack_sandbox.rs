@@ -60,6 +60,7 @@ impl Launcher for AckLauncher {
                         terminal: c.tty.then_some(DEFAULT_TERMINAL),
                         stdin: c.stdin,
                     },
+                    runtime: None,
                 })
             })
             .collect();

@@ -190,6 +190,7 @@ impl Launcher for FakeLauncher {
                         terminal: None,
                         stdin: false,
                     },
+                    runtime: None,
                 })
             })
             .collect();

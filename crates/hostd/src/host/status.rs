@@ -55,6 +55,10 @@ pub struct ContainerStatus {
     pub image: String,
     pub restart_count: u32,
     pub state: ContainerState,
+    /// What the agent set for the container's language runtime when it
+    /// last started (sanitized and bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_profile: Option<podvisor_proto::AppliedProfile>,
 }
 
 impl ContainerStatus {
@@ -65,6 +69,7 @@ impl ContainerStatus {
             image: image.to_string(),
             restart_count: 0,
             state: ContainerState::waiting(WaitingReason::ContainerCreating, None),
+            runtime_profile: None,
         }
     }
 

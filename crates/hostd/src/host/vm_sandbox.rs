@@ -178,6 +178,7 @@ impl Launcher for VmLauncher {
                     hostname: plan.hostname(),
                     mounts: podvisor_proto::image_mounts(&img.layers),
                     process,
+                    runtime: None,
                 })
             })
             .collect();
