@@ -106,12 +106,6 @@ pub enum GuestMessage {
     Ready(AgentInfo),
     /// Process `id` is running, as `pid` in the agent's PID namespace.
     Started { id: String, pid: u32 },
-    /// Sent just before `Started` for a container whose spec asked for
-    /// runtime sizing and whose runtime the agent recognised: what it set.
-    ProfileApplied {
-        id: String,
-        profile: crate::AppliedProfile,
-    },
     /// Process `id` could not be started.
     StartFailed { id: String, error: StartError },
     /// Output of process `id`, in the order it was written.
@@ -161,6 +155,12 @@ pub enum GuestMessage {
     /// The answer to [`HostMessage::CloseVolume`], after the containers
     /// that mounted it have been reported `Exited`.
     VolumeClosed { name: String, error: Option<String> },
+    /// Sent just before `Started` for a container whose spec asked for
+    /// runtime sizing and whose runtime the agent recognised: what it set.
+    ProfileApplied {
+        id: String,
+        profile: crate::AppliedProfile,
+    },
 }
 
 /// How opening one encrypted volume went.

@@ -47,13 +47,6 @@ pub enum MountSource {
     /// asynchronously and hot-plugged ones appear a little after the host
     /// added them.
     Disk { serial: String },
-    /// A virtio-pmem device holding the EROFS file system with this UUID
-    /// (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower case; a layer disk's
-    /// UUID comes from its ChainID). Mounted with `dax=always`, so file
-    /// reads map the host's page cache of the shared file instead of
-    /// copying it into guest memory. The agent waits a few seconds for it,
-    /// as for a `Disk`.
-    Pmem { uuid: String },
     /// No device: the type makes the file system (`tmpfs`).
     Anonymous,
     /// An overlay of shared mounts listed earlier, named bottom layer
@@ -73,6 +66,13 @@ pub enum MountSource {
     /// mount (a symlink there never leads out of it); created, with its
     /// parents, if missing.
     SharedPath { name: String, path: String },
+    /// A virtio-pmem device holding the EROFS file system with this UUID
+    /// (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower case; a layer disk's
+    /// UUID comes from its ChainID). Mounted with `dax=always`, so file
+    /// reads map the host's page cache of the shared file instead of
+    /// copying it into guest memory. The agent waits a few seconds for it,
+    /// as for a `Disk`.
+    Pmem { uuid: String },
 }
 
 /// Where a mount goes.
