@@ -297,6 +297,33 @@ pub struct Resources {
     pub memory: u64,
 }
 
+impl Container {
+    /// A resource's limit, else its request.
+    fn resource(&self, pick: fn(&ResourceList) -> Option<&Quantity>) -> Option<&Quantity> {
+        self.resources
+            .limits
+            .as_ref()
+            .and_then(pick)
+            .or_else(|| self.resources.requests.as_ref().and_then(pick))
+    }
+
+    /// The container's CPU (its limit, else its request) in millicores, if
+    /// it states one.
+    pub fn millicores(&self) -> Result<Option<u64>, QuantityError> {
+        self.resource(|r| r.cpu.as_ref())
+            .map(Quantity::millicores)
+            .transpose()
+    }
+
+    /// The container's memory (its limit, else its request) in bytes, if
+    /// it states one.
+    pub fn memory_bytes(&self) -> Result<Option<u64>, QuantityError> {
+        self.resource(|r| r.memory.as_ref())
+            .map(Quantity::bytes)
+            .transpose()
+    }
+}
+
 impl PodSpec {
     /// The host ports the pod's containers publish. Validation has checked
     /// each `hostIP`; one that is not an address counts as every address.
@@ -323,19 +350,8 @@ impl PodSpec {
         let mut cpu = 0u64;
         let mut memory = 0u64;
         for c in &self.containers {
-            let pick = |f: fn(&ResourceList) -> Option<&Quantity>| {
-                c.resources
-                    .limits
-                    .as_ref()
-                    .and_then(f)
-                    .or_else(|| c.resources.requests.as_ref().and_then(f))
-            };
-            if let Some(q) = pick(|r| r.cpu.as_ref()) {
-                cpu = cpu.saturating_add(q.millicores()?);
-            }
-            if let Some(q) = pick(|r| r.memory.as_ref()) {
-                memory = memory.saturating_add(q.bytes()?);
-            }
+            cpu = cpu.saturating_add(c.millicores()?.unwrap_or(0));
+            memory = memory.saturating_add(c.memory_bytes()?.unwrap_or(0));
         }
         Ok(Resources {
             cpu: if cpu == 0 {

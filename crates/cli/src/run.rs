@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// cross-VM side channel, like KSM.
     #[arg(long)]
     isolated: bool,
+    /// Size the container's language runtime (JVM heap and processors,
+    /// GOMAXPROCS/GOMEMLIMIT, Node's heap, Python's CPU count) to the VM:
+    /// auto (the default; a setting you give wins) or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    runtime_profile: RuntimeProfileArg,
     /// Publish a container's port on the host, as docker does:
     /// [IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp] (repeatable).
     #[arg(long = "publish", short = 'p', value_name = "[IP:]HOSTPORT:CONTAINERPORT[/PROTO]", value_parser = parse_publish)]
@@ -322,6 +327,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         overrides,
         template: args.template,
         isolated: args.isolated,
+        runtime_profile: args.runtime_profile == RuntimeProfileArg::Auto,
         network: match args.network {
             NetworkArg::None if !args.publish.is_empty() => {
                 bail!(
@@ -488,4 +494,11 @@ mod tests {
             assert!(e.contains("expected [IP:]HOSTPORT:CONTAINERPORT"), "{e}");
         }
     }
+}
+
+/// `--runtime-profile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeProfileArg {
+    Auto,
+    None,
 }

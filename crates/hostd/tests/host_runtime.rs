@@ -39,6 +39,8 @@ fn container(name: &str, image: &Path, script: &str) -> ContainerPlan {
         tty: false,
         stdin: false,
         volume_mounts: vec![],
+        memory_bytes: None,
+        millicores: None,
     }
 }
 
@@ -55,6 +57,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         dns: Default::default(),
         hibernate_after: None,
         volumes: vec![],
+        size_runtimes: true,
     }
 }
 

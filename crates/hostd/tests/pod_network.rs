@@ -59,6 +59,8 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
             tty: false,
             stdin: false,
             volume_mounts: vec![],
+            memory_bytes: None,
+            millicores: None,
         }],
         restart_policy: RestartPolicy::Always,
         cpus: 1,
@@ -67,6 +69,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         dns: Default::default(),
         hibernate_after: None,
         volumes: vec![],
+        size_runtimes: true,
     }
 }
 

@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use podvisor_proto::{FrameDecoder, GuestMessage, HostMessage, ProtoError, encode};
+use podvisor_proto::runtime::{MAX_PROFILE_LINE, MAX_PROFILE_LINES};
+use podvisor_proto::{AppliedProfile, FrameDecoder, GuestMessage, HostMessage, ProtoError, encode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -120,6 +121,39 @@ pub fn sanitize_guest_text(text: &str) -> String {
     out
 }
 
+/// Makes a guest's [`AppliedProfile`] safe to keep and show: at most
+/// [`MAX_PROFILE_LINES`] settings and reasons, each sanitized and cut to
+/// [`MAX_PROFILE_LINE`] bytes.
+pub fn sanitize_profile(profile: AppliedProfile) -> AppliedProfile {
+    let line = |s: &str| {
+        let mut s = sanitize_guest_text(s);
+        if s.len() > MAX_PROFILE_LINE {
+            let mut end = MAX_PROFILE_LINE;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push('…');
+        }
+        s
+    };
+    AppliedProfile {
+        runtime: line(&profile.runtime),
+        env: profile
+            .env
+            .iter()
+            .take(MAX_PROFILE_LINES)
+            .map(|(k, v)| (line(k), line(v)))
+            .collect(),
+        reasons: profile
+            .reasons
+            .iter()
+            .take(MAX_PROFILE_LINES)
+            .map(|r| line(r))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +162,21 @@ mod tests {
     fn escape_sequences_from_the_guest_are_neutralised() {
         assert_eq!(sanitize_guest_text("ok\x1b[2Jx\n"), "ok�[2Jx\n");
         assert_eq!(sanitize_guest_text(&"a".repeat(5000)).chars().count(), 4097);
+    }
+
+    #[test]
+    fn a_guest_profile_is_bounded_and_sanitized() {
+        let hostile = AppliedProfile {
+            runtime: "JVM\x1b[31m".into(),
+            env: vec![("JAVA_TOOL_OPTIONS".into(), "é".repeat(2000)); 100],
+            reasons: vec!["why".into(); 100],
+        };
+        let p = sanitize_profile(hostile);
+        assert_eq!(p.runtime, "JVM�[31m");
+        assert_eq!(p.env.len(), MAX_PROFILE_LINES);
+        assert_eq!(p.reasons.len(), MAX_PROFILE_LINES);
+        let value = &p.env[0].1;
+        assert!(value.len() <= MAX_PROFILE_LINE + '…'.len_utf8() && value.ends_with('…'));
     }
 
     #[tokio::test]

@@ -48,6 +48,19 @@ pub struct RuntimeSizing {
     pub jvm_archive: Option<String>,
 }
 
+impl RuntimeSizing {
+    /// The whole VM for one container, with nothing measured.
+    pub fn whole_vm() -> RuntimeSizing {
+        RuntimeSizing {
+            memory_share_ppm: WHOLE_VM_PPM,
+            cpus: None,
+            loaded_classes: None,
+            peak_threads: None,
+            jvm_archive: None,
+        }
+    }
+}
+
 /// What the agent chose for a container's runtime and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedProfile {

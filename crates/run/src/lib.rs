@@ -18,14 +18,14 @@ use std::time::Instant;
 
 use podvisor_image::progress::PullProgress;
 use podvisor_image::{HoldFor, ImageSource, LayerAttachments};
-use podvisor_podvm::agent_link::sanitize_guest_text;
+use podvisor_podvm::agent_link::{sanitize_guest_text, sanitize_profile};
 use podvisor_podvm::container::{ContainerOverrides, ContainerSpecError, process_spec};
 use podvisor_podvm::network;
 use podvisor_podvm::pod_vm::new_pod_id;
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
 use podvisor_proto::{
-    ContainerSpec, ExitStatus, GuestMessage, HostMessage, StartError, Stream, TerminalSize,
-    image_mounts,
+    ContainerSpec, ExitStatus, GuestMessage, HostMessage, RuntimeSizing, StartError, Stream,
+    TerminalSize, image_mounts,
 };
 use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -56,6 +56,9 @@ pub struct PodRequest {
     pub template: TemplateChoice,
     /// Share no memory with other pods: boot cold, never from a template.
     pub isolated: bool,
+    /// Size the container's language runtime to the VM (`--runtime-profile
+    /// auto`, the default); `false` leaves it to its own defaults.
+    pub runtime_profile: bool,
     /// The pod's network: CNI (with published ports) or only `lo`.
     pub network: NetworkChoice,
     /// The pod's resolver settings and `/etc/hosts` aliases (docker's
@@ -207,7 +210,7 @@ async fn run_pod(
         hostname: hostname.to_string(),
         mounts,
         process,
-        runtime: None,
+        runtime: req.runtime_profile.then(RuntimeSizing::whole_vm),
     };
     let nic = match network {
         Some(n) => Some(podvisor_podvm::network::pod_nic(&n.networks, &n.id).await?),
@@ -356,6 +359,10 @@ async fn attach(
                 }
                 GuestMessage::Error { message } => {
                     tracing::warn!("agent: {}", sanitize_guest_text(&message));
+                }
+                GuestMessage::ProfileApplied { id, profile } if id == CONTAINER_ID => {
+                    let p = sanitize_profile(profile);
+                    tracing::info!(runtime = %p.runtime, settings = ?p.env, reasons = ?p.reasons, "runtime profile applied");
                 }
                 other => return Err(pod.reject(format!("unexpected message {other:?}")).await),
             },

@@ -370,6 +370,15 @@ pub fn describe_pod(pod: &Pod) -> String {
             field(&mut s, "State", &state);
             field(&mut s, "Ready", &cs.ready.to_string());
             field(&mut s, "Restarts", &cs.restart_count.to_string());
+            if let Some(p) = &cs.runtime_profile {
+                field(&mut s, "Runtime", &p.runtime);
+                for setting in &p.settings {
+                    field(&mut s, "  Set", setting);
+                }
+                for reason in &p.reasons {
+                    field(&mut s, "  Why", reason);
+                }
+            }
         }
         if let Some(r) = resources_text(&c.resources.limits) {
             field(&mut s, "Limits", &r);
@@ -635,6 +644,27 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Volumes:\n  data: PersistentVolumeClaim db-data\n  scratch: EmptyDir in memory, at most 64Mi\n"), "{text}");
+    }
+
+    #[test]
+    fn describe_shows_what_was_set_for_a_runtime_and_why() {
+        let mut pod = pod_with_ip();
+        pod.status.container_statuses = vec![podvisor_api::ContainerStatus {
+            name: pod.spec.containers[0].name.clone(),
+            runtime_profile: Some(podvisor_api::RuntimeProfile {
+                runtime: "JVM 17.0.15".into(),
+                settings: vec!["JAVA_TOOL_OPTIONS=-Xmx600m".into()],
+                reasons: vec!["heap 600 MiB: 944 MiB less metaspace 60 MiB, ...".into()],
+            }),
+            ..Default::default()
+        }];
+        let text = describe_pod(&pod);
+        assert!(
+            text.contains(
+                "    Runtime:      JVM 17.0.15\n      Set:        JAVA_TOOL_OPTIONS=-Xmx600m\n      Why:        heap 600 MiB"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

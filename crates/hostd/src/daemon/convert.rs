@@ -59,6 +59,12 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
     })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
     let volumes = volumes(pod)?;
+    let size_runtimes = api::runtime_profile(&pod.metadata).map_err(|e| {
+        unrunnable(
+            UnrunnableReason::InvalidPod,
+            format!("pod {}: {e}", pod.key()),
+        )
+    })?;
     let hibernate_after = api::hibernate_after(&pod.metadata).map_err(|e| {
         unrunnable(
             UnrunnableReason::InvalidPod,
@@ -97,6 +103,8 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
                         sub_path: (!m.sub_path.is_empty()).then(|| m.sub_path.clone()),
                     })
                     .collect(),
+                memory_bytes: c.memory_bytes().ok().flatten(),
+                millicores: c.millicores().ok().flatten(),
             })
             .collect(),
         restart_policy: match pod.spec.restart_policy {
@@ -109,6 +117,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         port_mappings,
         dns,
         volumes,
+        size_runtimes,
     })
 }
 

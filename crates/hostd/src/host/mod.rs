@@ -48,6 +48,7 @@ pub mod pod_task;
 mod pod_volumes;
 pub mod records;
 pub mod runtime;
+pub mod runtime_sizing;
 pub mod sandbox;
 pub mod server_call;
 pub mod status;

@@ -37,6 +37,14 @@ pub struct PodPlan {
     /// The pod's volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<super::volumes::VolumePlan>,
+    /// Size the containers' language runtimes to their share of the VM
+    /// (false: the pod's `podvisor.io/runtime-profile: none`).
+    #[serde(default = "size_runtimes_by_default")]
+    pub size_runtimes: bool,
+}
+
+fn size_runtimes_by_default() -> bool {
+    true
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -60,6 +68,12 @@ pub struct ContainerPlan {
     /// The pod volumes it mounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<super::volumes::MountPlan>,
+    /// Its memory limit (else request) in bytes, if it states one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Its CPU limit (else request) in millicores, if it states one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millicores: Option<u64>,
 }
 
 impl ContainerPlan {
@@ -174,6 +188,7 @@ mod tests {
             dns: PodDns::default(),
             hibernate_after: None,
             volumes: vec![],
+            size_runtimes: true,
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

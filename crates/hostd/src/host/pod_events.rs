@@ -9,7 +9,7 @@ use podvisor_proto::{ExecSpec, GuestMessage, HostMessage, MAX_CHUNK, ProcessInfo
 use tokio::sync::mpsc;
 
 use podvisor_podvm::PodVmError;
-use podvisor_podvm::agent_link::sanitize_guest_text;
+use podvisor_podvm::agent_link::{sanitize_guest_text, sanitize_profile};
 
 use super::error::RuntimeError;
 use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
@@ -48,6 +48,13 @@ impl PodTask {
                     slot.started_once_in_vm = true;
                     slot.track.started(now);
                     slot.log.set_running(true);
+                }
+            }
+            GuestMessage::ProfileApplied { id, profile } => {
+                if let Some(i) = self.container_index(&id) {
+                    let profile = sanitize_profile(profile);
+                    tracing::info!(pod = %self.key(), container = %id, runtime = %profile.runtime, settings = ?profile.env, "runtime profile applied");
+                    self.slots[i].track.status.runtime_profile = Some(profile);
                 }
             }
             GuestMessage::StartFailed { id, error } => {

@@ -252,6 +252,7 @@ mod tests {
                 dns: Default::default(),
                 hibernate_after: None,
                 volumes: vec![],
+                size_runtimes: true,
             },
             state: PodState::default(),
             vm: Some(VmRecord {

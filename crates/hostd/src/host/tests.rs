@@ -41,6 +41,8 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
                 tty: false,
                 stdin: false,
                 volume_mounts: vec![],
+                memory_bytes: None,
+                millicores: None,
             })
             .collect(),
         restart_policy,
@@ -50,6 +52,7 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         dns: Default::default(),
         hibernate_after: None,
         volumes: vec![],
+        size_runtimes: true,
     }
 }
 

@@ -29,6 +29,7 @@ use super::hibernation::{self, Hibernated};
 use super::images::{self, HeldLayers, ImageProblem};
 use super::plan::PodPlan;
 use super::records::{PodRecord, StateDir, VmRecord};
+use super::runtime_sizing::runtime_sizing;
 use super::sandbox::{Launcher, NotSaved, Paused, Prepared, Sandbox};
 
 /// Launches each pod in its own VM.
@@ -167,18 +168,20 @@ impl Launcher for VmLauncher {
 
     async fn prepare(&self, plan: &PodPlan) -> Result<Prepared, ImageProblem> {
         let images = images::resolve(&self.node, plan).await?;
+        let sizing = runtime_sizing(plan);
         let containers = plan
             .containers
             .iter()
             .zip(&images.containers)
-            .map(|(c, img)| {
+            .zip(sizing)
+            .map(|((c, img), runtime)| {
                 let process = process_spec(&img.config, &c.overrides())?;
                 Ok(ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
                     mounts: podvisor_proto::image_mounts(&img.layers),
                     process,
-                    runtime: None,
+                    runtime,
                 })
             })
             .collect();
