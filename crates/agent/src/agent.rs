@@ -195,6 +195,21 @@ impl<L: Launcher> Agent<L> {
                 }
                 self.outbox.push_back(GuestMessage::IdentitySet { errors });
             }
+            HostMessage::ReadSharedFile { name, path, offset } => {
+                let reply = match self.launcher.read_shared_file(&name, &path, offset) {
+                    Ok((data, eof)) => GuestMessage::SharedFileData {
+                        data,
+                        eof,
+                        error: None,
+                    },
+                    Err(e) => GuestMessage::SharedFileData {
+                        data: vec![],
+                        eof: true,
+                        error: Some(e),
+                    },
+                };
+                self.outbox.push_back(reply);
+            }
             HostMessage::MountShared { mounts } => {
                 let error = match crate::mount_spec::check_shared(&mounts) {
                     Err(e) => Some(e.message),

@@ -151,6 +151,21 @@ impl Launcher for FakeLauncher {
         None
     }
 
+    fn read_shared_file(
+        &mut self,
+        name: &str,
+        path: &str,
+        offset: u64,
+    ) -> Result<(Vec<u8>, bool), String> {
+        match (name, path) {
+            ("train", "app.jsa") => Ok((
+                b"archive".get(offset as usize..).unwrap_or(&[]).to_vec(),
+                true,
+            )),
+            _ => Err(format!("no {path} in {name}")),
+        }
+    }
+
     fn mount_shared(&mut self, mounts: &[Mount]) -> Result<(), StartError> {
         self.mounted.push(mounts.to_vec());
         match mounts.iter().find(|m| m.shared_name() == Some("pvl9")) {
@@ -939,4 +954,41 @@ fn close_volume_stops_its_containers_and_closes_after_their_exit() {
         &outbox(&mut agent)[..],
         [GuestMessage::VolumeClosed { .. }]
     ));
+}
+
+#[test]
+fn shared_files_are_read_in_chunks_and_failures_answered() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    agent.handle(
+        HostMessage::ReadSharedFile {
+            name: "train".into(),
+            path: "app.jsa".into(),
+            offset: 2,
+        },
+        now,
+    );
+    agent.handle(
+        HostMessage::ReadSharedFile {
+            name: "train".into(),
+            path: "missing".into(),
+            offset: 0,
+        },
+        now,
+    );
+    assert_eq!(
+        outbox(&mut agent),
+        vec![
+            GuestMessage::SharedFileData {
+                data: b"chive".to_vec(),
+                eof: true,
+                error: None,
+            },
+            GuestMessage::SharedFileData {
+                data: vec![],
+                eof: true,
+                error: Some("no missing in train".into()),
+            },
+        ]
+    );
 }

@@ -61,6 +61,14 @@ pub trait Launcher {
     /// Unmounts the shared mounts of `volume` and removes its mapping
     /// (its containers are gone).
     fn close_volume(&mut self, volume: &str) -> Option<String>;
+    /// `ReadSharedFile` ([`crate::shared_file::read_chunk`]): a chunk of a
+    /// file in a shared mount and whether it reaches the end.
+    fn read_shared_file(
+        &mut self,
+        name: &str,
+        path: &str,
+        offset: u64,
+    ) -> Result<(Vec<u8>, bool), String>;
 }
 
 /// The real launcher: mounts, `clone`, namespaces.
@@ -197,6 +205,15 @@ impl Launcher for LinuxLauncher {
     fn suspend_volumes(&mut self) -> Option<String> {
         let dm = self.dm.as_ref().map(|d| d as &dyn DeviceMapper);
         self.volumes.suspend_all(dm)
+    }
+
+    fn read_shared_file(
+        &mut self,
+        name: &str,
+        path: &str,
+        offset: u64,
+    ) -> Result<(Vec<u8>, bool), String> {
+        crate::shared_file::read_chunk(&self.shared, name, path, offset)
     }
 
     fn close_volume(&mut self, volume: &str) -> Option<String> {

@@ -39,6 +39,7 @@ pub mod network;
 pub mod path_lookup;
 pub mod port;
 pub mod process;
+pub mod shared_file;
 pub mod spec;
 pub mod storage;
 pub mod syscall;

@@ -231,7 +231,7 @@ const MAX_SUB_PATH_LEN: usize = 4096;
 
 /// A path inside a shared mount (a `subPath`): relative, only normal
 /// components, at most [`MAX_SUB_PATH_LEN`] bytes.
-fn sub_path(path: &str) -> Result<(), String> {
+pub(crate) fn sub_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.len() > MAX_SUB_PATH_LEN || path.contains('\0') {
         return Err("the sub-path is empty, too long or not a usable path".into());
     }

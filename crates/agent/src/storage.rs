@@ -56,6 +56,11 @@ pub struct SharedMounts {
 }
 
 impl SharedMounts {
+    /// Whether the shared mount `name` is made.
+    pub fn is_made(&self, name: &str) -> bool {
+        self.made.contains_key(name)
+    }
+
     /// Makes each of `mounts` (checked, all shared) not made yet. One that
     /// is made already is skipped when it is the same mount and refused
     /// when it is another under the same name.
@@ -187,12 +192,37 @@ pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<OwnedFd> {
 }
 
 fn openat2_in_root(root: &OwnedFd, path: &str, dir: bool) -> Result<OwnedFd, Errno> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let path = std::ffi::CString::new(path).map_err(|_| Errno::EINVAL)?;
     let mut flags = libc::O_PATH | libc::O_CLOEXEC;
     if dir {
         flags |= libc::O_DIRECTORY;
     }
+    openat2_resolved_in_root(root, path, flags)
+}
+
+/// Opens the regular file `rel` inside `root` for reading, resolved as if
+/// `root` were `/` (a symlink never leads out of it; no magic links).
+pub fn open_file_beneath(root: &Path, rel: &str) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::OFlag;
+    let root_fd = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = openat2_resolved_in_root(
+        &root_fd,
+        rel,
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+    )?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+fn openat2_resolved_in_root(root: &OwnedFd, path: &str, flags: i32) -> Result<OwnedFd, Errno> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let path = std::ffi::CString::new(path).map_err(|_| Errno::EINVAL)?;
     // SAFETY: `open_how` is plain data; zero is valid for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = flags as u64;

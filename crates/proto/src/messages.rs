@@ -82,7 +82,20 @@ pub enum HostMessage {
     /// (SIGTERM, SIGKILL after `grace_ms`), unmount it, remove its mapping
     /// and wipe its key. Answered by [`GuestMessage::VolumeClosed`].
     CloseVolume { name: String, grace_ms: u64 },
+    /// Read up to [`MAX_FILE_CHUNK`] bytes at `offset` of the regular
+    /// file `path` (relative, without `..`) inside the shared mount `name`
+    /// (a training run's output: it outlives the container that wrote it).
+    /// The path is resolved inside the mount (a symlink never leads out of
+    /// it). Answered by [`GuestMessage::SharedFileData`].
+    ReadSharedFile {
+        name: String,
+        path: String,
+        offset: u64,
+    },
 }
+
+/// Most bytes one [`GuestMessage::SharedFileData`] carries.
+pub const MAX_FILE_CHUNK: usize = 512 * 1024;
 
 /// What makes a clone of a VM template its own machine. Every clone resumes
 /// with the template's RNG state, clock and hostname; the agent mixes
@@ -160,6 +173,14 @@ pub enum GuestMessage {
     ProfileApplied {
         id: String,
         profile: crate::AppliedProfile,
+    },
+    /// The answer to [`HostMessage::ReadSharedFile`]: the bytes at the
+    /// offset asked for (at most [`MAX_FILE_CHUNK`]; fewer only at the end
+    /// of the file, then `eof`), or what went wrong.
+    SharedFileData {
+        data: Vec<u8>,
+        eof: bool,
+        error: Option<String>,
     },
 }
 
