@@ -28,6 +28,7 @@ pub mod catalog;
 pub mod cleanup;
 mod convert;
 pub mod credentials;
+pub mod derived;
 mod digest;
 mod erofs;
 mod error;

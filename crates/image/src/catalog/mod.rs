@@ -206,12 +206,22 @@ impl Catalog {
         chain: &ChainId,
         purpose: &str,
     ) -> Result<Result<(), (Holder, Revision)>, ImageError> {
+        self.try_lock_key(&Catalog::lock_key(chain), purpose).await
+    }
+
+    /// Creates lock `key` for this process on its lease: `Ok(Ok(()))` if
+    /// taken, `Ok(Err(holder))` if another holds it.
+    pub(crate) async fn try_lock_key(
+        &self,
+        key: &str,
+        purpose: &str,
+    ) -> Result<Result<(), (Holder, Revision)>, ImageError> {
         let mut holder = self.holder.clone();
         holder.what = purpose.to_string();
         let bytes = serde_json::to_vec(&holder).expect("holder serializes");
         match self
             .store
-            .create(&Catalog::lock_key(chain), &bytes, Some(self.lease.id()))
+            .create(key, &bytes, Some(self.lease.id()))
             .await
             .map_err(|e| self.err(e))?
         {
@@ -225,16 +235,40 @@ impl Catalog {
 
     /// Releases a lock this process holds.
     pub(crate) async fn unlock(&self, chain: &ChainId) -> Result<(), ImageError> {
-        let key = Catalog::lock_key(chain);
-        if let Some(kv) = self.get(&key).await?
+        self.unlock_key(&Catalog::lock_key(chain)).await
+    }
+
+    /// Deletes lock `key` if this process holds it.
+    pub(crate) async fn unlock_key(&self, key: &str) -> Result<(), ImageError> {
+        if let Some(kv) = self.get(key).await?
             && kv.lease == Some(self.lease.id())
         {
             self.store
-                .delete_if(&key, kv.mod_revision)
+                .delete_if(key, kv.mod_revision)
                 .await
                 .map_err(|e| self.err(e))?;
         }
         Ok(())
+    }
+
+    /// Deletes `key`, whatever its value.
+    pub(crate) async fn delete_key(&self, key: &str) -> Result<(), ImageError> {
+        if let Some(kv) = self.get(key).await? {
+            self.store
+                .delete_if(key, kv.mod_revision)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a derived layer's entry (not on a lease: it outlives us).
+    pub(crate) async fn put_derived(
+        &self,
+        key: &str,
+        entry: &crate::derived::DerivedEntry,
+    ) -> Result<(), ImageError> {
+        self.put_json(key, entry, false).await
     }
 
     /// Waits until something changes under the layer's keys after
@@ -380,7 +414,7 @@ impl Catalog {
         self.store.list(prefix).await.map_err(|e| self.err(e))
     }
 
-    async fn get_json<T: DeserializeOwned>(
+    pub(crate) async fn get_json<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<(T, KeyValue)>, ImageError> {

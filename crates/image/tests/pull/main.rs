@@ -4,6 +4,7 @@
 //! platforms, auth, bad images and GC.
 
 mod acquire;
+mod derived;
 mod env;
 mod gc;
 mod hostile;
