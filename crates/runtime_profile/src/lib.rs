@@ -13,6 +13,8 @@
 //! Pure computation: nothing here reads images or starts anything. Pods
 //! do not get profiles yet; the host runtime will apply them.
 
+pub mod jvm_archive;
+
 use std::fmt::Write as _;
 
 const MIB: u64 = 1 << 20;
