@@ -122,8 +122,8 @@ mod tests {
 
     #[test]
     fn archives_and_rejections_are_recognised() {
-        assert!(is_dynamic_archive(&[0xa8, 0xba, 0x0b, 0xf0, 0x35]));
-        assert!(!is_dynamic_archive(&[0xa2, 0xba, 0x0b, 0xf0]));
+        assert!(is_dynamic_archive(&[0xa8, 0xab, 0x0b, 0xf0, 0x35]));
+        assert!(!is_dynamic_archive(&[0xa2, 0xab, 0x0b, 0xf0]));
         assert!(!is_dynamic_archive(b""));
         assert!(archive_rejected(
             b"[0.067s][warning][cds,dynamic] Unable to use shared archive. The top archive failed to load: /.podvisor/jvm/app.jsa\nlistening"
