@@ -67,6 +67,11 @@ pub struct HostDaemonArgs {
     /// there, and its pods may run on any host naming the same storage.
     #[arg(long, value_name = "NAME", requires = "volume_dir")]
     pub volume_storage: Option<String>,
+    /// Seconds a JVM training run warms up before its class-data archive
+    /// is dumped (once per image and command, for the whole cluster);
+    /// 0: make and use no JVM archives on this host.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub jvm_archive_warm_up: u64,
     #[command(flatten)]
     pub network: PodNetworkArgs,
     #[command(flatten)]
@@ -171,6 +176,8 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
     };
     let mut host_cfg = HostConfig::new(node, args.state_dir.clone());
     host_cfg.delete_grace = Duration::from_secs(args.grace);
+    host_cfg.jvm_archive_warm_up =
+        (args.jvm_archive_warm_up > 0).then(|| Duration::from_secs(args.jvm_archive_warm_up));
     if let Some(dir) = &args.volume_dir {
         host_cfg.volume_dirs.volumes = dir.clone();
     }

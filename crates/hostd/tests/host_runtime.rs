@@ -58,6 +58,7 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         hibernate_after: None,
         volumes: vec![],
         size_runtimes: true,
+        isolated: false,
     }
 }
 

@@ -70,6 +70,7 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         hibernate_after: None,
         volumes: vec![],
         size_runtimes: true,
+        isolated: false,
     }
 }
 

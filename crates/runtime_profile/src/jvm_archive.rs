@@ -129,6 +129,8 @@ mod tests {
             b"[0.067s][warning][cds,dynamic] Unable to use shared archive. The top archive failed to load: /.podvisor/jvm/app.jsa\nlistening"
         ));
         assert!(!archive_rejected(b"listening\n"));
-        assert!(training_options().contains("-XX:ArchiveClassesAtExit=/.podvisor-training/app.jsa"));
+        assert!(
+            training_options().contains("-XX:ArchiveClassesAtExit=/.podvisor-training/app.jsa")
+        );
     }
 }

@@ -59,6 +59,12 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
     })?;
     let (cpus, memory_mib) = vm_size(size.cpu, size.memory);
     let volumes = volumes(pod)?;
+    let isolated = api::isolated(&pod.metadata).map_err(|e| {
+        unrunnable(
+            UnrunnableReason::InvalidPod,
+            format!("pod {}: {e}", pod.key()),
+        )
+    })?;
     let size_runtimes = api::runtime_profile(&pod.metadata).map_err(|e| {
         unrunnable(
             UnrunnableReason::InvalidPod,
@@ -118,6 +124,7 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
         dns,
         volumes,
         size_runtimes,
+        isolated,
     })
 }
 

@@ -68,6 +68,7 @@ impl Launcher for AckLauncher {
             disks: vec![],
             containers,
             holds: vec![],
+            archive_keys: vec![],
         })
     }
 

@@ -203,6 +203,7 @@ impl Launcher for FakeLauncher {
             }],
             containers,
             holds: self.holds.clone(),
+            archive_keys: vec![],
         })
     }
 

@@ -6,6 +6,7 @@
 //! held in the catalog for the pod without a lease (GC leaves them alone
 //! whatever happens to the daemon) until the pod is deleted ([`release`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use podvisor_image::progress::NoProgress;
@@ -16,8 +17,10 @@ use podvisor_image::{
 use podvisor_vmm::BlockDevice;
 use serde::{Deserialize, Serialize};
 
+use super::jvm_archive;
 use super::plan::PodPlan;
 use podvisor_podvm::NodeConfig;
+use podvisor_podvm::container::process_spec;
 
 /// One container's image: its layers (disk serials, bottom first) and how
 /// to run it.
@@ -25,6 +28,14 @@ use podvisor_podvm::NodeConfig;
 pub struct ContainerImage {
     pub layers: Vec<String>,
     pub config: RuntimeConfig,
+    /// The image's layers, bottom first.
+    pub chains: Vec<ChainId>,
+    /// The JVM archive key of the container (see [`jvm_archive`]), when
+    /// archives are wanted and it runs a JVM.
+    pub archive_key: Option<String>,
+    /// Its archive layer, when the catalog has one: its disk's serial and
+    /// what the training run measured.
+    pub archive: Option<(String, BTreeMap<String, String>)>,
 }
 
 /// Layers held in the catalog for a pod, to release when it is deleted.
@@ -57,7 +68,14 @@ pub struct ImageProblem {
 /// existing absolute path names an OCI layout or archive to import, with
 /// an optional `:REF`; anything else is a registry reference, whatever the
 /// daemon's working directory holds).
-pub async fn resolve(cfg: &NodeConfig, plan: &PodPlan) -> Result<PodImages, ImageProblem> {
+///
+/// With `archives`, a container that runs a JVM gets its archive key, and
+/// the archive layer the catalog has for it is held and attached too.
+pub async fn resolve(
+    cfg: &NodeConfig,
+    plan: &PodPlan,
+    archives: bool,
+) -> Result<PodImages, ImageProblem> {
     let problem = |container: &str, image: &str, message: String| ImageProblem {
         container: container.to_string(),
         image: image.to_string(),
@@ -77,7 +95,7 @@ pub async fn resolve(cfg: &NodeConfig, plan: &PodPlan) -> Result<PodImages, Imag
             ),
         )
     })?;
-    let result = resolve_with(cfg, plan, &cache, &catalog).await;
+    let result = resolve_with(cfg, plan, &cache, &catalog, archives).await;
     if let Err(e) = &result {
         tracing::debug!(pod = %plan.key(), "{e}", e = podvisor_errors::ErrorChain(&e));
     }
@@ -90,6 +108,7 @@ async fn resolve_with(
     plan: &PodPlan,
     cache: &LayerCache,
     catalog: &Catalog,
+    archives: bool,
 ) -> Result<PodImages, ImageProblem> {
     let options = cfg.pull_options();
     let hold_for = HoldFor::durable(format!("pod {} ({})", plan.key(), plan.uid));
@@ -117,11 +136,26 @@ async fn resolve_with(
         let serials = layers.add_image(&held.image);
         holds.push(HeldLayers {
             id: held.hold.keep(),
-            chains,
+            chains: chains.clone(),
         });
+        let archive_key = match (archives, chains.last()) {
+            (true, Some(top)) => process_spec(&held.image.config, &c.overrides())
+                .ok()
+                .and_then(|p| jvm_archive::archive_key(top, &p)),
+            _ => None,
+        };
+        let archive = match &archive_key {
+            Some(key) => {
+                archive_layer(cache, catalog, key, &hold_for, &mut layers, &mut holds).await
+            }
+            None => None,
+        };
         containers.push(ContainerImage {
             layers: serials,
             config: held.image.config,
+            chains,
+            archive_key,
+            archive,
         });
     }
     Ok(PodImages {
@@ -129,6 +163,37 @@ async fn resolve_with(
         containers,
         holds,
     })
+}
+
+/// The archive layer of `key`, if the catalog has one whose disk is here:
+/// held for the pod and attached. A catalog error only costs the archive.
+async fn archive_layer(
+    cache: &LayerCache,
+    catalog: &Catalog,
+    key: &str,
+    hold_for: &HoldFor,
+    layers: &mut LayerAttachments,
+    holds: &mut Vec<HeldLayers>,
+) -> Option<(String, BTreeMap<String, String>)> {
+    let entry = match catalog.derived(key).await {
+        Ok(e) => e?,
+        Err(e) => {
+            tracing::warn!(archive = %key, "looking up a JVM archive: {}", podvisor_errors::ErrorChain(&e));
+            return None;
+        }
+    };
+    let disk = cache.get(&entry.chain_id)?;
+    let chains = vec![entry.chain_id.clone()];
+    let hold = catalog
+        .hold_layers(&chains, &hold_for.what, hold_for.leased)
+        .await
+        .ok()?;
+    holds.push(HeldLayers {
+        id: hold.keep(),
+        chains,
+    });
+    let serial = layers.add([disk.path.as_path()]).pop()?;
+    Some((serial, entry.facts))
 }
 
 /// `e` and its causes, as the CLI prints an error (a cause the message

@@ -39,6 +39,7 @@ pub mod hibernation;
 #[cfg(test)]
 mod hibernation_tests;
 pub mod images;
+pub mod jvm_archive;
 pub mod logs;
 pub mod plan;
 mod pod_events;
@@ -110,6 +111,9 @@ pub struct HostConfig {
     /// How long the key release of a start's encrypted volumes may take
     /// before the containers waiting for it are left with `KeyTimeout`.
     pub key_timeout: Duration,
+    /// How long a JVM training run warms up before its class-data archive
+    /// is dumped; `None`: this host makes and uses no JVM archives.
+    pub jvm_archive_warm_up: Option<Duration>,
 }
 
 impl HostConfig {
@@ -123,6 +127,7 @@ impl HostConfig {
             network: None,
             wake_timeout: Duration::from_secs(30),
             key_timeout: Duration::from_secs(60),
+            jvm_archive_warm_up: Some(Duration::from_secs(20)),
             volume_dirs: volumes::VolumeDirs {
                 volumes: state_dir.join("volumes"),
                 format_images: state_dir.join("volume-format-images"),

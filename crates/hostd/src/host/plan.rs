@@ -41,6 +41,11 @@ pub struct PodPlan {
     /// (false: the pod's `podvisor.io/runtime-profile: none`).
     #[serde(default = "size_runtimes_by_default")]
     pub size_runtimes: bool,
+    /// The pod shares no memory with other pods (its
+    /// `podvisor.io/isolated: "true"`): no shared layer pages, no JVM
+    /// archive, no KSM.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 fn size_runtimes_by_default() -> bool {
@@ -189,6 +194,7 @@ mod tests {
             hibernate_after: None,
             volumes: vec![],
             size_runtimes: true,
+            isolated: false,
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

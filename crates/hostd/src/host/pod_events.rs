@@ -74,6 +74,13 @@ impl PodTask {
             }
             GuestMessage::Output { id, stream, data } => {
                 if let Some(i) = self.container_index(&id) {
+                    if self.slots[i].archive_key.is_some()
+                        && podvisor_runtime_profile::jvm_archive::archive_rejected(&data)
+                        && let Some(key) = self.slots[i].archive_key.take()
+                    {
+                        tracing::warn!(pod = %self.key(), container = %id, "the JVM rejected its class-data archive");
+                        self.shared.launcher.archive_rejected(&key).await;
+                    }
                     if let Err(e) = self.slots[i].log.append(&data) {
                         tracing::warn!(pod = %self.key(), container = %id, "log write failed: {e}");
                     }

@@ -123,6 +123,9 @@ pub(super) struct ContainerSlot {
     pub log: ContainerLog,
     /// What it runs, once its image is resolved.
     pub spec: Option<ContainerSpec>,
+    /// The key of the JVM archive it starts with, until its JVM is seen
+    /// to reject it.
+    pub archive_key: Option<String>,
 }
 
 impl ContainerSlot {
@@ -226,6 +229,7 @@ impl PodTask {
                 started_once_in_vm: ran,
                 log,
                 spec: specs.get(i).cloned().flatten(),
+                archive_key: None,
             });
         }
         let (state_tx, state_rx) = watch::channel(record.state.clone());
@@ -494,6 +498,9 @@ impl PodTask {
                 return self.volumes_failed(podvisor_errors::chain(&e), retry);
             }
         };
+        for (slot, key) in self.slots.iter_mut().zip(&prepared.archive_keys) {
+            slot.archive_key = key.clone();
+        }
         for (i, (slot, spec)) in self.slots.iter_mut().zip(prepared.containers).enumerate() {
             slot.spec = match spec {
                 Ok(mut spec) => {

@@ -253,6 +253,7 @@ mod tests {
                 hibernate_after: None,
                 volumes: vec![],
                 size_runtimes: true,
+                isolated: false,
             },
             state: PodState::default(),
             vm: Some(VmRecord {

@@ -74,8 +74,13 @@ pub struct Prepared {
     /// What each container of the plan runs, in the plan's order, or why
     /// that cannot be made from its image.
     pub containers: Vec<Result<ContainerSpec, ContainerSpecError>>,
-    /// The layers now held for the pod (one entry per container).
+    /// The layers now held for the pod (one entry per container, and one
+    /// per JVM archive).
     pub holds: Vec<HeldLayers>,
+    /// For each container of the plan, the key of the JVM archive it
+    /// starts with, if it has one (see
+    /// [`jvm_archive`](super::jvm_archive)).
+    pub archive_keys: Vec<Option<String>>,
 }
 
 /// Makes and finds the sandboxes of this host's pods.
@@ -90,6 +95,9 @@ pub trait Launcher: Send + Sync {
     async fn prepare(&self, plan: &PodPlan) -> Result<Prepared, ImageProblem>;
     /// Lets go of layers held for a pod.
     async fn release(&self, holds: &[HeldLayers]);
+    /// A JVM said it cannot use the archive of `key` it was started with:
+    /// forget it, so the next start makes a new one.
+    async fn archive_rejected(&self, _key: &str) {}
     /// Starts the pod's sandbox with `disks`; returns it and its process
     /// as the pod's record keeps it for adoption.
     async fn start(

@@ -53,6 +53,7 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         hibernate_after: None,
         volumes: vec![],
         size_runtimes: true,
+        isolated: false,
     }
 }
 

@@ -27,6 +27,7 @@ use super::HostConfig;
 use super::error::RuntimeError;
 use super::hibernation::{self, Hibernated};
 use super::images::{self, HeldLayers, ImageProblem};
+use super::jvm_archive;
 use super::plan::PodPlan;
 use super::records::{PodRecord, StateDir, VmRecord};
 use super::runtime_sizing::runtime_sizing;
@@ -44,6 +45,10 @@ pub struct VmLauncher {
     /// memory over it, so any will do, and looking it up again (hashing
     /// the kernel and agent) would delay the wake.
     last_guest: Mutex<Option<podvisor_guest::GuestArtifacts>>,
+    /// JVM archive training runs going on (see [`jvm_archive`]).
+    trainings: jvm_archive::Trainings,
+    /// Their warm-up; `None`: no archives on this host.
+    jvm_warm_up: Option<Duration>,
 }
 
 impl VmLauncher {
@@ -73,6 +78,8 @@ impl VmLauncher {
             networks,
             sleeping: Mutex::new(HashMap::new()),
             last_guest: Mutex::new(None),
+            trainings: Default::default(),
+            jvm_warm_up: cfg.jvm_archive_warm_up,
         })
     }
 
@@ -167,33 +174,76 @@ impl Launcher for VmLauncher {
     }
 
     async fn prepare(&self, plan: &PodPlan) -> Result<Prepared, ImageProblem> {
-        let images = images::resolve(&self.node, plan).await?;
         let sizing = runtime_sizing(plan);
-        let containers = plan
+        // Archives go with runtime sizing, and never to isolated pods.
+        let archives =
+            self.jvm_warm_up.is_some() && !plan.isolated && sizing.iter().any(Option::is_some);
+        let images = images::resolve(&self.node, plan, archives).await?;
+        let mut archive_keys = Vec::new();
+        let mut trainings = Vec::new();
+        let containers: Vec<_> = plan
             .containers
             .iter()
             .zip(&images.containers)
             .zip(sizing)
-            .map(|((c, img), runtime)| {
+            .map(|((c, img), mut runtime)| {
                 let process = process_spec(&img.config, &c.overrides())?;
-                Ok(ContainerSpec {
+                let mut layers = img.layers.clone();
+                if let (Some((serial, facts)), Some(sizing)) = (&img.archive, &mut runtime) {
+                    layers.push(serial.clone());
+                    jvm_archive::use_archive(sizing, facts);
+                }
+                let spec = ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    mounts: podvisor_proto::image_mounts(&img.layers),
+                    mounts: podvisor_proto::image_mounts(&layers),
                     process,
                     runtime,
-                })
+                };
+                archive_keys.push(img.archive.as_ref().and(img.archive_key.clone()));
+                if let (Some(key), None, Some(top)) =
+                    (&img.archive_key, &img.archive, img.chains.last())
+                {
+                    trainings.push(jvm_archive::TrainingJob {
+                        key: key.clone(),
+                        top: top.clone(),
+                        chains: img.chains.clone(),
+                        disks: images.disks.clone(),
+                        container: spec.clone(),
+                        cpus: plan.cpus,
+                        memory_mib: plan.memory_mib,
+                    });
+                }
+                Ok(spec)
             })
             .collect();
+        if let (Some(warm_up), false) = (self.jvm_warm_up, trainings.is_empty()) {
+            match self.guest().await {
+                Ok(guest) => {
+                    for job in trainings {
+                        self.trainings
+                            .spawn(self.node.clone(), guest.clone(), job, warm_up);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %plan.key(), "no JVM training run: {}", podvisor_errors::ErrorChain(&e))
+                }
+            }
+        }
         Ok(Prepared {
             disks: images.disks,
             containers,
             holds: images.holds,
+            archive_keys,
         })
     }
 
     async fn release(&self, holds: &[HeldLayers]) {
         images::release(&self.node, holds).await;
+    }
+
+    async fn archive_rejected(&self, key: &str) {
+        jvm_archive::forget(&self.node, key).await;
     }
 
     async fn start(
