@@ -18,6 +18,12 @@ pub mod net_host;
 /// OCI images built from scratch for tests (layers, layouts, archives).
 pub mod oci;
 
+/// Layers of the host's own runtimes (JDK, Node.js, CPython) for images.
+pub mod host_layer;
+
+/// A Java HTTP server image (the host's JDK and a jar built here).
+pub mod java;
+
 /// A real etcd server (Debian's etcd-server) on 127.0.0.1 for store tests.
 pub mod etcd;
 
