@@ -93,8 +93,8 @@ fn layer_disks(cache: &Path) -> Vec<PathBuf> {
     let mut disks: Vec<PathBuf> = std::fs::read_dir(cache.join("layers"))
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+                .map(|e| e.path().join("disk.erofs"))
+                .filter(|p| p.is_file())
                 .collect()
         })
         .unwrap_or_default();
