@@ -156,7 +156,8 @@ async fn vm_a_jvm_archive_is_made_once_for_two_hosts_and_mapped_at_its_base() {
         "the archive is mapped at its base address:\n{second}"
     );
     assert!(
-        !second.contains("ArchiveRelocationMode == 1") && !second.contains("Unable to use shared archive"),
+        !second.contains("ArchiveRelocationMode == 1")
+            && !second.contains("Unable to use shared archive"),
         "without relocation:\n{second}"
     );
     let profile = state.containers[0]

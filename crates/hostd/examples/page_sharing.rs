@@ -1,0 +1,260 @@
+//! Benchmark of issue 12: host memory of N identical Java HTTP server pods
+//! (the host's JDK 17 and a jar, real pod VMs through the host runtime),
+//! for three ways of running them:
+//!
+//! - `blk`: layers on virtio-blk, no class-data archive (the pods ask for
+//!   isolation: what podvisor did before);
+//! - `dax`: layers on virtio-pmem with DAX, no archive;
+//! - `dax+archive`: DAX and the JVM archive a training run made.
+//!
+//! For N = 1, 2, 4, 8 (pods added one at a time) each new pod is warmed
+//! up with requests from inside it (busybox `wget` through `exec`), then
+//! the sum of the QEMU processes' PSS and the drop of MemAvailable are
+//! read; the marginal MiB per added pod is (PSS at 8 - PSS at 1) / 7.
+//! Also the time from `run` to the first response of each pod.
+//!
+//! `cargo run --release -p podvisor-hostd --example page_sharing -- [MAX_N] [REQUESTS]`
+//! (as root, with PODVISOR_AGENT set to the static agent).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podvisor_hostd::host::runtime::processes_mentioning;
+use podvisor_hostd::host::{
+    ContainerPlan, ExecEvent, ExecRequest, HostConfig, PodPlan, PodRuntime, RestartPolicy,
+};
+use podvisor_podvm::NodeConfig;
+
+const MIB: f64 = (1 << 20) as f64;
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Blk,
+    Dax,
+    DaxArchive,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Blk => "blk",
+            Mode::Dax => "dax",
+            Mode::DaxArchive => "dax+archive",
+        }
+    }
+}
+
+fn plan(uid: &str, image: &Path, mode: Mode) -> PodPlan {
+    PodPlan {
+        uid: uid.into(),
+        namespace: "default".into(),
+        name: uid.into(),
+        containers: vec![ContainerPlan {
+            name: "web".into(),
+            image: image.display().to_string(),
+            command: None,
+            args: None,
+            env: vec![],
+            working_dir: None,
+            tty: false,
+            stdin: false,
+            volume_mounts: vec![],
+            memory_bytes: Some(512 << 20),
+            millicores: None,
+        }],
+        restart_policy: RestartPolicy::Never,
+        cpus: 1,
+        memory_mib: 512,
+        port_mappings: vec![],
+        dns: Default::default(),
+        hibernate_after: None,
+        volumes: vec![],
+        size_runtimes: true,
+        isolated: matches!(mode, Mode::Blk),
+    }
+}
+
+/// Runs `wget` `n` times in pod `uid`; true if the last answered.
+async fn requests(rt: &PodRuntime, uid: &str, n: usize) -> bool {
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do wget -q -O - http://127.0.0.1:8080/ >/dev/null || exit 1; i=$((i+1)); done"
+    );
+    let Ok(mut session) = rt
+        .exec(
+            "default",
+            uid,
+            ExecRequest {
+                container: None,
+                command: vec!["sh".into(), "-c".into(), script],
+                tty: false,
+                stdin: false,
+                size: None,
+            },
+        )
+        .await
+    else {
+        return false;
+    };
+    loop {
+        match session.events.recv().await {
+            Some(ExecEvent::Exited(code)) => return code == 0,
+            Some(ExecEvent::Failed { .. }) | None => return false,
+            Some(ExecEvent::Output(..)) => {}
+        }
+    }
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let max_n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(8);
+    let warm_requests: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(50);
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("java.tar");
+    podvisor_testbed::java::java_image(work.path(), "bench", 8080, &[])
+        .unwrap()
+        .write_oci_archive(&image)
+        .unwrap();
+    println!(
+        "machine: {} cores; accel {:?}",
+        num_cpus(),
+        podvisor_vmm::AccelChoice::resolve(None).accel
+    );
+    println!(
+        "pods: 512 MiB, 1 vCPU, host JDK 17 HTTP server; warm-up {warm_requests} requests each"
+    );
+    for mode in [Mode::Blk, Mode::Dax, Mode::DaxArchive] {
+        let state = work.path().join(mode.name());
+        let mut node = NodeConfig::with_defaults(podvisor_vmm::AccelChoice::resolve(None).accel);
+        node.cache_dir = work.path().join("cache");
+        let mut cfg = HostConfig::new(node, state.clone());
+        cfg.delete_grace = Duration::from_secs(2);
+        cfg.jvm_archive_warm_up = match mode {
+            Mode::DaxArchive => Some(Duration::from_secs(20)),
+            _ => None,
+        };
+        let (rt, _feed) = PodRuntime::open(cfg).unwrap();
+        if matches!(mode, Mode::DaxArchive) {
+            // The archive is made once, by the first pod's training run.
+            rt.run(plan("trainer", &image, mode)).unwrap();
+            wait_for_archive(&work.path().join("cache")).await;
+            rt.delete("trainer", None).await;
+            settle().await;
+        }
+        let run_dir: PathBuf = state.join("run");
+        let before = mem_available_kib();
+        let mut firsts = Vec::new();
+        let mut points = Vec::new();
+        for i in 1..=max_n {
+            let uid = format!("{}-{i}", mode.name().replace('+', "-"));
+            let started = Instant::now();
+            rt.run(plan(&uid, &image, mode)).unwrap();
+            loop {
+                if requests(&rt, &uid, 1).await {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(600),
+                    "{uid} never answered"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            firsts.push(started.elapsed().as_secs_f64());
+            assert!(requests(&rt, &uid, warm_requests).await, "{uid} warm-up");
+            if i.is_power_of_two() {
+                settle().await;
+                let pids = processes_mentioning(&run_dir.display().to_string());
+                let pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
+                let drop = before.saturating_sub(mem_available_kib());
+                println!(
+                    "{:<12} N={i}: QEMU PSS {:.0} MiB ({} processes), MemAvailable drop {:.0} MiB",
+                    mode.name(),
+                    pss as f64 / 1024.0,
+                    pids.len(),
+                    drop as f64 / 1024.0
+                );
+                points.push((i, pss as f64 * 1024.0, drop as f64 * 1024.0));
+            }
+        }
+        if let (Some(first), Some(last)) = (points.first(), points.last())
+            && last.0 > first.0
+        {
+            let n = (last.0 - first.0) as f64;
+            println!(
+                "{:<12} marginal per added pod: PSS {:.1} MiB, MemAvailable {:.1} MiB",
+                mode.name(),
+                (last.1 - first.1) / n / MIB,
+                (last.2 - first.2) / n / MIB
+            );
+        }
+        let mut sorted = firsts.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "{:<12} run to first response: median {:.2} s, min {:.2} s (all: {:?})",
+            mode.name(),
+            sorted[sorted.len() / 2],
+            sorted[0],
+            firsts
+                .iter()
+                .map(|f| (f * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+        for i in 1..=max_n {
+            rt.delete(&format!("{}-{i}", mode.name().replace('+', "-")), None)
+                .await;
+        }
+        settle().await;
+        podvisor_testbed::daemon::kill_mentioning(&run_dir.display().to_string());
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Waits until the cache holds the archive layer (four layer disks:
+/// busybox, JDK, jar, archive).
+async fn wait_for_archive(cache: &Path) {
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_dir(cache.join("layers"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("disk.erofs").is_file())
+                    .count()
+            })
+            .unwrap_or(0);
+        if n >= 4 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "no archive made"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
