@@ -1,9 +1,8 @@
 //! Starting a container: resolve its process in the mounted root, size
 //! its language runtime when the spec asks ([`crate::runtime_profiles`]),
-//! set up
-//! stdio, `clone` the child into new mount/PID/UTS/IPC namespaces with a
-//! prepared [`ChildPlan`], and learn through the close-on-exec error pipe
-//! whether its `execve` succeeded.
+//! set up stdio, `clone` the child into new mount/PID/UTS/IPC namespaces
+//! with a prepared [`ChildPlan`], and learn through the close-on-exec
+//! error pipe whether its `execve` succeeded.
 
 use std::os::fd::AsRawFd;
 
