@@ -27,8 +27,11 @@ packages=(qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox-static zst
 if [ "$want_test" = 1 ]; then
     # openssl signs the bearer tokens of the token-auth registry tests;
     # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh;
-    # socat is the UDP peer of the pod-to-pod tests (busybox has none).
-    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3 socat)
+    # socat is the UDP peer of the pod-to-pod tests (busybox has none);
+    # the runtime-profile tests put Debian's JDK 17, Node.js and CPython
+    # into a pod's image and build a Go program with golang-go.
+    packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3 socat
+               openjdk-17-jre-headless nodejs python3.11-minimal golang-go)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -400,8 +400,15 @@ impl<L: Launcher> Agent<L> {
         }
     }
 
-    /// Records a started process and reports `Started`.
+    /// Records a started process and reports `Started` (after
+    /// `ProfileApplied` when its runtime was sized).
     fn track(&mut self, id: &str, l: Launched, exec_in: Option<String>) {
+        if let Some(profile) = l.profile {
+            self.outbox.push_back(GuestMessage::ProfileApplied {
+                id: id.to_string(),
+                profile,
+            });
+        }
         let mut outputs = vec![(Stream::Stdout, l.stdout)];
         outputs.extend(l.stderr.map(|fd| (Stream::Stderr, fd)));
         let stdin = l.stdin.map(|fd| StdinSink {

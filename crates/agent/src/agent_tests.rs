@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use podvisor_proto::{
-    CloneIdentity, ContainerSpec, DnsConfig, ExecSpec, ExitStatus, GuestMessage, HostMessage,
-    InterfaceConfig, Mount, MountSource, MountTarget, NetworkConfig, ProcessSpec, StartError,
-    StartErrorKind, Stream, image_mounts,
+    AppliedProfile, CloneIdentity, ContainerSpec, DnsConfig, ExecSpec, ExitStatus, GuestMessage,
+    HostMessage, InterfaceConfig, Mount, MountSource, MountTarget, NetworkConfig, ProcessSpec,
+    RuntimeSizing, StartError, StartErrorKind, Stream, image_mounts,
 };
 
 use super::*;
@@ -78,13 +78,17 @@ impl FakeLauncher {
             stderr: Some(err_r),
             terminal: false,
             status: None,
+            profile: None,
         })
     }
 }
 
 impl Launcher for FakeLauncher {
     fn start(&mut self, spec: &ContainerSpec) -> Result<Launched, StartError> {
-        self.launch(&spec.id, &spec.process)
+        let mut launched = self.launch(&spec.id, &spec.process)?;
+        // As the real launcher does for a runtime it recognises.
+        launched.profile = spec.runtime.as_ref().map(|_| fake_profile());
+        Ok(launched)
     }
 
     fn exec(&mut self, spec: &ExecSpec, init_pid: i32) -> Result<Launched, StartError> {
@@ -178,6 +182,14 @@ impl Launcher for FakeLauncher {
     }
 }
 
+fn fake_profile() -> AppliedProfile {
+    AppliedProfile {
+        runtime: "Go go1.19.8".into(),
+        env: vec![("GOMAXPROCS".into(), "1".into())],
+        reasons: vec!["GOMAXPROCS=1: the share's CPUs".into()],
+    }
+}
+
 fn spec(id: &str, args: &[&str], stdin: bool) -> ContainerSpec {
     ContainerSpec {
         id: id.into(),
@@ -210,6 +222,47 @@ fn outbox(agent: &mut Agent<FakeLauncher>) -> Vec<GuestMessage> {
 
 fn exited(pid: i32, code: i32) -> WaitStatus {
     WaitStatus::Exited(Pid::from_raw(pid), code)
+}
+
+#[test]
+fn a_sized_container_reports_its_profile_just_before_started() {
+    let now = Instant::now();
+    let mut agent = Agent::new(FakeLauncher::default());
+    let mut sized = spec("c1", &["/app/server"], false);
+    sized.runtime = Some(RuntimeSizing {
+        memory_share_ppm: 1_000_000,
+        cpus: Some(1),
+        loaded_classes: None,
+        peak_threads: None,
+        jvm_archive: None,
+    });
+    agent.handle(HostMessage::StartContainer(sized), now);
+    assert_eq!(
+        outbox(&mut agent),
+        [
+            GuestMessage::ProfileApplied {
+                id: "c1".into(),
+                profile: fake_profile(),
+            },
+            GuestMessage::Started {
+                id: "c1".into(),
+                pid: 100
+            }
+        ]
+    );
+    // An exec in it gets none.
+    agent.handle(
+        HostMessage::Exec(ExecSpec {
+            id: "e1".into(),
+            container: "c1".into(),
+            process: spec("e1", &["/app/server"], false).process,
+        }),
+        now,
+    );
+    assert!(matches!(
+        outbox(&mut agent)[..],
+        [GuestMessage::Started { .. }]
+    ));
 }
 
 #[test]

@@ -182,6 +182,74 @@ pub fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What the VM leaves to containers, recorded once at boot before any
+/// container starts: runtime profiles size a container's runtime to its
+/// share of `mem_available` ([`crate::runtime_profiles`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmResources {
+    /// `MemTotal` of `/proc/meminfo`, in bytes: the RAM the kernel manages.
+    pub mem_total: u64,
+    /// `MemAvailable`, in bytes: what is left for containers once the
+    /// kernel, the initramfs and the agent have taken theirs.
+    pub mem_available: u64,
+    /// CPUs the agent may run on (its affinity mask; else
+    /// `/sys/devices/system/cpu/online`; at least 1).
+    pub cpus_online: u32,
+}
+
+impl VmResources {
+    /// Reads them from `/proc/meminfo` and the CPU affinity. A value that
+    /// cannot be read is 0 (memory) or 1 (CPUs), and logged.
+    pub fn read() -> VmResources {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_else(|e| {
+            crate::log!("cannot read /proc/meminfo: {e}");
+            String::new()
+        });
+        let (mem_total, mem_available) = parse_meminfo(&meminfo);
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .ok()
+            .map(|set| {
+                (0..nix::sched::CpuSet::count())
+                    .filter(|&i| set.is_set(i).unwrap_or(false))
+                    .count() as u32
+            })
+            .filter(|&n| n > 0)
+            .or_else(|| {
+                std::fs::read_to_string("/sys/devices/system/cpu/online")
+                    .ok()
+                    .and_then(|text| parse_cpu_list(&text))
+            });
+        VmResources {
+            mem_total: mem_total.unwrap_or(0),
+            mem_available: mem_available.or(mem_total).unwrap_or(0),
+            cpus_online: cpus.unwrap_or(1).max(1),
+        }
+    }
+}
+
+/// `MemTotal` and `MemAvailable` of `/proc/meminfo`, in bytes.
+pub fn parse_meminfo(text: &str) -> (Option<u64>, Option<u64>) {
+    let field = |name: &str| {
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+            let kib = rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+            kib.checked_mul(1024)
+        })
+    };
+    (field("MemTotal"), field("MemAvailable"))
+}
+
+/// How many CPUs a kernel CPU list names (`0-3,6`: 5).
+pub fn parse_cpu_list(text: &str) -> Option<u32> {
+    let mut n = 0u32;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi) = (lo.parse::<u32>().ok()?, hi.parse::<u32>().ok()?);
+        n = n.checked_add(hi.checked_sub(lo)?.checked_add(1)?)?;
+    }
+    (n > 0).then_some(n)
+}
+
 /// What the agent reports in `Ready`; `boot_steps` are the uptimes at the
 /// end of each boot step, for the host's stage breakdown.
 pub fn agent_info(kernel_release: String, boot_steps: Vec<(String, u64)>) -> AgentInfo {
@@ -235,6 +303,27 @@ mod tests {
             mount_basics(&sys).unwrap_err().to_string(),
             "boot: mount proc on /proc: ENODEV: No such device"
         );
+    }
+
+    #[test]
+    fn memory_and_cpus_are_read_from_the_kernels_files() {
+        let meminfo = "MemTotal:        1004112 kB\nMemFree:          950000 kB\nMemAvailable:     931000 kB\n";
+        assert_eq!(
+            parse_meminfo(meminfo),
+            (Some(1004112 * 1024), Some(931000 * 1024))
+        );
+        assert_eq!(parse_meminfo("MemTotal: lots\n"), (None, None));
+        assert_eq!(parse_cpu_list("0-3,6\n"), Some(5));
+        assert_eq!(parse_cpu_list("0\n"), Some(1));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+        // This machine's own values are sane.
+        let vm = VmResources::read();
+        assert!(
+            vm.mem_available > 0 && vm.mem_available <= vm.mem_total,
+            "{vm:?}"
+        );
+        assert!(vm.cpus_online >= 1, "{vm:?}");
     }
 
     #[test]

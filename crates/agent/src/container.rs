@@ -1,7 +1,8 @@
-//! Starting a container: resolve its process in the mounted root, set up
-//! stdio, `clone` the child into new mount/PID/UTS/IPC namespaces with a
-//! prepared [`ChildPlan`], and learn through the close-on-exec error pipe
-//! whether its `execve` succeeded.
+//! Starting a container: resolve its process in the mounted root, size
+//! its language runtime when the spec asks ([`crate::runtime_profiles`]),
+//! set up stdio, `clone` the child into new mount/PID/UTS/IPC namespaces
+//! with a prepared [`ChildPlan`], and learn through the close-on-exec
+//! error pipe whether its `execve` succeeded.
 
 use std::os::fd::AsRawFd;
 
@@ -9,27 +10,36 @@ use nix::sched::CloneFlags;
 use nix::unistd::{Gid, Uid};
 use podvisor_proto::{ContainerSpec, StartError, StartErrorKind};
 
+use crate::boot::VmResources;
 use crate::child::{self, ChildPlan, ChildPlanParts};
 use crate::mounts::{self, ContainerDirs, Op};
 use crate::process::{
-    Launched, cstring, describe_failure, err, pipe, process_stdio, read_failure, resolve_process,
-    set_nonblocking,
+    Launched, cstring, describe_failure, envp, err, pipe, process_stdio, read_failure,
+    resolve_process, set_nonblocking,
 };
-use crate::spec;
+use crate::{runtime_profiles, spec};
 
 /// Resolves user, program and environment in the mounted root, sets up
 /// stdio and clones the container.
 /// `extra_rootfs_ops` run in the child after the standard root
 /// ([`mounts::rootfs_plan`]): the mounts the spec lists inside the
 /// container, the network files' bind mounts.
+/// `vm`: what the VM left to containers at boot, which a runtime profile
+/// takes its share of.
 pub fn launch(
     spec: &ContainerSpec,
     dirs: &ContainerDirs,
     extra_rootfs_ops: Vec<Op>,
+    vm: &VmResources,
 ) -> Result<Launched, StartError> {
     let p = &spec.process;
     let root = &dirs.rootfs;
-    let r = resolve_process(p, root)?;
+    let mut r = resolve_process(p, root)?;
+    // Only the main process: an exec keeps the environment it is given.
+    let profile = spec
+        .runtime
+        .as_ref()
+        .and_then(|sizing| runtime_profiles::apply(sizing, vm, root, &p.args, &mut r.env));
     let io = process_stdio(p, &dirs.pts)?;
     let (error_r, error_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
@@ -49,7 +59,7 @@ pub fn launch(
         groups: r.user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
         exe: cstring("the program path", &r.exe)?,
         argv: r.argv,
-        envp: r.envp,
+        envp: envp(&r.env)?,
         stdio: io.stdio,
         error_fd: error_w.as_raw_fd(),
         status_fd: status_w.as_raw_fd(),
@@ -84,6 +94,7 @@ pub fn launch(
             stderr: io.stderr,
             terminal: p.terminal.is_some(),
             status: Some(status_r),
+            profile,
         }),
         Some(failure) => {
             // The child exits right after reporting; reap it here so the

@@ -30,7 +30,8 @@ use crate::child::{self, ChildPlan, ChildPlanParts, Failure, Step};
 use crate::mounts::ContainerDirs;
 use crate::path_lookup::is_safe_name;
 use crate::process::{
-    Launched, cstring, describe_failure, err, pipe, process_stdio, read_failure, resolve_process,
+    Launched, cstring, describe_failure, envp, err, pipe, process_stdio, read_failure,
+    resolve_process,
 };
 use crate::spec;
 use crate::syscall::{LinuxSyscall, Syscall};
@@ -135,7 +136,7 @@ pub fn launch(
             groups: r.user.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
             exe: cstring("the program path", &r.exe)?,
             argv: r.argv,
-            envp: r.envp,
+            envp: envp(&r.env)?,
             stdio: io.stdio,
             error_fd: error_w.as_raw_fd(),
             status_fd: -1,
@@ -178,6 +179,8 @@ pub fn launch(
             stderr: io.stderr,
             terminal: p.terminal.is_some(),
             status: None,
+            // Execs keep their own environment: no runtime profile.
+            profile: None,
         }),
         Some(failure) => {
             let _ = nix::sys::wait::waitpid(pid, None);

@@ -14,6 +14,7 @@ use podvisor_proto::{
     VolumeOpened,
 };
 
+use crate::boot::VmResources;
 use crate::disks::{self, DiskFinder, SysBlock};
 use crate::dm_crypt::{DeviceMapper, DmControl};
 use crate::mounts::{self, ContainerDirs, Op};
@@ -85,10 +86,13 @@ pub struct LinuxLauncher {
     volume_env: LinuxVolumeEnv,
     /// Device-mapper, opened with the first volume keys.
     dm: Option<DmControl>,
+    /// What the VM left to containers at boot (runtime profiles).
+    vm: VmResources,
 }
 
-impl Default for LinuxLauncher {
-    fn default() -> Self {
+impl LinuxLauncher {
+    /// A launcher for a VM that left `vm` to its containers at boot.
+    pub fn new(vm: VmResources) -> Self {
         Self {
             shared: SharedMounts::default(),
             disks: SysBlock {
@@ -100,6 +104,7 @@ impl Default for LinuxLauncher {
                 release: crate::boot::kernel_release(),
             },
             dm: None,
+            vm,
         }
     }
 }
@@ -142,7 +147,7 @@ impl Launcher for LinuxLauncher {
                 extra.extend(self.network_file_mounts(&dirs)?);
                 Ok(extra)
             })
-            .and_then(|extra| crate::container::launch(spec, &dirs, extra));
+            .and_then(|extra| crate::container::launch(spec, &dirs, extra, &self.vm));
         if result.is_err() {
             self.cleanup(&spec.id);
         }

@@ -13,7 +13,9 @@
 //! ([`identity`]: RNG reseed, clock, hostname) when the host asks. It
 //! brings `lo` up at boot and configures the pod's network (NIC, addresses,
 //! routes, each container's `/etc/resolv.conf` and `/etc/hosts`) through
-//! rtnetlink when the host sends it ([`network`]).
+//! rtnetlink when the host sends it ([`network`]). When a container's spec
+//! asks for it, it sizes the container's language runtime (JVM, Go,
+//! Node.js, CPython) to its share of the VM ([`runtime_profiles`]).
 //!
 //! The contract with the host is in `docs/ARCHITECTURE.md` ("Host ↔ guest
 //! contract", "Container inside the guest"); the messages are
@@ -39,6 +41,7 @@ pub mod network;
 pub mod path_lookup;
 pub mod port;
 pub mod process;
+pub mod runtime_profiles;
 pub mod shared_file;
 pub mod spec;
 pub mod storage;
@@ -95,6 +98,8 @@ pub fn run() -> Result<(), AgentError> {
     {
         log!("network: {e}");
     }
+    // Before any container: what the VM leaves to containers.
+    let vm = boot::VmResources::read();
     // SAFETY: single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PATH", path_lookup::DEFAULT_PATH) };
 
@@ -108,7 +113,7 @@ pub fn run() -> Result<(), AgentError> {
     steps.push(("port".to_string(), boot::uptime_ms()));
     let mut port = port::Port::new(fd);
     let info = boot::agent_info(release, steps);
-    let mut agent = agent::Agent::new(launcher::LinuxLauncher::default());
+    let mut agent = agent::Agent::new(launcher::LinuxLauncher::new(vm));
     event_loop::run(&mut port, &sigchld, &mut agent, &info)?;
     Ok(())
 }

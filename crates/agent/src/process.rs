@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag};
 use nix::sys::stat::Mode;
-use podvisor_proto::{ExitStatus, ProcessSpec, StartError, StartErrorKind, TerminalSize};
+use podvisor_proto::{
+    AppliedProfile, ExitStatus, ProcessSpec, StartError, StartErrorKind, TerminalSize,
+};
 
 use crate::child::{ChildPlan, FAILURE_LEN, Failure, Stdio, Step};
 use crate::mounts::Op;
@@ -34,6 +36,9 @@ pub struct Launched {
     /// Read end of the status pipe: the init writes the main process's wait
     /// status there before exiting.
     pub status: Option<OwnedFd>,
+    /// The runtime profile applied to a container's main process
+    /// ([`crate::runtime_profiles`]), reported just before `Started`.
+    pub profile: Option<AppliedProfile>,
 }
 
 pub(crate) fn err(kind: StartErrorKind, message: impl Into<String>) -> StartError {
@@ -110,7 +115,15 @@ pub(crate) struct ResolvedProcess {
     pub exe: String,
     pub cwd: PathBuf,
     pub argv: Vec<CString>,
-    pub envp: Vec<CString>,
+    /// `KEY=VALUE`, defaults filled in (see [`envp`]).
+    pub env: Vec<String>,
+}
+
+/// An environment as `execve` takes it.
+pub(crate) fn envp(env: &[String]) -> Result<Vec<CString>, StartError> {
+    env.iter()
+        .map(|e| cstring("an environment variable", e))
+        .collect()
 }
 
 /// Resolves user (in the container's `/etc/passwd` and `/etc/group`),
@@ -131,16 +144,13 @@ pub(crate) fn resolve_process(p: &ProcessSpec, root: &Path) -> Result<ResolvedPr
     for a in &p.args {
         argv.push(cstring("an argument", a)?);
     }
-    let mut envp = Vec::new();
-    for e in &env {
-        envp.push(cstring("an environment variable", e)?);
-    }
+    envp(&env)?;
     Ok(ResolvedProcess {
         user,
         exe,
         cwd,
         argv,
-        envp,
+        env,
     })
 }
 

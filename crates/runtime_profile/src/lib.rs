@@ -1,5 +1,7 @@
-//! Runtime profiles (issue 12, first part): which language runtime a
-//! container runs ([`detect`], [`is_go_binary`]) and the settings that
+//! Runtime profiles (issue 12): which language runtime a container runs
+//! ([`detect`], a Go binary by its build information: [`go_build_info`];
+//! a JDK's version from its `release` file: [`java_version`]) and the
+//! settings that
 //! size it to its share of the pod VM ([`profile`]): for a JVM a memory
 //! calculator in the spirit of Paketo's (the heap is what is left after
 //! metaspace, code cache, direct memory, thread stacks and headroom; fed
@@ -10,12 +12,23 @@
 //! itself (`JAVA_TOOL_OPTIONS`, `NODE_OPTIONS`, ...), and a setting the
 //! user gave wins. Each profile says why it chose what it chose.
 //!
-//! Pure computation: nothing here reads images or starts anything. Pods
-//! do not get profiles yet; the host runtime will apply them.
+//! A class-data archive built for the image is added to a JVM's flags
+//! mapped at its base address ([`use_class_data_archive`]).
+//!
+//! Pure computation: nothing here opens files or starts anything (the Go
+//! build information is read from a reader the caller opened, every read
+//! bounded). The guest agent applies profiles to a container's main
+//! process (see `podvisor_proto::runtime` for who does what).
 
 pub mod jvm_archive;
 
 use std::fmt::Write as _;
+
+mod go_build;
+mod jdk;
+
+pub use go_build::{GoBuild, GoBuildError, go_build_info, parse_build_info};
+pub use jdk::{MAX_RELEASE_LEN, archive_flags, java_version, use_class_data_archive};
 
 const MIB: u64 = 1 << 20;
 
@@ -39,9 +52,10 @@ impl Runtime {
     }
 }
 
-/// The program a container's argv runs: `argv[0]`, or for `sh -c
-/// "[exec] prog ..."` the script's first program.
-fn program(argv: &[String]) -> Option<&str> {
+/// The program a container's argv runs, as written: `argv[0]`, or for
+/// `sh -c "[exec] prog ..."` the script's first program (`java`,
+/// `/opt/app/server`).
+pub fn command_word(argv: &[String]) -> Option<&str> {
     let first = argv.first()?;
     let base = first.rsplit('/').next().unwrap_or(first);
     if matches!(base, "sh" | "bash" | "dash" | "ash")
@@ -49,16 +63,30 @@ fn program(argv: &[String]) -> Option<&str> {
     {
         let script = argv.get(2)?;
         let mut words = script.split_whitespace().skip_while(|w| *w == "exec");
-        let word = words.next()?;
-        return Some(word.rsplit('/').next().unwrap_or(word));
+        return words.next();
     }
-    Some(base)
+    Some(first)
+}
+
+/// The file name of the program a container's argv runs.
+fn program(argv: &[String]) -> Option<&str> {
+    let word = command_word(argv)?;
+    Some(word.rsplit('/').next().unwrap_or(word))
+}
+
+/// The version in a CPython program's file name (`python3.11` -> `3.11`).
+pub fn python_version(file_name: &str) -> Option<&str> {
+    let v = file_name.strip_prefix("python")?;
+    let plain = v.contains('.')
+        && v.split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    plain.then_some(v)
 }
 
 /// The runtime a container runs, from its effective command (`argv`:
 /// entrypoint then command) and environment (`KEY=VALUE`); `None` if it
 /// is none podvisor knows from these (a Go binary is known from its file:
-/// [`is_go_binary`]).
+/// [`go_build_info`]).
 pub fn detect(argv: &[String], env: &[String]) -> Option<Runtime> {
     let prog = program(argv)?;
     let python = prog == "python"
@@ -76,21 +104,14 @@ pub fn detect(argv: &[String], env: &[String]) -> Option<Runtime> {
     }
     // A launcher script next to a JDK (`JAVA_HOME` set, the program in
     // its `bin`).
-    let java_home = env.iter().find_map(|e| e.strip_prefix("JAVA_HOME="));
-    if let (Some(home), Some(first)) = (java_home, argv.first())
+    let java_home = env_value(env, "JAVA_HOME");
+    if let (Some(home), Some(first)) = (java_home, command_word(argv))
         && !home.is_empty()
         && first.starts_with(&format!("{}/bin/", home.trim_end_matches('/')))
     {
         return Some(Runtime::Jvm);
     }
     None
-}
-
-/// Whether an executable's bytes hold Go's build information (the
-/// `\xff Go buildinf:` header every Go binary since 1.13 carries).
-pub fn is_go_binary(bytes: &[u8]) -> bool {
-    const MAGIC: &[u8] = b"\xff Go buildinf:";
-    bytes.starts_with(b"\x7fELF") && bytes.windows(MAGIC.len()).any(|w| w == MAGIC)
 }
 
 /// What the container may use: its share of the pod VM.
@@ -132,7 +153,7 @@ pub enum ProfileError {
     },
 }
 
-fn env_value<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
+pub(crate) fn env_value<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
     env.iter()
         .rev()
         .find_map(|e| e.strip_prefix(key)?.strip_prefix('='))
@@ -363,13 +384,20 @@ mod tests {
     }
 
     #[test]
-    fn go_binaries_are_known_by_their_build_info() {
-        let mut bin = b"\x7fELF\x02\x01".to_vec();
-        bin.extend_from_slice(&[0; 100]);
-        assert!(!is_go_binary(&bin));
-        bin.extend_from_slice(b"\xff Go buildinf:\x08\x02");
-        assert!(is_go_binary(&bin));
-        assert!(!is_go_binary(b"#!/bin/sh\n\xff Go buildinf:"));
+    fn the_command_word_is_the_program_as_written() {
+        assert_eq!(
+            command_word(&v(&["/usr/bin/java", "-jar"])),
+            Some("/usr/bin/java")
+        );
+        assert_eq!(
+            command_word(&v(&["/bin/sh", "-c", "exec /app/server --port 80"])),
+            Some("/app/server")
+        );
+        assert_eq!(command_word(&v(&["sh", "-c", ""])), None);
+        assert_eq!(python_version("python3.11"), Some("3.11"));
+        assert_eq!(python_version("python3"), None);
+        assert_eq!(python_version("python3.x"), None);
+        assert_eq!(python_version("python3."), None);
     }
 
     fn tool_options(p: &Profile) -> &str {
