@@ -166,6 +166,10 @@ pub const DEFAULT_CLASSES: u64 = 8000;
 pub const DEFAULT_THREADS: u64 = 50;
 /// Smallest heap the calculator gives.
 pub const MIN_HEAP: u64 = 16 * MIB;
+/// What a thread's stack is counted at when the share is small.
+const TIGHT_STACK: u64 = 256 << 10;
+/// The code cache reserved when the share is small.
+const TIGHT_CODE_CACHE: u64 = 24 * MIB;
 
 /// A JVM memory size flag's value in bytes (`512m`, `1g`, `1048576`).
 fn jvm_size(v: &str) -> Option<u64> {
@@ -203,17 +207,37 @@ fn jvm(share: Share, env: &[String], facts: JvmFacts) -> Result<Profile, Profile
     };
     // Paketo's metaspace estimate: 5800 bytes a class and 14 MB.
     let metaspace = given("-XX:MaxMetaspaceSize=").unwrap_or(classes * 5800 + 14_000_000);
-    let code_cache =
+    let mut code_cache =
         given("-XX:ReservedCodeCacheSize=").unwrap_or((total / 8).clamp(32 * MIB, 240 * MIB));
     let direct = given("-XX:MaxDirectMemorySize=").unwrap_or(10 * MIB);
     let stack = given("-Xss").unwrap_or(MIB);
-    let headroom = (total / 20).max(16 * MIB);
-    let others = metaspace + code_cache + direct + threads * stack + headroom;
+    let mut stack_counted = stack;
+    let mut headroom = (total / 20).max(16 * MIB);
+    let mut others = metaspace + code_cache + direct + threads * stack_counted + headroom;
     let mut reasons = vec![format!(
         "share of the pod VM: {} MiB, {} CPU(s)",
         total / MIB,
         share.cpus
     )];
+    if given("-Xmx").is_none() && total.saturating_sub(others) < MIN_HEAP {
+        // A small share: count what a thread's stack commits rather than
+        // its whole reserve (the kernel commits stack pages as they are
+        // touched; -Xss still bounds each), the code cache at its smaller
+        // size, and less headroom.
+        stack_counted = stack.min(TIGHT_STACK);
+        if given("-XX:ReservedCodeCacheSize=").is_none() {
+            code_cache = TIGHT_CODE_CACHE;
+        }
+        headroom = (total / 20).max(8 * MIB);
+        others = metaspace + code_cache + direct + threads * stack_counted + headroom;
+        reasons.push(format!(
+            "a small share: thread stacks counted at the {} KiB a thread commits, not their {} KiB reserve; code cache {} MiB; headroom {} MiB",
+            stack_counted >> 10,
+            stack >> 10,
+            code_cache / MIB,
+            headroom / MIB
+        ));
+    }
     let mut flags = Vec::new();
     match given("-Xmx") {
         Some(heap) => reasons.push(format!("heap {} MiB: the container's own -Xmx", heap / MIB)),
@@ -229,7 +253,7 @@ fn jvm(share: Share, env: &[String], facts: JvmFacts) -> Result<Profile, Profile
                         metaspace / MIB,
                         code_cache / MIB,
                         direct / MIB,
-                        stack >> 10,
+                        stack_counted >> 10,
                         headroom / MIB
                     ),
                 });
@@ -242,7 +266,7 @@ fn jvm(share: Share, env: &[String], facts: JvmFacts) -> Result<Profile, Profile
                 metaspace.div_ceil(MIB),
                 code_cache / MIB,
                 direct / MIB,
-                stack >> 10,
+                stack_counted >> 10,
                 headroom / MIB
             ));
         }
@@ -464,6 +488,22 @@ mod tests {
                 .iter()
                 .any(|r| r.contains("3000 classes, measured")),
             "{q:?}"
+        );
+        // What a 256 MiB pod VM leaves its container: stacks are counted
+        // at what they commit, and the heap still starts.
+        let vm_256 = Share {
+            memory_bytes: 176 * MIB,
+            cpus: 1,
+        };
+        let t = profile(Runtime::Jvm, vm_256, &[], JvmFacts::default()).unwrap();
+        assert!((40..=80).contains(&heap_mib(&t)), "{t:?}");
+        assert!(
+            t.reasons.iter().any(|r| r.contains("a small share")),
+            "{t:?}"
+        );
+        assert!(
+            !p.reasons.iter().any(|r| r.contains("a small share")),
+            "{p:?}"
         );
         let tiny = Share {
             memory_bytes: 96 * MIB,

@@ -47,6 +47,14 @@ impl HostLayer {
             .insert(name.clone(), Entry::host_file(&name, real, mode & 0o7777));
     }
 
+    /// The host file `host` at `path` with `mode`.
+    pub fn host_file_at(&mut self, path: &str, host: &Path, mode: u32) {
+        self.parents(Path::new(path));
+        let name = Self::name(Path::new(path));
+        self.entries
+            .insert(name.clone(), Entry::host_file(&name, host, mode));
+    }
+
     pub fn dir(&mut self, path: &str) {
         self.parents(Path::new(path));
         let name = Self::name(Path::new(path));
