@@ -15,15 +15,14 @@
 //! Prints the numbers that go into the report (`runtime-profiles:` lines).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podvisor_podvm::PodVm;
 use podvisor_podvm::image_boot::ImageBoot;
 use podvisor_proto::runtime::{AppliedProfile, RuntimeSizing, WHOLE_VM_PPM};
 use podvisor_proto::{ContainerSpec, ExitStatus, GuestMessage, HostMessage, ProcessSpec, Stream};
-use podvisor_testbed::host_layer::{HostLayer, JDK, jdk_layer};
+use podvisor_testbed::host_layer::{JDK, build_go, jdk_layer, node_python_layer};
 use podvisor_testbed::oci::{Compression, Entry, ImageBuilder};
 
 const MIB: u64 = 1 << 20;
@@ -44,58 +43,18 @@ fn jdk_app_layer() -> Vec<Entry> {
     layer.entries()
 }
 
-/// Node.js, CPython 3.11 (the interpreter, the stdlib files it reads to
-/// start) and the Go program.
+/// Node.js, CPython 3.11 and the Go program.
 fn other_runtimes_layer(go_program: &Path) -> Vec<Entry> {
-    let mut layer = HostLayer::default();
-    let node = PathBuf::from("/usr/bin/node");
-    let python = PathBuf::from("/usr/bin/python3.11");
-    layer.file(&node);
-    layer.file(&python);
-    layer.link("/usr/bin/python3", "python3.11");
-    layer.tree(Path::new("/usr/lib/python3.11/encodings"), &["__pycache__"]);
-    layer.file(Path::new("/usr/lib/python3.11/os.py"));
-    layer.dir("/usr/lib/python3.11/lib-dynload");
-    layer.libraries_of(&[node, python], "/nothing");
+    let mut layer = node_python_layer();
     layer.host_file_at("/app/gosize", go_program, 0o755);
     layer.entries()
 }
 
-/// A static Go program printing what its runtime chose, built with the
-/// host's Go (Debian's golang-go).
-fn build_go_program(dir: &Path) -> (PathBuf, String) {
-    let src = dir.join("gosize.go");
-    std::fs::write(
-        &src,
-        "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n\t\"runtime\"\n\t\"runtime/debug\"\n)\n\n\
-         func main() {\n\tfmt.Printf(\"gomaxprocs=%d env=%s memlimit=%d env=%s\\n\", \
-         runtime.GOMAXPROCS(0), os.Getenv(\"GOMAXPROCS\"), debug.SetMemoryLimit(-1), \
-         os.Getenv(\"GOMEMLIMIT\"))\n}\n",
-    )
-    .unwrap();
-    let out = dir.join("gosize");
-    let status = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .env("CGO_ENABLED", "0")
-        .env("GO111MODULE", "off")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOPROXY", "off")
-        .env("GOCACHE", dir.join("gocache"))
-        .env("GOPATH", dir.join("gopath"))
-        .status()
-        .expect("go (golang-go, scripts/setup.sh --test)");
-    assert!(status.success(), "go build: {status}");
-    let version = Command::new("go").arg("version").output().unwrap();
-    // `go version go1.19.8 linux/amd64`
-    let version = String::from_utf8_lossy(&version.stdout)
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_string();
-    (out, version)
-}
+/// A static Go program printing what its runtime chose.
+const GO_SIZE: &str = "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n\t\"runtime\"\n\t\"runtime/debug\"\n)\n\n\
+    func main() {\n\tfmt.Printf(\"gomaxprocs=%d env=%s memlimit=%d env=%s\\n\", \
+    runtime.GOMAXPROCS(0), os.Getenv(\"GOMAXPROCS\"), debug.SetMemoryLimit(-1), \
+    os.Getenv(\"GOMEMLIMIT\"))\n}\n";
 
 fn host_java_version() -> String {
     let release = std::fs::read_to_string(format!("{JDK}/release")).unwrap();
@@ -221,7 +180,7 @@ fn ok(run: &Run, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_runtimes_are_sized_to_their_pod_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let (go_program, go_version) = build_go_program(dir.path());
+    let (go_program, go_version) = build_go(dir.path(), GO_SIZE);
     let archive = dir.path().join("img.tar");
     let t = Instant::now();
     ImageBuilder::new()

@@ -156,3 +156,48 @@ pub fn jdk_layer() -> HostLayer {
     );
     layer
 }
+
+/// Node.js and CPython 3.11 as Debian installs them (the interpreters, the
+/// stdlib files CPython reads to start, the system libraries).
+pub fn node_python_layer() -> HostLayer {
+    let mut layer = HostLayer::default();
+    let node = PathBuf::from("/usr/bin/node");
+    let python = PathBuf::from("/usr/bin/python3.11");
+    layer.file(&node);
+    layer.file(&python);
+    layer.link("/usr/bin/python3", "python3.11");
+    layer.tree(Path::new("/usr/lib/python3.11/encodings"), &["__pycache__"]);
+    layer.file(Path::new("/usr/lib/python3.11/os.py"));
+    layer.dir("/usr/lib/python3.11/lib-dynload");
+    layer.libraries_of(&[node, python], "/nothing");
+    layer
+}
+
+/// Builds the Go program `source` statically (Debian's golang-go, no
+/// network) in `dir`; returns the binary and Go's version (`go1.19.8`).
+pub fn build_go(dir: &Path, source: &str) -> (PathBuf, String) {
+    let src = dir.join("main.go");
+    std::fs::write(&src, source).unwrap();
+    let out = dir.join("goprogram");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .env("CGO_ENABLED", "0")
+        .env("GO111MODULE", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOPROXY", "off")
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .status()
+        .expect("go (golang-go, scripts/setup.sh --test)");
+    assert!(status.success(), "go build: {status}");
+    let version = Command::new("go").arg("version").output().unwrap();
+    // `go version go1.19.8 linux/amd64`
+    let version = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    (out, version)
+}
