@@ -98,7 +98,11 @@ pub struct HostKsm {
     pub pages_unshared: u64,
     /// Completed passes of ksmd over all mergeable memory.
     pub full_scans: u64,
-    /// The memory saved: `pagesSharing` pages, in bytes.
+    /// Empty pages merged into the kernel's zero page instead (KSM's
+    /// `use_zero_pages`; the count is there from Linux 6.10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_pages: Option<u64>,
+    /// The memory saved: `pagesSharing` and `zeroPages` pages, in bytes.
     pub saved_bytes: u64,
     /// The memory saved less what KSM's own bookkeeping takes, in bytes
     /// (the kernel's `general_profit`, Linux 6.4 and later); negative

@@ -291,6 +291,7 @@ async fn a_hosts_report_is_kept_in_its_status() {
         pages_sharing: 250,
         pages_unshared: 3,
         full_scans: 2,
+        zero_pages: None,
         saved_bytes: 250 * 4096,
         profit_bytes: Some(1000),
         ksmd_cpu_seconds: Some(0.5),

@@ -549,11 +549,15 @@ fn ksm_lines(s: &mut String, ksm: Option<&HostKsm>) {
             k.pages_to_scan, k.sleep_millisecs
         ),
     );
+    let zero = match k.zero_pages {
+        Some(z) if z > 0 => format!(", {z} into the zero page"),
+        _ => String::new(),
+    };
     line(
         s,
         "KSM saves",
         &format!(
-            "{} ({} pages merged into {}, {} unique; {} full scans)",
+            "{} ({} pages merged into {}{zero}, {} unique; {} full scans)",
             mib(k.saved_bytes as f64),
             k.pages_sharing,
             k.pages_shared,
@@ -781,6 +785,7 @@ mod tests {
             pages_sharing: 30000,
             pages_unshared: 5000,
             full_scans: 7,
+            zero_pages: Some(0),
             saved_bytes: 30000 * 4096,
             profit_bytes: Some(-(1 << 20)),
             ksmd_cpu_seconds: Some(12.34),
@@ -798,6 +803,16 @@ mod tests {
             "-1.0 MiB (saved less KSM's own metadata)"
         );
         assert_eq!(value(&text, "ksmd CPU"), "12.3 s since boot");
+        let ksm = host.status.ksm.as_mut().unwrap();
+        ksm.zero_pages = Some(2000);
+        ksm.saved_bytes = 32000 * 4096;
+        ksm.enabled = false;
+        let text = describe_host(&host, &[]);
+        assert_eq!(value(&text, "KSM"), "stopped, 1000 pages every 20 ms");
+        assert_eq!(
+            value(&text, "KSM saves"),
+            "125.0 MiB (30000 pages merged into 1200, 2000 into the zero page, 5000 unique; 7 full scans)"
+        );
     }
 
     fn hibernated(since: Time) -> Pod {

@@ -162,13 +162,16 @@ impl Ksm {
     pub fn report(&self) -> Result<api::HostKsm, KsmError> {
         let settings = self.settings()?;
         let pages_sharing: u64 = self.read_number("pages_sharing")?;
+        // Linux 6.10 and later.
+        let zero_pages: Option<u64> = self.read_number("ksm_zero_pages").ok();
         Ok(api::HostKsm {
             enabled: settings.run == 1,
             pages_shared: self.read_number("pages_shared")?,
             pages_sharing,
             pages_unshared: self.read_number("pages_unshared")?,
             full_scans: self.read_number("full_scans")?,
-            saved_bytes: pages_sharing.saturating_mul(page_size()),
+            zero_pages,
+            saved_bytes: (pages_sharing + zero_pages.unwrap_or(0)).saturating_mul(page_size()),
             // Linux 6.4 and later.
             profit_bytes: self.read_number("general_profit").ok(),
             ksmd_cpu_seconds: self.ksmd_cpu_seconds(),

@@ -23,6 +23,7 @@ impl FakeMachine {
             ("pages_sharing", "30000"),
             ("pages_unshared", "5000"),
             ("full_scans", "7"),
+            ("ksm_zero_pages", "100"),
             ("general_profit", "-4096"),
         ] {
             m.set(name, value);
@@ -93,7 +94,8 @@ fn the_report_reads_the_counters_and_ksmds_cpu_time() {
         ),
         (1200, 30000, 5000, 7)
     );
-    assert_eq!(r.saved_bytes, 30000 * page_size());
+    assert_eq!(r.zero_pages, Some(100));
+    assert_eq!(r.saved_bytes, (30000 + 100) * page_size());
     assert_eq!(r.profit_bytes, Some(-4096));
     // The kernel thread's 300 ticks, not the user process's.
     let ticks = clock_ticks_per_second() as f64;
@@ -107,9 +109,12 @@ fn the_report_reads_the_counters_and_ksmds_cpu_time() {
 fn a_kernel_without_general_profit_or_a_missing_ksmd_still_reports() {
     let m = FakeMachine::new();
     std::fs::remove_file(m.sysfs().join("general_profit")).unwrap();
+    std::fs::remove_file(m.sysfs().join("ksm_zero_pages")).unwrap();
     std::fs::remove_dir_all(m.proc().join("39")).unwrap();
     let r = m.ksm().report().unwrap();
     assert_eq!(r.profit_bytes, None);
+    assert_eq!(r.zero_pages, None);
+    assert_eq!(r.saved_bytes, 30000 * page_size());
     assert_eq!(
         r.ksmd_cpu_seconds, None,
         "a user process named ksmd is not it"
