@@ -29,7 +29,7 @@ mod volume_files;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use podvisor_api as api;
@@ -208,7 +208,7 @@ pub async fn run(
         host.clone(),
         endpoint_token.clone(),
         every,
-        ksm.clone(),
+        ksm.as_ref().map(Arc::downgrade),
     ));
     let host_ip = (!local.ip().is_unspecified()).then(|| local.ip().to_string());
     let reports = reporter::start(client.clone());
@@ -283,16 +283,15 @@ fn ksm_for_host(cfg: &DaemonConfig) -> Result<Option<Arc<ksm::KsmOn>>, ksm::KsmE
     }
 }
 
-/// What the host reports with a heartbeat.
-async fn report(ksm: Option<&Arc<ksm::KsmOn>>) -> api::HostReport {
-    let ksm = match ksm {
-        Some(k) => {
-            let k = k.clone();
-            tokio::task::spawn_blocking(move || k.report())
-                .await
-                .ok()
-                .flatten()
-        }
+/// What the host reports with a heartbeat. `ksm` is weak: the daemon
+/// alone keeps KSM on, and its end (even by being dropped, when nothing
+/// aborts the heartbeat) puts the settings back.
+async fn report(ksm: Option<&Weak<ksm::KsmOn>>) -> api::HostReport {
+    let ksm = match ksm.and_then(Weak::upgrade) {
+        Some(k) => tokio::task::spawn_blocking(move || k.report())
+            .await
+            .ok()
+            .flatten(),
         None => None,
     };
     api::HostReport { ksm }
@@ -340,7 +339,7 @@ async fn heartbeat(
     host: api::Host,
     endpoint_token: String,
     every: Duration,
-    ksm: Option<Arc<ksm::KsmOn>>,
+    ksm: Option<Weak<ksm::KsmOn>>,
 ) {
     let mut first = true;
     loop {
