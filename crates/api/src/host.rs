@@ -58,8 +58,9 @@ pub struct HostCapacity {
     pub memory: u64,
 }
 
-/// Liveness of a host, kept by the server.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Liveness of a host, kept by the server, and what its daemon last
+/// reported with a heartbeat ([`HostReport`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostStatus {
@@ -74,6 +75,61 @@ pub struct HostStatus {
     /// at least every third of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_duration_seconds: Option<u64>,
+    /// Kernel samepage merging, for a host whose daemon runs it for its
+    /// pods (`podvisor host --ksm`); `None` for one that does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<HostKsm>,
+}
+
+/// Kernel samepage merging (KSM) on a host: what it saves and what it
+/// costs. The counters are the machine's (`/sys/kernel/mm/ksm`), so they
+/// count every process whose memory is mergeable, not only pod VMs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostKsm {
+    /// ksmd is merging (`run` is 1).
+    pub enabled: bool,
+    /// Pages kept once for the pages merged into them.
+    pub pages_shared: u64,
+    /// Pages merged into a kept one: the pages saved.
+    pub pages_sharing: u64,
+    /// Pages scanned and found unique so far.
+    pub pages_unshared: u64,
+    /// Completed passes of ksmd over all mergeable memory.
+    pub full_scans: u64,
+    /// Empty pages merged into the kernel's zero page instead (KSM's
+    /// `use_zero_pages`; the count is there from Linux 6.10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_pages: Option<u64>,
+    /// The memory saved: `pagesSharing` and `zeroPages` pages, in bytes.
+    pub saved_bytes: u64,
+    /// The memory saved less what KSM's own bookkeeping takes, in bytes
+    /// (the kernel's `general_profit`, Linux 6.4 and later); negative
+    /// while KSM costs more than it saves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profit_bytes: Option<i64>,
+    /// CPU time ksmd has used since the machine booted, in seconds: what
+    /// merging costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksmd_cpu_seconds: Option<f64>,
+    /// How fast ksmd scans: pages per wake-up (`pages_to_scan`) ...
+    pub pages_to_scan: u64,
+    /// ... and milliseconds between wake-ups (`sleep_millisecs`).
+    pub sleep_millisecs: u64,
+}
+
+/// What a host daemon reports with its heartbeat (the body of `PUT
+/// /api/v1/hosts/{name}/heartbeat`); the server puts it into the host's
+/// status. A heartbeat without a body leaves the status's reported parts
+/// as they were.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostReport {
+    /// KSM on the host; `None`: the daemon does not run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<HostKsm>,
 }
 
 /// A list of hosts.

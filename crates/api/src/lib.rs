@@ -24,7 +24,7 @@ pub use client::{Applied, Client, ClientError, LogOptions, LogStream, PodFilter}
 pub use duration::parse_duration;
 pub use hibernate::{HIBERNATE_AFTER_ANNOTATION, hibernate_after};
 pub use host::{
-    ENDPOINT_TOKEN_HEADER, Host, HostCapacity, HostList, HostSpec, HostStatus,
+    ENDPOINT_TOKEN_HEADER, Host, HostCapacity, HostKsm, HostList, HostReport, HostSpec, HostStatus,
     validate_endpoint_token,
 };
 pub use image::{Image, ImageList};

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use podvisor_api::Quantity;
+use podvisor_hostd::daemon::ksm::ScanRate;
 use podvisor_hostd::daemon::{self, DaemonConfig, RuntimeMode};
 use podvisor_hostd::host::HostConfig;
 use podvisor_net::pod_network::PodNetworkConfig;
@@ -75,7 +76,38 @@ pub struct HostDaemonArgs {
     #[command(flatten)]
     pub network: PodNetworkArgs,
     #[command(flatten)]
+    pub ksm: KsmArgs,
+    #[command(flatten)]
     pub host: PodVmArgs,
+}
+
+/// KSM for a host's pods (`podvisor host`, `podvisor up`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct KsmArgs {
+    /// Run KSM (kernel samepage merging) while the daemon runs: ksmd
+    /// merges identical pages of the pods' guest RAM, except for pods
+    /// annotated `podvisor.io/isolated: "true"`. It costs ksmd's CPU time
+    /// (`podvisor describe host` shows both). KSM is machine-wide: the
+    /// settings from before are put back when the daemon stops.
+    #[arg(long)]
+    pub ksm: bool,
+    /// With --ksm: pages ksmd scans each time it wakes up [default: 1000].
+    #[arg(long, value_name = "PAGES", requires = "ksm")]
+    pub ksm_pages_to_scan: Option<u64>,
+    /// With --ksm: milliseconds ksmd sleeps between scans [default: 20].
+    #[arg(long, value_name = "MS", requires = "ksm")]
+    pub ksm_sleep_ms: Option<u64>,
+}
+
+impl KsmArgs {
+    /// The scan rate for `--ksm`, `None` without it.
+    pub fn scan_rate(&self) -> Option<ScanRate> {
+        let default = ScanRate::default();
+        self.ksm.then(|| ScanRate {
+            pages_to_scan: self.ksm_pages_to_scan.unwrap_or(default.pages_to_scan),
+            sleep_millisecs: self.ksm_sleep_ms.unwrap_or(default.sleep_millisecs),
+        })
+    }
 }
 
 /// How a host's pods get their network (`podvisor host`, `podvisor up`).
@@ -195,6 +227,7 @@ pub fn daemon_config(args: &HostDaemonArgs) -> anyhow::Result<DaemonConfig> {
         host: host_cfg,
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
         volume_storage: args.volume_storage.clone(),
+        ksm: args.ksm.scan_rate(),
     })
 }
 

@@ -15,7 +15,7 @@ use podvisor_hostd::host::HostConfig;
 use podvisor_server::{Role, ServerConfig};
 
 use crate::config::ConfigFile;
-use crate::host::{PodNetworkArgs, shutdown_signal};
+use crate::host::{KsmArgs, PodNetworkArgs, shutdown_signal};
 use crate::host_options::PodVmArgs;
 
 /// Default root of `podvisor up`'s state.
@@ -46,6 +46,8 @@ pub struct UpArgs {
     pub no_config: bool,
     #[command(flatten)]
     pub network: PodNetworkArgs,
+    #[command(flatten)]
+    pub ksm: KsmArgs,
     #[command(flatten)]
     pub host: PodVmArgs,
 }
@@ -171,6 +173,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         host,
         heartbeat: Duration::from_secs(5),
         volume_storage: None,
+        ksm: args.ksm.scan_rate(),
     };
     let admin_token = server.admin_token_path().to_path_buf();
     let config_note = if args.no_config {

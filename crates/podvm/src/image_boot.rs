@@ -58,6 +58,7 @@ impl ImageBoot {
             pci: Default::default(),
             netns: None,
             memory: MemoryBacking::Anonymous,
+            memory_merge: false,
             die_with_parent: true,
         }
     }

@@ -58,6 +58,9 @@ pub struct PodVmSpec {
     pub netns: Option<PathBuf>,
     /// Where guest RAM lives (a file for templates and their clones).
     pub memory: MemoryBacking,
+    /// Let KSM merge the guest's RAM with other VMs' ([`VmSpec::memory_merge`]):
+    /// only for a host that runs KSM for its pods, never for an isolated pod.
+    pub memory_merge: bool,
     /// Kill the VM when the process that started it dies (`podvisor run`).
     pub die_with_parent: bool,
 }
@@ -339,6 +342,7 @@ fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path) -> VmSpec {
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         memory: spec.memory.clone(),
+        memory_merge: spec.memory_merge,
         kernel: spec.guest.kernel.clone(),
         initramfs: spec.guest.initramfs.clone(),
         kernel_cmdline: kernel_cmdline(spec.cpus, &cfg.extra_kernel_args),

@@ -99,6 +99,7 @@ async fn vm_disks_come_and_go_and_a_running_save_keeps_the_pod() {
                 .collect(),
             pci: Default::default(),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
+            memory_merge: false,
             die_with_parent: true,
             netns: None,
         },

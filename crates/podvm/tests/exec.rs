@@ -128,6 +128,7 @@ async fn vm_exec_adoption_and_a_restart_on_a_fresh_upper() {
             pci: Default::default(),
             netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
+            memory_merge: false,
             die_with_parent: false,
         },
     )
@@ -378,6 +379,7 @@ async fn vm_mounts_inside_the_container_and_refused_mounts() {
             pci: Default::default(),
             netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
+            memory_merge: false,
             die_with_parent: false,
         },
     )

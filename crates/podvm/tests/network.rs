@@ -162,6 +162,7 @@ async fn boot_with(dir: &Path, id: &str, cards: Vec<podvisor_vmm::Device>) -> Po
             pci: Default::default(),
             netns: None,
             memory: podvisor_vmm::MemoryBacking::Anonymous,
+            memory_merge: false,
             die_with_parent: false,
         },
     )

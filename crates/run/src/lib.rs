@@ -238,6 +238,8 @@ async fn run_pod(
         pci: Default::default(),
         netns: None,
         memory: podvisor_vmm::MemoryBacking::Anonymous,
+        // `podvisor run` never asks KSM to merge its VM (QEMU would).
+        memory_merge: false,
         die_with_parent: true,
     };
     timings.prepare = t0.elapsed();

@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::{TestServer, pod, pod_where};
 use podvisor_api::client::{PodEvent, PodFeedEvent};
 use podvisor_api::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, PodFilter, PodPhase, PodStatus,
+    ContainerState, ContainerStateWaiting, ContainerStatus, HostKsm, HostReport, PodFilter,
+    PodPhase, PodStatus,
 };
 use podvisor_server::Role;
 use podvisor_testbed::etcd::EtcdServer;
@@ -273,6 +274,67 @@ async fn pods_on_hosts_etcd() {
         .unwrap();
     let ts = TestServer::start(Some(etcd.url()), |_| {}).await;
     pods_on_hosts(&ts).await;
+}
+
+/// What a host reports with its heartbeat (KSM) is kept in its status
+/// for users to read, until a report says otherwise; a heartbeat without
+/// one keeps it, and a report the server cannot read is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_report_is_kept_in_its_status() {
+    let ts = TestServer::sqlite().await;
+    let user = ts.client(Role::User, "alice").await;
+    let h1 = ts.host("h1", 2000, GI).await;
+    assert_eq!(user.get_host("h1").await.unwrap().status.ksm, None);
+    let ksm = HostKsm {
+        enabled: true,
+        pages_shared: 10,
+        pages_sharing: 250,
+        pages_unshared: 3,
+        full_scans: 2,
+        zero_pages: None,
+        saved_bytes: 250 * 4096,
+        profit_bytes: Some(1000),
+        ksmd_cpu_seconds: Some(0.5),
+        pages_to_scan: 1000,
+        sleep_millisecs: 20,
+    };
+    let report = HostReport {
+        ksm: Some(ksm.clone()),
+    };
+    let back = h1.heartbeat_with_report("h1", &report).await.unwrap();
+    assert_eq!(back.status.ksm.as_ref(), Some(&ksm));
+    assert!(back.status.ready);
+    assert_eq!(
+        user.get_host("h1").await.unwrap().status.ksm.as_ref(),
+        Some(&ksm)
+    );
+    // The JSON users get names the fields in camelCase.
+    let json = serde_json::to_value(user.get_host("h1").await.unwrap()).unwrap();
+    assert_eq!(json["status"]["ksm"]["pagesSharing"], 250);
+    assert_eq!(json["status"]["ksm"]["ksmdCpuSeconds"], 0.5);
+    assert_eq!(json["status"]["ksm"]["savedBytes"], 250 * 4096);
+
+    h1.heartbeat("h1").await.unwrap();
+    assert_eq!(
+        user.get_host("h1").await.unwrap().status.ksm.as_ref(),
+        Some(&ksm),
+        "a heartbeat without a report keeps the last one"
+    );
+    h1.heartbeat_with_report("h1", &HostReport::default())
+        .await
+        .unwrap();
+    assert_eq!(user.get_host("h1").await.unwrap().status.ksm, None);
+
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api/v1/hosts/h1/heartbeat", ts.url()))
+        .bearer_auth(ts.token_of(Role::Host, "h1").await)
+        .body(r#"{"ksm": {"enabled": "yes"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: podvisor_api::Status = resp.json().await.unwrap();
+    assert!(body.message.contains("ksm.enabled"), "{}", body.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

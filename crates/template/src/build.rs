@@ -121,6 +121,7 @@ fn template_vm(build: &Build<'_>, gen_id: &str, ram: &Path, pci: PciLayout) -> P
             path: ram.to_path_buf(),
             shared: true,
         },
+        memory_merge: false,
         die_with_parent: true,
         netns: None,
     }

@@ -274,6 +274,7 @@ pub async fn fork(
             path: meta.ram_file.clone(),
             shared: false,
         },
+        memory_merge: false,
         die_with_parent: true,
         netns: None,
     };

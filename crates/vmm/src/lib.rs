@@ -50,6 +50,10 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Where guest RAM lives.
     pub memory: MemoryBacking,
+    /// Let KSM merge guest RAM with other VMs' (QEMU's `mem-merge`). Off
+    /// unless the host runs KSM for its pods and the pod did not ask for
+    /// isolation: merged pages are a side channel between VMs.
+    pub memory_merge: bool,
     /// Kernel image (`vmlinuz`).
     pub kernel: PathBuf,
     /// Initramfs holding the agent.

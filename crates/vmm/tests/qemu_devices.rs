@@ -87,6 +87,7 @@ async fn a_vm_in_a_netns_with_a_bridge_takes_devices_and_is_adopted_with_its_slo
         cpus: 1,
         memory_mib: 128,
         memory: MemoryBacking::Anonymous,
+        memory_merge: false,
         kernel,
         initramfs,
         kernel_cmdline: "console=ttyS0".into(),

@@ -28,7 +28,7 @@ pub use snapshot_key::SnapshotKey;
 pub use volume::AppliedVolume;
 pub use watch::{PodEvent, PodWatch};
 
-use crate::host::{Host, HostList};
+use crate::host::{Host, HostList, HostReport};
 use crate::image::ImageList;
 use crate::pod::{Pod, PodList, PodStatus};
 use crate::status::Status;
@@ -339,6 +339,18 @@ impl Client {
     pub async fn heartbeat(&self, name: &str) -> Result<Host, ClientError> {
         let path = format!("api/v1/hosts/{name}/heartbeat");
         self.call(reqwest::Method::PUT, &path, &[], None).await
+    }
+
+    /// [`Client::heartbeat`] carrying what the host reports about itself,
+    /// which the server keeps in its status.
+    pub async fn heartbeat_with_report(
+        &self,
+        name: &str,
+        report: &HostReport,
+    ) -> Result<Host, ClientError> {
+        let path = format!("api/v1/hosts/{name}/heartbeat");
+        self.call(reqwest::Method::PUT, &path, &[], Some(report))
+            .await
     }
 
     pub async fn list_hosts(&self) -> Result<HostList, ClientError> {

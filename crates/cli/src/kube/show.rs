@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use podvisor_api::quantity::format_bytes;
 use podvisor_api::{
-    HIBERNATED_CONDITION, Host, Image, PersistentVolumeClaim, Pod, PodCondition, Quantity,
+    HIBERNATED_CONDITION, Host, HostKsm, Image, PersistentVolumeClaim, Pod, PodCondition, Quantity,
     ResourceList, Time, VolumeAuditEntry, labels_text,
 };
 
@@ -521,6 +521,7 @@ pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
             format_bytes(mem)
         ),
     );
+    ksm_lines(&mut s, host.status.ksm.as_ref());
     let _ = writeln!(s, "Pods ({}):", pods.len());
     let mut pods: Vec<&Pod> = pods.iter().collect();
     pods.sort_by_key(|p| p.key());
@@ -528,6 +529,56 @@ pub fn describe_host(host: &Host, pods: &[Pod]) -> String {
         let _ = writeln!(s, "  {}   {}", p.key(), p.display_status());
     }
     s
+}
+
+/// What a host says about KSM, as `describe host` shows it.
+fn ksm_lines(s: &mut String, ksm: Option<&HostKsm>) {
+    let line = |s: &mut String, k: &str, v: &str| {
+        let _ = writeln!(s, "{:<16}{v}", format!("{k}:"));
+    };
+    let Some(k) = ksm else {
+        line(s, "KSM", "off (pods' memory is not merged)");
+        return;
+    };
+    let state = if k.enabled { "on" } else { "stopped" };
+    line(
+        s,
+        "KSM",
+        &format!(
+            "{state}, {} pages every {} ms",
+            k.pages_to_scan, k.sleep_millisecs
+        ),
+    );
+    let zero = match k.zero_pages {
+        Some(z) if z > 0 => format!(", {z} into the zero page"),
+        _ => String::new(),
+    };
+    line(
+        s,
+        "KSM saves",
+        &format!(
+            "{} ({} pages merged into {}{zero}, {} unique; {} full scans)",
+            mib(k.saved_bytes as f64),
+            k.pages_sharing,
+            k.pages_shared,
+            k.pages_unshared,
+            k.full_scans
+        ),
+    );
+    if let Some(profit) = k.profit_bytes {
+        line(
+            s,
+            "KSM profit",
+            &format!("{} (saved less KSM's own metadata)", mib(profit as f64)),
+        );
+    }
+    if let Some(cpu) = k.ksmd_cpu_seconds {
+        line(s, "ksmd CPU", &format!("{cpu:.1} s since boot"));
+    }
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]
@@ -706,6 +757,61 @@ mod tests {
             text.lines()
                 .any(|l| l.starts_with("IP:") && l.ends_with("<none>")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn describe_host_shows_what_ksm_saves_and_costs() {
+        let mut host = Host::new(
+            "h1",
+            podvisor_api::HostCapacity {
+                cpu: 2000,
+                memory: 1 << 30,
+            },
+            "http://127.0.0.1:9",
+        );
+        let value = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+        };
+        let text = describe_host(&host, &[]);
+        assert_eq!(value(&text, "KSM"), "off (pods' memory is not merged)");
+        assert!(!text.contains("ksmd CPU"), "{text}");
+        host.status.ksm = Some(HostKsm {
+            enabled: true,
+            pages_shared: 1200,
+            pages_sharing: 30000,
+            pages_unshared: 5000,
+            full_scans: 7,
+            zero_pages: Some(0),
+            saved_bytes: 30000 * 4096,
+            profit_bytes: Some(-(1 << 20)),
+            ksmd_cpu_seconds: Some(12.34),
+            pages_to_scan: 1000,
+            sleep_millisecs: 20,
+        });
+        let text = describe_host(&host, &[]);
+        assert_eq!(value(&text, "KSM"), "on, 1000 pages every 20 ms");
+        assert_eq!(
+            value(&text, "KSM saves"),
+            "117.2 MiB (30000 pages merged into 1200, 5000 unique; 7 full scans)"
+        );
+        assert_eq!(
+            value(&text, "KSM profit"),
+            "-1.0 MiB (saved less KSM's own metadata)"
+        );
+        assert_eq!(value(&text, "ksmd CPU"), "12.3 s since boot");
+        let ksm = host.status.ksm.as_mut().unwrap();
+        ksm.zero_pages = Some(2000);
+        ksm.saved_bytes = 32000 * 4096;
+        ksm.enabled = false;
+        let text = describe_host(&host, &[]);
+        assert_eq!(value(&text, "KSM"), "stopped, 1000 pages every 20 ms");
+        assert_eq!(
+            value(&text, "KSM saves"),
+            "125.0 MiB (30000 pages merged into 1200, 2000 into the zero page, 5000 unique; 7 full scans)"
         );
     }
 

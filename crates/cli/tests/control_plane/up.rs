@@ -1,23 +1,103 @@
 //! One machine through `podvisor up`: apply, get, logs, exec, delete, with
 //! nothing but the CLI config `up` writes, and pods on the default pod
-//! network.
+//! network; with `--ksm`, the host runs KSM, its pods' RAM is mergeable
+//! unless they ask for isolation, and the machine's KSM settings are put
+//! back when it stops.
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use podvisor_api::PodPhase;
+use podvisor_api::{Pod, PodPhase};
 use podvisor_testbed::cli::PodvisorCommand;
 use podvisor_testbed::daemon::{Daemon, free_port, pids_mentioning};
 use podvisor_testbed::fabric::HostFabric;
 
 use crate::fixture::*;
 
+/// KSM's files.
+const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+/// The settings a host daemon with `--ksm` changes.
+const KSM_SETTINGS: [&str; 3] = ["run", "pages_to_scan", "sleep_millisecs"];
+
+/// KSM's settings are the machine's: one test at a time holds them (a
+/// lock file, so test processes running in parallel wait), and they are
+/// put back as they were when this is dropped, whatever the test's daemon
+/// did.
+struct MachineKsm {
+    before: [String; 3],
+    _lock: std::fs::File,
+}
+
+impl MachineKsm {
+    fn hold() -> MachineKsm {
+        let lock = std::fs::File::create("/tmp/podvisor-tests-ksm.lock").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
+        let start = Instant::now();
+        // SAFETY: flock on a descriptor this test owns.
+        while unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "another test held KSM's settings for 10 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        MachineKsm {
+            before: Self::now(),
+            _lock: lock,
+        }
+    }
+
+    fn now() -> [String; 3] {
+        KSM_SETTINGS.map(|name| {
+            std::fs::read_to_string(Path::new(KSM_DIR).join(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+    }
+}
+
+impl Drop for MachineKsm {
+    fn drop(&mut self) {
+        // The rate first, then run, as the daemon does.
+        for i in [1, 2, 0] {
+            let _ = std::fs::write(Path::new(KSM_DIR).join(KSM_SETTINGS[i]), &self.before[i]);
+        }
+    }
+}
+
+/// The QEMU command line of `pod`'s VM, launched by the `podvisor up`
+/// whose state is in `state`.
+fn vm_command_line(state: &Path, pod: &Pod) -> String {
+    // The VM's directory is named by the first 16 letters and digits of
+    // the pod's uid.
+    let id = pod
+        .metadata
+        .uid
+        .as_deref()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let dir = format!("{}/", state.join("host/run/pods").join(id).display());
+    let pids = pids_mentioning(&dir);
+    assert_eq!(pids.len(), 1, "one QEMU in {dir}");
+    let raw = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
 /// `podvisor up` as a user starts it, pod network included, on an
 /// emulated host (its own network namespace, pod subnet and conflist, so
-/// the machine's namespace is untouched).
+/// the machine's namespace is untouched), with KSM on for its pods.
 #[test]
 fn vm_up_runs_a_pod_applied_from_yaml() {
+    let ksm = MachineKsm::hold();
+    // A rate unlike the machine's, so that putting it back shows.
+    let pages_to_scan = ksm.before[1].parse::<u64>().unwrap() + 7;
     let fabric = HostFabric::new(1);
     let host = fabric.host(0);
     let s = Scratch::new();
@@ -30,7 +110,9 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
         .args(["--log", "info", "up", "--state-dir"])
         .arg(&state)
         .args(["--listen", listen, "--name", "node-1", "--cpu", "2"])
-        .args(["--memory", "1Gi", "--cni-conf-dir"])
+        .args(["--memory", "1Gi", "--ksm", "--ksm-pages-to-scan"])
+        .arg(pages_to_scan.to_string())
+        .arg("--cni-conf-dir")
         .arg(host.cni_conf_dir())
         .current_dir(s.path())
         .env("PODVISOR_CONFIG", &config)
@@ -66,6 +148,43 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     );
     assert!(written.contains("admin.token"), "{written}");
 
+    // KSM runs at the daemon's rate, and the host says so.
+    assert_eq!(
+        MachineKsm::now(),
+        ["1".to_string(), pages_to_scan.to_string(), "20".into()]
+    );
+    let reported = wait_for("the host to report KSM", Duration::from_secs(30), || {
+        let out = cli().args(["get", "hosts", "-o", "json"]).output();
+        let hosts: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {out:?}"))?;
+        let ksm = hosts["items"][0]["status"]["ksm"].clone();
+        if ksm["enabled"] == true {
+            Ok(ksm)
+        } else {
+            Err(hosts.to_string())
+        }
+    });
+    assert_eq!(reported["pagesToScan"], pages_to_scan, "{reported}");
+    assert!(reported["ksmdCpuSeconds"].is_f64(), "{reported}");
+    let described = cli().args(["describe", "host", "node-1"]).success().stdout;
+    let described_line = |key: &str| {
+        described
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {key} in:\n{described}"))
+            .to_string()
+    };
+    assert_eq!(
+        described_line("KSM"),
+        format!("on, {pages_to_scan} pages every 20 ms")
+    );
+    assert!(described_line("KSM saves").contains("MiB ("), "{described}");
+    assert!(
+        described_line("ksmd CPU").ends_with("s since boot"),
+        "{described}"
+    );
+
     // The image goes into the cache's catalog under its name; pods name it
     // as users do.
     let out = cli().args(["image", "import"]).arg(&image).output();
@@ -92,6 +211,9 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
     assert_eq!(pod.status.phase, PodPhase::Running);
     assert_eq!(pod.status.host_ip.as_deref(), Some("127.0.0.1"));
     assert!(pod.status.container_statuses[0].state.running.is_some());
+    // A pod that does not ask for isolation is mergeable on this host.
+    let web_vm = vm_command_line(&state, &pod);
+    assert!(web_vm.contains(",mem-merge=on"), "{web_vm}");
 
     // The pod is on the host's pod network: an address from the host's
     // conflist, shown by `get -o wide`, and it reaches a server on the
@@ -213,7 +335,8 @@ fn vm_up_runs_a_pod_applied_from_yaml() {
 
     // Restart policies, exit codes and restart counts: a pod that completes
     // is not restarted and its VM stops; a failing one is restarted after
-    // the back-off (10 s, as Kubernetes).
+    // the back-off (10 s, as Kubernetes). The failing one asks for
+    // isolation.
     let jobs = format!(
         "apiVersion: v1
 kind: Pod
@@ -226,7 +349,9 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: crasher}}
+metadata:
+  name: crasher
+  annotations: {{podvisor.io/isolated: 'true'}}
 spec:
   restartPolicy: OnFailure
   containers:
@@ -267,6 +392,9 @@ spec:
     let message = waiting.message.unwrap_or_default();
     assert!(message.contains("exited with code 2"), "{message}");
     assert_eq!(done.1.status.phase, PodPhase::Running);
+    // Its VM (kept across the restarts) is never merged.
+    let crasher_vm = vm_command_line(&state, &done.1);
+    assert!(crasher_vm.contains(",mem-merge=off"), "{crasher_vm}");
     let table = cli().args(["get", "pods"]).success().stdout;
     let row = table.lines().find(|l| l.starts_with("once ")).unwrap();
     assert!(row.contains("Completed"), "{table}");
@@ -311,6 +439,9 @@ spec:
         "{}",
         up.log()
     );
+    // Stopped, the daemon has put KSM's settings back.
+    assert_eq!(MachineKsm::now(), ksm.before, "{}", up.log());
+    assert!(!state.join("host/ksm-before.json").exists());
 }
 
 /// A plain HTTP/1.1 GET of `path` from `address` (`IP:PORT`); the whole

@@ -568,4 +568,26 @@ spec:
         assert_eq!(e.reason, UnrunnableReason::InvalidPod);
         assert!(e.message.contains("soon"), "{}", e.message);
     }
+
+    #[test]
+    fn the_isolated_annotation_reaches_the_plan() {
+        let mut pod: api::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "uid": "u-1"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        }))
+        .unwrap();
+        assert!(!plan_from_pod(&pod).unwrap().isolated);
+        let mut set = |value: &str| {
+            pod.metadata
+                .annotations
+                .insert(api::ISOLATED_ANNOTATION.into(), value.into());
+            plan_from_pod(&pod)
+        };
+        assert!(set("true").unwrap().isolated);
+        assert!(!set("false").unwrap().isolated);
+        let e = set("yes").unwrap_err();
+        assert_eq!(e.reason, UnrunnableReason::InvalidPod);
+        assert!(e.message.contains("\"yes\""), "{}", e.message);
+    }
 }

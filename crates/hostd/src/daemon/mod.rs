@@ -10,6 +10,11 @@
 //! adopts them ([`crate::host::PodRuntime::open`]). It exits the same way on
 //! SIGTERM: VMs keep running.
 //!
+//! With `--ksm` ([`DaemonConfig::ksm`], [`ksm`]) the daemon turns KSM on
+//! for this machine while it runs, has the pods that do not ask for
+//! isolation launched mergeable, and reports what KSM saves and costs
+//! with each heartbeat (the host's `status.ksm`).
+//!
 //! `ack-without-vm` ([`RuntimeMode::AckWithoutVm`]) is for measuring the
 //! control plane alone: the host runtime runs its pods in sandboxes that
 //! run nothing ([`crate::host::AckLauncher`]), so they are reported Running
@@ -17,13 +22,14 @@
 
 pub mod convert;
 pub mod http;
+pub mod ksm;
 mod reconcile;
 mod reporter;
 mod volume_files;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use podvisor_api as api;
@@ -68,6 +74,10 @@ pub struct DaemonConfig {
     /// The shared storage the volume directory is on (hosts naming the
     /// same one share volumes); `None`: this host's own.
     pub volume_storage: Option<String>,
+    /// Run KSM for this host's pods at this scan rate while the daemon
+    /// runs (the machine's settings are put back when it stops); `None`:
+    /// KSM is left alone and no pod's memory is mergeable.
+    pub ksm: Option<ksm::ScanRate>,
 }
 
 /// Errors that stop the daemon.
@@ -93,6 +103,8 @@ pub enum DaemonError {
     Runtime(#[from] RuntimeError),
     #[error("no secret for the host endpoint")]
     Secret(#[source] podvisor_store::RandomError),
+    #[error("--ksm: cannot turn KSM on")]
+    Ksm(#[source] ksm::KsmError),
 }
 
 /// What the caller learns once the daemon is registered.
@@ -122,9 +134,10 @@ pub fn machine_capacity() -> api::HostCapacity {
     }
 }
 
-/// Runs the daemon until `shutdown` completes. VMs are left running.
+/// Runs the daemon until `shutdown` completes. VMs are left running; KSM
+/// settings it changed are put back.
 pub async fn run(
-    cfg: DaemonConfig,
+    mut cfg: DaemonConfig,
     shutdown: impl Future<Output = ()> + Send,
     started: Option<oneshot::Sender<Started>>,
 ) -> Result<(), DaemonError> {
@@ -133,6 +146,10 @@ pub async fn run(
             name: cfg.name.clone(),
             source,
         })?;
+    // On before any pod starts, so every pod launched is merged; put back
+    // when `ksm` is dropped, on every way out of here.
+    let ksm = ksm_for_host(&cfg).map_err(DaemonError::Ksm)?;
+    cfg.host.memory_merge = ksm.is_some();
     let launcher: Arc<dyn Launcher> = match cfg.runtime {
         RuntimeMode::Vm => Arc::new(VmLauncher::new(&cfg.host)?),
         RuntimeMode::AckWithoutVm => Arc::new(AckLauncher),
@@ -191,6 +208,7 @@ pub async fn run(
         host.clone(),
         endpoint_token.clone(),
         every,
+        ksm.as_ref().map(Arc::downgrade),
     ));
     let host_ip = (!local.ip().is_unspecified()).then(|| local.ip().to_string());
     let reports = reporter::start(client.clone());
@@ -227,7 +245,56 @@ pub async fn run(
     let _ = stop_http.send(());
     let _ = server.await;
     runtime.detach_all().await;
+    if let Some(ksm) = ksm
+        && let Err(e) = ksm.restore()
+    {
+        tracing::warn!(
+            "putting the KSM settings back: {e}",
+            e = podvisor_errors::ErrorChain(&e)
+        );
+    }
     Ok(())
+}
+
+/// KSM turned on for `--ksm`. Without it, KSM is left alone, except for
+/// settings a daemon killed with `--ksm` left to be put back.
+fn ksm_for_host(cfg: &DaemonConfig) -> Result<Option<Arc<ksm::KsmOn>>, ksm::KsmError> {
+    let state_dir = &cfg.host.state_dir;
+    match cfg.ksm {
+        Some(rate) => {
+            ksm::KsmOn::start(ksm::Ksm::machine(), rate, state_dir).map(|on| Some(Arc::new(on)))
+        }
+        None => {
+            match ksm::restore_left_over(&ksm::Ksm::machine(), state_dir) {
+                Ok(Some(s)) => tracing::info!(
+                    run = s.run,
+                    pages_to_scan = s.pages_to_scan,
+                    sleep_millisecs = s.sleep_millisecs,
+                    "put back the KSM settings a daemon killed with --ksm had changed"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    "putting back the KSM settings a daemon killed with --ksm had changed: {e}",
+                    e = podvisor_errors::ErrorChain(&e)
+                ),
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// What the host reports with a heartbeat. `ksm` is weak: the daemon
+/// alone keeps KSM on, and its end (even by being dropped, when nothing
+/// aborts the heartbeat) puts the settings back.
+async fn report(ksm: Option<&Weak<ksm::KsmOn>>) -> api::HostReport {
+    let ksm = match ksm.and_then(Weak::upgrade) {
+        Some(k) => tokio::task::spawn_blocking(move || k.report())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    api::HostReport { ksm }
 }
 
 /// Whether an error from the server will not go away by retrying (a bad
@@ -264,12 +331,27 @@ async fn register(
     }
 }
 
-/// Renews the host's lease every `every`; registers again if the server no
-/// longer knows the host.
-async fn heartbeat(client: Client, host: api::Host, endpoint_token: String, every: Duration) {
+/// Renews the host's lease every `every`, the first time at once, each
+/// time with the host's report; registers again if the server no longer
+/// knows the host.
+async fn heartbeat(
+    client: Client,
+    host: api::Host,
+    endpoint_token: String,
+    every: Duration,
+    ksm: Option<Weak<ksm::KsmOn>>,
+) {
+    let mut first = true;
     loop {
-        tokio::time::sleep(every).await;
-        match client.heartbeat(&host.metadata.name).await {
+        if !first {
+            tokio::time::sleep(every).await;
+        }
+        first = false;
+        let report = report(ksm.as_ref()).await;
+        match client
+            .heartbeat_with_report(&host.metadata.name, &report)
+            .await
+        {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {
                 if let Err(e) = client.register_host(&host, &endpoint_token).await {

@@ -381,6 +381,7 @@ async fn run_training_vm(
         devices: job.disks.iter().cloned().map(Device::Block).collect(),
         pci: Default::default(),
         memory: podvisor_vmm::MemoryBacking::Anonymous,
+        memory_merge: false,
         // A daemon that dies takes its training runs with it.
         die_with_parent: true,
         netns: None,

@@ -114,6 +114,11 @@ pub struct HostConfig {
     /// How long a JVM training run warms up before its class-data archive
     /// is dumped; `None`: this host makes and uses no JVM archives.
     pub jvm_archive_warm_up: Option<Duration>,
+    /// Mark the guest RAM of pods that do not ask for isolation mergeable
+    /// (QEMU's `mem-merge=on`), for a host that runs KSM (`podvisor host
+    /// --ksm`, which sets it). Off: no pod's RAM is merged, whoever turns
+    /// KSM on.
+    pub memory_merge: bool,
 }
 
 impl HostConfig {
@@ -128,6 +133,7 @@ impl HostConfig {
             wake_timeout: Duration::from_secs(30),
             key_timeout: Duration::from_secs(60),
             jvm_archive_warm_up: Some(Duration::from_secs(20)),
+            memory_merge: false,
             volume_dirs: volumes::VolumeDirs {
                 volumes: state_dir.join("volumes"),
                 format_images: state_dir.join("volume-format-images"),

@@ -206,5 +206,6 @@ mod tests {
             "restart_policy":"Always","cpus":1,"memory_mib":128}"#;
         let plan: PodPlan = serde_json::from_str(old).unwrap();
         assert_eq!(plan.dns, PodDns::default());
+        assert!(!plan.isolated);
     }
 }

@@ -49,6 +49,8 @@ pub struct VmLauncher {
     trainings: jvm_archive::Trainings,
     /// Their warm-up; `None`: no archives on this host.
     jvm_warm_up: Option<Duration>,
+    /// [`HostConfig::memory_merge`].
+    memory_merge: bool,
 }
 
 impl VmLauncher {
@@ -80,6 +82,7 @@ impl VmLauncher {
             last_guest: Mutex::new(None),
             trainings: Default::default(),
             jvm_warm_up: cfg.jvm_archive_warm_up,
+            memory_merge: cfg.memory_merge,
         })
     }
 
@@ -126,6 +129,7 @@ impl VmLauncher {
             devices,
             pci: Default::default(),
             memory: podvisor_vmm::MemoryBacking::Anonymous,
+            memory_merge: self.memory_merge && !plan.isolated,
             die_with_parent: false,
             netns: None,
         }

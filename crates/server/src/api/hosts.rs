@@ -7,8 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use podvisor_api::{
-    ENDPOINT_TOKEN_HEADER, Format, Host, HostList, HostStatus, Status, validate_endpoint_token,
-    validate_host,
+    ENDPOINT_TOKEN_HEADER, Format, Host, HostList, HostReport, HostStatus, Status,
+    validate_endpoint_token, validate_host,
 };
 use podvisor_store::{Store, StoreError};
 
@@ -171,20 +171,35 @@ async fn ensure_lease(
 }
 
 /// Keeps the host's lease alive and marks it ready. Only the host's own
-/// token may.
+/// token may. A body (optional) is what the host reports about itself
+/// (KSM), kept in its status; without one the status keeps what the
+/// last report said.
 #[utoipa::path(put, path = "/api/v1/hosts/{name}/heartbeat", tag = "hosts",
     params(("name" = String, Path)),
+    request_body(content = Option<HostReport>, description = "What the host reports (optional)"),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Host),
+        (status = 400, description = "Not a readable report", body = Status),
         (status = 403, description = "Not this host's token", body = Status),
         (status = 404, description = "Not registered", body = Status)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
+    body: Bytes,
 ) -> Result<Json<Host>, ApiError> {
     caller.require_host(&name, &format!("heartbeat of host {name:?}"))?;
+    let report: Option<HostReport> = if body.is_empty() {
+        None
+    } else {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
+        Some(
+            podvisor_api::parse_object(text, Format::Json)
+                .map_err(|e| ApiError::bad_request(format!("host report: {e}")))?,
+        )
+    };
     let store = state.store.as_ref();
     let key = keys::host(&name);
     if store.get(&key).await?.is_none() {
@@ -199,6 +214,9 @@ pub async fn heartbeat(
         host.status.reason = None;
         host.status.last_heartbeat_time = Some(chrono::Utc::now());
         host.status.lease_duration_seconds = Some(ttl);
+        if let Some(report) = &report {
+            host.status.ksm = report.ksm.clone();
+        }
         Ok(Change::Write)
     })
     .await?

@@ -58,11 +58,15 @@ impl TestServer {
 
     /// A client with a new token of `role`/`name`.
     pub async fn client(&self, role: Role, name: &str) -> Client {
-        let token =
-            podvisor_server::create_token(&self.state_dir(), self.store_url.as_deref(), role, name)
-                .await
-                .unwrap();
+        let token = self.token_of(role, name).await;
         Client::new(&self.url(), Some(&token)).unwrap()
+    }
+
+    /// A new token of `role`/`name`.
+    pub async fn token_of(&self, role: Role, name: &str) -> String {
+        podvisor_server::create_token(&self.state_dir(), self.store_url.as_deref(), role, name)
+            .await
+            .unwrap()
     }
 
     /// Registers host `name` with `cpu` millicores and `memory` bytes, and

@@ -62,6 +62,11 @@ pub struct Machine {
     /// TCG translation cache size in MiB (QEMU's default is large; a small
     /// cache keeps the host memory of many emulated VMs down).
     pub tcg_tb_size_mib: Option<u32>,
+    /// `mem-merge`: whether guest RAM is marked mergeable
+    /// (`MADV_MERGEABLE`), so that KSM may merge its identical pages with
+    /// other processes' (other VMs'). QEMU's own default is on; podvisor
+    /// always says which, so a VM is merged only when asked.
+    pub mem_merge: bool,
 }
 
 impl ArgGroup for Machine {
@@ -70,6 +75,7 @@ impl ArgGroup for Machine {
         if let Some(mem) = &self.memory_backend {
             machine.push_str(&format!(",memory-backend={}", opt_value(mem)));
         }
+        machine.push_str(&format!(",mem-merge={}", on_off(self.mem_merge)));
         push(args, "-machine", machine);
         let mut accel = self.accel.as_str().to_string();
         if let (Accel::Tcg, Some(tb)) = (self.accel, self.tcg_tb_size_mib) {

@@ -35,12 +35,13 @@ fn machine_with_tcg_cache_and_memory_backend() {
         accel: Accel::Tcg,
         memory_backend: Some("mem".into()),
         tcg_tb_size_mib: Some(64),
+        mem_merge: false,
     };
     assert_eq!(
         render(&m),
         [
             "-machine",
-            "pc,memory-backend=mem",
+            "pc,memory-backend=mem,mem-merge=off",
             "-accel",
             "tcg,tb-size=64"
         ]
@@ -51,9 +52,32 @@ fn machine_with_tcg_cache_and_memory_backend() {
         ..m
     };
     // The TCG cache size is meaningless under KVM and is left out.
-    assert_eq!(render(&kvm), ["-machine", "pc", "-accel", "kvm"]);
+    assert_eq!(
+        render(&kvm),
+        ["-machine", "pc,mem-merge=off", "-accel", "kvm"]
+    );
     assert_eq!(render(&Cpu::for_accel(Accel::Kvm)), ["-cpu", "host"]);
     assert_eq!(render(&Cpu::for_accel(Accel::Tcg)), ["-cpu", "max"]);
+}
+
+#[test]
+fn guest_ram_is_mergeable_only_when_asked() {
+    // QEMU's default is mem-merge=on: podvisor always says which.
+    let machine = |mem_merge| Machine {
+        kind: "pc".into(),
+        accel: Accel::Tcg,
+        memory_backend: None,
+        tcg_tb_size_mib: None,
+        mem_merge,
+    };
+    assert_eq!(
+        render(&machine(true)),
+        ["-machine", "pc,mem-merge=on", "-accel", "tcg"]
+    );
+    assert_eq!(
+        render(&machine(false)),
+        ["-machine", "pc,mem-merge=off", "-accel", "tcg"]
+    );
 }
 
 #[test]
@@ -135,6 +159,7 @@ fn whole_command_line_orders_groups() {
             accel: Accel::Tcg,
             memory_backend: None,
             tcg_tb_size_mib: None,
+            mem_merge: false,
         },
         cpu: Cpu::for_accel(Accel::Tcg),
         smp: Smp { cpus: 2 },

@@ -27,6 +27,7 @@ fn spec(dir: &str, memory: MemoryBacking, disks: usize) -> VmSpec {
         cpus: 1,
         memory_mib: 256,
         memory,
+        memory_merge: false,
         kernel: "/boot/vmlinuz".into(),
         initramfs: "/c/initrd".into(),
         kernel_cmdline: "console=ttyS0".into(),
@@ -70,7 +71,7 @@ fn a_clone_has_its_templates_devices_its_own_paths_and_private_ram() {
     );
     let t = args(&template, false);
     let c = args(&clone, true);
-    assert!(t.contains(&"pc,memory-backend=ram0".to_string()));
+    assert!(t.contains(&"pc,memory-backend=ram0,mem-merge=off".to_string()));
     assert!(
         t.contains(
             &"memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/podvisor/t.ram,share=on"
@@ -108,7 +109,7 @@ fn a_clone_has_its_templates_devices_its_own_paths_and_private_ram() {
 fn cold_boots_use_anonymous_ram_and_many_disks_get_bridges() {
     let a = args(&spec("/r", MemoryBacking::Anonymous, 0), false);
     assert!(!a.iter().any(|x| x.contains("memory-backend")));
-    assert!(a.contains(&"pc".to_string()));
+    assert!(a.contains(&"pc,mem-merge=off".to_string()));
     assert!(!a.iter().any(|x| x.contains("pci-bridge")));
 
     // 40 disks do not fit on the root bus: one bridge in slot 31, the
@@ -143,6 +144,30 @@ fn cold_boots_use_anonymous_ram_and_many_disks_get_bridges() {
 
     let err = Qemu::command_line(&spec("/r", MemoryBacking::Anonymous, 200), false).unwrap_err();
     assert!(err.to_string().contains("no free PCI slot"), "{err}");
+}
+
+#[test]
+fn guest_ram_is_mergeable_only_when_the_spec_asks() {
+    let machine = |spec: &VmSpec| {
+        let a = args(spec, false);
+        let at = a.iter().position(|x| x == "-machine").unwrap();
+        a[at + 1].clone()
+    };
+    let mut cold = spec("/r", MemoryBacking::Anonymous, 0);
+    assert_eq!(machine(&cold), "pc,mem-merge=off");
+    cold.memory_merge = true;
+    assert_eq!(machine(&cold), "pc,mem-merge=on");
+    // A clone maps its template's RAM file privately; its RAM is not
+    // merged either unless asked.
+    let clone = spec(
+        "/r",
+        MemoryBacking::File {
+            path: "/dev/shm/t.ram".into(),
+            shared: false,
+        },
+        0,
+    );
+    assert_eq!(machine(&clone), "pc,memory-backend=ram0,mem-merge=off");
 }
 
 #[test]

@@ -181,6 +181,7 @@ impl Qemu {
                 accel: spec.accel,
                 memory_backend,
                 tcg_tb_size_mib: Some(64),
+                mem_merge: spec.memory_merge,
             },
             cpu: Cpu::for_accel(spec.accel),
             smp: Smp { cpus: spec.cpus },
