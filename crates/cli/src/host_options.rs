@@ -60,6 +60,11 @@ pub struct VmArgs {
     /// Extra guest kernel argument (repeatable), for debugging guests.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// Attach image layers as virtio-blk disks only (each pod VM caches
+    /// what it reads), never as shared virtio-pmem mappings mounted with
+    /// DAX (pods reading a layer share the host's page cache of it).
+    #[arg(long)]
+    pub no_dax: bool,
 }
 
 /// Every host option of a command that boots pod VMs (`run`, `host`, `up`).
@@ -125,6 +130,7 @@ impl VmArgs {
             cfg.boot_timeout = std::time::Duration::from_secs(secs);
         }
         cfg.extra_kernel_args = self.kernel_args.clone();
+        cfg.dax_layers = !self.no_dax;
         Ok(cfg)
     }
 }

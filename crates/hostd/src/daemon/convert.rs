@@ -65,8 +65,15 @@ pub fn plan_from_pod(pod: &api::Pod) -> Result<PodPlan, Unrunnable> {
             format!("pod {}: {e}", pod.key()),
         )
     })?;
+    let isolated = api::isolated(&pod.metadata).map_err(|e| {
+        unrunnable(
+            UnrunnableReason::InvalidPod,
+            format!("pod {}: {e}", pod.key()),
+        )
+    })?;
     Ok(PodPlan {
         hibernate_after,
+        isolated,
         uid,
         namespace: pod.metadata.namespace().to_string(),
         name: pod.metadata.name.clone(),
@@ -551,5 +558,27 @@ spec:
         let e = plan_from_pod(&pod).unwrap_err();
         assert_eq!(e.reason, UnrunnableReason::InvalidPod);
         assert!(e.message.contains("soon"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_isolated_annotation_becomes_the_plans_isolation() {
+        let mut pod: api::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "uid": "u-1"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        }))
+        .unwrap();
+        assert!(!plan_from_pod(&pod).unwrap().isolated);
+        let mut annotate = |value: &str| {
+            pod.metadata
+                .annotations
+                .insert(api::ISOLATED_ANNOTATION.into(), value.into());
+            plan_from_pod(&pod)
+        };
+        assert!(annotate("true").unwrap().isolated);
+        assert!(!annotate("false").unwrap().isolated);
+        let e = annotate("yes").unwrap_err();
+        assert_eq!(e.reason, UnrunnableReason::InvalidPod);
+        assert!(e.message.contains("yes"), "{}", e.message);
     }
 }

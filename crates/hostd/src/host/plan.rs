@@ -37,6 +37,11 @@ pub struct PodPlan {
     /// The pod's volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<super::volumes::VolumePlan>,
+    /// The pod shares no memory with other pods (its
+    /// `podvisor.io/isolated: "true"` annotation): its layers are on
+    /// virtio-blk, never mapped from the host's page cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
 
 /// One container of a pod, with Kubernetes' meaning of each field.
@@ -173,6 +178,7 @@ mod tests {
             port_mappings: vec![],
             dns: PodDns::default(),
             hibernate_after: None,
+            isolated: false,
             volumes: vec![],
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");

@@ -49,6 +49,7 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         port_mappings: vec![],
         dns: Default::default(),
         hibernate_after: None,
+        isolated: false,
         volumes: vec![],
     }
 }

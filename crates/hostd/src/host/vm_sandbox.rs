@@ -21,7 +21,7 @@ use podvisor_podvm::network::{self, PodNic};
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
 use podvisor_vmm::process::VmmProcess;
-use podvisor_vmm::{BlockDevice, Device};
+use podvisor_vmm::{BlockDevice, Device, PmemDevice};
 
 use super::HostConfig;
 use super::error::RuntimeError;
@@ -176,7 +176,7 @@ impl Launcher for VmLauncher {
                 Ok(ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    mounts: podvisor_proto::image_mounts(&img.layers),
+                    mounts: img.mounts.clone(),
                     process,
                     runtime: None,
                 })
@@ -184,6 +184,7 @@ impl Launcher for VmLauncher {
             .collect();
         Ok(Prepared {
             disks: images.disks,
+            pmem: images.pmem,
             containers,
             holds: images.holds,
         })
@@ -197,10 +198,11 @@ impl Launcher for VmLauncher {
         &self,
         plan: &PodPlan,
         disks: Vec<BlockDevice>,
+        pmem: Vec<PmemDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         let guest = self.guest().await?;
         let nic = self.pod_nic(plan).await?;
-        let mut devices: Vec<Device> = disks.into_iter().map(Device::Block).collect();
+        let mut devices = vm_devices(&pmem, &disks);
         devices.extend(nic.as_ref().map(PodNic::vm_device));
         let spec = self.spec(plan, guest, devices);
         let mut vm = PodVm::boot(&self.node, spec).await?;
@@ -344,12 +346,9 @@ impl Launcher for VmLauncher {
             }),
             None => vec![],
         };
-        let mut devices: Vec<Device> = hibernated
-            .disks
-            .iter()
-            .cloned()
-            .map(Device::Block)
-            .collect();
+        // As the VM booted: the pmem devices in the same order, so each
+        // gets the guest-physical range the snapshot's guest knows it at.
+        let mut devices = vm_devices(&hibernated.pmem, &hibernated.disks);
         devices.extend(nic.as_deref().map(PodNic::vm_device));
         let spec = self.spec(plan, guest, devices);
         let context = hibernation::snapshot_context(plan);
@@ -377,6 +376,16 @@ impl Launcher for VmLauncher {
     fn forget_sleep(&self, plan: &PodPlan) {
         self.sleeping.lock().unwrap().remove(&plan.uid);
     }
+}
+
+/// A pod VM's storage devices: its layers on virtio-pmem first (the
+/// order fixes their place in guest memory), then its disks.
+fn vm_devices(pmem: &[PmemDevice], disks: &[BlockDevice]) -> Vec<Device> {
+    pmem.iter()
+        .cloned()
+        .map(Device::Pmem)
+        .chain(disks.iter().cloned().map(Device::Block))
+        .collect()
 }
 
 /// A pod VM whose state is in a snapshot, paused.
