@@ -98,7 +98,10 @@ pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
         return None;
     }
     let hex: String = groups.concat();
-    if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !hex
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut out = [0u8; 16];
@@ -289,7 +292,10 @@ mod tests {
 
     #[test]
     fn uuids_are_taken_only_in_the_form_the_host_writes() {
-        assert_eq!(parse_uuid("01234567-89ab-cdef-0123-456789abcdef"), Some(UUID));
+        assert_eq!(
+            parse_uuid("01234567-89ab-cdef-0123-456789abcdef"),
+            Some(UUID)
+        );
         for bad in [
             "",
             "0123456789abcdef0123456789abcdef",

@@ -419,7 +419,12 @@ fn a_pmem_layer_needs_a_uuid_and_read_only() {
     assert_eq!(o.flags, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
     assert_eq!(o.data.as_deref(), Some("dax=always"));
 
-    for bad in ["", "/dev/pmem0", "01234567-89AB-cdef-0123-456789abcdef", "x,dax=never"] {
+    for bad in [
+        "",
+        "/dev/pmem0",
+        "01234567-89AB-cdef-0123-456789abcdef",
+        "x,dax=never",
+    ] {
         mounts[0].source = MountSource::Pmem { uuid: bad.into() };
         assert!(
             refusal(&mounts).contains("invalid EROFS UUID"),

@@ -582,7 +582,8 @@ fn vm_named_volumes_keep_data_between_runs() {
 /// How much the guest's page cache grew (KiB) while a cold-booted pod of
 /// `image` read its 16 MiB file, with `flags` given to `run`.
 fn page_cache_growth(t: &TestDir, image: &Path, flags: &[&str]) -> u64 {
-    let script = "grep ^Cached: /proc/meminfo; cat /app/big >/dev/null; grep ^Cached: /proc/meminfo";
+    let script =
+        "grep ^Cached: /proc/meminfo; cat /app/big >/dev/null; grep ^Cached: /proc/meminfo";
     let out = podvisor(t)
         .args(["run"])
         .args(flags)
@@ -623,7 +624,10 @@ fn vm_cold_pods_read_layers_through_dax_unless_isolated_or_dax_is_off() {
     // guest's own cache.
     for flags in [&["--isolated"][..], &["--template", "none", "--no-dax"]] {
         let blk = page_cache_growth(&t, &image, flags);
-        assert!(blk >= 15 << 10, "{flags:?}: the page cache grew by {blk} KiB");
+        assert!(
+            blk >= 15 << 10,
+            "{flags:?}: the page cache grew by {blk} KiB"
+        );
     }
     assert_pod_cleaned_up(&t);
 }

@@ -67,11 +67,16 @@ async fn vm_a_pod_with_dax_layers_hibernates_and_wakes_reading_them() {
     let dir = tempfile::tempdir().unwrap();
     let _vms = VmReaper(dir.path().to_path_buf());
     let data = incompressible((DATA_MIB << 20) as usize, "hibernate-dax");
-    let sha = sha256_digest(&data).trim_start_matches("sha256:").to_string();
+    let sha = sha256_digest(&data)
+        .trim_start_matches("sha256:")
+        .to_string();
     let archive = dir.path().join("img.tar");
     ImageBuilder::new()
         .busybox_layer()
-        .layer(vec![Entry::dir("app"), Entry::file("app/data", data, 0o644)])
+        .layer(vec![
+            Entry::dir("app"),
+            Entry::file("app/data", data, 0o644),
+        ])
         .write_oci_archive(&archive)
         .unwrap();
     let mut boot = ImageBoot::prepare_on(dir.path(), &archive, LayerBus::Pmem).unwrap();

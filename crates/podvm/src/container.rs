@@ -265,7 +265,11 @@ mod tests {
     }
 
     /// Attachments of two layers, 2 and 4 MiB.
-    fn two_layers() -> (LayerAttachments, Vec<String>, Vec<podvisor_image::LayerDisk>) {
+    fn two_layers() -> (
+        LayerAttachments,
+        Vec<String>,
+        Vec<podvisor_image::LayerDisk>,
+    ) {
         use podvisor_image::{ChainId, Digest, LayerDisk};
         let disks: Vec<LayerDisk> = [1u8, 2]
             .iter()

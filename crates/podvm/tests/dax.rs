@@ -73,7 +73,10 @@ async fn run(pod: &mut PodVm, boot: &ImageBoot, id: &str, script: &str) -> (Stri
                 }
                 GuestMessage::Exited { id: i, status } if i == id => return status,
                 GuestMessage::StartFailed { id: i, error } if i == id => {
-                    panic!("{id} failed to start: {error:?}\n{}", pod.console_tail(4000))
+                    panic!(
+                        "{id} failed to start: {error:?}\n{}",
+                        pod.console_tail(4000)
+                    )
                 }
                 _ => {}
             }

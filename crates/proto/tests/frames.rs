@@ -133,8 +133,14 @@ fn an_image_is_its_layers_then_the_overlay_root_over_them() {
 #[test]
 fn a_pmem_image_is_its_dax_layers_then_the_overlay_root_over_them() {
     let layers = [
-        ("pvl0".to_string(), "00000000-0000-0000-0000-000000000000".to_string()),
-        ("pvl1".to_string(), "11111111-1111-1111-1111-111111111111".to_string()),
+        (
+            "pvl0".to_string(),
+            "00000000-0000-0000-0000-000000000000".to_string(),
+        ),
+        (
+            "pvl1".to_string(),
+            "11111111-1111-1111-1111-111111111111".to_string(),
+        ),
     ];
     let mounts = pmem_image_mounts(&layers);
     assert_eq!(mounts.len(), 3);

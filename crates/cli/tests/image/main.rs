@@ -382,7 +382,12 @@ fn config_file_settings_and_precedence() {
     bare()
         .args(["image", "pull", &registry.reference("app", "v1")])
         .success();
-    assert!(from_file.join("layers-v2").join(chain_hex(&built, 1)).is_dir());
+    assert!(
+        from_file
+            .join("layers-v2")
+            .join(chain_hex(&built, 1))
+            .is_dir()
+    );
     assert!(t.path().join("file-catalog.db").exists());
     // The flag wins over the file.
     podvisor(&t)

@@ -14,8 +14,8 @@ use podvisor_hibernate::{HibernateError, Snapshot, SnapshotKey};
 use podvisor_podvm::PodVmError;
 use podvisor_podvm::container::ContainerSpecError;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
-use podvisor_vmm::{BlockDevice, PmemDevice};
 use podvisor_vmm::process::VmmProcess;
+use podvisor_vmm::{BlockDevice, PmemDevice};
 
 use super::error::RuntimeError;
 use super::hibernation::Hibernated;
