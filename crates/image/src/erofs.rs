@@ -13,6 +13,13 @@
 //! with DAX), and the file padded with a hole to a multiple of
 //! [`DISK_ALIGN`] (virtio-pmem maps whole 2 MiB units; EROFS ignores what
 //! follows its last block). The same disk serves virtio-blk.
+//!
+//! A guest's pmem driver looks for a BTT, PFN or device-DAX info block at
+//! 4 KiB into the device before it maps it as plain pmem; there EROFS has
+//! its first block after the superblock's, often a file's data, which the
+//! image chose. A disk whose block there starts with such a signature is
+//! refused ([`ImageError::NvdimmInfoBlock`]), so no image makes its pods'
+//! guests take its layer for another kind of device.
 
 use std::path::Path;
 use std::process::Command;
@@ -40,6 +47,21 @@ pub fn layer_uuid(chain_id: &ChainId) -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// Where a pmem driver looks for an NVDIMM info block.
+const NVDIMM_INFO_OFFSET: u64 = 4096;
+
+/// The signatures of the info blocks Linux's nd_pmem probes for (BTT, PFN,
+/// device DAX), 16 bytes each.
+const NVDIMM_INFO_SIGNATURES: [&str; 3] = ["BTT_ARENA_INFO\0", "NVDIMM_PFN_INFO\0", "NVDIMM_DAX_INFO\0"];
+
+/// The NVDIMM info block signature `block` (the bytes at 4 KiB into a
+/// device) starts with, if any.
+pub(crate) fn nvdimm_info_signature(block: &[u8]) -> Option<&'static str> {
+    NVDIMM_INFO_SIGNATURES
+        .into_iter()
+        .find(|s| block.starts_with(s.as_bytes()))
 }
 
 /// `size` rounded up to a multiple of [`DISK_ALIGN`] (at least one unit).
@@ -74,7 +96,24 @@ pub(crate) fn mkfs(src: &Path, out: &Path, chain_id: &ChainId) -> Result<(), Ima
             reason: format!("{}: {}{}", output.status, stderr.trim(), stdout.trim()),
         });
     }
+    if let Some(signature) = nvdimm_info_signature(&read_at(out, NVDIMM_INFO_OFFSET, 16)?) {
+        return Err(ImageError::NvdimmInfoBlock {
+            layer: chain_id.to_string(),
+            signature: signature.trim_end_matches('\0'),
+        });
+    }
     pad(out).map(drop)
+}
+
+/// Up to `len` bytes of `path` from `offset` (fewer at its end).
+fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let err = |e| ImageError::io(format!("read {}", path.display()), e);
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    file.seek(SeekFrom::Start(offset)).map_err(err)?;
+    let mut bytes = Vec::with_capacity(len);
+    file.take(len as u64).read_to_end(&mut bytes).map_err(err)?;
+    Ok(bytes)
 }
 
 /// Extends `path` with a hole to [`padded_size`] of its size; returns the
@@ -116,6 +155,27 @@ mod tests {
         assert!(bytes[5..].iter().all(|&b| b == 0));
         // Already whole: unchanged.
         assert_eq!(pad(&path).unwrap(), DISK_ALIGN);
+    }
+
+    #[test]
+    fn nvdimm_info_signatures_are_recognised_at_the_blocks_start_only() {
+        assert_eq!(
+            nvdimm_info_signature(b"NVDIMM_PFN_INFO\0and the rest"),
+            Some("NVDIMM_PFN_INFO\0")
+        );
+        assert_eq!(
+            nvdimm_info_signature(b"BTT_ARENA_INFO\0\0"),
+            Some("BTT_ARENA_INFO\0")
+        );
+        assert_eq!(
+            nvdimm_info_signature(b"NVDIMM_DAX_INFO\0"),
+            Some("NVDIMM_DAX_INFO\0")
+        );
+        // Without the NUL, elsewhere in the block, short or empty: none.
+        assert_eq!(nvdimm_info_signature(b"NVDIMM_PFN_INFOX"), None);
+        assert_eq!(nvdimm_info_signature(b"xNVDIMM_PFN_INFO\0"), None);
+        assert_eq!(nvdimm_info_signature(b"NVDIMM_PFN"), None);
+        assert_eq!(nvdimm_info_signature(b""), None);
     }
 
     #[test]
