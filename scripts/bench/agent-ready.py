@@ -35,7 +35,7 @@ def disable_thp():
     if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
 initrd = max(glob.glob(f"{cache}/guest/initramfs-*.cpio"), key=os.path.getmtime)
-disk = glob.glob(f"{cache}/layers/*/disk.erofs")[0]
+disk = glob.glob(f"{cache}/layers-v2/*/disk.erofs")[0]
 kernel = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))[-1]
 cmdline = ("console=ttyS0 quiet panic=-1 reboot=t acpi=noirq i8042.noaux i8042.nomux "
            "i8042.nopnp i8042.dumbkbd cryptomgr.notests")

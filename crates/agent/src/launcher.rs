@@ -95,9 +95,7 @@ impl LinuxLauncher {
     pub fn new(vm: VmResources) -> Self {
         Self {
             shared: SharedMounts::default(),
-            disks: SysBlock {
-                timeout: disks::DISK_WAIT,
-            },
+            disks: SysBlock::new(disks::DISK_WAIT, crate::boot::kernel_release()),
             network_files: None,
             volumes: Volumes::default(),
             volume_env: LinuxVolumeEnv {
@@ -109,7 +107,8 @@ impl LinuxLauncher {
     }
 }
 
-/// Disks by serial, and the open mappings of encrypted volumes.
+/// Disks by serial, pmem devices by EROFS UUID, and the open mappings of
+/// encrypted volumes.
 struct Sources<'a> {
     disks: &'a SysBlock,
     volumes: &'a Volumes,
@@ -118,6 +117,12 @@ struct Sources<'a> {
 impl DiskFinder for Sources<'_> {
     fn find(&self, serial: &str) -> Result<PathBuf, disks::DiskNotFound> {
         self.disks.find(serial)
+    }
+    fn find_pmem(&self, uuid: &str) -> Result<PathBuf, disks::PmemNotFound> {
+        self.disks.find_pmem(uuid)
+    }
+    fn dax(&self, target: &Path) -> Option<bool> {
+        self.disks.dax(target)
     }
     fn mapping(&self, volume: &str) -> Option<PathBuf> {
         self.volumes.node(volume)

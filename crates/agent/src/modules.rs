@@ -56,6 +56,27 @@ pub fn load_all(sys: &dyn Syscall, module_dir: &Path, list: &[String]) -> Vec<Mo
     errors
 }
 
+/// Loads the modules of the lazy list `list` (a path like
+/// [`podvisor_proto::MODULES_PMEM_LIST`]) for kernel `release` from the
+/// initramfs, which the agent keeps at [`crate::boot::INITRAMFS_DIR`];
+/// returns the failures, as text for the log.
+pub fn load_lazy(list: &str, release: &str) -> Vec<String> {
+    let initramfs = Path::new(crate::boot::INITRAMFS_DIR);
+    let dir = initramfs.join(
+        module_dir(release)
+            .strip_prefix("/")
+            .unwrap_or(Path::new("")),
+    );
+    let list = initramfs.join(list.trim_start_matches('/'));
+    match std::fs::read_to_string(&list) {
+        Ok(text) => load_all(&crate::syscall::LinuxSyscall, &dir, &parse_load_list(&text))
+            .iter()
+            .map(|e| podvisor_errors::ErrorChain(e).to_string())
+            .collect(),
+        Err(e) => vec![format!("reading {}: {e}", list.display())],
+    }
+}
+
 /// The module directory of the running kernel: `/lib/modules/<release>`.
 pub fn module_dir(release: &str) -> PathBuf {
     Path::new("/lib/modules").join(release)

@@ -10,14 +10,14 @@
 //!
 //! | type | source | options |
 //! |---|---|---|
-//! | `erofs` (read-only) | a disk by serial | `dax`, `dax=always`, `dax=never` |
+//! | `erofs` (read-only) | a disk by serial, or a pmem device by the UUID of the EROFS it holds | `dax`, `dax=always`, `dax=never` |
 //! | `tmpfs` | none | `size=`, `nr_inodes=`, `mode=` |
 //! | `overlay` (the root only) | shared mounts, bottom first; a fresh upper | none |
 //! | `ext4` (shared only) | a disk by serial (a plain volume), or an encrypted volume's open mapping | none |
 //! | `bind` (not shared) | a shared mount, or a relative path inside one (`SharedPath`) | none |
 //!
 //! Every type also takes the flags `nosuid`, `nodev` and `noexec`; a
-//! mount from a disk or a mapping is always `nodev`.
+//! mount from a disk, a pmem device or a mapping is always `nodev`.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
@@ -153,6 +153,16 @@ fn check_one(m: &Mount, shared: &HashSet<&str>) -> Result<(), StartError> {
     match (m.fstype.as_str(), &m.source) {
         ("erofs", MountSource::Disk { serial }) => {
             disk_serial(serial).map_err(bad)?;
+            if !m.read_only {
+                return Err(bad("an erofs mount must be read-only".into()));
+            }
+        }
+        ("erofs", MountSource::Pmem { uuid }) => {
+            if crate::disks::parse_uuid(uuid).is_none() {
+                return Err(bad(format!(
+                    "invalid EROFS UUID {uuid:?} (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, lower case)"
+                )));
+            }
             if !m.read_only {
                 return Err(bad("an erofs mount must be read-only".into()));
             }
@@ -298,7 +308,7 @@ pub fn options(m: &Mount) -> Result<Options, StartError> {
     }
     if matches!(
         m.source,
-        MountSource::Disk { .. } | MountSource::Encrypted { .. }
+        MountSource::Disk { .. } | MountSource::Pmem { .. } | MountSource::Encrypted { .. }
     ) {
         flags |= MsFlags::MS_NODEV;
     }
@@ -478,6 +488,14 @@ pub fn volumes_used(mounts: &[Mount]) -> std::collections::BTreeSet<String> {
 pub fn encrypted(m: &Mount) -> Option<&str> {
     match &m.source {
         MountSource::Encrypted { volume } => Some(volume),
+        _ => None,
+    }
+}
+
+/// The EROFS UUID of the pmem device a mount comes from, if any.
+pub fn pmem(m: &Mount) -> Option<&str> {
+    match &m.source {
+        MountSource::Pmem { uuid } => Some(uuid),
         _ => None,
     }
 }

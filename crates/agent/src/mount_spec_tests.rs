@@ -407,3 +407,35 @@ fn bad_volume_mounts_and_sub_paths_are_refused() {
         refusal(&with(vec![sub_path("vol-t", "a", "/d", false)])).contains("not listed before")
     );
 }
+
+#[test]
+fn a_pmem_layer_needs_a_uuid_and_read_only() {
+    let uuid = "01234567-89ab-cdef-0123-456789abcdef";
+    let mut mounts = podvisor_proto::pmem_image_mounts(&[("pvl0".into(), uuid.into())]);
+    let checked = check_container(&mounts).unwrap();
+    assert_eq!(checked.shared.len(), 1);
+    assert_eq!(pmem(checked.shared[0]), Some(uuid));
+    let o = options(checked.shared[0]).unwrap();
+    assert_eq!(o.flags, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
+    assert_eq!(o.data.as_deref(), Some("dax=always"));
+
+    for bad in [
+        "",
+        "/dev/pmem0",
+        "01234567-89AB-cdef-0123-456789abcdef",
+        "x,dax=never",
+    ] {
+        mounts[0].source = MountSource::Pmem { uuid: bad.into() };
+        assert!(
+            refusal(&mounts).contains("invalid EROFS UUID"),
+            "{bad:?}: {}",
+            refusal(&mounts)
+        );
+    }
+    mounts[0].source = MountSource::Pmem { uuid: uuid.into() };
+    mounts[0].read_only = false;
+    assert!(refusal(&mounts).contains("must be read-only"));
+    mounts[0].read_only = true;
+    mounts[0].fstype = "ext4".into();
+    assert!(refusal(&mounts).contains("cannot come from a pmem device"));
+}

@@ -40,6 +40,12 @@ fn find_disk(disks: &dyn DiskFinder, m: &Mount) -> Result<Option<PathBuf>, Start
             ))
         });
     }
+    if let Some(uuid) = mount_spec::pmem(m) {
+        return disks
+            .find_pmem(uuid)
+            .map(Some)
+            .map_err(|e| mount_error(format!("{}: {e}", describe_target(&m.target))));
+    }
     match mount_spec::disk(m) {
         None => Ok(None),
         Some(serial) => disks
@@ -118,9 +124,36 @@ impl SharedMounts {
                     plan[i].describe()
                 ))
             })?;
+            if let (Some(uuid), Some(device)) = (mount_spec::pmem(m), &device) {
+                report_dax(disks, name, uuid, device, &dir, m);
+            }
             self.made.insert(name.to_string(), (*m).clone());
         }
         Ok(())
+    }
+}
+
+/// Says on the console whether the pmem layer just mounted on `dir` maps
+/// its files with DAX (the kernel turns DAX off, and the mount still
+/// works, when the device cannot do it: its pages are then cached in the
+/// guest like a virtio-blk disk's).
+fn report_dax(
+    disks: &dyn DiskFinder,
+    name: &str,
+    uuid: &str,
+    device: &Path,
+    dir: &Path,
+    m: &Mount,
+) {
+    let asked = m.options.iter().any(|o| o == "dax=always" || o == "dax");
+    let from = format!("layer {name}: {} (EROFS {uuid})", device.display());
+    match disks.dax(dir) {
+        Some(true) => crate::log!("{from} mounted with DAX"),
+        Some(false) if asked => crate::log!(
+            "{from} mounted without DAX: the kernel turned it off; its pages are cached in the guest"
+        ),
+        Some(false) => crate::log!("{from} mounted without DAX"),
+        None => {}
     }
 }
 

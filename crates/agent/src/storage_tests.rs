@@ -13,10 +13,13 @@ use super::*;
 use crate::disks::DiskNotFound;
 use crate::syscall::RecordingSyscall;
 
-/// Disks `vda`, `vdb`, … by serial; records every lookup.
+/// Disks `vda`, `vdb`, … by serial, and pmem devices `pmem0`, … by
+/// EROFS UUID (DAX on for those in `dax`); records every lookup.
 #[derive(Default)]
 struct FakeDisks {
     serials: Vec<&'static str>,
+    uuids: Vec<&'static str>,
+    dax: Vec<&'static str>,
     looked_up: RefCell<Vec<String>>,
 }
 
@@ -43,6 +46,59 @@ impl DiskFinder for FakeDisks {
             }),
         }
     }
+
+    fn find_pmem(&self, uuid: &str) -> Result<PathBuf, crate::disks::PmemNotFound> {
+        self.looked_up.borrow_mut().push(uuid.to_string());
+        match self.uuids.iter().position(|u| *u == uuid) {
+            Some(i) => Ok(PathBuf::from(format!("/dev/pmem{i}"))),
+            None => Err(crate::disks::PmemNotFound {
+                uuid: uuid.to_string(),
+                waited_ms: 5000,
+            }),
+        }
+    }
+
+    fn dax(&self, target: &Path) -> Option<bool> {
+        let name = target.file_name()?.to_str()?;
+        Some(self.dax.contains(&name))
+    }
+}
+
+const UUID0: &str = "00000000-1111-2222-3333-444444444444";
+const UUID1: &str = "55555555-6666-7777-8888-999999999999";
+
+#[test]
+fn a_pmem_layer_is_found_by_uuid_and_mounted_read_only_with_dax() {
+    let sys = RecordingSyscall::new();
+    let disks = FakeDisks {
+        uuids: vec![UUID0, UUID1],
+        dax: vec!["pvl1"],
+        ..Default::default()
+    };
+    let mut shared = SharedMounts::default();
+    let (l0, l1) = (
+        Mount::layer_pmem("pvl0", UUID1),
+        Mount::layer_pmem("pvl1", UUID0),
+    );
+    shared.make(&sys, &disks, &[&l0, &l1]).unwrap();
+    shared.make(&sys, &disks, &[&l0, &l1]).unwrap();
+    assert_eq!(
+        mounts_only(&sys),
+        [
+            "mount /dev/pmem1 /run/podvisor/layers/pvl0 erofs RDONLY|NODEV dax=always",
+            "mount /dev/pmem0 /run/podvisor/layers/pvl1 erofs RDONLY|NODEV dax=always",
+        ]
+    );
+    assert_eq!(*disks.looked_up.borrow(), [UUID1, UUID0]);
+
+    let missing = Mount::layer_pmem("pvl2", "77777777-6666-7777-8888-999999999999");
+    let e = shared.make(&sys, &disks, &[&missing]).unwrap_err();
+    assert_eq!(e.kind, StartErrorKind::Mount);
+    assert_eq!(
+        e.message,
+        "shared mount \"pvl2\": no pmem device holds the EROFS file system with UUID \
+         77777777-6666-7777-8888-999999999999 after 5000 ms"
+    );
 }
 
 fn mounts_only(sys: &RecordingSyscall) -> Vec<String> {

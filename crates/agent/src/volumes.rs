@@ -507,30 +507,10 @@ impl VolumeEnv for LinuxVolumeEnv {
         if aes {
             lists.push(MODULES_VOLUMES_AESNI_LIST);
         }
-        // The initramfs, where the lists and modules are, is kept there.
-        let initramfs = Path::new(crate::boot::INITRAMFS_DIR);
-        let dir = initramfs.join(
-            crate::modules::module_dir(&self.release)
-                .strip_prefix("/")
-                .unwrap_or(Path::new("")),
-        );
-        let mut errors = Vec::new();
-        for list in lists {
-            let list = initramfs.join(list.trim_start_matches('/'));
-            match std::fs::read_to_string(&list) {
-                Ok(text) => errors.extend(
-                    crate::modules::load_all(
-                        &crate::syscall::LinuxSyscall,
-                        &dir,
-                        &crate::modules::parse_load_list(&text),
-                    )
-                    .iter()
-                    .map(|e| podvisor_errors::ErrorChain(e).to_string()),
-                ),
-                Err(e) => errors.push(format!("reading {}: {e}", list.display())),
-            }
-        }
-        errors
+        lists
+            .into_iter()
+            .flat_map(|list| crate::modules::load_lazy(list, &self.release))
+            .collect()
     }
 
     fn ikm(&mut self) -> Result<Zeroizing<[u8; 32]>, String> {

@@ -73,6 +73,11 @@ pub struct PodVmArgs {
     pub dirs: RuntimeDirArgs,
     #[command(flatten)]
     pub vm: VmArgs,
+    /// Attach image layers as virtio-blk disks only (each pod VM caches
+    /// what it reads), never as shared virtio-pmem mappings mounted with
+    /// DAX (pods reading a layer share the host's page cache of it).
+    #[arg(long, help_heading = "VM options")]
+    pub no_dax: bool,
 }
 
 impl RuntimeDirArgs {
@@ -133,7 +138,9 @@ impl PodVmArgs {
     /// The node configuration with the config file read as `file`.
     pub fn node_config_with(&self, file: ConfigFile) -> anyhow::Result<NodeConfig> {
         let settings = Settings::resolve(&self.cache, &self.registry, file);
-        self.vm.node_config(settings, &self.dirs)
+        let mut cfg = self.vm.node_config(settings, &self.dirs)?;
+        cfg.dax_layers = !self.no_dax;
+        Ok(cfg)
     }
 
     /// The node configuration these options and the config file describe.

@@ -60,8 +60,9 @@ pub struct RunArgs {
     /// demand), none (boot cold), or a template's name.
     #[arg(long, default_value = "auto", value_parser = parse_template)]
     template: TemplateChoice,
-    /// Share no memory with other pods (no VM template): templates are a
-    /// cross-VM side channel, like KSM.
+    /// Share no memory with other pods (no VM template, image layers on
+    /// virtio-blk rather than mapped from the host's page cache with
+    /// DAX): shared pages are a cross-VM side channel.
     #[arg(long)]
     isolated: bool,
     /// Size the container's language runtime (JVM heap and processors,

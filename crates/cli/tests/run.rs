@@ -578,3 +578,56 @@ fn vm_named_volumes_keep_data_between_runs() {
     drop(file);
     assert_pod_cleaned_up(&t);
 }
+
+/// How much the guest's page cache grew (KiB) while a cold-booted pod of
+/// `image` read its 16 MiB file, with `flags` given to `run`.
+fn page_cache_growth(t: &TestDir, image: &Path, flags: &[&str]) -> u64 {
+    let script =
+        "grep ^Cached: /proc/meminfo; cat /app/big >/dev/null; grep ^Cached: /proc/meminfo";
+    let out = podvisor(t)
+        .args(["run"])
+        .args(flags)
+        .arg(image)
+        .args(["sh", "-c", script])
+        .output();
+    assert_code(&out, 0);
+    let cached: Vec<u64> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(cached.len(), 2, "{}", out.stdout);
+    cached[1].saturating_sub(cached[0])
+}
+
+#[test]
+fn vm_cold_pods_read_layers_through_dax_unless_isolated_or_dax_is_off() {
+    let t = TestDir::new();
+    let image = t.path().join("big.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .layer(vec![
+            Entry::dir("app"),
+            Entry::file(
+                "app/big",
+                podvisor_testbed::oci::incompressible(16 << 20, "run dax"),
+                0o644,
+            ),
+        ])
+        .write_oci_archive(&image)
+        .unwrap();
+    // Booted cold, the layers are on virtio-pmem: the file's pages are the
+    // host's, not the guest's.
+    let dax = page_cache_growth(&t, &image, &["--template", "none"]);
+    assert!(dax < 4 << 10, "the page cache grew by {dax} KiB");
+    // Isolated, or on a host with DAX off: virtio-blk, read into the
+    // guest's own cache.
+    for flags in [&["--isolated"][..], &["--template", "none", "--no-dax"]] {
+        let blk = page_cache_growth(&t, &image, flags);
+        assert!(
+            blk >= 15 << 10,
+            "{flags:?}: the page cache grew by {blk} KiB"
+        );
+    }
+    assert_pod_cleaned_up(&t);
+}

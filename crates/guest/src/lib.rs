@@ -58,6 +58,11 @@ pub const VOLUME_MODULES: &[&str] = &["dm_mod", "dm_crypt", "xts", "ecb"];
 /// ([`podvisor_proto::MODULES_VOLUMES_AESNI_LIST`]).
 pub const VOLUME_AESNI_MODULES: &[&str] = &["cryptd", "crypto_simd", "aesni_intel"];
 
+/// Modules of virtio-pmem devices (DAX layers: the device, libnvdimm and
+/// the pmem block driver with its dependencies), loaded by the agent when
+/// it first mounts a layer from one ([`podvisor_proto::MODULES_PMEM_LIST`]).
+pub const PMEM_MODULES: &[&str] = &["virtio_pmem", "nd_pmem"];
+
 /// The modules of `names` that `index` lists (others are taken as built
 /// in), resolved with their dependencies, without those in `loaded`
 /// already (the boot list).
@@ -151,6 +156,7 @@ pub fn prepare_with(
     let resolved = index.resolve(&wanted)?;
     let volumes = resolve_lazy(&index, VOLUME_MODULES, &resolved)?;
     let aesni = resolve_lazy(&index, VOLUME_AESNI_MODULES, &resolved)?;
+    let pmem = resolve_lazy(&index, PMEM_MODULES, &resolved)?;
     let contents = InitramfsContents::load_with_lazy(
         &kernel.release,
         &agent,
@@ -158,6 +164,7 @@ pub fn prepare_with(
         &[
             (podvisor_proto::MODULES_VOLUMES_LIST, volumes),
             (podvisor_proto::MODULES_VOLUMES_AESNI_LIST, aesni),
+            (podvisor_proto::MODULES_PMEM_LIST, pmem),
         ],
     )?;
     // Never an agent the guest cannot execute as /init.

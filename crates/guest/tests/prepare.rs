@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use podvisor_guest::{
-    BASE_MODULES, GuestError, GuestOptions, KernelLocations, prepare, prepare_with,
+    BASE_MODULES, GuestError, GuestOptions, KernelLocations, PMEM_MODULES, prepare, prepare_with,
 };
 
 const RELEASE: &str = "6.1.0-56-cloud-amd64";
@@ -279,6 +279,7 @@ fn prepares_from_the_real_cloud_kernel() {
         "init",
         "dev/console",
         "etc/podvisor/modules.load",
+        "etc/podvisor/modules.pmem",
         release_dir.as_str(),
     ] {
         assert!(
@@ -290,6 +291,9 @@ fn prepares_from_the_real_cloud_kernel() {
     for name in BASE_MODULES
         .iter()
         .chain(&["virtio_ring", "virtio_net", "libcrc32c"])
+        // Loaded when a layer on virtio-pmem is mounted.
+        .chain(PMEM_MODULES)
+        .chain(&["libnvdimm", "nd_virtio", "nd_btt"])
     {
         let file = format!("/{name}.ko");
         assert!(

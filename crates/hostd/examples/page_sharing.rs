@@ -241,13 +241,17 @@ fn num_cpus() -> usize {
 async fn wait_for_archive(cache: &Path) {
     let start = Instant::now();
     loop {
-        let n = std::fs::read_dir(cache.join("layers"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().join("disk.erofs").is_file())
-                    .count()
-            })
-            .unwrap_or(0);
+        let n = std::fs::read_dir(
+            podvisor_image::LayerCache::open(cache)
+                .unwrap()
+                .layers_dir(),
+        )
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("disk.erofs").is_file())
+                .count()
+        })
+        .unwrap_or(0);
         if n >= 4 {
             return;
         }

@@ -56,9 +56,9 @@ fn plan(uid: &str, name: &str, policy: RestartPolicy, containers: Vec<ContainerP
         port_mappings: vec![],
         dns: Default::default(),
         hibernate_after: None,
+        isolated: false,
         volumes: vec![],
         size_runtimes: true,
-        isolated: false,
     }
 }
 

@@ -90,14 +90,18 @@ async fn serving(rt: &PodRuntime, uid: &str) -> (PodState, String) {
 }
 
 fn layer_disks(cache: &Path) -> Vec<PathBuf> {
-    let mut disks: Vec<PathBuf> = std::fs::read_dir(cache.join("layers"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path().join("disk.erofs"))
-                .filter(|p| p.is_file())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut disks: Vec<PathBuf> = std::fs::read_dir(
+        podvisor_image::LayerCache::open(cache)
+            .unwrap()
+            .layers_dir(),
+    )
+    .map(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.path().join("disk.erofs"))
+            .filter(|p| p.is_file())
+            .collect()
+    })
+    .unwrap_or_default();
     disks.sort();
     disks
 }

@@ -68,9 +68,9 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         port_mappings: ports,
         dns: Default::default(),
         hibernate_after: None,
+        isolated: false,
         volumes: vec![],
         size_runtimes: true,
-        isolated: false,
     }
 }
 

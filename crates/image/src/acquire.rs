@@ -12,7 +12,8 @@
 //!   fetched again, a few times at most, and then reported.
 //! - [`LayerAttachments`] is the one place that names the layer disks of a
 //!   VM: each disk once, with the virtio-blk serial (`pvl<N>`) the guest
-//!   finds it by.
+//!   finds it by (also the name of its shared mount), and its EROFS UUID,
+//!   by which the guest finds it when it is a virtio-pmem device.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -269,11 +270,19 @@ pub fn layer_serial(index: usize) -> String {
     format!("{LAYER_SERIAL_PREFIX}{index}")
 }
 
-/// One layer disk as a VM attaches it: read-only, under its serial.
+/// One layer disk as a VM attaches it: read-only, under its serial (a
+/// virtio-blk disk's serial, and the name of the layer's shared mount in
+/// the guest whichever way it is attached), or as a virtio-pmem device
+/// the guest finds by the EROFS UUID in its superblock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerAttachment {
     pub path: PathBuf,
     pub serial: String,
+    /// The disk's EROFS UUID ([`crate::layer_uuid`] of its ChainID).
+    pub uuid: String,
+    /// Bytes of the disk (a multiple of [`crate::DISK_ALIGN`] for disks of
+    /// [`crate::LAYER_FORMAT`]).
+    pub size: u64,
 }
 
 /// The layer disks of one VM, for the images of all its containers: each
@@ -285,40 +294,52 @@ pub struct LayerAttachments {
 }
 
 impl LayerAttachments {
-    /// Attaches the layer disks at `paths` (bottom first) that are not
+    /// Attaches the layer disks `disks` (bottom first) that are not
     /// attached yet; returns the serials of all of them, bottom first (what
     /// a container spec lists).
-    pub fn add<'a>(&mut self, paths: impl IntoIterator<Item = &'a Path>) -> Vec<String> {
-        paths
+    pub fn add<'a>(&mut self, disks: impl IntoIterator<Item = &'a LayerDisk>) -> Vec<String> {
+        disks
             .into_iter()
-            .map(|path| match self.disks.iter().find(|d| d.path == path) {
-                Some(d) => d.serial.clone(),
-                None => {
-                    let serial = layer_serial(self.disks.len());
-                    self.disks.push(LayerAttachment {
-                        path: path.to_path_buf(),
-                        serial: serial.clone(),
-                    });
-                    serial
-                }
-            })
+            .map(|d| self.add_layer(&d.chain_id, &d.path, d.size))
             .collect()
+    }
+
+    /// Attaches the disk of layer `chain_id` at `path`, of `size` bytes,
+    /// unless it is attached already; returns its serial.
+    pub fn add_layer(&mut self, chain_id: &ChainId, path: &Path, size: u64) -> String {
+        if let Some(d) = self.disks.iter().find(|d| d.path == path) {
+            return d.serial.clone();
+        }
+        let serial = layer_serial(self.disks.len());
+        self.disks.push(LayerAttachment {
+            path: path.to_path_buf(),
+            serial: serial.clone(),
+            uuid: crate::layer_uuid(chain_id),
+            size,
+        });
+        serial
     }
 
     /// Attaches `image`'s layers (see [`LayerAttachments::add`]).
     pub fn add_image(&mut self, image: &Image) -> Vec<String> {
-        self.add(image.layers.iter().map(|l| l.path.as_path()))
+        self.add(&image.layers)
     }
 
     /// The disks in attachment order.
     pub fn disks(&self) -> &[LayerAttachment] {
         &self.disks
     }
+
+    /// The disk attached under `serial`.
+    pub fn by_serial(&self, serial: &str) -> Option<&LayerAttachment> {
+        self.disks.iter().find(|d| d.serial == serial)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Digest;
 
     #[test]
     fn existing_paths_are_layouts_with_an_optional_ref() {
@@ -450,17 +471,39 @@ mod tests {
 
     #[test]
     fn layer_disks_are_attached_once_with_serials_in_order() {
+        let disk = |n: u8| {
+            let diff_id = Digest::sha256_of(&[n]);
+            let chain_id = ChainId::extend(None, &diff_id);
+            LayerDisk {
+                path: PathBuf::from(format!("/c/{}", chain_id.hex())),
+                size: u64::from(n) << 21,
+                chain_id,
+                diff_id,
+                parent: None,
+            }
+        };
+        let (a, b, c) = (disk(1), disk(2), disk(3));
         let mut disks = LayerAttachments::default();
-        let (a, b, c) = (Path::new("/c/a"), Path::new("/c/b"), Path::new("/c/c"));
-        assert_eq!(disks.add([a, b]), ["pvl0", "pvl1"]);
+        assert_eq!(disks.add([&a, &b]), ["pvl0", "pvl1"]);
         // A second container sharing the bottom layer.
-        assert_eq!(disks.add([a, c]), ["pvl0", "pvl2"]);
+        assert_eq!(disks.add([&a, &c]), ["pvl0", "pvl2"]);
         let attached: Vec<_> = disks
             .disks()
             .iter()
-            .map(|d| (d.path.as_path(), d.serial.as_str()))
+            .map(|d| (d.path.as_path(), d.serial.as_str(), d.size))
             .collect();
-        assert_eq!(attached, [(a, "pvl0"), (b, "pvl1"), (c, "pvl2")]);
+        assert_eq!(
+            attached,
+            [
+                (a.path.as_path(), "pvl0", 1 << 21),
+                (b.path.as_path(), "pvl1", 2 << 21),
+                (c.path.as_path(), "pvl2", 3 << 21)
+            ]
+        );
+        let second = disks.by_serial("pvl1").unwrap();
+        assert_eq!(second.uuid, crate::layer_uuid(&b.chain_id));
+        assert_eq!(second.uuid.len(), 36);
+        assert!(disks.by_serial("pvl3").is_none());
         assert_eq!(layer_serial(7), "pvl7");
     }
 }

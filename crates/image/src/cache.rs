@@ -1,15 +1,23 @@
-//! The layer-disk cache: `<cache>/layers/<chainid-hex>/{disk.erofs,layer.json}`.
+//! The layer-disk cache:
+//! `<cache>/layers-v2/<chainid-hex>/{disk.erofs,layer.json}`.
 //!
-//! An entry is written under a `.tmp-*` directory in `layers/`, synced, and
-//! renamed into place only when complete, so a visible entry is always whole.
-//! Two writers racing for the same ChainID both build it; the loser of the
-//! rename discards its copy and uses the winner's. Unpacking happens under
-//! `layers/.staging/`. Names starting with `.` are never entries.
+//! An entry is written under a `.tmp-*` directory in `layers-v2/`, synced,
+//! and renamed into place only when complete, so a visible entry is always
+//! whole. Two writers racing for the same ChainID both build it; the loser
+//! of the rename discards its copy and uses the winner's. Unpacking happens
+//! under `layers-v2/.staging/`. Names starting with `.` are never entries.
 //!
-//! `layer.json` holds `format` (1), `chain_id`, `diff_id`, `parent` (the
-//! ChainID below, or null), `size` (bytes of `disk.erofs`),
+//! `layer.json` holds `format` ([`LAYER_FORMAT`]), `chain_id`, `diff_id`,
+//! `parent` (the ChainID below, or null), `size` (bytes of `disk.erofs`),
 //! `uncompressed_size` (bytes of the layer tar), `created` (Unix seconds) and
 //! `source` (`media_type`, `digest`, `size` of the blob it was built from).
+//!
+//! Format 2 disks can be mapped with DAX (no inline file tails, padded to
+//! 2 MiB, see [`crate::erofs`]). Format 1 disks (inline tails, unpadded)
+//! lived in `<cache>/layers/`: they are never taken for format 2 ones,
+//! since they are in another directory (a podvisor of before format 2,
+//! sharing the cache, goes on using them there), and a layer GC removes
+//! is removed from both ([`LayerCache::legacy_layers_dir`]).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -27,6 +35,9 @@ use crate::{ChainId, Digest, ImageError};
 pub const DISK_FILE: &str = "disk.erofs";
 /// File name of a layer's metadata inside its entry directory.
 pub const META_FILE: &str = "layer.json";
+/// The layout of the disks this cache makes and takes (`format` in
+/// `layer.json`): 2 since disks are DAX-able.
+pub const LAYER_FORMAT: u32 = 2;
 /// Default limit on the uncompressed size of one layer: 16 GiB.
 pub const DEFAULT_UNCOMPRESSED_LIMIT: u64 = 16 << 30;
 
@@ -122,8 +133,14 @@ impl LayerCache {
         self.uncompressed_limit
     }
 
-    /// `<cache>/layers`.
+    /// `<cache>/layers-v2`: the disks of [`LAYER_FORMAT`].
     pub fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers-v2")
+    }
+
+    /// `<cache>/layers`: the disks of format 1 (inline tails, unpadded),
+    /// which this cache never uses; GC removes a layer's disk there too.
+    pub fn legacy_layers_dir(&self) -> PathBuf {
         self.root.join("layers")
     }
 
@@ -158,6 +175,19 @@ impl LayerCache {
         }
         disks.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
         Ok(disks)
+    }
+
+    /// The ChainIDs of the format 1 disks in [`LayerCache::legacy_layers_dir`]
+    /// (for GC; never used as disks).
+    pub(crate) fn legacy_chains(&self) -> Vec<ChainId> {
+        let Ok(read) = fs::read_dir(self.legacy_layers_dir()) else {
+            return Vec::new();
+        };
+        read.flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| !name.starts_with('.'))
+            .filter_map(|name| ChainId::parse(&format!("sha256:{name}")).ok())
+            .collect()
     }
 
     /// Verifies, unpacks and converts one layer blob read from `blob`, and
@@ -206,7 +236,7 @@ impl LayerCache {
         drop(converted);
         let size = sync_file(&disk_path)?;
         let meta = LayerMeta {
-            format: 1,
+            format: LAYER_FORMAT,
             chain_id,
             diff_id: diff_id.clone(),
             parent: parent.cloned(),
@@ -263,6 +293,12 @@ impl LayerCache {
             fs::read(dir.join(META_FILE)).map_err(|e| damaged(format!("read {META_FILE}: {e}")))?;
         let meta: LayerMeta = serde_json::from_slice(&json)
             .map_err(|e| damaged(format!("parse {META_FILE}: {e}")))?;
+        if meta.format != LAYER_FORMAT {
+            return Err(damaged(format!(
+                "{META_FILE} says format {}, this podvisor makes and uses {LAYER_FORMAT}",
+                meta.format
+            )));
+        }
         let path = dir.join(DISK_FILE);
         let size = fs::metadata(&path)
             .map_err(|e| damaged(format!("stat {DISK_FILE}: {e}")))?

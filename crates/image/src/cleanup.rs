@@ -1,7 +1,7 @@
 //! Removing what dead processes left in the cache directory: temporary
-//! entries (`layers/.tmp-o<token>-*`), half-deleted disks
-//! (`layers/.trash-o<token>-*`) and staging directories and scratch files
-//! (`layers/.staging/o<token>-*`). Each name carries the token of the
+//! entries (`layers-v2/.tmp-o<token>-*`), half-deleted disks
+//! (`layers-v2/.trash-o<token>-*`) and staging directories and scratch files
+//! (`layers-v2/.staging/o<token>-*`), and the same in format 1's `layers/`. Each name carries the token of the
 //! catalog owner that made it; only names whose owner is no longer
 //! registered in the catalog (its lease expired or was revoked) are
 //! removed, so another live process's work is never touched, whichever host
@@ -29,6 +29,9 @@ pub async fn remove_stale(cache: &LayerCache, catalog: &Catalog) -> Result<Clean
     for (dir, prefixes) in [
         (cache.layers_dir(), &[".tmp-o", ".trash-o"][..]),
         (cache.layers_dir().join(".staging"), &["o"][..]),
+        // Format 1's directory, where older podvisors wrote.
+        (cache.legacy_layers_dir(), &[".tmp-o", ".trash-o"][..]),
+        (cache.legacy_layers_dir().join(".staging"), &["o"][..]),
     ] {
         let Ok(read) = fs::read_dir(&dir) else {
             continue;

@@ -122,6 +122,19 @@ pub enum ImageError {
     #[error("mkfs.erofs for layer {layer}: {reason}")]
     Mkfs { layer: String, reason: String },
 
+    /// A layer disk whose block at 4 KiB (a file's data, which the image
+    /// chose) starts with the signature of an NVDIMM info block: a guest's
+    /// pmem driver would take the disk for a BTT, PFN or device-DAX
+    /// namespace instead of mapping it as it is.
+    #[error(
+        "layer {layer}: its disk's block at 4 KiB starts with {signature:?}, the signature of \
+         an NVDIMM info block, which a guest's pmem driver would take for another kind of device"
+    )]
+    NvdimmInfoBlock {
+        layer: String,
+        signature: &'static str,
+    },
+
     /// A string that should be an image reference is not one.
     #[error("invalid image reference `{value}`: {reason}")]
     InvalidReference { value: String, reason: String },

@@ -5,7 +5,8 @@
 //! its catalog entry is unchanged since GC found no use and no reference
 //! (`delete_if` on the revision read before those checks): a user that
 //! took a hold and touched the entry meanwhile wins. The entry goes first,
-//! then the disk, renamed to `.trash-o<token>-*` and removed.
+//! then the disk, renamed to `.trash-o<token>-*` and removed (with the
+//! layer's format 1 disk, if an older podvisor left one).
 
 use std::collections::HashSet;
 use std::fs;
@@ -57,7 +58,15 @@ pub async fn gc(cache: &LayerCache, catalog: &Catalog) -> Result<GcReport, Image
     // Disks without an entry: a process died between commit and record.
     for disk in cache.list()? {
         if !seen.contains(&disk.chain_id) {
+            seen.insert(disk.chain_id.clone());
             candidates.push(disk.chain_id);
+        }
+    }
+    // Format 1 disks of layers the catalog no longer has.
+    for chain in cache.legacy_chains() {
+        if !seen.contains(&chain) {
+            seen.insert(chain.clone());
+            candidates.push(chain);
         }
     }
     collect(&cache, catalog, &candidates, &mut report).await?;
@@ -175,14 +184,32 @@ async fn collect_locked(
             return Ok(());
         }
     }
-    let dir = cache.layers_dir().join(chain.hex());
+    // The disk of this format, and one of format 1 an older podvisor left.
+    let mut bytes = None;
+    for layers in [cache.layers_dir(), cache.legacy_layers_dir()] {
+        if let Some(b) = remove_disk_dir(cache, &layers, chain)? {
+            *bytes.get_or_insert(0) += b;
+        }
+    }
+    if let Some(bytes) = bytes {
+        report.removed.push((chain.clone(), bytes));
+    }
+    Ok(())
+}
+
+/// Removes `layers/<chain>` (renamed to a `.trash-` name first); returns
+/// the bytes it held, `None` if there was none.
+fn remove_disk_dir(
+    cache: &LayerCache,
+    layers: &std::path::Path,
+    chain: &ChainId,
+) -> Result<Option<u64>, ImageError> {
+    let dir = layers.join(chain.hex());
     if !dir.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let bytes = disk_usage(&dir);
-    let trash = cache
-        .layers_dir()
-        .join(format!("{}{}", cache.temp_prefix(".trash-"), chain.hex()));
+    let trash = layers.join(format!("{}{}", cache.temp_prefix(".trash-"), chain.hex()));
     fs::rename(&dir, &trash).map_err(|e| {
         ImageError::io(
             format!("rename {} to {}", dir.display(), trash.display()),
@@ -191,7 +218,6 @@ async fn collect_locked(
     })?;
     fs::remove_dir_all(&trash)
         .map_err(|e| ImageError::io(format!("remove {}", trash.display()), e))?;
-    crate::cache::sync_dir(&cache.layers_dir())?;
-    report.removed.push((chain.clone(), bytes));
-    Ok(())
+    crate::cache::sync_dir(layers)?;
+    Ok(Some(bytes))
 }

@@ -50,12 +50,13 @@ pub use acquire::{
     RelativePaths, acquire, layer_serial,
 };
 pub use cache::{
-    DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LayerCache, LayerDisk, META_FILE, PreparedLayer,
+    DEFAULT_UNCOMPRESSED_LIMIT, DISK_FILE, LAYER_FORMAT, LayerCache, LayerDisk, META_FILE,
+    PreparedLayer,
 };
 pub use catalog::Catalog;
 pub use convert::{Compression, LayerBlob};
 pub use digest::{ChainId, Digest};
-pub use erofs::MKFS_EROFS;
+pub use erofs::{DISK_ALIGN, MKFS_EROFS, layer_uuid, padded_size};
 pub use error::ImageError;
 pub use import::{Image, RuntimeConfig, import};
 pub use platform::Platform;

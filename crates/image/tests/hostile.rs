@@ -316,3 +316,36 @@ fn absolute_symlink_targets_are_kept_not_refused() {
         Some("../../..")
     );
 }
+
+#[test]
+fn a_layer_posing_as_an_nvdimm_info_block_is_refused() {
+    let env = env_with_an_image();
+    // mkfs.erofs puts a lone file's data in the block at 4 KiB, where a
+    // guest's pmem driver looks for a PFN (BTT, device-DAX) info block.
+    let name = hostile_layout(
+        &env,
+        vec![Entry::file(
+            "f",
+            "NVDIMM_PFN_INFO\0a forged info block",
+            0o644,
+        )],
+    );
+    let err = import_fails(&env, name);
+    assert!(
+        matches!(
+            &err,
+            ImageError::NvdimmInfoBlock { signature, .. } if *signature == "NVDIMM_PFN_INFO"
+        ),
+        "{err}"
+    );
+    // The same bytes further into the file are only data.
+    let name = hostile_layout(
+        &env,
+        vec![Entry::file(
+            "f",
+            "plain data first, NVDIMM_PFN_INFO\0 later",
+            0o644,
+        )],
+    );
+    import(&env.cache, &env.path(name), None).unwrap();
+}

@@ -176,6 +176,56 @@ fn layout_import_makes_one_disk_per_layer_with_the_files() {
     assert!(!app.path("bin").exists());
 }
 
+/// The layout `dump.erofs` reports for `path` in the disk `disk`
+/// (0: plain blocks, 2: the file's tail inline in its inode).
+fn erofs_layout(disk: &std::path::Path, path: &str) -> String {
+    let out = std::process::Command::new("dump.erofs")
+        .arg(format!("--path={path}"))
+        .arg(disk)
+        .output()
+        .expect("run dump.erofs (erofs-utils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "dump.erofs {path}: {text}");
+    text.split("Layout: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no layout for {path}: {text}"))
+        .to_string()
+}
+
+#[test]
+fn disks_are_dax_able_padded_and_carry_the_layers_uuid() {
+    let env = Env::new();
+    app_image().write_layout(&env.path("layout")).unwrap();
+    let image = import(&env.cache, &env.path("layout"), None).unwrap();
+    for layer in &image.layers {
+        let bytes = fs::read(&layer.path).unwrap();
+        assert_eq!(bytes.len() as u64, layer.size);
+        assert_eq!(layer.size % podvisor_image::DISK_ALIGN, 0, "padded");
+        // The superblock at 1024: magic, and the UUID (at 48) from the ChainID.
+        assert_eq!(bytes[1024..1028], 0xE0F5_E1E2u32.to_le_bytes());
+        let uuid: String = bytes[1024 + 48..1024 + 64]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            uuid,
+            podvisor_image::layer_uuid(&layer.chain_id).replace('-', "")
+        );
+    }
+    // Small files, whose tails mkfs.erofs inlines by default, are plain
+    // blocks the kernel can map with DAX.
+    assert_eq!(erofs_layout(&image.layers[1].path, "/app/secret"), "0");
+    assert_eq!(erofs_layout(&image.layers[1].path, "/app/run.sh"), "0");
+    assert_eq!(erofs_layout(&image.layers[0].path, "/etc/passwd"), "0");
+    // The padding is no part of the file system: it mounts and reads.
+    let app = Mounted::new(&image.layers[1].path);
+    assert_eq!(
+        fs::read_to_string(app.path("app/secret")).unwrap(),
+        "s3cret"
+    );
+}
+
 #[test]
 fn whiteouts_become_char_devices_and_opaque_dirs_get_the_xattr() {
     let env = Env::new();

@@ -96,9 +96,11 @@ async fn run(pod: &mut PodVm, spec: ContainerSpec) -> (String, String) {
                     .collect::<Vec<_>>()
                     .join(" ");
             }
-            GuestMessage::Output { id: i, stream, data }
-                if i == id && (stream == Stream::Stdout || out.len() < 4096) =>
-            {
+            GuestMessage::Output {
+                id: i,
+                stream,
+                data,
+            } if i == id && (stream == Stream::Stdout || out.len() < 4096) => {
                 out.extend(data);
             }
             GuestMessage::Exited { id: i, status } if i == id => {

@@ -38,6 +38,10 @@ pub struct NodeConfig {
     pub registry: RegistryOptions,
     /// The platform pulled from multi-platform images.
     pub platform: Platform,
+    /// Attach image layers as virtio-pmem devices mounted with DAX (pods
+    /// share the host's page cache of them) unless a pod asks for
+    /// isolation; `false` (`--no-dax`): always as virtio-blk disks.
+    pub dax_layers: bool,
 }
 
 /// Default cache directory.
@@ -75,7 +79,14 @@ impl NodeConfig {
             catalog: None,
             registry: RegistryOptions::default(),
             platform: Platform::default(),
+            dax_layers: true,
         }
+    }
+
+    /// How a pod's layers are attached on this host: virtio-pmem with DAX
+    /// unless the pod asks for isolation or DAX is off here.
+    pub fn layer_bus(&self, isolated: bool) -> crate::LayerBus {
+        crate::LayerBus::for_pod(self.dax_layers, isolated)
     }
 
     /// The image catalog's store URL.

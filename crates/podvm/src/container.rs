@@ -1,10 +1,12 @@
 //! What a container runs: the image's runtime config merged with the user's
 //! overrides, as `docker run` merges them; and its image's layers as the
-//! pod VM's disks.
+//! pod VM's devices (virtio-blk disks, or virtio-pmem devices mounted with
+//! DAX, [`LayerBus`]) and the container's mounts of them.
 
 use podvisor_image::{LayerAttachments, RuntimeConfig};
-use podvisor_proto::{ProcessSpec, TerminalSize};
-use podvisor_vmm::BlockDevice;
+use podvisor_proto::{Mount, ProcessSpec, TerminalSize};
+use podvisor_vmm::{BlockDevice, Device, PmemDevice};
+use serde::{Deserialize, Serialize};
 
 /// The user's overrides of the image config (`podvisor run` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,6 +96,80 @@ pub fn process_spec(
         terminal: o.terminal,
         stdin: o.stdin,
     })
+}
+
+/// How a pod VM attaches its image layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerBus {
+    /// virtio-pmem devices mapping the shared, read-only host files,
+    /// mounted with EROFS `dax=always`: the guest reads a layer's files
+    /// straight from the host's page cache, which every pod VM using the
+    /// layer shares, instead of caching a copy in its own memory.
+    Pmem,
+    /// virtio-blk disks: each VM caches what it reads in its own memory.
+    /// Shares no page with other pods (shared pages are a side channel),
+    /// so it is what a pod that asks for isolation gets.
+    Block,
+}
+
+impl LayerBus {
+    /// The bus of a pod: virtio-blk when it asks for isolation or the
+    /// host turned DAX off, else virtio-pmem.
+    pub fn for_pod(host_dax: bool, isolated: bool) -> LayerBus {
+        if host_dax && !isolated {
+            LayerBus::Pmem
+        } else {
+            LayerBus::Block
+        }
+    }
+}
+
+/// A VM's layers as devices on `bus`, in attachment order: [`layer_disks`]
+/// or [`layer_pmems`].
+pub fn layer_devices(layers: &LayerAttachments, bus: LayerBus) -> Vec<Device> {
+    match bus {
+        LayerBus::Block => layer_disks(layers).into_iter().map(Device::Block).collect(),
+        LayerBus::Pmem => layer_pmems(layers).into_iter().map(Device::Pmem).collect(),
+    }
+}
+
+/// The mounts of a container whose image's layers are `serials` (bottom
+/// first, as [`LayerAttachments::add`] named them) when the VM has them
+/// on `bus`: the layers, then the overlay root over them.
+pub fn layer_mounts(layers: &LayerAttachments, serials: &[String], bus: LayerBus) -> Vec<Mount> {
+    match bus {
+        LayerBus::Block => podvisor_proto::image_mounts(serials),
+        LayerBus::Pmem => {
+            let named: Vec<(String, String)> = serials
+                .iter()
+                .map(|s| {
+                    // A serial these attachments did not give has no UUID:
+                    // the agent refuses the empty one by name.
+                    let uuid = layers.by_serial(s).map(|d| d.uuid.clone());
+                    (s.clone(), uuid.unwrap_or_default())
+                })
+                .collect();
+            podvisor_proto::pmem_image_mounts(&named)
+        }
+    }
+}
+
+/// A VM's layer disks as read-only virtio-pmem devices mapping the shared
+/// host files, in attachment order; the `i`-th has the device id
+/// `layer<i>`. A layer disk's size is a whole number of 2 MiB units.
+pub fn layer_pmems(layers: &LayerAttachments) -> Vec<PmemDevice> {
+    layers
+        .disks()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| PmemDevice {
+            id: format!("layer{i}"),
+            path: d.path.clone(),
+            size_bytes: d.size,
+            read_only: true,
+        })
+        .collect()
 }
 
 /// A VM's layer disks (each under the serial its containers list) as
@@ -186,6 +262,71 @@ mod tests {
             process_spec(&empty, &o),
             Err(ContainerSpecError::RelativeWorkdir(_))
         ));
+    }
+
+    /// Attachments of two layers, 2 and 4 MiB.
+    fn two_layers() -> (
+        LayerAttachments,
+        Vec<String>,
+        Vec<podvisor_image::LayerDisk>,
+    ) {
+        use podvisor_image::{ChainId, Digest, LayerDisk};
+        let disks: Vec<LayerDisk> = [1u8, 2]
+            .iter()
+            .map(|&n| {
+                let diff_id = Digest::sha256_of(&[n]);
+                let chain_id = ChainId::extend(None, &diff_id);
+                LayerDisk {
+                    path: format!("/cache/{}/disk.erofs", chain_id.hex()).into(),
+                    size: u64::from(n) << 21,
+                    chain_id,
+                    diff_id,
+                    parent: None,
+                }
+            })
+            .collect();
+        let mut layers = LayerAttachments::default();
+        let serials = layers.add(&disks);
+        (layers, serials, disks)
+    }
+
+    #[test]
+    fn layers_on_pmem_are_shared_read_only_mappings_found_by_uuid() {
+        let (layers, serials, disks) = two_layers();
+        let devices = layer_devices(&layers, LayerBus::Pmem);
+        assert_eq!(
+            devices[1],
+            Device::Pmem(PmemDevice {
+                id: "layer1".into(),
+                path: disks[1].path.clone(),
+                size_bytes: 4 << 20,
+                read_only: true,
+            })
+        );
+        let mounts = layer_mounts(&layers, &serials, LayerBus::Pmem);
+        let uuid = podvisor_image::layer_uuid(&disks[1].chain_id);
+        assert_eq!(mounts[1], Mount::layer_pmem("pvl1", uuid));
+        assert_eq!(
+            mounts[2],
+            Mount::overlay_root(vec!["pvl0".into(), "pvl1".into()])
+        );
+        // On virtio-blk: the disks by serial, as before.
+        assert!(matches!(
+            &layer_devices(&layers, LayerBus::Block)[0],
+            Device::Block(b) if b.serial == "pvl0" && b.read_only
+        ));
+        assert_eq!(
+            layer_mounts(&layers, &serials, LayerBus::Block),
+            podvisor_proto::image_mounts(&serials)
+        );
+    }
+
+    #[test]
+    fn isolation_or_a_host_without_dax_means_virtio_blk() {
+        assert_eq!(LayerBus::for_pod(true, false), LayerBus::Pmem);
+        assert_eq!(LayerBus::for_pod(true, true), LayerBus::Block);
+        assert_eq!(LayerBus::for_pod(false, false), LayerBus::Block);
+        assert_eq!(LayerBus::for_pod(false, true), LayerBus::Block);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! kill, detach). Also here, because every user of a pod VM needs them:
 //! the host settings ([`NodeConfig`]), building a container's spec from its
 //! image config and the user's overrides ([`container`]), the layer disks
-//! as VM disks ([`layer_disks`]; the images themselves come from
+//! as VM devices on a [`LayerBus`] ([`layer_devices`], [`layer_mounts`];
+//! the images themselves come from
 //! [`podvisor_image::acquire()`] through [`NodeConfig::open_images`]), the
 //! time of each stage ([`Timings`]), and a pod VM's NIC and the network
 //! configuration its agent applies ([`network`]). What runs in a pod VM and for how
@@ -26,7 +27,9 @@ pub mod pod_vm;
 pub mod timings;
 
 pub use config::NodeConfig;
-pub use container::{ContainerOverrides, layer_disks};
+pub use container::{
+    ContainerOverrides, LayerBus, layer_devices, layer_disks, layer_mounts, layer_pmems,
+};
 pub use pod_vm::{LoadSpec, PodVm, PodVmSpec};
 pub use timings::Timings;
 

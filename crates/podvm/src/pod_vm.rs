@@ -28,9 +28,15 @@ use crate::{NodeConfig, PodVmError};
 pub use clone::LoadSpec;
 
 /// Kernel command line of every pod VM. The i8042 options skip probing for
-/// a PS/2 controller the VM does not have.
+/// a PS/2 controller the VM does not have. `swiotlb=noforce`: no 64 MiB
+/// DMA bounce buffer, which the kernel sets up (and zeroes) whenever memory
+/// may exist above 4 GiB, as in every VM with a virtio-pmem device (its
+/// memory hot-plug area lies there): measured, a 256 MiB guest with DAX
+/// layers had 66 MiB less memory and its QEMU 65 MiB more resident.
+/// Nothing in a pod VM bounces: its devices are virtio without
+/// `VIRTIO_F_ACCESS_PLATFORM`, which use guest-physical addresses directly.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t \
-    i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests";
+    i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests swiotlb=noforce";
 
 /// Added for a VM of one vCPU: skips evaluating the ACPI interrupt-link
 /// methods for each PCI device (about 1.1 s of the guest's module loading

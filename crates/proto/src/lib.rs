@@ -43,3 +43,8 @@ pub const MODULES_VOLUMES_LIST: &str = "/etc/podvisor/modules.volumes";
 /// Like [`MODULES_VOLUMES_LIST`], the AES-NI driver and what it needs:
 /// loaded after it only when the CPU has the `aes` flag.
 pub const MODULES_VOLUMES_AESNI_LIST: &str = "/etc/podvisor/modules.volumes-aesni";
+
+/// Like [`MODULES_VOLUMES_LIST`], the modules of virtio-pmem devices
+/// (libnvdimm, virtio_pmem, nd_pmem): loaded by the agent when it first
+/// mounts a [`MountSource::Pmem`] layer.
+pub const MODULES_PMEM_LIST: &str = "/etc/podvisor/modules.pmem";

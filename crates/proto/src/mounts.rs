@@ -6,8 +6,10 @@
 //! read-only, in the spirit of containerd's `Mount` (type, source, target,
 //! options) and Kata's agent `Storage` (driver, source, fstype, options,
 //! mount point). An image's layers are [`Mount::layer`]s: EROFS disks found
-//! by their virtio-blk serial and mounted once for the whole VM; the
-//! container's root is [`Mount::overlay_root`] over them. A volume, a
+//! by their virtio-blk serial and mounted once for the whole VM (or
+//! [`Mount::layer_pmem`]s: virtio-pmem devices found by their EROFS UUID,
+//! mounted with DAX); the container's root is [`Mount::overlay_root`] over
+//! them. A volume, a
 //! tmpfs, a bind, a DAX layer or a dm-crypt mapping is another entry or
 //! another kind of source, never another message.
 //!
@@ -109,6 +111,21 @@ impl Mount {
         }
     }
 
+    /// The layer disk attached as a virtio-pmem device whose EROFS UUID is
+    /// `uuid`: read-only, mounted with `dax=always` (file reads map the
+    /// host's page cache of the disk, which every VM mapping it shares),
+    /// shared under `name` (each disk is mounted once however many
+    /// containers use it).
+    pub fn layer_pmem(name: impl Into<String>, uuid: impl Into<String>) -> Mount {
+        Mount {
+            source: MountSource::Pmem { uuid: uuid.into() },
+            fstype: "erofs".into(),
+            target: MountTarget::Shared { name: name.into() },
+            options: vec!["dax=always".into()],
+            read_only: true,
+        }
+    }
+
     /// The container's root: an overlay of the shared mounts `lower`,
     /// bottom first, with a writable upper of the container's own.
     pub fn overlay_root(lower: Vec<String>) -> Mount {
@@ -179,9 +196,27 @@ pub fn add_volume_mounts(mounts: &mut Vec<Mount>, shared: Vec<Mount>, binds: Vec
 /// `serials`, bottom layer first: each layer, then the overlay root over
 /// them.
 pub fn image_mounts(serials: &[String]) -> Vec<Mount> {
-    serials
+    layered_mounts(serials.iter().map(|s| Mount::layer(s.clone())).collect())
+}
+
+/// The mounts of a container made from an image whose layer disks are
+/// virtio-pmem devices, bottom layer first, each `(name, uuid)`: each
+/// layer ([`Mount::layer_pmem`]), then the overlay root over them.
+pub fn pmem_image_mounts(layers: &[(String, String)]) -> Vec<Mount> {
+    layered_mounts(
+        layers
+            .iter()
+            .map(|(name, uuid)| Mount::layer_pmem(name.clone(), uuid.clone()))
+            .collect(),
+    )
+}
+
+/// `layers` (shared mounts, bottom first), then the overlay root over them.
+fn layered_mounts(mut layers: Vec<Mount>) -> Vec<Mount> {
+    let lower = layers
         .iter()
-        .map(|s| Mount::layer(s.clone()))
-        .chain(std::iter::once(Mount::overlay_root(serials.to_vec())))
-        .collect()
+        .filter_map(|m| m.shared_name().map(str::to_string))
+        .collect();
+    layers.push(Mount::overlay_root(lower));
+    layers
 }

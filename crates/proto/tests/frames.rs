@@ -76,21 +76,11 @@ fn mac_addresses_parse_and_print_as_cni_writes_them() {
     }
 }
 
-/// Mounts the agent does not make yet, but that the data can say: a DAX
-/// layer (erofs on a pmem disk), a tmpfs and a bind of a shared volume.
+/// Mounts beside an image's plain disks: a DAX layer (erofs on a pmem
+/// device), a tmpfs and a bind of a shared mount.
 fn future_mounts() -> Vec<Mount> {
     vec![
-        Mount {
-            source: MountSource::Disk {
-                serial: "pvp0".into(),
-            },
-            fstype: "erofs".into(),
-            target: MountTarget::Shared {
-                name: "pvp0".into(),
-            },
-            options: vec!["dax=always".into()],
-            read_only: true,
-        },
+        Mount::layer_pmem("pvp0", "01234567-89ab-cdef-0123-456789abcdef"),
         Mount::overlay_root(vec!["pvp0".into()]),
         Mount {
             source: MountSource::Anonymous,
@@ -138,6 +128,33 @@ fn an_image_is_its_layers_then_the_overlay_root_over_them() {
         }
     );
     assert!(!mounts[2].read_only);
+}
+
+#[test]
+fn a_pmem_image_is_its_dax_layers_then_the_overlay_root_over_them() {
+    let layers = [
+        (
+            "pvl0".to_string(),
+            "00000000-0000-0000-0000-000000000000".to_string(),
+        ),
+        (
+            "pvl1".to_string(),
+            "11111111-1111-1111-1111-111111111111".to_string(),
+        ),
+    ];
+    let mounts = pmem_image_mounts(&layers);
+    assert_eq!(mounts.len(), 3);
+    for (m, (name, uuid)) in mounts.iter().zip(&layers) {
+        assert_eq!(m.source, MountSource::Pmem { uuid: uuid.clone() });
+        assert_eq!(m.fstype, "erofs");
+        assert_eq!(m.options, ["dax=always"]);
+        assert!(m.read_only);
+        assert_eq!(m.shared_name(), Some(name.as_str()));
+    }
+    assert_eq!(
+        mounts[2],
+        Mount::overlay_root(vec!["pvl0".into(), "pvl1".into()])
+    );
 }
 
 #[test]

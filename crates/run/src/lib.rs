@@ -22,10 +22,12 @@ use podvisor_podvm::agent_link::{sanitize_guest_text, sanitize_profile};
 use podvisor_podvm::container::{ContainerOverrides, ContainerSpecError, process_spec};
 use podvisor_podvm::network;
 use podvisor_podvm::pod_vm::new_pod_id;
-use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_disks};
+use podvisor_podvm::{
+    LayerBus, NodeConfig, PodVm, PodVmError, PodVmSpec, Timings, layer_devices, layer_mounts,
+};
 use podvisor_proto::{
     ContainerSpec, ExitStatus, GuestMessage, HostMessage, RuntimeSizing, StartError, Stream,
-    TerminalSize, image_mounts,
+    TerminalSize,
 };
 use podvisor_template::{ForkRequest, TemplateChoice, TemplateError, build::WARM_CONTAINER_ID};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -54,7 +56,8 @@ pub struct PodRequest {
     pub overrides: ContainerOverrides,
     /// Which VM template to fork from (`Auto`: the deepest that serves it).
     pub template: TemplateChoice,
-    /// Share no memory with other pods: boot cold, never from a template.
+    /// Share no memory with other pods: boot cold, never from a template,
+    /// layers on virtio-blk (never mapped from the host's page cache).
     pub isolated: bool,
     /// Size the container's language runtime to the VM (`--runtime-profile
     /// auto`, the default); `false` leaves it to its own defaults.
@@ -203,15 +206,21 @@ async fn run_pod(
         extra_modules: vec![],
         cache_dir: cfg.cache_dir.clone(),
     })?;
-    let mut mounts = image_mounts(&serials);
-    volumes.add_mounts(&mut mounts);
-    let container = ContainerSpec {
-        id: CONTAINER_ID.into(),
-        hostname: hostname.to_string(),
-        mounts,
-        process,
-        runtime: req.runtime_profile.then(RuntimeSizing::whole_vm),
+    // The container and the VM with the layers on `bus`: a template's
+    // clone has them on virtio-blk, as its template; a cold boot on
+    // virtio-pmem with DAX unless the pod asks for isolation.
+    let container_on = |bus| {
+        let mut mounts = layer_mounts(&layers, &serials, bus);
+        volumes.add_mounts(&mut mounts);
+        ContainerSpec {
+            id: CONTAINER_ID.into(),
+            hostname: hostname.to_string(),
+            mounts,
+            process: process.clone(),
+            runtime: req.runtime_profile.then(RuntimeSizing::whole_vm),
+        }
     };
+    let container = container_on(LayerBus::Block);
     let nic = match network {
         Some(n) => Some(podvisor_podvm::network::pod_nic(&n.networks, &n.id).await?),
         None => None,
@@ -226,15 +235,12 @@ async fn run_pod(
     // The NIC is this pod's alone: never part of what a template is made
     // from or chosen by. A clone gets it hot-plugged after it took on its
     // identity (a template has no NIC); a cold boot has it from the start.
-    let spec = PodVmSpec {
+    let spec_on = |bus| PodVmSpec {
         id: pod_id.clone(),
         cpus: req.cpus,
         memory_mib: req.memory_mib,
-        guest,
-        devices: layer_disks(&layers)
-            .into_iter()
-            .map(podvisor_vmm::Device::Block)
-            .collect(),
+        guest: guest.clone(),
+        devices: layer_devices(&layers, bus),
         pci: Default::default(),
         netns: None,
         memory: podvisor_vmm::MemoryBacking::Anonymous,
@@ -242,6 +248,7 @@ async fn run_pod(
         memory_merge: false,
         die_with_parent: true,
     };
+    let spec = spec_on(LayerBus::Block);
     timings.prepare = t0.elapsed();
 
     let fork = ForkRequest {
@@ -253,7 +260,7 @@ async fn run_pod(
         cold: &spec,
     };
     let forked = podvisor_template::from_template(cfg, &fork, &mut timings).await?;
-    let (mut pod, warm) = match forked {
+    let (mut pod, warm, container) = match forked {
         Some((mut pod, warm)) => {
             // A clone gets the volumes' disks hot-plugged: they are this
             // pod's, never a template's.
@@ -264,10 +271,11 @@ async fn run_pod(
             if let Some(nic) = &nic {
                 pod.add_device(nic.vm_device()).await?;
             }
-            (pod, warm)
+            (pod, warm, container)
         }
         None => {
-            let mut spec = spec;
+            let bus = cfg.layer_bus(req.isolated);
+            let mut spec = spec_on(bus);
             spec.devices.extend(
                 volumes
                     .disks
@@ -278,7 +286,7 @@ async fn run_pod(
             spec.devices.extend(nic.as_ref().map(|n| n.vm_device()));
             let pod = PodVm::boot(cfg, spec).await?;
             timings.set_boot(pod.ready_at - pod.launched_at, &pod.agent);
-            (pod, false)
+            (pod, false, container_on(bus))
         }
     };
     // The VMM has its copy of the tap.

@@ -157,7 +157,7 @@ pub async fn child(
     pod.set_identity(build.name, cfg.boot_timeout)
         .await
         .map_err(TemplateError::Vm)?;
-    let disks = inputs::layer_disk_specs(&build.inputs.layers);
+    let disks = inputs::layer_disk_specs(&build.inputs.layers)?;
     for disk in &disks {
         pod.add_device(Device::Block(disk.clone()))
             .await

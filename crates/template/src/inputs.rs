@@ -90,10 +90,18 @@ pub fn layer_inputs(
 }
 
 /// The layer disks as VM disks with the serials the agent looks for.
-pub fn layer_disk_specs(layers: &[LayerInput]) -> Vec<BlockDevice> {
+/// Templates keep their layers on virtio-blk: a clone has its template's
+/// devices, and a base template has no memory hot-plug room for pmem.
+pub fn layer_disk_specs(layers: &[LayerInput]) -> Result<Vec<BlockDevice>, TemplateError> {
     let mut attached = LayerAttachments::default();
-    attached.add(layers.iter().map(|l| l.path.as_path()));
-    podvisor_podvm::layer_disks(&attached)
+    for l in layers {
+        let chain = ChainId::parse(&l.chain_id).map_err(|e| TemplateError::LayerMissing {
+            chain_id: l.chain_id.clone(),
+            reason: e.to_string(),
+        })?;
+        attached.add_layer(&chain, &l.path, l.size);
+    }
+    Ok(podvisor_podvm::layer_disks(&attached))
 }
 
 /// The inputs a template of `recipe` would be made from now.

@@ -60,9 +60,10 @@ impl TestDir {
         names
     }
 
-    /// Everything under `layers/`, hidden staging entries included.
+    /// Everything in the cache's layer directory (`layers-v2/`, the
+    /// layer-disk format podvisor makes), hidden staging entries included.
     pub fn layers_dir_entries(&self) -> Vec<String> {
-        list_dir(&self.cache_dir().join("layers"))
+        list_dir(&self.cache_dir().join("layers-v2"))
     }
 
     /// A `podvisor` command using this directory's cache and runtime dirs.

@@ -299,7 +299,7 @@ impl std::str::FromStr for MacAddress {
 /// A host file mapped into guest memory as a virtio-pmem device. The VM
 /// needs memory hot-plug room for it (the backend sizes it from the
 /// spec's pmem devices).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PmemDevice {
     /// Device id, unique in the VM.
     pub id: String,

@@ -148,7 +148,7 @@ fn a_puller_killed_mid_layer_is_taken_over() {
             .unwrap()
     };
     let mut first = spawn();
-    let staging = t.cache_dir().join("layers/.staging");
+    let staging = t.cache_dir().join("layers-v2/.staging");
     let deadline = Instant::now() + Duration::from_secs(60);
     while du(&staging) < 2 << 20 {
         assert!(Instant::now() < deadline, "the first pull never got going");

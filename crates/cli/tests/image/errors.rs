@@ -127,7 +127,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing_behind() {
         "{}",
         out.stderr
     );
-    let entries: Vec<String> = std::fs::read_dir(cache.join("layers"))
+    let entries: Vec<String> = std::fs::read_dir(cache.join("layers-v2"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -135,7 +135,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing_behind() {
         .collect();
     assert!(entries.is_empty(), "left in the cache: {entries:?}");
     assert_eq!(
-        std::fs::read_dir(cache.join("layers/.staging"))
+        std::fs::read_dir(cache.join("layers-v2/.staging"))
             .unwrap()
             .count(),
         0

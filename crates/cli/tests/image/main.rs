@@ -60,7 +60,7 @@ pub fn app_image(marker: &str) -> ImageBuilder {
         .cmd(&["cat", "/app/marker"])
 }
 
-/// Everything under the cache's `layers/` that is not a complete disk.
+/// Everything under the cache's `layers-v2/` that is not a complete disk.
 pub fn leftovers(t: &TestDir) -> Vec<String> {
     let mut out: Vec<String> = t
         .layers_dir_entries()
@@ -68,7 +68,7 @@ pub fn leftovers(t: &TestDir) -> Vec<String> {
         .filter(|n| n.starts_with('.') && n != ".staging")
         .collect();
     out.extend(
-        std::fs::read_dir(t.cache_dir().join("layers/.staging"))
+        std::fs::read_dir(t.cache_dir().join("layers-v2/.staging"))
             .map(|rd| {
                 rd.flatten()
                     .map(|e| format!(".staging/{}", e.file_name().to_string_lossy()))
@@ -382,7 +382,12 @@ fn config_file_settings_and_precedence() {
     bare()
         .args(["image", "pull", &registry.reference("app", "v1")])
         .success();
-    assert!(from_file.join("layers").join(chain_hex(&built, 1)).is_dir());
+    assert!(
+        from_file
+            .join("layers-v2")
+            .join(chain_hex(&built, 1))
+            .is_dir()
+    );
     assert!(t.path().join("file-catalog.db").exists());
     // The flag wins over the file.
     podvisor(&t)

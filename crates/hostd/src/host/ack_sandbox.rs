@@ -66,6 +66,7 @@ impl Launcher for AckLauncher {
             .collect();
         Ok(Prepared {
             disks: vec![],
+            pmem: vec![],
             containers,
             holds: vec![],
             archive_keys: vec![],
@@ -78,6 +79,7 @@ impl Launcher for AckLauncher {
         &self,
         _plan: &PodPlan,
         _disks: Vec<BlockDevice>,
+        _pmem: Vec<podvisor_vmm::PmemDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         // No process: pid 0 is never a VMM, so nothing adopts or kills it.
         let process = VmmProcess {

@@ -201,6 +201,7 @@ impl Launcher for FakeLauncher {
                 read_only: true,
                 serial: "layer0".into(),
             }],
+            pmem: vec![],
             containers,
             holds: self.holds.clone(),
             archive_keys: vec![],
@@ -215,6 +216,7 @@ impl Launcher for FakeLauncher {
         &self,
         _plan: &PodPlan,
         _disks: Vec<BlockDevice>,
+        _pmem: Vec<podvisor_vmm::PmemDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         if let Some(why) = self.boot_failure.lock().unwrap().clone() {
             return Err(PodVmError::Io {

@@ -23,8 +23,13 @@ pub struct Hibernated {
     pub since: SystemTime,
     /// When the VM in the snapshot booted.
     pub booted_at: SystemTime,
-    /// The VM's disks (the layers its containers run on).
+    /// The VM's disks (the layers its containers run on, on virtio-blk,
+    /// and its volumes).
     pub disks: Vec<BlockDevice>,
+    /// The VM's layers on virtio-pmem (records written before they could
+    /// be have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<podvisor_vmm::PmemDevice>,
     /// What each container runs (as in [`super::records::VmRecord`]).
     pub containers: Vec<Option<ContainerSpec>>,
     /// The VM's encrypted volumes: their keys were wiped before the save,

@@ -2,7 +2,9 @@
 //! image is acquired through the cache ([`podvisor_image::acquire()`]: a
 //! reference from the catalog or pulled, a path imported), the disks of
 //! all of them are attached to the pod VM once each, and each container
-//! lists its own disks by serial ([`LayerAttachments`]). The layers are
+//! lists its own disks by serial ([`LayerAttachments`]): on virtio-pmem,
+//! mounted with DAX, unless the pod asks for isolation or the host has DAX
+//! off ([`NodeConfig::layer_bus`]), then on virtio-blk. The layers are
 //! held in the catalog for the pod without a lease (GC leaves them alone
 //! whatever happens to the daemon) until the pod is deleted ([`release`]).
 
@@ -14,27 +16,29 @@ use podvisor_image::{
     Catalog, ChainId, HoldFor, ImageSource, LayerAttachments, LayerCache, RelativePaths,
     RuntimeConfig,
 };
-use podvisor_vmm::BlockDevice;
+use podvisor_proto::Mount;
+use podvisor_vmm::{BlockDevice, PmemDevice};
 use serde::{Deserialize, Serialize};
 
 use super::jvm_archive;
 use super::plan::PodPlan;
-use podvisor_podvm::NodeConfig;
 use podvisor_podvm::container::process_spec;
+use podvisor_podvm::{LayerBus, NodeConfig};
 
-/// One container's image: its layers (disk serials, bottom first) and how
-/// to run it.
+/// One container's image: the mounts of its layers (bottom first) and of
+/// its root over them, and how to run it.
 #[derive(Debug, Clone)]
 pub struct ContainerImage {
-    pub layers: Vec<String>,
+    pub mounts: Vec<Mount>,
     pub config: RuntimeConfig,
     /// The image's layers, bottom first.
     pub chains: Vec<ChainId>,
     /// The JVM archive key of the container (see [`jvm_archive`]), when
     /// archives are wanted and it runs a JVM.
     pub archive_key: Option<String>,
-    /// Its archive layer, when the catalog has one: its disk's serial and
-    /// what the training run measured.
+    /// Its archive layer, when the catalog has one (on top of the image's
+    /// layers in `mounts`): its disk's serial and what the training run
+    /// measured.
     pub archive: Option<(String, BTreeMap<String, String>)>,
 }
 
@@ -48,7 +52,10 @@ pub struct HeldLayers {
 /// The disks of a pod VM and what each container uses of them.
 #[derive(Debug, Clone)]
 pub struct PodImages {
+    /// The layers on virtio-blk (empty when they are on `pmem`).
     pub disks: Vec<BlockDevice>,
+    /// The layers on virtio-pmem (empty when they are on `disks`).
+    pub pmem: Vec<PmemDevice>,
     /// In the order of the plan's containers.
     pub containers: Vec<ContainerImage>,
     /// One per container.
@@ -112,6 +119,7 @@ async fn resolve_with(
 ) -> Result<PodImages, ImageProblem> {
     let options = cfg.pull_options();
     let hold_for = HoldFor::durable(format!("pod {} ({})", plan.key(), plan.uid));
+    let bus = cfg.layer_bus(plan.isolated);
     let mut layers = LayerAttachments::default();
     let mut containers = Vec::new();
     let mut holds = Vec::new();
@@ -150,16 +158,24 @@ async fn resolve_with(
             }
             None => None,
         };
+        // The archive layer goes on top of the image's.
+        let mut serials = serials;
+        serials.extend(archive.as_ref().map(|(serial, _)| serial.clone()));
         containers.push(ContainerImage {
-            layers: serials,
+            mounts: podvisor_podvm::layer_mounts(&layers, &serials, bus),
             config: held.image.config,
             chains,
             archive_key,
             archive,
         });
     }
+    let (disks, pmem) = match bus {
+        LayerBus::Block => (podvisor_podvm::layer_disks(&layers), vec![]),
+        LayerBus::Pmem => (vec![], podvisor_podvm::layer_pmems(&layers)),
+    };
     Ok(PodImages {
-        disks: podvisor_podvm::layer_disks(&layers),
+        disks,
+        pmem,
         containers,
         holds,
     })
@@ -192,7 +208,7 @@ async fn archive_layer(
         id: hold.keep(),
         chains,
     });
-    let serial = layers.add([disk.path.as_path()]).pop()?;
+    let serial = layers.add([&disk]).pop()?;
     Some((serial, entry.facts))
 }
 

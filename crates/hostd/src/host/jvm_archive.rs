@@ -39,7 +39,7 @@ use podvisor_runtime_profile::jvm_archive::{
     ARCHIVE_IN_LAYER, ARCHIVE_RELEVANT_ENV, TRAINING_ARCHIVE, TRAINING_CLASSES_LOG, TRAINING_DIR,
     TRAINING_THREADS_LOG, is_dynamic_archive, loaded_classes, peak_threads, training_options,
 };
-use podvisor_vmm::{BlockDevice, Device};
+use podvisor_vmm::Device;
 use sha2::{Digest as _, Sha256};
 
 /// Largest archive read out of a training VM.
@@ -106,8 +106,9 @@ pub struct TrainingJob {
     pub top: ChainId,
     /// The image's layers, bottom first (held during the run).
     pub chains: Vec<ChainId>,
-    /// The image's layer disks.
-    pub disks: Vec<BlockDevice>,
+    /// The pod's layer devices (virtio-pmem or virtio-blk, as the
+    /// container's mounts expect them).
+    pub devices: Vec<Device>,
     /// The container as a pod starts it.
     pub container: ContainerSpec,
     pub cpus: u32,
@@ -378,7 +379,7 @@ async fn run_training_vm(
         cpus: job.cpus,
         memory_mib: job.memory_mib,
         guest,
-        devices: job.disks.iter().cloned().map(Device::Block).collect(),
+        devices: job.devices.clone(),
         pci: Default::default(),
         memory: podvisor_vmm::MemoryBacking::Anonymous,
         memory_merge: false,
@@ -531,7 +532,7 @@ mod tests {
             key: "k".into(),
             top: ChainId::extend(None, &Digest::sha256_of(b"layer")),
             chains: vec![],
-            disks: vec![],
+            devices: vec![],
             container: ContainerSpec {
                 id: "app".into(),
                 hostname: "web".into(),

@@ -42,9 +42,10 @@ pub struct PodPlan {
     #[serde(default = "size_runtimes_by_default")]
     pub size_runtimes: bool,
     /// The pod shares no memory with other pods (its
-    /// `podvisor.io/isolated: "true"`): no shared layer pages, no JVM
+    /// `podvisor.io/isolated: "true"` annotation): its layers are on
+    /// virtio-blk, never mapped from the host's page cache; no JVM
     /// archive, no KSM.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolated: bool,
 }
 
@@ -192,9 +193,9 @@ mod tests {
             port_mappings: vec![],
             dns: PodDns::default(),
             hibernate_after: None,
+            isolated: false,
             volumes: vec![],
             size_runtimes: true,
-            isolated: false,
         };
         assert_eq!(plan.vm_id(), "6f1c0e3a1b2c4d5e");
         assert_eq!(plan.key(), "default/web");

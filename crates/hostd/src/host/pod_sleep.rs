@@ -71,7 +71,7 @@ impl PodTask {
             let e = RuntimeError::Conflict(format!("pod {} has no VM record", self.key()));
             return Err((Some(vm), e));
         };
-        if vm_record.disks.is_empty() {
+        if vm_record.disks.is_empty() && vm_record.pmem.is_empty() {
             // Adopted from a record of a podvisor that did not keep them:
             // the VM could not be loaded again.
             let e = RuntimeError::Conflict(format!(
@@ -121,6 +121,7 @@ impl PodTask {
             since,
             booted_at: vm_record.booted_at,
             disks: vm_record.disks.clone(),
+            pmem: vm_record.pmem.clone(),
             containers: vm_record.containers.clone(),
             encrypted: self.volume_keys.encrypted.clone(),
         });
@@ -306,6 +307,7 @@ impl PodTask {
                     booted_at: h.booted_at,
                     containers: h.containers,
                     disks: h.disks,
+                    pmem: h.pmem,
                     encrypted: h.encrypted.clone(),
                     open_volumes: vec![],
                 });

@@ -520,7 +520,8 @@ impl PodTask {
         }
         let mut disks = prepared.disks;
         disks.extend(volumes.disks.iter().cloned());
-        let (mut vm, process) = match launcher.start(&plan, disks.clone()).await {
+        let pmem = prepared.pmem;
+        let (mut vm, process) = match launcher.start(&plan, disks.clone(), pmem.clone()).await {
             Ok(ok) => ok,
             Err(e) => return self.boot_failed(e),
         };
@@ -537,6 +538,7 @@ impl PodTask {
             booted_at: SystemTime::now(),
             containers: self.slots.iter().map(|s| s.spec.clone()).collect(),
             disks,
+            pmem,
             encrypted: volumes.encrypted.clone(),
             open_volumes: vec![],
         });

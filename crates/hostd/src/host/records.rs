@@ -63,6 +63,9 @@ pub struct VmRecord {
     /// were kept have none, and such a VM is not hibernated).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<BlockDevice>,
+    /// The VM's layers on virtio-pmem, for a hibernation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<podvisor_vmm::PmemDevice>,
     /// The VM's encrypted volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub encrypted: Vec<podvisor_proto::volumes::EncryptedVolume>,
@@ -251,9 +254,9 @@ mod tests {
                 port_mappings: vec![],
                 dns: Default::default(),
                 hibernate_after: None,
+                isolated: false,
                 volumes: vec![],
                 size_runtimes: true,
-                isolated: false,
             },
             state: PodState::default(),
             vm: Some(VmRecord {
@@ -266,6 +269,7 @@ mod tests {
                 booted_at: SystemTime::UNIX_EPOCH,
                 containers: vec![],
                 disks: vec![],
+                pmem: vec![],
                 encrypted: vec![],
                 open_volumes: vec![],
             }),

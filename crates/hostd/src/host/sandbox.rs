@@ -14,8 +14,8 @@ use podvisor_hibernate::{HibernateError, Snapshot, SnapshotKey};
 use podvisor_podvm::PodVmError;
 use podvisor_podvm::container::ContainerSpecError;
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
-use podvisor_vmm::BlockDevice;
 use podvisor_vmm::process::VmmProcess;
+use podvisor_vmm::{BlockDevice, PmemDevice};
 
 use super::error::RuntimeError;
 use super::hibernation::Hibernated;
@@ -69,8 +69,12 @@ pub struct NotSaved {
 
 /// What a pod's containers need before its sandbox starts.
 pub struct Prepared {
-    /// The sandbox's disks (the layers of every container's image).
+    /// The sandbox's disks (the layers of every container's image, on
+    /// virtio-blk).
     pub disks: Vec<BlockDevice>,
+    /// The layers of every container's image on virtio-pmem (mounted with
+    /// DAX), when the pod's layers are not on `disks`.
+    pub pmem: Vec<PmemDevice>,
     /// What each container of the plan runs, in the plan's order, or why
     /// that cannot be made from its image.
     pub containers: Vec<Result<ContainerSpec, ContainerSpecError>>,
@@ -98,12 +102,13 @@ pub trait Launcher: Send + Sync {
     /// A JVM said it cannot use the archive of `key` it was started with:
     /// forget it, so the next start makes a new one.
     async fn archive_rejected(&self, _key: &str) {}
-    /// Starts the pod's sandbox with `disks`; returns it and its process
-    /// as the pod's record keeps it for adoption.
+    /// Starts the pod's sandbox with `disks` and `pmem` devices; returns
+    /// it and its process as the pod's record keeps it for adoption.
     async fn start(
         &self,
         plan: &PodPlan,
         disks: Vec<BlockDevice>,
+        pmem: Vec<PmemDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError>;
     /// Takes over the running sandbox `record` names (a previous daemon
     /// started it). Its first events are what the agent had queued, ending

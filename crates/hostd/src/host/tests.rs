@@ -51,9 +51,9 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         port_mappings: vec![],
         dns: Default::default(),
         hibernate_after: None,
+        isolated: false,
         volumes: vec![],
         size_runtimes: true,
-        isolated: false,
     }
 }
 

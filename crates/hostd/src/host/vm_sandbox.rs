@@ -21,7 +21,7 @@ use podvisor_podvm::network::{self, PodNic};
 use podvisor_podvm::{NodeConfig, PodVm, PodVmError, PodVmSpec};
 use podvisor_proto::{ContainerSpec, GuestMessage, HostMessage};
 use podvisor_vmm::process::VmmProcess;
-use podvisor_vmm::{BlockDevice, Device};
+use podvisor_vmm::{BlockDevice, Device, PmemDevice};
 
 use super::HostConfig;
 use super::error::RuntimeError;
@@ -210,15 +210,13 @@ impl Launcher for VmLauncher {
             .zip(sizing)
             .map(|((c, img), mut runtime)| {
                 let process = process_spec(&img.config, &c.overrides())?;
-                let mut layers = img.layers.clone();
-                if let (Some((serial, facts)), Some(sizing)) = (&img.archive, &mut runtime) {
-                    layers.push(serial.clone());
+                if let (Some((_, facts)), Some(sizing)) = (&img.archive, &mut runtime) {
                     jvm_archive::use_archive(sizing, facts);
                 }
                 let spec = ContainerSpec {
                     id: c.name.clone(),
                     hostname: plan.hostname(),
-                    mounts: podvisor_proto::image_mounts(&layers),
+                    mounts: img.mounts.clone(),
                     process,
                     runtime,
                 };
@@ -230,7 +228,7 @@ impl Launcher for VmLauncher {
                         key: key.clone(),
                         top: top.clone(),
                         chains: img.chains.clone(),
-                        disks: images.disks.clone(),
+                        devices: vm_devices(&images.pmem, &images.disks),
                         container: spec.clone(),
                         cpus: plan.cpus,
                         memory_mib: plan.memory_mib,
@@ -254,6 +252,7 @@ impl Launcher for VmLauncher {
         }
         Ok(Prepared {
             disks: images.disks,
+            pmem: images.pmem,
             containers,
             holds: images.holds,
             archive_keys,
@@ -272,10 +271,11 @@ impl Launcher for VmLauncher {
         &self,
         plan: &PodPlan,
         disks: Vec<BlockDevice>,
+        pmem: Vec<PmemDevice>,
     ) -> Result<(Box<dyn Sandbox>, VmmProcess), PodVmError> {
         let guest = self.guest().await?;
         let nic = self.pod_nic(plan).await?;
-        let mut devices: Vec<Device> = disks.into_iter().map(Device::Block).collect();
+        let mut devices = vm_devices(&pmem, &disks);
         devices.extend(nic.as_ref().map(PodNic::vm_device));
         let spec = self.spec(plan, guest, devices);
         let mut vm = PodVm::boot(&self.node_for(plan), spec).await?;
@@ -419,12 +419,9 @@ impl Launcher for VmLauncher {
             }),
             None => vec![],
         };
-        let mut devices: Vec<Device> = hibernated
-            .disks
-            .iter()
-            .cloned()
-            .map(Device::Block)
-            .collect();
+        // As the VM booted: the pmem devices in the same order, so each
+        // gets the guest-physical range the snapshot's guest knows it at.
+        let mut devices = vm_devices(&hibernated.pmem, &hibernated.disks);
         devices.extend(nic.as_deref().map(PodNic::vm_device));
         let spec = self.spec(plan, guest, devices);
         let context = hibernation::snapshot_context(plan);
@@ -452,6 +449,16 @@ impl Launcher for VmLauncher {
     fn forget_sleep(&self, plan: &PodPlan) {
         self.sleeping.lock().unwrap().remove(&plan.uid);
     }
+}
+
+/// A pod VM's storage devices: its layers on virtio-pmem first (the
+/// order fixes their place in guest memory), then its disks.
+pub(super) fn vm_devices(pmem: &[PmemDevice], disks: &[BlockDevice]) -> Vec<Device> {
+    pmem.iter()
+        .cloned()
+        .map(Device::Pmem)
+        .chain(disks.iter().cloned().map(Device::Block))
+        .collect()
 }
 
 /// A pod VM whose state is in a snapshot, paused.

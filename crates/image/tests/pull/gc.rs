@@ -159,3 +159,92 @@ async fn leftovers_of_dead_processes_go_live_ones_stay() {
         "the closed owner's leftovers go now"
     );
 }
+
+/// Makes the cache look as a podvisor of format 1 (inline file tails,
+/// unpadded disks, in `layers/`) left it: every disk moved there, its
+/// `layer.json` saying format 1.
+fn as_format_1(env: &Env) {
+    let legacy = env.cache.legacy_layers_dir();
+    fs::create_dir_all(&legacy).unwrap();
+    for name in env.disk_dirs() {
+        let dir = legacy.join(&name);
+        fs::rename(env.cache.layers_dir().join(&name), &dir).unwrap();
+        let meta = dir.join("layer.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&meta).unwrap()).unwrap();
+        json["format"] = 1.into();
+        fs::write(&meta, serde_json::to_vec(&json).unwrap()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn format_1_disks_are_never_used_and_go_with_their_layer() {
+    let registry = Registry::start();
+    let a = image("old");
+    registry.push(&a, "app", "old");
+    let env = Env::new().await;
+    let reference = registry.reference("app", "old");
+    env.pull(&reference).await.unwrap().hold.release().await;
+    as_format_1(&env);
+    assert!(env.disk_dirs().is_empty());
+    let legacy: Vec<_> = a.chain_ids.iter().map(|c| hex_dir(&env, c, true)).collect();
+    let legacy_bytes: u64 = legacy.iter().map(|d| dir_bytes(d)).sum();
+
+    // The catalog still has the image: its disks are made again, in this
+    // format and directory; the old ones are left to whoever uses them.
+    let pulled = env.pull(&reference).await.unwrap();
+    pulled.hold.release().await;
+    assert_eq!(env.disk_dirs().len(), 2);
+    for (layer, chain) in pulled.image.layers.iter().zip(&a.chain_ids) {
+        assert_eq!(layer.path, hex_dir(&env, chain, false).join("disk.erofs"));
+        assert_eq!(layer.size % podvisor_image::DISK_ALIGN, 0);
+        assert!(legacy.iter().all(|d| d.join("disk.erofs").exists()));
+    }
+
+    // A format 1 entry in the format 2 directory is not a disk either.
+    let meta = hex_dir(&env, &a.chain_ids[0], false).join("layer.json");
+    let good = fs::read(&meta).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    json["format"] = 1.into();
+    fs::write(&meta, serde_json::to_vec(&json).unwrap()).unwrap();
+    let chain = ChainId::parse(&a.chain_ids[0]).unwrap();
+    assert!(env.cache.get(&chain).is_none());
+    fs::write(&meta, good).unwrap();
+    assert!(env.cache.get(&chain).is_some());
+
+    // Removing the image removes both disks of each layer.
+    let new_bytes: u64 = a.chain_ids.iter().map(|c| disk_size(&env, c)).sum();
+    let report = remove_image(&env.cache, &env.catalog, &reference)
+        .await
+        .unwrap();
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert_eq!(report.bytes_freed(), new_bytes + legacy_bytes);
+    assert!(env.disk_dirs().is_empty());
+    assert!(legacy.iter().all(|d| !d.exists()));
+
+    // A format 1 disk the catalog does not name goes at the next GC.
+    let orphan = hex_dir(&env, &a.chain_ids[0], true);
+    fs::create_dir_all(&orphan).unwrap();
+    fs::write(orphan.join("disk.erofs"), b"old").unwrap();
+    let report = gc(&env.cache, &env.catalog).await.unwrap();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(!orphan.exists());
+}
+
+/// The entry directory of `chain` in format 2's directory or format 1's.
+fn hex_dir(env: &Env, chain: &str, legacy: bool) -> std::path::PathBuf {
+    let root = if legacy {
+        env.cache.legacy_layers_dir()
+    } else {
+        env.cache.layers_dir()
+    };
+    root.join(chain.strip_prefix("sha256:").unwrap())
+}
+
+/// Bytes of the files in `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}

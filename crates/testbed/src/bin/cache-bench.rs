@@ -142,10 +142,10 @@ fn pull_round(podvisor: &Path, image: &BuiltImage, hosts: usize, shared: bool) -
         .sum::<u64>()
         - served_before;
     let stored = if shared {
-        du(&shared_cache.join("layers"))
+        du(&shared_cache.join("layers-v2"))
     } else {
         (0..hosts)
-            .map(|h| du(&dir.path().join(format!("host{h}/cache/layers"))))
+            .map(|h| du(&dir.path().join(format!("host{h}/cache/layers-v2"))))
             .sum()
     };
     Round {
@@ -230,7 +230,7 @@ fn conversion(podvisor: &Path, mib: usize) {
             String::from_utf8_lossy(&out.stderr)
         );
         pv_runs.push(t.elapsed().as_secs_f64());
-        disk = du(&cache.join("layers"));
+        disk = du(&cache.join("layers-v2"));
         std::fs::remove_dir_all(&cache).unwrap();
     }
     let median = |v: &mut Vec<f64>| {

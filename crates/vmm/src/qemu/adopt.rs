@@ -82,8 +82,9 @@ pub async fn adopt(record: &VmmProcess) -> Result<QemuVm, VmmError> {
         record.pid,
         paths,
         qmp,
-        // RAM in a file is the machine's memory backend.
-        args.contains("memory-backend="),
+        // RAM in a file is the machine's memory backend; a pmem device
+        // maps a file too.
+        args.contains("memory-backend=") || args.contains("virtio-pmem-pci"),
         slots,
     ))
 }

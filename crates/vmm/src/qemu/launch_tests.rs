@@ -228,6 +228,15 @@ fn network_pmem_and_bad_specs() {
     assert!(a.contains(&format!("tap,id=eth0,fd={raw},vhost=off")));
     assert!(a.contains(&"virtio-net-pci,netdev=eth0,id=dev-eth0,mac=02:00:0a:58:00:05,host_mtu=1450,bus=pci.0,addr=0x5".to_string()));
     assert!(a.contains(&"virtio-pmem-pci,memdev=dax0,id=dev-dax0,bus=pci.0,addr=0x6".to_string()));
+    // The file itself, shared and read-only: every VM mapping it shares the
+    // host's page cache, and no guest can change it.
+    assert!(
+        a.contains(
+            &"memory-backend-file,id=dax0,size=6M,mem-path=/c/l0.erofs,share=on,readonly=on"
+                .to_string()
+        ),
+        "{a:?}"
+    );
     // The pmem region needs memory hot-plug room beyond RAM.
     assert!(a.contains(&"256M,slots=2,maxmem=262M".to_string()), "{a:?}");
 

@@ -361,7 +361,8 @@ impl Qemu {
             pid,
             paths,
             qmp,
-            spec.memory != MemoryBacking::Anonymous,
+            spec.memory != MemoryBacking::Anonymous
+                || spec.devices.iter().any(|d| matches!(d, Device::Pmem(_))),
             slots,
         ))
     }
@@ -389,9 +390,9 @@ impl Hypervisor for Qemu {
         let started = Instant::now();
         let mut vm = self.spawn(spec, true).await?;
         tracing::debug!(elapsed = ?started.elapsed(), "qemu waits for the state");
-        let ram_in_file = vm.ram_in_file();
+        let shared_memory = vm.shared_memory();
         let result = match vm.qmp() {
-            Some(qmp) => snapshot::restore(qmp, ram_in_file, state, STATE_TIMEOUT).await,
+            Some(qmp) => snapshot::restore(qmp, shared_memory, state, STATE_TIMEOUT).await,
             None => Err(VmmError::Gone),
         };
         if let Err(e) = result {

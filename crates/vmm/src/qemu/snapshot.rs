@@ -6,9 +6,14 @@
 //! `Write`/`Read`. So the caller sees every byte (to hash, compress or
 //! encrypt it) and no shell command line is involved.
 //!
-//! When guest RAM is in a file, the `x-ignore-shared` capability leaves it
+//! When some guest memory is a shared file mapping (guest RAM in a file, a
+//! virtio-pmem device's file), the `x-ignore-shared` capability leaves it
 //! out of the stream; it must be set on the restoring side as well, since
-//! it changes the stream's layout.
+//! it changes the stream's layout. Guest RAM that is not in a file is
+//! saved either way. (QEMU 7.2 left a read-only virtio-pmem region out of
+//! the stream even without the capability: the state of a pod VM with a
+//! 48 MiB layer file read through DAX had the same size either way; with
+//! it, the layers stay out whatever the QEMU.)
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -31,9 +36,9 @@ const SAVE_POLL: Duration = Duration::from_millis(5);
 const RESTORE_POLL: Duration = Duration::from_millis(2);
 
 /// Arguments of `migrate-set-capabilities`: `x-ignore-shared` on exactly
-/// when guest RAM lives in a file.
-pub fn capabilities_args(ram_in_file: bool) -> Value {
-    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": ram_in_file }] })
+/// when some guest memory is a shared file mapping.
+pub fn capabilities_args(shared_memory: bool) -> Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": shared_memory }] })
 }
 
 /// Arguments of `migrate` / `migrate-incoming` for a `getfd` descriptor.
@@ -53,13 +58,13 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), VmmError> {
 /// own copy, and the other side must see end of file when QEMU closes it.
 async fn hand_over(
     qmp: &mut Qmp,
-    ram_in_file: bool,
+    shared_memory: bool,
     fd_name: &str,
     end: OwnedFd,
 ) -> Result<(), VmmError> {
     qmp.execute(
         "migrate-set-capabilities",
-        Some(capabilities_args(ram_in_file)),
+        Some(capabilities_args(shared_memory)),
     )
     .await?;
     qmp.execute_with_fd("getfd", Some(json!({ "fdname": fd_name })), end.as_fd())
@@ -71,7 +76,7 @@ async fn hand_over(
 /// bytes written. The VM stays paused.
 pub async fn save(
     qmp: &mut Qmp,
-    ram_in_file: bool,
+    shared_memory: bool,
     sink: Box<dyn Write + Send>,
     timeout: Duration,
 ) -> Result<u64, VmmError> {
@@ -80,7 +85,7 @@ pub async fn save(
         qmp.execute("stop", None).await?;
     }
     let (read_end, write_end) = pipe()?;
-    hand_over(qmp, ram_in_file, STATE_OUT_FD, write_end).await?;
+    hand_over(qmp, shared_memory, STATE_OUT_FD, write_end).await?;
     let reader = tokio::task::spawn_blocking(move || drain_into(read_end, sink));
 
     let migrated = async {
@@ -161,12 +166,12 @@ enum FeedError {
 /// QEMU has loaded it. The VM is then paused (it was started with `-S`).
 pub async fn restore(
     qmp: &mut Qmp,
-    ram_in_file: bool,
+    shared_memory: bool,
     state: Box<dyn Read + Send>,
     timeout: Duration,
 ) -> Result<(), VmmError> {
     let (read_end, write_end) = pipe()?;
-    hand_over(qmp, ram_in_file, STATE_IN_FD, read_end).await?;
+    hand_over(qmp, shared_memory, STATE_IN_FD, read_end).await?;
     let writer = tokio::task::spawn_blocking(move || feed(state, write_end));
 
     let loaded = async {

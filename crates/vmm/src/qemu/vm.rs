@@ -11,7 +11,7 @@ use tokio::process::Child;
 use super::pci::PciSlots;
 use super::qmp::Qmp;
 use super::{STATE_TIMEOUT, hotplug, snapshot};
-use crate::device::{Device, PciAddress, PciLayout};
+use crate::device::{Device, DeviceKind, PciAddress, PciLayout};
 use crate::process::ProcessHandle;
 use crate::{AfterSave, Vm, VmExit, VmPaths, VmmError};
 
@@ -30,8 +30,10 @@ pub struct QemuVm {
     pid: u32,
     paths: VmPaths,
     qmp: Option<Qmp>,
-    /// Guest RAM is a memory-backend-file (leave it out of saved states).
-    ram_in_file: bool,
+    /// Some guest memory is a shared file mapping: RAM in a
+    /// memory-backend-file, or a virtio-pmem device (a layer disk). Saved
+    /// states leave it out (`x-ignore-shared`): its content is in the file.
+    shared_memory: bool,
     slots: PciSlots,
 }
 
@@ -41,7 +43,7 @@ impl QemuVm {
         pid: u32,
         paths: VmPaths,
         qmp: Qmp,
-        ram_in_file: bool,
+        shared_memory: bool,
         slots: PciSlots,
     ) -> Self {
         Self {
@@ -49,7 +51,7 @@ impl QemuVm {
             pid,
             paths,
             qmp: Some(qmp),
-            ram_in_file,
+            shared_memory,
             slots,
         }
     }
@@ -59,9 +61,10 @@ impl QemuVm {
         self.qmp.as_mut()
     }
 
-    /// Whether guest RAM is in a file.
-    pub fn ram_in_file(&self) -> bool {
-        self.ram_in_file
+    /// Whether some guest memory is a shared file mapping (guest RAM in a
+    /// file, or a pmem device), which saved states leave out.
+    pub fn shared_memory(&self) -> bool {
+        self.shared_memory
     }
 
     /// What QEMU wrote to its standard error (a VM started here).
@@ -167,9 +170,9 @@ impl Vm for QemuVm {
         sink: Box<dyn Write + Send>,
         after: AfterSave,
     ) -> Result<u64, VmmError> {
-        let ram_in_file = self.ram_in_file;
+        let shared_memory = self.shared_memory;
         let qmp = self.control()?;
-        let written = snapshot::save(qmp, ram_in_file, sink, STATE_TIMEOUT).await?;
+        let written = snapshot::save(qmp, shared_memory, sink, STATE_TIMEOUT).await?;
         if after == AfterSave::Running {
             qmp.execute("cont", None).await?;
         }
@@ -203,6 +206,9 @@ impl Vm for QemuVm {
         if let Err(e) = hotplug::add(qmp, &device, addr).await {
             self.slots.release(device.id());
             return Err(e);
+        }
+        if kind == DeviceKind::Pmem {
+            self.shared_memory = true;
         }
         Ok(addr)
     }
