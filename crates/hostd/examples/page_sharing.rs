@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use podvisor_hostd::host::runtime::processes_mentioning;
 use podvisor_hostd::host::{
-    ContainerPlan, ExecEvent, ExecRequest, HostConfig, PodPlan, PodRuntime, RestartPolicy,
+    ContainerPlan, ExecEvent, ExecRequest, HostConfig, PodPlan, PodRuntime,
 };
 use podvisor_podvm::NodeConfig;
 
@@ -45,33 +45,11 @@ impl Mode {
 }
 
 fn plan(uid: &str, image: &Path, mode: Mode) -> PodPlan {
-    PodPlan {
-        uid: uid.into(),
-        namespace: "default".into(),
-        name: uid.into(),
-        containers: vec![ContainerPlan {
-            name: "web".into(),
-            image: image.display().to_string(),
-            command: None,
-            args: None,
-            env: vec![],
-            working_dir: None,
-            tty: false,
-            stdin: false,
-            volume_mounts: vec![],
-            memory_bytes: Some(512 << 20),
-            millicores: None,
-        }],
-        restart_policy: RestartPolicy::Never,
-        cpus: 1,
-        memory_mib: 512,
-        port_mappings: vec![],
-        dns: Default::default(),
-        hibernate_after: None,
-        volumes: vec![],
-        size_runtimes: true,
-        isolated: matches!(mode, Mode::Blk),
-    }
+    let mut web = ContainerPlan::of_image("web", &image.display().to_string());
+    web.memory_bytes = Some(512 << 20);
+    let mut plan = PodPlan::of_containers(uid, vec![web], 512);
+    plan.isolated = matches!(mode, Mode::Blk);
+    plan
 }
 
 /// Runs `wget` `n` times in pod `uid`; true if the last answered.

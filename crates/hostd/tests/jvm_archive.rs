@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use podvisor_hostd::host::{
-    ContainerPlan, ContainerState, HostConfig, PodPlan, PodRuntime, PodState, RestartPolicy,
+    ContainerPlan, ContainerState, HostConfig, PodPlan, PodRuntime, PodState,
 };
 use podvisor_podvm::NodeConfig;
 
@@ -25,33 +25,11 @@ fn config(dir: &Path, state: &str) -> HostConfig {
 }
 
 fn plan(uid: &str, image: &Path, isolated: bool) -> PodPlan {
-    PodPlan {
-        uid: uid.into(),
-        namespace: "default".into(),
-        name: uid.into(),
-        containers: vec![ContainerPlan {
-            name: "web".into(),
-            image: image.display().to_string(),
-            command: None,
-            args: None,
-            env: vec![],
-            working_dir: None,
-            tty: false,
-            stdin: false,
-            volume_mounts: vec![],
-            memory_bytes: Some(512 << 20),
-            millicores: None,
-        }],
-        restart_policy: RestartPolicy::Never,
-        cpus: 1,
-        memory_mib: 512,
-        port_mappings: vec![],
-        dns: Default::default(),
-        hibernate_after: None,
-        volumes: vec![],
-        size_runtimes: true,
-        isolated,
-    }
+    let mut web = ContainerPlan::of_image("web", &image.display().to_string());
+    web.memory_bytes = Some(512 << 20);
+    let mut plan = PodPlan::of_containers(uid, vec![web], 512);
+    plan.isolated = isolated;
+    plan
 }
 
 async fn log(rt: &PodRuntime, name: &str) -> String {

@@ -83,6 +83,24 @@ pub struct ContainerPlan {
 }
 
 impl ContainerPlan {
+    /// Container `name` running `image` as its config says, nothing
+    /// overridden, no resources stated.
+    pub fn of_image(name: &str, image: &str) -> ContainerPlan {
+        ContainerPlan {
+            name: name.into(),
+            image: image.into(),
+            command: None,
+            args: None,
+            env: vec![],
+            working_dir: None,
+            tty: false,
+            stdin: false,
+            volume_mounts: vec![],
+            memory_bytes: None,
+            millicores: None,
+        }
+    }
+
     /// The container's fields as overrides of its image config.
     pub fn overrides(&self) -> ContainerOverrides {
         ContainerOverrides {
@@ -131,6 +149,26 @@ pub fn vm_size(millicores: u64, memory_bytes: u64) -> (u32, u64) {
 }
 
 impl PodPlan {
+    /// Pod `uid` (also its name, in `default`) of `containers`, in a VM of
+    /// one vCPU and `memory_mib`, never restarted, with nothing else set.
+    pub fn of_containers(uid: &str, containers: Vec<ContainerPlan>, memory_mib: u64) -> PodPlan {
+        PodPlan {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: uid.into(),
+            containers,
+            restart_policy: RestartPolicy::Never,
+            cpus: 1,
+            memory_mib,
+            port_mappings: vec![],
+            dns: Default::default(),
+            hibernate_after: None,
+            volumes: vec![],
+            size_runtimes: true,
+            isolated: false,
+        }
+    }
+
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
