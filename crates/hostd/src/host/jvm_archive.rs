@@ -214,11 +214,17 @@ async fn train_locked(
     job: TrainingJob,
     warm_up: Duration,
 ) -> Result<Option<u64>, TrainingError> {
-    if catalog
+    // An archive whose disk is not in this cache (removed, or of an older
+    // layer format) is made again.
+    let made = catalog
         .derived(&job.key)
         .await
         .map_err(TrainingError::Catalog)?
-        .is_some()
+        .is_some_and(|e| {
+            podvisor_image::LayerCache::open(&node.cache_dir)
+                .is_ok_and(|cache| cache.get(&e.chain_id).is_some())
+        });
+    if made
         || !catalog
             .try_lock_derived(&job.key, "jvm training")
             .await
