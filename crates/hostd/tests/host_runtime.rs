@@ -30,17 +30,9 @@ fn config(dir: &Path) -> HostConfig {
 
 fn container(name: &str, image: &Path, script: &str) -> ContainerPlan {
     ContainerPlan {
-        name: name.into(),
-        image: image.display().to_string(),
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
-        args: None,
         env: vec![("GREETING".into(), "hi".into())],
-        working_dir: None,
-        tty: false,
-        stdin: false,
-        volume_mounts: vec![],
-        memory_bytes: None,
-        millicores: None,
+        ..ContainerPlan::of_image(name, &image.display().to_string())
     }
 }
 

@@ -50,17 +50,8 @@ fn plan(name: &str, image: &Path, script: &str, ports: Vec<PortMapping>) -> PodP
         namespace: "default".into(),
         name: name.into(),
         containers: vec![ContainerPlan {
-            name: "main".into(),
-            image: image.display().to_string(),
             command: Some(vec!["sh".into(), "-c".into(), script.into()]),
-            args: None,
-            env: vec![],
-            working_dir: None,
-            tty: false,
-            stdin: false,
-            volume_mounts: vec![],
-            memory_bytes: None,
-            millicores: None,
+            ..ContainerPlan::of_image("main", &image.display().to_string())
         }],
         restart_policy: RestartPolicy::Always,
         cpus: 1,

@@ -32,17 +32,8 @@ pub(super) fn plan(uid: &str, containers: &[&str], restart_policy: RestartPolicy
         containers: containers
             .iter()
             .map(|name| ContainerPlan {
-                name: name.to_string(),
-                image: "busybox".into(),
                 command: Some(vec!["sleep".into(), "1000".into()]),
-                args: None,
-                env: vec![],
-                working_dir: None,
-                tty: false,
-                stdin: false,
-                volume_mounts: vec![],
-                memory_bytes: None,
-                millicores: None,
+                ..ContainerPlan::of_image(name, "busybox")
             })
             .collect(),
         restart_policy,
