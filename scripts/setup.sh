@@ -29,9 +29,12 @@ if [ "$want_test" = 1 ]; then
     # iperf3 measures pod-to-pod throughput in scripts/bench/net.sh;
     # socat is the UDP peer of the pod-to-pod tests (busybox has none);
     # the runtime-profile tests put Debian's JDK 17, Node.js and CPython
-    # into a pod's image and build a Go program with golang-go.
+    # into a pod's image, compile their Java servers with its javac and jar
+    # (openjdk-17-jdk-headless: the JRE alone has neither) and build a Go
+    # program with golang-go; the page-sharing benchmark's Java server is
+    # Debian's Jetty 9.
     packages+=(docker-registry etcd-server etcd-client apache2-utils cpio openssl iperf3 socat
-               openjdk-17-jre-headless nodejs python3.11-minimal golang-go)
+               openjdk-17-jdk-headless nodejs python3.11-minimal golang-go libjetty9-java)
 fi
 missing=()
 for p in "${packages[@]}"; do

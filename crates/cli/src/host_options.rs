@@ -78,6 +78,10 @@ pub struct PodVmArgs {
     /// DAX (pods reading a layer share the host's page cache of it).
     #[arg(long, help_heading = "VM options")]
     pub no_dax: bool,
+    /// Give pod VMs no free page reporting device: memory a guest freed
+    /// stays with its VM instead of returning to the host.
+    #[arg(long, help_heading = "VM options")]
+    pub no_free_page_reporting: bool,
 }
 
 impl RuntimeDirArgs {
@@ -140,6 +144,7 @@ impl PodVmArgs {
         let settings = Settings::resolve(&self.cache, &self.registry, file);
         let mut cfg = self.vm.node_config(settings, &self.dirs)?;
         cfg.dax_layers = !self.no_dax;
+        cfg.free_page_reporting = !self.no_free_page_reporting;
         Ok(cfg)
     }
 

@@ -44,6 +44,9 @@ pub const BASE_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    // Free page reporting (a VM with [`podvisor_vmm`'s FreePageReporting
+    // device gives the memory its guest freed back to the host).
+    "virtio_balloon",
 ];
 
 /// Modules of encrypted volumes (device-mapper, dm-crypt and AES-XTS from

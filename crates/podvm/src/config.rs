@@ -42,6 +42,11 @@ pub struct NodeConfig {
     /// share the host's page cache of them) unless a pod asks for
     /// isolation; `false` (`--no-dax`): always as virtio-blk disks.
     pub dax_layers: bool,
+    /// Give pod VMs booted with anonymous RAM a free page reporting device
+    /// (virtio-balloon), so the memory their guests free returns to the
+    /// host; `false` (`--no-free-page-reporting`): guest RAM once touched
+    /// stays the VM's. Templates and their clones never have it.
+    pub free_page_reporting: bool,
 }
 
 /// Default cache directory.
@@ -80,6 +85,7 @@ impl NodeConfig {
             registry: RegistryOptions::default(),
             platform: Platform::default(),
             dax_layers: true,
+            free_page_reporting: true,
         }
     }
 

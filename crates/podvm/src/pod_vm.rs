@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use podvisor_guest::GuestArtifacts;
 use podvisor_proto::{AgentInfo, GuestMessage, HostMessage};
+use podvisor_vmm::device::FREE_PAGE_REPORTING_ID;
 use podvisor_vmm::{Device, MemoryBacking, PciLayout, Vm, VmExit, VmSpec, VmmProcess};
 
 use crate::agent_link::{self, AgentLinkError, AgentReceiver, AgentSender, sanitize_guest_text};
@@ -99,7 +100,7 @@ impl PodVm {
     /// Starts a VM and waits until its agent is ready, or the boot timeout.
     pub async fn boot(cfg: &NodeConfig, spec: PodVmSpec) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
-        let vm_spec = vm_spec(cfg, &spec, &dir.path);
+        let vm_spec = vm_spec(cfg, &spec, &dir.path, Start::Boot);
         let launched_at = Instant::now();
         let mut vm = cfg.hypervisor.launch(&vm_spec).await?;
         let (tx, mut rx) = match agent_link::connect(&vm.paths().agent_socket).await {
@@ -341,8 +342,22 @@ impl Drop for PodVm {
     }
 }
 
+/// How a VM starts: booted, or loaded from a saved state (whose devices
+/// it must have, no more and no less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Boot,
+    Load,
+}
+
 /// The backend-neutral description of a pod VM in `dir`.
-fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path) -> VmSpec {
+fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path, start: Start) -> VmSpec {
+    // A booted VM with anonymous RAM reports free pages if the host does;
+    // a loaded one has the device exactly if the saved VM had it.
+    let reports_free_pages = match start {
+        Start::Boot => cfg.free_page_reporting && matches!(spec.memory, MemoryBacking::Anonymous),
+        Start::Load => spec.pci.slots.contains_key(FREE_PAGE_REPORTING_ID),
+    };
     VmSpec {
         name: format!("podvisor-{}", spec.id),
         cpus: spec.cpus,
@@ -354,6 +369,7 @@ fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path) -> VmSpec {
         kernel_cmdline: kernel_cmdline(spec.cpus, &cfg.extra_kernel_args),
         devices: Device::pod_basics(podvisor_proto::AGENT_PORT_NAME)
             .into_iter()
+            .chain(reports_free_pages.then_some(Device::FreePageReporting))
             .chain(spec.devices.iter().cloned())
             .collect(),
         pci: spec.pci.clone(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use podvisor_proto::{AgentInfo, CloneIdentity, GuestMessage, HostMessage};
 use podvisor_vmm::{AfterSave, Device, PciAddress, PciLayout};
 
-use super::{PodDir, PodVm, PodVmSpec, died, hostile, link_failure, vm_spec};
+use super::{PodDir, PodVm, PodVmSpec, Start, died, hostile, link_failure, vm_spec};
 use crate::agent_link::{self, sanitize_guest_text};
 use crate::{NodeConfig, PodVmError};
 
@@ -46,7 +46,7 @@ impl PodVm {
         load: LoadSpec,
     ) -> Result<PodVm, PodVmError> {
         let dir = PodDir::create(&cfg.run_dir.join("pods").join(&spec.id))?;
-        let vm_spec = vm_spec(cfg, &spec, &dir.path);
+        let vm_spec = vm_spec(cfg, &spec, &dir.path, Start::Load);
         let launched_at = Instant::now();
         let mut vm = cfg.hypervisor.load_state(&vm_spec, load.state).await?;
         tracing::debug!(pod = %spec.id, elapsed = ?launched_at.elapsed(), "state loaded");

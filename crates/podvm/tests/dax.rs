@@ -4,9 +4,12 @@
 //! big file does not fill the guest's page cache (the pages are the
 //! host's, mapped); the host maps each layer file shared and read-only.
 //! The same image on virtio-blk (a pod that asks for isolation) gets none
-//! of that: its reads go through the guest's own cache.
+//! of that: its reads go through the guest's own cache. Memory a guest
+//! frees returns to the host (free page reporting).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use podvisor_podvm::image_boot::ImageBoot;
@@ -204,7 +207,56 @@ async fn vm_dax_layers_serve_files_from_the_hosts_page_cache_and_blk_ones_do_not
     let console = pod.console_tail(64 << 10);
     assert!(!console.contains("mounted with DAX"), "{console}");
     assert!(layer_mappings(pod.vmm_pid()).is_empty());
+    memory_the_guest_frees_returns_to_the_host(&mut pod, &boot).await;
     pod.shutdown(Duration::ZERO).await;
+}
+
+/// Free page reporting (every pod VM booted with anonymous RAM has it,
+/// isolated ones too): a process in the guest holds 128 MiB for a few
+/// seconds; the VM's anonymous memory on the host grows by about that
+/// much, and shrinks again once the process is gone. Without the device
+/// guest RAM once touched stays the VM's until it stops.
+async fn memory_the_guest_frees_returns_to_the_host(pod: &mut PodVm, boot: &ImageBoot) {
+    const HELD_MIB: u64 = 128;
+    let pid = pod.vmm_pid();
+    let before = rollup_kib(pid, "Anonymous");
+    let peak = Arc::new(AtomicU64::new(before));
+    let watch = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(rollup_kib(pid, "Anonymous"), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let script = format!("dd if=/dev/zero bs={HELD_MIB}M count=1 2>/dev/null | sleep 5");
+    let (out, status) = run(pod, boot, "hold", &script).await;
+    watch.abort();
+    assert_eq!(status, ExitStatus::Code(0), "{out}");
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak >= before + ((HELD_MIB - 28) << 10),
+        "holding {HELD_MIB} MiB in the guest grew the VM's anonymous memory from {before} KiB \
+         only to {peak} KiB"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = rollup_kib(pid, "Anonymous");
+        if now + ((HELD_MIB - 48) << 10) <= peak {
+            println!(
+                "free page reporting: anonymous memory {before} KiB, {peak} KiB holding \
+                 {HELD_MIB} MiB, {now} KiB after"
+            );
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest freed {HELD_MIB} MiB but the VM's anonymous memory stayed at {now} KiB \
+             (peak {peak} KiB, {before} KiB before)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A field of `/proc/PID/smaps_rollup` (`Pss`, `Anonymous`...), in KiB.

@@ -46,7 +46,17 @@ pub enum Device {
     /// A VM generation ID (ACPI): each VMM process gets a new one, so a
     /// restored guest's kernel knows to reseed its RNG.
     VmGenId,
+    /// A virtio-balloon that never inflates, there for free page
+    /// reporting: the guest reports the memory it freed (in blocks of
+    /// 2 MiB) and the VMM gives it back to the host. Only for guest RAM
+    /// that is anonymous memory or a shared file: QEMU discards reported
+    /// pages of a file by punching holes into it, which must never reach
+    /// a template's RAM file that clones map privately.
+    FreePageReporting,
 }
+
+/// The id of [`Device::FreePageReporting`].
+pub const FREE_PAGE_REPORTING_ID: &str = "balloon";
 
 impl Device {
     /// The device's id: unique within a VM, what
@@ -60,6 +70,7 @@ impl Device {
             Device::Console => "console",
             Device::Rng => "rng",
             Device::VmGenId => "vmgenid",
+            Device::FreePageReporting => FREE_PAGE_REPORTING_ID,
         }
     }
 
@@ -73,6 +84,7 @@ impl Device {
             Device::Console => DeviceKind::Console,
             Device::Rng => DeviceKind::Rng,
             Device::VmGenId => DeviceKind::VmGenId,
+            Device::FreePageReporting => DeviceKind::FreePageReporting,
         }
     }
 
@@ -159,6 +171,7 @@ pub enum DeviceKind {
     Console,
     Rng,
     VmGenId,
+    FreePageReporting,
 }
 
 impl DeviceKind {
@@ -186,6 +199,7 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Console => "console",
             DeviceKind::Rng => "rng",
             DeviceKind::VmGenId => "vmgenid",
+            DeviceKind::FreePageReporting => "free page reporting",
         })
     }
 }

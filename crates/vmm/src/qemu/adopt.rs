@@ -150,6 +150,7 @@ fn kind_of(device: &Value) -> Option<DeviceKind> {
     match device["id"]["device"].as_u64()? {
         0x1000 | 0x1041 => Some(DeviceKind::Network),
         0x1001 | 0x1042 => Some(DeviceKind::Block),
+        0x1002 | 0x1045 => Some(DeviceKind::FreePageReporting),
         0x1003 | 0x1043 => Some(DeviceKind::AgentChannel),
         0x1005 | 0x1044 => Some(DeviceKind::Rng),
         0x105b => Some(DeviceKind::Pmem),
@@ -179,6 +180,7 @@ mod tests {
             dev(3, "", 0x1af4, 0x1005),
             dev(4, "dev-layer0", 0x1af4, 0x1001),
             dev(5, "dev-eth0", 0x1af4, 0x1000),
+            dev(6, "balloon", 0x1af4, 0x1002),
             { "bus": 0, "slot": 31, "qdev_id": "pci.1", "id": { "vendor": 0x1b36, "device": 1 },
               "pci_bridge": { "bus": { "number": 1 }, "devices": [
                   dev(1, "dev-layer27", 0x1af4, 0x1001),
@@ -191,6 +193,7 @@ mod tests {
         let layout = slots.layout();
         let expect: Vec<(&str, PciAddress)> = vec![
             ("agent", at(0, 2)),
+            ("balloon", at(0, 6)),
             ("dax0", at(1, 2)),
             ("eth0", at(0, 5)),
             ("layer0", at(0, 4)),
@@ -202,6 +205,10 @@ mod tests {
         assert_eq!(got, expect);
         assert_eq!(slots.user(at(0, 5)).unwrap().kind, DeviceKind::Network);
         assert_eq!(slots.user(at(1, 2)).unwrap().kind, DeviceKind::Pmem);
+        assert_eq!(
+            slots.user(at(0, 6)).unwrap().kind,
+            DeviceKind::FreePageReporting
+        );
 
         let unknown = json!([{ "bus": 0, "devices": [dev(6, "", 0x8086, 0x100e)] }]);
         assert!(

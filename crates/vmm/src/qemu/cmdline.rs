@@ -441,6 +441,27 @@ impl ArgGroup for VirtioRng {
     }
 }
 
+/// A virtio-balloon for free page reporting only (never inflated): the
+/// guest reports freed blocks and QEMU discards them from guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreePageReporting {
+    pub addr: PciAddress,
+}
+
+impl ArgGroup for FreePageReporting {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        push(
+            args,
+            "-device",
+            format!(
+                "virtio-balloon-pci,id={},free-page-reporting=on,{}",
+                crate::device::FREE_PAGE_REPORTING_ID,
+                pci_addr(self.addr)
+            ),
+        );
+    }
+}
+
 /// A VM generation ID device (`vmgenid`, ACPI): `guid=auto` gives every
 /// QEMU process a new ID, and a guest kernel with the vmgenid driver
 /// reseeds its RNG when a restored VM sees it change.
@@ -476,6 +497,7 @@ pub enum DeviceArgs {
     Console(SerialConsole),
     Rng(VirtioRng),
     VmGenId(VmGenId),
+    FreePageReporting(FreePageReporting),
 }
 
 impl DeviceArgs {
@@ -489,6 +511,7 @@ impl DeviceArgs {
             DeviceArgs::Console(g) => g,
             DeviceArgs::Rng(g) => g,
             DeviceArgs::VmGenId(g) => g,
+            DeviceArgs::FreePageReporting(g) => g,
         }
     }
 }

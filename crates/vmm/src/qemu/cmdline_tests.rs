@@ -317,6 +317,13 @@ fn rng_console_and_generation_id() {
     );
     assert_eq!(render(&VmGenId), ["-device", "vmgenid,guid=auto"]);
     assert_eq!(
+        render(&FreePageReporting { addr: at(0, 4) }),
+        [
+            "-device",
+            "virtio-balloon-pci,id=balloon,free-page-reporting=on,bus=pci.0,addr=0x4"
+        ]
+    );
+    assert_eq!(
         render(&SerialConsole {
             log: "/r/console.log".into()
         }),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::device::{BlockDevice, NetworkDevice, PciAddress, PciLayout, PmemDevice};
+use crate::device::{BlockDevice, Device, NetworkDevice, PciAddress, PciLayout, PmemDevice};
 
 fn layers(n: usize) -> Vec<Device> {
     (0..n)
@@ -168,6 +168,32 @@ fn guest_ram_is_mergeable_only_when_the_spec_asks() {
         0,
     );
     assert_eq!(machine(&clone), "pc,memory-backend=ram0,mem-merge=off");
+}
+
+#[test]
+fn free_page_reporting_never_reaches_a_privately_mapped_ram_file() {
+    let with_reporting = |memory| {
+        let mut s = spec("/r", memory, 0);
+        s.devices.push(Device::FreePageReporting);
+        s
+    };
+    let a = args(&with_reporting(MemoryBacking::Anonymous), false);
+    assert!(
+        a.iter()
+            .any(|x| x.starts_with("virtio-balloon-pci,id=balloon,free-page-reporting=on,"))
+    );
+    // QEMU 7.2 discards reported pages of a file by punching holes into
+    // it: a clone's private mapping of its template's RAM file would
+    // punch them into the template.
+    let err = Qemu::command_line(
+        &with_reporting(MemoryBacking::File {
+            path: "/dev/shm/t.ram".into(),
+            shared: false,
+        }),
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("free page reporting"), "{err}");
 }
 
 #[test]

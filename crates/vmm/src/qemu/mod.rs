@@ -156,6 +156,20 @@ impl Qemu {
                 }),
                 Device::Rng => DeviceArgs::Rng(VirtioRng { addr: addr() }),
                 Device::VmGenId => DeviceArgs::VmGenId(VmGenId),
+                Device::FreePageReporting => {
+                    if let MemoryBacking::File {
+                        path,
+                        shared: false,
+                    } = &spec.memory
+                    {
+                        return Err(VmmError::InvalidSpec(format!(
+                            "free page reporting with guest RAM mapped privately from {}: \
+                             QEMU would punch the reported pages out of that file",
+                            path.display()
+                        )));
+                    }
+                    DeviceArgs::FreePageReporting(FreePageReporting { addr: addr() })
+                }
             });
         }
         debug_assert_eq!(PMEM_ALIGN % (1 << 20), 0);
