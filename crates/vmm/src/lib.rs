@@ -21,6 +21,7 @@
 //! it can be hashed, compressed or encrypted on the way.
 
 pub mod accel;
+pub mod cgroup;
 pub mod device;
 pub mod process;
 pub mod qemu;
@@ -184,6 +185,8 @@ pub enum VmmError {
     NoPciSlot(String),
     #[error("the VM has exited")]
     Gone,
+    #[error("cannot confine the VMM")]
+    Confine(#[source] Box<cgroup::CgroupError>),
 }
 
 /// A hypervisor backend: turns a [`VmSpec`] into a running VM.
