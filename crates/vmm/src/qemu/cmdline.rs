@@ -398,7 +398,9 @@ impl ArgGroup for SerialConsole {
         push(
             args,
             "-chardev",
-            format!("file,id=console0,path={}", path_value(&self.log)),
+            // Appending: the log is cut while the VM runs (crate::console),
+            // and QEMU's writes must follow the file's end.
+            format!("file,id=console0,path={},append=on", path_value(&self.log)),
         );
         push(args, "-serial", "chardev:console0");
     }

@@ -21,7 +21,7 @@ fn commas_in_paths_are_doubled() {
         render(&c),
         [
             "-chardev",
-            "file,id=console0,path=/tmp/a,,b/console.log",
+            "file,id=console0,path=/tmp/a,,b/console.log,append=on",
             "-serial",
             "chardev:console0"
         ]
@@ -335,7 +335,7 @@ fn rng_console_and_generation_id() {
         }),
         [
             "-chardev",
-            "file,id=console0,path=/r/console.log",
+            "file,id=console0,path=/r/console.log,append=on",
             "-serial",
             "chardev:console0"
         ]

@@ -258,6 +258,12 @@ impl Qemu {
         for socket in [&paths.control_socket, &paths.agent_socket] {
             let _ = std::fs::remove_file(socket);
         }
+        // QEMU appends to the console log (see SerialConsole): each VMM
+        // process starts it empty.
+        std::fs::File::create(&paths.console_log).map_err(|source| VmmError::Io {
+            what: format!("create {}", paths.console_log.display()),
+            source,
+        })?;
         let stderr_log = spec.run_dir.join("qemu.log");
         let stderr = std::fs::File::create(&stderr_log).map_err(|source| VmmError::Io {
             what: format!("create {}", stderr_log.display()),

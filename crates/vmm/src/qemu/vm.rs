@@ -38,6 +38,14 @@ pub struct QemuVm {
     slots: PciSlots,
     /// The process's control group, removed once it has exited.
     cgroup: Option<VmCgroup>,
+    /// Keeps the console log bounded while this handle watches the VM.
+    console_watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.console_watch.abort();
+    }
 }
 
 impl QemuVm {
@@ -52,6 +60,7 @@ impl QemuVm {
         Self {
             process,
             pid,
+            console_watch: crate::console::watch(paths.console_log.clone()),
             paths,
             qmp: Some(qmp),
             shared_memory,
@@ -124,6 +133,7 @@ impl Vm for QemuVm {
         };
         let exit = exit.map_err(|e| self.wait_error(e))?;
         self.qmp = None;
+        self.console_watch.abort();
         if let Some(group) = self.cgroup.take() {
             group.remove();
         }
