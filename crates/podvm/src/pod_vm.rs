@@ -436,11 +436,18 @@ struct PodDir {
 }
 
 impl PodDir {
+    /// Makes the directory (and missing parents) mode 0700: it holds the
+    /// guest's console log and the VM's control sockets, the daemon's only.
     fn create(path: &Path) -> Result<Self, PodVmError> {
-        std::fs::create_dir_all(path).map_err(|source| PodVmError::Io {
-            what: format!("create pod directory {}", path.display()),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|source| PodVmError::Io {
+                what: format!("create pod directory {}", path.display()),
+                source,
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             keep: false,

@@ -254,8 +254,15 @@ fn frame(channel: u8, data: &[u8]) -> Message {
     Message::Binary(out.into())
 }
 
+/// How long one message to an exec's client may take to be written: a
+/// client that stops reading is dropped (its process killed) after it.
+pub const EXEC_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Relays an exec session over the WebSocket until the process ends or
-/// the client goes away (which kills the process).
+/// the client goes away (which kills the process). A client that does not
+/// take a message within [`EXEC_WRITE_TIMEOUT`] is gone too; one that falls
+/// behind the session's backlog gets its `Failed` status (see
+/// [`crate::host::EXEC_OUTPUT_BACKLOG`]).
 async fn relay(socket: WebSocket, session: ExecSession) {
     let ExecSession { mut events, input } = session;
     let (mut sink, mut incoming) = socket.split();
@@ -297,14 +304,21 @@ async fn relay(socket: WebSocket, session: ExecSession) {
                     (frame(3, &status_json(exit_code, Some(message))), true)
                 }
             };
-            if sink.send(msg).await.is_err() {
-                return;
+            match tokio::time::timeout(EXEC_WRITE_TIMEOUT, sink.send(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        "exec client did not take its output within {EXEC_WRITE_TIMEOUT:?}: dropped"
+                    );
+                    return;
+                }
             }
             if last {
                 break;
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(EXEC_WRITE_TIMEOUT, sink.send(Message::Close(None))).await;
     };
     tokio::select! {
         _ = reader => {}

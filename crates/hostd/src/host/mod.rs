@@ -47,6 +47,7 @@ pub mod pod_sleep;
 mod pod_state;
 pub mod pod_task;
 mod pod_volumes;
+pub mod private_files;
 pub mod records;
 pub mod runtime;
 pub mod runtime_sizing;
@@ -62,7 +63,10 @@ pub mod volumes;
 
 pub use ack_sandbox::AckLauncher;
 pub use error::RuntimeError;
-pub use exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+pub use exec::{
+    EXEC_EVENT_BACKLOG, EXEC_OUTPUT_BACKLOG, ExecEvent, ExecEvents, ExecInput, ExecRequest,
+    ExecSession,
+};
 pub use plan::{ContainerPlan, PodPlan, RestartPolicy};
 pub use records::{HostRecord, PodRecord, StateDir};
 pub use runtime::{ChangeFeed, PodRuntime};
