@@ -206,7 +206,13 @@ impl PodVm {
         let msg = HostMessage::Shutdown {
             grace_ms: grace.as_millis() as u64,
         };
-        if self.tx.send(&msg).await.is_ok() {
+        // A guest that does not even take the message is not waited for.
+        if self
+            .tx
+            .send_within(&msg, SHUTDOWN_WRITE_TIMEOUT)
+            .await
+            .is_ok()
+        {
             let vm = &mut self.vm;
             let rx = &mut self.rx;
             let wait = async {
@@ -427,6 +433,10 @@ async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> PodVmError {
         },
     }
 }
+
+/// How long [`PodVm::shutdown`] waits for the guest to take its
+/// `Shutdown` before it kills the VM.
+const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pod's runtime directory, removed with everything in it when dropped
 /// (unless kept for a detached VM).
