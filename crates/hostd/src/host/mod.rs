@@ -31,6 +31,7 @@
 //! command brings it back.
 
 pub mod ack_sandbox;
+pub mod console_log;
 mod error;
 mod exec;
 #[cfg(test)]
