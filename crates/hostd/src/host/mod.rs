@@ -54,6 +54,7 @@ pub mod runtime;
 pub mod runtime_sizing;
 pub mod sandbox;
 pub mod server_call;
+mod state_changes;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod tests;

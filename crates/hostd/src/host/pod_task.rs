@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     pub cfg: HostConfig,
     pub state: StateDir,
     /// Every change of a pod's state, for the daemon to report.
-    pub changes: mpsc::UnboundedSender<(String, PodState)>,
+    pub changes: super::state_changes::StateChanges,
     /// Makes the pods' sandboxes.
     pub launcher: Arc<dyn Launcher>,
     /// Keeps the keys of hibernated pods' snapshots; `None`: pods are

@@ -21,8 +21,7 @@ use super::{HostConfig, PodPlan, PodState};
 
 pub use super::vm_sandbox::processes_mentioning;
 
-/// Every change of a pod's state: (pod uid, state).
-pub type ChangeFeed = mpsc::UnboundedReceiver<(String, PodState)>;
+pub use super::state_changes::ChangeFeed;
 
 struct PodHandle {
     plan: PodPlan,
@@ -67,7 +66,7 @@ impl PodRuntime {
         let state = StateDir::open(&cfg.state_dir)?;
         let records = state.load_all()?;
         launcher.recover(&state.run_dir(), &records)?;
-        let (changes, feed) = mpsc::unbounded_channel();
+        let (changes, feed) = super::state_changes::state_changes();
         let runtime = PodRuntime {
             shared: Arc::new(Shared {
                 cfg,
