@@ -167,8 +167,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
             .await
             .context("rotate the key-encryption key")?;
             println!(
-                "key-encryption key rotated: {} -> {} ({} snapshot keys, {} volume keys rewrapped)",
-                rotated.old_id, rotated.new_id, rotated.snapshot_keys, rotated.volume_keys
+                "key-encryption key rotated: {} -> {} ({} snapshot keys, {} volume keys, {} host endpoint secrets rewrapped)",
+                rotated.old_id,
+                rotated.new_id,
+                rotated.snapshot_keys,
+                rotated.volume_keys,
+                rotated.host_endpoint_secrets
             );
             eprintln!(
                 "podvisor: give every server replica the new key file before starting them again"

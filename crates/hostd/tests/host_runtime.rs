@@ -319,3 +319,120 @@ impl Drop for VmReaper {
         podvisor_testbed::daemon::kill_mentioning(&self.0.display().to_string());
     }
 }
+
+fn mode_and_owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.mode() & 0o777, meta.uid())
+}
+
+/// A pod's files are the daemon's only; an exec whose client reads
+/// nothing while its process writes without end does not hold up the
+/// pod's log or its deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_pod_files_are_private_and_a_silent_exec_client_does_not_hold_up_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let _vms = VmReaper(dir.path().to_path_buf());
+    let image: PathBuf = dir.path().join("busybox.tar");
+    ImageBuilder::new()
+        .busybox_layer()
+        .write_oci_archive(&image)
+        .unwrap();
+    let cfg = config(dir.path());
+    let state_dir = cfg.state_dir.clone();
+    let (rt, _feed) = PodRuntime::open(cfg.clone()).unwrap();
+    rt.run(plan(
+        "uid-quiet",
+        "quiet",
+        RestartPolicy::Always,
+        vec![container(
+            "app",
+            &image,
+            "echo started; while true; do echo tick; sleep 1; done",
+        )],
+    ))
+    .unwrap();
+    wait_for(&rt, "uid-quiet", "running", |s| running(s, 0)).await;
+
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    let pod = state_dir.join("pods/uid-quiet");
+    for d in [state_dir.join("pods"), pod.clone(), pod.join("logs")] {
+        assert_eq!(mode_and_owner(&d), (0o700, me), "{}", d.display());
+    }
+    for f in [pod.join("pod.json"), pod.join("logs/app.log")] {
+        assert_eq!(mode_and_owner(&f), (0o600, me), "{}", f.display());
+    }
+    let vm_dirs: Vec<PathBuf> = std::fs::read_dir(state_dir.join("run/pods"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(vm_dirs.len(), 1, "{vm_dirs:?}");
+    assert_eq!(mode_and_owner(&vm_dirs[0]).0, 0o700);
+
+    // `cat /dev/zero` writes without end; its client never reads.
+    let session = rt
+        .exec(
+            "default",
+            "quiet",
+            ExecRequest {
+                container: None,
+                command: vec!["cat".into(), "/dev/zero".into()],
+                tty: false,
+                stdin: false,
+                size: None,
+            },
+        )
+        .await
+        .unwrap();
+    // Once far more than the backlog was written, the log still moves.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = read_log(&rt, "quiet", "app", None)
+        .await
+        .matches("tick")
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = read_log(&rt, "quiet", "app", None)
+            .await
+            .matches("tick")
+            .count();
+        if now > before + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container's log stopped at {now} ticks"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Delete (grace 2 s) finishes while the client still reads nothing.
+    let started = Instant::now();
+    let deleted = tokio::time::timeout(Duration::from_secs(60), rt.delete("uid-quiet", None))
+        .await
+        .expect("delete finishes while the exec client reads nothing");
+    assert!(deleted);
+    eprintln!("delete took {:?}", started.elapsed());
+    assert!(vm_processes(&state_dir).is_empty());
+    assert!(!pod.exists());
+    // Reading at last, the client gets what was queued, then why its
+    // session was dropped.
+    let mut session = session;
+    let mut queued = 0;
+    let last = loop {
+        match tokio::time::timeout(Duration::from_secs(10), session.events.recv())
+            .await
+            .expect("the session ended")
+        {
+            Some(ExecEvent::Output(_, d)) => queued += d.len(),
+            other => break other,
+        }
+    };
+    eprintln!("{queued} bytes were queued for the silent client");
+    match last {
+        Some(ExecEvent::Failed { message, .. }) => {
+            assert!(message.contains("did not read its output"), "{message}")
+        }
+        other => panic!("expected the session to be dropped, got {other:?}"),
+    }
+}

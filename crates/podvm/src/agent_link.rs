@@ -30,11 +30,28 @@ pub enum AgentLinkError {
     Closed,
     #[error("unexpected message from the guest: {0}")]
     Unexpected(String),
+    /// The guest did not take a message within the time allowed: it stops
+    /// reading its channel (hung or hostile). The channel is unusable
+    /// after this (a frame may be half written).
+    #[error("the guest did not read a {len}-byte message within {timeout:?}")]
+    WriteTimeout {
+        len: usize,
+        timeout: std::time::Duration,
+    },
 }
+
+/// How long one message to the guest may take to be written: the agent
+/// reads its channel in its poll loop, so a guest that has not taken a
+/// message in this long is hung or hostile, and its VM is killed rather
+/// than its pod's task left waiting (which would stop the pod's logs,
+/// exec sessions and deletion).
+pub const GUEST_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sending half of the agent channel.
 pub struct AgentSender {
     writer: OwnedWriteHalf,
+    /// A write timed out mid-frame: nothing more may be sent.
+    broken: bool,
 }
 
 /// Receiving half of the agent channel.
@@ -54,7 +71,10 @@ pub async fn connect(socket: &Path) -> Result<(AgentSender, AgentReceiver), Agen
         })?;
     let (r, w) = stream.into_split();
     Ok((
-        AgentSender { writer: w },
+        AgentSender {
+            writer: w,
+            broken: false,
+        },
         AgentReceiver {
             reader: r,
             decoder: FrameDecoder::new(),
@@ -69,11 +89,34 @@ impl AgentSender {
         let _ = self.writer.shutdown().await;
     }
 
-    /// Sends one message.
+    /// Sends one message, within [`GUEST_WRITE_TIMEOUT`].
     pub async fn send(&mut self, msg: &HostMessage) -> Result<(), AgentLinkError> {
+        self.send_within(msg, GUEST_WRITE_TIMEOUT).await
+    }
+
+    /// Sends one message; a guest that does not take it within `timeout`
+    /// is an [`AgentLinkError::WriteTimeout`], and the sender is unusable
+    /// after it (every later send fails at once: a half-written frame
+    /// lost the stream its framing).
+    pub async fn send_within(
+        &mut self,
+        msg: &HostMessage,
+        timeout: std::time::Duration,
+    ) -> Result<(), AgentLinkError> {
+        if self.broken {
+            return Err(AgentLinkError::Closed);
+        }
         let frame = encode(msg)?;
-        self.writer.write_all(&frame).await?;
-        Ok(())
+        match tokio::time::timeout(timeout, self.writer.write_all(&frame)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => {
+                self.broken = true;
+                Err(AgentLinkError::WriteTimeout {
+                    len: frame.len(),
+                    timeout,
+                })
+            }
+        }
     }
 }
 
@@ -177,6 +220,40 @@ mod tests {
         assert_eq!(p.reasons.len(), MAX_PROFILE_LINES);
         let value = &p.env[0].1;
         assert!(value.len() <= MAX_PROFILE_LINE + '…'.len_utf8() && value.ends_with('…'));
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_stops_reading_fails_a_send_within_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // Accepts and never reads.
+            let (_s, _) = listener.accept().await.unwrap();
+            let _ = done_rx.await;
+        });
+        let (mut tx, _rx) = connect(&path).await.unwrap();
+        let msg = HostMessage::Stdin {
+            id: "c".into(),
+            data: vec![0; 512 * 1024],
+        };
+        let timeout = std::time::Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let err = loop {
+            if let Err(e) = tx.send_within(&msg, timeout).await {
+                break e;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        };
+        assert!(matches!(err, AgentLinkError::WriteTimeout { .. }), "{err}");
+        // Half a frame may be on the wire: nothing more goes out.
+        let after = tx
+            .send_within(&HostMessage::ListProcesses, timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(after, AgentLinkError::Closed), "{after}");
+        let _ = done_tx.send(());
     }
 
     #[tokio::test]

@@ -119,7 +119,7 @@ impl PodVm {
             exit = vm.wait() => Err(died(vm.as_ref(), exit)),
             _ = tokio::time::sleep(cfg.boot_timeout) => Err(PodVmError::BootTimeout {
                 timeout: cfg.boot_timeout,
-                console_tail: vm.console_tail(3000),
+                console_tail: crate::console::tail(&vm.paths().console_log, 3000),
             }),
         };
         let agent = match ready {
@@ -157,7 +157,7 @@ impl PodVm {
 
     /// The last bytes of the guest console.
     pub fn console_tail(&self, max_bytes: usize) -> String {
-        self.vm.console_tail(max_bytes)
+        crate::console::tail(&self.vm.paths().console_log, max_bytes as u64)
     }
 
     /// Sends a message to the agent.
@@ -206,7 +206,13 @@ impl PodVm {
         let msg = HostMessage::Shutdown {
             grace_ms: grace.as_millis() as u64,
         };
-        if self.tx.send(&msg).await.is_ok() {
+        // A guest that does not even take the message is not waited for.
+        if self
+            .tx
+            .send_within(&msg, SHUTDOWN_WRITE_TIMEOUT)
+            .await
+            .is_ok()
+        {
             let vm = &mut self.vm;
             let rx = &mut self.rx;
             let wait = async {
@@ -272,6 +278,7 @@ impl PodVm {
         rx.resynchronize();
         let mut agent = None;
         let mut pending = VecDeque::new();
+        let mut backlog = AdoptBacklog::default();
         let started = Instant::now();
         'ask: while started.elapsed() < ADOPT_READY_TIMEOUT {
             if let Err(e) = tx.send(&HostMessage::ListProcesses).await {
@@ -293,15 +300,28 @@ impl PodVm {
                     // Our request may have been mixed into a frame the
                     // previous host left unfinished: ask again.
                     Ok(GuestMessage::Error { .. }) => continue 'ask,
-                    Ok(m) => pending.push_back(m),
+                    Ok(m) => match backlog.admit(&m) {
+                        Ok(true) => pending.push_back(m),
+                        Ok(false) => {}
+                        Err(why) => return Err(hostile(vm.as_mut(), why).await),
+                    },
                     Err(e) => return Err(link_failure(vm.as_mut(), e).await),
                 }
             }
         }
+        if backlog.dropped_output > 0 {
+            tracing::warn!(
+                pod = %id,
+                "{} bytes of output the agent kept while no host was connected were dropped \
+                 (more than {} MiB waited)",
+                backlog.dropped_output,
+                ADOPT_OUTPUT_BACKLOG >> 20
+            );
+        }
         if !matches!(pending.back(), Some(GuestMessage::Processes { .. })) {
             return Err(PodVmError::BootTimeout {
                 timeout: ADOPT_READY_TIMEOUT,
-                console_tail: vm.console_tail(3000),
+                console_tail: crate::console::tail(&vm.paths().console_log, 3000),
             });
         }
         Ok(PodVm {
@@ -330,6 +350,50 @@ impl PodVm {
 
 /// How long an adopted VM's agent may take to answer on the new connection.
 const ADOPT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most output an adoption keeps of what the agent queued while no host
+/// was connected; more is dropped (and said so in the log).
+const ADOPT_OUTPUT_BACKLOG: usize = 32 << 20;
+/// Most bytes of other messages an adoption keeps before the answer it
+/// waits for; an agent that sends more is hostile (real ones are a few
+/// small messages per process).
+const ADOPT_OTHER_BACKLOG: usize = 8 << 20;
+
+/// What an adoption keeps of the messages that come before the agent's
+/// `Processes` answer: bounded, so a guest cannot make the host hold any
+/// amount of them in memory.
+#[derive(Debug, Default)]
+struct AdoptBacklog {
+    output: usize,
+    other: usize,
+    dropped_output: usize,
+}
+
+impl AdoptBacklog {
+    /// Whether to keep `msg` (`false`: output beyond the bound, dropped);
+    /// an error for a guest that sent too much else.
+    fn admit(&mut self, msg: &GuestMessage) -> Result<bool, String> {
+        if let GuestMessage::Output { id, data, .. } = msg {
+            let len = id.len() + data.len();
+            if self.output + len > ADOPT_OUTPUT_BACKLOG {
+                self.dropped_output += data.len();
+                return Ok(false);
+            }
+            self.output += len;
+            return Ok(true);
+        }
+        let len = podvisor_proto::encode(msg)
+            .map(|f| f.len())
+            .unwrap_or(usize::MAX);
+        if self.other.saturating_add(len) > ADOPT_OTHER_BACKLOG {
+            return Err(format!(
+                "more than {} MiB of messages other than output before answering ListProcesses",
+                ADOPT_OTHER_BACKLOG >> 20
+            ));
+        }
+        self.other += len;
+        Ok(true)
+    }
+}
 /// When to repeat an unanswered `ListProcesses` during an adoption.
 const ADOPT_ASK_AGAIN: Duration = Duration::from_secs(2);
 
@@ -399,7 +463,7 @@ fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> PodVmError
     match exit {
         Ok(exit) => PodVmError::VmDied {
             exit,
-            console_tail: vm.console_tail(3000),
+            console_tail: crate::console::tail(&vm.paths().console_log, 3000),
         },
         Err(e) => e.into(),
     }
@@ -428,6 +492,10 @@ async fn link_failure(vm: &mut dyn Vm, e: AgentLinkError) -> PodVmError {
     }
 }
 
+/// How long [`PodVm::shutdown`] waits for the guest to take its
+/// `Shutdown` before it kills the VM.
+const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A pod's runtime directory, removed with everything in it when dropped
 /// (unless kept for a detached VM).
 struct PodDir {
@@ -436,11 +504,18 @@ struct PodDir {
 }
 
 impl PodDir {
+    /// Makes the directory (and missing parents) mode 0700: it holds the
+    /// guest's console log and the VM's control sockets, the daemon's only.
     fn create(path: &Path) -> Result<Self, PodVmError> {
-        std::fs::create_dir_all(path).map_err(|source| PodVmError::Io {
-            what: format!("create pod directory {}", path.display()),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|source| PodVmError::Io {
+                what: format!("create pod directory {}", path.display()),
+                source,
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             keep: false,
@@ -460,4 +535,36 @@ impl Drop for PodDir {
 /// A new random pod id: 12 hex digits, like a short container id.
 pub fn new_pod_id() -> Result<String, podvisor_store::RandomError> {
     podvisor_store::random_hex(6)
+}
+
+#[cfg(test)]
+mod adopt_backlog_tests {
+    use super::*;
+    use podvisor_proto::Stream;
+
+    #[test]
+    fn output_beyond_the_bound_is_dropped_and_floods_of_the_rest_are_hostile() {
+        let mut backlog = AdoptBacklog::default();
+        let chunk = GuestMessage::Output {
+            id: "c".into(),
+            stream: Stream::Stdout,
+            data: vec![0; 1 << 20],
+        };
+        let kept = (0..100).filter(|_| backlog.admit(&chunk).unwrap()).count();
+        assert_eq!(kept, 31, "1 MiB and one byte of id each, 32 MiB kept");
+        assert_eq!(backlog.dropped_output, 69 << 20);
+        // The few messages a real agent queues pass.
+        let exited = GuestMessage::Exited {
+            id: "c".into(),
+            status: podvisor_proto::ExitStatus::Code(0),
+        };
+        assert!(backlog.admit(&exited).unwrap());
+        // A flood of anything else is refused.
+        let flood = GuestMessage::Started {
+            id: "x".repeat(512 * 1024),
+            pid: 1,
+        };
+        let err = (0..100).find_map(|_| backlog.admit(&flood).err()).unwrap();
+        assert!(err.contains("more than 8 MiB"), "{err}");
+    }
 }

@@ -97,8 +97,19 @@ impl KeyEncryptionKey {
     }
 
     /// Records this key's id in the store, or checks it against the one
-    /// there: all replicas must wrap with the same key.
+    /// there: all replicas must wrap with the same key. Then seals what an
+    /// older server kept in the clear (host endpoint secrets), so a server
+    /// that starts leaves no such secret readable in the store.
     pub async fn check_against(&self, store: &dyn Store) -> Result<(), ServerError> {
+        self.check_id(store).await?;
+        let sealed = seal_plaintext_endpoint_secrets(store, self).await?;
+        if sealed > 0 {
+            tracing::info!("sealed {sealed} host endpoint secrets stored in the clear");
+        }
+        Ok(())
+    }
+
+    async fn check_id(&self, store: &dyn Store) -> Result<(), ServerError> {
         let stored = match store.create(keys::KEK_ID, self.id.as_bytes(), None).await? {
             Ok(_) => return Ok(()),
             Err(existing) => existing.value,
@@ -159,6 +170,8 @@ pub struct Rotated {
     pub snapshot_keys: usize,
     /// Volume keys rewrapped.
     pub volume_keys: usize,
+    /// Host endpoint secrets rewrapped.
+    pub host_endpoint_secrets: usize,
 }
 
 /// The file the next key is kept in while a rotation runs.
@@ -217,6 +230,15 @@ pub async fn rotate(store: &dyn Store, path: &Path) -> Result<Rotated, ServerErr
         Some(crate::api::snapshot_keys::owner(ns, name, uid, snapshot))
     })
     .await?;
+    // Secrets an older server stored in the clear are sealed first, so
+    // the rewrap below finds only sealed records.
+    seal_plaintext_endpoint_secrets(store, &old).await?;
+    let host_endpoint_secrets =
+        rewrap_all(store, keys::HOST_ENDPOINT_TOKENS, &old, &next, |key, _| {
+            let host = key.strip_prefix(keys::HOST_ENDPOINT_TOKENS)?;
+            Some(endpoint_secret_owner(host))
+        })
+        .await?;
     let volume_keys = rewrap_all(store, keys::VOLUME_KEYS, &old, &next, |key, v| {
         let rest = key.strip_prefix(keys::VOLUME_KEYS)?;
         let (ns, name) = rest.split_once('/')?;
@@ -234,6 +256,7 @@ pub async fn rotate(store: &dyn Store, path: &Path) -> Result<Rotated, ServerErr
         new_id: next.id,
         snapshot_keys,
         volume_keys,
+        host_endpoint_secrets,
     })
 }
 
@@ -289,6 +312,133 @@ async fn rewrap_all(
         }
     }
     Ok(count)
+}
+
+/// What binds a host's sealed endpoint secret to that host (associated
+/// data of its sealing): a record copied to another host's key does not
+/// open.
+pub(crate) fn endpoint_secret_owner(host: &str) -> Vec<u8> {
+    format!("host-endpoint-secret\0{host}").into_bytes()
+}
+
+/// The store record of host `host`'s endpoint secret: `{"kek": ID,
+/// "wrapped": HEX}`, the secret sealed by `kek` (AES-256-GCM, a random
+/// nonce, [`endpoint_secret_owner`] as associated data).
+pub(crate) fn seal_endpoint_secret(
+    kek: &KeyEncryptionKey,
+    host: &str,
+    secret: &str,
+) -> Result<Vec<u8>, ServerError> {
+    let wrapped = kek.wrap(secret.as_bytes(), &endpoint_secret_owner(host))?;
+    Ok(serde_json::to_vec(&serde_json::json!({
+        "kek": kek.id(),
+        "wrapped": hex::encode(wrapped),
+    }))
+    .expect("JSON serializes"))
+}
+
+/// The endpoint secret in the record `stored` of host `host`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StoredEndpointSecret {
+    /// A sealed record that opened.
+    Sealed(String),
+    /// A record an older server wrote in the clear (sealed at start).
+    Plaintext(String),
+    /// A record that does not open (another key's, another host's,
+    /// changed).
+    Unusable,
+}
+
+/// Opens the record `stored` of host `host`'s endpoint secret.
+pub(crate) fn open_endpoint_secret(
+    kek: &KeyEncryptionKey,
+    host: &str,
+    stored: &[u8],
+) -> StoredEndpointSecret {
+    if !stored.starts_with(b"{") {
+        // Older servers stored the secret itself, which is never JSON.
+        return match std::str::from_utf8(stored) {
+            Ok(s) if podvisor_api::validate_endpoint_token(s).is_ok() => {
+                StoredEndpointSecret::Plaintext(s.to_string())
+            }
+            _ => StoredEndpointSecret::Unusable,
+        };
+    }
+    let opened = serde_json::from_slice::<serde_json::Value>(stored)
+        .ok()
+        .and_then(|v| hex::decode(v.get("wrapped")?.as_str()?).ok())
+        .and_then(|wrapped| kek.unwrap(&wrapped, &endpoint_secret_owner(host)))
+        .and_then(|plain| String::from_utf8(plain).ok());
+    match opened {
+        Some(secret) => StoredEndpointSecret::Sealed(secret),
+        None => StoredEndpointSecret::Unusable,
+    }
+}
+
+/// Seals every host endpoint secret an older server stored in the clear
+/// (compare-and-swap on each; one changed meanwhile was written sealed by
+/// a register). Returns how many were sealed.
+pub(crate) async fn seal_plaintext_endpoint_secrets(
+    store: &dyn Store,
+    kek: &KeyEncryptionKey,
+) -> Result<usize, ServerError> {
+    let (kvs, _) = store.list(keys::HOST_ENDPOINT_TOKENS).await?;
+    let mut sealed = 0;
+    for kv in kvs {
+        let Some(host) = kv.key.strip_prefix(keys::HOST_ENDPOINT_TOKENS) else {
+            continue;
+        };
+        if let StoredEndpointSecret::Plaintext(secret) = open_endpoint_secret(kek, host, &kv.value)
+        {
+            let record = seal_endpoint_secret(kek, host, &secret)?;
+            if store
+                .update(&kv.key, &record, kv.mod_revision)
+                .await?
+                .is_ok()
+            {
+                sealed += 1;
+            }
+        }
+    }
+    Ok(sealed)
+}
+
+#[cfg(test)]
+mod endpoint_secret_tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_endpoint_secret_opens_only_for_its_host_under_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = KeyEncryptionKey::load_or_create(&dir.path().join("kek")).unwrap();
+        let secret = "s".repeat(40) + "-endpoint_secret";
+        let record = seal_endpoint_secret(&kek, "h1", &secret).unwrap();
+        assert!(
+            !record.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the record holds the secret in the clear"
+        );
+        assert_eq!(
+            open_endpoint_secret(&kek, "h1", &record),
+            StoredEndpointSecret::Sealed(secret.clone())
+        );
+        assert_eq!(
+            open_endpoint_secret(&kek, "h2", &record),
+            StoredEndpointSecret::Unusable
+        );
+        let other = KeyEncryptionKey::load_or_create(&dir.path().join("other")).unwrap();
+        assert_eq!(
+            open_endpoint_secret(&other, "h1", &record),
+            StoredEndpointSecret::Unusable
+        );
+        assert_eq!(
+            open_endpoint_secret(&kek, "h1", secret.as_bytes()),
+            StoredEndpointSecret::Plaintext(secret)
+        );
+        assert_eq!(
+            open_endpoint_secret(&kek, "h1", b"short"),
+            StoredEndpointSecret::Unusable
+        );
+    }
 }
 
 #[cfg(test)]

@@ -605,6 +605,8 @@ async fn kek_rotation_keeps_keys_and_refuses_the_old_key_file() {
         .unwrap();
     assert_ne!(rotated.old_id, rotated.new_id);
     assert_eq!((rotated.snapshot_keys, rotated.volume_keys), (1, 1));
+    // The host's endpoint secret is sealed by the key-encryption key too.
+    assert_eq!(rotated.host_endpoint_secrets, 1);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&kek_file).unwrap().permissions().mode() & 0o777,

@@ -173,8 +173,51 @@ async fn log(
     });
     Response::builder()
         .header("content-type", "text/plain; charset=utf-8")
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(taken_within(stream, LOG_WRITE_TIMEOUT)))
         .expect("a valid response")
+}
+
+/// How long a log client may leave a chunk untaken before its stream ends
+/// (its reader and follow subscription let go: a follower that stopped
+/// reading no longer counts as one, nor holds the log open).
+pub const LOG_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `source`'s items, through a queue of a few: a task reads `source` and
+/// ends it (dropping it) when the consumer has not taken an item within
+/// `timeout`, or has gone. What was queued is still delivered.
+fn taken_within<S>(
+    source: S,
+    timeout: std::time::Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut source = std::pin::pin!(source);
+        loop {
+            let item = tokio::select! {
+                _ = tx.closed() => return,
+                item = source.next() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let last = item.is_err();
+            match tx.send_timeout(item, timeout).await {
+                Ok(()) if !last => {}
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    tracing::warn!(
+                        "log client did not take its log within {timeout:?}: stream ended"
+                    );
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
 }
 
 /// A 200 Status with `message`.
@@ -254,8 +297,15 @@ fn frame(channel: u8, data: &[u8]) -> Message {
     Message::Binary(out.into())
 }
 
+/// How long one message to an exec's client may take to be written: a
+/// client that stops reading is dropped (its process killed) after it.
+pub const EXEC_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Relays an exec session over the WebSocket until the process ends or
-/// the client goes away (which kills the process).
+/// the client goes away (which kills the process). A client that does not
+/// take a message within [`EXEC_WRITE_TIMEOUT`] is gone too; one that falls
+/// behind the session's backlog gets its `Failed` status (see
+/// [`crate::host::EXEC_OUTPUT_BACKLOG`]).
 async fn relay(socket: WebSocket, session: ExecSession) {
     let ExecSession { mut events, input } = session;
     let (mut sink, mut incoming) = socket.split();
@@ -297,14 +347,21 @@ async fn relay(socket: WebSocket, session: ExecSession) {
                     (frame(3, &status_json(exit_code, Some(message))), true)
                 }
             };
-            if sink.send(msg).await.is_err() {
-                return;
+            match tokio::time::timeout(EXEC_WRITE_TIMEOUT, sink.send(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        "exec client did not take its output within {EXEC_WRITE_TIMEOUT:?}: dropped"
+                    );
+                    return;
+                }
             }
             if last {
                 break;
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(EXEC_WRITE_TIMEOUT, sink.send(Message::Close(None))).await;
     };
     tokio::select! {
         _ = reader => {}
@@ -336,6 +393,43 @@ fn status_json(exit_code: i32, message: Option<String>) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_log_client_that_stops_reading_lets_go_of_the_log() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let guard = Dropped(dropped.clone());
+        // An endless log, as a followed container that keeps writing.
+        let source = futures_util::stream::repeat_with(move || {
+            let _ = &guard;
+            Ok(super::Bytes::from_static(b"line\n"))
+        });
+        let timeout = std::time::Duration::from_millis(200);
+        let mut client = std::pin::pin!(super::taken_within(source, timeout));
+        assert!(client.next().await.is_some());
+        // The client stops reading: the source is let go.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log is still held"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // What was queued arrives, then the end.
+        let mut rest = 0;
+        while client.next().await.is_some() {
+            rest += 1;
+        }
+        assert!(rest <= 5, "{rest}");
+    }
+
     use super::*;
 
     #[test]

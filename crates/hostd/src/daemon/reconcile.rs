@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use podvisor_api::client::PodEvent;
 use podvisor_api::{Client, Pod, PodPhase};
-use tokio::sync::mpsc;
 
 use super::convert::{plan_from_pod, status_from_state, unrunnable_status};
-use super::reporter::Report;
+use super::reporter::{Report, ReportQueue};
 use crate::host::{PodRuntime, PodState};
 
 /// The daemon's view of its pods.
@@ -18,7 +17,7 @@ pub(super) struct Reconciler {
     client: Client,
     runtime: Arc<PodRuntime>,
     host_ip: Option<String>,
-    reports: mpsc::UnboundedSender<Report>,
+    reports: ReportQueue,
     /// uid → (namespace, name) of every pod the server assigned here.
     assigned: HashMap<String, (String, String)>,
     /// Pods being stopped (uids).
@@ -32,7 +31,7 @@ impl Reconciler {
         client: Client,
         runtime: Arc<PodRuntime>,
         host_ip: Option<String>,
-        reports: mpsc::UnboundedSender<Report>,
+        reports: ReportQueue,
     ) -> Self {
         Self {
             client,
@@ -146,7 +145,7 @@ impl Reconciler {
         name: String,
         status: podvisor_api::PodStatus,
     ) {
-        let _ = self.reports.send(Report {
+        self.reports.send(Report {
             uid,
             namespace,
             name,
@@ -214,8 +213,13 @@ mod tests {
         let (rt, mut vms, mut changes) = fake_runtime(dir.path());
         // No server: nothing here may call it.
         let client = Client::new("http://127.0.0.1:9", None).unwrap();
-        let (reports, mut reported) = mpsc::unbounded_channel();
-        let mut reconciler = Reconciler::new(client, rt.clone(), Some("10.0.0.1".into()), reports);
+        let reported = ReportQueue::default();
+        let mut reconciler = Reconciler::new(
+            client,
+            rt.clone(),
+            Some("10.0.0.1".into()),
+            reported.clone(),
+        );
 
         reconciler.synced(vec![pod("web", "u-web"), pod("db", "u-db")]);
         // Which VM is whose: the containers' hostname is the pod's name.
@@ -235,10 +239,10 @@ mod tests {
         assert_eq!(uids, ["u-db", "u-web"]);
 
         // State changes of assigned pods go to the server.
-        while reported.try_recv().is_ok() {}
+        reported.take_all();
         let (uid, state) = changes.recv().await.unwrap();
         reconciler.state_changed(&uid, &state);
-        let report = reported.recv().await.unwrap();
+        let report = reported.take_all().remove(&uid).unwrap();
         assert_eq!(report.uid, uid);
         assert_eq!(report.namespace, "default");
         assert_eq!(report.status.host_ip.as_deref(), Some("10.0.0.1"));
@@ -257,9 +261,9 @@ mod tests {
         assert_eq!(rt.pods()[0].0.uid, "u-web");
         assert!(web.ending.try_recv().is_err(), "web still runs");
         // A stopped pod's state changes are not reported.
-        while reported.try_recv().is_ok() {}
+        reported.take_all();
         let db_state = crate::host::PodState::default();
         reconciler.state_changed("u-db", &db_state);
-        assert!(reported.try_recv().is_err());
+        assert!(reported.take_all().is_empty());
     }
 }

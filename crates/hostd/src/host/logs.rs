@@ -6,11 +6,13 @@
 //! limit. Readers get the last lines and can follow: a follower keeps its
 //! file open across a rotation, finishes it, then moves to the new file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
+
+use super::private_files;
 
 /// Default size limit of one log file (10 MiB, as the kubelet's default).
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 20;
@@ -47,12 +49,9 @@ pub struct ContainerLog {
 impl ContainerLog {
     /// Opens (or creates) the log of `container` in `dir` for appending.
     pub fn open(dir: &Path, container: &str, max_bytes: u64) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        private_files::create_dir_all(dir)?;
         let (current, _) = log_paths(dir, container);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&current)?;
+        let file = private_files::open_append(&current)?;
         let size = file.metadata()?.len();
         let (signal, _) = watch::channel(LogSignal {
             generation: 0,
@@ -83,10 +82,7 @@ impl ContainerLog {
     fn rotate(&mut self) -> io::Result<()> {
         let (current, old) = log_paths(&self.dir, &self.container);
         std::fs::rename(&current, &old)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&current)?;
+        self.file = private_files::open_append(&current)?;
         self.size = 0;
         self.signal.send_modify(|s| {
             s.generation += 1;

@@ -31,6 +31,7 @@
 //! command brings it back.
 
 pub mod ack_sandbox;
+pub mod console_log;
 mod error;
 mod exec;
 #[cfg(test)]
@@ -47,11 +48,13 @@ pub mod pod_sleep;
 mod pod_state;
 pub mod pod_task;
 mod pod_volumes;
+pub mod private_files;
 pub mod records;
 pub mod runtime;
 pub mod runtime_sizing;
 pub mod sandbox;
 pub mod server_call;
+mod state_changes;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -62,7 +65,10 @@ pub mod volumes;
 
 pub use ack_sandbox::AckLauncher;
 pub use error::RuntimeError;
-pub use exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+pub use exec::{
+    EXEC_EVENT_BACKLOG, EXEC_OUTPUT_BACKLOG, ExecEvent, ExecEvents, ExecInput, ExecRequest,
+    ExecSession,
+};
 pub use plan::{ContainerPlan, PodPlan, RestartPolicy};
 pub use records::{HostRecord, PodRecord, StateDir};
 pub use runtime::{ChangeFeed, PodRuntime};

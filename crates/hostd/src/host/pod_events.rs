@@ -12,7 +12,7 @@ use podvisor_podvm::PodVmError;
 use podvisor_podvm::agent_link::{sanitize_guest_text, sanitize_profile};
 
 use super::error::RuntimeError;
-use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession, Undelivered, exec_events};
 use super::plan::DEFAULT_TERMINAL;
 use super::pod_task::PodTask;
 use super::sandbox::Sandbox;
@@ -69,7 +69,7 @@ impl PodTask {
                         exit_code: error.kind.exit_code(),
                         message: error.message,
                     };
-                    let _ = tx.send(failed).await;
+                    let _ = tx.offer(failed);
                 }
             }
             GuestMessage::Output { id, stream, data } => {
@@ -85,8 +85,13 @@ impl PodTask {
                         tracing::warn!(pod = %self.key(), container = %id, "log write failed: {e}");
                     }
                 } else if let Some(tx) = self.sessions.get(&id)
-                    && tx.send(ExecEvent::Output(stream, data)).await.is_err()
+                    && let Err(why) = tx.offer(ExecEvent::Output(stream, data))
                 {
+                    // Never waits for the client: a client that is gone or
+                    // fell behind its bound loses the session.
+                    if why == Undelivered::Behind {
+                        tracing::warn!(pod = %self.key(), exec = %id, "exec client did not read its output: session dropped");
+                    }
                     self.sessions.remove(&id);
                     vm.send(&HostMessage::Signal {
                         id,
@@ -99,7 +104,7 @@ impl PodTask {
                 if let Some(i) = self.container_index(&id) {
                     self.slots[i].ended(Ended::Exited(status), policy, &backoff, now);
                 } else if let Some(tx) = self.sessions.remove(&id) {
-                    let _ = tx.send(ExecEvent::Exited(status.shell_code())).await;
+                    let _ = tx.offer(ExecEvent::Exited(status.shell_code()));
                 }
             }
             GuestMessage::Processes { processes } => self.reconcile_adopted(vm, processes).await?,
@@ -203,7 +208,7 @@ impl PodTask {
         }))
         .await
         .map_err(RuntimeError::PodVm)?;
-        let (events_tx, events_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = exec_events();
         let (input_tx, mut input_rx) = mpsc::channel::<ExecInput>(64);
         self.sessions.insert(id.clone(), events_tx);
         let forward = self.exec_tx.clone();

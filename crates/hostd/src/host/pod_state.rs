@@ -48,10 +48,9 @@ impl PodTask {
         }
         self.record.state = state.clone();
         self.state_tx.send_replace(state.clone());
-        let _ = self
-            .shared
+        self.shared
             .changes
-            .send((self.record.plan.uid.clone(), state));
+            .send(self.record.plan.uid.clone(), state);
         self.save();
     }
 

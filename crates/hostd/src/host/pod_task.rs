@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::HostConfig;
 use super::error::RuntimeError;
-use super::exec::{ExecEvent, ExecInput, ExecRequest, ExecSession};
+use super::exec::{ExecEvent, ExecInput, ExecOutlet, ExecRequest, ExecSession};
 use super::hibernation::{self, Activity, HibernationStatus, KeyCustody};
 use super::logs::{ContainerLog, LogSignal};
 use super::plan::RestartPolicy;
@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     pub cfg: HostConfig,
     pub state: StateDir,
     /// Every change of a pod's state, for the daemon to report.
-    pub changes: mpsc::UnboundedSender<(String, PodState)>,
+    pub changes: super::state_changes::StateChanges,
     /// Makes the pods' sandboxes.
     pub launcher: Arc<dyn Launcher>,
     /// Keeps the keys of hibernated pods' snapshots; `None`: pods are
@@ -158,7 +158,7 @@ pub(crate) struct PodTask {
     pub(super) commands: mpsc::Receiver<PodCommand>,
     pub(super) exec_tx: mpsc::Sender<(String, ExecInput)>,
     pub(super) exec_rx: mpsc::Receiver<(String, ExecInput)>,
-    pub(super) sessions: HashMap<String, mpsc::Sender<ExecEvent>>,
+    pub(super) sessions: HashMap<String, ExecOutlet>,
     /// The next delay of a retried pull or boot.
     pub(super) retry_delay: Option<Duration>,
     /// Why the pod has no VM, if something failed.
@@ -376,7 +376,7 @@ impl PodTask {
             }
         }
         for (_, tx) in self.sessions.drain() {
-            let _ = tx.try_send(ExecEvent::Failed {
+            let _ = tx.offer(ExecEvent::Failed {
                 exit_code: 255,
                 message: why.clone(),
             });

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::hibernation::Hibernated;
 use super::images::HeldLayers;
 use super::plan::PodPlan;
+use super::private_files;
 use super::status::PodState;
 
 /// Errors reading or writing the state directory.
@@ -120,17 +121,31 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
     let tmp = path.with_extension("json.tmp");
     let data = serde_json::to_vec_pretty(value).expect("records serialize");
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    let mut f = private_files::create(&tmp).map_err(io("create", &tmp))?;
     f.write_all(&data).map_err(io("write", &tmp))?;
     f.sync_all().map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("rename into place", path))
 }
 
 impl StateDir {
-    /// Creates the directory layout under `root` if missing.
+    /// Creates the directory layout under `root` if missing, `pods/` and
+    /// `run/` mode 0700, and restricts to the daemon whatever an older
+    /// daemon left readable by others in them (pod records, logs, disks,
+    /// VM run directories).
     pub fn open(root: &Path) -> Result<StateDir, RecordError> {
         for dir in [root.join("pods"), root.join("run").join("pods")] {
-            std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+            private_files::create_dir_all(&dir).map_err(io("create", &dir))?;
+        }
+        for dir in [root.join("pods"), root.join("run")] {
+            let done = private_files::restrict_tree(&dir).map_err(io("restrict", &dir))?;
+            if done != private_files::Restricted::default() {
+                tracing::info!(
+                    "restricted {} directories and {} files under {} to this daemon",
+                    done.dirs,
+                    done.files,
+                    dir.display()
+                );
+            }
         }
         Ok(StateDir {
             root: root.to_path_buf(),
@@ -176,7 +191,7 @@ impl StateDir {
     /// Saves a pod's record (creating its directory).
     pub fn save(&self, record: &PodRecord) -> Result<(), RecordError> {
         let dir = self.pod_dir(&record.plan.uid)?;
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        private_files::create_dir_all(&dir).map_err(io("create", &dir))?;
         write_atomic(&dir.join("pod.json"), record)
     }
 
@@ -276,6 +291,44 @@ mod tests {
             holds: vec![],
             deleting: false,
             hibernated: None,
+        }
+    }
+
+    #[test]
+    fn opening_the_state_dir_restricts_what_an_older_daemon_left_open() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("pods/a-1");
+        std::fs::create_dir_all(pod.join("logs")).unwrap();
+        std::fs::write(pod.join("pod.json"), b"{}").unwrap();
+        std::fs::write(pod.join("logs/app.log"), b"secret output").unwrap();
+        let vm = dir.path().join("run/pods/a1");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::write(vm.join("console.log"), b"boot").unwrap();
+        let open = |p: &std::path::Path, m| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for d in [&dir.path().join("pods"), &pod, &pod.join("logs"), &vm] {
+            open(d, 0o755);
+        }
+        for f in [
+            pod.join("pod.json"),
+            pod.join("logs/app.log"),
+            vm.join("console.log"),
+        ] {
+            open(&f, 0o644);
+        }
+        StateDir::open(dir.path()).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        for d in [&dir.path().join("pods"), &pod, &pod.join("logs"), &vm] {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+        for f in [
+            pod.join("pod.json"),
+            pod.join("logs/app.log"),
+            vm.join("console.log"),
+        ] {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
         }
     }
 

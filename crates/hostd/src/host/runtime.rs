@@ -21,8 +21,7 @@ use super::{HostConfig, PodPlan, PodState};
 
 pub use super::vm_sandbox::processes_mentioning;
 
-/// Every change of a pod's state: (pod uid, state).
-pub type ChangeFeed = mpsc::UnboundedReceiver<(String, PodState)>;
+pub use super::state_changes::ChangeFeed;
 
 struct PodHandle {
     plan: PodPlan,
@@ -67,7 +66,7 @@ impl PodRuntime {
         let state = StateDir::open(&cfg.state_dir)?;
         let records = state.load_all()?;
         launcher.recover(&state.run_dir(), &records)?;
-        let (changes, feed) = mpsc::unbounded_channel();
+        let (changes, feed) = super::state_changes::state_changes();
         let runtime = PodRuntime {
             shared: Arc::new(Shared {
                 cfg,
@@ -86,6 +85,7 @@ impl PodRuntime {
             }
         }
         tokio::spawn(reconcile_periodically(Arc::downgrade(&runtime.shared)));
+        tokio::spawn(cap_console_logs(Arc::downgrade(&runtime.shared)));
         Ok((runtime, feed))
     }
 
@@ -344,5 +344,20 @@ async fn reconcile_periodically(shared: Weak<Shared>) {
         }
         drop(shared);
         tokio::time::sleep(super::NETWORK_RECONCILE_PERIOD).await;
+    }
+}
+
+/// Caps the guests' console logs now and then (see [`super::console_log`]),
+/// until the runtime is gone.
+async fn cap_console_logs(shared: Weak<Shared>) {
+    loop {
+        let Some(run_dir) = shared.upgrade().map(|s| s.state.run_dir()) else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            super::console_log::cap_all(&run_dir, super::console_log::CONSOLE_LOG_KEEP)
+        })
+        .await;
+        tokio::time::sleep(super::console_log::CONSOLE_CHECK_PERIOD).await;
     }
 }

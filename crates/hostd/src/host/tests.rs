@@ -429,3 +429,99 @@ async fn a_pod_whose_deletion_began_before_a_crash_gets_no_new_vm() {
     assert!(rt.delete("u9", None).await);
     assert!(!dir.path().join("pods/u9").exists());
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn an_exec_client_that_never_reads_holds_up_neither_logs_nor_delete() {
+    use podvisor_proto::{HostMessage, Stream};
+
+    use super::{ExecEvent, ExecRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, mut vms) = FakeLauncher::new();
+    let (rt, _launcher) = runtime(dir.path(), fake, Duration::from_millis(50));
+    rt.run(plan("u10", &["app"], RestartPolicy::Always))
+        .unwrap();
+    let mut vm = next_vm(&mut vms).await;
+    vm.next_start().await;
+    started(&vm, "app");
+    state_when(&rt, "u10", |s| running(s, 0)).await;
+
+    // The pod's files are the daemon's only.
+    let pod_dir = dir.path().join("pods").join("u10");
+    assert_eq!(mode(&dir.path().join("pods")), 0o700);
+    assert_eq!(mode(&pod_dir), 0o700);
+    assert_eq!(mode(&pod_dir.join("pod.json")), 0o600);
+    assert_eq!(mode(&pod_dir.join("logs")), 0o700);
+    assert_eq!(mode(&pod_dir.join("logs/app.log")), 0o600);
+
+    let request = ExecRequest {
+        container: None,
+        command: vec!["yes".into()],
+        tty: false,
+        stdin: false,
+        size: None,
+    };
+    let mut session = rt.exec("default", "pod-u10", request).await.unwrap();
+    let exec_id = match vm.next_sent().await {
+        HostMessage::Exec(spec) => spec.id,
+        other => panic!("expected the exec, got {other:?}"),
+    };
+    started(&vm, &exec_id);
+    // The client reads nothing while the process writes 16 MiB.
+    for _ in 0..256 {
+        vm.say(GuestMessage::Output {
+            id: exec_id.clone(),
+            stream: Stream::Stdout,
+            data: vec![b'y'; 64 * 1024],
+        });
+    }
+    match vm.next_sent().await {
+        HostMessage::Signal { id, signal } => {
+            assert_eq!((id.as_str(), signal), (exec_id.as_str(), libc::SIGKILL))
+        }
+        other => panic!("expected the exec to be killed, got {other:?}"),
+    }
+    // The container's output still reaches its log.
+    vm.say(GuestMessage::Output {
+        id: "app".into(),
+        stream: Stream::Stdout,
+        data: b"still logging\n".to_vec(),
+    });
+    let log = pod_dir.join("logs/app.log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read(&log).unwrap().ends_with(b"still logging\n") {
+        assert!(Instant::now() < deadline, "the container's log stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Deleting the pod does not wait for the client.
+    let grace = Duration::from_secs(3);
+    let deleted = tokio::time::timeout(Duration::from_secs(5), rt.delete("u10", Some(grace)))
+        .await
+        .expect("delete returns while the exec client reads nothing");
+    assert!(deleted);
+    assert_eq!(vm.ended().await, Ending::Shutdown(grace));
+    // The client, reading at last, gets the output that was queued and
+    // then the error.
+    let mut bytes = 0;
+    let last = loop {
+        match session.events.recv().await {
+            Some(ExecEvent::Output(_, data)) => bytes += data.len(),
+            other => break other,
+        }
+    };
+    assert_eq!(bytes, super::EXEC_OUTPUT_BACKLOG);
+    match last {
+        Some(ExecEvent::Failed { message, .. }) => {
+            assert!(message.contains("did not read its output"), "{message}")
+        }
+        other => panic!("expected the error, got {other:?}"),
+    }
+}

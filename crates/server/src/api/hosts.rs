@@ -14,6 +14,7 @@ use podvisor_store::{Store, StoreError};
 
 use super::AppState;
 use crate::error::ApiError;
+use crate::kek::seal_endpoint_secret;
 use crate::keys;
 use crate::objects::{self, Change};
 use crate::tokens::Caller;
@@ -100,12 +101,11 @@ pub async fn register(
     validate_endpoint_token(endpoint_token).map_err(ApiError::invalid)?;
     let store = state.store.as_ref();
     // The secret first: once the host is ready, the proxy may need it.
+    // Stored sealed by the key-encryption key, never in the clear.
+    let sealed = seal_endpoint_secret(&state.kek, &name, endpoint_token)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     store
-        .put(
-            &keys::host_endpoint_token(&name),
-            endpoint_token.as_bytes(),
-            None,
-        )
+        .put(&keys::host_endpoint_token(&name), &sealed, None)
         .await?;
     ensure_lease(store, &name, state.host_ttl).await?;
     let key = keys::host(&name);

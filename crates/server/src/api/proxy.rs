@@ -126,7 +126,7 @@ async fn host_url_at(
             ))
         })?;
     url.set_query(query.filter(|q| !q.is_empty()));
-    let secret = store
+    let stored = store
         .get(&keys::host_endpoint_token(&host_name))
         .await?
         .ok_or_else(|| {
@@ -135,10 +135,20 @@ async fn host_url_at(
                  secret: restart its daemon"
             ))
         })?;
+    let secret = match crate::kek::open_endpoint_secret(&state.kek, &host_name, &stored.value) {
+        crate::kek::StoredEndpointSecret::Sealed(s)
+        | crate::kek::StoredEndpointSecret::Plaintext(s) => s,
+        crate::kek::StoredEndpointSecret::Unusable => {
+            return Err(ApiError::unavailable(format!(
+                "pod {namespace}/{name} is on host {host_name:?}, whose endpoint secret does \
+                 not open with this server's key-encryption key: restart its daemon"
+            )));
+        }
+    };
     Ok(Upstream {
         host: host_name,
         url,
-        authorization: format!("Bearer {}", String::from_utf8_lossy(&secret.value)),
+        authorization: format!("Bearer {secret}"),
     })
 }
 
