@@ -20,7 +20,6 @@
 
 pub mod agent_link;
 pub mod config;
-pub mod console;
 pub mod container;
 pub mod image_boot;
 pub mod network;

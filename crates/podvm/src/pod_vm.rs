@@ -119,7 +119,7 @@ impl PodVm {
             exit = vm.wait() => Err(died(vm.as_ref(), exit)),
             _ = tokio::time::sleep(cfg.boot_timeout) => Err(PodVmError::BootTimeout {
                 timeout: cfg.boot_timeout,
-                console_tail: crate::console::tail(&vm.paths().console_log, 3000),
+                console_tail: podvisor_vmm::console::tail(&vm.paths().console_log, 3000),
             }),
         };
         let agent = match ready {
@@ -157,7 +157,7 @@ impl PodVm {
 
     /// The last bytes of the guest console.
     pub fn console_tail(&self, max_bytes: usize) -> String {
-        crate::console::tail(&self.vm.paths().console_log, max_bytes as u64)
+        podvisor_vmm::console::tail(&self.vm.paths().console_log, max_bytes)
     }
 
     /// Sends a message to the agent.
@@ -321,7 +321,7 @@ impl PodVm {
         if !matches!(pending.back(), Some(GuestMessage::Processes { .. })) {
             return Err(PodVmError::BootTimeout {
                 timeout: ADOPT_READY_TIMEOUT,
-                console_tail: crate::console::tail(&vm.paths().console_log, 3000),
+                console_tail: podvisor_vmm::console::tail(&vm.paths().console_log, 3000),
             });
         }
         Ok(PodVm {
@@ -463,7 +463,7 @@ fn died(vm: &dyn Vm, exit: Result<VmExit, podvisor_vmm::VmmError>) -> PodVmError
     match exit {
         Ok(exit) => PodVmError::VmDied {
             exit,
-            console_tail: crate::console::tail(&vm.paths().console_log, 3000),
+            console_tail: podvisor_vmm::console::tail(&vm.paths().console_log, 3000),
         },
         Err(e) => e.into(),
     }

@@ -140,7 +140,7 @@ impl PodVm {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                let console_tail = crate::console::tail(&self.vm.paths().console_log, 3000);
+                let console_tail = podvisor_vmm::console::tail(&self.vm.paths().console_log, 3000);
                 let _ = self.vm.kill().await;
                 return Err(PodVmError::BootTimeout {
                     timeout,

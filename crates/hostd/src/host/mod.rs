@@ -31,7 +31,6 @@
 //! command brings it back.
 
 pub mod ack_sandbox;
-pub mod console_log;
 mod error;
 mod exec;
 #[cfg(test)]

@@ -85,7 +85,6 @@ impl PodRuntime {
             }
         }
         tokio::spawn(reconcile_periodically(Arc::downgrade(&runtime.shared)));
-        tokio::spawn(cap_console_logs(Arc::downgrade(&runtime.shared)));
         Ok((runtime, feed))
     }
 
@@ -347,17 +346,3 @@ async fn reconcile_periodically(shared: Weak<Shared>) {
     }
 }
 
-/// Caps the guests' console logs now and then (see [`super::console_log`]),
-/// until the runtime is gone.
-async fn cap_console_logs(shared: Weak<Shared>) {
-    loop {
-        let Some(run_dir) = shared.upgrade().map(|s| s.state.run_dir()) else {
-            return;
-        };
-        let _ = tokio::task::spawn_blocking(move || {
-            super::console_log::cap_all(&run_dir, super::console_log::CONSOLE_LOG_KEEP)
-        })
-        .await;
-        tokio::time::sleep(super::console_log::CONSOLE_CHECK_PERIOD).await;
-    }
-}
