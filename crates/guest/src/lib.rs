@@ -44,10 +44,13 @@ pub const BASE_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
-    // Free page reporting (a VM with [`podvisor_vmm`'s FreePageReporting
-    // device gives the memory its guest freed back to the host).
-    "virtio_balloon",
 ];
+
+/// Modules loaded at boot when the kernel has them as modules (one built
+/// in, or a kernel without it, needs nothing): `virtio_balloon`, for free
+/// page reporting (a VM with the vmm's `FreePageReporting` device gives
+/// the memory its guest freed back to the host).
+pub const BOOT_MODULES_IF_PRESENT: &[&str] = &["virtio_balloon"];
 
 /// Modules of encrypted volumes (device-mapper, dm-crypt and AES-XTS from
 /// the generic pieces), loaded by the agent with the first volume key
@@ -155,6 +158,12 @@ pub fn prepare_with(
         .iter()
         .copied()
         .chain(opts.extra_modules.iter().map(String::as_str))
+        .chain(
+            BOOT_MODULES_IF_PRESENT
+                .iter()
+                .copied()
+                .filter(|m| index.contains(m)),
+        )
         .collect();
     let resolved = index.resolve(&wanted)?;
     let volumes = resolve_lazy(&index, VOLUME_MODULES, &resolved)?;
