@@ -433,8 +433,10 @@ fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path, start: Start) -> VmSp
         kernel_cmdline: kernel_cmdline(spec.cpus, &cfg.extra_kernel_args),
         devices: Device::pod_basics(podvisor_proto::AGENT_PORT_NAME)
             .into_iter()
-            .chain(reports_free_pages.then_some(Device::FreePageReporting))
             .chain(spec.devices.iter().cloned())
+            // Last, so the pod's own devices keep the slots they had
+            // before VMs had it.
+            .chain(reports_free_pages.then_some(Device::FreePageReporting))
             .collect(),
         pci: spec.pci.clone(),
         run_dir: dir.to_path_buf(),

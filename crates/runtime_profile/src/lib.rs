@@ -166,6 +166,9 @@ pub const DEFAULT_CLASSES: u64 = 8000;
 pub const DEFAULT_THREADS: u64 = 50;
 /// Smallest heap the calculator gives.
 pub const MIN_HEAP: u64 = 16 * MIB;
+/// A heap the ordinary rule leaves below this makes a share small (see
+/// [`TIGHT_STACK`]); a small share's heap is at most this.
+const TIGHT_HEAP: u64 = 64 * MIB;
 /// What a thread's stack is counted at when the share is small.
 const TIGHT_STACK: u64 = 256 << 10;
 /// The code cache reserved when the share is small.
@@ -219,30 +222,42 @@ fn jvm(share: Share, env: &[String], facts: JvmFacts) -> Result<Profile, Profile
         total / MIB,
         share.cpus
     )];
-    if given("-Xmx").is_none() && total.saturating_sub(others) < MIN_HEAP {
+    // What the ordinary rule leaves; a heap this small (or none) makes the
+    // share a small one.
+    let ordinary_heap = total.saturating_sub(others);
+    let mut heap_cap = u64::MAX;
+    if given("-Xmx").is_none() && ordinary_heap < TIGHT_HEAP {
         // A small share: count what a thread's stack commits rather than
         // its whole reserve (the kernel commits stack pages as they are
         // touched; -Xss still bounds each), the code cache at its smaller
         // size, and less headroom.
-        stack_counted = stack.min(TIGHT_STACK);
-        if given("-XX:ReservedCodeCacheSize=").is_none() {
-            code_cache = TIGHT_CODE_CACHE;
+        let tight_stack = stack.min(TIGHT_STACK);
+        let tight_code_cache = given("-XX:ReservedCodeCacheSize=").unwrap_or(TIGHT_CODE_CACHE);
+        let tight_headroom = (total / 20).max(8 * MIB);
+        let tight_others =
+            metaspace + tight_code_cache + direct + threads * tight_stack + tight_headroom;
+        if total.saturating_sub(tight_others) > ordinary_heap {
+            stack_counted = tight_stack;
+            code_cache = tight_code_cache;
+            headroom = tight_headroom;
+            others = tight_others;
+            // No more heap than the ordinary rule gives a share just
+            // large enough for it: a larger share never gets less.
+            heap_cap = TIGHT_HEAP;
+            reasons.push(format!(
+                "a small share: thread stacks counted at the {} KiB a thread commits, not their {} KiB reserve; code cache {} MiB; headroom {} MiB",
+                stack_counted >> 10,
+                stack >> 10,
+                code_cache / MIB,
+                headroom / MIB
+            ));
         }
-        headroom = (total / 20).max(8 * MIB);
-        others = metaspace + code_cache + direct + threads * stack_counted + headroom;
-        reasons.push(format!(
-            "a small share: thread stacks counted at the {} KiB a thread commits, not their {} KiB reserve; code cache {} MiB; headroom {} MiB",
-            stack_counted >> 10,
-            stack >> 10,
-            code_cache / MIB,
-            headroom / MIB
-        ));
     }
     let mut flags = Vec::new();
     match given("-Xmx") {
         Some(heap) => reasons.push(format!("heap {} MiB: the container's own -Xmx", heap / MIB)),
         None => {
-            let heap = total.saturating_sub(others);
+            let heap = total.saturating_sub(others).min(heap_cap);
             if heap < MIN_HEAP {
                 return Err(ProfileError::TooSmall {
                     runtime: Runtime::Jvm.as_str(),
@@ -505,6 +520,18 @@ mod tests {
             !p.reasons.iter().any(|r| r.contains("a small share")),
             "{p:?}"
         );
+        // A larger share never gets a smaller heap (the small-share rule
+        // gave 19 MiB at 185 MiB but 63 MiB at 176 MiB).
+        let mut last = 0;
+        for mib in (130..=400).step_by(3) {
+            let share = Share {
+                memory_bytes: mib * MIB,
+                cpus: 1,
+            };
+            let h = heap_mib(&profile(Runtime::Jvm, share, &[], JvmFacts::default()).unwrap());
+            assert!(h >= last, "{mib} MiB: heap {h} MiB, less than {last} MiB below");
+            last = h;
+        }
         let tiny = Share {
             memory_bytes: 96 * MIB,
             cpus: 1,
