@@ -434,8 +434,7 @@ fn vm_spec(cfg: &NodeConfig, spec: &PodVmSpec, dir: &Path, start: Start) -> VmSp
         devices: Device::pod_basics(podvisor_proto::AGENT_PORT_NAME)
             .into_iter()
             .chain(spec.devices.iter().cloned())
-            // Last, so the pod's own devices keep the slots they had
-            // before VMs had it.
+            // It takes the highest free root slot (vmm's PciSlots::place).
             .chain(reports_free_pages.then_some(Device::FreePageReporting))
             .collect(),
         pci: spec.pci.clone(),

@@ -108,6 +108,9 @@ async fn vm_disks_come_and_go_and_a_running_save_keeps_the_pod() {
     .unwrap();
     let at = |slot| PciAddress { bus: 0, slot };
     assert_eq!(pod.pci_layout().slots["layer0"], at(4));
+    // Free page reporting takes the highest free root slot, leaving the
+    // low ones to hot-plugging.
+    assert!(pod.pci_layout().slots["balloon"].slot > 20);
 
     // The image's layer again, as a second disk: a container runs on it.
     let layer = image.layers[0].path.clone();

@@ -529,7 +529,10 @@ mod tests {
                 cpus: 1,
             };
             let h = heap_mib(&profile(Runtime::Jvm, share, &[], JvmFacts::default()).unwrap());
-            assert!(h >= last, "{mib} MiB: heap {h} MiB, less than {last} MiB below");
+            assert!(
+                h >= last,
+                "{mib} MiB: heap {h} MiB, less than {last} MiB below"
+            );
             last = h;
         }
         let tiny = Share {

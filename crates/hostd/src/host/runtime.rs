@@ -345,4 +345,3 @@ async fn reconcile_periodically(shared: Weak<Shared>) {
         tokio::time::sleep(super::NETWORK_RECONCILE_PERIOD).await;
     }
 }
-

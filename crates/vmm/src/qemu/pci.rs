@@ -153,7 +153,13 @@ impl PciSlots {
         Ok(())
     }
 
-    /// Puts device `id` in the lowest free slot, root bus first.
+    /// Puts device `id` in the lowest free slot, root bus first; a device
+    /// that is never hot-plugged or removed and needs no particular slot
+    /// (free page reporting) in the highest free root slot instead. The
+    /// low root slots are the ones a guest without ACPI interrupt routing
+    /// (a 1-vCPU pod VM boots with `acpi=noirq`) can take hot-plugged
+    /// devices in: the firmware's interrupt routing table covers slots up
+    /// to 6, and a device there at boot would take one from hot-plugging.
     pub fn place(&mut self, id: &str, kind: DeviceKind) -> Result<PciAddress, VmmError> {
         self.check_new_id(id)?;
         let root =
@@ -161,8 +167,14 @@ impl PciSlots {
         let behind = (1..=self.bridges).flat_map(|bus| {
             (FIRST_BRIDGE_SLOT..=LAST_SLOT).map(move |slot| PciAddress { bus, slot })
         });
-        let addr = root
-            .chain(behind)
+        let candidates: Box<dyn Iterator<Item = PciAddress>> =
+            if kind == DeviceKind::FreePageReporting {
+                Box::new(root.rev())
+            } else {
+                Box::new(root.chain(behind))
+            };
+        let mut candidates = candidates;
+        let addr = candidates
             .find(|a| !self.used.contains_key(a))
             .ok_or_else(|| {
                 VmmError::NoPciSlot(format!(
