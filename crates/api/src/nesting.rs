@@ -334,6 +334,9 @@ mod tests {
             too_deep(r#"{"a": "[[[[", "b": [[1]]}"#, Format::Json, 2),
             Some(1)
         );
-        assert_eq!(too_deep(r#"{"a": "[[[[\"", "b": [1]}"#, Format::Json, 2), None);
+        assert_eq!(
+            too_deep(r#"{"a": "[[[[\"", "b": [1]}"#, Format::Json, 2),
+            None
+        );
     }
 }

@@ -44,7 +44,11 @@ impl Errors {
         {
             self.add("metadata.namespace", p);
         }
-        let annotations: usize = meta.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let annotations: usize = meta
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
         if annotations > MAX_ANNOTATIONS_BYTES {
             self.add(
                 "metadata.annotations",

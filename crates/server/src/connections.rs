@@ -350,10 +350,7 @@ impl AsyncWrite for TrackedStream {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -443,7 +440,9 @@ pub(crate) async fn serve(
             _ = stop.changed() => break,
         };
         let Some(conn) = registry.admit() else {
-            tracing::debug!("refusing a connection: every unauthenticated one is serving a request");
+            tracing::debug!(
+                "refusing a connection: every unauthenticated one is serving a request"
+            );
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -58,9 +58,12 @@ async fn names_from_the_url_are_checked_before_anything_uses_them() {
     };
 
     let (code, msg) = status_of(
-        send(reqwest::Method::POST, "/api/v1/namespaces/..%2F..%2Fetc/pods")
-            .await
-            .unwrap(),
+        send(
+            reqwest::Method::POST,
+            "/api/v1/namespaces/..%2F..%2Fetc/pods",
+        )
+        .await
+        .unwrap(),
     )
     .await;
     assert_eq!(code, 400);
@@ -70,9 +73,12 @@ async fn names_from_the_url_are_checked_before_anything_uses_them() {
     );
 
     let (code, msg) = status_of(
-        send(reqwest::Method::PUT, "/api/v1/namespaces/default/pods/Web_1")
-            .await
-            .unwrap(),
+        send(
+            reqwest::Method::PUT,
+            "/api/v1/namespaces/default/pods/Web_1",
+        )
+        .await
+        .unwrap(),
     )
     .await;
     assert_eq!(code, 400);
@@ -85,7 +91,11 @@ async fn names_from_the_url_are_checked_before_anything_uses_them() {
     // Every kind of route with names: reads, proxied actions, volumes,
     // hosts.
     for (method, path, what) in [
-        (reqwest::Method::GET, "/api/v1/namespaces/a.b/pods", "namespace"),
+        (
+            reqwest::Method::GET,
+            "/api/v1/namespaces/a.b/pods",
+            "namespace",
+        ),
         (
             reqwest::Method::GET,
             "/api/v1/namespaces/default/pods/web%2F..%2Fx/log",
@@ -110,7 +120,10 @@ async fn names_from_the_url_are_checked_before_anything_uses_them() {
     ] {
         let (code, msg) = status_of(send(method, path).await.unwrap()).await;
         assert_eq!(code, 400, "{path}: {msg}");
-        assert!(msg.starts_with(&format!("the {what} in the URL: ")), "{path}: {msg}");
+        assert!(
+            msg.starts_with(&format!("the {what} in the URL: ")),
+            "{path}: {msg}"
+        );
     }
 
     // A good name still works.
@@ -186,7 +199,10 @@ async fn bodies_and_pods_over_the_limits_are_refused_with_the_limit_named() {
     chunked.extend_from_slice(b"0\r\n\r\n");
     let (code, text) = raw_request(addr, head("Transfer-Encoding: chunked\r\n"), chunked).await;
     assert_eq!(code, 413, "{text}");
-    assert!(text.contains("the limit is 3145728 bytes (3 MiB)"), "{text}");
+    assert!(
+        text.contains("the limit is 3145728 bytes (3 MiB)"),
+        "{text}"
+    );
 
     // A pod of 1.6 MiB (within the body limit) and one with 300 KiB of
     // annotations.
@@ -231,7 +247,10 @@ async fn bodies_and_pods_over_the_limits_are_refused_with_the_limit_named() {
         .collect();
     let (code, msg) = status_of(create(crowded).await.unwrap()).await;
     assert_eq!(code, 422, "{msg}");
-    assert!(msg.contains("65 containers: the limit is 64 a pod"), "{msg}");
+    assert!(
+        msg.contains("65 containers: the limit is 64 a pod"),
+        "{msg}"
+    );
     assert_eq!(stored_pods(&ts).await, Vec::<String>::new());
 }
 
@@ -274,15 +293,25 @@ async fn deep_yaml_is_refused_in_milliseconds_while_healthz_answers() {
         slowest_refusal = slowest_refusal.max(started.elapsed());
         assert_eq!(code, 400);
         assert!(
-            msg.starts_with("the document nests deeper than 64 levels: refused before parsing (line 4"),
+            msg.starts_with(
+                "the document nests deeper than 64 levels: refused before parsing (line 4"
+            ),
             "{msg}"
         );
     }
     let slowest_healthz = healthz.await.unwrap();
-    println!("deep YAML refused in at most {slowest_refusal:?}; /healthz in at most {slowest_healthz:?}");
+    println!(
+        "deep YAML refused in at most {slowest_refusal:?}; /healthz in at most {slowest_healthz:?}"
+    );
     // Was ~38 s of CPU each; the bound leaves room for a loaded machine.
-    assert!(slowest_refusal < Duration::from_millis(500), "{slowest_refusal:?}");
-    assert!(slowest_healthz < Duration::from_millis(500), "{slowest_healthz:?}");
+    assert!(
+        slowest_refusal < Duration::from_millis(500),
+        "{slowest_refusal:?}"
+    );
+    assert!(
+        slowest_healthz < Duration::from_millis(500),
+        "{slowest_healthz:?}"
+    );
     assert_eq!(stored_pods(&ts).await, Vec::<String>::new());
 }
 
@@ -320,12 +349,7 @@ async fn idle_and_slow_connections_neither_keep_out_clients_nor_stay() {
         .pool_max_idle_per_host(1)
         .build()
         .unwrap();
-    let get = |client: &reqwest::Client| {
-        client
-            .get(&pods_url)
-            .bearer_auth(&ts.admin_token)
-            .send()
-    };
+    let get = |client: &reqwest::Client| client.get(&pods_url).bearer_auth(&ts.admin_token).send();
     assert_eq!(get(&early).await.unwrap().status().as_u16(), 200);
 
     // A keep-alive connection that was answered once and then waits.
@@ -398,7 +422,10 @@ async fn idle_and_slow_connections_neither_keep_out_clients_nor_stay() {
     let margin = Duration::from_secs(3);
     for stream in &mut idle {
         let left = (opened + header_timeout + margin).saturating_duration_since(Instant::now());
-        assert!(closed_within(stream, left).await, "an idle connection stayed open");
+        assert!(
+            closed_within(stream, left).await,
+            "an idle connection stayed open"
+        );
     }
     let slow = slowloris.await.unwrap();
     assert!(
@@ -442,14 +469,20 @@ async fn ordinary_requests_are_timed_but_watches_are_not() {
         .unwrap();
     assert_eq!(watch.status().as_u16(), 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    ts.admin.create_pod(&pod("late", "1", "64Mi")).await.unwrap();
+    ts.admin
+        .create_pod(&pod("late", "1", "64Mi"))
+        .await
+        .unwrap();
     let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk())
         .await
         .expect("an event")
         .unwrap()
         .expect("the watch is still open");
     let text = String::from_utf8_lossy(&chunk);
-    assert!(text.contains("\"ADDED\"") && text.contains("\"late\""), "{text}");
+    assert!(
+        text.contains("\"ADDED\"") && text.contains("\"late\""),
+        "{text}"
+    );
 }
 
 /// p50 and p99 of `n` sequential authenticated `get pods` on one
@@ -460,7 +493,12 @@ async fn get_pods_latency(ts: &TestServer, n: usize) -> (Duration, Duration) {
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
-        let resp = client.get(&url).bearer_auth(&ts.admin_token).send().await.unwrap();
+        let resp = client
+            .get(&url)
+            .bearer_auth(&ts.admin_token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         resp.bytes().await.unwrap();
         took.push(started.elapsed());

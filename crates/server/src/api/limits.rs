@@ -165,8 +165,7 @@ pub fn path_name_problem(route: &str, key: &str, value: &str) -> Option<String> 
         "name" => {
             let what = if route.starts_with("/api/v1/namespaces/{namespace}/pods/") {
                 "pod name"
-            } else if route.starts_with("/api/v1/namespaces/{namespace}/persistentvolumeclaims/")
-            {
+            } else if route.starts_with("/api/v1/namespaces/{namespace}/persistentvolumeclaims/") {
                 "volume name"
             } else if route.starts_with("/api/v1/hosts/") {
                 "host name"
@@ -204,7 +203,8 @@ pub async fn off_workers<T: Send + 'static>(
 
 /// A request body as UTF-8 text.
 pub fn body_text(body: &Bytes) -> Result<&str, ApiError> {
-    std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))
+    std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))
 }
 
 #[cfg(test)]
@@ -222,11 +222,15 @@ mod tests {
                         route.path
                     );
                     let problem = path_name_problem(route.path, key, "../etc").unwrap();
-                    assert!(problem.contains("\"../etc\" is not a valid name"), "{problem}");
+                    assert!(
+                        problem.contains("\"../etc\" is not a valid name"),
+                        "{problem}"
+                    );
                 }
             }
         }
-        let problem = path_name_problem("/api/v1/namespaces/{namespace}/pods/{name}", "name", "A_b");
+        let problem =
+            path_name_problem("/api/v1/namespaces/{namespace}/pods/{name}", "name", "A_b");
         assert_eq!(
             problem.as_deref(),
             Some(
