@@ -35,15 +35,26 @@ pub struct RequestLimits {
 /// Requests that take as long as their user wants: watches, logs, exec
 /// sessions, and hibernation and wake (bounded by the proxy's own 90 s).
 fn long_running(request: &Request) -> bool {
-    let path = request.uri().path();
     let watch = request.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|pair| matches!(pair, "watch=true" | "watch=1"))
     });
-    watch
-        || ["/log", "/exec", "/hibernate", "/wake"]
-            .iter()
-            .any(|end| path.ends_with(end))
+    // `/api/v1/namespaces/NS/pods/NAME/ACTION`.
+    let segments: Vec<&str> = request.uri().path().split('/').collect();
+    let action = matches!(
+        segments[..],
+        [
+            "",
+            "api",
+            "v1",
+            "namespaces",
+            _,
+            "pods",
+            _,
+            "log" | "exec" | "hibernate" | "wake"
+        ]
+    );
+    watch || action
 }
 
 fn too_large(limit: usize, size: Option<u64>) -> ApiError {
@@ -237,5 +248,25 @@ mod tests {
                 "the pod name in the URL: \"A_b\" is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
             )
         );
+    }
+
+    #[test]
+    fn only_streams_and_host_actions_go_untimed() {
+        let request = |uri: &str| Request::builder().uri(uri).body(Body::empty()).unwrap();
+        assert!(long_running(&request(
+            "/api/v1/namespaces/a/pods/b/log?follow=true"
+        )));
+        assert!(long_running(&request(
+            "/api/v1/namespaces/a/pods/b/exec?command=sh"
+        )));
+        assert!(long_running(&request("/api/v1/namespaces/a/pods/b/wake")));
+        assert!(long_running(&request(
+            "/api/v1/pods?labelSelector=a%3Db&watch=true"
+        )));
+        // A pod named `log` is an ordinary pod.
+        assert!(!long_running(&request("/api/v1/namespaces/a/pods/log")));
+        assert!(!long_running(&request(
+            "/api/v1/namespaces/a/pods?watch=false"
+        )));
     }
 }
