@@ -278,6 +278,28 @@ async fn deep_yaml_is_refused_in_milliseconds_while_healthz_answers() {
             slowest
         })
     };
+    // Meanwhile large bodies of ordinary depth keep parsers busy (each is
+    // refused only after it is parsed: too many annotations).
+    let large = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: large\n  annotations:\n    notes: \"{}\"\nspec:\n  containers:\n  - name: main\n    image: busybox\n",
+        "x".repeat(3_000_000)
+    );
+    let parsers: Vec<_> = (0..4)
+        .map(|_| {
+            let request = http
+                .post(format!("{}/api/v1/namespaces/default/pods", ts.url()))
+                .bearer_auth(&ts.admin_token)
+                .header("content-type", "application/yaml")
+                .body(large.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let (code, msg) = status_of(request.send().await.unwrap()).await;
+                assert_eq!(code, 422, "{msg}");
+                assert!(msg.contains("the limit is 262144 bytes"), "{msg}");
+                started.elapsed()
+            })
+        })
+        .collect();
     let mut slowest_refusal = Duration::ZERO;
     for _ in 0..8 {
         let started = Instant::now();
@@ -300,6 +322,12 @@ async fn deep_yaml_is_refused_in_milliseconds_while_healthz_answers() {
         );
     }
     let slowest_healthz = healthz.await.unwrap();
+    for parser in parsers {
+        println!(
+            "a 3 MB pod parsed and refused in {:?}",
+            parser.await.unwrap()
+        );
+    }
     println!(
         "deep YAML refused in at most {slowest_refusal:?}; /healthz in at most {slowest_healthz:?}"
     );
@@ -540,4 +568,26 @@ async fn get_pods_latency_with_1000_idle_connections() {
         get_pods_latency(&ts, n).await
     };
     println!("none again:              get pods p50 {p50:?} p99 {p99:?} ({n} requests)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_closes_its_idle_connections_and_its_port() {
+    let ts = TestServer::sqlite().await;
+    let addr = ts.server.addr();
+    let mut kept_alive = TcpStream::connect(addr).await.unwrap();
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = kept_alive.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let TestServer { server, .. } = ts;
+    server.shutdown();
+    assert!(closed_within(&mut kept_alive, Duration::from_secs(2)).await);
+    let until = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < until, "the port is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

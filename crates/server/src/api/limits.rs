@@ -212,6 +212,19 @@ pub async fn off_workers<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("parsing the request body failed: {e}")))
 }
 
+/// Refuses a document nested deeper than [`podvisor_api::nesting::MAX_NESTING`]
+/// (400). One linear pass, cheap enough for an async worker, so a hostile
+/// body never waits for (or takes) one of the [`PARSERS`].
+pub fn check_nesting(body: &Bytes, format: podvisor_api::Format) -> Result<(), ApiError> {
+    use podvisor_api::nesting::{MAX_NESTING, too_deep};
+    match too_deep(body_text(body)?, format, MAX_NESTING) {
+        Some(line) => Err(ApiError::bad_request(format!(
+            "the document nests deeper than {MAX_NESTING} levels: refused before parsing (line {line})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A request body as UTF-8 text.
 pub fn body_text(body: &Bytes) -> Result<&str, ApiError> {
     std::str::from_utf8(body)

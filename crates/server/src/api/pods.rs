@@ -107,6 +107,7 @@ async fn pod_from_body(headers: &HeaderMap, body: Bytes, namespace: &str) -> Res
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let format = Format::from_content_type(content_type);
+    super::limits::check_nesting(&body, format)?;
     let pod = super::limits::off_workers(move || {
         let text = super::limits::body_text(&body)?;
         parse_pod(text, format).map_err(|e| match e {

@@ -208,6 +208,7 @@ async fn volume_from_body(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let format = Format::from_content_type(content_type);
+    super::limits::check_nesting(&body, format)?;
     let pvc = super::limits::off_workers(move || {
         let text = super::limits::body_text(&body)?;
         parse_volume(text, format).map_err(|e| match e {
