@@ -420,14 +420,18 @@ pub async fn update_status(
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Pod>, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
-    let status_value = value
-        .get("status")
-        .cloned()
-        .ok_or_else(|| ApiError::bad_request("the body has no \"status\" field"))?;
-    let status: PodStatus = podvisor_api::parse_object(&status_value.to_string(), Format::Json)
-        .map_err(|e| ApiError::bad_request(format!("status: {e}")))?;
+    super::limits::check_nesting(&body, Format::Json)?;
+    let status: PodStatus = super::limits::off_workers(move || {
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+        let status_value = value
+            .get("status")
+            .cloned()
+            .ok_or_else(|| ApiError::bad_request("the body has no \"status\" field"))?;
+        podvisor_api::parse_object(&status_value.to_string(), Format::Json)
+            .map_err(|e| ApiError::bad_request(format!("status: {e}")))
+    })
+    .await??;
     let key = keys::pod(&namespace, &name);
     let what = format!("updating the status of pod {namespace}/{name}");
     let mut denied = None;
