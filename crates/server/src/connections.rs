@@ -390,6 +390,10 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// The most a connection buffers of a request's head (hyper's default is
+/// about 400 KiB): with 1024 unauthenticated connections, 64 MiB at most.
+const MAX_HEADER_BUFFER: usize = 64 << 10;
+
 /// How long connections get to finish their requests once the server
 /// stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -488,6 +492,7 @@ async fn serve_connection(
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEADER_BUFFER)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = pin!(connection);

@@ -189,6 +189,17 @@ async fn bodies_and_pods_over_the_limits_are_refused_with_the_limit_named() {
         "{text}"
     );
 
+    // Without a valid token: refused before the body is read (none is
+    // sent here; the answer does not wait for it).
+    let (code, text) = raw_request(
+        addr,
+        "POST /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".into(),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("no Authorization header"), "{text}");
+
     // Chunked, with no length given: refused once it passes the limit.
     let mut chunked = Vec::new();
     for _ in 0..(4 << 20) / 65536 {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::connections::ConnectionHandle;
 use crate::error::ApiError;
-use crate::tokens::TokenCheck;
+use crate::tokens::{Caller, TokenCheck};
 
 /// The largest request body (Kubernetes' `MaxRequestBodyBytes`, 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
@@ -80,30 +80,20 @@ fn timed_out(timeout: Duration) -> ApiError {
     )
 }
 
-/// The bearer token of a request, if it has one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
 /// Every request: marks its connection authenticated at its first request
-/// with a valid token, refuses a body over the limit (413), and gives an
+/// with a valid token, refuses a body over the limit (413) or from a
+/// client without a valid token (401) before reading it, and gives an
 /// ordinary request `request_timeout` to be read and answered (504).
 pub async fn bounded_request(
     State(limits): State<RequestLimits>,
     request: Request,
     next: Next,
 ) -> Response {
-    let handle = request.extensions().get::<ConnectionHandle>().cloned();
-    if let Some(handle) = handle
-        && !handle.conn.is_authenticated()
-        && let Some(token) = bearer(request.headers()).map(str::to_owned)
-        && limits.tokens.caller(&token).await.is_ok()
+    let (mut parts, body) = request.into_parts();
+    let caller = Caller::from_request_parts(&mut parts, &limits.tokens).await;
+    let request = Request::from_parts(parts, body);
+    if let Some(handle) = request.extensions().get::<ConnectionHandle>()
+        && caller.is_ok()
     {
         handle.registry.authenticate(&handle.conn);
     }
@@ -117,6 +107,11 @@ pub async fn bounded_request(
     }
     let has_body = declared.is_some_and(|size| size > 0)
         || request.headers().contains_key(header::TRANSFER_ENCODING);
+    // Every route that takes a body wants a token: a client without a
+    // valid one gets no memory held for its body.
+    if has_body && let Err(e) = caller {
+        return e.into_response();
+    }
     let timeout = limits.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let request = if has_body {
