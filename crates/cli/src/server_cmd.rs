@@ -115,6 +115,21 @@ struct TokenCreateArgs {
     /// A token for the host daemon of host NAME (only that host's things).
     #[arg(long, value_name = "NAME", group = "who")]
     host: Option<String>,
+    /// The namespace(s) the user's token may see and change (repeat, or
+    /// separate with commas); a user token needs this or
+    /// --all-namespaces.
+    #[arg(
+        long = "namespace",
+        short = 'n',
+        value_name = "NS",
+        value_delimiter = ',',
+        requires = "user",
+        conflicts_with = "all_namespaces"
+    )]
+    namespaces: Vec<String>,
+    /// The user's token reaches every namespace.
+    #[arg(long, requires = "user")]
+    all_namespaces: bool,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -166,11 +181,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<u8> {
                 (_, Some(host)) => (Role::Host, host.as_str()),
                 _ => unreachable!("clap requires --user or --host"),
             };
-            let token = podvisor_server::create_token(
+            let namespaces = match (role, args.all_namespaces, args.namespaces.is_empty()) {
+                (Role::User, false, true) => anyhow::bail!(
+                    "a user token needs --namespace NS (one or more) or --all-namespaces"
+                ),
+                (Role::User, false, false) => Some(args.namespaces.clone()),
+                _ => None,
+            };
+            let token = podvisor_server::create_scoped_token(
                 &args.state.state_dir,
                 args.state.store.as_deref(),
                 role,
                 name,
+                namespaces,
             )
             .await
             .context("create a token")?;

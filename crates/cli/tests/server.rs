@@ -118,6 +118,9 @@ fn token_create(t: &TestDir, state: &Path, store: Option<&str>, who: &str, name:
     let mut cmd = podvisor(t)
         .args(["server", "token", "create", who, name, "--state-dir"])
         .arg(state);
+    if who == "--user" {
+        cmd = cmd.arg("--all-namespaces");
+    }
     if let Some(store) = store {
         cmd = cmd.args(["--store", store]);
     }
@@ -752,7 +755,11 @@ fn tokens_are_listed_and_revoked() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows[0], ["ID", "ROLE", "NAME", "AGE"], "{listed}");
+    assert_eq!(
+        rows[0],
+        ["ID", "ROLE", "NAME", "NAMESPACES", "AGE"],
+        "{listed}"
+    );
     let names: Vec<(&str, &str)> = rows[1..].iter().map(|r| (r[1], r[2])).collect();
     assert_eq!(
         names,
@@ -808,4 +815,165 @@ fn tokens_are_listed_and_revoked() {
     wait_for(20, "carol's token to be refused", || {
         (get_pods(&carol).code != Some(0)).then_some(())
     });
+}
+
+#[test]
+fn user_tokens_reach_only_their_namespaces() {
+    let t = TestDir::new();
+    let state = t.path().join("server");
+    podvisor(&t)
+        .args(["server", "init", "--state-dir"])
+        .arg(&state)
+        .success();
+    let admin = std::fs::read_to_string(state.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // A user token says which namespaces it reaches.
+    let out = podvisor(&t)
+        .args(["server", "token", "create", "--user", "eve", "--state-dir"])
+        .arg(&state)
+        .output();
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("--namespace NS") && out.stderr.contains("--all-namespaces"),
+        "{out:?}"
+    );
+    let scoped = |name: &str, ns: &str| {
+        podvisor(&t)
+            .args([
+                "server",
+                "token",
+                "create",
+                "--user",
+                name,
+                "--namespace",
+                ns,
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .success()
+            .stdout
+            .trim()
+            .to_string()
+    };
+    let alice = scoped("alice", "team-a");
+    let bob = scoped("bob", "team-b,shared");
+    let listed = podvisor(&t)
+        .args(["server", "token", "ls", "--state-dir"])
+        .arg(&state)
+        .success()
+        .stdout;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(" bob ") && l.contains(" team-b,shared ")),
+        "{listed}"
+    );
+    let server = ServerProcess::start(&state, None);
+    let client = |token: &str| Client::new(&server.url, Some(token)).unwrap();
+    let (alice, bob, admin) = (client(&alice), client(&bob), client(&admin));
+    let pod = |ns: &str, name: &str| {
+        podvisor_api::parse_pod(
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  containers:\n  - name: c\n    image: busybox\n"
+            ),
+            podvisor_api::Format::Yaml,
+        )
+        .unwrap()
+    };
+    block(alice.create_pod(&pod("team-a", "secret-job"))).unwrap();
+    block(bob.create_pod(&pod("team-b", "web"))).unwrap();
+
+    // Bob can neither see nor touch alice's pod, nor put one in her
+    // namespace; each refusal is a 403 that says why.
+    let forbidden = |what: &str, err: podvisor_api::ClientError| {
+        assert_eq!(err.code(), Some(403), "{what}: {err}");
+        assert!(
+            err.to_string().contains("may not use namespace \"team-a\""),
+            "{what}: {err}"
+        );
+    };
+    forbidden(
+        "get",
+        block(bob.get_pod("team-a", "secret-job")).unwrap_err(),
+    );
+    forbidden(
+        "list",
+        block(bob.list_pods(&PodFilter {
+            namespace: Some("team-a".into()),
+            ..Default::default()
+        }))
+        .unwrap_err(),
+    );
+    forbidden(
+        "logs",
+        block(bob.logs("team-a", "secret-job", &Default::default()))
+            .err()
+            .unwrap(),
+    );
+    forbidden(
+        "exec",
+        block(bob.exec(
+            "team-a",
+            "secret-job",
+            &podvisor_api::client::ExecOptions {
+                command: vec!["cat".into(), "/etc/shadow".into()],
+                ..Default::default()
+            },
+        ))
+        .err()
+        .unwrap(),
+    );
+    forbidden(
+        "hibernate",
+        block(bob.hibernate_pod("team-a", "secret-job")).unwrap_err(),
+    );
+    forbidden(
+        "create",
+        block(bob.create_pod(&pod("team-a", "intruder"))).unwrap_err(),
+    );
+    forbidden(
+        "delete",
+        block(bob.delete_pod("team-a", "secret-job")).unwrap_err(),
+    );
+    // Listing every namespace, and watching, shows each user only theirs.
+    let names = |c: &Client| -> Vec<String> {
+        let mut n: Vec<String> = block(c.list_pods(&PodFilter::default()))
+            .unwrap()
+            .items
+            .iter()
+            .map(|p| p.key())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&bob), ["team-b/web"]);
+    assert_eq!(names(&alice), ["team-a/secret-job"]);
+    assert_eq!(names(&admin), ["team-a/secret-job", "team-b/web"]);
+    // One runtime for the watch: its connection lives in it.
+    block(async {
+        let mut watch = bob.watch_pods(&PodFilter::default(), None).await.unwrap();
+        let PodEvent::Added(p) = next_event(&mut watch).await else {
+            panic!("not an ADDED event")
+        };
+        assert_eq!(p.key(), "team-b/web");
+        alice.create_pod(&pod("team-a", "second")).await.unwrap();
+        bob.create_pod(&pod("team-b", "second")).await.unwrap();
+        let PodEvent::Added(p) = next_event(&mut watch).await else {
+            panic!("not an ADDED event")
+        };
+        assert_eq!(p.key(), "team-b/second", "bob saw another namespace's pod");
+    });
+    // The pod bob tried to delete is still there.
+    assert!(block(alice.get_pod("team-a", "secret-job")).is_ok());
+}
+
+/// The next event of a watch, within 10 s.
+async fn next_event(watch: &mut podvisor_api::client::PodWatch) -> PodEvent {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a watch event within 10 s")
+        .unwrap()
+        .unwrap()
 }

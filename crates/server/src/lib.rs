@@ -175,7 +175,7 @@ async fn init_with(store: &dyn Store, state_dir: &Path) -> Result<InitOutcome, S
             new_token: None,
         });
     }
-    let token = tokens::create(store, Role::Admin, "admin").await?;
+    let token = tokens::create(store, Role::Admin, "admin", None).await?;
     write_private_file(&path, &token, Replace::Yes)?;
     Ok(InitOutcome {
         admin_token_path: path,
@@ -184,18 +184,47 @@ async fn init_with(store: &dyn Store, state_dir: &Path) -> Result<InitOutcome, S
 }
 
 /// Makes a token for a user or a host (`role`, `name`) in the store of
-/// `state_dir` (or `store_url`) and returns it.
+/// `state_dir` (or `store_url`) and returns it; a user's reaches every
+/// namespace.
 pub async fn create_token(
     state_dir: &Path,
     store_url: Option<&str>,
     role: Role,
     name: &str,
 ) -> Result<String, ServerError> {
+    create_scoped_token(state_dir, store_url, role, name, None).await
+}
+
+/// [`create_token`] for a user limited to `namespaces` (`None`: all).
+pub async fn create_scoped_token(
+    state_dir: &Path,
+    store_url: Option<&str>,
+    role: Role,
+    name: &str,
+    namespaces: Option<Vec<String>>,
+) -> Result<String, ServerError> {
     if let Some(problem) = podvisor_api::validate::dns_subdomain_problem(name) {
         return Err(ServerError::Config(format!("token name: {problem}")));
     }
+    if let Some(namespaces) = &namespaces {
+        if role != Role::User {
+            return Err(ServerError::Config(
+                "only user tokens are limited to namespaces".into(),
+            ));
+        }
+        if namespaces.is_empty() {
+            return Err(ServerError::Config(
+                "a user token limited to namespaces needs at least one".into(),
+            ));
+        }
+        for ns in namespaces {
+            if let Some(problem) = podvisor_api::validate::dns_label_problem(ns) {
+                return Err(ServerError::Config(format!("namespace {ns:?}: {problem}")));
+            }
+        }
+    }
     let store = existing_store(state_dir, store_url).await?;
-    tokens::create(store.as_ref(), role, name).await
+    tokens::create(store.as_ref(), role, name, namespaces).await
 }
 
 /// The tokens in the store of `state_dir` (or `store_url`), oldest first.

@@ -35,6 +35,11 @@ pub struct TokenRecord {
     /// The user's or host's name (`admin` for the admin token).
     pub name: String,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// The namespaces a user token may see and change; absent: all of
+    /// them (admin and host tokens, user tokens made with
+    /// `--all-namespaces`, and user tokens made before tokens had scopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// Who is calling, from their token.
@@ -42,9 +47,32 @@ pub struct TokenRecord {
 pub struct Caller {
     pub role: Role,
     pub name: String,
+    /// [`TokenRecord::namespaces`].
+    pub namespaces: Option<Vec<String>>,
 }
 
 impl Caller {
+    /// Whether the caller may see and change things of `namespace`: admins
+    /// and hosts everywhere, users in their token's namespaces.
+    pub fn may_use(&self, namespace: &str) -> bool {
+        match (&self.role, &self.namespaces) {
+            (Role::User, Some(allowed)) => allowed.iter().any(|n| n == namespace),
+            _ => true,
+        }
+    }
+
+    /// Fails unless the caller may use `namespace` ([`Caller::may_use`]).
+    pub fn require_namespace(&self, namespace: &str) -> Result<(), ApiError> {
+        if self.may_use(namespace) {
+            return Ok(());
+        }
+        let allowed = self.namespaces.as_deref().unwrap_or_default().join(", ");
+        Err(ApiError::forbidden(format!(
+            "user {:?} may not use namespace {namespace:?}: its token is for namespace(s) {allowed}",
+            self.name
+        )))
+    }
+
     /// Fails unless the caller is an admin or a user.
     pub fn require_user(&self) -> Result<(), ApiError> {
         match self.role {
@@ -83,14 +111,21 @@ pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Stores a new token for `role`/`name` and returns it (the only time it
-/// is seen in clear).
-pub async fn create(store: &dyn Store, role: Role, name: &str) -> Result<String, ServerError> {
+/// Stores a new token for `role`/`name` (a user's limited to
+/// `namespaces` when given) and returns it (the only time it is seen in
+/// clear).
+pub async fn create(
+    store: &dyn Store,
+    role: Role,
+    name: &str,
+    namespaces: Option<Vec<String>>,
+) -> Result<String, ServerError> {
     let token = generate()?;
     let record = TokenRecord {
         role,
         name: name.to_string(),
         created: chrono::Utc::now(),
+        namespaces,
     };
     let value = serde_json::to_vec(&record).expect("token records serialize");
     store.put(&keys::token(&hash(&token)), &value, None).await?;
@@ -222,6 +257,7 @@ impl TokenCheck {
         let caller = Caller {
             role: record.role,
             name: record.name,
+            namespaces: record.namespaces,
         };
         self.found
             .lock()
@@ -274,5 +310,29 @@ mod tests {
         assert_eq!(hash(&a), hash(&a));
         assert_ne!(hash(&a), hash(&b));
         assert!(!hash(&a).contains(&a[3..]));
+    }
+
+    #[test]
+    fn user_tokens_reach_only_their_namespaces() {
+        let caller = |role, namespaces: Option<&[&str]>| Caller {
+            role,
+            name: "alice".into(),
+            namespaces: namespaces.map(|n| n.iter().map(|s| s.to_string()).collect()),
+        };
+        let alice = caller(Role::User, Some(&["team-a", "shared"]));
+        assert!(alice.may_use("team-a") && alice.may_use("shared"));
+        assert!(!alice.may_use("team-b") && !alice.may_use("default"));
+        let err = alice.require_namespace("team-b").unwrap_err();
+        assert!(format!("{err:?}").contains("team-a, shared"), "{err:?}");
+        // Admins, hosts and unscoped (older) user tokens: everywhere.
+        assert!(caller(Role::Admin, None).may_use("team-b"));
+        assert!(caller(Role::Host, None).may_use("team-b"));
+        assert!(caller(Role::User, None).may_use("team-b"));
+        // A record from before scopes reads as unscoped.
+        let old: TokenRecord = serde_json::from_str(
+            r#"{"role":"user","name":"bob","created":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.namespaces, None);
     }
 }

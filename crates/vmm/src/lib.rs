@@ -21,6 +21,8 @@
 //! it can be hashed, compressed or encrypted on the way.
 
 pub mod accel;
+pub mod cgroup;
+pub mod console;
 pub mod device;
 pub mod process;
 pub mod qemu;
@@ -184,6 +186,8 @@ pub enum VmmError {
     NoPciSlot(String),
     #[error("the VM has exited")]
     Gone,
+    #[error("cannot confine the VMM")]
+    Confine(#[source] Box<cgroup::CgroupError>),
 }
 
 /// A hypervisor backend: turns a [`VmSpec`] into a running VM.
@@ -310,15 +314,5 @@ pub fn hypervisor(name: &str) -> Result<Arc<dyn Hypervisor>, VmmError> {
 /// Reads the last `max_bytes` of a console log, lossily decoded, starting at
 /// a line boundary where possible.
 pub fn console_tail(path: &Path, max_bytes: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return format!("(no console log at {})", path.display());
-    };
-    let start = bytes.len().saturating_sub(max_bytes);
-    let mut tail = &bytes[start..];
-    if start > 0
-        && let Some(nl) = tail.iter().position(|&b| b == b'\n')
-    {
-        tail = &tail[nl + 1..];
-    }
-    String::from_utf8_lossy(tail).trim_end().to_string()
+    console::tail(path, max_bytes)
 }

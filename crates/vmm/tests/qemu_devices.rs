@@ -103,6 +103,7 @@ async fn a_vm_in_a_netns_with_a_bridge_takes_devices_and_is_adopted_with_its_slo
     };
     let qemu = podvisor_vmm::hypervisor("qemu").unwrap();
     let mut vm = qemu.launch(&spec).await.unwrap();
+    let cgroup_dirs = confined(vm.pid(), &spec);
 
     // QEMU runs in the namespace and made its tap there.
     let ino = |p: PathBuf| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
@@ -173,4 +174,78 @@ async fn a_vm_in_a_netns_with_a_bridge_takes_devices_and_is_adopted_with_its_slo
         .await
         .unwrap()
         .unwrap();
+    // Its control group went with it, though another process started it.
+    for dir in cgroup_dirs {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+/// The field `name` of `/proc/PID/status`.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// Checks what confines a QEMU process: its seccomp filter, no new
+/// privileges, no core dumps, and a control group (when the machine
+/// mounts a usable hierarchy) with the limits its VM implies. Returns the
+/// group's directories.
+fn confined(pid: u32, spec: &VmSpec) -> Vec<PathBuf> {
+    assert_eq!(
+        status_field(pid, "Seccomp"),
+        "2",
+        "QEMU runs without its seccomp filter"
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    let Ok(root) = podvisor_vmm::cgroup::CgroupRoot::detect() else {
+        eprintln!("no cgroup hierarchy with memory, pids and cpu: group not checked");
+        return vec![];
+    };
+    let group = podvisor_vmm::cgroup::VmCgroup::of_process(&root, pid)
+        .unwrap_or_else(|| panic!("QEMU {pid} is in none of podvisor's control groups"));
+    assert_eq!(group.name(), spec.name);
+    let dirs = group.dirs();
+    let read = |file: &str| -> String {
+        dirs.iter()
+            .map(|d| d.join(file))
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).unwrap().trim().to_string())
+            .unwrap_or_else(|| panic!("no {file} in {dirs:?}"))
+    };
+    // Guest RAM plus the VMM's overhead, and nothing unbounded.
+    let memory: u64 = if dirs.len() == 1 {
+        read("memory.max").parse().unwrap()
+    } else {
+        read("memory.limit_in_bytes").parse().unwrap()
+    };
+    assert!(
+        memory > spec.memory_mib << 20 && memory <= (spec.memory_mib + 512) << 20,
+        "memory limit {memory}"
+    );
+    let pids: u64 = read("pids.max").parse().unwrap();
+    assert!((spec.cpus as u64..=1024).contains(&pids), "pids.max {pids}");
+    for dir in &dirs {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "{pid} not in {}",
+            dir.display()
+        );
+    }
+    dirs
 }

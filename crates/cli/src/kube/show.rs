@@ -67,12 +67,20 @@ fn table(rows: Vec<Vec<String>>) -> String {
 /// `podvisor server token ls`: id (the first 12 digits of the hash), role,
 /// name, age.
 pub fn tokens_table(tokens: &[podvisor_server::TokenEntry]) -> String {
-    let mut rows = vec![["ID", "ROLE", "NAME", "AGE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["ID", "ROLE", "NAME", "NAMESPACES", "AGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for t in tokens {
         rows.push(vec![
             t.id.chars().take(12).collect(),
             format!("{:?}", t.record.role).to_lowercase(),
             t.record.name.clone(),
+            match &t.record.namespaces {
+                Some(ns) => ns.join(","),
+                None => "*".into(),
+            },
             age(Some(t.record.created)),
         ]);
     }

@@ -41,10 +41,10 @@ pub struct ListParams {
         (status = 401, description = "No valid token", body = Status)))]
 pub async fn list_all(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
-    list(state, None, params).await
+    list(state, &caller, None, params).await
 }
 
 /// Lists (or watches) the pods of one namespace.
@@ -57,23 +57,31 @@ pub async fn list_all(
         (status = 401, description = "No valid token", body = Status)))]
 pub async fn list_namespaced(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(namespace): Path<String>,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
-    list(state, Some(namespace), params).await
+    list(state, &caller, Some(namespace), params).await
 }
 
 async fn list(
     state: AppState,
+    caller: &Caller,
     namespace: Option<String>,
     params: ListParams,
 ) -> Result<Response, ApiError> {
-    let selector = PodSelector::parse(
+    let mut selector = PodSelector::parse(
         namespace,
         params.field_selector.as_deref(),
         params.label_selector.as_deref(),
     )?;
+    // A user limited to namespaces lists (and watches) only theirs.
+    if let Some(ns) = &selector.namespace {
+        caller.require_namespace(ns)?;
+    }
+    if caller.role == crate::tokens::Role::User {
+        selector.visible_namespaces = caller.namespaces.clone();
+    }
     if params.watch.unwrap_or(false) {
         let from = match params.resource_version.as_deref() {
             None | Some("") | Some("0") => None,
@@ -157,6 +165,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let pod = new_pod(pod_from_body(&headers, body, &namespace).await?, &namespace);
     let key = keys::pod(&namespace, &pod.metadata.name);
     match state
@@ -191,9 +200,10 @@ fn applied(code: StatusCode, pod: Pod, outcome: &'static str) -> Response {
     responses((status = 200, body = Pod), (status = 404, body = Status)))]
 pub async fn get_one(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<Pod>, ApiError> {
+    caller.require_namespace(&namespace)?;
     objects::get::<Pod>(state.store.as_ref(), &keys::pod(&namespace, &name))
         .await?
         .map(Json)
@@ -227,6 +237,7 @@ pub async fn apply(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let pod = pod_from_body(&headers, body, &namespace).await?;
     if pod.metadata.name != name {
         return Err(ApiError::bad_request(format!(
@@ -350,6 +361,7 @@ pub async fn delete(
     let finalize = params.finalize.unwrap_or(false);
     if !finalize {
         caller.require_user()?;
+        caller.require_namespace(&namespace)?;
     }
     for _ in 0..64 {
         let kv = store

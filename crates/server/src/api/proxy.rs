@@ -163,6 +163,7 @@ pub async fn log(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let Upstream {
         host,
         url,
@@ -216,6 +217,7 @@ pub async fn exec(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::bad_request(format!(
             "exec needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket): {e}"
@@ -335,6 +337,7 @@ async fn host_action(
     action: Action,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(namespace)?;
     let upstream = host_url(state, namespace, name, action, None).await?;
     let (code, status) = post_to_host(&state.http, &upstream, HOST_ACTION_TIMEOUT).await?;
     Ok((code, axum::Json(status)).into_response())

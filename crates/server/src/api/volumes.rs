@@ -177,9 +177,10 @@ pub async fn list_all(
         (status = 401, description = "No valid token", body = Status)))]
 pub async fn list_namespaced(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(namespace): Path<String>,
 ) -> Result<Json<PersistentVolumeClaimList>, ApiError> {
+    caller.require_namespace(&namespace)?;
     list(&state, &keys::volumes_in(&namespace)).await
 }
 
@@ -324,6 +325,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let pvc = volume_from_body(&headers, body, &namespace).await?;
     let name = pvc.metadata.name.clone();
     match create_volume(&state, &caller, pvc, &namespace).await? {
@@ -341,9 +343,10 @@ pub async fn create(
     responses((status = 200, body = PersistentVolumeClaim), (status = 404, body = Status)))]
 pub async fn get_one(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<PersistentVolumeClaim>, ApiError> {
+    caller.require_namespace(&namespace)?;
     objects::get::<PersistentVolumeClaim>(state.store.as_ref(), &keys::volume(&namespace, &name))
         .await?
         .map(Json)
@@ -374,6 +377,7 @@ pub async fn apply(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let pvc = volume_from_body(&headers, body, &namespace).await?;
     if pvc.metadata.name != name {
         return Err(ApiError::bad_request(format!(
@@ -428,6 +432,7 @@ pub async fn delete(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<Status>, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let key = keys::volume(&namespace, &name);
     let store = state.store.as_ref();
     for _ in 0..64 {
@@ -492,6 +497,7 @@ pub async fn revoke(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<Status>, ApiError> {
     caller.require_user()?;
+    caller.require_namespace(&namespace)?;
     let store = state.store.as_ref();
     let mut already = false;
     let pvc =
@@ -541,9 +547,10 @@ pub async fn revoke(
     responses((status = 200, body = VolumeAuditLog), (status = 404, body = Status)))]
 pub async fn audit_log(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Json<VolumeAuditLog>, ApiError> {
+    caller.require_namespace(&namespace)?;
     let store = state.store.as_ref();
     let pvc: PersistentVolumeClaim = objects::get(store, &keys::volume(&namespace, &name))
         .await?

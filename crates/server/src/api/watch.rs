@@ -23,6 +23,9 @@ pub struct PodSelector {
     pub namespace: Option<String>,
     pub node_name: Option<String>,
     pub labels: Vec<(String, String)>,
+    /// The namespaces the caller may see (a user token's scope); `None`:
+    /// all.
+    pub visible_namespaces: Option<Vec<String>>,
 }
 
 impl PodSelector {
@@ -73,6 +76,11 @@ impl PodSelector {
     pub fn matches(&self, pod: &Pod) -> bool {
         if let Some(ns) = &self.namespace
             && pod.metadata.namespace() != ns
+        {
+            return false;
+        }
+        if let Some(visible) = &self.visible_namespaces
+            && !visible.iter().any(|v| v == pod.metadata.namespace())
         {
             return false;
         }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::pci::{FIRST_ROOT_SLOT, PciSlots};
 use super::qmp::Qmp;
 use super::vm::{QemuProcess, QemuVm};
+use crate::cgroup::{CgroupRoot, VmCgroup};
 use crate::device::{DeviceKind, PciAddress};
 use crate::process::{ProcessHandle, VmmProcess, cmdline};
 use crate::{VmPaths, VmmError};
@@ -24,8 +25,9 @@ fn not_adoptable(record: &VmmProcess, why: String) -> VmmError {
     }
 }
 
-/// Adopts the QEMU process `record` describes.
-pub async fn adopt(record: &VmmProcess) -> Result<QemuVm, VmmError> {
+/// Adopts the QEMU process `record` describes; `cgroups`: where its
+/// control group would be, to remove it once the process exits.
+pub async fn adopt(record: &VmmProcess, cgroups: Option<&CgroupRoot>) -> Result<QemuVm, VmmError> {
     let paths = VmPaths::in_dir(&record.run_dir);
     record
         .check_alive()
@@ -86,7 +88,8 @@ pub async fn adopt(record: &VmmProcess) -> Result<QemuVm, VmmError> {
         // maps a file too.
         args.contains("memory-backend=") || args.contains("virtio-pmem-pci"),
         slots,
-    ))
+    )
+    .with_cgroup(cgroups.and_then(|root| VmCgroup::of_process(root, record.pid))))
 }
 
 /// The slot allocator of a running VM, from its `query-pci` answer:

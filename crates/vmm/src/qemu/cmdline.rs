@@ -398,7 +398,9 @@ impl ArgGroup for SerialConsole {
         push(
             args,
             "-chardev",
-            format!("file,id=console0,path={}", path_value(&self.log)),
+            // Appending: the log is cut while the VM runs (crate::console),
+            // and QEMU's writes must follow the file's end.
+            format!("file,id=console0,path={},append=on", path_value(&self.log)),
         );
         push(args, "-serial", "chardev:console0");
     }
@@ -474,6 +476,24 @@ impl ArgGroup for VmGenId {
     }
 }
 
+/// QEMU's seccomp filter (`-sandbox`): every syscall group it can deny
+/// while still running a VM is denied: obsolete calls, gaining privileges
+/// (set*uid and friends), starting processes (fork, exec), and changing
+/// scheduling or memory policy. Saved states travel over a descriptor
+/// (`fd:` migration), which needs none of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox;
+
+impl ArgGroup for Sandbox {
+    fn push_args(&self, args: &mut Vec<OsString>) {
+        push(
+            args,
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        );
+    }
+}
+
 /// Start paused, waiting for a saved state on the QMP `migrate-incoming`
 /// command: how a VM is restored (`-S -incoming defer`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -528,6 +548,7 @@ impl ArgGroup for DeviceArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommandLine {
     pub base: BaseOptions,
+    pub sandbox: Sandbox,
     pub machine: Machine,
     pub cpu: Cpu,
     pub smp: Smp,
@@ -546,6 +567,7 @@ impl QemuCommandLine {
         let mut args = Vec::new();
         let mut groups: Vec<&dyn ArgGroup> = vec![
             &self.base,
+            &self.sandbox,
             &self.machine,
             &self.cpu,
             &self.smp,

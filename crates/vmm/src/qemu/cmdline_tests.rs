@@ -21,7 +21,7 @@ fn commas_in_paths_are_doubled() {
         render(&c),
         [
             "-chardev",
-            "file,id=console0,path=/tmp/a,,b/console.log",
+            "file,id=console0,path=/tmp/a,,b/console.log,append=on",
             "-serial",
             "chardev:console0"
         ]
@@ -154,6 +154,7 @@ fn whole_command_line_orders_groups() {
         base: BaseOptions {
             name: "pod1".into(),
         },
+        sandbox: Sandbox,
         machine: Machine {
             kind: "pc".into(),
             accel: Accel::Tcg,
@@ -204,6 +205,11 @@ fn whole_command_line_orders_groups() {
     assert!(args.contains(&"vmgenid,guid=auto".to_string()));
     assert!(!args.contains(&"-incoming".to_string()));
     assert!(!args.contains(&"-S".to_string()));
+    // The seccomp filter denies all it can.
+    assert_eq!(
+        args[pos("-sandbox") + 1],
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    );
 }
 
 #[test]
@@ -329,7 +335,7 @@ fn rng_console_and_generation_id() {
         }),
         [
             "-chardev",
-            "file,id=console0,path=/r/console.log",
+            "file,id=console0,path=/r/console.log,append=on",
             "-serial",
             "chardev:console0"
         ]

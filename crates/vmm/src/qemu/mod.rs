@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::process::Command;
 
+use crate::cgroup::{CgroupRoot, Limits, VmCgroup};
 use crate::device::{Device, PMEM_ALIGN, Tap};
 use crate::{Accel, Hypervisor, MemoryBacking, Vm, VmPaths, VmSpec, VmmError};
 use cmdline::*;
@@ -47,15 +48,26 @@ pub const DEVICE_LAYOUT: u32 = 2;
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// Where each QEMU process gets its control group; `None` where no
+    /// usable hierarchy is mounted (or podvisor may not write it).
+    pub cgroups: Option<CgroupRoot>,
 }
 
 impl Qemu {
     /// Uses `$PODVISOR_QEMU` if set, else `qemu-system-x86_64` from `PATH`.
     pub fn from_env() -> Self {
+        let cgroups = match CgroupRoot::detect() {
+            Ok(root) => Some(root),
+            Err(e) => {
+                tracing::warn!(error = %e, "QEMU processes get no control group");
+                None
+            }
+        };
         Self {
             binary: std::env::var_os("PODVISOR_QEMU")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "qemu-system-x86_64".into()),
+            cgroups,
         }
     }
 
@@ -190,6 +202,7 @@ impl Qemu {
             base: BaseOptions {
                 name: spec.name.clone(),
             },
+            sandbox: Sandbox,
             machine: Machine {
                 kind: "pc".into(),
                 accel: spec.accel,
@@ -245,6 +258,12 @@ impl Qemu {
         for socket in [&paths.control_socket, &paths.agent_socket] {
             let _ = std::fs::remove_file(socket);
         }
+        // QEMU appends to the console log (see SerialConsole): each VMM
+        // process starts it empty.
+        std::fs::File::create(&paths.console_log).map_err(|source| VmmError::Io {
+            what: format!("create {}", paths.console_log.display()),
+            source,
+        })?;
         let stderr_log = spec.run_dir.join("qemu.log");
         let stderr = std::fs::File::create(&stderr_log).map_err(|source| VmmError::Io {
             what: format!("create {}", stderr_log.display()),
@@ -328,11 +347,21 @@ impl Qemu {
                 });
             }
         }
+        let cgroup = self.confine(&mut cmd, spec)?;
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+        let spawned = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: self.binary.display().to_string(),
             source,
-        })?;
+        });
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(group) = &cgroup {
+                    group.remove();
+                }
+                return Err(e);
+            }
+        };
         let pid = child.id().unwrap_or(0);
         tracing::debug!(pid, accel = %spec.accel, incoming, "qemu started");
 
@@ -378,8 +407,84 @@ impl Qemu {
             spec.memory != MemoryBacking::Anonymous
                 || spec.devices.iter().any(|d| matches!(d, Device::Pmem(_))),
             slots,
-        ))
+        )
+        .with_cgroup(cgroup))
     }
+
+    /// What confines every QEMU process besides its seccomp filter
+    /// ([`cmdline::Sandbox`]): no new privileges (no setuid binary or file
+    /// capability can raise it), no core dumps (they would hold guest
+    /// memory), a bound on open files, and a control group sized from the
+    /// VM that it joins before it executes.
+    fn confine(&self, cmd: &mut Command, spec: &VmSpec) -> Result<Option<VmCgroup>, VmmError> {
+        let cgroup = match &self.cgroups {
+            Some(root) => {
+                root.remove_stale();
+                let overhead = match spec.accel {
+                    Accel::Tcg => TCG_OVERHEAD_MIB,
+                    Accel::Kvm => KVM_OVERHEAD_MIB,
+                };
+                let limits = Limits::for_vm(spec.cpus, spec.memory_mib, overhead);
+                Some(
+                    root.create(&cgroup_name(spec), limits)
+                        .map_err(|source| VmmError::Confine(Box::new(source)))?,
+                )
+            }
+            None => None,
+        };
+        let procs = cgroup
+            .as_ref()
+            .map(VmCgroup::procs_files)
+            .unwrap_or_default();
+        // SAFETY: prctl, setrlimit and open/write/close are
+        // async-signal-safe; the paths were made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                crate::cgroup::join_from_child(&procs)?;
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for (resource, value) in [
+                    (libc::RLIMIT_CORE, 0),
+                    (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
+                ] {
+                    let limit = libc::rlimit {
+                        rlim_cur: value,
+                        rlim_max: value,
+                    };
+                    if libc::setrlimit(resource, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(cgroup)
+    }
+}
+
+/// Memory a QEMU process may use beyond its guest's RAM under TCG: the
+/// 64 MiB translation buffer, the soft TLBs (13 MiB and more for a JVM
+/// guest), device emulation and its own heap, with room to spare.
+const TCG_OVERHEAD_MIB: u64 = 384;
+/// The same with KVM, where there is no translation.
+const KVM_OVERHEAD_MIB: u64 = 192;
+/// Open files a QEMU process may hold (disks, taps, sockets, its own).
+const MAX_OPEN_FILES: u64 = 4096;
+
+/// A VM's control group is named after the VM (the pod), made safe as a
+/// directory name.
+fn cgroup_name(spec: &VmSpec) -> String {
+    spec.name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -393,7 +498,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn adopt(&self, record: &crate::VmmProcess) -> Result<Box<dyn Vm>, VmmError> {
-        Ok(Box::new(adopt::adopt(record).await?))
+        Ok(Box::new(adopt::adopt(record, self.cgroups.as_ref()).await?))
     }
 
     async fn load_state(

@@ -11,6 +11,7 @@ use tokio::process::Child;
 use super::pci::PciSlots;
 use super::qmp::Qmp;
 use super::{STATE_TIMEOUT, hotplug, snapshot};
+use crate::cgroup::VmCgroup;
 use crate::device::{Device, DeviceKind, PciAddress, PciLayout};
 use crate::process::ProcessHandle;
 use crate::{AfterSave, Vm, VmExit, VmPaths, VmmError};
@@ -35,6 +36,16 @@ pub struct QemuVm {
     /// states leave it out (`x-ignore-shared`): its content is in the file.
     shared_memory: bool,
     slots: PciSlots,
+    /// The process's control group, removed once it has exited.
+    cgroup: Option<VmCgroup>,
+    /// Keeps the console log bounded while this handle watches the VM.
+    console_watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.console_watch.abort();
+    }
 }
 
 impl QemuVm {
@@ -49,11 +60,19 @@ impl QemuVm {
         Self {
             process,
             pid,
+            console_watch: crate::console::watch(paths.console_log.clone()),
             paths,
             qmp: Some(qmp),
             shared_memory,
             slots,
+            cgroup: None,
         }
+    }
+
+    /// The VM's process is in `cgroup`, to be removed when it exits.
+    pub(crate) fn with_cgroup(mut self, cgroup: Option<VmCgroup>) -> Self {
+        self.cgroup = cgroup;
+        self
     }
 
     /// The QMP session, for backend-specific operations inside this crate.
@@ -114,6 +133,10 @@ impl Vm for QemuVm {
         };
         let exit = exit.map_err(|e| self.wait_error(e))?;
         self.qmp = None;
+        self.console_watch.abort();
+        if let Some(group) = self.cgroup.take() {
+            group.remove();
+        }
         Ok(exit)
     }
 
