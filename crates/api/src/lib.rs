@@ -10,6 +10,7 @@ mod hibernate;
 mod host;
 mod image;
 mod meta;
+pub mod nesting;
 pub mod parse;
 mod pod;
 pub mod quantity;

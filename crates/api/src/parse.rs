@@ -206,6 +206,16 @@ pub fn parse_object<T: DeserializeOwned>(text: &str, format: Format) -> Result<T
             location: None,
         });
     }
+    if let Some(line) = crate::nesting::too_deep(text, format, crate::nesting::MAX_NESTING) {
+        return Err(ParseError::Syntax {
+            field: None,
+            message: format!(
+                "the document nests deeper than {} levels: refused before parsing",
+                crate::nesting::MAX_NESTING
+            ),
+            location: Some((line, 1)),
+        });
+    }
     match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
@@ -471,5 +481,54 @@ spec:
         let bad = format!("{GOOD}\n---\n{}", GOOD.replace("name: main", "name: MAIN"));
         let err = parse_pods(&bad, Format::Yaml).unwrap_err().to_string();
         assert!(err.contains("spec.containers[0].name"), "{err}");
+    }
+
+    #[test]
+    fn deep_documents_are_refused_before_parsing() {
+        let deep = format!("metadata: {{name: a}}\nspec: {}", "[".repeat(100_000));
+        let started = std::time::Instant::now();
+        let err = parse_pod(&deep, Format::Yaml).unwrap_err().to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            err.starts_with("the document nests deeper than 64 levels"),
+            "{err}"
+        );
+        assert!(err.contains("line 2"), "{err}");
+        let deep_json = format!("{{\"spec\": {}", "{\"a\": ".repeat(65));
+        let err = parse_pod(&deep_json, Format::Json).unwrap_err().to_string();
+        assert!(err.contains("deeper than 64 levels"), "{err}");
+    }
+
+    #[test]
+    fn pods_over_the_size_limits_name_the_limit() {
+        let mut pod = parse_pod(GOOD, Format::Yaml).unwrap();
+        pod.metadata
+            .annotations
+            .insert("a".into(), "x".repeat(256 << 10));
+        let err = crate::validate_pod(&pod).unwrap_err();
+        assert_eq!(err[0].field, "metadata.annotations");
+        assert!(err[0].message.contains("limit is 262144 bytes"), "{err:?}");
+        pod.metadata.annotations.clear();
+        let c = pod.spec.containers[0].clone();
+        pod.spec.containers[0].env = (0..1025)
+            .map(|i| crate::EnvVar {
+                name: format!("V{i}"),
+                value: "x".repeat(1600),
+            })
+            .collect();
+        let err = crate::validate_pod(&pod).unwrap_err();
+        let fields: Vec<&str> = err.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["pod", "spec.containers[0].env"], "{err:?}");
+        assert!(err[0].message.contains("limit is 1572864 bytes"), "{err:?}");
+        assert!(err[1].message.contains("limit is 1024"), "{err:?}");
+        pod.spec.containers = (0..65)
+            .map(|i| crate::Container {
+                name: format!("c{i}"),
+                ..c.clone()
+            })
+            .collect();
+        let err = crate::validate_pod(&pod).unwrap_err();
+        assert_eq!(err[0].field, "spec.containers");
+        assert!(err[0].message.contains("limit is 64"), "{err:?}");
     }
 }

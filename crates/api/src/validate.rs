@@ -44,6 +44,19 @@ impl Errors {
         {
             self.add("metadata.namespace", p);
         }
+        let annotations: usize = meta
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if annotations > MAX_ANNOTATIONS_BYTES {
+            self.add(
+                "metadata.annotations",
+                format!(
+                    "{annotations} bytes of keys and values: the limit is {MAX_ANNOTATIONS_BYTES} bytes (256 KiB), as in Kubernetes"
+                ),
+            );
+        }
         for (k, v) in &meta.labels {
             if let Some(p) = label_key_problem(k) {
                 self.add(format!("metadata.labels.{k}"), p);
@@ -54,6 +67,22 @@ impl Errors {
         }
     }
 }
+
+/// The most bytes of annotation keys and values an object may have
+/// (Kubernetes' `TotalAnnotationSizeLimitB`).
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 << 10;
+
+/// The largest a Pod may be, serialized as JSON (etcd's default request
+/// limit, which bounds every Kubernetes object).
+pub const MAX_POD_BYTES: usize = 3 << 19;
+
+/// The most containers a Pod may have. Kubernetes sets no number; the
+/// object size limit bounds it there, and 64 is far beyond any real pod.
+pub const MAX_CONTAINERS: usize = 64;
+
+/// The most environment variables one container may set. Kubernetes sets
+/// no number either (the kernel's argument space bounds it in the end).
+pub const MAX_ENV_VARS: usize = 1024;
 
 /// A DNS-1123 label: at most 63 lowercase letters, digits and '-', starting
 /// and ending with a letter or digit.
@@ -170,6 +199,24 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
     if pod.spec.containers.is_empty() {
         errors.add("spec.containers", "a pod needs at least one container");
     }
+    if pod.spec.containers.len() > MAX_CONTAINERS {
+        errors.add(
+            "spec.containers",
+            format!(
+                "{} containers: the limit is {MAX_CONTAINERS} a pod",
+                pod.spec.containers.len()
+            ),
+        );
+    }
+    let size = serde_json::to_vec(pod).map_or(0, |json| json.len());
+    if size > MAX_POD_BYTES {
+        errors.add(
+            "pod",
+            format!(
+                "{size} bytes as JSON: the limit is {MAX_POD_BYTES} bytes (1.5 MiB), as in Kubernetes"
+            ),
+        );
+    }
     validate_dns(&pod.spec, &mut errors);
     let volume_names = validate_volumes(&pod.spec.volumes, &mut errors);
     let mut names = HashSet::new();
@@ -196,6 +243,15 @@ pub fn validate_pod(pod: &Pod) -> Result<(), Vec<FieldError>> {
             );
         }
         validate_mounts(i, &c.volume_mounts, &volume_names, &mut errors);
+        if c.env.len() > MAX_ENV_VARS {
+            errors.add(
+                at("env"),
+                format!(
+                    "{} variables: the limit is {MAX_ENV_VARS} a container",
+                    c.env.len()
+                ),
+            );
+        }
         let mut env_names = HashSet::new();
         for (j, e) in c.env.iter().enumerate() {
             if e.name.is_empty() || e.name.contains('=') || e.name.contains('\0') {

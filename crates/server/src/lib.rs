@@ -6,6 +6,7 @@
 //! beyond caches derived from the store, so any replica serves any request.
 
 pub mod api;
+mod connections;
 mod error;
 mod kek;
 mod keys;
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use api::limits::MAX_BODY_BYTES;
+pub use connections::ConnectionLimits;
 pub use error::{ApiError, ServerError};
 pub use kek::Rotated;
 pub use tokens::{Revoke, Role, TokenEntry, TokenRecord};
@@ -54,6 +57,8 @@ pub struct ServerConfig {
     /// The key-encryption key file (made if missing); `None` is
     /// `STATE_DIR/key-encryption.key`. Replicas must share it.
     pub kek_file: Option<PathBuf>,
+    /// Timeouts and connection limits of the HTTP server.
+    pub limits: ConnectionLimits,
 }
 
 impl ServerConfig {
@@ -68,6 +73,7 @@ impl ServerConfig {
             watch_history: 20_000,
             catalog_url: None,
             kek_file: None,
+            limits: ConnectionLimits::default(),
         }
     }
 
@@ -284,6 +290,9 @@ pub struct RunningServer {
     addr: SocketAddr,
     admin_token_path: PathBuf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Dropped to stop the HTTP server: it stops accepting and closes each
+    /// connection once its request is answered.
+    _stop: tokio::sync::watch::Sender<()>,
 }
 
 impl RunningServer {
@@ -356,12 +365,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             addr: config.listen.clone(),
             source,
         })?;
-    let app = api::router(state);
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the HTTP server stopped");
-        }
-    });
+    let app = api::router(state, config.limits.request_timeout);
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let http_task = tokio::spawn(connections::serve(
+        listener,
+        app,
+        config.limits.clone(),
+        stopped,
+    ));
     let identity = format!("{}/{}/{addr}", nix_hostname(), std::process::id());
     let leader_ttl = config.leader_ttl;
     let elected_store = store.clone();
@@ -382,6 +393,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         addr,
         admin_token_path: admin.admin_token_path,
         tasks: vec![http_task, leader_task],
+        _stop: stop,
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod hosts;
 mod images;
+pub mod limits;
 mod pods;
 mod proxy;
 pub(crate) mod snapshot_keys;
@@ -204,16 +205,29 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// The router of [`routes`], with JSON answers for unknown paths and
-/// methods.
-pub fn router(state: AppState) -> Router {
+/// methods, the names in paths checked, bodies bounded to
+/// [`limits::MAX_BODY_BYTES`] and ordinary requests to `request_timeout`
+/// (see [`limits`]).
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let mut router = Router::new();
     for r in routes() {
         // Routes of one path merge into one method router.
         router = router.route(r.path, r.handler);
     }
+    let request_limits = limits::RequestLimits {
+        max_body_bytes: limits::MAX_BODY_BYTES,
+        request_timeout,
+        tokens: state.tokens.clone(),
+    };
     router
+        .route_layer(axum::middleware::from_fn(limits::checked_path_names))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            request_limits,
+            limits::bounded_request,
+        ))
         .with_state(state)
 }
 

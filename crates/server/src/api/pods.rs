@@ -108,18 +108,22 @@ async fn list(
 }
 
 /// Reads a Pod from a request body (JSON, or YAML with
-/// `Content-Type: application/yaml`) for namespace `namespace`.
-fn pod_from_body(headers: &HeaderMap, body: &[u8], namespace: &str) -> Result<Pod, ApiError> {
+/// `Content-Type: application/yaml`) for namespace `namespace`, off the
+/// async workers.
+async fn pod_from_body(headers: &HeaderMap, body: Bytes, namespace: &str) -> Result<Pod, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let format = Format::from_content_type(content_type);
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
-    let pod = parse_pod(text, format).map_err(|e| match e {
-        podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
-        podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
-    })?;
+    super::limits::check_nesting(&body, format)?;
+    let pod = super::limits::off_workers(move || {
+        let text = super::limits::body_text(&body)?;
+        parse_pod(text, format).map_err(|e| match e {
+            podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
+            podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
+        })
+    })
+    .await??;
     if let Some(ns) = &pod.metadata.namespace
         && ns != namespace
     {
@@ -162,7 +166,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
     caller.require_namespace(&namespace)?;
-    let pod = new_pod(pod_from_body(&headers, &body, &namespace)?, &namespace);
+    let pod = new_pod(pod_from_body(&headers, body, &namespace).await?, &namespace);
     let key = keys::pod(&namespace, &pod.metadata.name);
     match state
         .store
@@ -234,7 +238,7 @@ pub async fn apply(
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
     caller.require_namespace(&namespace)?;
-    let pod = pod_from_body(&headers, &body, &namespace)?;
+    let pod = pod_from_body(&headers, body, &namespace).await?;
     if pod.metadata.name != name {
         return Err(ApiError::bad_request(format!(
             "metadata.name {:?} does not match the name in the URL ({name:?})",
@@ -428,14 +432,18 @@ pub async fn update_status(
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Pod>, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
-    let status_value = value
-        .get("status")
-        .cloned()
-        .ok_or_else(|| ApiError::bad_request("the body has no \"status\" field"))?;
-    let status: PodStatus = podvisor_api::parse_object(&status_value.to_string(), Format::Json)
-        .map_err(|e| ApiError::bad_request(format!("status: {e}")))?;
+    super::limits::check_nesting(&body, Format::Json)?;
+    let status: PodStatus = super::limits::off_workers(move || {
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+        let status_value = value
+            .get("status")
+            .cloned()
+            .ok_or_else(|| ApiError::bad_request("the body has no \"status\" field"))?;
+        podvisor_api::parse_object(&status_value.to_string(), Format::Json)
+            .map_err(|e| ApiError::bad_request(format!("status: {e}")))
+    })
+    .await??;
     let key = keys::pod(&namespace, &name);
     let what = format!("updating the status of pod {namespace}/{name}");
     let mut denied = None;

@@ -198,21 +198,26 @@ async fn list(state: &AppState, prefix: &str) -> Result<Json<PersistentVolumeCla
 }
 
 /// Reads a PersistentVolumeClaim from a request body (JSON, or YAML with
-/// `Content-Type: application/yaml`) for namespace `namespace`.
-fn volume_from_body(
+/// `Content-Type: application/yaml`) for namespace `namespace`, off the
+/// async workers.
+async fn volume_from_body(
     headers: &HeaderMap,
-    body: &[u8],
+    body: Bytes,
     namespace: &str,
 ) -> Result<PersistentVolumeClaim, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
-    let pvc = parse_volume(text, Format::from_content_type(content_type)).map_err(|e| match e {
-        podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
-        podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
-    })?;
+    let format = Format::from_content_type(content_type);
+    super::limits::check_nesting(&body, format)?;
+    let pvc = super::limits::off_workers(move || {
+        let text = super::limits::body_text(&body)?;
+        parse_volume(text, format).map_err(|e| match e {
+            podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
+            podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
+        })
+    })
+    .await??;
     if let Some(ns) = &pvc.metadata.namespace
         && ns != namespace
     {
@@ -321,7 +326,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
     caller.require_namespace(&namespace)?;
-    let pvc = volume_from_body(&headers, &body, &namespace)?;
+    let pvc = volume_from_body(&headers, body, &namespace).await?;
     let name = pvc.metadata.name.clone();
     match create_volume(&state, &caller, pvc, &namespace).await? {
         Some(pvc) => Ok(answer(StatusCode::CREATED, pvc, "created")),
@@ -373,7 +378,7 @@ pub async fn apply(
 ) -> Result<Response, ApiError> {
     caller.require_user()?;
     caller.require_namespace(&namespace)?;
-    let pvc = volume_from_body(&headers, &body, &namespace)?;
+    let pvc = volume_from_body(&headers, body, &namespace).await?;
     if pvc.metadata.name != name {
         return Err(ApiError::bad_request(format!(
             "metadata.name {:?} does not match the name in the URL ({name:?})",
