@@ -179,13 +179,19 @@ impl Outside {
             .expect("start unshare");
         let pid = holder.id().to_string();
         // Until unshare has exec'd sleep, its namespace is not the new one.
-        let ours = std::fs::read_link("/proc/self/ns/net").expect("our namespace");
-        for _ in 0..100 {
+        // This thread's namespace (the test host's), not the process's:
+        // /proc/self is the main thread's, and comparing with it let the
+        // veth go into the namespace before unshare had made it.
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").expect("our namespace");
+        let mut unshared = false;
+        for _ in 0..500 {
             if std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns != ours) {
+                unshared = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert!(unshared, "unshare made no namespace within 10 s");
         let outside = Outside { holder };
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().expect("run ip");
