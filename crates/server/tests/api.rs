@@ -778,3 +778,35 @@ async fn snapshot_keys_go_only_to_the_pods_host_and_are_never_stored_in_the_clea
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_future_revision_is_an_error_not_silence() {
+    let ts = TestServer::sqlite().await;
+    let user = ts.client(Role::User, "alice").await;
+    user.create_pod(&pod("web", "1", "256Mi")).await.unwrap();
+    let listed = user
+        .list_pods(&podvisor_api::PodFilter::default())
+        .await
+        .unwrap();
+    let now: i64 = listed.metadata.resource_version.unwrap().parse().unwrap();
+    // From the listed revision: a watch that works.
+    user.watch_pods(&podvisor_api::PodFilter::default(), Some(now))
+        .await
+        .unwrap();
+    // From far ahead: refused after the short wait for the cache.
+    let started = std::time::Instant::now();
+    let err = match user
+        .watch_pods(&podvisor_api::PodFilter::default(), Some(now + 1000))
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("a watch from revision {} was accepted", now + 1000),
+    };
+    assert_eq!(err.code(), Some(504), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("Too large resource version: {}", now + 1000)),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -89,6 +89,9 @@ async fn list(
                 ApiError::bad_request(format!("resourceVersion {rv:?} is not a revision number"))
             })?),
         };
+        if let Some(rev) = from {
+            super::watch::reached(&state.pods, rev, super::watch::FUTURE_REVISION_WAIT).await?;
+        }
         return Ok(serve_watch(state.pods.clone(), selector, from));
     }
     let prefix = match &selector.namespace {

@@ -103,6 +103,8 @@ fn unsupported_field_selector(fs: &str) -> ApiError {
 
 /// The response of a watch: changes after `from` (or, without it, an
 /// ADDED event per current pod, then changes), until the client leaves.
+/// A watch from a revision the cache has not reached is refused by
+/// [`reached`] first.
 pub fn serve_watch(cache: PodCache, selector: PodSelector, from: Option<i64>) -> Response {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(stream_events(cache, selector, from, tx));
@@ -221,4 +223,36 @@ async fn stream_events(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// How long a watch from a revision ahead of the cache waits for it (the
+/// cache follows the store a moment behind), as Kubernetes does.
+pub const FUTURE_REVISION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits up to `within` for `cache` to reach revision `rev`; a revision
+/// it does not reach is an error (504, as Kubernetes' "Too large resource
+/// version"), never a watch that stays silent.
+pub async fn reached(
+    cache: &PodCache,
+    rev: i64,
+    within: std::time::Duration,
+) -> Result<(), ApiError> {
+    let mut updates = cache.subscribe();
+    let wait = async {
+        while cache.revision() < rev {
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, wait).await;
+    let current = cache.revision();
+    if current >= rev {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::GATEWAY_TIMEOUT,
+        "Timeout",
+        format!("Too large resource version: {rev}, current: {current}"),
+    ))
 }
