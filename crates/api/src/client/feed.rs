@@ -75,6 +75,17 @@ async fn run(client: Client, filter: PodFilter, from: Option<i64>, tx: mpsc::Sen
                 revision = None;
                 continue;
             }
+            // A revision this server has not reached (another replica's,
+            // or a store that went back): list again, as for one too old.
+            Err(e) if e.code() == Some(504) => {
+                if !report(&tx, &e).await {
+                    return;
+                }
+                revision = None;
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+                continue;
+            }
             Err(e) => {
                 if !report(&tx, &e).await {
                     return;
