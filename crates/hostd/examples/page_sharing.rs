@@ -65,34 +65,35 @@ fn plan(uid: &str, image: &Path, mode: Mode) -> PodPlan {
     plan
 }
 
+/// Runs `sh -c script` in pod `uid`: whether it exited 0 (false if it
+/// could not start), and its output.
+async fn sh(rt: &PodRuntime, uid: &str, script: &str) -> (bool, Vec<u8>) {
+    let request = ExecRequest {
+        container: None,
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        tty: false,
+        stdin: false,
+        size: None,
+    };
+    let Ok(mut session) = rt.exec("default", uid, request).await else {
+        return (false, Vec::new());
+    };
+    let mut output = Vec::new();
+    loop {
+        match session.events.recv().await {
+            Some(ExecEvent::Exited(code)) => return (code == 0, output),
+            Some(ExecEvent::Failed { .. }) | None => return (false, output),
+            Some(ExecEvent::Output(_, bytes)) => output.extend_from_slice(&bytes),
+        }
+    }
+}
+
 /// Runs `wget` `n` times in pod `uid`; true if the last answered.
 async fn requests(rt: &PodRuntime, uid: &str, n: usize) -> bool {
     let script = format!(
         "i=0; while [ $i -lt {n} ]; do wget -q -O - http://127.0.0.1:8080/ >/dev/null || exit 1; i=$((i+1)); done"
     );
-    let Ok(mut session) = rt
-        .exec(
-            "default",
-            uid,
-            ExecRequest {
-                container: None,
-                command: vec!["sh".into(), "-c".into(), script],
-                tty: false,
-                stdin: false,
-                size: None,
-            },
-        )
-        .await
-    else {
-        return false;
-    };
-    loop {
-        match session.events.recv().await {
-            Some(ExecEvent::Exited(code)) => return code == 0,
-            Some(ExecEvent::Failed { .. }) | None => return false,
-            Some(ExecEvent::Output(..)) => {}
-        }
-    }
+    sh(rt, uid, &script).await.0
 }
 
 fn pss_kib(pid: u32) -> u64 {
@@ -240,34 +241,8 @@ async fn start_and_wait(rt: &PodRuntime, uid: &str, image: &Path, mode: Mode) ->
     rt.run(plan(uid, image, mode)).unwrap();
     let script = "until wget -q -O - http://127.0.0.1:8080/ >/dev/null 2>&1; do sleep 0.05; done";
     loop {
-        if let Ok(mut session) = rt
-            .exec(
-                "default",
-                uid,
-                ExecRequest {
-                    container: None,
-                    command: vec!["sh".into(), "-c".into(), script.into()],
-                    tty: false,
-                    stdin: false,
-                    size: None,
-                },
-            )
-            .await
-        {
-            let mut answered = false;
-            while let Some(event) = session.events.recv().await {
-                match event {
-                    ExecEvent::Exited(code) => {
-                        answered = code == 0;
-                        break;
-                    }
-                    ExecEvent::Failed { .. } => break,
-                    ExecEvent::Output(..) => {}
-                }
-            }
-            if answered {
-                return started.elapsed().as_secs_f64();
-            }
+        if sh(rt, uid, script).await.0 {
+            return started.elapsed().as_secs_f64();
         }
         assert!(
             started.elapsed() < Duration::from_secs(600),
@@ -323,32 +298,8 @@ fn print_breakdown(pid: u32) {
 
 /// Prints the guest's memory counters, as the container sees them.
 async fn print_guest(rt: &PodRuntime, uid: &str) {
-    let Ok(mut session) = rt
-        .exec(
-            "default",
-            uid,
-            ExecRequest {
-                container: None,
-                command: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "head -25 /proc/meminfo; ps -o pid,rss,args 2>/dev/null || ps; for p in /proc/[0-9]*; do grep -a JAVA_TOOL $p/environ 2>/dev/null | tr \"\\0\" \"\\n\" | grep JAVA_TOOL; grep jsa $p/maps 2>/dev/null; done".into(),
-                ],
-                tty: false,
-                stdin: false,
-                size: None,
-            },
-        )
-        .await
-    else {
-        return;
-    };
-    while let Some(event) = session.events.recv().await {
-        match event {
-            ExecEvent::Output(_, bytes) => print!("{}", String::from_utf8_lossy(&bytes)),
-            _ => break,
-        }
-    }
+    let script = "head -25 /proc/meminfo; ps -o pid,rss,args 2>/dev/null || ps; for p in /proc/[0-9]*; do grep -a JAVA_TOOL $p/environ 2>/dev/null | tr \"\\0\" \"\\n\" | grep JAVA_TOOL; grep jsa $p/maps 2>/dev/null; done";
+    print!("{}", String::from_utf8_lossy(&sh(rt, uid, script).await.1));
 }
 
 fn num_cpus() -> usize {

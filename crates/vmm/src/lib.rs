@@ -246,7 +246,7 @@ pub trait Vm: Send {
 
     /// The last `max_bytes` of the guest console, for error messages.
     fn console_tail(&self, max_bytes: usize) -> String {
-        console_tail(&self.paths().console_log, max_bytes)
+        console::tail(&self.paths().console_log, max_bytes)
     }
 
     /// Waits until the VMM process has exited.
@@ -309,10 +309,4 @@ pub fn hypervisor(name: &str) -> Result<Arc<dyn Hypervisor>, VmmError> {
             "unknown hypervisor backend {other:?} (known: qemu)"
         ))),
     }
-}
-
-/// Reads the last `max_bytes` of a console log, lossily decoded, starting at
-/// a line boundary where possible.
-pub fn console_tail(path: &Path, max_bytes: usize) -> String {
-    console::tail(path, max_bytes)
 }

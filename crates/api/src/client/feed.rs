@@ -75,18 +75,12 @@ async fn run(client: Client, filter: PodFilter, from: Option<i64>, tx: mpsc::Sen
                 revision = None;
                 continue;
             }
-            // A revision this server has not reached (another replica's,
-            // or a store that went back): list again, as for one too old.
-            Err(e) if e.code() == Some(504) => {
-                if !report(&tx, &e).await {
-                    return;
-                }
-                revision = None;
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
-                continue;
-            }
             Err(e) => {
+                // A revision this server has not reached (another
+                // replica's, or a store that went back): list again.
+                if e.code() == Some(504) {
+                    revision = None;
+                }
                 if !report(&tx, &e).await {
                     return;
                 }

@@ -220,6 +220,29 @@ pub fn check_nesting(body: &Bytes, format: podvisor_api::Format) -> Result<(), A
     }
 }
 
+/// An object from a request body in the format its `Content-Type` says
+/// (JSON, or YAML with `application/yaml`), read by `parse` off the async
+/// workers after the nesting check: a syntax error is a 400, an invalid
+/// object a 422.
+pub async fn parse_object<T: Send + 'static>(
+    headers: &axum::http::HeaderMap,
+    body: Bytes,
+    parse: fn(&str, podvisor_api::Format) -> Result<T, podvisor_api::ParseError>,
+) -> Result<T, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let format = podvisor_api::Format::from_content_type(content_type);
+    check_nesting(&body, format)?;
+    off_workers(move || {
+        parse(body_text(&body)?, format).map_err(|e| match e {
+            podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
+            podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
+        })
+    })
+    .await?
+}
+
 /// A request body as UTF-8 text.
 pub fn body_text(body: &Bytes) -> Result<&str, ApiError> {
     std::str::from_utf8(body)

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use podvisor_api::{Format, Pod, PodList, PodStatus, Status, parse_pod};
 use serde::Deserialize;
@@ -114,19 +114,7 @@ async fn list(
 /// `Content-Type: application/yaml`) for namespace `namespace`, off the
 /// async workers.
 async fn pod_from_body(headers: &HeaderMap, body: Bytes, namespace: &str) -> Result<Pod, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let format = Format::from_content_type(content_type);
-    super::limits::check_nesting(&body, format)?;
-    let pod = super::limits::off_workers(move || {
-        let text = super::limits::body_text(&body)?;
-        parse_pod(text, format).map_err(|e| match e {
-            podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
-            podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
-        })
-    })
-    .await??;
+    let pod = super::limits::parse_object(headers, body, parse_pod).await?;
     if let Some(ns) = &pod.metadata.namespace
         && ns != namespace
     {

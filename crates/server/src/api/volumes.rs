@@ -18,11 +18,11 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use podvisor_api::{
-    Format, ListMeta, PersistentVolumeClaim, PersistentVolumeClaimList,
-    PersistentVolumeClaimStatus, Quantity, Status, VolumeAuditEntry, VolumeAuditLog, parse_volume,
+    ListMeta, PersistentVolumeClaim, PersistentVolumeClaimList, PersistentVolumeClaimStatus,
+    Quantity, Status, VolumeAuditEntry, VolumeAuditLog, parse_volume,
 };
 use podvisor_proto::volumes::DATA_KEY_LEN;
 use podvisor_store::Store;
@@ -205,19 +205,7 @@ async fn volume_from_body(
     body: Bytes,
     namespace: &str,
 ) -> Result<PersistentVolumeClaim, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let format = Format::from_content_type(content_type);
-    super::limits::check_nesting(&body, format)?;
-    let pvc = super::limits::off_workers(move || {
-        let text = super::limits::body_text(&body)?;
-        parse_volume(text, format).map_err(|e| match e {
-            podvisor_api::ParseError::Syntax { .. } => ApiError::bad_request(e.to_string()),
-            podvisor_api::ParseError::Invalid(_) => ApiError::invalid(e.to_string()),
-        })
-    })
-    .await??;
+    let pvc = super::limits::parse_object(headers, body, parse_volume).await?;
     if let Some(ns) = &pvc.metadata.namespace
         && ns != namespace
     {

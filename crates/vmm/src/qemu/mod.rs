@@ -379,7 +379,7 @@ impl Qemu {
                     console_tail: format!(
                         "{}{}",
                         qemu_err.trim(),
-                        crate::console_tail(&paths.console_log, 2000)
+                        crate::console::tail(&paths.console_log, 2000)
                     ),
                 });
             }
